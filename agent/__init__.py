@@ -1,0 +1,3 @@
+"""Lepton device agent."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Lepton cloud coordinator."""

@@ -1,0 +1,1 @@
+"""Reference model definitions and small shipped artifacts."""
