@@ -1,0 +1,109 @@
+"""``lepton-agent``: run the daemon, probe the device, print the version."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from agent import __version__
+from agent.config import AgentConfig, cli_options, load_config
+from protocol.errors import ConfigError
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("configuration (each also LEPTON_<NAME> and TOML [section] key)")
+    for flag, name, hint in cli_options():
+        args = typing.get_args(hint)
+        if isinstance(hint, types.UnionType):
+            hint = next(a for a in args if a is not type(None))
+        kwargs: dict[str, Any] = {"dest": name, "default": None}
+        if hint is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(hint) is Literal:
+            kwargs["choices"] = typing.get_args(hint)
+        else:
+            kwargs["metavar"] = name.split("_", 1)[1].upper()
+        group.add_argument(flag, **kwargs)
+
+
+def _config(ns: argparse.Namespace) -> AgentConfig:
+    overrides = {name: getattr(ns, name) for _, name, _ in cli_options() if getattr(ns, name, None) is not None}
+    return load_config(ns.config, overrides=overrides)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+async def _run(config: AgentConfig) -> None:
+    from agent.daemon import Agent
+
+    async with Agent(config) as agent:
+        await agent.run(install_signal_handlers=True)
+
+
+async def _probe(state_dir: Path, refresh: bool) -> dict[str, Any]:
+    from agent.probe import load_probe
+
+    result = await load_probe(state_dir, agent_version=__version__, refresh=refresh)
+    import msgspec
+
+    return {
+        "bench": msgspec.to_builtins(result.bench) if result.bench else None,
+        "runtimes": list(result.runtimes),
+        "accelerators": list(result.accelerators),
+        "details": result.details,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lepton-agent", description="Lepton edge device agent")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the agent daemon (systemd: Type=notify)")
+    run.add_argument("--config", type=Path, default=None, help="TOML file (default /etc/lepton/agent.toml)")
+    _add_config_flags(run)
+    probe = sub.add_parser("probe", help="measure this device and print what the agent would report")
+    probe.add_argument("--config", type=Path, default=None)
+    probe.add_argument("--refresh", action="store_true", help="ignore the cached figures")
+    probe.add_argument("--agent-state-dir", dest="agent_state_dir", default=None)
+    sub.add_parser("version", help="print the agent version")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    if ns.command == "version":
+        print(__version__)
+        return 0
+    try:
+        if ns.command == "probe":
+            overrides = {"agent_state_dir": ns.agent_state_dir} if ns.agent_state_dir else {}
+            config = load_config(ns.config, overrides=overrides)
+            _setup_logging("WARNING")
+            print(json.dumps(asyncio.run(_probe(config.state_dir, ns.refresh)), indent=2))
+            return 0
+        config = _config(ns)
+    except ConfigError as exc:
+        print(f"lepton-agent: configuration error: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(config.agent_log_level)
+    try:
+        asyncio.run(_run(config))
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

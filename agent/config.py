@@ -1,0 +1,218 @@
+"""Agent configuration: one frozen object, layered defaults -> TOML -> LEPTON_* env -> CLI flags.
+
+The TOML file has sections (``[device]``, ``[broker]``, ``[agent]``, ``[outbox]``) whose keys
+map onto fields named ``section_key``; the environment variable for a field is
+``LEPTON_`` + the field name upper-cased (``LEPTON_BROKER_HOST``), and the CLI flag is
+``--section-key``. Unknown sections and keys are an error that names them, so a typo never
+silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import socket
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal
+
+from protocol.errors import ConfigError, TopicError
+from protocol.topics import validate_id
+
+DEFAULT_CONFIG_PATH: Final = Path("/etc/lepton/agent.toml")
+ENV_PREFIX: Final = "LEPTON_"
+
+
+def _default_device_id() -> str:
+    name = re.sub(r"[^A-Za-z0-9._:-]", "-", socket.gethostname()).strip("-.") or "device"
+    return name[:64]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentConfig:
+    """Everything the agent daemon reads at start-up."""
+
+    # [device]
+    device_id: str = field(default_factory=_default_device_id)
+    device_fleet: str = "default"
+    device_class: str | None = None
+    device_tags: tuple[str, ...] = ()
+    # [broker]
+    broker_host: str = "127.0.0.1"
+    broker_port: int = 1883
+    broker_username: str | None = None
+    broker_password: str | None = None
+    broker_tls: bool = False
+    broker_ca_file: Path | None = None
+    broker_cert_file: Path | None = None
+    broker_key_file: Path | None = None
+    broker_keepalive: int = 30
+    broker_reconnect_min: float = 0.5
+    broker_reconnect_max: float = 30.0
+    # [agent]
+    agent_state_dir: Path = Path("/var/lib/lepton")
+    agent_slots: int = 1
+    agent_queue_limit: int = 1000
+    agent_capacity_interval: float = 30.0
+    agent_capacity_min_interval: float = 2.0
+    agent_probe: bool = True
+    agent_drain_timeout: float = 30.0
+    agent_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # [outbox]
+    outbox_max_entries: int = 100_000
+    outbox_sync: Literal["full", "normal"] = "full"
+    outbox_resend_after: float = 30.0
+
+    def __post_init__(self) -> None:
+        try:
+            validate_id(self.device_id)
+            validate_id(self.device_fleet, what="fleet")
+        except TopicError as exc:
+            raise ConfigError(str(exc), key="device_id") from exc
+        positive = {
+            "broker_port": self.broker_port,
+            "broker_keepalive": self.broker_keepalive,
+            "agent_slots": self.agent_slots,
+            "agent_queue_limit": self.agent_queue_limit,
+            "agent_capacity_interval": self.agent_capacity_interval,
+            "outbox_max_entries": self.outbox_max_entries,
+            "outbox_resend_after": self.outbox_resend_after,
+            "broker_reconnect_min": self.broker_reconnect_min,
+        }
+        for key, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{key} must be positive, got {value!r}", key=key)
+        if self.broker_reconnect_max < self.broker_reconnect_min:
+            raise ConfigError("broker.reconnect_max must be >= reconnect_min", key="broker_reconnect_max")
+        if self.broker_port > 65535:
+            raise ConfigError("broker.port must be <= 65535", key="broker_port")
+
+    @property
+    def state_dir(self) -> Path:
+        return self.agent_state_dir
+
+
+_FIELDS: Final = {f.name: f for f in dataclasses.fields(AgentConfig)}
+_SECTIONS: Final = frozenset(name.split("_", 1)[0] for name in _FIELDS)
+
+
+def _field_type(name: str) -> Any:
+    return typing.get_type_hints(AgentConfig)[name]
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Convert a TOML/env/CLI value to the field's type, or raise ConfigError naming the key."""
+    hint = _field_type(name)
+    args = typing.get_args(hint)
+    optional = isinstance(hint, types.UnionType) and type(None) in args
+    if optional:
+        hint = next(a for a in args if a is not type(None))
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+            return None
+    origin = typing.get_origin(hint)
+    try:
+        if origin is Literal:
+            if value not in typing.get_args(hint):
+                raise ValueError(f"must be one of {typing.get_args(hint)}")
+            return value
+        if origin is tuple:
+            if isinstance(value, str):
+                return tuple(v.strip() for v in value.split(",") if v.strip())
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                return tuple(value)
+            raise ValueError("must be a list of strings")
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("must be a boolean")
+        if hint is int:
+            if isinstance(value, bool) or isinstance(value, float):
+                raise ValueError("must be an integer")
+            return int(value)
+        if hint is float:
+            if isinstance(value, bool):
+                raise ValueError("must be a number")
+            return float(value)
+        if hint is Path:
+            return Path(value)
+        if hint is str:
+            if not isinstance(value, str):
+                raise ValueError("must be a string")
+            return value
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name.replace('_', '.', 1)}: {exc} (got {value!r})", key=name) from exc
+    raise ConfigError(f"unsupported type for {name}", key=name)
+
+
+def _from_toml(data: Mapping[str, Any], source: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for section, table in data.items():
+        if section not in _SECTIONS:
+            raise ConfigError(f"{source}: unknown section [{section}]", key=section)
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table", key=section)
+        for key, value in table.items():
+            name = f"{section}_{key}"
+            if name not in _FIELDS:
+                raise ConfigError(f"{source}: unknown key {section}.{key}", key=f"{section}.{key}")
+            out[name] = _coerce(name, value)
+    return out
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for var, value in env.items():
+        if not var.startswith(ENV_PREFIX) or var in ("LEPTON_CONFIG", "LEPTON_API"):
+            continue
+        name = var[len(ENV_PREFIX):].lower()
+        if name.split("_", 1)[0] not in _SECTIONS:
+            continue  # variables for other Lepton programs (the coordinator) share the prefix
+        if name not in _FIELDS:
+            raise ConfigError(f"unknown environment variable {var}", key=var)
+        out[name] = _coerce(name, value)
+    return out
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> AgentConfig:
+    """Build the config from the layers. ``path`` None means the default path if it exists."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    if path is None and env.get("LEPTON_CONFIG"):
+        path = Path(env["LEPTON_CONFIG"])
+    if path is None and DEFAULT_CONFIG_PATH.exists():
+        path = DEFAULT_CONFIG_PATH
+    if path is not None:
+        try:
+            with path.open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {path}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+        values.update(_from_toml(data, str(path)))
+    values.update(_from_env(env))
+    for name, value in (overrides or {}).items():
+        if name not in _FIELDS:
+            raise ConfigError(f"unknown option {name}", key=name)
+        if value is not None:
+            values[name] = _coerce(name, value)
+    return AgentConfig(**values)
+
+
+def cli_options() -> list[tuple[str, str, Any]]:
+    """(flag, field name, type hint) for every field, for the CLI to expose."""
+    return [(f"--{name.replace('_', '-')}", name, _field_type(name)) for name in _FIELDS]

@@ -1,0 +1,264 @@
+"""The agent daemon: ties link, runner, outbox, capacity reporting and systemd together.
+
+``async with Agent(config) as agent: await agent.run()`` runs one TaskGroup of named tasks
+(link, workers, capacity, watchdog, housekeeping) until :meth:`Agent.stop` is called (SIGTERM).
+Shutdown drains running tasks, hands finished results to the broker, publishes the retained
+offline state and disconnects cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from typing import Any
+
+from agent import __version__
+from agent.capacity import CapacitySampler, significant_change
+from agent.config import AgentConfig
+from agent.handlers import HandlerRegistry, TaskContext, default_registry
+from agent.link import Link
+from agent.metrics import Counters
+from agent.outbox import Outbox
+from agent.probe import ProbeResult, load_probe
+from agent.runner import Runner
+from agent.sdnotify import Notifier
+from protocol import topics
+from protocol.codec import decode, encode
+from protocol.errors import DecodeError
+from protocol.messages import CapacityReport, ResultAck, State, TaskAck
+
+log = logging.getLogger(__name__)
+
+# Sample the device this often between reports, to catch thermal, battery and memory changes.
+SAMPLE_PERIOD_S = 5.0
+
+
+class Agent:
+    """One device agent."""
+
+    def __init__(self, config: AgentConfig, *, registry: HandlerRegistry | None = None) -> None:
+        self.config = config
+        self.counters = Counters()
+        self.started_at = time.time()
+        self.outbox = Outbox(
+            config.state_dir / "agent.db",
+            max_entries=config.outbox_max_entries,
+            sync=config.outbox_sync,
+        )
+        self.notifier = Notifier()
+        self.probe: ProbeResult | None = None
+        self._registry = registry or default_registry()
+        self._stop = asyncio.Event()
+        self._report_now = asyncio.Event()
+        self._last_report: CapacityReport | None = None
+        self._last_report_at = 0.0
+        self._heartbeat = time.monotonic()
+        self._ready_sent = False
+        self.link = Link(
+            config,
+            outbox=self.outbox,
+            counters=self.counters,
+            birth=self._birth,
+            on_message=self._on_message,
+            on_connect=self._on_connect,
+        )
+        self.runner = Runner(
+            slots=config.agent_slots,
+            queue_limit=config.agent_queue_limit,
+            registry=self._registry,
+            outbox=self.outbox,
+            context=TaskContext(
+                device_id=config.device_id,
+                state_dir=config.state_dir,
+                agent_version=__version__,
+            ),
+            result_topic=self.link.result_topic,
+            counters=self.counters,
+            on_result=self.link.wake,
+            on_change=self._report_now.set,
+        )
+        self.sampler = CapacitySampler(
+            state_dir=config.state_dir,
+            probe=None,
+            device_class=config.device_class,
+            tags=config.device_tags,
+        )
+
+    async def __aenter__(self) -> Agent:
+        self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        await self.outbox.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.outbox.close()
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown (idempotent; safe from a signal handler)."""
+        self._stop.set()
+
+    # ------------------------------------------------------------ main
+
+    async def run(self, *, install_signal_handlers: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        if install_signal_handlers:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop)
+        self.notifier.status("starting")
+        await self.runner.resume()
+        async with asyncio.TaskGroup() as tg:
+            loops = [
+                tg.create_task(self.link.run(), name="link"),
+                tg.create_task(self._capacity_loop(), name="capacity"),
+                tg.create_task(self._housekeeping(), name="housekeeping"),
+                tg.create_task(self._watchdog(), name="watchdog"),
+            ]
+            workers = [
+                tg.create_task(self.runner.worker(), name=f"worker-{i}")
+                for i in range(self.config.agent_slots)
+            ]
+            if self.config.agent_probe:
+                loops.append(tg.create_task(self._load_probe(), name="probe"))
+            await self._stop.wait()
+            await self._shutdown()
+            for t in loops + workers:
+                t.cancel()
+        log.info("agent stopped")
+
+    async def _shutdown(self) -> None:
+        self.notifier.stopping()
+        log.info("shutting down: draining running tasks (up to %.0f s)", self.config.agent_drain_timeout)
+        if not await self.runner.drain(self.config.agent_drain_timeout):
+            log.warning("drain timed out with %d tasks still running", self.runner.busy)
+        if self.link.connected.is_set():
+            if not await self.link.flush(timeout=5.0):
+                log.warning("%d results not yet handed to the broker; kept for next start", len(self.outbox))
+            await self.link.say_goodbye()
+
+    # ------------------------------------------------------------ messages
+
+    def _birth(self) -> State:
+        probe = self.probe
+        return State(
+            state="online",
+            agent_version=__version__,
+            device_class=self.sampler.device_class,
+            runtimes=list(probe.runtimes) if probe else [],
+            started_at=self.started_at,
+        )
+
+    def _on_connect(self) -> None:
+        self._report_now.set()
+        if not self._ready_sent:
+            self._ready_sent = True
+            self.notifier.ready()
+        self.notifier.status(f"connected to {self.config.broker_host}:{self.config.broker_port}")
+
+    async def _on_message(self, topic: str, channel: str, payload: bytes) -> None:
+        if channel == topics.TASK:
+            await self._on_task(topic, payload)
+        elif channel == topics.RESULT_ACK:
+            try:
+                ack = decode(payload, ResultAck)
+            except DecodeError as exc:
+                self.counters.reject(log, exc.reason, exc.detail, topic=topic)
+                return
+            removed = await self.outbox.ack(ack.ids)
+            self.counters.inc("results.acked", removed)
+            if removed < len(ack.ids):
+                self.counters.inc("results.ack_unknown", len(ack.ids) - removed)
+        else:
+            self.counters.reject(log, "unknown_channel", channel, topic=topic)
+
+    async def _on_task(self, topic: str, payload: bytes) -> None:
+        try:
+            task, reason = await self.runner.submit(payload)
+        except DecodeError as exc:
+            self.counters.reject(log, exc.reason, exc.detail, topic=topic)
+            return
+        if reason is not None and reason != "duplicate":
+            self.counters.reject(log, reason, f"task {task.task_id} ({task.kind})", topic=topic)
+        ack = TaskAck(task_id=task.task_id, accepted=reason is None, reason=reason)
+        await self.link.publish(self.link.task_ack_topic, encode(ack), qos=1)
+
+    # ------------------------------------------------------------ capacity
+
+    async def _load_probe(self) -> None:
+        try:
+            self.probe = await load_probe(self.config.state_dir, agent_version=__version__)
+        except Exception:  # the agent runs without figures rather than not at all
+            log.exception("device probe failed")
+            return
+        self.sampler.probe = self.probe
+        self._report_now.set()
+
+    def _sample(self) -> CapacityReport:
+        return self.sampler.sample(
+            slots=self.runner.slots_report(),
+            outbox_pending=len(self.outbox),
+            counters=self.counters.snapshot(),
+            interval_s=self.config.agent_capacity_interval,
+        )
+
+    async def _capacity_loop(self) -> None:
+        interval = self.config.agent_capacity_interval
+        min_gap = self.config.agent_capacity_min_interval
+        while True:
+            self._heartbeat = time.monotonic()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(interval, SAMPLE_PERIOD_S)):
+                    await self._report_now.wait()
+            forced = self._report_now.is_set()
+            self._report_now.clear()
+            if not self.link.connected.is_set():
+                continue
+            now = time.monotonic()
+            since = now - self._last_report_at
+            if since < min_gap:
+                # Rate limit: report at most every min_gap seconds, but do not lose the change.
+                await asyncio.sleep(min_gap - since)
+            report = self._sample()
+            due = self._last_report is None or time.monotonic() - self._last_report_at >= interval
+            reason = None if self._last_report is None else significant_change(self._last_report, report)
+            if not (due or reason or forced):
+                continue
+            if await self.link.publish(self.link.capacity_topic, encode(report), qos=0):
+                self._last_report = report
+                self._last_report_at = time.monotonic()
+                self.counters.inc("capacity.reports")
+
+    # ------------------------------------------------------------ housekeeping
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(600)
+            pruned = await self.outbox.prune_done()
+            if pruned:
+                log.debug("pruned %d expired task ids", pruned)
+
+    async def _watchdog(self) -> None:
+        interval = self.notifier.watchdog_interval()
+        if interval is None:
+            return
+        period = max(interval / 2, 0.5)
+        while True:
+            # Ping only while the main loop is alive: the capacity loop beats every few seconds.
+            if time.monotonic() - self._heartbeat < 3 * SAMPLE_PERIOD_S + period:
+                self.notifier.watchdog()
+            else:
+                log.error("capacity loop stalled; withholding the watchdog ping")
+            await asyncio.sleep(period)
+
+
+def describe(agent: Agent) -> dict[str, Any]:
+    """A JSON-friendly status of the agent (for `lepton-agent status` and tests)."""
+    return {
+        "device_id": agent.config.device_id,
+        "connected": agent.link.connected.is_set(),
+        "outbox": len(agent.outbox),
+        "busy": agent.runner.busy,
+        "queued": agent.runner.queued,
+        "counters": agent.counters.snapshot(),
+    }

@@ -1,0 +1,95 @@
+"""Task handlers: one async function per task kind, looked up in a registry.
+
+A handler receives the validated :class:`~protocol.messages.Task` and a :class:`TaskContext`
+and returns the result's ``output`` mapping; raising :class:`TaskFailed` (or any exception)
+turns into a ``failed`` result with the error text. Heavy dependencies (onnxruntime, torch)
+are imported inside the handlers that need them, never at agent start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from protocol.errors import LeptonError
+from protocol.messages import Task
+
+
+class TaskFailed(LeptonError):
+    """A handler could not complete its task; the message becomes the result's error."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskContext:
+    """What a handler may use: the device's identity, its state directory, shared services."""
+
+    device_id: str
+    state_dir: Path
+    agent_version: str
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+Handler = Callable[[Task, TaskContext], Awaitable[dict[str, Any]]]
+
+
+class HandlerRegistry:
+    """Maps task kinds to handlers."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, Handler] = {}
+
+    def register(self, kind: str, handler: Handler) -> None:
+        self._handlers[kind] = handler
+
+    def get(self, kind: str) -> Handler | None:
+        return self._handlers.get(kind)
+
+    def kinds(self) -> list[str]:
+        return sorted(self._handlers)
+
+
+MAX_ECHO_SLEEP_S = 3600.0
+
+
+async def echo(task: Task, ctx: TaskContext) -> dict[str, Any]:
+    """Return ``params["payload"]`` after ``params["sleep_s"]`` seconds (a liveness probe).
+
+    ``params["fail"]`` makes it fail on purpose, for exercising the failure path end to end.
+    """
+    sleep_s = task.params.get("sleep_s", 0.0)
+    if not isinstance(sleep_s, (int, float)) or isinstance(sleep_s, bool) or not (
+        0.0 <= sleep_s <= MAX_ECHO_SLEEP_S
+    ):
+        raise TaskFailed(f"sleep_s must be a number in [0, {MAX_ECHO_SLEEP_S}]")
+    if sleep_s:
+        await asyncio.sleep(sleep_s)
+    if task.params.get("fail"):
+        raise TaskFailed(str(task.params.get("fail")))
+    return {"echo": task.params.get("payload"), "device_id": ctx.device_id}
+
+
+async def benchmark(task: Task, ctx: TaskContext) -> dict[str, Any]:
+    """Re-run the device micro-benchmark and return fresh throughput figures."""
+    from agent.probe import load_probe
+
+    started = time.perf_counter()
+    result = await load_probe(ctx.state_dir, agent_version=ctx.agent_version, refresh=True)
+    if result.bench is None:
+        raise TaskFailed(f"benchmark failed: {result.details.get('error', 'unknown error')}")
+    return {
+        "fp32_gflops": result.bench.fp32_gflops,
+        "int8_gops": result.bench.int8_gops,
+        "runtime": result.bench.runtime,
+        "wall_s": time.perf_counter() - started,
+    }
+
+
+def default_registry() -> HandlerRegistry:
+    registry = HandlerRegistry()
+    registry.register("echo", echo)
+    registry.register("benchmark", benchmark)
+    return registry

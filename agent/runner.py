@@ -1,0 +1,234 @@
+"""Task intake and execution: validation, durable acceptance, a bounded queue, worker slots.
+
+A task is accepted only after it is committed to the inbox, runs in one of ``slots`` workers,
+and finishes by committing its result to the outbox in the same transaction that retires it
+from the inbox. After a crash, unfinished tasks are resumed from the inbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from agent.handlers import HandlerRegistry, TaskContext
+from agent.metrics import Counters
+from agent.outbox import Outbox
+from protocol.codec import decode, encode
+from protocol.errors import DecodeError
+from protocol.messages import Result, Slots, Task, TaskStatus
+
+log = logging.getLogger(__name__)
+
+MAX_ERROR_CHARS = 4000
+
+
+class Runner:
+    """Runs tasks in ``slots`` concurrent workers from a bounded queue."""
+
+    def __init__(
+        self,
+        *,
+        slots: int,
+        queue_limit: int,
+        registry: HandlerRegistry,
+        outbox: Outbox,
+        context: TaskContext,
+        result_topic: str,
+        counters: Counters,
+        on_result: Callable[[], None] = lambda: None,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.slots = slots
+        self.queue_limit = queue_limit
+        self._registry = registry
+        self._outbox = outbox
+        self._ctx = context
+        self._topic = result_topic
+        self._counters = counters
+        self._on_result = on_result
+        self._on_change = on_change
+        self._queue: asyncio.Queue[Task] = asyncio.Queue()
+        self._busy = 0
+        self._accepting = True
+        self._draining = False
+        self._no_busy = asyncio.Event()
+        self._no_busy.set()
+
+    # ------------------------------------------------------------ state
+
+    @property
+    def busy(self) -> int:
+        return self._busy
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    def in_hand(self) -> int:
+        return self._busy + self._queue.qsize()
+
+    def slots_report(self) -> Slots:
+        return Slots(total=self.slots, busy=self._busy, queued=self._queue.qsize())
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    # ------------------------------------------------------------ intake
+
+    async def submit(self, payload: bytes, *, now: float | None = None) -> tuple[Task, str | None]:
+        """Validate and durably accept one task; return it and a refusal reason (None: accepted).
+
+        Raises :class:`DecodeError` when the payload is not a valid task at all.
+        """
+        task = decode(payload, Task)
+        now = time.time() if now is None else now
+        reason = self._refusal(task, now)
+        if reason == "unknown_kind":
+            # Not a crash and not silence: the coordinator gets a definitive error result.
+            await self._finish(task, "rejected", error=f"unknown task kind {task.kind!r}", durable=False)
+        if reason is not None:
+            self._counters.inc(f"tasks.refused.{reason}")
+            return task, reason
+        if not await self._outbox.accept(task.task_id, task.attempt, task.expires_at, payload):
+            self._counters.inc("tasks.refused.duplicate")
+            return task, "duplicate"
+        self._enqueue(task)
+        return task, None
+
+    def _refusal(self, task: Task, now: float) -> str | None:
+        if not self._accepting:
+            return "shutting_down"
+        if task.expires_at <= now:
+            return "expired"
+        if self._registry.get(task.kind) is None:
+            return "unknown_kind"
+        if self._queue.qsize() >= self.queue_limit:
+            return "queue_full"
+        if len(self._outbox) + self.in_hand() >= self._outbox.max_entries:
+            return "outbox_full"
+        return None
+
+    def _enqueue(self, task: Task) -> None:
+        self._queue.put_nowait(task)
+        self._counters.inc("tasks.accepted")
+        self._on_change()
+
+    async def resume(self) -> int:
+        """Re-queue tasks accepted before a restart and not finished."""
+        resumed = 0
+        for entry in await self._outbox.inbox():
+            try:
+                task = decode(entry.payload, Task)
+            except DecodeError:  # written by us, so only a corrupted file gets here
+                log.exception("dropping unreadable inbox entry %s", entry.task_id)
+                continue
+            self._enqueue(task)
+            resumed += 1
+        if resumed:
+            log.info("resumed %d unfinished tasks from the inbox", resumed)
+        return resumed
+
+    # ------------------------------------------------------------ execution
+
+    async def worker(self) -> None:
+        """One execution slot; run as a named task in the agent's TaskGroup."""
+        while True:
+            task = await self._queue.get()
+            if self._draining:  # stays in the inbox and resumes on the next start
+                self._queue.put_nowait(task)
+                self._queue.task_done()
+                return
+            self._busy += 1
+            self._no_busy.clear()
+            self._on_change()
+            try:
+                await self._execute(task)
+            finally:
+                self._busy -= 1
+                self._queue.task_done()
+                if self._busy == 0:
+                    self._no_busy.set()
+                self._on_change()
+
+    async def _execute(self, task: Task) -> None:
+        started = time.time()
+        if task.expires_at <= started:
+            await self._finish(task, "expired", error="expired before it could start", started=started)
+            return
+        handler = self._registry.get(task.kind)
+        if handler is None:  # only reachable for a task resumed after a handler was removed
+            await self._finish(task, "rejected", error=f"unknown task kind {task.kind!r}", started=started)
+            return
+        timeout = task.params.get("timeout_s")
+        timeout = float(timeout) if isinstance(timeout, (int, float)) and timeout > 0 else None
+        try:
+            async with asyncio.timeout(timeout):
+                output = await handler(task, self._ctx)
+        except TimeoutError:
+            await self._finish(task, "failed", error=f"timed out after {timeout} s", started=started)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # any handler error is a failed result, never a dead worker
+            log.info("task %s (%s) failed: %s", task.task_id, task.kind, exc)
+            await self._finish(task, "failed", error=f"{type(exc).__name__}: {exc}", started=started)
+        else:
+            await self._finish(task, "succeeded", output=output, started=started)
+
+    async def _finish(
+        self,
+        task: Task,
+        status: TaskStatus,
+        *,
+        output: dict[str, Any] | None = None,
+        error: str | None = None,
+        started: float | None = None,
+        durable: bool = True,
+    ) -> None:
+        result = self._build(task, status, output, error, started)
+        try:
+            payload = encode(result)
+        except (ValueError, TypeError, msgspec.EncodeError) as exc:
+            result = self._build(task, "failed", None, f"output not encodable: {exc}", started)
+            payload = encode(result)
+        retire = (task.task_id, task.attempt, task.expires_at) if durable else None
+        await self._outbox.finish(result.id, self._topic, payload, task=retire)
+        self._counters.inc(f"tasks.{result.status}")
+        self._on_result()
+
+    def _build(
+        self,
+        task: Task,
+        status: TaskStatus,
+        output: dict[str, Any] | None,
+        error: str | None,
+        started: float | None,
+    ) -> Result:
+        return Result(
+            task_id=task.task_id,
+            attempt=task.attempt,
+            status=status,
+            output=output or {},
+            error=None if error is None else error[:MAX_ERROR_CHARS],
+            started_at=started,
+            finished_at=time.time(),
+        )
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop starting tasks and wait for running ones (or ``timeout``); True if drained.
+
+        Queued tasks are not started; they stay in the durable inbox and resume on the next
+        start (or, if the agent does not come back, the coordinator reassigns them).
+        """
+        self._accepting = False
+        self._draining = True
+        try:
+            async with asyncio.timeout(timeout):
+                await self._no_busy.wait()
+        except TimeoutError:
+            return False
+        return True
