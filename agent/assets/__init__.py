@@ -1,0 +1,1 @@
+"""Small files shipped with the agent (probe models). Loaded through ``importlib.resources``."""

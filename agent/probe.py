@@ -1,0 +1,578 @@
+"""Start-up probe: what this device can run, and how fast.
+
+The probe runs in a short-lived subprocess (``python -m agent.probe``) that imports the heavy
+runtimes (ONNX Runtime, numpy), times two tiny matrix-multiply models shipped in
+``agent/assets`` for about a second and prints one JSON object. The daemon never imports
+numpy or onnxruntime itself for this, so its idle footprint stays small, and a runtime that
+crashes on import (a wrong wheel for the CPU) takes down the probe, not the agent.
+
+:func:`load_probe` runs that subprocess from the daemon and caches its answer in
+``<state_dir>/probe.json``, keyed by boot id, agent version, Python version and the installed
+runtime versions, so a restart within one boot reuses the figures. A failing probe never stops
+the agent: it yields a :class:`ProbeResult` without a benchmark and with the error recorded.
+
+The cheap hardware checks (:func:`device_accelerators`) import nothing heavy and are also used
+by :mod:`agent.capacity` on every report, because an accelerator can be plugged in later.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+
+from protocol.errors import LeptonError
+from protocol.messages import Bench
+
+logger = logging.getLogger(__name__)
+
+#: Bump when the probe's output changes meaning, so old cache files are ignored.
+PROBE_VERSION: Final = 1
+CACHE_FILE: Final = "probe.json"
+#: Total time the timed loops may take, split between the FP32 and INT8 models.
+DEFAULT_BUDGET_S: Final = 1.2
+
+FP32_MODEL: Final = "probe_fp32_matmul.onnx"
+INT8_MODEL: Final = "probe_int8_matmulinteger.onnx"
+# Shapes of the shipped models (scripts/make_probe_models.py): (M, K) @ (K, N).
+M, K, N = 256, 512, 512
+OPS_PER_RUN: Final = 2 * M * K * N  # one multiply and one add per MAC
+
+#: ONNX Runtime execution providers as short accelerator labels. Providers missing here get
+#: their name lower-cased without the ``ExecutionProvider`` suffix.
+_PROVIDER_LABELS: Final[dict[str, str | None]] = {
+    "CPUExecutionProvider": "cpu",
+    "CUDAExecutionProvider": "cuda",
+    "TensorrtExecutionProvider": "tensorrt",
+    "NvTensorRTRTXExecutionProvider": "tensorrt-rtx",
+    "ROCMExecutionProvider": "rocm",
+    "MIGraphXExecutionProvider": "migraphx",
+    "OpenVINOExecutionProvider": "openvino",
+    "DmlExecutionProvider": "directml",
+    "CoreMLExecutionProvider": "coreml",
+    "NnapiExecutionProvider": "nnapi",
+    "QNNExecutionProvider": "qnn",
+    "XnnpackExecutionProvider": "xnnpack",
+    "ArmNNExecutionProvider": "armnn",
+    "ACLExecutionProvider": "acl",
+    "RknpuExecutionProvider": "rknpu",
+    "VitisAIExecutionProvider": "vitisai",
+    "WebGpuExecutionProvider": "webgpu",
+    # Remote inference endpoints, not hardware on this device.
+    "AzureExecutionProvider": None,
+}
+
+#: Accelerator labels that come from device nodes rather than from a runtime; these can change
+#: while the agent runs (a USB Coral plugged in), so the capacity sampler re-checks them.
+DEVICE_ACCELERATORS: Final = frozenset({"jetson", "edgetpu", "hailo"})
+
+#: (label, import name, distribution name) of runtimes looked up without importing them.
+_RUNTIME_MODULES: Final = (
+    ("onnxruntime", "onnxruntime", "onnxruntime"),
+    ("tflite", "ai_edge_litert", "ai-edge-litert"),
+    ("tflite", "tflite_runtime", "tflite-runtime"),
+    ("torch", "torch", "torch"),
+)
+#: Distributions whose versions are part of the cache key (a runtime upgrade re-runs the probe).
+_KEY_DISTRIBUTIONS: Final = (
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "ai-edge-litert",
+    "tflite-runtime",
+    "torch",
+    "numpy",
+)
+# Coral USB accelerator: (vendor, product) before and after its firmware is loaded.
+_CORAL_USB_IDS: Final = frozenset({("1a6e", "089a"), ("18d1", "9302")})
+_JETSON_GPU_NODES: Final = ("dev/nvmap", "dev/nvhost-ctrl-gpu", "dev/nvgpu")
+
+
+class ProbeError(LeptonError):
+    """The probe subprocess failed, timed out or printed something unusable."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProbeResult:
+    """What the probe found. ``bench`` is None when no figure could be measured.
+
+    ``error`` holds the reason when the probe failed (the agent runs on without figures);
+    ``from_cache`` tells whether the figures were reused from ``probe.json``.
+    """
+
+    bench: Bench | None
+    runtimes: tuple[str, ...] = ()
+    accelerators: tuple[str, ...] = ()
+    details: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    error: str | None = None
+    from_cache: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """True when the probe ran and measured at least the FP32 figure."""
+        return self.error is None and self.bench is not None
+
+
+# ---------------------------------------------------------------- cheap checks (no heavy imports
+
+
+def _read_bytes(path: Path, limit: int = 4096) -> bytes | None:
+    try:
+        with path.open("rb") as fh:
+            return fh.read(limit)
+    except OSError:
+        return None
+
+
+def is_tegra(root: Path = Path("/")) -> bool:
+    """True on an NVIDIA Jetson (Tegra SoC), whether or not its GPU is visible to this process."""
+    if (root / "etc/nv_tegra_release").exists():
+        return True
+    compatible = _read_bytes(root / "proc/device-tree/compatible") or b""
+    return b"nvidia,tegra" in compatible
+
+
+def device_accelerators(root: Path = Path("/")) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """Accelerators found through device nodes and sysfs, with the evidence for each.
+
+    A label is reported only when this process can see the device node it would open: under
+    the systemd unit's ``PrivateDevices=yes`` the nodes are hidden and the label is absent
+    (``details`` then says the hardware exists but is not reachable).
+    """
+    found: set[str] = set()
+    details: dict[str, Any] = {}
+    if is_tegra(root):
+        nodes = [n for n in _JETSON_GPU_NODES if (root / n).exists()]
+        details["tegra"] = {"gpu_nodes": nodes}
+        if nodes:
+            found.add("jetson")
+    if (root / "dev/apex_0").exists():
+        found.add("edgetpu")
+        details["edgetpu"] = "pcie:/dev/apex_0"
+    elif (root / "dev/bus/usb").is_dir():
+        for dev in sorted((root / "sys/bus/usb/devices").glob("*")):
+            vendor = (_read_bytes(dev / "idVendor") or b"").decode(errors="replace").strip()
+            product = (_read_bytes(dev / "idProduct") or b"").decode(errors="replace").strip()
+            if (vendor, product) in _CORAL_USB_IDS:
+                found.add("edgetpu")
+                details["edgetpu"] = f"usb:{vendor}:{product}"
+                break
+    hailo = sorted(p.name for p in (root / "dev").glob("hailo[0-9]*"))
+    if hailo:
+        found.add("hailo")
+        details["hailo"] = hailo
+    return tuple(sorted(found)), details
+
+
+def available_runtimes() -> dict[str, str]:
+    """Runtime label -> module name for the runtimes installed here, found without importing them.
+
+    The probe subprocess confirms ONNX Runtime by importing it; the others are only located, so
+    a module that is present but broken is reported until a task that uses it fails.
+    """
+    found: dict[str, str] = {}
+    for label, module, _dist in _RUNTIME_MODULES:
+        if label in found:
+            continue
+        try:
+            spec = find_spec(module)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is not None:
+            found[label] = module
+    return found
+
+
+def _dist_version(name: str) -> str | None:
+    from importlib import metadata  # deferred: pulls in the email package (~1 MB resident)
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def provider_label(provider: str) -> str | None:
+    """Short accelerator label for an ONNX Runtime execution provider name (None: not hardware)."""
+    if provider in _PROVIDER_LABELS:
+        return _PROVIDER_LABELS[provider]
+    return provider.removesuffix("ExecutionProvider").lower() or None
+
+
+# ---------------------------------------------------------------- the subprocess side
+
+
+def _time_loop(run: Callable[[], object], budget_s: float, max_iters: int = 500) -> dict[str, Any]:
+    """Time ``run`` after one warm-up call for about ``budget_s``; median seconds per call."""
+    start = time.perf_counter()
+    run()  # warm-up: first-call allocations and weight packing are not throughput
+    warmup = time.perf_counter() - start
+    # A device so slow that one call eats a third of the budget gets a single timed call.
+    min_iters = 1 if warmup > budget_s / 3 else 3
+    times: list[float] = []
+    deadline = time.perf_counter() + budget_s
+    while len(times) < min_iters or (time.perf_counter() < deadline and len(times) < max_iters):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    return {
+        "iterations": len(times),
+        "warmup_ms": round(warmup * 1e3, 3),
+        "median_ms": round(median * 1e3, 3),
+        "best_ms": round(min(times) * 1e3, 3),
+        "rate_g": OPS_PER_RUN / median / 1e9,
+    }
+
+
+def _bench_onnxruntime(budget_s: float, details: dict[str, Any]) -> Bench:
+    from importlib import resources
+
+    import numpy as np
+    import onnxruntime as ort
+
+    version = str(ort.__version__)
+    providers = [str(p) for p in ort.get_available_providers()]
+    details["onnxruntime"] = {"version": version, "providers": providers}
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: warnings would clutter the agent's journal
+    assets = resources.files("agent.assets")
+    rng = np.random.default_rng(0)
+    # The probe measures the CPU path the agent falls back to everywhere; accelerator
+    # providers are reported as labels, their speed is measured by benchmark tasks.
+    session = ort.InferenceSession(
+        assets.joinpath(FP32_MODEL).read_bytes(), options, providers=["CPUExecutionProvider"]
+    )
+    a32 = rng.standard_normal((M, K), dtype=np.float32)
+    fp32 = _time_loop(lambda: session.run(None, {"A": a32}), budget_s / 2)
+    details["fp32"] = fp32
+    int8_gops: float | None = None
+    try:
+        session8 = ort.InferenceSession(
+            assets.joinpath(INT8_MODEL).read_bytes(), options, providers=["CPUExecutionProvider"]
+        )
+        a8 = rng.integers(0, 256, size=(M, K), dtype=np.uint8)
+        int8 = _time_loop(lambda: session8.run(None, {"A": a8}), budget_s / 2)
+        details["int8"] = int8
+        int8_gops = round(int8["rate_g"], 3)
+    except Exception as exc:  # any runtime failure only loses the INT8 figure
+        details.setdefault("errors", []).append(f"int8: {type(exc).__name__}: {exc}")
+    return Bench(
+        fp32_gflops=round(fp32["rate_g"], 3),
+        int8_gops=int8_gops,
+        runtime=f"onnxruntime {version}",
+        measured_at=time.time(),
+    )
+
+
+def _bench_numpy(budget_s: float, details: dict[str, Any]) -> Bench:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((M, K), dtype=np.float32)
+    b = rng.standard_normal((K, N), dtype=np.float32)
+    fp32 = _time_loop(lambda: a @ b, budget_s)
+    details["fp32"] = fp32
+    return Bench(
+        fp32_gflops=round(fp32["rate_g"], 3),
+        int8_gops=None,
+        runtime=f"numpy {np.__version__}",
+        measured_at=time.time(),
+    )
+
+
+def run_probe(budget_s: float = DEFAULT_BUDGET_S, root: Path = Path("/")) -> dict[str, Any]:
+    """Run the whole probe in this process and return the JSON-ready answer.
+
+    Meant for the subprocess; it imports onnxruntime and numpy. Failures of single parts are
+    recorded under ``details["errors"]`` and never raised.
+    """
+    started = time.perf_counter()
+    details: dict[str, Any] = {
+        "probe_version": PROBE_VERSION,
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+    }
+    errors: list[str] = []
+    details["errors"] = errors
+    runtimes = available_runtimes()
+    accelerators = {"cpu"}  # every device has one; runtimes and device nodes add the rest
+    bench: Bench | None = None
+    if "onnxruntime" in runtimes:
+        try:
+            bench = _bench_onnxruntime(budget_s, details)
+        except Exception as exc:  # a broken runtime is a finding, not a crash
+            errors.append(f"onnxruntime: {type(exc).__name__}: {exc}")
+            runtimes.pop("onnxruntime")
+        else:
+            for provider in details["onnxruntime"]["providers"]:
+                label = provider_label(provider)
+                if label is not None:
+                    accelerators.add(label)
+    else:
+        errors.append("onnxruntime: not installed")
+    if bench is None:
+        try:
+            bench = _bench_numpy(budget_s, details)
+        except Exception as exc:  # no figure at all; recorded, not raised
+            errors.append(f"numpy: {type(exc).__name__}: {exc}")
+    for label, module, dist in _RUNTIME_MODULES:
+        if runtimes.get(label) == module and label != "onnxruntime":
+            details[label] = {"module": module, "version": _dist_version(dist)}
+    device, device_details = device_accelerators(root)
+    accelerators.update(device)
+    details["devices"] = device_details
+    details["wall_s"] = round(time.perf_counter() - started, 3)
+    return {
+        "bench": msgspec.to_builtins(bench) if bench is not None else None,
+        "runtimes": sorted(runtimes),
+        "accelerators": sorted(accelerators),
+        "details": details,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m agent.probe``: print the probe's JSON object on one line of stdout."""
+    parser = argparse.ArgumentParser(
+        prog="python -m agent.probe",
+        description="Measure this device (FP32/INT8 throughput, runtimes, accelerators); "
+        "print one JSON object.",
+    )
+    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, help="seconds to time")
+    args = parser.parse_args(argv)
+    if not 0.0 < args.budget <= 60.0:
+        parser.error("--budget must be in (0, 60]")
+    result = run_probe(args.budget)
+    sys.stdout.write(json.dumps(result, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+# ---------------------------------------------------------------- the daemon side
+
+
+def _boot_id() -> str | None:
+    raw = _read_bytes(Path("/proc/sys/kernel/random/boot_id"), 128)
+    text = raw.decode(errors="replace").strip() if raw else ""
+    return text or None
+
+
+def cache_key(agent_version: str) -> dict[str, Any] | None:
+    """The key cached figures must match to be reused; None where no boot id can be read.
+
+    Without a boot id (not Linux) nothing is reused: the figures could predate a hardware
+    change and re-measuring costs about a second.
+    """
+    boot_id = _boot_id()
+    if boot_id is None:
+        return None
+    return {
+        "probe_version": PROBE_VERSION,
+        "boot_id": boot_id,
+        "agent_version": agent_version,
+        "python": f"{sys.implementation.name}-{platform.python_version()}",
+        "packages": {name: _dist_version(name) for name in _KEY_DISTRIBUTIONS},
+    }
+
+
+def _result_from_json(data: Any, *, from_cache: bool) -> ProbeResult:
+    """Validate the probe's JSON answer; raises ProbeError on anything malformed."""
+    if not isinstance(data, dict):
+        raise ProbeError(f"probe answer is {type(data).__name__}, not an object")
+    try:
+        raw_bench = data.get("bench")
+        bench = msgspec.convert(raw_bench, Bench) if raw_bench is not None else None
+        runtimes = msgspec.convert(data.get("runtimes", []), list[str])
+        accelerators = msgspec.convert(data.get("accelerators", []), list[str])
+        details = msgspec.convert(data.get("details", {}), dict[str, Any])
+    except msgspec.ValidationError as exc:
+        raise ProbeError(f"probe answer is invalid: {exc}") from exc
+    return ProbeResult(
+        bench=bench,
+        runtimes=tuple(runtimes),
+        accelerators=tuple(accelerators),
+        details=details,
+        from_cache=from_cache,
+    )
+
+
+def _parse_cache(raw: bytes, key: dict[str, Any]) -> ProbeResult | None:
+    """The cached result when its key matches; None when it is stale; ProbeError when broken."""
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise ProbeError(f"not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ProbeError("not a JSON object")
+    if data.get("key") != key:
+        return None
+    return _result_from_json(data.get("result"), from_cache=True)
+
+
+def _read_cache(path: Path, key: dict[str, Any]) -> ProbeResult | None:
+    try:
+        cached = _parse_cache(path.read_bytes(), key)
+    except FileNotFoundError:
+        return None
+    except (OSError, ProbeError) as exc:
+        logger.warning("ignoring unusable probe cache %s: %s", path, exc)
+        return None
+    if cached is None:
+        logger.info("probe cache %s is for another boot or version, probing again", path)
+    return cached
+
+
+def _write_cache(path: Path, key: dict[str, Any], answer: dict[str, Any]) -> None:
+    """Write ``probe.json`` atomically (temp file + rename); a failure is logged, not raised."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = json.dumps({"key": key, "result": answer}, indent=1).encode()
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".probe-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(payload)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as exc:
+        logger.warning("could not write probe cache %s: %s", path, exc)
+
+
+def _child_env() -> dict[str, str]:
+    # The child must not talk to systemd in the agent's name.
+    drop = {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID"}
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
+async def _run_subprocess(limit_s: float, budget_s: float) -> dict[str, Any]:
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "agent.probe",
+            "--budget",
+            str(budget_s),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=_child_env(),
+        )
+    except OSError as exc:
+        raise ProbeError(f"could not start the probe ({sys.executable}): {exc}") from exc
+    try:
+        async with asyncio.timeout(limit_s):
+            stdout, stderr = await proc.communicate()
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise ProbeError(f"probe did not finish within {limit_s:g} s; killed") from None
+    except asyncio.CancelledError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
+    err_tail = stderr.decode(errors="replace").strip()[-2000:]
+    if proc.returncode != 0:
+        raise ProbeError(f"probe exited with status {proc.returncode}: {err_tail or 'no output'}")
+    lines = [ln for ln in stdout.decode(errors="replace").splitlines() if ln.strip()]
+    if not lines:
+        raise ProbeError(f"probe printed nothing: {err_tail or 'no stderr'}")
+    try:
+        answer = json.loads(lines[-1])
+    except ValueError as exc:
+        raise ProbeError(f"probe printed no JSON: {lines[-1][:200]!r}") from exc
+    if not isinstance(answer, dict):
+        raise ProbeError("probe answer is not a JSON object")
+    return answer
+
+
+def _failed(error: str) -> ProbeResult:
+    """The result of a failed probe: no figures, no runtimes, device accelerators only.
+
+    Runtimes are left empty on purpose: a runtime whose import killed the probe would kill an
+    inference task too, so the coordinator should not send it any.
+    """
+    accelerators, device_details = device_accelerators()
+    return ProbeResult(
+        bench=None,
+        runtimes=(),
+        accelerators=tuple(sorted({"cpu", *accelerators})),
+        details={"error": error, "errors": [error], "devices": device_details},
+        error=error,
+    )
+
+
+async def load_probe(
+    state_dir: Path,
+    *,
+    agent_version: str,
+    timeout: float = 60.0,  # noqa: ASYNC109 - bounds the subprocess, which must also be killed
+    refresh: bool = False,
+    budget_s: float = DEFAULT_BUDGET_S,
+) -> ProbeResult:
+    """The probe's findings, from ``<state_dir>/probe.json`` when still valid, else measured.
+
+    Measuring runs ``python -m agent.probe`` (the same interpreter) and waits at most
+    ``timeout`` seconds. ``refresh`` ignores the cache. Never raises for a probe failure: the
+    result then has ``bench=None`` and ``error`` set, and is not cached, so the next start
+    tries again.
+    """
+    if timeout <= 0:
+        raise ValueError("timeout must be positive")
+    path = state_dir / CACHE_FILE
+    key = cache_key(agent_version)
+    if key is not None and not refresh:
+        cached = _read_cache(path, key)
+        if cached is not None:
+            logger.info("probe figures reused from %s: %s", path, _summary(cached))
+            return cached
+    started = time.monotonic()
+    try:
+        answer = await _run_subprocess(timeout, budget_s)
+        result = _result_from_json(answer, from_cache=False)
+    except ProbeError as exc:
+        logger.error("start-up probe failed, running without benchmark figures: %s", exc)  # noqa: TRY400
+        return _failed(str(exc))
+    logger.info("start-up probe took %.2f s: %s", time.monotonic() - started, _summary(result))
+    for error in result.details.get("errors", []):
+        logger.warning("probe: %s", error)
+    if key is not None:
+        _write_cache(path, key, answer)
+    return result
+
+
+def _summary(result: ProbeResult) -> str:
+    bench = result.bench
+    figures = (
+        f"fp32_gflops={bench.fp32_gflops} int8_gops={bench.int8_gops} runtime={bench.runtime!r}"
+        if bench is not None
+        else "no figures"
+    )
+    return (
+        f"{figures} runtimes={','.join(result.runtimes) or '-'} "
+        f"accelerators={','.join(result.accelerators) or '-'}"
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
