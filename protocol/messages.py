@@ -19,8 +19,14 @@ from msgspec import Meta
 
 SCHEMA_VERSION: Final = 1
 
-MsgId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")]
-Name = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:/-]+$")]
+# msgspec checks patterns with Python's ``re.search``; ``\Z`` (unlike ``$``) does not also match
+# before a trailing newline, which would let "id\n" through.
+MSG_ID_PATTERN: Final = r"\A[A-Za-z0-9._:-]+\Z"
+NAME_PATTERN: Final = r"\A[A-Za-z0-9._:/-]+\Z"
+MAX_ID_LENGTH: Final = 64
+
+MsgId = Annotated[str, Meta(min_length=1, max_length=MAX_ID_LENGTH, pattern=MSG_ID_PATTERN)]
+Name = Annotated[str, Meta(min_length=1, max_length=64, pattern=NAME_PATTERN)]
 ShortText = Annotated[str, Meta(max_length=256)]
 LongText = Annotated[str, Meta(max_length=4096)]
 Timestamp = Annotated[float, Meta(ge=0.0, le=1.0e11)]

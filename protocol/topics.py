@@ -78,7 +78,8 @@ def device_filter(fleet: str, channel: str = "+", device_id: str = "+") -> str:
 
 def cmd_filter(fleet: str, device_id: str) -> str:
     """Subscription filter for everything the cloud sends one device."""
-    return f"{ROOT}/{TOPIC_VERSION}/{validate_id(fleet, what='fleet')}/cmd/{validate_id(device_id)}/+"
+    fleet_id = validate_id(fleet, what="fleet")
+    return f"{ROOT}/{TOPIC_VERSION}/{fleet_id}/cmd/{validate_id(device_id)}/+"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -93,6 +94,8 @@ class Topic:
 
 def parse(topic: str) -> Topic:
     """Parse a concrete topic; raise :class:`TopicError` for anything not in the scheme."""
+    if not isinstance(topic, str):
+        raise TopicError("topic must be a string")
     parts = topic.split("/")
     if len(parts) != 6 or parts[0] != ROOT:
         raise TopicError("not a lepton topic", topic)
