@@ -1,9 +1,9 @@
 """Capacity telemetry: what this device can do right now, as a :class:`CapacityReport`.
 
-:class:`CapacitySampler` reads psutil and sysfs. A sample is cheap (well under a few ms): the
-only helper process, Raspberry Pi's ``vcgencmd get_throttled``, runs at most every 30 s and is
-collected on a later sample instead of being waited for. Device model and class, thermal zones
-and throttle sources are found once, at construction.
+:class:`CapacitySampler` reads psutil and sysfs (through :mod:`agent.board`). A sample is
+cheap (well under a few ms): the only helper process, Raspberry Pi's ``vcgencmd get_throttled``,
+runs at most every 30 s and is collected on a later sample instead of being waited for. Device
+model and class, thermal zones and throttle sources are found once, at construction.
 
 Readings that go through ``root`` (device tree, DMI, cpufreq, thermal zones, throttle files,
 device nodes, ``vcgencmd`` under ``usr/bin``) can be pointed at a fake tree in tests; psutil
@@ -19,17 +19,35 @@ import math
 import os
 import platform
 import re
-import shutil
-import subprocess
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import psutil
 
-from agent.probe import DEVICE_ACCELERATORS, ProbeResult, device_accelerators, is_tegra
+from agent.board import (
+    CPU_ZONE_RE,
+    DEVICE_ACCELERATORS,
+    JETSON_GPU_LOAD,
+    NOT_CPU_ZONE_RE,
+    VcgencmdReader,
+    device_accelerators,
+    device_class_for,
+    is_tegra,
+    numeric_suffix,
+    parse_throttled,
+    read_device_model,
+    read_int,
+    read_raw,
+    read_text,
+    rpi_throttle_file,
+    rpi_undervolt_file,
+    thermal_zones,
+    throttled_now,
+    vcgencmd_path,
+)
+from agent.probe import ProbeResult
 from protocol.messages import (
     Battery,
     CapacityReport,
@@ -45,12 +63,6 @@ logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-#: ``get_throttled`` bits that describe the present (the high bits say "has occurred since
-#: boot"): under-voltage, ARM frequency capped, throttled, soft temperature limit.
-THROTTLE_NOW_MASK: Final = 0xF
-VCGENCMD_INTERVAL_S: Final = 30.0
-VCGENCMD_TIMEOUT_S: Final = 2.0
-_VCGENCMD_MAX_FAILURES: Final = 3
 #: Device-node accelerators are re-checked this often (a few stat calls).
 ACCELERATOR_RECHECK_S: Final = 30.0
 
@@ -63,292 +75,6 @@ MEMORY_CHANGE_FRACTION: Final = 0.20
 
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9._:/-]{1,64}")  # protocol Name; used with fullmatch
 _MAX_COUNT: Final = 2**62
-# Thermal zones that describe the SoC/CPU/GPU die, and zones that never do (Jetson's PMIC-Die
-# reads a constant 100 C on some boards; board and battery sensors lag the die).
-_CPU_ZONE_RE: Final = re.compile(r"cpu|soc|gpu|tj|x86_pkg|package|core|cluster|cv\d", re.I)
-_NOT_CPU_ZONE_RE: Final = re.compile(
-    r"pmic|board|diode|batt|charger|wifi|wlan|iwl|nvme|pch|ambient|skin|modem|usb|ddr|therm_pa",
-    re.I,
-)
-_THROTTLE_RE: Final = re.compile(r"^\s*(?:throttled=)?(?:0x)?([0-9a-fA-F]{1,16})\s*$")
-_JETSON_GPU_LOAD: Final = (
-    "sys/devices/gpu.0/load",
-    "sys/devices/platform/gpu.0/load",
-    "sys/devices/platform/bus@0/17000000.gpu/load",
-    "sys/devices/platform/17000000.ga10b/load",
-    "sys/devices/platform/17000000.gv11b/load",
-    "sys/devices/platform/bus@0/17000000.gv11b/load",
-)
-
-
-# ---------------------------------------------------------------- pure helpers
-
-
-def parse_throttled(text: str) -> int | None:
-    """Bits from ``vcgencmd get_throttled`` (``throttled=0x50005``) or sysfs (``50005``)."""
-    match = _THROTTLE_RE.match(text)
-    return int(match.group(1), 16) if match else None
-
-
-def throttled_now(flags: int) -> bool:
-    """True when any present-tense bit is set (under-voltage, capped, throttled, soft limit)."""
-    return bool(flags & THROTTLE_NOW_MASK)
-
-
-_RPI_MODELS: Final = (
-    (r"compute module (\d+)", "rpi{}"),
-    (r"raspberry pi (\d)00\b", "rpi{}"),  # Pi 400 / Pi 500 keyboards
-    (r"zero 2", "rpi-zero2"),
-    (r"zero", "rpi-zero"),
-    (r"raspberry pi (\d+)", "rpi{}"),
-)
-_RPI_SOCS: Final = ((b"brcm,bcm2712", "rpi5"), (b"brcm,bcm2711", "rpi4"), (b"brcm,bcm2837", "rpi3"))
-_JETSON_MODELS: Final = (
-    (r"orin nano", "jetson-orin-nano"),
-    (r"orin nx", "jetson-orin-nx"),
-    (r"agx orin|orin agx", "jetson-agx-orin"),
-    (r"xavier nx", "jetson-xavier-nx"),
-    (r"agx xavier|jetson-agx", "jetson-agx-xavier"),
-    (r"tx2", "jetson-tx2"),
-    (r"\bnano\b", "jetson-nano"),
-)
-_JETSON_SOCS: Final = (
-    (b"nvidia,tegra234", "jetson-orin"),
-    (b"nvidia,tegra194", "jetson-xavier"),
-    (b"nvidia,tegra186", "jetson-tx2"),
-    (b"nvidia,tegra210", "jetson-nano"),
-)
-
-
-def _match_class(
-    model: str,
-    compatible: bytes,
-    models: tuple[tuple[str, str], ...],
-    socs: tuple[tuple[bytes, str], ...],
-    default: str,
-) -> str:
-    for pattern, label in models:
-        if found := re.search(pattern, model):
-            return label.format(*found.groups())
-    return next((label for soc, label in socs if soc in compatible), default)
-
-
-def device_class_for(model: str, compatible: bytes = b"", machine: str = "") -> str:
-    """A short class label (``rpi5``, ``jetson-orin-nano``, ``x86_64``...) for a device model.
-
-    ``compatible`` is the raw ``/proc/device-tree/compatible`` (NUL-separated strings); it
-    decides when the model string alone does not.
-    """
-    m = model.lower()
-    if m.startswith("raspberry pi") or b"raspberrypi," in compatible:
-        return _match_class(m, compatible, _RPI_MODELS, _RPI_SOCS, "rpi")
-    if "jetson" in m or b"nvidia,tegra" in compatible:
-        return _match_class(m, compatible, _JETSON_MODELS, _JETSON_SOCS, "jetson")
-    arch = (machine or platform.machine()).lower()
-    arch = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}.get(arch, arch)
-    return re.sub(r"[^a-z0-9._:/-]", "-", arch)[:64] or "unknown"
-
-
-# ---------------------------------------------------------------- sysfs readers
-
-
-def _read_text(path: Path, limit: int = 4096) -> str | None:
-    try:
-        with path.open("rb") as fh:
-            return fh.read(limit).decode(errors="replace").replace("\x00", "").strip()
-    except OSError:
-        return None
-
-
-def _read_raw(path: Path, limit: int = 4096) -> bytes | None:
-    try:
-        with path.open("rb") as fh:
-            return fh.read(limit)
-    except OSError:
-        return None
-
-
-def _read_int(path: Path) -> int | None:
-    text = _read_text(path, 64)
-    try:
-        return int(text) if text else None
-    except ValueError:
-        return None
-
-
-def _numeric_suffix(path: Path) -> int:
-    digits = re.sub(r"\D", "", path.name)
-    return int(digits) if digits else -1
-
-
-def read_device_model(root: Path = Path("/")) -> str:
-    """The board's model string: device tree, then DMI, then the machine architecture."""
-    for rel in (
-        "proc/device-tree/model",
-        "sys/firmware/devicetree/base/model",
-        "sys/class/dmi/id/product_name",
-    ):
-        text = _read_text(root / rel, 512)
-        if text:
-            return text[:256]
-    return platform.machine()
-
-
-@dataclass(frozen=True, slots=True)
-class _Zone:
-    kind: str
-    temp: Path
-    trips_c: tuple[float, ...]  # passive/hot trip points: the kernel throttles above them
-
-
-def _thermal_zones(root: Path) -> list[_Zone]:
-    """CPU-like thermal zones; any non-excluded zone (``acpitz``) when none looks like a CPU."""
-    cpu_like: list[_Zone] = []
-    others: list[_Zone] = []
-    for zone in sorted((root / "sys/class/thermal").glob("thermal_zone*"), key=_numeric_suffix):
-        kind = _read_text(zone / "type", 128) or zone.name
-        if _NOT_CPU_ZONE_RE.search(kind):
-            continue
-        trips: list[float] = []
-        for trip_type in sorted(zone.glob("trip_point_*_type")):
-            if _read_text(trip_type, 64) in {"passive", "hot"}:
-                milli = _read_int(trip_type.with_name(trip_type.name.replace("_type", "_temp")))
-                if milli is not None and milli > 0:
-                    trips.append(milli / 1000.0)
-        entry = _Zone(kind, zone / "temp", tuple(sorted(trips)))
-        (cpu_like if _CPU_ZONE_RE.search(kind) else others).append(entry)
-    return cpu_like or others
-
-
-def _rpi_throttle_file(root: Path) -> Path | None:
-    for candidate in (
-        root / "sys/devices/platform/soc/soc:firmware/get_throttled",
-        *sorted((root / "sys/devices/platform").glob("soc*/*firmware/get_throttled")),
-    ):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _rpi_undervolt_file(root: Path) -> Path | None:
-    for hwmon in sorted((root / "sys/class/hwmon").glob("hwmon*")):
-        if _read_text(hwmon / "name", 64) == "rpi_volt" and (hwmon / "in0_lcrit_alarm").is_file():
-            return hwmon / "in0_lcrit_alarm"
-    return None
-
-
-def _vcgencmd_path(root: Path) -> str | None:
-    candidates = [root / "usr/bin/vcgencmd", root / "opt/vc/bin/vcgencmd"]
-    for candidate in candidates:
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
-    return shutil.which("vcgencmd") if root == Path("/") else None
-
-
-class VcgencmdReader:
-    """``vcgencmd get_throttled``, refreshed at most every ``interval`` s without blocking.
-
-    :meth:`poll` starts the command when the last answer is older than ``interval`` and
-    collects it on a later call, killing it past ``timeout``. After three failures in a row
-    (``/dev/vcio`` hidden by the service sandbox, say) it gives up and logs once.
-    """
-
-    def __init__(
-        self,
-        path: str,
-        *,
-        interval: float = VCGENCMD_INTERVAL_S,
-        timeout: float = VCGENCMD_TIMEOUT_S,
-    ) -> None:
-        self.path = path
-        self.interval = interval
-        self.timeout = timeout
-        self.flags: int | None = None
-        self.updated_at: float | None = None
-        self.failures = 0
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._started = -math.inf
-
-    @property
-    def disabled(self) -> bool:
-        return self.failures >= _VCGENCMD_MAX_FAILURES
-
-    def read_now(self) -> int | None:
-        """Run the command and wait for it (at most ``timeout``); for start-up, not for sampling."""
-        self._started = time.monotonic()
-        try:
-            done = subprocess.run(
-                [self.path, "get_throttled"],
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                timeout=self.timeout,
-                check=False,
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            self._failed(str(exc))
-            return self.flags
-        self._finish(done.returncode, done.stdout, done.stderr, time.monotonic())
-        return self.flags
-
-    def poll(self, now: float | None = None) -> int | None:
-        """The latest flags (None when never read or stale), starting a refresh when due."""
-        now = time.monotonic() if now is None else now
-        proc = self._proc
-        if proc is not None:
-            if proc.poll() is not None:
-                self._proc = None
-                out, err = proc.communicate()
-                self._finish(proc.returncode, out, err, now)
-            elif now - self._started > self.timeout:
-                self._proc = None
-                proc.kill()
-                proc.communicate()
-                self._failed(f"no answer within {self.timeout:g} s")
-        elif not self.disabled and now - self._started >= self.interval:
-            self._started = now
-            try:
-                self._proc = subprocess.Popen(
-                    [self.path, "get_throttled"],
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                )
-            except OSError as exc:
-                self._failed(str(exc))
-        if self.updated_at is None or now - self.updated_at > 3 * self.interval:
-            return None
-        return self.flags
-
-    def close(self) -> None:
-        """Kill a command still running (no zombie is left behind)."""
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            if proc.poll() is None:
-                proc.kill()
-            proc.communicate()
-
-    def _finish(self, returncode: int, out: bytes, err: bytes, now: float) -> None:
-        flags = parse_throttled(out.decode(errors="replace")) if returncode == 0 else None
-        if flags is None:
-            reason = (err or out).decode(errors="replace").strip()[:200]
-            self._failed(f"exit status {returncode}: {reason or 'no output'}")
-            return
-        self.flags = flags
-        self.updated_at = now
-        self.failures = 0
-
-    def _failed(self, reason: str) -> None:
-        self.failures += 1
-        if self.failures == _VCGENCMD_MAX_FAILURES:
-            logger.warning(
-                "vcgencmd get_throttled failed %d times, no longer used (%s); falling back to "
-                "sysfs. Under systemd, see deploy/systemd/drop-ins/raspberry-pi.conf",
-                self.failures,
-                reason,
-            )
-        else:
-            logger.debug("vcgencmd get_throttled failed: %s", reason)
-
 
 # ---------------------------------------------------------------- the sampler
 
@@ -381,22 +107,22 @@ class CapacitySampler:
         self.root = root
         self._live_root = root == Path("/")
         self.device_model = read_device_model(root)
-        compatible = _read_raw(root / "proc/device-tree/compatible") or b""
+        compatible = read_raw(root / "proc/device-tree/compatible") or b""
         self.device_class = device_class or device_class_for(self.device_model, compatible)
         self.is_tegra = is_tegra(root)
-        self._zones = _thermal_zones(root)
+        self._zones = thermal_zones(root)
         self._cpufreq = sorted(
             (root / "sys/devices/system/cpu").glob("cpu[0-9]*/cpufreq/scaling_cur_freq"),
-            key=lambda p: _numeric_suffix(p.parent.parent),
+            key=lambda p: numeric_suffix(p.parent.parent),
         )
-        self._throttle_file = _rpi_throttle_file(root)
-        self._undervolt_file = _rpi_undervolt_file(root)
+        self._throttle_file = rpi_throttle_file(root)
+        self._undervolt_file = rpi_undervolt_file(root)
         self._gpu_load_file = (
-            next((root / rel for rel in _JETSON_GPU_LOAD if (root / rel).is_file()), None)
+            next((root / rel for rel in JETSON_GPU_LOAD if (root / rel).is_file()), None)
             if self.is_tegra
             else None
         )
-        vcgencmd = _vcgencmd_path(root)
+        vcgencmd = vcgencmd_path(root)
         self.vcgencmd = VcgencmdReader(vcgencmd) if vcgencmd else None
         if self.vcgencmd is not None:
             self.vcgencmd.read_now()
@@ -476,7 +202,7 @@ class CapacitySampler:
         percent = psutil.cpu_percent(interval=None)
         freqs: list[float] = []
         for path in self._cpufreq:
-            khz = _read_int(path)
+            khz = read_int(path)
             if khz is not None and khz >= 0:
                 freqs.append(round(khz / 1000.0, 1))
         if not freqs and self._live_root:
@@ -528,7 +254,7 @@ class CapacitySampler:
         kind = ""
         tripped = False
         for zone in self._zones:
-            milli = _read_int(zone.temp)
+            milli = read_int(zone.temp)
             if milli is None:
                 continue
             celsius = milli / 1000.0
@@ -544,8 +270,8 @@ class CapacitySampler:
             sensors: dict[str, list[Any]] = (
                 self._guard("temperature", psutil.sensors_temperatures, {}) or {}
             )
-            chips = [c for c in sensors if not _NOT_CPU_ZONE_RE.search(c)]
-            cpu_chips = [c for c in chips if _CPU_ZONE_RE.search(c) or c.startswith("k10")]
+            chips = [c for c in sensors if not NOT_CPU_ZONE_RE.search(c)]
+            cpu_chips = [c for c in chips if CPU_ZONE_RE.search(c) or c.startswith("k10")]
             for chip in cpu_chips or chips:
                 for entry in sensors[chip]:
                     current = float(entry.current)
@@ -559,11 +285,11 @@ class CapacitySampler:
             if flags is not None:
                 return flags, "vcgencmd"
         if self._throttle_file is not None:
-            flags = parse_throttled(_read_text(self._throttle_file, 64) or "")
+            flags = parse_throttled(read_text(self._throttle_file, 64) or "")
             if flags is not None:
                 return flags, "get_throttled"
         if self._undervolt_file is not None:
-            alarm = _read_int(self._undervolt_file)
+            alarm = read_int(self._undervolt_file)
             if alarm is not None:
                 return (0x1 if alarm else 0x0), "rpi_volt"
         return None, ""
@@ -572,7 +298,7 @@ class CapacitySampler:
         temperature, tripped, zone = self._temperature()
         flags, flag_source = self._throttle_flags(now)
         if self._gpu_load_file is not None:
-            permille = _read_int(self._gpu_load_file)
+            permille = read_int(self._gpu_load_file)
             self.gpu_load_percent = permille / 10.0 if permille is not None else None
         throttled = tripped or (flags is not None and throttled_now(flags))
         source = "+".join(s for s in (zone, flag_source) if s)

@@ -11,8 +11,8 @@ crashes on import (a wrong wheel for the CPU) takes down the probe, not the agen
 runtime versions, so a restart within one boot reuses the figures. A failing probe never stops
 the agent: it yields a :class:`ProbeResult` without a benchmark and with the error recorded.
 
-The cheap hardware checks (:func:`device_accelerators`) import nothing heavy and are also used
-by :mod:`agent.capacity` on every report, because an accelerator can be plugged in later.
+Device-node accelerators (Jetson GPU, Coral, Hailo) come from :mod:`agent.board`, which the
+capacity sampler also re-checks on its own, because an accelerator can be plugged in later.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from typing import Any, Final
 
 import msgspec
 
+from agent.board import device_accelerators, read_raw
 from protocol.errors import LeptonError
 from protocol.messages import Bench
 
@@ -77,9 +78,6 @@ _PROVIDER_LABELS: Final[dict[str, str | None]] = {
     "AzureExecutionProvider": None,
 }
 
-#: Accelerator labels that come from device nodes rather than from a runtime; these can change
-#: while the agent runs (a USB Coral plugged in), so the capacity sampler re-checks them.
-DEVICE_ACCELERATORS: Final = frozenset({"jetson", "edgetpu", "hailo"})
 
 #: (label, import name, distribution name) of runtimes looked up without importing them.
 _RUNTIME_MODULES: Final = (
@@ -97,9 +95,6 @@ _KEY_DISTRIBUTIONS: Final = (
     "torch",
     "numpy",
 )
-# Coral USB accelerator: (vendor, product) before and after its firmware is loaded.
-_CORAL_USB_IDS: Final = frozenset({("1a6e", "089a"), ("18d1", "9302")})
-_JETSON_GPU_NODES: Final = ("dev/nvmap", "dev/nvhost-ctrl-gpu", "dev/nvgpu")
 
 
 class ProbeError(LeptonError):
@@ -127,55 +122,7 @@ class ProbeResult:
         return self.error is None and self.bench is not None
 
 
-# ---------------------------------------------------------------- cheap checks (no heavy imports
-
-
-def _read_bytes(path: Path, limit: int = 4096) -> bytes | None:
-    try:
-        with path.open("rb") as fh:
-            return fh.read(limit)
-    except OSError:
-        return None
-
-
-def is_tegra(root: Path = Path("/")) -> bool:
-    """True on an NVIDIA Jetson (Tegra SoC), whether or not its GPU is visible to this process."""
-    if (root / "etc/nv_tegra_release").exists():
-        return True
-    compatible = _read_bytes(root / "proc/device-tree/compatible") or b""
-    return b"nvidia,tegra" in compatible
-
-
-def device_accelerators(root: Path = Path("/")) -> tuple[tuple[str, ...], dict[str, Any]]:
-    """Accelerators found through device nodes and sysfs, with the evidence for each.
-
-    A label is reported only when this process can see the device node it would open: under
-    the systemd unit's ``PrivateDevices=yes`` the nodes are hidden and the label is absent
-    (``details`` then says the hardware exists but is not reachable).
-    """
-    found: set[str] = set()
-    details: dict[str, Any] = {}
-    if is_tegra(root):
-        nodes = [n for n in _JETSON_GPU_NODES if (root / n).exists()]
-        details["tegra"] = {"gpu_nodes": nodes}
-        if nodes:
-            found.add("jetson")
-    if (root / "dev/apex_0").exists():
-        found.add("edgetpu")
-        details["edgetpu"] = "pcie:/dev/apex_0"
-    elif (root / "dev/bus/usb").is_dir():
-        for dev in sorted((root / "sys/bus/usb/devices").glob("*")):
-            vendor = (_read_bytes(dev / "idVendor") or b"").decode(errors="replace").strip()
-            product = (_read_bytes(dev / "idProduct") or b"").decode(errors="replace").strip()
-            if (vendor, product) in _CORAL_USB_IDS:
-                found.add("edgetpu")
-                details["edgetpu"] = f"usb:{vendor}:{product}"
-                break
-    hailo = sorted(p.name for p in (root / "dev").glob("hailo[0-9]*"))
-    if hailo:
-        found.add("hailo")
-        details["hailo"] = hailo
-    return tuple(sorted(found)), details
+# ---------------------------------------------------------------- runtimes
 
 
 def available_runtimes() -> dict[str, str]:
@@ -367,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _boot_id() -> str | None:
-    raw = _read_bytes(Path("/proc/sys/kernel/random/boot_id"), 128)
+    raw = read_raw(Path("/proc/sys/kernel/random/boot_id"), 128)
     text = raw.decode(errors="replace").strip() if raw else ""
     return text or None
 

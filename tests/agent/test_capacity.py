@@ -7,15 +7,14 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from agent.capacity import (
-    CapacitySampler,
+from agent.board import (
     VcgencmdReader,
     device_class_for,
     parse_throttled,
     read_device_model,
-    significant_change,
     throttled_now,
 )
+from agent.capacity import CapacitySampler, significant_change
 from agent.probe import ProbeResult
 from protocol.codec import decode, encode
 from protocol.messages import (

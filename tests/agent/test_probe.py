@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 
 import agent.probe as probe_mod
+from agent.board import device_accelerators
 from agent.probe import (
     CACHE_FILE,
     ProbeResult,
     available_runtimes,
     cache_key,
-    device_accelerators,
     load_probe,
     provider_label,
     run_probe,
