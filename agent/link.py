@@ -157,7 +157,7 @@ class Link:
                 cert_reqs=ssl.CERT_REQUIRED,
                 tls_version=ssl.PROTOCOL_TLS_CLIENT,
             )
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             cfg.broker_host,
             cfg.broker_port,
             identifier=cfg.device_id,
@@ -170,6 +170,9 @@ class Link:
             max_inflight_messages=100,
             timeout=max(10.0, cfg.broker_keepalive),
         )
+        # The outbox publisher keeps up to PUBLISH_BATCH publishes in flight on purpose.
+        client.pending_calls_threshold = 2 * PUBLISH_BATCH
+        return client
 
     async def _session(self) -> None:
         async with self._client_for() as client:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import signal
@@ -46,10 +47,15 @@ class Broker:
         (self.workdir / "data").mkdir(parents=True, exist_ok=True)
         base = f"""\
 listener {self.port} 127.0.0.1
+# Run as whoever runs the tests (as root, mosquitto would otherwise switch to its own user
+# and could not write the test's persistence and log files).
+user {getpass.getuser()}
 persistence true
 persistence_location {self.workdir / "data"}/
-# Save on every change: a broker killed right after acknowledging loses no queued QoS 1 message.
-autosave_on_changes true
+# Mosquitto 2.0 persistence rewrites the whole snapshot on each save, so saving on every
+# change stalls the broker under load (O(n^2)). Save every second instead: end-to-end
+# acknowledgements (agent outbox, coordinator retries) make up for what a SIGKILL loses.
+autosave_on_changes false
 autosave_interval 1
 max_queued_messages 0
 max_inflight_messages 0

@@ -30,7 +30,10 @@ class Sink:
     Reconnects on its own (persistent session), so it survives broker restarts.
     """
 
-    def __init__(self, port: int, *, fleet: str = "default", ack: bool = True, client_id: str = "sink") -> None:
+    def __init__(
+        self, port: int, *, fleet: str = "default", ack: bool = True, client_id: str = "sink", keepalive: int = 5
+    ) -> None:
+        self.keepalive = keepalive
         self.port = port
         self.fleet = fleet
         self.ack = ack
@@ -62,7 +65,7 @@ class Sink:
         while True:
             try:
                 async with aiomqtt.Client(
-                    "127.0.0.1", self.port, identifier=self.client_id, clean_session=False, keepalive=5
+                    "127.0.0.1", self.port, identifier=self.client_id, clean_session=False, keepalive=self.keepalive
                 ) as client:
                     await client.subscribe(topics.device_filter(self.fleet, "#"), qos=1)
                     self._client = client
@@ -121,6 +124,15 @@ class Sink:
         task = Task(task_id=f"t{os.urandom(6).hex()}", kind=kind, params=params, expires_at=time.time() + ttl)
         await self.send(device_id, encode(task))
         return task
+
+    async def send_tasks(self, device_id: str, n: int, kind: str = "echo", **params: Any) -> list[Task]:
+        """Publish ``n`` tasks, up to 100 in flight at a time."""
+        tasks: list[Task] = []
+        for start in range(0, n, 100):
+            tasks += await asyncio.gather(
+                *(self.send_task(device_id, kind, **params) for _ in range(min(100, n - start)))
+            )
+        return tasks
 
     def results_for(self, task_ids: set[str]) -> dict[str, Result]:
         return {r.task_id: r for r in self.applied.values() if r.task_id in task_ids}

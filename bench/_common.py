@@ -1,0 +1,32 @@
+"""Shared helpers for the benchmarks: a private mosquitto and a results table."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tests.support.broker import Broker  # noqa: E402
+
+
+@contextmanager
+def private_broker(extra_config: str = "") -> Iterator[Broker]:
+    """A mosquitto on a free port with its own persistence, stopped on exit."""
+    with tempfile.TemporaryDirectory(prefix="lepton-bench-") as tmp:
+        broker = Broker(workdir=Path(tmp), extra_config=extra_config)
+        broker.start()
+        try:
+            yield broker
+        finally:
+            broker.kill()
+
+
+def table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
