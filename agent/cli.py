@@ -18,11 +18,12 @@ from protocol.errors import ConfigError
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("configuration (each also LEPTON_<NAME> and TOML [section] key)")
+    group = parser.add_argument_group(
+        "configuration (each also LEPTON_<NAME> and TOML [section] key)"
+    )
     for flag, name, hint in cli_options():
-        args = typing.get_args(hint)
         if isinstance(hint, types.UnionType):
-            hint = next(a for a in args if a is not type(None))
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))  # noqa: PLW2901
         kwargs: dict[str, Any] = {"dest": name, "default": None}
         if hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -34,7 +35,11 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(ns: argparse.Namespace) -> AgentConfig:
-    overrides = {name: getattr(ns, name) for _, name, _ in cli_options() if getattr(ns, name, None) is not None}
+    overrides = {
+        name: getattr(ns, name)
+        for _, name, _ in cli_options()
+        if getattr(ns, name, None) is not None
+    }
     return load_config(ns.config, overrides=overrides)
 
 
@@ -71,9 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lepton-agent", description="Lepton edge device agent")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the agent daemon (systemd: Type=notify)")
-    run.add_argument("--config", type=Path, default=None, help="TOML file (default /etc/lepton/agent.toml)")
+    run.add_argument(
+        "--config", type=Path, default=None, help="TOML file (default /etc/lepton/agent.toml)"
+    )
     _add_config_flags(run)
-    probe = sub.add_parser("probe", help="measure this device and print what the agent would report")
+    probe = sub.add_parser(
+        "probe", help="measure this device and print what the agent would report"
+    )
     probe.add_argument("--config", type=Path, default=None)
     probe.add_argument("--refresh", action="store_true", help="ignore the cached figures")
     probe.add_argument("--agent-state-dir", dest="agent_state_dir", default=None)

@@ -16,7 +16,7 @@ import socket
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -88,7 +88,9 @@ class AgentConfig:
             if value <= 0:
                 raise ConfigError(f"{key} must be positive, got {value!r}", key=key)
         if self.broker_reconnect_max < self.broker_reconnect_min:
-            raise ConfigError("broker.reconnect_max must be >= reconnect_min", key="broker_reconnect_max")
+            raise ConfigError(
+                "broker.reconnect_max must be >= reconnect_min", key="broker_reconnect_max"
+            )
         if self.broker_port > 65535:
             raise ConfigError("broker.port must be <= 65535", key="broker_port")
 
@@ -105,12 +107,58 @@ def _field_type(name: str) -> Any:
     return typing.get_type_hints(AgentConfig)[name]
 
 
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be a boolean")
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, (bool, float)):
+        raise TypeError("must be an integer")
+    return int(value)
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise TypeError("must be a number")
+    return float(value)
+
+
+def _to_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError("must be a string")
+    return value
+
+
+def _to_str_tuple(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ValueError("must be a list of strings")
+
+
+_CONVERTERS: Final[dict[Any, Callable[[Any], Any]]] = {
+    bool: _to_bool,
+    int: _to_int,
+    float: _to_float,
+    str: _to_str,
+    Path: lambda v: Path(_to_str(v)),
+    tuple: _to_str_tuple,
+}
+
+
 def _coerce(name: str, value: Any) -> Any:
     """Convert a TOML/env/CLI value to the field's type, or raise ConfigError naming the key."""
     hint = _field_type(name)
     args = typing.get_args(hint)
-    optional = isinstance(hint, types.UnionType) and type(None) in args
-    if optional:
+    if isinstance(hint, types.UnionType) and type(None) in args:
         hint = next(a for a in args if a is not type(None))
         if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
             return None
@@ -118,39 +166,12 @@ def _coerce(name: str, value: Any) -> Any:
     try:
         if origin is Literal:
             if value not in typing.get_args(hint):
-                raise ValueError(f"must be one of {typing.get_args(hint)}")
+                raise ValueError(f"must be one of {typing.get_args(hint)}")  # noqa: TRY301
             return value
-        if origin is tuple:
-            if isinstance(value, str):
-                return tuple(v.strip() for v in value.split(",") if v.strip())
-            if isinstance(value, list) and all(isinstance(v, str) for v in value):
-                return tuple(value)
-            raise ValueError("must be a list of strings")
-        if hint is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError("must be a boolean")
-        if hint is int:
-            if isinstance(value, bool) or isinstance(value, float):
-                raise ValueError("must be an integer")
-            return int(value)
-        if hint is float:
-            if isinstance(value, bool):
-                raise ValueError("must be a number")
-            return float(value)
-        if hint is Path:
-            return Path(value)
-        if hint is str:
-            if not isinstance(value, str):
-                raise ValueError("must be a string")
-            return value
+        return _CONVERTERS[origin or hint](value)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{name.replace('_', '.', 1)}: {exc} (got {value!r})", key=name) from exc
-    raise ConfigError(f"unsupported type for {name}", key=name)
+        label = name.replace("_", ".", 1)
+        raise ConfigError(f"{label}: {exc} (got {value!r})", key=name) from exc
 
 
 def _from_toml(data: Mapping[str, Any], source: str) -> dict[str, Any]:
@@ -173,7 +194,7 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     for var, value in env.items():
         if not var.startswith(ENV_PREFIX) or var in ("LEPTON_CONFIG", "LEPTON_API"):
             continue
-        name = var[len(ENV_PREFIX):].lower()
+        name = var[len(ENV_PREFIX) :].lower()
         if name.split("_", 1)[0] not in _SECTIONS:
             continue  # variables for other Lepton programs (the coordinator) share the prefix
         if name not in _FIELDS:

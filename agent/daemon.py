@@ -129,12 +129,16 @@ class Agent:
 
     async def _shutdown(self) -> None:
         self.notifier.stopping()
-        log.info("shutting down: draining running tasks (up to %.0f s)", self.config.agent_drain_timeout)
+        log.info(
+            "shutting down: draining running tasks (up to %.0f s)", self.config.agent_drain_timeout
+        )
         if not await self.runner.drain(self.config.agent_drain_timeout):
             log.warning("drain timed out with %d tasks still running", self.runner.busy)
         if self.link.connected.is_set():
             if not await self.link.flush(timeout=5.0):
-                log.warning("%d results not yet handed to the broker; kept for next start", len(self.outbox))
+                log.warning(
+                    "%d results not yet handed to the broker; kept for next start", len(self.outbox)
+                )
             await self.link.say_goodbye()
 
     # ------------------------------------------------------------ messages
@@ -221,7 +225,9 @@ class Agent:
                 await asyncio.sleep(min_gap - since)
             report = self._sample()
             due = self._last_report is None or time.monotonic() - self._last_report_at >= interval
-            reason = None if self._last_report is None else significant_change(self._last_report, report)
+            reason = (
+                None if self._last_report is None else significant_change(self._last_report, report)
+            )
             if not (due or reason or forced):
                 continue
             if await self.link.publish(self.link.capacity_topic, encode(report), qos=0):

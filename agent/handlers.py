@@ -1,7 +1,7 @@
 """Task handlers: one async function per task kind, looked up in a registry.
 
 A handler receives the validated :class:`~protocol.messages.Task` and a :class:`TaskContext`
-and returns the result's ``output`` mapping; raising :class:`TaskFailed` (or any exception)
+and returns the result's ``output`` mapping; raising :class:`TaskError` (or any exception)
 turns into a ``failed`` result with the error text. Heavy dependencies (onnxruntime, torch)
 are imported inside the handlers that need them, never at agent start-up.
 """
@@ -19,7 +19,7 @@ from protocol.errors import LeptonError
 from protocol.messages import Task
 
 
-class TaskFailed(LeptonError):
+class TaskError(LeptonError):
     """A handler could not complete its task; the message becomes the result's error."""
 
 
@@ -61,14 +61,16 @@ async def echo(task: Task, ctx: TaskContext) -> dict[str, Any]:
     ``params["fail"]`` makes it fail on purpose, for exercising the failure path end to end.
     """
     sleep_s = task.params.get("sleep_s", 0.0)
-    if not isinstance(sleep_s, (int, float)) or isinstance(sleep_s, bool) or not (
-        0.0 <= sleep_s <= MAX_ECHO_SLEEP_S
+    if (
+        not isinstance(sleep_s, (int, float))
+        or isinstance(sleep_s, bool)
+        or not (0.0 <= sleep_s <= MAX_ECHO_SLEEP_S)
     ):
-        raise TaskFailed(f"sleep_s must be a number in [0, {MAX_ECHO_SLEEP_S}]")
+        raise TaskError(f"sleep_s must be a number in [0, {MAX_ECHO_SLEEP_S}]")
     if sleep_s:
         await asyncio.sleep(sleep_s)
     if task.params.get("fail"):
-        raise TaskFailed(str(task.params.get("fail")))
+        raise TaskError(str(task.params.get("fail")))
     return {"echo": task.params.get("payload"), "device_id": ctx.device_id}
 
 
@@ -79,7 +81,7 @@ async def benchmark(task: Task, ctx: TaskContext) -> dict[str, Any]:
     started = time.perf_counter()
     result = await load_probe(ctx.state_dir, agent_version=ctx.agent_version, refresh=True)
     if result.bench is None:
-        raise TaskFailed(f"benchmark failed: {result.details.get('error', 'unknown error')}")
+        raise TaskError(f"benchmark failed: {result.details.get('error', 'unknown error')}")
     return {
         "fp32_gflops": result.bench.fp32_gflops,
         "int8_gops": result.bench.int8_gops,

@@ -90,7 +90,9 @@ class Link:
         """New outbox entries are ready to publish."""
         self._wake.set()
 
-    async def publish(self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False) -> bool:
+    async def publish(
+        self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False
+    ) -> bool:
         """Publish if connected; False (and counted) when not. For non-durable traffic only."""
         client = self._client
         if client is None or not self.connected.is_set():
@@ -111,7 +113,9 @@ class Link:
                 await self._session()
             except* aiomqtt.MqttError as group:
                 self._counters.inc("link.disconnects")
-                log.warning("broker connection lost: %s", "; ".join(str(e) for e in group.exceptions))
+                log.warning(
+                    "broker connection lost: %s", "; ".join(str(e) for e in group.exceptions)
+                )
             except* OSError as group:
                 self._counters.inc("link.disconnects")
                 log.warning("broker unreachable: %s", "; ".join(str(e) for e in group.exceptions))
@@ -124,7 +128,9 @@ class Link:
 
     async def say_goodbye(self) -> None:
         """Clean shutdown: publish the retained offline state (a clean disconnect sends no will)."""
-        goodbye = State(state="offline", reason="shutdown", agent_version=self._birth().agent_version)
+        goodbye = State(
+            state="offline", reason="shutdown", agent_version=self._birth().agent_version
+        )
         await self.publish(self.state_topic, encode(goodbye), qos=1, retain=True)
 
     async def flush(self, timeout: float) -> bool:
@@ -178,7 +184,11 @@ class Link:
         async with self._client_for() as client:
             await client.subscribe(self.cmd_filter, qos=1)
             await client.publish(
-                self.state_topic, encode(self._birth()), qos=1, retain=True, timeout=PUBLISH_TIMEOUT_S
+                self.state_topic,
+                encode(self._birth()),
+                qos=1,
+                retain=True,
+                timeout=PUBLISH_TIMEOUT_S,
             )
             self._client = client
             self.connected.set()

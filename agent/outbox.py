@@ -211,7 +211,9 @@ class Outbox:
         id_list = list(ids)
 
         def op(conn: sqlite3.Connection) -> int:
-            return conn.executemany("DELETE FROM outbox WHERE id = ?", ((i,) for i in id_list)).rowcount
+            return conn.executemany(
+                "DELETE FROM outbox WHERE id = ?", ((i,) for i in id_list)
+            ).rowcount
 
         removed: int = await self._write(op)
         self._count -= removed
@@ -221,11 +223,15 @@ class Outbox:
         """Entries never published on this connection, or published before ``resend_before``."""
 
         def read() -> list[Entry]:
-            rows = self._require().execute(
-                "SELECT seq, id, topic, payload FROM outbox"
-                " WHERE sent_at IS NULL OR sent_at < ? ORDER BY seq LIMIT ?",
-                (resend_before, limit),
-            ).fetchall()
+            rows = (
+                self._require()
+                .execute(
+                    "SELECT seq, id, topic, payload FROM outbox"
+                    " WHERE sent_at IS NULL OR sent_at < ? ORDER BY seq LIMIT ?",
+                    (resend_before, limit),
+                )
+                .fetchall()
+            )
             return [Entry(*row) for row in rows]
 
         return await self._run(read)
@@ -234,7 +240,9 @@ class Outbox:
         """Record that these entries were accepted by the broker (not yet by the coordinator)."""
 
         def op(conn: sqlite3.Connection) -> None:
-            conn.executemany("UPDATE outbox SET sent_at = ? WHERE seq = ?", ((when, s) for s in seqs))
+            conn.executemany(
+                "UPDATE outbox SET sent_at = ? WHERE seq = ?", ((when, s) for s in seqs)
+            )
 
         await self._write(op)
 
@@ -269,9 +277,11 @@ class Outbox:
         """Tasks accepted but not finished (to resume after a restart), oldest first."""
 
         def read() -> list[InboxTask]:
-            rows = self._require().execute(
-                "SELECT task_id, attempt, payload FROM inbox ORDER BY received"
-            ).fetchall()
+            rows = (
+                self._require()
+                .execute("SELECT task_id, attempt, payload FROM inbox ORDER BY received")
+                .fetchall()
+            )
             return [InboxTask(*row) for row in rows]
 
         return await self._run(read)

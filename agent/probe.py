@@ -473,7 +473,7 @@ async def load_probe(
     state_dir: Path,
     *,
     agent_version: str,
-    timeout: float = 60.0,  # noqa: ASYNC109 - bounds the subprocess, which must also be killed
+    timeout: float = 60.0,
     refresh: bool = False,
     budget_s: float = DEFAULT_BUDGET_S,
 ) -> ProbeResult:

@@ -90,7 +90,9 @@ class Runner:
         reason = self._refusal(task, now)
         if reason == "unknown_kind":
             # Not a crash and not silence: the coordinator gets a definitive error result.
-            await self._finish(task, "rejected", error=f"unknown task kind {task.kind!r}", durable=False)
+            await self._finish(
+                task, "rejected", error=f"unknown task kind {task.kind!r}", durable=False
+            )
         if reason is not None:
             self._counters.inc(f"tasks.refused.{reason}")
             return task, reason
@@ -158,11 +160,15 @@ class Runner:
     async def _execute(self, task: Task) -> None:
         started = time.time()
         if task.expires_at <= started:
-            await self._finish(task, "expired", error="expired before it could start", started=started)
+            await self._finish(
+                task, "expired", error="expired before it could start", started=started
+            )
             return
         handler = self._registry.get(task.kind)
         if handler is None:  # only reachable for a task resumed after a handler was removed
-            await self._finish(task, "rejected", error=f"unknown task kind {task.kind!r}", started=started)
+            await self._finish(
+                task, "rejected", error=f"unknown task kind {task.kind!r}", started=started
+            )
             return
         timeout = task.params.get("timeout_s")
         timeout = float(timeout) if isinstance(timeout, (int, float)) and timeout > 0 else None
@@ -170,12 +176,16 @@ class Runner:
             async with asyncio.timeout(timeout):
                 output = await handler(task, self._ctx)
         except TimeoutError:
-            await self._finish(task, "failed", error=f"timed out after {timeout} s", started=started)
+            await self._finish(
+                task, "failed", error=f"timed out after {timeout} s", started=started
+            )
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # any handler error is a failed result, never a dead worker
             log.info("task %s (%s) failed: %s", task.task_id, task.kind, exc)
-            await self._finish(task, "failed", error=f"{type(exc).__name__}: {exc}", started=started)
+            await self._finish(
+                task, "failed", error=f"{type(exc).__name__}: {exc}", started=started
+            )
         else:
             await self._finish(task, "succeeded", output=output, started=started)
 

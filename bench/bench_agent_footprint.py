@@ -31,7 +31,9 @@ BARE_CLIENT = textwrap.dedent(
 )
 
 
-def _measure(proc: subprocess.Popen[bytes], warmup: float, seconds: float) -> tuple[float, float, float]:
+def _measure(
+    proc: subprocess.Popen[bytes], warmup: float, seconds: float
+) -> tuple[float, float, float]:
     """(RSS MiB at the end, peak RSS MiB, CPU % of one core over the window)."""
     p = psutil.Process(proc.pid)
     time.sleep(warmup)
@@ -59,13 +61,24 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     env["PYTHONPATH"] = str(_common.REPO)
     with _common.private_broker() as broker, tempfile.TemporaryDirectory() as tmp:
         cfg = write_agent_config(
-            Path(tmp) / "agent.toml", device_id="footprint", port=broker.port, state_dir=Path(tmp) / "state",
+            Path(tmp) / "agent.toml",
+            device_id="footprint",
+            port=broker.port,
+            state_dir=Path(tmp) / "state",
             agent={"capacity_interval": args.interval, "probe": True, "log_level": "WARNING"},
         )
-        agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(cfg)], env=env,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        bare = subprocess.Popen([sys.executable, "-c", BARE_CLIENT, str(broker.port)], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--config", str(cfg)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        bare = subprocess.Popen(
+            [sys.executable, "-c", BARE_CLIENT, str(broker.port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             # Measured side by side over the same window.
             import concurrent.futures
@@ -80,13 +93,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             for p in (agent, bare):
                 p.terminate()
                 p.wait(timeout=30)
-    print(_common.table([
-        ("process", "RSS MiB", "peak MiB", "CPU % of a core"),
-        ("lepton-agent (idle, reporting)", f"{a_rss:.1f}", f"{a_peak:.1f}", f"{a_cpu:.2f}"),
-        ("bare aiomqtt client (idle)", f"{b_rss:.1f}", f"{b_peak:.1f}", f"{b_cpu:.2f}"),
-        ("ratio agent / bare", f"{a_rss / b_rss:.2f}x", f"{a_peak / b_peak:.2f}x", ""),
-    ]))
-    print(f"window {args.seconds:.0f} s, capacity every {args.interval:.0f} s; targets: RSS <= 60 MB, CPU < 1 %")
+    print(
+        _common.table(
+            [
+                ("process", "RSS MiB", "peak MiB", "CPU % of a core"),
+                ("lepton-agent (idle, reporting)", f"{a_rss:.1f}", f"{a_peak:.1f}", f"{a_cpu:.2f}"),
+                ("bare aiomqtt client (idle)", f"{b_rss:.1f}", f"{b_peak:.1f}", f"{b_cpu:.2f}"),
+                ("ratio agent / bare", f"{a_rss / b_rss:.2f}x", f"{a_peak / b_peak:.2f}x", ""),
+            ]
+        )
+    )
+    print(
+        f"window {args.seconds:.0f} s, capacity every {args.interval:.0f} s; "
+        "targets: RSS <= 60 MB, CPU < 1 %"
+    )
     return {"rss_mib": a_rss, "peak_mib": a_peak, "cpu_pct": a_cpu, "bare_rss_mib": b_rss}
 
 

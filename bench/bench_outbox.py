@@ -12,13 +12,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import _common
 import aiomqtt
 
 from agent.config import load_config
 from agent.link import PUBLISH_BATCH, Link
 from agent.metrics import Counters
 from agent.outbox import Outbox
+from bench import _common
 from protocol import topics
 from protocol.codec import encode
 from protocol.messages import Result, State
@@ -28,8 +28,13 @@ def _payloads(n: int) -> list[tuple[str, bytes]]:
     now = time.time()
     out = []
     for i in range(n):
-        r = Result(task_id=f"task-{i:08d}", status="succeeded", output={"echo": i, "label": 3},
-                   started_at=now, finished_at=now)
+        r = Result(
+            task_id=f"task-{i:08d}",
+            status="succeeded",
+            output={"echo": i, "label": 3},
+            started_at=now,
+            finished_at=now,
+        )
         out.append((r.id, encode(r)))
     return out
 
@@ -41,19 +46,33 @@ async def raw_publish(port: int, payloads: list[tuple[str, bytes]]) -> float:
     async with client:
         t0 = time.perf_counter()
         for i in range(0, len(payloads), PUBLISH_BATCH):
-            chunk = payloads[i:i + PUBLISH_BATCH]
+            chunk = payloads[i : i + PUBLISH_BATCH]
             await asyncio.gather(*(client.publish(topic, p, qos=1, timeout=60) for _, p in chunk))
         return time.perf_counter() - t0
 
 
-async def outbox_publish(port: int, payloads: list[tuple[str, bytes]], sync: str, state_dir: Path) -> float:
-    config = load_config(None, env={}, overrides={
-        "device_id": f"outbox-{sync}", "broker_port": port, "agent_state_dir": state_dir, "outbox_sync": sync,
-    })
+async def outbox_publish(
+    port: int, payloads: list[tuple[str, bytes]], sync: str, state_dir: Path
+) -> float:
+    config = load_config(
+        None,
+        env={},
+        overrides={
+            "device_id": f"outbox-{sync}",
+            "broker_port": port,
+            "agent_state_dir": state_dir,
+            "outbox_sync": sync,
+        },
+    )
     counters = Counters()
     async with Outbox(state_dir / "agent.db", sync=sync) as box:  # type: ignore[arg-type]
-        link = Link(config, outbox=box, counters=counters, birth=lambda: State(state="online"),
-                    on_message=lambda *a: asyncio.sleep(0))
+        link = Link(
+            config,
+            outbox=box,
+            counters=counters,
+            birth=lambda: State(state="online"),
+            on_message=lambda *a: asyncio.sleep(0),
+        )
         runner = asyncio.create_task(link.run())
         await asyncio.wait_for(link.connected.wait(), 10)
         t0 = time.perf_counter()
@@ -69,7 +88,8 @@ async def outbox_publish(port: int, payloads: list[tuple[str, bytes]], sync: str
         ok = await link.flush(timeout=300)
         elapsed = time.perf_counter() - t0
         runner.cancel()
-        assert ok and counters["results.published"] >= len(payloads), counters.snapshot()
+        assert ok, "outbox did not drain"
+        assert counters["results.published"] >= len(payloads), counters.snapshot()
         return elapsed
 
 
@@ -81,12 +101,20 @@ async def main_async(n: int) -> dict[str, float]:
         full_s = await outbox_publish(broker.port, payloads, "full", Path(tmp) / "full")
         normal_s = await outbox_publish(broker.port, payloads, "normal", Path(tmp) / "normal")
     raw_rate, full_rate, normal_rate = n / raw_s, n / full_s, n / normal_s
-    print(_common.table([
-        ("path", "results/s", "ratio vs raw QoS 1"),
-        ("raw QoS 1 publish (no outbox)", f"{raw_rate:,.0f}", "1.00x"),
-        ("outbox sync=full + publish", f"{full_rate:,.0f}", f"{full_rate / raw_rate:.2f}x"),
-        ("outbox sync=normal + publish", f"{normal_rate:,.0f}", f"{normal_rate / raw_rate:.2f}x"),
-    ]))
+    print(
+        _common.table(
+            [
+                ("path", "results/s", "ratio vs raw QoS 1"),
+                ("raw QoS 1 publish (no outbox)", f"{raw_rate:,.0f}", "1.00x"),
+                ("outbox sync=full + publish", f"{full_rate:,.0f}", f"{full_rate / raw_rate:.2f}x"),
+                (
+                    "outbox sync=normal + publish",
+                    f"{normal_rate:,.0f}",
+                    f"{normal_rate / raw_rate:.2f}x",
+                ),
+            ]
+        )
+    )
     print(f"n={n}; target: outbox (sync=full) >= 0.5x raw")
     return {"raw": raw_rate, "full": full_rate, "normal": normal_rate}
 

@@ -21,7 +21,9 @@ from tests.support.fleet import Sink
 
 
 @contextlib.asynccontextmanager
-async def running_agent(broker: Broker, state_dir: Path, device_id: str = "dev-1", **overrides: object) -> AsyncIterator[Agent]:
+async def running_agent(
+    broker: Broker, state_dir: Path, device_id: str = "dev-1", **overrides: object
+) -> AsyncIterator[Agent]:
     values = {
         "device_id": device_id,
         "broker_port": broker.port,
@@ -47,7 +49,10 @@ async def running_agent(broker: Broker, state_dir: Path, device_id: str = "dev-1
 
 
 async def test_tasks_run_and_results_are_acked(broker: Broker, tmp_path: Path) -> None:
-    async with Sink(broker.port) as sink, running_agent(broker, tmp_path / "a", agent_slots=2) as agent:
+    async with (
+        Sink(broker.port) as sink,
+        running_agent(broker, tmp_path / "a", agent_slots=2) as agent,
+    ):
         await sink.wait(lambda: sink.state_of("dev-1") == "online", 10, "birth")
         tasks = [await sink.send_task("dev-1", sleep_s=0.01, payload={"n": i}) for i in range(20)]
         ids = {t.task_id for t in tasks}
@@ -89,7 +94,9 @@ async def test_failing_and_unknown_tasks_give_error_results(broker: Broker, tmp_
         assert sink.task_acks[unknown.task_id].reason == "unknown_kind"
 
 
-async def test_hostile_input_is_rejected_counted_and_survived(broker: Broker, tmp_path: Path) -> None:
+async def test_hostile_input_is_rejected_counted_and_survived(
+    broker: Broker, tmp_path: Path
+) -> None:
     async with Sink(broker.port) as sink, running_agent(broker, tmp_path / "a") as agent:
         now = time.time()
         valid = Task(task_id="tv", kind="echo", expires_at=now + 60)
@@ -112,7 +119,11 @@ async def test_hostile_input_is_rejected_counted_and_survived(broker: Broker, tm
         await sink.send("dev-1", encode(valid))
         # The agent keeps working afterwards.
         after = await sink.send_task("dev-1", payload="still alive")
-        await sink.wait(lambda: after.task_id in {r.task_id for r in sink.applied.values()}, 10, "task after hostile input")
+        await sink.wait(
+            lambda: after.task_id in {r.task_id for r in sink.applied.values()},
+            10,
+            "task after hostile input",
+        )
 
         def counted() -> bool:
             c = agent.counters.snapshot()
@@ -125,13 +136,21 @@ async def test_hostile_input_is_rejected_counted_and_survived(broker: Broker, tm
         assert counters["tasks.refused.duplicate"] == 1
         assert [r.task_id for r in sink.applied.values()].count("tv") == 1
         # The counters reach the coordinator in the capacity report.
-        await sink.wait(lambda: sink.capacity.get("dev-1") is not None
-                        and sink.capacity["dev-1"].counters.get("rejected.malformed", 0) == len(hostile["malformed"]),
-                        5, "counters in capacity report")
+        await sink.wait(
+            lambda: (
+                sink.capacity.get("dev-1") is not None
+                and sink.capacity["dev-1"].counters.get("rejected.malformed", 0)
+                == len(hostile["malformed"])
+            ),
+            5,
+            "counters in capacity report",
+        )
 
 
 @pytest.mark.parametrize("n", [200])
-async def test_fuzzed_task_payloads_never_stop_the_agent(broker: Broker, tmp_path: Path, n: int) -> None:
+async def test_fuzzed_task_payloads_never_stop_the_agent(
+    broker: Broker, tmp_path: Path, n: int
+) -> None:
     import random
 
     rng = random.Random(1234)
@@ -143,5 +162,9 @@ async def test_fuzzed_task_payloads_never_stop_the_agent(broker: Broker, tmp_pat
                 data[rng.randrange(len(data))] = rng.randrange(256)
             await sink.send("dev-1", bytes(data))
         after = await sink.send_task("dev-1", payload="ok")
-        await sink.wait(lambda: after.task_id in {r.task_id for r in sink.applied.values()}, 15, "task after fuzzing")
+        await sink.wait(
+            lambda: after.task_id in {r.task_id for r in sink.applied.values()},
+            15,
+            "task after fuzzing",
+        )
         assert agent.counters["link.handler_errors"] == 0

@@ -11,11 +11,15 @@ from protocol.errors import ConfigError
 def test_layers_defaults_toml_env_flags(tmp_path: Path) -> None:
     cfg_file = tmp_path / "agent.toml"
     cfg_file.write_text(
-        '[device]\nid = "pi-01"\ntags = ["lab", "cam"]\n[broker]\nhost = "mqtt.example"\nport = 8883\n'
-        '[agent]\nslots = 2\n'
+        '[device]\nid = "pi-01"\ntags = ["lab", "cam"]\n'
+        '[broker]\nhost = "mqtt.example"\nport = 8883\n'
+        "[agent]\nslots = 2\n"
     )
-    cfg = load_config(cfg_file, env={"LEPTON_BROKER_PORT": "1884", "LEPTON_AGENT_SLOTS": "3"},
-                      overrides={"agent_slots": 4})
+    cfg = load_config(
+        cfg_file,
+        env={"LEPTON_BROKER_PORT": "1884", "LEPTON_AGENT_SLOTS": "3"},
+        overrides={"agent_slots": 4},
+    )
     assert cfg.device_id == "pi-01"
     assert cfg.device_tags == ("lab", "cam")
     assert cfg.broker_host == "mqtt.example"

@@ -27,8 +27,13 @@ def agent_factory(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
 
     def make(mqtt: Broker, device_id: str = "dev-1", **sections: dict[str, object]) -> AgentProcess:
         state = tmp_path / f"state-{device_id}"
-        cfg = write_agent_config(tmp_path / f"{device_id}.toml", device_id=device_id, port=mqtt.port,
-                                 state_dir=state, **sections)
+        cfg = write_agent_config(
+            tmp_path / f"{device_id}.toml",
+            device_id=device_id,
+            port=mqtt.port,
+            state_dir=state,
+            **sections,
+        )
         p = AgentProcess(config_path=cfg, log_path=tmp_path / f"{device_id}.log")
         procs.append(p)
         return p
@@ -47,8 +52,10 @@ def outbox_rows(state_dir: Path) -> int:
 
 
 @pytest.mark.parametrize("how", ["sigterm", "sigkill"])
-async def test_broker_outage_loses_nothing(broker: Broker, agent_factory: Callable[..., AgentProcess], how: str) -> None:
-    """>= 1,000 results produced while the broker is down for 10+ s all arrive, each applied once."""
+async def test_broker_outage_loses_nothing(
+    broker: Broker, agent_factory: Callable[..., AgentProcess], how: str
+) -> None:
+    """>= 1,000 results made while the broker is down for 10+ s all arrive, each applied once."""
     n_tasks, outage_s = 2500, 11.0
     agent = agent_factory(broker, agent={"slots": 4, "queue_limit": 5000})
     agent.start()
@@ -56,7 +63,9 @@ async def test_broker_outage_loses_nothing(broker: Broker, agent_factory: Callab
         await sink.wait(lambda: sink.state_of("dev-1") == "online", 20, "agent online")
         tasks = await sink.send_tasks("dev-1", n_tasks, sleep_s=0.03)
         ids = {t.task_id for t in tasks}
-        await sink.wait(lambda: len(ids & sink.task_acks.keys()) == n_tasks, 30, "all tasks accepted")
+        await sink.wait(
+            lambda: len(ids & sink.task_acks.keys()) == n_tasks, 30, "all tasks accepted"
+        )
         assert all(sink.task_acks[i].accepted for i in ids)
 
         down_at = time.time()
@@ -65,17 +74,30 @@ async def test_broker_outage_loses_nothing(broker: Broker, agent_factory: Callab
         up_at = time.time()
         broker.start()
 
-        await sink.wait(lambda: len(sink.results_for(ids)) == n_tasks, 90, f"{n_tasks} results after recovery")
+        await sink.wait(
+            lambda: len(sink.results_for(ids)) == n_tasks, 90, f"{n_tasks} results after recovery"
+        )
         results = [r for r in sink.applied.values() if r.task_id in ids]
-        produced_offline = sum(1 for r in results if r.finished_at and down_at <= r.finished_at <= up_at)
+        produced_offline = sum(
+            1 for r in results if r.finished_at and down_at <= r.finished_at <= up_at
+        )
         # Every task has exactly one applied result (results are keyed by id; one id per task).
         assert len(results) == n_tasks
         assert len({r.task_id for r in results}) == n_tasks
         assert all(r.status == "succeeded" for r in results)
-        assert produced_offline >= 1000, f"only {produced_offline} results were produced during the outage"
-        print(f"\n{how}: {produced_offline} results produced offline; deliveries {sink.deliveries} "
-              f"for {len(sink.applied)} results ({sink.deliveries - len(sink.applied)} duplicates, applied once)")
-        await sink.wait(lambda: outbox_rows(agent.config_path.parent / "state-dev-1") == 0, 60, "outbox emptied by acks")
+        assert produced_offline >= 1000, (
+            f"only {produced_offline} results were produced during the outage"
+        )
+        print(
+            f"\n{how}: {produced_offline} results produced offline; deliveries {sink.deliveries} "
+            f"for {len(sink.applied)} results "
+            f"({sink.deliveries - len(sink.applied)} duplicates, applied once)"
+        )
+        await sink.wait(
+            lambda: outbox_rows(agent.config_path.parent / "state-dev-1") == 0,
+            60,
+            "outbox emptied by acks",
+        )
 
 
 async def test_agent_sigkill_with_unacked_results_resends_after_restart(
@@ -88,7 +110,9 @@ async def test_agent_sigkill_with_unacked_results_resends_after_restart(
         await mute.wait(lambda: mute.state_of("dev-1") == "online", 20, "agent online")
         tasks = await mute.send_tasks("dev-1", 300, sleep_s=0.02)
         ids = {t.task_id for t in tasks}
-        await mute.wait(lambda: len(mute.results_for(ids)) >= 100, 30, "100 results delivered, unacked")
+        await mute.wait(
+            lambda: len(mute.results_for(ids)) >= 100, 30, "100 results delivered, unacked"
+        )
         agent.signal(signal.SIGKILL)
         agent.wait()
         before_restart = len(mute.results_for(ids))
@@ -99,7 +123,9 @@ async def test_agent_sigkill_with_unacked_results_resends_after_restart(
 
     agent.start()
     async with Sink(broker.port, ack=True, client_id="acker") as sink:
-        await sink.wait(lambda: len(sink.results_for(ids)) == 300, 60, "all 300 results after restart")
+        await sink.wait(
+            lambda: len(sink.results_for(ids)) == 300, 60, "all 300 results after restart"
+        )
         results = [r for r in sink.applied.values() if r.task_id in ids]
         assert len(results) == 300  # one applied result per task: none lost, none doubled
         await sink.wait(lambda: outbox_rows(state_dir) == 0, 30, "outbox emptied")
@@ -126,7 +152,10 @@ async def test_dead_connection_turns_state_offline_within_keepalive(
         bound = 1.5 * keepalive if how == "sigkill" else 2.5 * keepalive + 1.0
         assert elapsed <= bound, f"offline after {elapsed:.2f} s"
         assert sink.states["dev-1"][-1][1].reason == "connection lost"
-        print(f"\n{how}: retained state offline {elapsed:.2f} s after the connection died (keepalive {keepalive} s)")
+        print(
+            f"\n{how}: retained state offline {elapsed:.2f} s after the connection died "
+            f"(keepalive {keepalive} s)"
+        )
     # A late subscriber sees the retained offline state.
     async with Sink(broker.port, client_id="late") as late:
         await late.wait(lambda: late.state_of("dev-1") == "offline", 5, "retained offline")
@@ -141,16 +170,25 @@ async def test_sigterm_drains_running_tasks_and_exits_cleanly(
         await sink.wait(lambda: sink.state_of("dev-1") == "online", 20, "agent online")
         running = [await sink.send_task("dev-1", sleep_s=1.5) for _ in range(2)]
         queued = [await sink.send_task("dev-1", sleep_s=0.1) for _ in range(3)]
-        await sink.wait(lambda: all(t.task_id in sink.task_acks for t in running + queued), 10, "acks")
+        await sink.wait(
+            lambda: all(t.task_id in sink.task_acks for t in running + queued), 10, "acks"
+        )
         await asyncio.sleep(0.3)  # the first two are running now
         agent.signal(signal.SIGTERM)
         assert await asyncio.to_thread(agent.wait, 30) == 0
         ids = {t.task_id for t in running}
-        await sink.wait(lambda: len(sink.results_for(ids)) == 2, 10, "running tasks finished before exit")
-        assert all(isinstance(r, Result) and r.status == "succeeded" for r in sink.results_for(ids).values())
+        await sink.wait(
+            lambda: len(sink.results_for(ids)) == 2, 10, "running tasks finished before exit"
+        )
+        assert all(
+            isinstance(r, Result) and r.status == "succeeded"
+            for r in sink.results_for(ids).values()
+        )
         await sink.wait(lambda: sink.state_of("dev-1") == "offline", 5, "offline state")
         assert sink.states["dev-1"][-1][1].reason == "shutdown"
         # Queued tasks were not started; they resume on the next start.
         agent.start()
         qids = {t.task_id for t in queued}
-        await sink.wait(lambda: len(sink.results_for(qids)) == 3, 20, "queued tasks resumed after restart")
+        await sink.wait(
+            lambda: len(sink.results_for(qids)) == 3, 20, "queued tasks resumed after restart"
+        )

@@ -1,4 +1,4 @@
-"""Test peers for the agent: a result sink that plays the coordinator's part, and agent processes."""
+"""Test peers for the agent: a result sink playing the coordinator's part, agent processes."""
 
 from __future__ import annotations
 
@@ -31,7 +31,13 @@ class Sink:
     """
 
     def __init__(
-        self, port: int, *, fleet: str = "default", ack: bool = True, client_id: str = "sink", keepalive: int = 5
+        self,
+        port: int,
+        *,
+        fleet: str = "default",
+        ack: bool = True,
+        client_id: str = "sink",
+        keepalive: int = 5,
     ) -> None:
         self.keepalive = keepalive
         self.port = port
@@ -65,7 +71,11 @@ class Sink:
         while True:
             try:
                 async with aiomqtt.Client(
-                    "127.0.0.1", self.port, identifier=self.client_id, clean_session=False, keepalive=self.keepalive
+                    "127.0.0.1",
+                    self.port,
+                    identifier=self.client_id,
+                    clean_session=False,
+                    keepalive=self.keepalive,
                 ) as client:
                     await client.subscribe(topics.device_filter(self.fleet, "#"), qos=1)
                     self._client = client
@@ -91,7 +101,9 @@ class Sink:
             self.applied.setdefault(msg.id, msg)
             if self.ack:
                 ack = ResultAck(ids=[msg.id])
-                await client.publish(topics.cmd_topic(self.fleet, t.device_id, topics.RESULT_ACK), encode(ack), qos=1)
+                await client.publish(
+                    topics.cmd_topic(self.fleet, t.device_id, topics.RESULT_ACK), encode(ack), qos=1
+                )
         elif isinstance(msg, TaskAck):
             self.task_acks[msg.task_id] = msg
         elif isinstance(msg, State):
@@ -104,7 +116,9 @@ class Sink:
         seq = self.states.get(device_id)
         return seq[-1][1].state if seq else None
 
-    async def wait(self, predicate: Callable[[], bool], timeout: float, what: str = "condition") -> None:
+    async def wait(
+        self, predicate: Callable[[], bool], timeout: float, what: str = "condition"
+    ) -> None:
         """Wait (event driven) until ``predicate()`` holds."""
         try:
             async with asyncio.timeout(timeout):
@@ -118,14 +132,25 @@ class Sink:
 
     async def send(self, device_id: str, payload: bytes) -> None:
         assert self._client is not None, "sink not connected"
-        await self._client.publish(topics.cmd_topic(self.fleet, device_id, topics.TASK), payload, qos=1)
+        await self._client.publish(
+            topics.cmd_topic(self.fleet, device_id, topics.TASK), payload, qos=1
+        )
 
-    async def send_task(self, device_id: str, kind: str = "echo", *, ttl: float = 300.0, **params: Any) -> Task:
-        task = Task(task_id=f"t{os.urandom(6).hex()}", kind=kind, params=params, expires_at=time.time() + ttl)
+    async def send_task(
+        self, device_id: str, kind: str = "echo", *, ttl: float = 300.0, **params: Any
+    ) -> Task:
+        task = Task(
+            task_id=f"t{os.urandom(6).hex()}",
+            kind=kind,
+            params=params,
+            expires_at=time.time() + ttl,
+        )
         await self.send(device_id, encode(task))
         return task
 
-    async def send_tasks(self, device_id: str, n: int, kind: str = "echo", **params: Any) -> list[Task]:
+    async def send_tasks(
+        self, device_id: str, n: int, kind: str = "echo", **params: Any
+    ) -> list[Task]:
         """Publish ``n`` tasks, up to 100 in flight at a time."""
         tasks: list[Task] = []
         for start in range(0, n, 100):
@@ -138,12 +163,25 @@ class Sink:
         return {r.task_id: r for r in self.applied.values() if r.task_id in task_ids}
 
 
-def write_agent_config(path: Path, *, device_id: str, port: int, state_dir: Path, **sections: dict[str, Any]) -> Path:
+def write_agent_config(
+    path: Path, *, device_id: str, port: int, state_dir: Path, **sections: dict[str, Any]
+) -> Path:
     """Write a TOML config for an agent under test."""
     cfg: dict[str, dict[str, Any]] = {
         "device": {"id": device_id},
-        "broker": {"host": "127.0.0.1", "port": port, "keepalive": 5, "reconnect_min": 0.1, "reconnect_max": 1.0},
-        "agent": {"state_dir": str(state_dir), "capacity_interval": 1.0, "capacity_min_interval": 0.2, "probe": False},
+        "broker": {
+            "host": "127.0.0.1",
+            "port": port,
+            "keepalive": 5,
+            "reconnect_min": 0.1,
+            "reconnect_max": 1.0,
+        },
+        "agent": {
+            "state_dir": str(state_dir),
+            "capacity_interval": 1.0,
+            "capacity_min_interval": 0.2,
+            "probe": False,
+        },
     }
     for section, values in sections.items():
         cfg.setdefault(section, {}).update(values)
