@@ -149,7 +149,7 @@ _CONVERTERS: Final[dict[Any, Callable[[Any], Any]]] = {
     int: _to_int,
     float: _to_float,
     str: _to_str,
-    Path: lambda v: Path(_to_str(v)),
+    Path: lambda v: v if isinstance(v, Path) else Path(_to_str(v)),
     tuple: _to_str_tuple,
 }
 
