@@ -56,7 +56,7 @@ async def test_device_cannot_publish_as_another(acl_broker: Broker) -> None:
     await asyncio.wait_for(ready.wait(), 5)
     # dev-b even picks dev-a's client id: the ACL is on the username, so it gains nothing.
     # Mosquitto refuses the publish (and drops the connection of a client that tries).
-    with pytest.raises(aiomqtt.MqttError):
+    with pytest.raises(aiomqtt.MqttError):  # noqa: PT012 (connect + refused publish is one step)
         async with aiomqtt.Client(
             "127.0.0.1", acl_broker.port, username="dev-b", password="pw-dev-b", identifier="dev-a"
         ) as dev_b:
