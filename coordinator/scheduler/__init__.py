@@ -1,0 +1,39 @@
+"""Cost model and assignment solver: pure code over devices and tasks, no I/O.
+
+The coordinator service turns its registry and pending tasks into :class:`DeviceState` and
+:class:`TaskSpec` values, asks :func:`plan` for a :class:`Plan`, and feeds every finished
+task back into the :class:`ThroughputEstimator`.
+"""
+
+from coordinator.scheduler.bounds import makespan_lower_bound
+from coordinator.scheduler.costmodel import (
+    REASONS,
+    CostComponents,
+    CostModel,
+    CostTerms,
+    CostWeights,
+    FilterReasons,
+)
+from coordinator.scheduler.estimator import ThroughputEstimator
+from coordinator.scheduler.explain import Candidate, Explanation
+from coordinator.scheduler.model import DeviceState, TaskSpec
+from coordinator.scheduler.solver import METHODS, Method, Plan, plan
+
+__all__ = [
+    "METHODS",
+    "REASONS",
+    "Candidate",
+    "CostComponents",
+    "CostModel",
+    "CostTerms",
+    "CostWeights",
+    "DeviceState",
+    "Explanation",
+    "FilterReasons",
+    "Method",
+    "Plan",
+    "TaskSpec",
+    "ThroughputEstimator",
+    "makespan_lower_bound",
+    "plan",
+]

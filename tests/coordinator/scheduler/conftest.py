@@ -1,0 +1,12 @@
+"""Shared fixtures of the scheduler tests."""
+
+from __future__ import annotations
+
+import pytest
+
+from coordinator.scheduler import CostModel, CostWeights, ThroughputEstimator
+
+
+@pytest.fixture
+def model() -> CostModel:
+    return CostModel(CostWeights(), ThroughputEstimator())
