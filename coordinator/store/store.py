@@ -1,0 +1,74 @@
+"""The coordinator's store: one class over SQLite or PostgreSQL.
+
+Every public method is one transaction and takes and returns plain values
+(:mod:`coordinator.store.records`). Methods are synchronous; the service calls them from
+worker threads so the event loop never waits on the database.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import inspect, text
+
+from coordinator.store.devices import DeviceOps
+from coordinator.store.engine import make_engines
+from coordinator.store.estimates import EstimateOps
+from coordinator.store.lease import LeaseOps
+from coordinator.store.records import RetryPolicy
+from coordinator.store.results import ResultOps
+from coordinator.store.schema import Base
+from coordinator.store.tasks import TaskOps
+
+
+class Store(DeviceOps, TaskOps, ResultOps, EstimateOps, LeaseOps):
+    """Devices, capacity history, tasks, attempts, results, throughput estimates, leases."""
+
+    @classmethod
+    def open(
+        cls,
+        url: str,
+        *,
+        retry: RetryPolicy | None = None,
+        capacity_history: int = 100,
+        create: bool = True,
+        echo: bool = False,
+        sqlite_synchronous: str = "full",
+    ) -> Store:
+        """Connect to ``url`` and (by default) create missing tables."""
+        store = cls(
+            make_engines(url, echo=echo, sqlite_synchronous=sqlite_synchronous),
+            retry=retry or RetryPolicy(),
+            history_limit=capacity_history,
+        )
+        if create:
+            store.create_schema()
+        return store
+
+    def create_schema(self) -> None:
+        """Create missing tables (idempotent; safe when several replicas start at once)."""
+        engine = self._engines.write
+        if self.dialect == "postgresql":
+            # Serialise concurrent start-ups: CREATE TABLE IF NOT EXISTS races in PostgreSQL.
+            with engine.begin() as conn:
+                conn.execute(text("SELECT pg_advisory_xact_lock(74201)"))
+                Base.metadata.create_all(conn)
+        else:
+            Base.metadata.create_all(engine)
+
+    def drop_schema(self) -> None:
+        """Drop every table (tests, and ``lepton coordinator reset``)."""
+        Base.metadata.drop_all(self._engines.write)
+
+    def table_names(self) -> list[str]:
+        return sorted(inspect(self._engines.read).get_table_names())
+
+    def ping(self) -> bool:
+        """True when the database answers."""
+        try:
+            with self._engines.read.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except Exception:
+            return False
+        return True
+
+    def close(self) -> None:
+        self._engines.dispose()

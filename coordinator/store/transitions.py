@@ -1,0 +1,101 @@
+"""Task state transitions shared by the parts of the store, inside a caller's transaction.
+
+The lifecycle::
+
+    pending --assign--> assigned --ack accepted--> running --result--> succeeded | failed | expired
+       ^                   |                          |
+       +---- retry (backoff, attempt < max) ----------+   (refusal, failure, device offline,
+                                                          ack or run timeout)
+
+A pending task past ``expires_at`` becomes ``expired``; a failed attempt of a task out of
+attempts (or past its expiry) ends the task.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from coordinator.store.records import IN_FLIGHT, RetryPolicy, TaskState
+from coordinator.store.schema import AttemptRow, TaskRow
+
+
+def finish_attempt(
+    session: Session, task_id: str, attempt: int, now: float, *, outcome: str, error: str | None
+) -> None:
+    """Close the attempt record (once: a later outcome does not overwrite the first)."""
+    session.execute(
+        update(AttemptRow)
+        .where(
+            AttemptRow.task_id == task_id,
+            AttemptRow.attempt == attempt,
+            AttemptRow.finished_at.is_(None),
+        )
+        .values(finished_at=now, outcome=outcome, error=error)
+    )
+
+
+def _clear_assignment(row: TaskRow) -> None:
+    row.device_id = None
+    row.assigned_at = None
+    row.dispatch_id = None
+    row.dispatched_at = None
+    row.started_at = None
+
+
+def fail_attempt(
+    session: Session,
+    row: TaskRow,
+    reason: str,
+    now: float,
+    retry: RetryPolicy,
+    *,
+    outcome: str,
+    backoff: bool = True,
+) -> TaskState:
+    """The current attempt did not produce a result: retry it or end the task.
+
+    Retries wait ``retry.delay(attempt)`` unless ``backoff`` is False (a device that went
+    away is not the task's fault, so its tasks are placed again at once).
+    """
+    finish_attempt(session, row.id, row.attempt, now, outcome=outcome, error=reason)
+    row.last_error = reason
+    row.updated_at = now
+    if now >= row.expires_at:
+        row.state = "expired"
+        row.finished_at = now
+        row.device_id = None
+    elif row.attempt >= row.max_attempts:
+        row.state = "failed"
+        row.finished_at = now
+    else:
+        row.state = "pending"
+        _clear_assignment(row)
+        row.next_attempt_at = now + (retry.delay(row.attempt) if backoff else 0.0)
+    return row.state  # type: ignore[return-value]
+
+
+def end_task(
+    session: Session, row: TaskRow, state: TaskState, now: float, *, outcome: str, error: str | None
+) -> None:
+    """Move a task to a terminal state and close its current attempt."""
+    if row.attempt:
+        finish_attempt(session, row.id, row.attempt, now, outcome=outcome, error=error)
+    row.state = state
+    row.finished_at = now
+    row.updated_at = now
+    if error is not None:
+        row.last_error = error
+
+
+def requeue_device(
+    session: Session, device_id: str, reason: str, now: float, retry: RetryPolicy, *, lock: bool
+) -> list[str]:
+    """Take every assigned or running task back from a device that went offline."""
+    stmt = select(TaskRow).where(TaskRow.device_id == device_id, TaskRow.state.in_(IN_FLIGHT))
+    if lock:
+        stmt = stmt.with_for_update()
+    rows = session.scalars(stmt.order_by(TaskRow.id)).all()
+    for row in rows:
+        fail_attempt(session, row, reason, now, retry, outcome="device_offline", backoff=False)
+    return [row.id for row in rows]

@@ -1,0 +1,123 @@
+"""Fixtures for coordinator tests: a database of each backend, a store on it, a config."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from coordinator.store import RetryPolicy, Store
+from coordinator.store.schema import Base
+
+PG_DSN = os.environ.get("LEPTON_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+_pg_state: dict[str, str | None] = {}
+
+
+def postgres_unavailable() -> str | None:
+    """None when the test PostgreSQL answers, else why not (checked once per session)."""
+    if "reason" not in _pg_state:
+        try:
+            import psycopg
+            from sqlalchemy.engine import make_url
+
+            url = make_url(PG_DSN)
+            conn = psycopg.connect(
+                host=url.host,
+                port=url.port or 5432,
+                dbname=url.database,
+                user=url.username,
+                password=url.password,
+                connect_timeout=2,
+            )
+            conn.close()
+            _pg_state["reason"] = None
+        except Exception as exc:
+            _pg_state["reason"] = f"PostgreSQL at {PG_DSN} does not answer: {exc}"
+    return _pg_state["reason"]
+
+
+def _pg_admin(sql: str, *, schema: str | None = None) -> None:
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    url = make_url(PG_DSN)
+    with psycopg.connect(
+        host=url.host,
+        port=url.port or 5432,
+        dbname=url.database,
+        user=url.username,
+        password=url.password,
+        autocommit=True,
+        options=f"-csearch_path={schema}" if schema else None,
+    ) as conn:
+        conn.execute(sql)  # type: ignore[arg-type]
+
+
+def _new_schema_url() -> str:
+    schema = f"lepton_test_{uuid.uuid4().hex[:12]}"
+    _pg_admin(f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in PG_DSN else "?"
+    # Commits need not reach the disk in tests; durability is not what they check.
+    return f"{PG_DSN}{sep}options=-csynchronous_commit%3Doff%20-csearch_path%3D{schema}"
+
+
+def _schema_of(url: str) -> str:
+    return url.rsplit("%3D", 1)[1]
+
+
+def _drop_schema(url: str) -> None:
+    _pg_admin(f"DROP SCHEMA IF EXISTS {_schema_of(url)} CASCADE")
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A URL to the test PostgreSQL whose search_path is a fresh schema, dropped afterwards."""
+    reason = postgres_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    url = _new_schema_url()
+    try:
+        yield url
+    finally:
+        _drop_schema(url)
+
+
+@pytest.fixture(scope="session")
+def pg_shared_url() -> Iterator[str]:
+    """One schema with the tables created, shared by the tests of a session (see ``db_url``)."""
+    reason = postgres_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    url = _new_schema_url()
+    Store.open(url).close()
+    try:
+        yield url
+    finally:
+        _drop_schema(url)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each store test runs once on a SQLite file and once on PostgreSQL (tables emptied)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'coordinator.db'}"
+    url = str(request.getfixturevalue("pg_shared_url"))
+    tables = ", ".join(Base.metadata.tables)
+    _pg_admin(f"TRUNCATE {tables} CASCADE", schema=_schema_of(url))
+    return url
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[Store]:
+    s = Store.open(
+        db_url,
+        retry=RetryPolicy(base_s=10.0, max_s=100.0, jitter=0.0),
+        capacity_history=5,
+        sqlite_synchronous="normal",
+    )
+    yield s
+    s.close()
