@@ -1,10 +1,14 @@
 """Agent configuration: one frozen object, layered defaults -> TOML -> LEPTON_* env -> CLI flags.
 
-The TOML file has sections (``[device]``, ``[broker]``, ``[agent]``, ``[outbox]``) whose keys
-map onto fields named ``section_key``; the environment variable for a field is
-``LEPTON_`` + the field name upper-cased (``LEPTON_BROKER_HOST``), and the CLI flag is
-``--section-key``. Unknown sections and keys are an error that names them, so a typo never
-silently falls back to a default.
+The TOML file has sections (``[device]``, ``[broker]``, ``[agent]``, ``[outbox]``,
+``[inference]``, ``[endpoint]``) whose keys map onto fields named ``section_key``; the
+environment variable for a field is ``LEPTON_`` + the field name upper-cased
+(``LEPTON_BROKER_HOST``), and the CLI flag is ``--section-key``. Unknown sections and keys are
+an error that names them, so a typo never silently falls back to a default.
+
+One table is different: ``[data]`` maps data source names to where the data is
+(``digits = "/srv/data/digits.npz"``), and ``LEPTON_DATA_<NAME>`` adds or replaces one entry
+(the name lower-cased). Both land in the ``data_sources`` field.
 """
 
 from __future__ import annotations
@@ -19,13 +23,18 @@ import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, NewType
 
 from protocol.errors import ConfigError, TopicError
 from protocol.topics import validate_id
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/lepton/agent.toml")
 ENV_PREFIX: Final = "LEPTON_"
+
+#: Data source name -> path or ``module:function``, as sorted pairs (the config stays hashable).
+DataSources = NewType("DataSources", tuple[tuple[str, str], ...])
+DATA_SECTION: Final = "data"
+_SOURCE_NAME_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def _default_device_id() -> str:
@@ -67,6 +76,21 @@ class AgentConfig:
     outbox_max_entries: int = 100_000
     outbox_sync: Literal["full", "normal"] = "full"
     outbox_resend_after: float = 30.0
+    # [inference]
+    inference_threads: int = 0  # intra-op threads per model; 0: the cores this process may use
+    inference_providers: tuple[str, ...] = ()  # ONNX Runtime providers; empty: best available
+    inference_max_model_bytes: int = 512 * 1024 * 1024
+    inference_download_retries: int = 5
+    inference_download_timeout: float = 30.0  # seconds without progress before a retry
+    # [endpoint] (local inference API; off unless a port or a socket is set)
+    endpoint_host: str = "127.0.0.1"
+    endpoint_port: int | None = None  # 0: any free port
+    endpoint_socket: Path | None = None
+    endpoint_max_body: int = 16 * 1024 * 1024
+    endpoint_concurrency: int = 2
+    endpoint_max_connections: int = 64
+    # [data] name = "path-or-module:function"
+    data_sources: DataSources = DataSources(())
 
     def __post_init__(self) -> None:
         try:
@@ -83,6 +107,11 @@ class AgentConfig:
             "outbox_max_entries": self.outbox_max_entries,
             "outbox_resend_after": self.outbox_resend_after,
             "broker_reconnect_min": self.broker_reconnect_min,
+            "inference_max_model_bytes": self.inference_max_model_bytes,
+            "inference_download_timeout": self.inference_download_timeout,
+            "endpoint_max_body": self.endpoint_max_body,
+            "endpoint_concurrency": self.endpoint_concurrency,
+            "endpoint_max_connections": self.endpoint_max_connections,
         }
         for key, value in positive.items():
             if value <= 0:
@@ -93,6 +122,20 @@ class AgentConfig:
             )
         if self.broker_port > 65535:
             raise ConfigError("broker.port must be <= 65535", key="broker_port")
+        if self.endpoint_port is not None and not 0 <= self.endpoint_port <= 65535:
+            raise ConfigError("endpoint.port must be in [0, 65535]", key="endpoint_port")
+        for key in ("inference_threads", "inference_download_retries"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must not be negative", key=key)
+
+    @property
+    def data_source_map(self) -> dict[str, str]:
+        """``[data]`` as a dict: source name -> path or ``module:function``."""
+        return dict(self.data_sources)
+
+    @property
+    def endpoint_enabled(self) -> bool:
+        return self.endpoint_port is not None or self.endpoint_socket is not None
 
     @property
     def state_dir(self) -> Path:
@@ -144,7 +187,36 @@ def _to_str_tuple(value: Any) -> tuple[str, ...]:
     raise ValueError("must be a list of strings")
 
 
+def _to_sources(value: Any) -> DataSources:
+    """A mapping, pairs, or ``name=spec,name=spec`` (CLI/env) -> sorted, validated pairs."""
+    if isinstance(value, str):
+        items: list[Any] = []
+        for part in (p.strip() for p in value.split(",")):
+            if part:
+                if "=" not in part:
+                    raise ValueError("entries must be name=path")
+                items.append(tuple(s.strip() for s in part.split("=", 1)))
+    elif isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, (list, tuple)):
+        items = [tuple(v) for v in value]
+    else:
+        raise TypeError("must be a table of name = path")
+    out: dict[str, str] = {}
+    for item in items:
+        if len(item) != 2:
+            raise ValueError("entries must be (name, path) pairs")
+        name, spec = item
+        if not isinstance(name, str) or not _SOURCE_NAME_RE.fullmatch(name):
+            raise ValueError(f"data source name {name!r} must be 1-64 of A-Z a-z 0-9 . _ -")
+        if not isinstance(spec, str) or not spec.strip():
+            raise ValueError(f"data source {name!r} must be a non-empty string")
+        out[name] = spec.strip()
+    return DataSources(tuple(sorted(out.items())))
+
+
 _CONVERTERS: Final[dict[Any, Callable[[Any], Any]]] = {
+    DataSources: _to_sources,
     bool: _to_bool,
     int: _to_int,
     float: _to_float,
@@ -181,6 +253,9 @@ def _from_toml(data: Mapping[str, Any], source: str) -> dict[str, Any]:
             raise ConfigError(f"{source}: unknown section [{section}]", key=section)
         if not isinstance(table, dict):
             raise ConfigError(f"{source}: [{section}] must be a table", key=section)
+        if section == DATA_SECTION:  # its keys are source names, not fields
+            out["data_sources"] = _coerce("data_sources", table)
+            continue
         for key, value in table.items():
             name = f"{section}_{key}"
             if name not in _FIELDS:
@@ -189,17 +264,26 @@ def _from_toml(data: Mapping[str, Any], source: str) -> dict[str, Any]:
     return out
 
 
-def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+def _from_env(env: Mapping[str, str], base: DataSources | None = None) -> dict[str, Any]:
+    """Fields from ``LEPTON_*``; ``LEPTON_DATA_<NAME>`` entries are merged onto ``base``."""
     out: dict[str, Any] = {}
+    entries: list[tuple[str, str]] = []
     for var, value in env.items():
         if not var.startswith(ENV_PREFIX) or var in ("LEPTON_CONFIG", "LEPTON_API"):
             continue
         name = var[len(ENV_PREFIX) :].lower()
         if name.split("_", 1)[0] not in _SECTIONS:
             continue  # variables for other Lepton programs (the coordinator) share the prefix
+        if name.startswith(f"{DATA_SECTION}_") and name != "data_sources":
+            entries.append((name[len(DATA_SECTION) + 1 :], value))
+            continue
         if name not in _FIELDS:
             raise ConfigError(f"unknown environment variable {var}", key=var)
         out[name] = _coerce(name, value)
+    if entries:
+        merged = dict(out.get("data_sources", base or ()))
+        merged.update(entries)
+        out["data_sources"] = _coerce("data_sources", merged)
     return out
 
 
@@ -225,7 +309,7 @@ def load_config(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
         values.update(_from_toml(data, str(path)))
-    values.update(_from_env(env))
+    values.update(_from_env(env, values.get("data_sources")))
     for name, value in (overrides or {}).items():
         if name not in _FIELDS:
             raise ConfigError(f"unknown option {name}", key=name)

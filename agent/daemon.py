@@ -18,9 +18,11 @@ from typing import Any
 from agent import __version__
 from agent.capacity import CapacitySampler, significant_change
 from agent.config import AgentConfig
+from agent.datasources import DataSources
 from agent.handlers import HandlerRegistry, TaskContext, default_registry
 from agent.link import Link
 from agent.metrics import Counters
+from agent.models import ModelManager
 from agent.outbox import Outbox
 from agent.probe import ProbeResult, load_probe
 from agent.runner import Runner
@@ -50,6 +52,16 @@ class Agent:
         )
         self.notifier = Notifier()
         self.probe: ProbeResult | None = None
+        self.models = ModelManager(
+            config.state_dir / "models",
+            threads=config.inference_threads,
+            providers=config.inference_providers,
+            max_bytes=config.inference_max_model_bytes,
+            retries=config.inference_download_retries,
+            timeout=config.inference_download_timeout,
+        )
+        self.data_sources = DataSources(config.data_source_map)
+        self.endpoint_port: int | None = None  # the bound TCP port once the endpoint listens
         self._registry = registry or default_registry()
         self._stop = asyncio.Event()
         self._report_now = asyncio.Event()
@@ -74,6 +86,7 @@ class Agent:
                 device_id=config.device_id,
                 state_dir=config.state_dir,
                 agent_version=__version__,
+                extras={"models": self.models, "data_sources": self.data_sources},
             ),
             result_topic=self.link.result_topic,
             counters=self.counters,
@@ -93,6 +106,7 @@ class Agent:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self.models.close()
         await self.outbox.close()
 
     def stop(self) -> None:
@@ -114,7 +128,10 @@ class Agent:
                 tg.create_task(self._capacity_loop(), name="capacity"),
                 tg.create_task(self._housekeeping(), name="housekeeping"),
                 tg.create_task(self._watchdog(), name="watchdog"),
+                tg.create_task(self.models.restore(), name="models"),
             ]
+            if self.config.endpoint_enabled:
+                loops.append(tg.create_task(self._endpoint(), name="endpoint"))
             workers = [
                 tg.create_task(self.runner.worker(), name=f"worker-{i}")
                 for i in range(self.config.agent_slots)
@@ -234,6 +251,28 @@ class Agent:
                 self._last_report = report
                 self._last_report_at = time.monotonic()
                 self.counters.inc("capacity.reports")
+
+    # ------------------------------------------------------------ local endpoint
+
+    async def _endpoint(self) -> None:
+        from agent.endpoint import Endpoint
+
+        cfg = self.config
+        endpoint = Endpoint(
+            self.models,
+            host=cfg.endpoint_host,
+            port=cfg.endpoint_port,
+            socket_path=cfg.endpoint_socket,
+            max_body=cfg.endpoint_max_body,
+            concurrency=cfg.endpoint_concurrency,
+            max_connections=cfg.endpoint_max_connections,
+        )
+        try:
+            async with endpoint:
+                self.endpoint_port = endpoint.port
+                await asyncio.Event().wait()  # until shutdown cancels this task
+        except OSError as exc:  # the agent's fleet work goes on without the local API
+            log.error("inference endpoint not started: %s", exc)  # noqa: TRY400
 
     # ------------------------------------------------------------ housekeeping
 

@@ -91,7 +91,13 @@ async def benchmark(task: Task, ctx: TaskContext) -> dict[str, Any]:
 
 
 def default_registry() -> HandlerRegistry:
+    # Imported here: agent.inference imports this module. It loads numpy and the runtimes
+    # only when a deploy or infer task runs.
+    from agent import inference
+
     registry = HandlerRegistry()
     registry.register("echo", echo)
     registry.register("benchmark", benchmark)
+    registry.register("deploy", inference.deploy)
+    registry.register("infer", inference.infer)
     return registry

@@ -1,0 +1,276 @@
+"""Named local data sources: data that stays on the device and that tasks refer to by name.
+
+The agent config's ``[data]`` table names them (``digits = "/srv/data/digits.npz"``). A source
+is one of:
+
+- ``*.npz``: arrays ``x`` and, optionally, labels ``y``;
+- ``*.npy``: ``x`` only (memory-mapped, so a ``limit`` reads only what it needs);
+- a folder of images, one sub-folder per class (labels are the sorted class folders'
+  indices); images directly in the folder have no labels. Decoding needs Pillow;
+- ``package.module:function``: a plugin returning ``(x, y)``, ``(x, None)`` or ``x``.
+
+Nothing is unpickled: ``.npz``/``.npy`` files are read with ``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from agent.runtimes.base import Array
+from protocol.errors import LeptonError
+
+IMAGE_SUFFIXES: Final = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".pgm", ".ppm", ".tif", ".tiff"}
+)
+_PLUGIN_RE: Final = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+
+class DataSourceError(LeptonError):
+    """A data source is unknown, missing, unreadable or holds unusable arrays."""
+
+
+@dataclass(frozen=True, slots=True)
+class Dataset:
+    """Samples ``x`` (first axis: samples) and optional labels ``y`` (class ids or one-hot)."""
+
+    x: Array
+    y: Array | None = None
+    classes: tuple[str, ...] = field(default=())
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+
+def _checked(x: Any, y: Any, where: str, limit: int | None) -> Dataset:
+    import numpy as np
+
+    x = np.asarray(x)
+    if x.ndim < 1 or x.dtype.kind not in "biuf":
+        raise DataSourceError(f"{where}: x must be a numeric array with a sample axis")
+    if limit is not None:
+        x = x[:limit]
+    x = np.ascontiguousarray(x)
+    if y is not None:
+        y = np.asarray(y)
+        if y.ndim not in (1, 2) or y.dtype.kind not in "biuf":
+            raise DataSourceError(f"{where}: y must be class ids (1-D) or one-hot (2-D)")
+        if limit is not None:
+            y = y[:limit]
+        if len(y) != len(x):
+            raise DataSourceError(f"{where}: {len(x)} samples but {len(y)} labels")
+        y = np.ascontiguousarray(y)
+    return Dataset(x=x, y=y)
+
+
+class DataSource(abc.ABC):
+    """Where one named data set comes from."""
+
+    @abc.abstractmethod
+    def load(self, limit: int | None = None) -> Dataset:
+        """Read the data (at most ``limit`` samples); raises :class:`DataSourceError`."""
+
+    @property
+    @abc.abstractmethod
+    def description(self) -> str: ...
+
+
+class ArraySource(DataSource):
+    """Arrays already in memory (the reference implementation and test double)."""
+
+    def __init__(self, x: Array, y: Array | None = None) -> None:
+        self._x, self._y = x, y
+
+    def load(self, limit: int | None = None) -> Dataset:
+        return _checked(self._x, self._y, "arrays", limit)
+
+    @property
+    def description(self) -> str:
+        return "arrays in memory"
+
+
+class NpzSource(DataSource):
+    """``x`` and optional ``y`` from a ``.npz`` file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self, limit: int | None = None) -> Dataset:
+        import numpy as np
+
+        try:
+            with np.load(self.path, allow_pickle=False) as npz:
+                files = list(npz.files)
+                x = npz["x"] if "x" in files else None
+                y = npz["y"] if "y" in files else None
+        except (OSError, ValueError) as exc:  # missing file, bad zip, pickled objects
+            raise DataSourceError(f"{self.path}: cannot read: {exc}") from exc
+        if x is None:
+            raise DataSourceError(f"{self.path}: no array named 'x' (has {files})")
+        return _checked(x, y, str(self.path), limit)
+
+    @property
+    def description(self) -> str:
+        return f"npz {self.path}"
+
+
+class NpySource(DataSource):
+    """``x`` only, from a ``.npy`` file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self, limit: int | None = None) -> Dataset:
+        import numpy as np
+
+        try:
+            x = np.load(self.path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise DataSourceError(f"{self.path}: cannot read: {exc}") from exc
+        return _checked(x, None, str(self.path), limit)
+
+    @property
+    def description(self) -> str:
+        return f"npy {self.path}"
+
+
+class ImageFolderSource(DataSource):
+    """Images under ``root``; one sub-folder per class, labelled by sorted folder index."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _files(self) -> tuple[list[tuple[Path, int]], tuple[str, ...]]:
+        classes = tuple(sorted(p.name for p in self.root.iterdir() if p.is_dir()))
+        files: list[tuple[Path, int]] = []
+        if classes:
+            for label, name in enumerate(classes):
+                files += [
+                    (p, label)
+                    for p in sorted((self.root / name).iterdir())
+                    if p.suffix.lower() in IMAGE_SUFFIXES
+                ]
+        else:
+            files = [
+                (p, -1) for p in sorted(self.root.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES
+            ]
+        return files, classes
+
+    def load(self, limit: int | None = None) -> Dataset:
+        import numpy as np
+
+        try:
+            from PIL import Image
+        except ImportError as exc:
+            raise DataSourceError(
+                f"{self.root}: image folders need Pillow (pip install pillow)"
+            ) from exc
+        files, classes = self._files()
+        if not files:
+            raise DataSourceError(f"{self.root}: no images found")
+        if limit is not None:
+            files = files[:limit]
+        images: list[Array] = []
+        for path, _ in files:
+            try:
+                with Image.open(path) as img:
+                    arr = np.asarray(img if img.mode == "L" else img.convert("RGB"))
+            except OSError as exc:
+                raise DataSourceError(f"{path}: cannot decode: {exc}") from exc
+            if images and arr.shape != images[0].shape:
+                raise DataSourceError(
+                    f"{path}: shape {arr.shape} differs from {images[0].shape} of {files[0][0]}"
+                )
+            images.append(arr)
+        y = np.array([label for _, label in files], dtype=np.int64) if classes else None
+        data = _checked(np.stack(images), y, str(self.root), None)
+        return Dataset(x=data.x, y=data.y, classes=classes)
+
+    @property
+    def description(self) -> str:
+        return f"images {self.root}"
+
+
+class PluginSource(DataSource):
+    """``module:function`` returning ``(x, y)``, ``(x, None)`` or ``x``."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def _function(self) -> Callable[[], Any]:
+        module_name, func_name = self.target.split(":", 1)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise DataSourceError(f"plugin {self.target}: cannot import: {exc}") from exc
+        func = getattr(module, func_name, None)
+        if not callable(func):
+            raise DataSourceError(f"plugin {self.target}: {func_name} is not a function")
+        return func  # type: ignore[no-any-return]
+
+    def load(self, limit: int | None = None) -> Dataset:
+        func = self._function()
+        try:
+            value = func()
+        except Exception as exc:  # the plugin is the user's code: report, never crash
+            raise DataSourceError(
+                f"plugin {self.target} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        if isinstance(value, tuple):
+            if len(value) != 2:
+                raise DataSourceError(f"plugin {self.target}: must return (x, y) or x")
+            x, y = value
+        else:
+            x, y = value, None
+        return _checked(x, y, f"plugin {self.target}", limit)
+
+    @property
+    def description(self) -> str:
+        return f"plugin {self.target}"
+
+
+def source_for(spec: str) -> DataSource:
+    """The source a config value names: a plugin ``module:function``, else a path."""
+    path = Path(spec).expanduser()
+    if _PLUGIN_RE.fullmatch(spec) and not path.exists():
+        return PluginSource(spec)
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        return NpzSource(path)
+    if suffix == ".npy":
+        return NpySource(path)
+    if path.is_dir():
+        return ImageFolderSource(path)
+    if not path.exists():
+        raise DataSourceError(f"data source {spec!r} does not exist")
+    raise DataSourceError(
+        f"data source {spec!r}: expected .npz, .npy, an image folder or module:function"
+    )
+
+
+class DataSources:
+    """The device's named sources, from ``[data]``; extra sources can be added in code."""
+
+    def __init__(self, specs: Mapping[str, str] | None = None) -> None:
+        self._specs = dict(specs or {})
+        self._extra: dict[str, DataSource] = {}
+
+    def add(self, name: str, source: DataSource) -> None:
+        self._extra[name] = source
+
+    def names(self) -> list[str]:
+        return sorted({*self._specs, *self._extra})
+
+    def get(self, name: str) -> DataSource:
+        if name in self._extra:
+            return self._extra[name]
+        spec = self._specs.get(name)
+        if spec is None:
+            known = ", ".join(self.names()) or "none configured"
+            raise DataSourceError(f"unknown data source {name!r} (known: {known})")
+        return source_for(spec)

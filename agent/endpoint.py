@@ -1,0 +1,439 @@
+"""The local inference endpoint: HTTP/1.1 for applications on the device, no web framework.
+
+Served with ``h11`` over asyncio streams on ``127.0.0.1:<port>`` and/or a Unix socket (mode
+0660, so access is governed by the socket's owner and group). Routes:
+
+- ``GET /v1/health``: ``{"status": "ok", "models": [...]}``;
+- ``GET /v1/models``: every served model with its input/output specs;
+- ``GET /v1/models/{name}``: one model;
+- ``POST /v1/models/{name}:predict``: a JSON body ``{"inputs": [[...]]}`` (nested lists; or
+  ``{"inputs": {"<input name>": [[...]], ...}}`` for several inputs), answered with
+  ``{"model", "digest", "outputs": {"<output name>": [[...]]}}``; or a MessagePack body
+  (``Content-Type: application/msgpack``) whose inputs are ``{"dtype", "shape", "data"}``
+  tensors (:class:`protocol.tensors.TensorPayload`), answered in kind.
+
+Errors are JSON ``{"error": {"code", "message"}}``: 400 for a body that does not fit the
+model (which input, which dimension, expected against got), 404 for an unknown model or
+route, 405 for a wrong method, 413 for a body over the cap, 415 for another content type,
+503 while a model is still loading or connections are exhausted. Inference runs in a small
+thread pool (``concurrency`` workers), so the agent's event loop never blocks on a model.
+Connections are kept alive between requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import stat
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import h11
+import msgspec
+
+from agent.models import ModelManager
+from agent.runtimes.base import Array, TensorSpec
+
+log = logging.getLogger(__name__)
+
+IDLE_TIMEOUT_S: Final = 60.0
+READ_CHUNK: Final = 256 * 1024
+MSGPACK_TYPES: Final = frozenset({"application/msgpack", "application/x-msgpack"})
+JSON_TYPE: Final = "application/json"
+SERVER_HEADER: Final = ("server", "lepton-agent")
+_PREDICT_SUFFIX: Final = ":predict"
+
+
+class HttpError(Exception):
+    """An error answer: status, a stable code and a message for the caller."""
+
+    def __init__(self, status: int, code: str, message: str, *, allow: str | None = None) -> None:
+        self.status = status
+        self.code = code
+        self.message = message
+        self.allow = allow
+        super().__init__(message)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    status: int
+    body: bytes
+    content_type: str = JSON_TYPE
+    headers: tuple[tuple[str, str], ...] = ()
+    close: bool = False
+
+
+_json = msgspec.json.Encoder()
+_msgpack = msgspec.msgpack.Encoder()
+
+
+def _error_reply(exc: HttpError, *, close: bool = False) -> Reply:
+    body = _json.encode({"error": {"code": exc.code, "message": exc.message}})
+    headers = (("allow", exc.allow),) if exc.allow else ()
+    return Reply(exc.status, body, headers=headers, close=close)
+
+
+# ---------------------------------------------------------------- request bodies -> arrays
+
+
+def _by_name(
+    raw: Any, specs: tuple[TensorSpec, ...], single: Callable[[Any], bool]
+) -> dict[str, Any]:
+    if single(raw):
+        if len(specs) != 1:
+            names = [s.name for s in specs]
+            raise HttpError(400, "bad_inputs", f"model has inputs {names}; name each of them")
+        return {specs[0].name: raw}
+    if not isinstance(raw, dict):
+        raise HttpError(400, "bad_inputs", "inputs must be an array or an object of arrays")
+    known = {s.name for s in specs}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise HttpError(400, "bad_inputs", f"unknown inputs {unknown}; model has {sorted(known)}")
+    missing = sorted(known - set(raw))
+    if missing:
+        raise HttpError(400, "bad_inputs", f"missing inputs {missing}")
+    return raw
+
+
+def _checked_shape(arr: Array, spec: TensorSpec) -> Array:
+    why = spec.mismatch(tuple(arr.shape))
+    if why is not None:
+        raise HttpError(400, "bad_shape", why)
+    return arr
+
+
+def json_inputs(raw: Any, specs: tuple[TensorSpec, ...]) -> dict[str, Array]:
+    """Nested lists -> arrays of the inputs' dtypes; HttpError 400 on anything that does not fit."""
+    import numpy as np
+
+    out: dict[str, Array] = {}
+    for name, value in _by_name(raw, specs, lambda v: isinstance(v, list)).items():
+        spec = next(s for s in specs if s.name == name)
+        try:
+            arr = np.asarray(value)
+        except ValueError as exc:  # ragged nesting
+            raise HttpError(400, "bad_array", f"input {name!r}: not a rectangular array") from exc
+        if arr.dtype.kind not in "biuf":
+            raise HttpError(
+                400,
+                "bad_dtype",
+                f"input {name!r}: expected numbers ({spec.dtype}), got {arr.dtype}",
+            )
+        want = np.dtype(spec.dtype)
+        if want.kind in "iu" and arr.dtype.kind == "f" and not np.all(np.mod(arr, 1) == 0):
+            raise HttpError(
+                400, "bad_dtype", f"input {name!r}: expected {spec.dtype}, got fractional numbers"
+            )
+        if want.kind == "b" and arr.dtype.kind != "b":
+            raise HttpError(400, "bad_dtype", f"input {name!r}: expected booleans")
+        out[name] = _checked_shape(arr.astype(want, copy=False), spec)
+    return out
+
+
+def tensor_inputs(raw: Any, specs: tuple[TensorSpec, ...]) -> dict[str, Array]:
+    """``{dtype, shape, data}`` tensors -> arrays; dtypes must match the inputs exactly."""
+    from protocol.errors import DecodeError
+    from protocol.tensors import TensorPayload, from_payload
+
+    def single(v: Any) -> bool:
+        return isinstance(v, dict) and set(v) == {"dtype", "shape", "data"}
+
+    out: dict[str, Array] = {}
+    for name, value in _by_name(raw, specs, single).items():
+        spec = next(s for s in specs if s.name == name)
+        try:
+            arr = from_payload(msgspec.convert(value, TensorPayload))
+        except msgspec.ValidationError as exc:
+            raise HttpError(400, "bad_tensor", f"input {name!r}: {exc}") from exc
+        except DecodeError as exc:
+            raise HttpError(400, exc.reason, f"input {name!r}: {exc.detail or exc}") from exc
+        if arr.dtype.name != spec.dtype:
+            raise HttpError(
+                400, "bad_dtype", f"input {name!r}: expected dtype {spec.dtype}, got {arr.dtype}"
+            )
+        out[name] = _checked_shape(arr, spec)
+    return out
+
+
+def _outputs_json(outputs: dict[str, Array]) -> dict[str, Any]:
+    return {k: v.tolist() for k, v in outputs.items()}
+
+
+def _outputs_msgpack(outputs: dict[str, Array]) -> dict[str, Any]:
+    from protocol.tensors import to_payload
+
+    return {k: to_payload(v) for k, v in outputs.items()}
+
+
+# ---------------------------------------------------------------- the server
+
+
+class Endpoint:
+    """The local API of one agent. ``async with Endpoint(...)`` is the listening lifetime."""
+
+    def __init__(
+        self,
+        models: ModelManager,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        socket_path: Path | None = None,
+        max_body: int = 16 * 1024 * 1024,
+        concurrency: int = 2,
+        max_connections: int = 64,
+        idle_timeout: float = IDLE_TIMEOUT_S,
+    ) -> None:
+        if port is None and socket_path is None:
+            raise ValueError("the endpoint needs a port, a socket path, or both")
+        self.models = models
+        self.host = host
+        self.requested_port = port
+        self.socket_path = socket_path
+        self.max_body = max_body
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self._executor = ThreadPoolExecutor(
+            max_workers=concurrency, thread_name_prefix="lepton-infer"
+        )
+        self._servers: list[asyncio.Server] = []
+        self._connections: set[asyncio.Task[Any]] = set()
+        self.port: int | None = None
+        self.requests = 0
+
+    async def __aenter__(self) -> Endpoint:
+        try:
+            if self.requested_port is not None:
+                server = await asyncio.start_server(
+                    self._connection, self.host, self.requested_port, limit=READ_CHUNK
+                )
+                self._servers.append(server)
+                self.port = int(server.sockets[0].getsockname()[1])
+                log.info("inference endpoint on http://%s:%d", self.host, self.port)
+            if self.socket_path is not None:
+                await asyncio.to_thread(self._clear_socket_path)
+                server = await asyncio.start_unix_server(
+                    self._connection, str(self.socket_path), limit=READ_CHUNK
+                )
+                self._servers.append(server)
+                await asyncio.to_thread(os.chmod, self.socket_path, 0o660)
+                log.info("inference endpoint on unix:%s", self.socket_path)
+        except BaseException:
+            await self.__aexit__()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for server in self._servers:
+            server.close()
+        for task in list(self._connections):
+            task.cancel()
+        if self._connections:
+            await asyncio.gather(*self._connections, return_exceptions=True)
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+        if self.socket_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                await asyncio.to_thread(self.socket_path.unlink)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def serve(self) -> None:
+        """Listen until cancelled (a named task in the agent's TaskGroup)."""
+        async with self:
+            await asyncio.Event().wait()
+
+    def _clear_socket_path(self) -> None:
+        assert self.socket_path is not None
+        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            mode = self.socket_path.lstat().st_mode
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(mode):
+            raise FileExistsError(f"{self.socket_path} exists and is not a socket")
+        self.socket_path.unlink()  # left by a previous run
+
+    # ------------------------------------------------------------ connections
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        conn = h11.Connection(h11.SERVER)
+        try:
+            if len(self._connections) > self.max_connections:
+                await self._send(
+                    conn,
+                    writer,
+                    _error_reply(HttpError(503, "busy", "too many connections"), close=True),
+                    reader=reader,
+                )
+                return
+            while await self._one_request(conn, reader, writer):
+                conn.start_next_cycle()
+        except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
+            pass
+        except h11.RemoteProtocolError as exc:
+            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                with contextlib.suppress(ConnectionError, h11.LocalProtocolError):
+                    reply = _error_reply(HttpError(400, "bad_http", str(exc)), close=True)
+                    await self._write(conn, writer, reply)
+        finally:
+            self._connections.discard(task)
+            writer.close()
+            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+                await writer.wait_closed()
+
+    async def _event(self, conn: h11.Connection, reader: asyncio.StreamReader) -> Any:
+        while True:
+            event = conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            async with asyncio.timeout(self.idle_timeout):
+                data = await reader.read(READ_CHUNK)
+            conn.receive_data(data)
+
+    async def _one_request(
+        self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        """Serve one request; False when the connection is to be closed."""
+        event = await self._event(conn, reader)
+        if isinstance(event, h11.ConnectionClosed):
+            return False
+        if not isinstance(event, h11.Request):
+            raise h11.RemoteProtocolError(f"unexpected {type(event).__name__}")
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            await self._write(conn, writer, self._too_large(int(length)))
+            return False
+        body = bytearray()
+        while True:
+            part = await self._event(conn, reader)
+            if isinstance(part, h11.Data):
+                body += part.data
+                if len(body) > self.max_body:
+                    await self._write(conn, writer, self._too_large(len(body)))
+                    return False
+            elif isinstance(part, h11.EndOfMessage):
+                break
+            else:
+                return False
+        self.requests += 1
+        try:
+            reply = await self._dispatch(
+                event.method.decode(), event.target.decode(), headers, bytes(body)
+            )
+        except HttpError as exc:
+            reply = _error_reply(exc)
+        await self._write(conn, writer, reply)
+        return conn.our_state is h11.DONE and conn.their_state is h11.DONE
+
+    def _too_large(self, size: int) -> Reply:
+        exc = HttpError(413, "too_large", f"body of {size} bytes exceeds the {self.max_body} cap")
+        return _error_reply(exc, close=True)
+
+    async def _send(
+        self,
+        conn: h11.Connection,
+        writer: asyncio.StreamWriter,
+        reply: Reply,
+        *,
+        reader: asyncio.StreamReader,
+    ) -> None:
+        """Answer the next request with ``reply`` whatever it asks (used when refusing)."""
+        event = await self._event(conn, reader)
+        if isinstance(event, h11.Request):
+            await self._write(conn, writer, reply)
+
+    async def _write(
+        self, conn: h11.Connection, writer: asyncio.StreamWriter, reply: Reply
+    ) -> None:
+        headers = [
+            ("content-type", reply.content_type),
+            ("content-length", str(len(reply.body))),
+            SERVER_HEADER,
+            *reply.headers,
+        ]
+        if reply.close:
+            headers.append(("connection", "close"))
+        data = conn.send(h11.Response(status_code=reply.status, headers=headers))
+        data += conn.send(h11.Data(data=reply.body)) or b""
+        data += conn.send(h11.EndOfMessage()) or b""
+        writer.write(data)
+        await writer.drain()
+
+    # ------------------------------------------------------------ routes
+
+    async def _dispatch(
+        self, method: str, target: str, headers: dict[str, str], body: bytes
+    ) -> Reply:
+        path = target.split("?", 1)[0]
+        if path == "/v1/health":
+            self._allow(method, "GET")
+            names = [m.name for m in self.models.served()]
+            return Reply(200, _json.encode({"status": "ok", "models": names}))
+        if path == "/v1/models":
+            self._allow(method, "GET")
+            return Reply(
+                200, _json.encode({"models": [m.describe() for m in self.models.served()]})
+            )
+        prefix = "/v1/models/"
+        if path.startswith(prefix):
+            rest = path[len(prefix) :]
+            if rest.endswith(_PREDICT_SUFFIX):
+                self._allow(method, "POST")
+                return await self._predict(rest[: -len(_PREDICT_SUFFIX)], headers, body)
+            self._allow(method, "GET")
+            model = self.models.get(rest)
+            if model is None:
+                raise self._unknown(rest)
+            return Reply(200, _json.encode(model.describe()))
+        raise HttpError(404, "not_found", f"no route {path}")
+
+    @staticmethod
+    def _allow(method: str, allowed: str) -> None:
+        if method != allowed:
+            raise HttpError(405, "method_not_allowed", f"use {allowed}", allow=allowed)
+
+    def _unknown(self, name: str) -> HttpError:
+        if self.models.known(name):
+            return HttpError(503, "loading", f"model {name!r} is still loading")
+        return HttpError(404, "unknown_model", f"no model named {name!r} is served here")
+
+    async def _predict(self, name: str, headers: dict[str, str], body: bytes) -> Reply:
+        ctype = headers.get("content-type", JSON_TYPE).split(";", 1)[0].strip().lower()
+        binary = ctype in MSGPACK_TYPES
+        if not binary and ctype != JSON_TYPE:
+            raise HttpError(415, "unsupported_type", f"use {JSON_TYPE} or application/msgpack")
+        try:
+            payload = (msgspec.msgpack.decode if binary else msgspec.json.decode)(body)
+        except msgspec.DecodeError as exc:
+            raise HttpError(400, "bad_body", f"body is not valid {ctype}: {exc}") from exc
+        if not isinstance(payload, dict) or "inputs" not in payload:
+            raise HttpError(400, "bad_body", 'body must be an object {"inputs": ...}')
+        with self.models.lease(name) as model:
+            if model is None:
+                raise self._unknown(name)
+            specs = model.runtime.inputs
+            convert = tensor_inputs if binary else json_inputs
+            inputs = convert(payload["inputs"], specs)
+            loop = asyncio.get_running_loop()
+            try:
+                outputs = await loop.run_in_executor(self._executor, model.runtime.run, inputs)
+            except Exception as exc:  # a runtime failure on valid input is the server's fault
+                log.warning("inference with %s failed: %s", name, exc)
+                raise HttpError(500, "inference_failed", f"{type(exc).__name__}: {exc}") from exc
+            digest = model.digest
+        if binary:
+            out = {"model": name, "digest": digest, "outputs": _outputs_msgpack(outputs)}
+            return Reply(200, _msgpack.encode(out), content_type="application/msgpack")
+        out = {"model": name, "digest": digest, "outputs": _outputs_json(outputs)}
+        return Reply(200, _json.encode(out))

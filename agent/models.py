@@ -1,0 +1,564 @@
+"""The model manager: fetch by content address, verify, cache by hash, serve, swap atomically.
+
+A ``deploy`` names a model (``name``), its content (``digest``, sha256 hex, and ``size``), where
+to fetch it (``url``, http or https) and its ``format``. The manager:
+
+- serves from the cache (``<state>/models/sha256/<digest>``, re-hashed before use) when the
+  content is already there, so a cached model costs no download;
+- otherwise streams it into ``<state>/models/partial/<digest>.part``, never accepting more
+  than the declared ``size`` (a server sending more is refused and the part deleted), and
+  resumes with a ``Range`` request after an interruption (the part file is kept between
+  attempts, retried with capped exponential backoff, and between deploys of the same digest);
+- verifies the sha256 before the file is moved into the cache;
+- loads the new model next to the one being served and swaps a reference only once it
+  loaded: requests in flight finish on the old model, which is closed when the last leaves;
+- records ``name -> digest`` in ``<state>/models/index.json`` so a restart serves the same
+  models.
+
+A refused deploy (bad parameters, hash mismatch, truncated or corrupt file, a model that does
+not match its declared input) raises :class:`ModelError`, deletes a bad file, and leaves the
+model being served untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
+
+import msgspec
+from msgspec import Meta
+
+from agent.runtimes.base import (
+    ModelLoadError,
+    Runtime,
+    RuntimeUnavailableError,
+    TensorSpec,
+    runtime_for,
+)
+from protocol.errors import LeptonError
+
+if TYPE_CHECKING:
+    import httpx
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME_PATTERN: Final = r"\A[A-Za-z0-9._-]{1,64}\Z"
+DIGEST_PATTERN: Final = r"\A[0-9a-f]{64}\Z"
+CHUNK_BYTES: Final = 64 * 1024
+INDEX_FILE: Final = "index.json"
+#: Unreferenced cached models kept (newest first) so a rollback costs no download.
+KEEP_UNREFERENCED: Final = 2
+
+
+class ModelError(LeptonError):
+    """A deploy was refused. ``reason`` is a stable token, the message says why."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")
+
+
+class InputSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What the coordinator declares about the model's input, checked against the model.
+
+    ``mean`` and ``std`` (scalars, or one value per element of the last axis) normalise raw
+    data-source samples before inference: ``(x - mean) / std``.
+    """
+
+    name: str | None = None
+    shape: Annotated[list[int | None], Meta(max_length=8)] | None = None
+    dtype: str | None = None
+    mean: float | list[float] | None = None
+    std: float | list[float] | None = None
+
+
+class DeploySpec(msgspec.Struct, frozen=True, kw_only=True):
+    """The parameters of a ``deploy`` task (other keys, such as ``timeout_s``, are ignored)."""
+
+    name: Annotated[str, Meta(pattern=MODEL_NAME_PATTERN)]
+    digest: Annotated[str, Meta(pattern=DIGEST_PATTERN)]
+    size: Annotated[int, Meta(gt=0)]
+    url: Annotated[str, Meta(max_length=4096)]
+    format: Literal["onnx", "tflite"]
+    precision: Annotated[str, Meta(max_length=32)] = ""
+    input: InputSpec | None = None
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], *, max_bytes: int) -> DeploySpec:
+        """Validate task parameters; :class:`ModelError` (``bad_params``) names the problem."""
+        data = dict(params)
+        if isinstance(data.get("digest"), str):
+            data["digest"] = data["digest"].lower()
+        try:
+            spec = msgspec.convert(data, cls, strict=True)
+        except msgspec.ValidationError as exc:
+            raise ModelError("bad_params", str(exc)) from exc
+        scheme = spec.url.split(":", 1)[0].lower() if ":" in spec.url else ""
+        if scheme not in ("http", "https"):
+            raise ModelError("bad_url", f"url must be http(s), got {spec.url[:80]!r}")
+        if spec.size > max_bytes:
+            raise ModelError(
+                "too_large", f"declared size {spec.size} exceeds this device's cap {max_bytes}"
+            )
+        return spec
+
+
+@dataclass(slots=True, eq=False)
+class ServedModel:
+    """One loaded model. Use it through :meth:`ModelManager.lease`."""
+
+    name: str
+    digest: str
+    format: str
+    precision: str
+    size: int
+    runtime: Runtime
+    input: InputSpec | None
+    load_s: float
+    loaded_at: float = field(default_factory=time.time)
+    _users: int = 0
+    _retired: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _enter(self) -> None:
+        with self._lock:
+            self._users += 1
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._users -= 1
+            close = self._retired and self._users == 0
+        if close:
+            self.runtime.close()
+
+    def retire(self) -> None:
+        """No new users; close the runtime once the last current user leaves."""
+        with self._lock:
+            self._retired = True
+            close = self._users == 0
+        if close:
+            self.runtime.close()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "digest": self.digest,
+            "format": self.format,
+            "precision": self.precision,
+            "size": self.size,
+            "runtime": self.runtime.description,
+            "providers": list(self.runtime.providers),
+            "threads": self.runtime.threads,
+            "inputs": [s.describe() for s in self.runtime.inputs],
+            "outputs": [s.describe() for s in self.runtime.outputs],
+            "loaded_at": self.loaded_at,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class DeployOutcome:
+    name: str
+    digest: str
+    downloaded: int  # bytes fetched over the network for this deploy; 0 on a cache hit
+    cached: bool
+    load_s: float
+    previous: str | None  # digest served before, if any
+    runtime: str
+    threads: int
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1024 * 1024):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_replace(src: Path, dst: Path) -> None:
+    with src.open("rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(src, dst)
+    with contextlib.suppress(OSError):  # directory fsync is not possible everywhere
+        fd = os.open(dst.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class _Retry(Exception):  # noqa: N818 - internal control flow, never escapes
+    """A download attempt failed in a way worth retrying."""
+
+
+def input_mismatch(spec: InputSpec, inputs: tuple[TensorSpec, ...]) -> str | None:
+    """Why a model's inputs contradict the declared input spec, or None."""
+    target = next((s for s in inputs if s.name == spec.name), None) if spec.name else None
+    if spec.name and target is None:
+        return f"model has no input named {spec.name!r} (has {[s.name for s in inputs]})"
+    target = target or inputs[0]
+    if spec.dtype is not None and spec.dtype != target.dtype:
+        return f"input {target.name!r} is {target.dtype}, declared {spec.dtype}"
+    if spec.shape is not None:
+        if len(spec.shape) != len(target.shape):
+            return f"input {target.name!r} has shape {list(target.shape)}, declared {spec.shape}"
+        for axis, (want, have) in enumerate(zip(spec.shape, target.shape, strict=True)):
+            if want is not None and have is not None and want != have:
+                return (
+                    f"input {target.name!r} dimension {axis} is {have}, declared {want} "
+                    f"(model {list(target.shape)}, declared {spec.shape})"
+                )
+    return None
+
+
+class ModelManager:
+    """Fetches, caches and serves the device's models. One per agent."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        threads: int = 0,
+        providers: tuple[str, ...] = (),
+        max_bytes: int = 512 * 1024 * 1024,
+        retries: int = 5,
+        timeout: float = 30.0,
+        backoff: tuple[float, float] = (0.5, 10.0),
+    ) -> None:
+        self.root = root
+        self.threads = threads
+        self.providers = providers
+        self.max_bytes = max_bytes
+        self.retries = retries
+        self.timeout = timeout
+        self.backoff = backoff
+        self._served: dict[str, ServedModel] = {}
+        self._index: dict[str, dict[str, Any]] = {}
+        self._name_locks: dict[str, asyncio.Lock] = {}
+        self._digest_locks: dict[str, asyncio.Lock] = {}
+        self.restored = asyncio.Event()
+
+    # ------------------------------------------------------------ paths
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "sha256"
+
+    @property
+    def partial_dir(self) -> Path:
+        return self.root / "partial"
+
+    def cached_path(self, digest: str) -> Path:
+        return self.cache_dir / digest
+
+    def partial_path(self, digest: str) -> Path:
+        return self.partial_dir / f"{digest}.part"
+
+    # ------------------------------------------------------------ serving
+
+    def get(self, name: str) -> ServedModel | None:
+        return self._served.get(name)
+
+    def served(self) -> list[ServedModel]:
+        return [self._served[n] for n in sorted(self._served)]
+
+    def known(self, name: str) -> bool:
+        """Deployed (in the index), though perhaps not loaded yet after a restart."""
+        return name in self._index
+
+    @contextlib.contextmanager
+    def lease(self, name: str) -> Iterator[ServedModel | None]:
+        """The model served under ``name`` (None if none), kept open until the block ends.
+
+        Enter on the event loop: taking the lease and a swap never interleave there, so a
+        leased model is never closed under its user.
+        """
+        model = self._served.get(name)
+        if model is None:
+            yield None
+            return
+        model._enter()
+        try:
+            yield model
+        finally:
+            model._leave()
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def restore(self) -> None:
+        """Load the models the index names (at start-up). Failures are logged and skipped."""
+        try:
+            self._index = await asyncio.to_thread(self._read_index)
+            for name, entry in list(self._index.items()):
+                try:
+                    spec = msgspec.convert(entry["spec"], DeploySpec)
+                    path = self.cached_path(spec.digest)
+                    if not path.exists():
+                        raise ModelError("missing", f"{path} is gone")  # noqa: TRY301
+                    model = await asyncio.to_thread(self._load, spec, path)
+                except Exception as exc:  # one bad entry must not keep the agent from starting
+                    log.error("cannot restore model %s: %s", name, exc)  # noqa: TRY400
+                    continue
+                self._served[name] = model
+                log.info("serving model %s (%s) from the cache", name, spec.digest[:12])
+        finally:
+            self.restored.set()
+
+    def close(self) -> None:
+        for model in self._served.values():
+            model.retire()
+        self._served.clear()
+
+    # ------------------------------------------------------------ deploy
+
+    async def deploy(self, spec: DeploySpec) -> DeployOutcome:
+        """Fetch (or find in the cache), verify, load and swap in ``spec``'s model."""
+        lock = self._name_locks.setdefault(spec.name, asyncio.Lock())
+        async with lock:
+            current = self._served.get(spec.name)
+            if current is not None and current.digest == spec.digest:
+                return self._outcome(current, downloaded=0, previous=current.digest)
+            path, downloaded = await self._fetch(spec)
+            try:
+                model = await asyncio.to_thread(self._load, spec, path)
+            except (ModelLoadError, RuntimeUnavailableError) as exc:
+                if isinstance(exc, ModelLoadError) and not self._digest_in_use(spec.digest):
+                    path.unlink(missing_ok=True)  # corrupt: never serve it, fetch anew next time
+                reason = "load_failed" if isinstance(exc, ModelLoadError) else "no_runtime"
+                raise ModelError(reason, str(exc)) from exc
+            if spec.input is not None and (why := input_mismatch(spec.input, model.runtime.inputs)):
+                model.retire()
+                raise ModelError("input_mismatch", why)
+            self._index[spec.name] = {
+                "digest": spec.digest,
+                "spec": msgspec.to_builtins(spec),
+                "deployed_at": time.time(),
+            }
+            await asyncio.to_thread(self._write_index, dict(self._index))
+            self._served[spec.name] = model  # the swap: new requests see the new model
+            if current is not None:
+                current.retire()
+            await asyncio.to_thread(self._prune)
+            log.info(
+                "model %s now %s (%s, %d bytes downloaded, loaded in %.3f s)",
+                spec.name,
+                spec.digest[:12],
+                "cached" if not downloaded else "fetched",
+                downloaded,
+                model.load_s,
+            )
+            return self._outcome(
+                model, downloaded=downloaded, previous=current.digest if current else None
+            )
+
+    @staticmethod
+    def _outcome(model: ServedModel, *, downloaded: int, previous: str | None) -> DeployOutcome:
+        return DeployOutcome(
+            name=model.name,
+            digest=model.digest,
+            downloaded=downloaded,
+            cached=downloaded == 0,
+            load_s=model.load_s,
+            previous=previous,
+            runtime=model.runtime.description,
+            threads=model.runtime.threads,
+        )
+
+    def _digest_in_use(self, digest: str) -> bool:
+        return any(m.digest == digest for m in self._served.values())
+
+    def _load(self, spec: DeploySpec, path: Path) -> ServedModel:
+        runtime = runtime_for(spec.format, providers=self.providers)
+        started = time.perf_counter()
+        runtime.load(path, threads=self.threads or None)
+        return ServedModel(
+            name=spec.name,
+            digest=spec.digest,
+            format=spec.format,
+            precision=spec.precision,
+            size=spec.size,
+            runtime=runtime,
+            input=spec.input,
+            load_s=time.perf_counter() - started,
+        )
+
+    # ------------------------------------------------------------ fetch
+
+    async def _fetch(self, spec: DeploySpec) -> tuple[Path, int]:
+        """The verified cache path of ``spec``'s content and the bytes downloaded for it."""
+        lock = self._digest_locks.setdefault(spec.digest, asyncio.Lock())
+        async with lock:
+            final = self.cached_path(spec.digest)
+            if final.exists():
+                actual = await asyncio.to_thread(sha256_file, final)
+                if actual == spec.digest:
+                    os.utime(final)  # most recently used, for pruning
+                    return final, 0
+                log.warning(
+                    "cached model %s is damaged (sha256 %s); fetching again",
+                    spec.digest[:12],
+                    actual[:12],
+                )
+                final.unlink(missing_ok=True)
+            await asyncio.to_thread(self._prepare_dirs)
+            part = self.partial_path(spec.digest)
+            downloaded = await self._download(spec, part)
+            actual = await asyncio.to_thread(sha256_file, part)
+            if actual != spec.digest:
+                part.unlink(missing_ok=True)
+                raise ModelError(
+                    "digest_mismatch", f"sha256 of {spec.url} is {actual}, expected {spec.digest}"
+                )
+            await asyncio.to_thread(_fsync_replace, part, final)
+            return final, downloaded
+
+    def _prepare_dirs(self) -> None:
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.partial_dir.mkdir(parents=True, exist_ok=True)
+
+    async def _download(self, spec: DeploySpec, part: Path) -> int:
+        import httpx
+
+        timeout = httpx.Timeout(self.timeout)
+        downloaded = 0
+        failures = 0
+        async with httpx.AsyncClient(timeout=timeout, follow_redirects=True) as client:
+            while True:
+                have = await asyncio.to_thread(_usable_part, part, spec.size)
+                if have == spec.size:
+                    return downloaded
+                free = (await asyncio.to_thread(shutil.disk_usage, part.parent)).free
+                if free < spec.size - have:
+                    raise ModelError("no_space", f"{spec.size - have} bytes needed, {free} free")
+                try:
+                    downloaded += await self._attempt(client, spec, part, have)
+                except (httpx.TransportError, _Retry) as exc:
+                    failures += 1
+                    if failures > self.retries:
+                        kept = await asyncio.to_thread(_usable_part, part, spec.size)
+                        raise ModelError(
+                            "download_failed",
+                            f"GET {spec.url}: {type(exc).__name__}: {exc} (gave up after "
+                            f"{failures} attempts; {kept} of {spec.size} bytes kept to resume)",
+                        ) from exc
+                    low, high = self.backoff
+                    delay = random.uniform(low, min(high, low * 2 ** (failures - 1)))
+                    log.info(
+                        "download of %s interrupted (%s); retry %d in %.2f s",
+                        spec.name,
+                        exc,
+                        failures,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+
+    async def _attempt(
+        self, client: httpx.AsyncClient, spec: DeploySpec, part: Path, have: int
+    ) -> int:
+        """One GET from ``have`` on; returns the bytes received. Raises _Retry/ModelError."""
+        headers = {"Accept-Encoding": "identity"}
+        if have:
+            headers["Range"] = f"bytes={have}-"
+        received = 0
+        async with client.stream("GET", spec.url, headers=headers) as resp:
+            status = resp.status_code
+            if status == 206 and have and _range_start(resp.headers.get("content-range")) == have:
+                mode = "ab"
+            elif status == 200:
+                mode, have = "wb", 0  # the server ignored the range: start over
+            elif status == 416:
+                await asyncio.to_thread(part.unlink, missing_ok=True)
+                raise _Retry("range not satisfiable; restarting")
+            elif status in (408, 425, 429) or status >= 500:
+                raise _Retry(f"HTTP {status}")
+            else:
+                raise ModelError("http_error", f"GET {spec.url}: HTTP {status}")
+            length = resp.headers.get("content-length")
+            if length is not None and length.isdigit() and have + int(length) > spec.size:
+                await asyncio.to_thread(part.unlink, missing_ok=True)
+                raise ModelError(
+                    "too_large",
+                    f"server announces {have + int(length)} bytes, declared size is {spec.size}",
+                )
+            fh = await asyncio.to_thread(part.open, mode)
+            try:
+                async for chunk in resp.aiter_raw(CHUNK_BYTES):
+                    if have + len(chunk) > spec.size:
+                        fh.close()
+                        await asyncio.to_thread(part.unlink, missing_ok=True)
+                        raise ModelError(
+                            "too_large", f"server sent more than the declared {spec.size} bytes"
+                        )
+                    # Written as it arrives, so an interrupted transfer resumes from here.
+                    await asyncio.to_thread(fh.write, chunk)
+                    have += len(chunk)
+                    received += len(chunk)
+            finally:
+                fh.close()
+        if have < spec.size:
+            raise _Retry(f"body ended after {have} of {spec.size} bytes")
+        return received
+
+    # ------------------------------------------------------------ index and cache
+
+    def _read_index(self) -> dict[str, dict[str, Any]]:
+        path = self.root / INDEX_FILE
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.error("model index %s unreadable (%s); starting with no models", path, exc)  # noqa: TRY400
+            return {}
+        return {str(k): v for k, v in data.get("models", {}).items() if isinstance(v, dict)}
+
+    def _write_index(self, index: dict[str, dict[str, Any]]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".{INDEX_FILE}.tmp"
+        tmp.write_text(json.dumps({"version": 1, "models": index}, indent=1, sort_keys=True))
+        _fsync_replace(tmp, self.root / INDEX_FILE)
+
+    def _prune(self) -> None:
+        """Delete cached models no name refers to, keeping the newest few for rollbacks."""
+        referenced = {e["digest"] for e in self._index.values()}
+        referenced |= {m.digest for m in self._served.values()}
+        try:
+            files = [p for p in self.cache_dir.iterdir() if p.name not in referenced]
+        except FileNotFoundError:
+            return
+        files.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+        for path in files[KEEP_UNREFERENCED:]:
+            path.unlink(missing_ok=True)
+
+
+def _usable_part(part: Path, size: int) -> int:
+    """Bytes of ``part`` worth resuming from (a part longer than ``size`` is discarded)."""
+    try:
+        have = part.stat().st_size
+    except FileNotFoundError:
+        return 0
+    if have > size:
+        part.unlink(missing_ok=True)
+        return 0
+    return have
+
+
+def _range_start(content_range: str | None) -> int | None:
+    """``bytes 100-199/200`` -> 100."""
+    if not content_range or not content_range.startswith("bytes "):
+        return None
+    start = content_range[6:].split("-", 1)[0]
+    return int(start) if start.isdigit() else None
