@@ -1,8 +1,8 @@
 """Scheduler benchmark: cost-model assignment against an LP bound, the exact optimum and the
 random / round-robin baselines, all measured in one run.
 
-    .venv/bin/python bench/bench_scheduler.py            # full run (about a minute)
-    .venv/bin/python bench/bench_scheduler.py --tiny     # seconds; what the tests run
+    .venv/bin/python -m bench.bench_scheduler            # full run (under a minute)
+    .venv/bin/python -m bench.bench_scheduler --tiny     # seconds; what the tests run
 
 (a) N tasks onto M devices (default 10,000 onto 1,000) with ``plan(method="auto")`` and a
     1 s budget: wall time of the whole call (cost matrix included), makespan against the
@@ -174,7 +174,41 @@ def _fmt(rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def large_case(n: int, m: int, seed: int, budget: float) -> dict[str, float]:
+@dataclass(frozen=True)
+class LargeResult:
+    """Part (a), one size: times in seconds, makespans and totals of completion times."""
+
+    tasks: int
+    devices: int
+    unassigned: int
+    method: str
+    matrix_s: float
+    plan_s: float
+    lp_bound: float
+    lp_s: float
+    makespan: float
+    random_makespan: float
+    rr_makespan: float
+    total: float
+    random_total: float
+    rr_total: float
+
+
+@dataclass(frozen=True)
+class ExactResult:
+    """Part (b), one size: total completion times and solve times."""
+
+    tasks: int
+    devices: int
+    exact_s: float
+    fast_s: float
+    exact: float
+    fast: float
+    greedy: float
+    random: float
+
+
+def large_case(n: int, m: int, seed: int, budget: float) -> LargeResult:
     """Part (a): auto/fast plan vs the LP bound and the baselines."""
     rng = np.random.default_rng(seed)
     fleet, tasks = make_fleet(m, rng), make_tasks(n, rng)
@@ -188,51 +222,48 @@ def large_case(n: int, m: int, seed: int, budget: float) -> dict[str, float]:
     rr = plan(tasks, fleet, model, method="round_robin")
     t = time.perf_counter()
     bound = lp_makespan_bound(comps, upper=best.makespan)
-    bound_s = time.perf_counter() - t
-    return {
-        "tasks": n,
-        "devices": m,
-        "assigned": len(best.assignments),
-        "unassigned": len(best.unassigned),
-        "method": best.method,
-        "matrix_s": matrix_s,
-        "plan_s": best.solve_s,
-        "lp_bound": bound,
-        "lp_s": bound_s,
-        "makespan": best.makespan,
-        "random_makespan": rand.makespan,
-        "rr_makespan": rr.makespan,
-        "total": best.objective,
-        "random_total": rand.objective,
-        "rr_total": rr.objective,
-    }
+    return LargeResult(
+        tasks=n,
+        devices=m,
+        unassigned=len(best.unassigned),
+        method=best.method,
+        matrix_s=matrix_s,
+        plan_s=best.solve_s,
+        lp_bound=bound,
+        lp_s=time.perf_counter() - t,
+        makespan=best.makespan,
+        random_makespan=rand.makespan,
+        rr_makespan=rr.makespan,
+        total=best.objective,
+        random_total=rand.objective,
+        rr_total=rr.objective,
+    )
 
 
-def exact_case(n: int, m: int, seed: int, budget: float) -> dict[str, float]:
+def exact_case(n: int, m: int, seed: int, budget: float) -> ExactResult:
     """Part (b): fast and greedy against the exact optimum."""
     rng = np.random.default_rng(seed)
-    fleet, tasks = (
-        make_fleet(m, rng, sources=max(m // 10, 1)),
-        make_tasks(n, rng, sources=max(m // 10, 1)),
-    )
+    sources = max(m // 10, 1)
+    fleet, tasks = make_fleet(m, rng, sources=sources), make_tasks(n, rng, sources=sources)
     model = _model()
     opt = plan(tasks, fleet, model, method="exact", seed=seed)
     fst = plan(tasks, fleet, model, method="fast", time_budget_s=budget, seed=seed)
     greedy = plan(tasks, fleet, model, method="fast", time_budget_s=0.0, seed=seed)
     rand = plan(tasks, fleet, model, method="random", seed=seed)
-    return {
-        "tasks": n,
-        "devices": m,
-        "exact_s": opt.solve_s,
-        "fast_s": fst.solve_s,
-        "exact": opt.objective,
-        "fast": fst.objective,
-        "greedy": greedy.objective,
-        "random": rand.objective,
-    }
+    return ExactResult(
+        tasks=n,
+        devices=m,
+        exact_s=opt.solve_s,
+        fast_s=fst.solve_s,
+        exact=opt.objective,
+        fast=fst.objective,
+        greedy=greedy.objective,
+        random=rand.objective,
+    )
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, list[dict[str, float]]]:
+def main(argv: Sequence[str] | None = None) -> tuple[list[LargeResult], list[ExactResult]]:
+    """Run parts (a) and (b), print their tables, and return the raw figures."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--tiny", action="store_true", help="small sizes, for a smoke test")
     ap.add_argument("--tasks", type=int, default=10_000)
@@ -249,10 +280,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict[str, float]]]
         exact_sizes = [(300, 50), (600, 75), (1000, 100)]
         budget = args.budget
 
-    results: dict[str, list[dict[str, float]]] = {"large": [], "exact": []}
-    print(
-        f"(a) placement vs the LP lower bound (LB) on makespan, and baselines (budget {budget:g} s)"
-    )
+    print(f"(a) placement vs the LP lower bound (LB) on makespan, baselines (budget {budget:g} s)")
     rows = [
         [
             "tasks x devices",
@@ -269,45 +297,43 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict[str, float]]]
             "rr/ours (sum C)",
         ]
     ]
-    for n, m in large:
-        r = large_case(n, m, args.seed, budget)
-        results["large"].append(r)
-        lb = r["lp_bound"]
+    large_results = [large_case(n, m, args.seed, budget) for n, m in large]
+    for r in large_results:
+        lb = r.lp_bound
         rows.append(
             [
-                f"{n} x {m} ({r['unassigned']} unplaceable)",
-                str(r["method"]),
-                f"{r['matrix_s']:.3f}",
-                f"{r['plan_s']:.3f}",
+                f"{r.tasks} x {r.devices} ({r.unassigned} unplaceable)",
+                r.method,
+                f"{r.matrix_s:.3f}",
+                f"{r.plan_s:.3f}",
                 f"{lb:.3f}",
-                f"{r['lp_s']:.2f}",
-                f"{r['makespan']:.3f}",
-                f"{r['makespan'] / lb:.3f}",
-                f"{r['random_makespan'] / lb:.2f}",
-                f"{r['rr_makespan'] / lb:.2f}",
-                f"{r['random_total'] / r['total']:.2f}",
-                f"{r['rr_total'] / r['total']:.2f}",
+                f"{r.lp_s:.2f}",
+                f"{r.makespan:.3f}",
+                f"{r.makespan / lb:.3f}",
+                f"{r.random_makespan / lb:.2f}",
+                f"{r.rr_makespan / lb:.2f}",
+                f"{r.random_total / r.total:.2f}",
+                f"{r.rr_total / r.total:.2f}",
             ]
         )
     print(_fmt(rows))
     print()
     print("(b) total completion time against the exact optimum (linear_sum_assignment)")
     rows = [["tasks x devices", "exact s", "fast s", "fast/exact", "greedy/exact", "random/exact"]]
-    for n, m in exact_sizes:
-        r = exact_case(n, m, args.seed, budget)
-        results["exact"].append(r)
+    exact_results = [exact_case(n, m, args.seed, budget) for n, m in exact_sizes]
+    for e in exact_results:
         rows.append(
             [
-                f"{n} x {m}",
-                f"{r['exact_s']:.3f}",
-                f"{r['fast_s']:.3f}",
-                f"{r['fast'] / r['exact']:.4f}",
-                f"{r['greedy'] / r['exact']:.4f}",
-                f"{r['random'] / r['exact']:.2f}",
+                f"{e.tasks} x {e.devices}",
+                f"{e.exact_s:.3f}",
+                f"{e.fast_s:.3f}",
+                f"{e.fast / e.exact:.4f}",
+                f"{e.greedy / e.exact:.4f}",
+                f"{e.random / e.exact:.2f}",
             ]
         )
     print(_fmt(rows))
-    return results
+    return large_results, exact_results
 
 
 if __name__ == "__main__":

@@ -6,18 +6,13 @@ task back into the :class:`ThroughputEstimator`.
 """
 
 from coordinator.scheduler.bounds import makespan_lower_bound
-from coordinator.scheduler.costmodel import (
-    REASONS,
-    CostComponents,
-    CostModel,
-    CostTerms,
-    CostWeights,
-    FilterReasons,
-)
+from coordinator.scheduler.costmodel import CostComponents, CostModel, CostTerms
 from coordinator.scheduler.estimator import ThroughputEstimator
 from coordinator.scheduler.explain import Candidate, Explanation
+from coordinator.scheduler.filters import REASONS, FilterReasons
 from coordinator.scheduler.model import DeviceState, TaskSpec
 from coordinator.scheduler.solver import METHODS, Method, Plan, plan
+from coordinator.scheduler.weights import CostWeights
 
 __all__ = [
     "METHODS",

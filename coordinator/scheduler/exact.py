@@ -35,7 +35,7 @@ def _caps(p: FloatArray, r: FloatArray, lanes: IntArray, upper: float) -> IntArr
     single = p + (r if r.ndim == 2 else r[None, :])
     lower = float(np.min(single, axis=1).sum())
     gap = max(upper - lower, 0.0) * (1.0 + 1e-9) + 1e-12
-    pmin = np.min(np.where(feas, p, np.inf), axis=0)
+    pmin = np.min(p, axis=0)  # inf where no task can use the device
     k_max = np.empty(m, dtype=np.int64)
     for i in range(m):
         if takers[i] == 0:

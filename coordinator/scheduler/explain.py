@@ -73,7 +73,8 @@ class Explanation:
             lines.append(header)
         for c in self.candidates:
             t = c.terms
-            assert t is not None
+            if t is None:
+                continue
             lines.append(
                 f"  {'*' if c.chosen else ' '} {c.device_id:<24} {t.total:>9.3f} "
                 f"{t.queue_s:>8.3f} {t.compute_s:>8.3f} {t.transfer_s:>8.3f} {t.rtt_s:>6.3f} "

@@ -2,9 +2,10 @@
 
 1. **Backward greedy.** Tasks are taken longest first (by their best processing time) and each
    goes to the lane position with the lowest marginal cost ``k * P[j, i] + R[j, i]``, where k
-   is the next free position from the end of that device's least-filled lane. Because later
-   (shorter) tasks land in front of it, a task's position, and so its cost, never changes
-   after it is placed: the greedy adds exact marginal costs.
+   is the next free position from the end of that device's least-filled lane. Later tasks
+   are shorter and run before it, so its position, and the cost it was placed at, stay put
+   (exactly so where devices rank tasks alike; the final schedule re-sorts every device
+   shortest first, which can only lower the total).
 2. **Large-neighbourhood search.** Until the time budget runs out or a full round brings no
    gain, pick a random group of devices and re-solve the tasks on them exactly
    (:func:`coordinator.scheduler.exact.solve` on the sub-problem). Each step can only lower
@@ -97,6 +98,8 @@ def improve(
     while time.perf_counter() + longest < deadline and stale < max(m // size, 1) + 1:
         began = time.perf_counter()
         group = rng.choice(m, size=size, replace=False)
+        # Half the groups are busy devices only (rebalance among them), half may include
+        # idle ones (so work can spread to them).
         group = group[load[group] > 0] if rng.random() < 0.5 else group
         if len(group) < 2:
             stale += 1
@@ -141,4 +144,4 @@ def solve(
     return improve(p, r, lanes, start, deadline=deadline, rng=np.random.default_rng(seed))
 
 
-__all__ = ["greedy", "improve", "positional_cost", "solve"]
+__all__ = ["greedy", "improve", "solve"]

@@ -28,8 +28,9 @@ import numpy.typing as npt
 
 from coordinator.scheduler import exact, fast
 from coordinator.scheduler.baselines import random_assign, round_robin
-from coordinator.scheduler.costmodel import REASONS, CostComponents, CostModel
+from coordinator.scheduler.costmodel import CostComponents, CostModel
 from coordinator.scheduler.explain import Candidate, Explanation
+from coordinator.scheduler.filters import summarize
 from coordinator.scheduler.model import DeviceState, TaskSpec
 from coordinator.scheduler.schedule import Schedule, evaluate
 
@@ -152,9 +153,7 @@ def _unassigned_reasons(
                 why = model.feasible(task, pinned)
                 out[task.task_id] = f"pinned device {task.device_id}: {why}"
             continue
-        counts = np.bincount(codes[row], minlength=len(REASONS) + 1)
-        ranked = sorted((-int(c), k) for k, c in enumerate(counts) if k and c)
-        summary = ", ".join(f"{REASONS[k - 1]} x{-c}" for c, k in ranked)
+        summary = ", ".join(f"{name} x{c}" for name, c in summarize(codes[row]).items())
         out[task.task_id] = f"no feasible device: {summary}"
     return out
 

@@ -28,7 +28,7 @@ def test_lower_bound_is_below_every_plan(seed: int) -> None:
     assert simple <= lp * (1 + 1e-9)
     assert simple <= tight * (1 + 1e-9)
     for method in ("exact", "fast", "random", "round_robin"):
-        result = plan(tasks, fleet, model, method=method, time_budget_s=0.1)  # type: ignore[arg-type]
+        result = plan(tasks, fleet, model, method=method, time_budget_s=0.1)
         assert tight <= result.makespan * (1 + 1e-9)
         assert lp <= result.makespan * (1 + 1e-9)
 

@@ -138,7 +138,7 @@ def test_baselines_are_worse_than_the_optimum_on_a_skewed_fleet() -> None:
     model = CostModel(CostWeights(), ThroughputEstimator())
     best = plan(tasks, fast_dev + slow_dev, model, method="exact")
     for method in ("random", "round_robin"):
-        base = plan(tasks, fast_dev + slow_dev, model, method=method)  # type: ignore[arg-type]
+        base = plan(tasks, fast_dev + slow_dev, model, method=method)
         assert base.objective > 2 * best.objective
         assert base.makespan > 2 * best.makespan
 
