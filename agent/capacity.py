@@ -22,7 +22,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 import psutil
 
@@ -75,6 +75,29 @@ MEMORY_CHANGE_FRACTION: Final = 0.20
 
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9._:/-]{1,64}")  # protocol Name; used with fullmatch
 _MAX_COUNT: Final = 2**62
+
+
+class Sampler(Protocol):
+    """What the daemon needs from a sampler (the fleet simulator provides its own)."""
+
+    @property
+    def probe(self) -> ProbeResult | None: ...
+
+    @probe.setter
+    def probe(self, probe: ProbeResult | None) -> None: ...
+
+    @property
+    def device_class(self) -> str | None: ...
+
+    def sample(
+        self,
+        *,
+        slots: Slots,
+        outbox_pending: int,
+        counters: Mapping[str, int],
+        interval_s: float,
+    ) -> CapacityReport: ...
+
 
 # ---------------------------------------------------------------- the sampler
 

@@ -13,10 +13,11 @@ import contextlib
 import logging
 import signal
 import time
+from concurrent.futures import Executor
 from typing import Any
 
 from agent import __version__
-from agent.capacity import CapacitySampler, significant_change
+from agent.capacity import CapacitySampler, Sampler, significant_change
 from agent.config import AgentConfig
 from agent.datasources import DataSources
 from agent.handlers import HandlerRegistry, TaskContext, default_registry
@@ -41,7 +42,14 @@ SAMPLE_PERIOD_S = 5.0
 class Agent:
     """One device agent."""
 
-    def __init__(self, config: AgentConfig, *, registry: HandlerRegistry | None = None) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        registry: HandlerRegistry | None = None,
+        sampler: Sampler | None = None,
+        outbox_executor: Executor | None = None,
+    ) -> None:
         self.config = config
         self.counters = Counters()
         self.started_at = time.time()
@@ -49,6 +57,7 @@ class Agent:
             config.state_dir / "agent.db",
             max_entries=config.outbox_max_entries,
             sync=config.outbox_sync,
+            executor=outbox_executor,
         )
         self.notifier = Notifier()
         self.probe: ProbeResult | None = None
@@ -93,7 +102,7 @@ class Agent:
             on_result=self.link.wake,
             on_change=self._report_now.set,
         )
-        self.sampler = CapacitySampler(
+        self.sampler: Sampler = sampler or CapacitySampler(
             state_dir=config.state_dir,
             probe=None,
             device_class=config.device_class,

@@ -22,7 +22,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -83,11 +83,17 @@ class Outbox:
         *,
         max_entries: int = 100_000,
         sync: Literal["full", "normal"] = "full",
+        executor: Executor | None = None,
     ) -> None:
         self.path = path
         self.max_entries = max_entries
         self._sync = sync
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox")
+        # One thread owns the connection. A simulator with many agents passes one shared
+        # single-thread executor instead of a thread per agent.
+        self._own_executor = executor is None
+        self._executor: Executor = executor or ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="outbox"
+        )
         self._conn: sqlite3.Connection | None = None
         self._batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -123,7 +129,8 @@ class Outbox:
         if self._conn is not None:
             conn, self._conn = self._conn, None
             await self._run(conn.close)
-        self._executor.shutdown(wait=True)
+        if self._own_executor:
+            self._executor.shutdown(wait=True)
 
     async def _run(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
