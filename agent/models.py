@@ -56,7 +56,6 @@ log = logging.getLogger(__name__)
 
 MODEL_NAME_PATTERN: Final = r"\A[A-Za-z0-9._-]{1,64}\Z"
 DIGEST_PATTERN: Final = r"\A[0-9a-f]{64}\Z"
-CHUNK_BYTES: Final = 64 * 1024
 INDEX_FILE: Final = "index.json"
 #: Unreferenced cached models kept (newest first) so a rollback costs no download.
 KEEP_UNREFERENCED: Final = 2
@@ -200,6 +199,11 @@ def _fsync_replace(src: Path, dst: Path) -> None:
             os.close(fd)
 
 
+@dataclass(slots=True)
+class _Transfer:
+    received: int = 0  # bytes taken off the network, over all attempts
+
+
 class _Retry(Exception):  # noqa: N818 - internal control flow, never escapes
     """A download attempt failed in a way worth retrying."""
 
@@ -249,6 +253,8 @@ class ModelManager:
         self._index: dict[str, dict[str, Any]] = {}
         self._name_locks: dict[str, asyncio.Lock] = {}
         self._digest_locks: dict[str, asyncio.Lock] = {}
+        self._index_lock = asyncio.Lock()
+        self._pending: dict[str, int] = {}  # digests fetched for deploys still in progress
         self.restored = asyncio.Event()
 
     # ------------------------------------------------------------ paths
@@ -331,27 +337,32 @@ class ModelManager:
             current = self._served.get(spec.name)
             if current is not None and current.digest == spec.digest:
                 return self._outcome(current, downloaded=0, previous=current.digest)
-            path, downloaded = await self._fetch(spec)
+            self._pending[spec.digest] = self._pending.get(spec.digest, 0) + 1
             try:
-                model = await asyncio.to_thread(self._load, spec, path)
-            except (ModelLoadError, RuntimeUnavailableError) as exc:
-                if isinstance(exc, ModelLoadError) and not self._digest_in_use(spec.digest):
-                    path.unlink(missing_ok=True)  # corrupt: never serve it, fetch anew next time
-                reason = "load_failed" if isinstance(exc, ModelLoadError) else "no_runtime"
-                raise ModelError(reason, str(exc)) from exc
-            if spec.input is not None and (why := input_mismatch(spec.input, model.runtime.inputs)):
-                model.retire()
-                raise ModelError("input_mismatch", why)
-            self._index[spec.name] = {
-                "digest": spec.digest,
-                "spec": msgspec.to_builtins(spec),
-                "deployed_at": time.time(),
-            }
-            await asyncio.to_thread(self._write_index, dict(self._index))
-            self._served[spec.name] = model  # the swap: new requests see the new model
-            if current is not None:
-                current.retire()
-            await asyncio.to_thread(self._prune)
+                path, downloaded = await self._fetch(spec)
+                model = await self._load_checked(spec, path)
+                entry = {
+                    "digest": spec.digest,
+                    "spec": msgspec.to_builtins(spec),
+                    "deployed_at": time.time(),
+                }
+                async with self._index_lock:
+                    index = {**self._index, spec.name: entry}
+                    try:
+                        await asyncio.to_thread(self._write_index, index)
+                    except OSError as exc:
+                        model.retire()
+                        raise ModelError("storage", f"cannot record the model: {exc}") from exc
+                    self._index = index
+                self._served[spec.name] = model  # the swap: new requests see the new model
+                if current is not None:
+                    current.retire()
+            finally:
+                self._pending[spec.digest] -= 1
+                if not self._pending[spec.digest]:
+                    del self._pending[spec.digest]
+            async with self._index_lock:
+                await asyncio.to_thread(self._prune, self._keep())
             log.info(
                 "model %s now %s (%s, %d bytes downloaded, loaded in %.3f s)",
                 spec.name,
@@ -376,6 +387,26 @@ class ModelManager:
             runtime=model.runtime.description,
             threads=model.runtime.threads,
         )
+
+    async def _load_checked(self, spec: DeploySpec, path: Path) -> ServedModel:
+        try:
+            model = await asyncio.to_thread(self._load, spec, path)
+        except (ModelLoadError, RuntimeUnavailableError) as exc:
+            if isinstance(exc, ModelLoadError) and not self._digest_in_use(spec.digest):
+                # Corrupt: never serve it, fetch it anew next time.
+                await asyncio.to_thread(path.unlink, missing_ok=True)
+            reason = "load_failed" if isinstance(exc, ModelLoadError) else "no_runtime"
+            raise ModelError(reason, str(exc)) from exc
+        if spec.input is not None and (why := input_mismatch(spec.input, model.runtime.inputs)):
+            model.retire()
+            raise ModelError("input_mismatch", why)
+        return model
+
+    def _keep(self) -> set[str]:
+        """Digests the cache must keep: indexed, served, or being deployed."""
+        keep = {e["digest"] for e in self._index.values()}
+        keep |= {m.digest for m in self._served.values()}
+        return keep | set(self._pending)
 
     def _digest_in_use(self, digest: str) -> bool:
         return any(m.digest == digest for m in self._served.values())
@@ -433,18 +464,18 @@ class ModelManager:
         import httpx
 
         timeout = httpx.Timeout(self.timeout)
-        downloaded = 0
+        transfer = _Transfer()
         failures = 0
         async with httpx.AsyncClient(timeout=timeout, follow_redirects=True) as client:
             while True:
                 have = await asyncio.to_thread(_usable_part, part, spec.size)
                 if have == spec.size:
-                    return downloaded
+                    return transfer.received
                 free = (await asyncio.to_thread(shutil.disk_usage, part.parent)).free
                 if free < spec.size - have:
                     raise ModelError("no_space", f"{spec.size - have} bytes needed, {free} free")
                 try:
-                    downloaded += await self._attempt(client, spec, part, have)
+                    await self._attempt(client, spec, part, have, transfer)
                 except (httpx.TransportError, _Retry) as exc:
                     failures += 1
                     if failures > self.retries:
@@ -466,13 +497,17 @@ class ModelManager:
                     await asyncio.sleep(delay)
 
     async def _attempt(
-        self, client: httpx.AsyncClient, spec: DeploySpec, part: Path, have: int
-    ) -> int:
-        """One GET from ``have`` on; returns the bytes received. Raises _Retry/ModelError."""
+        self,
+        client: httpx.AsyncClient,
+        spec: DeploySpec,
+        part: Path,
+        have: int,
+        transfer: _Transfer,
+    ) -> None:
+        """One GET from ``have`` on, counting into ``transfer``. Raises _Retry/ModelError."""
         headers = {"Accept-Encoding": "identity"}
         if have:
             headers["Range"] = f"bytes={have}-"
-        received = 0
         async with client.stream("GET", spec.url, headers=headers) as resp:
             status = resp.status_code
             if status == 206 and have and _range_start(resp.headers.get("content-range")) == have:
@@ -495,7 +530,9 @@ class ModelManager:
                 )
             fh = await asyncio.to_thread(part.open, mode)
             try:
-                async for chunk in resp.aiter_raw(CHUNK_BYTES):
+                # No chunk size: httpx would hold back a partial chunk when the connection
+                # drops, and those bytes would be fetched again.
+                async for chunk in resp.aiter_raw():
                     if have + len(chunk) > spec.size:
                         fh.close()
                         await asyncio.to_thread(part.unlink, missing_ok=True)
@@ -505,12 +542,11 @@ class ModelManager:
                     # Written as it arrives, so an interrupted transfer resumes from here.
                     await asyncio.to_thread(fh.write, chunk)
                     have += len(chunk)
-                    received += len(chunk)
+                    transfer.received += len(chunk)
             finally:
                 fh.close()
         if have < spec.size:
             raise _Retry(f"body ended after {have} of {spec.size} bytes")
-        return received
 
     # ------------------------------------------------------------ index and cache
 
@@ -531,12 +567,10 @@ class ModelManager:
         tmp.write_text(json.dumps({"version": 1, "models": index}, indent=1, sort_keys=True))
         _fsync_replace(tmp, self.root / INDEX_FILE)
 
-    def _prune(self) -> None:
-        """Delete cached models no name refers to, keeping the newest few for rollbacks."""
-        referenced = {e["digest"] for e in self._index.values()}
-        referenced |= {m.digest for m in self._served.values()}
+    def _prune(self, keep: set[str]) -> None:
+        """Delete cached models not in ``keep``, except the newest few (for rollbacks)."""
         try:
-            files = [p for p in self.cache_dir.iterdir() if p.name not in referenced]
+            files = [p for p in self.cache_dir.iterdir() if p.name not in keep]
         except FileNotFoundError:
             return
         files.sort(key=lambda p: p.stat().st_mtime, reverse=True)

@@ -73,6 +73,12 @@ def linear() -> Linear:
 
 
 @pytest.fixture(scope="session")
+def big() -> Linear:
+    """A model of ~130 kB, so transfers take several reads."""
+    return make_linear(3, n_in=512, n_out=64, n=50)
+
+
+@pytest.fixture(scope="session")
 def other_linear() -> Linear:
     """A second model with the same input, for swaps."""
     return make_linear(2)

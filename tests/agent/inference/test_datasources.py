@@ -1,0 +1,161 @@
+"""Named data sources and their configuration."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.config import load_config
+from agent.datasources import (
+    ArraySource,
+    DataSourceError,
+    DataSources,
+    ImageFolderSource,
+    NpySource,
+    NpzSource,
+    PluginSource,
+    source_for,
+)
+from protocol.errors import ConfigError
+
+PLUGIN = "tests.agent.inference.plugin_data"
+
+
+def test_npz_with_and_without_labels(tmp_path: Path) -> None:
+    x = np.random.default_rng(0).normal(size=(10, 3)).astype(np.float32)
+    y = np.arange(10) % 3
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    np.savez(tmp_path / "u.npz", x=x)
+    data = source_for(str(tmp_path / "d.npz")).load()
+    np.testing.assert_array_equal(data.x, x)
+    assert data.y is not None
+    np.testing.assert_array_equal(data.y, y)
+    assert len(source_for(str(tmp_path / "d.npz")).load(limit=4)) == 4
+    assert source_for(str(tmp_path / "u.npz")).load().y is None
+
+
+def test_npz_problems_are_clear(tmp_path: Path) -> None:
+    np.savez(tmp_path / "nox.npz", data=np.zeros(3))
+    with pytest.raises(DataSourceError, match="no array named 'x'"):
+        NpzSource(tmp_path / "nox.npz").load()
+    np.savez(tmp_path / "bad.npz", x=np.zeros((4, 2)), y=np.zeros(3))
+    with pytest.raises(DataSourceError, match="4 samples but 3 labels"):
+        NpzSource(tmp_path / "bad.npz").load()
+    np.savez(tmp_path / "obj.npz", x=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(DataSourceError, match="cannot read"):  # never unpickled
+        NpzSource(tmp_path / "obj.npz").load()
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(DataSourceError, match="cannot read"):
+        NpzSource(tmp_path / "junk.npz").load()
+
+
+def test_npy_is_x_only(tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", np.ones((5, 2), dtype=np.float32))
+    data = NpySource(tmp_path / "x.npy").load(limit=2)
+    assert data.x.shape == (2, 2)
+    assert data.y is None
+
+
+def test_plugins() -> None:
+    data = source_for(f"{PLUGIN}:pairs").load(limit=4)
+    assert data.x.shape == (4, 2)
+    assert data.y is not None
+    assert data.y.tolist() == [0, 1, 0, 1]
+    assert source_for(f"{PLUGIN}:only_x").load().y is None
+    with pytest.raises(DataSourceError, match="sensor offline"):
+        PluginSource(f"{PLUGIN}:broken").load()
+    with pytest.raises(DataSourceError, match="3 samples but 2 labels"):
+        PluginSource(f"{PLUGIN}:mismatched").load()
+    with pytest.raises(DataSourceError, match="not a function"):
+        PluginSource(f"{PLUGIN}:NOT_CALLABLE").load()
+    with pytest.raises(DataSourceError, match="cannot import"):
+        PluginSource("no_such_module_here:load").load()
+
+
+def test_unknown_and_unsupported_specs(tmp_path: Path) -> None:
+    with pytest.raises(DataSourceError, match="does not exist"):
+        source_for(str(tmp_path / "missing.npz").replace(".npz", ".csv"))
+    (tmp_path / "data.csv").write_text("1,2\n")
+    with pytest.raises(DataSourceError, match=r"expected \.npz"):
+        source_for(str(tmp_path / "data.csv"))
+    sources = DataSources({"a": str(tmp_path / "a.npz")})
+    sources.add("mem", ArraySource(np.zeros((2, 2))))
+    assert sources.names() == ["a", "mem"]
+    with pytest.raises(DataSourceError, match=r"unknown data source 'b' \(known: a, mem\)"):
+        sources.get("b")
+
+
+def test_image_folder_without_pillow_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "cats").mkdir()
+    (tmp_path / "cats" / "a.png").write_bytes(b"\x89PNG")
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    assert isinstance(source_for(str(tmp_path)), ImageFolderSource)
+    with pytest.raises(DataSourceError, match="need Pillow"):
+        source_for(str(tmp_path)).load()
+
+
+def test_image_folder_with_class_subfolders(tmp_path: Path) -> None:
+    image_mod = pytest.importorskip("PIL.Image", reason="Pillow is not installed")
+    for label, name in enumerate(["cat", "dog"]):
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            pixels = np.full((4, 5), 10 * label + i, dtype=np.uint8)
+            image_mod.fromarray(pixels).save(tmp_path / name / f"{i}.png")
+    data = source_for(str(tmp_path)).load()
+    assert data.x.shape == (6, 4, 5)
+    assert data.classes == ("cat", "dog")
+    assert data.y is not None
+    assert data.y.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def test_data_table_env_and_flags(tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(
+        '[data]\ndigits = "/srv/digits.npz"\ncam = "plugins.cam:frames"\n'
+        "[endpoint]\nport = 8780\n"
+        '[inference]\nthreads = 2\nproviders = ["cuda", "cpu"]\n'
+    )
+    config = load_config(
+        cfg, env={"LEPTON_DATA_DIGITS": "/data/digits.npz", "LEPTON_DATA_EXTRA": "/x.npy"}
+    )
+    assert config.data_source_map == {
+        "cam": "plugins.cam:frames",
+        "digits": "/data/digits.npz",  # the environment beats the file, entry by entry
+        "extra": "/x.npy",
+    }
+    assert config.endpoint_port == 8780
+    assert config.endpoint_enabled
+    assert config.inference_threads == 2
+    assert config.inference_providers == ("cuda", "cpu")
+    flags = load_config(cfg, env={}, overrides={"data_sources": "a=/a.npz,b=m:f"})
+    assert flags.data_source_map == {"a": "/a.npz", "b": "m:f"}
+    assert not load_config(None, env={}).endpoint_enabled
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "match"),
+    [
+        ("[data]\ndigits = 3\n", {}, "must be a non-empty string"),
+        ('[data]\n"bad name" = "/x"\n', {}, "data source name"),
+        ("[endpoint]\nprot = 1\n", {}, r"unknown key endpoint\.prot"),
+        ("[inference]\nthreads = -1\n", {}, "must not be negative"),
+        ("[endpoint]\nport = 70000\n", {}, "endpoint.port"),
+        ("", {"LEPTON_ENDPOINT_PROT": "1"}, "LEPTON_ENDPOINT_PROT"),
+        ("", {"LEPTON_DATA_BAD!": "/x"}, "data source name"),
+    ],
+)
+def test_bad_inference_config_is_named(
+    tmp_path: Path, text: str, env: dict[str, str], match: str
+) -> None:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(cfg, env=env)
