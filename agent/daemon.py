@@ -16,6 +16,8 @@ import time
 from concurrent.futures import Executor
 from typing import Any
 
+import msgspec
+
 from agent import __version__
 from agent.capacity import CapacitySampler, Sampler, significant_change
 from agent.config import AgentConfig
@@ -225,12 +227,17 @@ class Agent:
         self._report_now.set()
 
     def _sample(self) -> CapacityReport:
-        return self.sampler.sample(
+        report = self.sampler.sample(
             slots=self.runner.slots_report(),
             outbox_pending=len(self.outbox),
             counters=self.counters.snapshot(),
             interval_s=self.config.agent_capacity_interval,
         )
+        if self.config.data_sources:
+            report = msgspec.structs.replace(
+                report, data_sources=sorted(self.config.data_source_map)
+            )
+        return report
 
     async def _capacity_loop(self) -> None:
         interval = self.config.agent_capacity_interval

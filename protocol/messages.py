@@ -136,6 +136,8 @@ class CapacityReport(_Msg, frozen=True, kw_only=True, tag="capacity"):
     uptime_s: NonNeg = 0.0
     counters: Counters = msgspec.field(default_factory=dict)
     tags: Labels = msgspec.field(default_factory=list)
+    # Names of the local data sources this device holds (data locality for training tasks).
+    data_sources: Labels = msgspec.field(default_factory=list)
 
 
 TaskStatus = Literal["succeeded", "failed", "rejected", "expired"]

@@ -71,7 +71,7 @@ class DeviceState:
         """Build the scheduler's view from a capacity report.
 
         The report says nothing about the link to the coordinator or local data sets, so
-        ``bandwidth_bps``, ``rtt_s`` and ``data_sources`` keep their defaults unless given in
+        ``bandwidth_bps`` and ``rtt_s`` keep their defaults unless given in
         ``overrides``; ``overrides`` also win over any field read from the report (``online``
         for a device whose Last Will arrived, for instance). An unknown key is a ``TypeError``.
         """
@@ -88,6 +88,7 @@ class DeviceState:
             "slots_busy": report.slots.busy,
             "queued": report.slots.queued,
             "tags": frozenset(report.tags),
+            "data_sources": frozenset(report.data_sources),
         }
         if report.bench is not None:
             fields["fp32_gflops"] = report.bench.fp32_gflops

@@ -81,6 +81,7 @@ async def test_fleet_registers_reports_and_runs_tasks(broker: Broker, tmp_path: 
                 assert report.bench is not None
                 assert report.bench.fp32_gflops == dev.profile.fp32_gflops
                 assert (report.battery is not None) == dev.profile.battery
+                assert report.data_sources == ["digits", "digits-test"]
             task = await sink.send_task(ids[0], payload="hi")
             await sink.wait(lambda: len(sink.results_for({task.task_id})) == 1, 10, "echo result")
         finally:
