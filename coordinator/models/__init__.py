@@ -1,0 +1,6 @@
+"""Models on the coordinator: INT8 quantization with an accuracy gate, the content-addressed
+model registry, its HTTP routes and its CLI commands.
+
+Heavy dependencies (torch, onnx, onnxruntime) are imported by the modules that need them,
+so importing the registry or the routes stays light.
+"""
