@@ -42,6 +42,7 @@ from agent.runtimes.base import Array, TensorSpec
 log = logging.getLogger(__name__)
 
 IDLE_TIMEOUT_S: Final = 60.0
+LINGER_S: Final = 1.0
 READ_CHUNK: Final = 256 * 1024
 MSGPACK_TYPES: Final = frozenset({"application/msgpack", "application/x-msgpack"})
 JSON_TYPE: Final = "application/json"
@@ -175,6 +176,18 @@ def _outputs_msgpack(outputs: dict[str, Array]) -> dict[str, Any]:
 # ---------------------------------------------------------------- the server
 
 
+async def _linger(reader: asyncio.StreamReader, seconds: float = LINGER_S) -> None:
+    """Read and drop what a refused client is still sending, briefly, before closing.
+
+    Closing with unread data makes the kernel reset the connection, and a client still
+    writing its body would see the reset instead of the 413 it was sent.
+    """
+    with contextlib.suppress(TimeoutError, ConnectionError):
+        async with asyncio.timeout(seconds):
+            while await reader.read(READ_CHUNK):
+                pass
+
+
 class Endpoint:
     """The local API of one agent. ``async with Endpoint(...)`` is the listening lifetime."""
 
@@ -206,6 +219,8 @@ class Endpoint:
         self._connections: set[asyncio.Task[Any]] = set()
         self.port: int | None = None
         self.requests = 0
+        self.accepted = 0  # connections, over the endpoint's life
+        self._bound_socket = False
 
     async def __aenter__(self) -> Endpoint:
         try:
@@ -222,6 +237,7 @@ class Endpoint:
                     self._connection, str(self.socket_path), limit=READ_CHUNK
                 )
                 self._servers.append(server)
+                self._bound_socket = True
                 await asyncio.to_thread(os.chmod, self.socket_path, 0o660)
                 log.info("inference endpoint on unix:%s", self.socket_path)
         except BaseException:
@@ -239,7 +255,8 @@ class Endpoint:
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
-        if self.socket_path is not None:
+        if self._bound_socket and self.socket_path is not None:
+            self._bound_socket = False  # only ever remove the socket this endpoint made
             with contextlib.suppress(FileNotFoundError):
                 await asyncio.to_thread(self.socket_path.unlink)
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -266,6 +283,7 @@ class Endpoint:
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
+        self.accepted += 1
         conn = h11.Connection(h11.SERVER)
         try:
             if len(self._connections) > self.max_connections:
@@ -313,6 +331,7 @@ class Endpoint:
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
             await self._write(conn, writer, self._too_large(int(length)))
+            await _linger(reader)
             return False
         body = bytearray()
         while True:
@@ -321,6 +340,7 @@ class Endpoint:
                 body += part.data
                 if len(body) > self.max_body:
                     await self._write(conn, writer, self._too_large(len(body)))
+                    await _linger(reader)
                     return False
             elif isinstance(part, h11.EndOfMessage):
                 break

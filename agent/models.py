@@ -30,6 +30,7 @@ import logging
 import os
 import random
 import shutil
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -255,6 +256,7 @@ class ModelManager:
         self._digest_locks: dict[str, asyncio.Lock] = {}
         self._index_lock = asyncio.Lock()
         self._pending: dict[str, int] = {}  # digests fetched for deploys still in progress
+        self._tls: ssl.SSLContext | None = None
         self.restored = asyncio.Event()
 
     # ------------------------------------------------------------ paths
@@ -463,10 +465,14 @@ class ModelManager:
     async def _download(self, spec: DeploySpec, part: Path) -> int:
         import httpx
 
+        if self._tls is None:  # loading the CA bundle takes a while; once, off the loop
+            self._tls = await asyncio.to_thread(httpx.create_ssl_context)
         timeout = httpx.Timeout(self.timeout)
         transfer = _Transfer()
         failures = 0
-        async with httpx.AsyncClient(timeout=timeout, follow_redirects=True) as client:
+        async with httpx.AsyncClient(
+            timeout=timeout, follow_redirects=True, verify=self._tls
+        ) as client:
             while True:
                 have = await asyncio.to_thread(_usable_part, part, spec.size)
                 if have == spec.size:

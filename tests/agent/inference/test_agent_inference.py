@@ -1,0 +1,103 @@
+"""End to end through a real agent and a real mosquitto: deploy, infer, refuse, restart."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from agent.daemon import Agent
+from protocol.messages import Result
+from tests.agent.inference.conftest import Linear
+from tests.agent.test_agent_broker import running_agent
+from tests.support.blobserver import BlobServer
+from tests.support.broker import Broker
+from tests.support.fleet import Sink
+
+
+async def _run(sink: Sink, kind: str, timeout: float = 20, **params: object) -> Result:
+    task = await sink.send_task("dev-1", kind, **params)
+    await sink.wait(lambda: task.task_id in sink.results_for({task.task_id}), timeout, kind)
+    return sink.results_for({task.task_id})[task.task_id]
+
+
+def _deploy(blobs: BlobServer, data: bytes, digest: str | None = None) -> dict[str, object]:
+    digest = digest or blobs.add(data)
+    return {
+        "name": "digits",
+        "digest": digest,
+        "size": len(data),
+        "url": blobs.url(digest),
+        "format": "onnx",
+        "precision": "fp32",
+    }
+
+
+async def _endpoint_port(agent: Agent) -> int:
+    async with asyncio.timeout(10):
+        while agent.endpoint_port is None:
+            await asyncio.sleep(0.02)
+    return agent.endpoint_port
+
+
+async def test_deploy_infer_refuse_and_restart(
+    broker: Broker,
+    tmp_path: Path,
+    blobs: BlobServer,
+    linear: Linear,
+    other_linear: Linear,
+) -> None:
+    np.savez(tmp_path / "val.npz", x=linear.x, y=linear.y)
+    state = tmp_path / "state"
+    overrides = {"data_sources": {"val": str(tmp_path / "val.npz")}, "endpoint_port": 0}
+    good = _deploy(blobs, linear.onnx)
+    async with Sink(broker.port) as sink:
+        async with running_agent(broker, state, **overrides) as agent:
+            deployed = await _run(sink, "deploy", **good)
+            assert deployed.status == "succeeded", deployed.error
+            assert deployed.output["bytes_downloaded"] == len(linear.onnx)
+
+            result = await _run(sink, "infer", model="digits", source="val", batch_size=50)
+            assert result.status == "succeeded", result.error
+            assert result.output["accuracy"] == 1.0
+            assert result.output["count"] == len(linear.x)
+            assert result.output["latency_ms"]["sample"]["p99"] > 0
+
+            # A corrupted artifact (bytes that do not hash to the digest) is refused...
+            corrupted = _deploy(blobs, other_linear.onnx, digest=blobs.add(other_linear.onnx))
+            blobs.put(str(corrupted["digest"]), other_linear.onnx[:-1] + b"\0")
+            refused = await _run(sink, "deploy", **corrupted)
+            assert refused.status == "failed"
+            assert "digest_mismatch" in (refused.error or "")
+            # ...and so is one whose hash is right but which is not a model.
+            garbage = _deploy(blobs, b"\0" * 4096)
+            refused = await _run(sink, "deploy", **garbage)
+            assert refused.status == "failed"
+            assert "load_failed" in (refused.error or "")
+
+            # The first model is still served, to tasks and to local applications.
+            result = await _run(sink, "infer", model="digits", source="val")
+            assert result.status == "succeeded", result.error
+            assert result.output["digest"] == good["digest"]
+            assert result.output["accuracy"] == 1.0
+            port = await _endpoint_port(agent)
+            async with httpx.AsyncClient() as client:
+                resp = await client.post(
+                    f"http://127.0.0.1:{port}/v1/models/digits:predict",
+                    json={"inputs": linear.x[:2].tolist()},
+                )
+            assert resp.status_code == 200
+            np.testing.assert_allclose(
+                resp.json()["outputs"]["logits"], linear.logits(linear.x[:2]), atol=1e-4
+            )
+        requests_before = len(blobs.requests)
+
+        # After a restart the agent serves the same model from its cache.
+        async with running_agent(broker, state, **overrides) as agent:
+            await agent.models.restored.wait()
+            result = await _run(sink, "infer", model="digits", source="val")
+            assert result.status == "succeeded", result.error
+            assert result.output["digest"] == good["digest"]
+            assert len(blobs.requests) == requests_before

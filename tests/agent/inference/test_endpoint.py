@@ -1,0 +1,255 @@
+"""The local inference endpoint over real TCP and a real Unix socket."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import numpy as np
+import pytest
+
+from agent.endpoint import Endpoint
+from agent.models import ModelManager
+from protocol.tensors import TensorPayload, from_payload, to_payload
+from tests.agent.inference.conftest import Linear, spec_for
+from tests.support.blobserver import BlobServer
+
+MSGPACK = {"content-type": "application/msgpack"}
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A short directory for Unix sockets (their paths are limited to ~100 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="lep-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+async def served(manager: ModelManager, blobs: BlobServer, linear: Linear) -> ModelManager:
+    await manager.deploy(spec_for(blobs, linear.onnx))
+    return manager
+
+
+@pytest.fixture
+async def endpoint(served: ModelManager, short_dir: Path) -> AsyncIterator[Endpoint]:
+    async with Endpoint(
+        served, port=0, socket_path=short_dir / "infer.sock", max_body=64 * 1024
+    ) as ep:
+        yield ep
+
+
+@pytest.fixture
+async def tcp(endpoint: Endpoint) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{endpoint.port}") as client:
+        yield client
+
+
+@pytest.fixture
+async def uds(endpoint: Endpoint) -> AsyncIterator[httpx.AsyncClient]:
+    assert endpoint.socket_path is not None
+    transport = httpx.AsyncHTTPTransport(uds=str(endpoint.socket_path))
+    async with httpx.AsyncClient(transport=transport, base_url="http://agent") as client:
+        yield client
+
+
+def _error(resp: httpx.Response) -> dict[str, Any]:
+    body = resp.json()
+    assert set(body) == {"error"}
+    return body["error"]  # type: ignore[no-any-return]
+
+
+async def test_health_and_model_listing(tcp: httpx.AsyncClient, linear: Linear) -> None:
+    health = await tcp.get("/v1/health")
+    assert health.status_code == 200
+    assert health.json() == {"status": "ok", "models": ["clf"]}
+    models = (await tcp.get("/v1/models")).json()["models"]
+    assert len(models) == 1
+    model = models[0]
+    assert model["name"] == "clf"
+    assert model["inputs"] == [{"name": "x", "dtype": "float32", "shape": [None, 16]}]
+    assert model["outputs"] == [{"name": "logits", "dtype": "float32", "shape": [None, 4]}]
+    assert model["runtime"].startswith("onnxruntime")
+    one = await tcp.get("/v1/models/clf")
+    assert one.json()["digest"] == model["digest"]
+
+
+async def test_json_predict_over_tcp_keeps_the_connection(
+    tcp: httpx.AsyncClient, endpoint: Endpoint, linear: Linear
+) -> None:
+    for i in range(20):
+        x = linear.x[i : i + 3]
+        resp = await tcp.post("/v1/models/clf:predict", json={"inputs": x.tolist()})
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        assert body["model"] == "clf"
+        np.testing.assert_allclose(body["outputs"]["logits"], linear.logits(x), atol=1e-4)
+    assert endpoint.accepted == 1  # one keep-alive connection for all of them
+    # Inputs by name work too.
+    named = await tcp.post("/v1/models/clf:predict", json={"inputs": {"x": linear.x[:1].tolist()}})
+    assert named.status_code == 200
+
+
+async def test_msgpack_predict_over_unix_socket(uds: httpx.AsyncClient, linear: Linear) -> None:
+    x = linear.x[:5]
+    body = msgspec.msgpack.encode({"inputs": to_payload(x)})
+    resp = await uds.post("/v1/models/clf:predict", content=body, headers=MSGPACK)
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["content-type"] == "application/msgpack"
+    reply = msgspec.msgpack.decode(resp.content)
+    out = from_payload(msgspec.convert(reply["outputs"]["logits"], TensorPayload))
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, linear.logits(x), atol=1e-5)
+    # JSON over the socket as well.
+    resp = await uds.post("/v1/models/clf:predict", json={"inputs": x.tolist()})
+    assert resp.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("inputs", "code", "message"),
+    [
+        ([[1.0, 2.0, 3.0]], "bad_shape", "dimension 1 must be 16, got 3"),
+        ([1.0] * 16, "bad_shape", "expected rank 2"),
+        ([[1.0] * 16, [1.0] * 15], "bad_array", "not a rectangular array"),
+        ([["a"] * 16], "bad_dtype", "expected numbers (float32)"),
+        ({"y": [[0.0] * 16]}, "bad_inputs", "unknown inputs ['y']"),
+        ({}, "bad_inputs", "missing inputs ['x']"),
+        ("text", "bad_inputs", "inputs must be an array"),
+    ],
+)
+async def test_json_inputs_that_do_not_fit_are_400(
+    tcp: httpx.AsyncClient, inputs: Any, code: str, message: str
+) -> None:
+    resp = await tcp.post("/v1/models/clf:predict", json={"inputs": inputs})
+    assert resp.status_code == 400
+    err = _error(resp)
+    assert err["code"] == code
+    assert message in err["message"]
+
+
+async def test_msgpack_inputs_that_do_not_fit_are_400(uds: httpx.AsyncClient) -> None:
+    cases = [
+        (
+            to_payload(np.zeros((2, 16), dtype=np.float64)),
+            "bad_dtype",
+            "expected dtype float32, got float64",
+        ),
+        (
+            to_payload(np.zeros((2, 8), dtype=np.float32)),
+            "bad_shape",
+            "dimension 1 must be 16, got 8",
+        ),
+        ({"dtype": "float32", "shape": [2, 16], "data": b"\0" * 7}, "bad_length", "7 bytes"),
+        ({"dtype": "object", "shape": [1], "data": b"\0"}, "bad_dtype", "object"),
+        ({"dtype": "float32", "shape": "x", "data": b""}, "bad_tensor", "shape"),
+    ]
+    for tensor, code, message in cases:
+        body = msgspec.msgpack.encode({"inputs": tensor})
+        resp = await uds.post("/v1/models/clf:predict", content=body, headers=MSGPACK)
+        assert resp.status_code == 400, (tensor, resp.text)
+        err = _error(resp)
+        assert err["code"] == code, err
+        assert message in err["message"], err
+
+
+async def test_http_level_errors(tcp: httpx.AsyncClient) -> None:
+    resp = await tcp.post("/v1/models/nope:predict", json={"inputs": [[0.0] * 16]})
+    assert resp.status_code == 404
+    assert _error(resp)["code"] == "unknown_model"
+    assert (await tcp.get("/v1/models/nope")).status_code == 404
+    resp = await tcp.get("/v1/models/clf:predict")
+    assert resp.status_code == 405
+    assert resp.headers["allow"] == "POST"
+    resp = await tcp.post("/v1/health")
+    assert resp.status_code == 405
+    assert resp.headers["allow"] == "GET"
+    assert (await tcp.get("/v2/anything")).status_code == 404
+    resp = await tcp.post("/v1/models/clf:predict", content=b"{not json")
+    assert resp.status_code == 400
+    assert _error(resp)["code"] == "bad_body"
+    resp = await tcp.post("/v1/models/clf:predict", json=[1, 2])
+    assert resp.status_code == 400
+    resp = await tcp.post(
+        "/v1/models/clf:predict", content=b"x", headers={"content-type": "text/csv"}
+    )
+    assert resp.status_code == 415
+    # The connection is still good after all of these.
+    assert (await tcp.get("/v1/health")).status_code == 200
+
+
+async def test_too_large_body_is_413(tcp: httpx.AsyncClient, endpoint: Endpoint) -> None:
+    big = {"inputs": [[0.5] * 16] * 5000}  # ~400 kB of JSON, cap is 64 kB
+    resp = await tcp.post("/v1/models/clf:predict", json=big)
+    assert resp.status_code == 413
+    assert _error(resp)["code"] == "too_large"
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: counted as it arrives
+        for _ in range(100):
+            yield b" " * 1024
+
+    resp = await tcp.post("/v1/models/clf:predict", content=chunks())
+    assert resp.status_code == 413
+
+
+async def test_malformed_http_is_400_and_closed(endpoint: Endpoint) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", endpoint.port)
+    writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 5)
+    assert data.startswith(b"HTTP/1.1 400 ")
+    writer.close()
+
+
+async def test_concurrent_requests_all_succeed(endpoint: Endpoint, linear: Linear) -> None:
+    async def one(client: httpx.AsyncClient, i: int) -> None:
+        x = linear.x[i : i + 1]
+        resp = await client.post("/v1/models/clf:predict", json={"inputs": x.tolist()})
+        assert resp.status_code == 200
+        np.testing.assert_allclose(resp.json()["outputs"]["logits"], linear.logits(x), atol=1e-4)
+
+    base = f"http://127.0.0.1:{endpoint.port}"
+    async with httpx.AsyncClient(base_url=base) as client:
+        await asyncio.gather(*(one(client, i) for i in range(64)))
+
+
+async def test_a_swap_is_seen_by_the_next_request(
+    tcp: httpx.AsyncClient,
+    served: ModelManager,
+    blobs: BlobServer,
+    linear: Linear,
+    other_linear: Linear,
+) -> None:
+    x = linear.x[:2]
+    await served.deploy(spec_for(blobs, other_linear.onnx))
+    resp = await tcp.post("/v1/models/clf:predict", json={"inputs": x.tolist()})
+    np.testing.assert_allclose(resp.json()["outputs"]["logits"], other_linear.logits(x), atol=1e-4)
+
+
+async def test_socket_path_handling(served: ModelManager, short_dir: Path) -> None:
+    path = short_dir / "sub" / "agent.sock"
+    async with Endpoint(served, socket_path=path) as ep:
+        assert ep.port is None
+        assert path.is_socket()
+        assert path.stat().st_mode & 0o777 == 0o660
+    assert not path.exists()
+    # A stale socket left by a killed agent is replaced; a regular file is not touched.
+    import socket
+
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()
+    async with Endpoint(served, socket_path=path):
+        pass
+    path.write_text("precious")
+    with pytest.raises(FileExistsError):
+        async with Endpoint(served, socket_path=path):
+            pass
+    assert path.read_text() == "precious"
+    with pytest.raises(ValueError, match="port, a socket path"):
+        Endpoint(served)
