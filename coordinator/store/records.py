@@ -155,6 +155,7 @@ class TaskRecord:
     assigned_at: float | None
     dispatch_id: str | None
     dispatched_at: float | None
+    sends: int
     started_at: float | None
     finished_at: float | None
     last_error: str | None

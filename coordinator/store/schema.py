@@ -101,6 +101,7 @@ class TaskRow(Base):
     assigned_at: Mapped[float | None] = mapped_column(Float)
     dispatch_id: Mapped[str | None] = mapped_column(String(ID))
     dispatched_at: Mapped[float | None] = mapped_column(Float)
+    sends: Mapped[int] = mapped_column(Integer, default=0)  # of the current attempt
     started_at: Mapped[float | None] = mapped_column(Float)
     finished_at: Mapped[float | None] = mapped_column(Float)
     last_error: Mapped[str | None] = mapped_column(Text)

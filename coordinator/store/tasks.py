@@ -137,6 +137,7 @@ class TaskOps(StoreBase):
                 row.assigned_at = now
                 row.dispatch_id = new_id()
                 row.dispatched_at = None
+                row.sends = 0
                 row.started_at = None
                 row.explanation = a.explanation
                 row.updated_at = now
@@ -166,22 +167,23 @@ class TaskOps(StoreBase):
                 _tasks.c.attempt == bindparam("b_attempt"),
                 _tasks.c.dispatched_at.is_(None),
             )
-            .values(dispatched_at=now)
+            .values(dispatched_at=now, sends=_tasks.c.sends + 1)
         )
         with self._write() as session:
             session.execute(stmt, [{"b_id": t, "b_attempt": a} for t, a in sent])
 
     def undispatched(self, now: float, *, older_than_s: float, limit: int = 1000) -> list[Dispatch]:
-        """Assigned tasks whose message was never confirmed sent (a publish failed, or the
-        leader died between commit and publish); re-sending is safe, the agent refuses a
-        second copy of the same attempt as a duplicate."""
+        """Assigned tasks whose message is not confirmed sent: a publish failed, the leader
+        died between commit and publish, or the device never acknowledged it. Re-sending is
+        safe: the agent answers a second copy of the same attempt with a ``duplicate``
+        refusal, which counts as an acknowledgement."""
         with self._read() as session:
             rows = session.scalars(
                 select(TaskRow)
                 .where(
                     TaskRow.state == "assigned",
                     TaskRow.dispatched_at.is_(None),
-                    TaskRow.assigned_at <= now - older_than_s,
+                    (TaskRow.assigned_at <= now - older_than_s) | (TaskRow.sends > 0),
                 )
                 .order_by(TaskRow.assigned_at)
                 .limit(limit)
@@ -226,9 +228,15 @@ class TaskOps(StoreBase):
             session.execute(stmt, params)
 
     def sweep_timeouts(
-        self, now: float, *, ack_timeout_s: float, run_timeout_s: float
+        self, now: float, *, ack_timeout_s: float, run_timeout_s: float, max_sends: int = 3
     ) -> list[tuple[str, str]]:
-        """Fail attempts never acknowledged, or running too long; return (task id, new state)."""
+        """Handle attempts without an acknowledgement or a result in time.
+
+        An unacknowledged attempt is first sent again (the same message: an agent that has it
+        answers ``duplicate``, one that lost it takes it now), so a lost ack never makes a
+        task run twice; after ``max_sends`` sends it fails. A running attempt past
+        ``run_timeout_s`` fails. Returns (task id, new state) for every task changed.
+        """
         out: list[tuple[str, str]] = []
         with self._write() as session:
             rows = session.scalars(
@@ -249,8 +257,13 @@ class TaskOps(StoreBase):
                 )
             ).all()
             for row in rows:
+                if row.state == "assigned" and row.sends < max_sends:
+                    row.dispatched_at = None  # picked up by undispatched() and sent again
+                    out.append((row.id, "assigned"))
+                    continue
                 if row.state == "assigned":
-                    reason, outcome = f"not acknowledged within {ack_timeout_s:g}s", "ack_timeout"
+                    reason = f"not acknowledged after {row.sends} sends ({ack_timeout_s:g}s each)"
+                    outcome = "ack_timeout"
                 else:
                     reason, outcome = f"no result within {run_timeout_s:g}s", "run_timeout"
                 out.append(

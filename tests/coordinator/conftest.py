@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from coordinator.config import Config
+from coordinator.config import load as load_config
+from coordinator.service import Coordinator
 from coordinator.store import RetryPolicy, Store
 from coordinator.store.schema import Base
+from tests.support.broker import Broker
 
 PG_DSN = os.environ.get("LEPTON_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -121,3 +129,71 @@ def store(db_url: str) -> Iterator[Store]:
     )
     yield s
     s.close()
+
+
+# ---------------------------------------------------------------- a running coordinator
+
+
+def coordinator_config(tmp_path: Path, broker_port: int, **overrides: Any) -> Config:
+    """A config for tests: SQLite in tmp_path, free HTTP port, short intervals."""
+    base: dict[str, Any] = {
+        "instance_id": "test-coordinator",
+        "data_dir": str(tmp_path / "coordinator"),
+        "mqtt.port": broker_port,
+        "mqtt.reconnect_min_s": 0.2,
+        "mqtt.reconnect_max_s": 1.0,
+        "http.port": 0,
+        "database.sqlite_synchronous": "normal",
+        "registry.flush_interval_s": 0.05,
+        "scheduler.batch_interval_s": 0.1,
+        "scheduler.time_budget_s": 0.2,
+        "tasks.retry_backoff_s": 0.1,
+        "tasks.retry_backoff_max_s": 0.5,
+        "tasks.redispatch_after_s": 1.0,
+        "liveness.max_check_s": 0.5,
+        "replica.lease_s": 3.0,
+    }
+    base.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return load_config(env={}, overrides=base)
+
+
+@pytest.fixture
+def make_coordinator(
+    broker: Broker, tmp_path: Path
+) -> Callable[..., contextlib.AbstractAsyncContextManager[Coordinator]]:
+    """``async with make_coordinator(**overrides) as c:`` a running, connected coordinator."""
+
+    @contextlib.asynccontextmanager
+    async def make(**overrides: Any) -> AsyncIterator[Coordinator]:
+        cfg = coordinator_config(tmp_path, broker.port, **overrides)
+        async with Coordinator(cfg) as c:
+            assert await c.link.wait_connected(10), "coordinator did not connect to the broker"
+            yield c
+
+    return make
+
+
+@pytest.fixture
+async def coordinator(
+    make_coordinator: Callable[..., contextlib.AbstractAsyncContextManager[Coordinator]],
+) -> AsyncIterator[Coordinator]:
+    async with make_coordinator() as c:
+        yield c
+
+
+async def eventually(
+    check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05
+) -> Any:
+    """Poll ``check`` (sync, run in a thread, or async) until it returns a truthy value."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        last = result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s (last: {last!r})")
+        await asyncio.sleep(interval)

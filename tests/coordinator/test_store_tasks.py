@@ -148,16 +148,33 @@ def test_ack_from_another_device_is_spoofed(fleet: Store) -> None:
     assert out.outcome == "unknown_task"
 
 
-def test_ack_and_run_timeouts(fleet: Store) -> None:
+def test_unacknowledged_attempt_is_resent_then_fails(fleet: Store) -> None:
     fleet.submit(new_task("quiet", now=T0))
-    fleet.submit(new_task("slow", now=T0))
     _assign(fleet, "quiet", "a")
-    _assign(fleet, "slow", "b")
-    fleet.apply_acks("b", [TaskAck(task_id="slow", accepted=True)], T0 + 2)
+    first = fleet.get_task("quiet").dispatch_id
     assert fleet.sweep_timeouts(T0 + 30, ack_timeout_s=60, run_timeout_s=100) == []
-    assert fleet.sweep_timeouts(T0 + 62, ack_timeout_s=60, run_timeout_s=100) == [
+    now = T0 + 1
+    for _ in range(2):
+        now += 61
+        assert fleet.sweep_timeouts(now, ack_timeout_s=60, run_timeout_s=100, max_sends=3) == [
+            ("quiet", "assigned")
+        ]
+        (again,) = fleet.undispatched(now, older_than_s=1000)
+        assert again.message.id == first  # the same message: the agent dedups it
+        fleet.mark_dispatched([("quiet", 1)], now)
+    assert fleet.get_task("quiet").sends == 3
+    now += 61
+    assert fleet.sweep_timeouts(now, ack_timeout_s=60, run_timeout_s=100, max_sends=3) == [
         ("quiet", "pending")
     ]
+    assert fleet.attempts("quiet")[0].outcome == "ack_timeout"
+
+
+def test_run_timeout(fleet: Store) -> None:
+    fleet.submit(new_task("slow", now=T0))
+    _assign(fleet, "slow", "b")
+    fleet.apply_acks("b", [TaskAck(task_id="slow", accepted=True)], T0 + 2)
+    assert fleet.sweep_timeouts(T0 + 90, ack_timeout_s=60, run_timeout_s=100) == []
     assert fleet.sweep_timeouts(T0 + 103, ack_timeout_s=60, run_timeout_s=100) == [
         ("slow", "pending")
     ]

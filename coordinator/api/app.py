@@ -1,0 +1,222 @@
+"""The HTTP API: fleet and task views, task submission, explanations, health and metrics.
+
+Handlers are plain functions (FastAPI runs them in its thread pool), so store calls never
+block the event loop. Errors use FastAPI's ``{"detail": ...}`` shape: 404 for an unknown id,
+409 for a taken task id, 422 for an invalid request, 503 when the database is unreachable.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from typing import Annotated
+
+from fastapi import FastAPI, HTTPException, Query, Request, Response
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
+
+from coordinator.api.schemas import (
+    AttemptOut,
+    DeviceDetail,
+    DeviceOut,
+    ExplainOut,
+    Health,
+    ResultOut,
+    TaskDetail,
+    TaskOut,
+    TaskStateName,
+    TaskSubmit,
+)
+from coordinator.config import Config
+from coordinator.errors import ConflictError, NotFoundError
+from coordinator.metrics import Metrics
+from coordinator.store import Store
+from coordinator.submit import SubmissionError, build_task
+
+log = logging.getLogger(__name__)
+
+try:
+    VERSION = version("lepton-fleet")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    VERSION = "0+unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class ApiContext:
+    """What the API needs from the running service."""
+
+    config: Config
+    store: Store
+    metrics: Metrics
+    started_at: float
+    is_leader: Callable[[], bool] = lambda: False
+    mqtt_connected: Callable[[], bool] = lambda: False
+    on_submit: Callable[[], None] = lambda: None  # any thread
+
+
+def create_app(ctx: ApiContext) -> FastAPI:
+    """The API application for one coordinator process."""
+    app = FastAPI(
+        title="Lepton coordinator",
+        version=VERSION,
+        description="Fleet registry, task submission and placement explanations.",
+    )
+    store, cfg = ctx.store, ctx.config
+
+    @app.exception_handler(NotFoundError)
+    def _not_found(_req: Request, exc: NotFoundError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(ConflictError)
+    def _conflict(_req: Request, exc: ConflictError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    @app.exception_handler(OperationalError)
+    def _db_down(_req: Request, exc: OperationalError) -> JSONResponse:
+        log.warning("database error serving a request: %s", exc)
+        return JSONResponse({"detail": "database unavailable"}, status_code=503)
+
+    def deadline(interval: float | None) -> float:
+        return cfg.heartbeat_deadline_s(interval)
+
+    @app.get("/v1/health", tags=["service"])
+    def health(response: Response) -> Health:
+        """Liveness of this process and its dependencies, and fleet counts."""
+        database = store.ping()
+        devices = store.count_devices() if database else {}
+        tasks = store.count_tasks() if database else {}
+        mqtt = ctx.mqtt_connected()
+        ok = database and mqtt
+        if not database:
+            response.status_code = 503
+        m = ctx.metrics
+        return Health(
+            status="ok" if ok else "degraded",
+            instance_id=cfg.instance_id,
+            fleet=cfg.fleet,
+            version=VERSION,
+            uptime_s=time.time() - ctx.started_at,
+            leader=ctx.is_leader(),
+            mqtt_connected=mqtt,
+            database=database,
+            devices=devices,
+            tasks=tasks,
+            ingest={
+                "messages": sum(
+                    m.value("lepton_ingest_messages_total", {"channel": c})
+                    for c in ("state", "capacity", "task-ack", "result")
+                ),
+                "rejects": _total(m, "lepton_ingest_rejects_total"),
+            },
+        )
+
+    @app.get("/v1/devices", tags=["devices"])
+    def list_devices(
+        state: Annotated[str | None, Query(pattern="^(online|offline)$")] = None,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> list[DeviceOut]:
+        """Devices of the fleet, by id."""
+        rows = store.list_devices(
+            state="online" if state == "online" else "offline" if state else None,
+            limit=limit,
+            offset=offset,
+        )
+        return [DeviceOut.of(d, deadline(d.report_interval_s)) for d in rows]
+
+    @app.get("/v1/devices/{device_id}", tags=["devices"])
+    def get_device(device_id: str) -> DeviceDetail:
+        """One device: identity, liveness, latest capacity report and its current tasks."""
+        d = store.get_device(device_id)
+        tasks = [
+            TaskOut.of(t)
+            for state in ("assigned", "running")
+            for t in store.list_tasks(state=state, device_id=device_id, limit=1000)
+        ]
+        base = DeviceOut.of(d, deadline(d.report_interval_s))
+        return DeviceDetail(**base.model_dump(), report=d.report, tasks=tasks)
+
+    @app.get("/v1/tasks", tags=["tasks"])
+    def list_tasks(
+        state: TaskStateName | None = None,
+        device: str | None = None,
+        kind: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> list[TaskOut]:
+        """Tasks, newest first."""
+        rows = store.list_tasks(
+            state=state, device_id=device, kind=kind, limit=limit, offset=offset
+        )
+        return [TaskOut.of(t) for t in rows]
+
+    @app.post("/v1/tasks", status_code=201, tags=["tasks"])
+    def submit_task(body: TaskSubmit) -> TaskOut:
+        """Submit a task; the scheduler places it in its next batch."""
+        try:
+            new = build_task(
+                cfg,
+                kind=body.kind,
+                params=body.params,
+                task_id=body.id,
+                model_class=body.model_class,
+                precision=body.precision,
+                demand_gops=body.demand_gops,
+                input_bytes=body.input_bytes,
+                output_bytes=body.output_bytes,
+                memory_bytes=body.memory_bytes,
+                runtime=body.runtime,
+                accelerator=body.accelerator,
+                data_source=body.data_source,
+                min_battery=body.min_battery,
+                device_id=body.device_id,
+                max_attempts=body.max_attempts,
+                expires_in_s=body.expires_in_s,
+            )
+        except SubmissionError as exc:
+            raise HTTPException(
+                status_code=422,
+                detail=[{"loc": ["body", exc.field], "msg": str(exc), "type": "value_error"}],
+            ) from exc
+        task = store.submit(new)
+        ctx.metrics.task_transitions.labels("pending").inc()
+        ctx.on_submit()
+        return TaskOut.of(task)
+
+    @app.get("/v1/tasks/{task_id}", tags=["tasks"])
+    def get_task(task_id: str) -> TaskDetail:
+        """One task with its attempts (which device, how each ended) and results received."""
+        t = store.get_task(task_id)
+        base = TaskOut.of(t)
+        return TaskDetail(
+            **base.model_dump(),
+            attempts=[AttemptOut.of(a) for a in store.attempts(task_id)],
+            results=[ResultOut.of(r) for r in store.results_for(task_id)],
+        )
+
+    @app.get("/v1/tasks/{task_id}/explain", tags=["tasks"])
+    def explain_task(task_id: str) -> ExplainOut:
+        """Why the task went where it went (or why it could not be placed)."""
+        t = store.get_task(task_id)
+        return ExplainOut(
+            task_id=t.id, state=t.state, device_id=t.device_id, explanation=t.explanation
+        )
+
+    @app.get("/metrics", tags=["service"], response_class=Response)
+    def metrics() -> Response:
+        """Prometheus metrics in the text exposition format."""
+        return Response(ctx.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def _total(m: Metrics, name: str) -> float:
+    total = 0.0
+    for metric in m.registry.collect():
+        for sample in metric.samples:
+            if sample.name == name:
+                total += sample.value
+    return total

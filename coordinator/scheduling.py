@@ -1,0 +1,325 @@
+"""The scheduler loop (leader only): batch pending tasks, plan, commit, publish.
+
+Every ``batch_interval_s`` (sooner after a submission or a requeue) the leader:
+
+1. expires pending tasks past their expiry and handles ack/run timeouts;
+2. re-sends assignments whose Task message was not confirmed sent;
+3. folds finished tasks' measured durations into the throughput estimator and persists it;
+4. plans the due pending tasks over the online devices (:func:`coordinator.scheduler.plan`),
+   commits the assignments with their explanations (fenced by the lease), and publishes each
+   Task to its device at QoS 1, in the plan's start order.
+
+The solver and the explanation run in a worker thread; the event loop stays responsive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Sequence
+from typing import Any, Final
+
+import msgspec
+
+from coordinator.config import Config
+from coordinator.errors import LeaseLostError
+from coordinator.metrics import Metrics
+from coordinator.mqtt import MqttLink
+from coordinator.scheduler import (
+    Candidate,
+    CostModel,
+    CostWeights,
+    DeviceState,
+    Explanation,
+    Plan,
+    TaskSpec,
+    ThroughputEstimator,
+    plan,
+)
+from coordinator.store import Assignment, DeviceRecord, Dispatch, Lease, Store, TaskRecord
+from protocol import codec, topics
+from protocol.messages import CapacityReport
+
+log = logging.getLogger(__name__)
+
+PUBLISH_CONCURRENCY: Final = 64
+
+
+def task_spec(t: TaskRecord) -> TaskSpec:
+    """The cost model's view of a stored task."""
+    return TaskSpec(
+        task_id=t.id,
+        kind=t.kind,
+        model_class=t.model_class,
+        precision="int8" if t.precision == "int8" else "fp32",
+        demand_gops=t.demand_gops,
+        input_bytes=t.input_bytes,
+        output_bytes=t.output_bytes,
+        memory_bytes=t.memory_bytes,
+        runtime=t.runtime,
+        accelerator=t.accelerator,
+        data_source=t.data_source,
+        min_battery=t.min_battery,
+        device_id=t.pinned_device,
+    )
+
+
+def jsonable(value: Any) -> Any:
+    """Plain data safe for JSON columns: non-finite floats become None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
+class DeviceViews:
+    """Turns registry rows into :class:`DeviceState`, caching the decoded reports."""
+
+    def __init__(self) -> None:
+        self._reports: dict[str, tuple[float, CapacityReport]] = {}
+
+    def build(self, rows: Sequence[DeviceRecord], inflight: dict[str, int]) -> list[DeviceState]:
+        out: list[DeviceState] = []
+        seen: set[str] = set()
+        for row in rows:
+            if row.report is None:
+                continue  # a birth without a capacity report: nothing to plan with yet
+            cached = self._reports.get(row.id)
+            if cached is None or cached[0] != row.report_ts:
+                try:
+                    report = msgspec.convert(row.report, CapacityReport)
+                except msgspec.ValidationError:
+                    log.warning("stored capacity report of %s is unreadable", row.id)
+                    continue
+                cached = (row.report_ts, report)
+                self._reports[row.id] = cached
+            report = cached[1]
+            seen.add(row.id)
+            # Load the coordinator placed but the report may not show yet.
+            load = max(report.slots.busy + report.slots.queued, inflight.get(row.id, 0))
+            busy = min(load, report.slots.total)
+            out.append(
+                DeviceState.from_capacity(
+                    row.id, report, online=True, slots_busy=busy, queued=load - busy
+                )
+            )
+        for gone in set(self._reports) - seen:
+            del self._reports[gone]
+        return out
+
+
+class Scheduler:
+    """Leader-only batch scheduling (see module doc)."""
+
+    def __init__(self, cfg: Config, store: Store, link: MqttLink, metrics: Metrics) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.link = link
+        self.metrics = metrics
+        self.weights = CostWeights(**dict(cfg.scheduler.weights))
+        self.estimator = ThroughputEstimator()
+        self.views = DeviceViews()
+        self.cycles = 0
+        self._wake = asyncio.Event()
+        self._devices: dict[str, DeviceState] = {}
+
+    def wake(self) -> None:
+        """Plan soon (a task was submitted or came back to pending)."""
+        self._wake.set()
+
+    async def lead(self, lease: Lease) -> None:
+        """One term of leadership: load the estimator, then cycle until cancelled."""
+        snapshot = await asyncio.to_thread(self.store.load_estimates)
+        self.estimator = ThroughputEstimator()
+        if snapshot is not None:
+            try:
+                self.estimator.load(snapshot)
+            except (ValueError, TypeError, KeyError):
+                log.warning("stored throughput estimates unreadable; starting from bench figures")
+        model = CostModel(self.weights, self.estimator)
+        while True:
+            self._wake.clear()
+            try:
+                await self.cycle(lease, model)
+            except LeaseLostError:
+                raise
+            except Exception:
+                log.exception("scheduling cycle failed")
+            try:
+                async with asyncio.timeout(self.cfg.scheduler.batch_interval_s):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+
+    async def cycle(self, lease: Lease | None, model: CostModel) -> int:
+        """One scheduling pass; returns the number of tasks dispatched."""
+        cfg, store = self.cfg, self.store
+        now = time.time()
+        expired = await asyncio.to_thread(store.expire_due, now)
+        if expired:
+            self.metrics.task_transitions.labels("expired").inc(len(expired))
+        changed = await asyncio.to_thread(
+            store.sweep_timeouts,
+            now,
+            ack_timeout_s=cfg.tasks.ack_timeout_s,
+            run_timeout_s=cfg.tasks.run_timeout_s,
+        )
+        for task_id, state in changed:
+            if state != "assigned":
+                self.metrics.task_transitions.labels(state).inc()
+                log.info("task %s timed out; now %s", task_id, state)
+        resend = await asyncio.to_thread(
+            store.undispatched, now, older_than_s=cfg.tasks.redispatch_after_s
+        )
+        if resend:
+            log.info("re-sending %d task messages not confirmed sent", len(resend))
+            await self._publish(resend)
+        await self._learn(lease)
+        tasks = await asyncio.to_thread(store.due_pending, now, limit=cfg.scheduler.max_batch)
+        self.cycles += 1
+        if not tasks:
+            return 0
+        return await self._place(tasks, lease, model)
+
+    async def _place(self, tasks: list[TaskRecord], lease: Lease | None, model: CostModel) -> int:
+        devices = await asyncio.to_thread(self._device_states)
+        specs = [task_spec(t) for t in tasks]
+        cfg = self.cfg.scheduler
+        result, explanations = await asyncio.to_thread(self._solve, specs, devices, model)
+        self.metrics.scheduler_solve_seconds.observe(result.solve_s)
+        self.metrics.scheduler_batch_tasks.observe(len(specs))
+        now = time.time()
+        if result.unassigned:
+            self.metrics.scheduler_unassigned.inc(len(result.unassigned))
+            await asyncio.to_thread(
+                self.store.note_unassigned,
+                result.unassigned,
+                explanations,
+                now,
+                # Behind the tasks already due, so unplaceable ones never crowd a batch.
+                retry_at=now + cfg.batch_interval_s,
+            )
+        order = list(result.order) or list(result.assignments)
+        assignments = [
+            Assignment(
+                task_id=tid, device_id=result.assignments[tid], explanation=explanations.get(tid)
+            )
+            for tid in order
+        ]
+        dispatches = await asyncio.to_thread(self.store.assign, assignments, now, lease=lease)
+        self.metrics.task_transitions.labels("assigned").inc(len(dispatches))
+        log.debug(
+            "planned %d tasks on %d devices (%s, %.3fs): %d assigned, %d unassigned",
+            len(specs),
+            len(devices),
+            result.method,
+            result.solve_s,
+            len(dispatches),
+            len(result.unassigned),
+        )
+        await self._publish(dispatches)
+        return len(dispatches)
+
+    def _device_states(self) -> list[DeviceState]:
+        rows = self.store.list_devices(state="online", limit=1_000_000)
+        inflight = self.store.inflight_by_device()
+        states = self.views.build(rows, inflight)
+        self._devices = {d.device_id: d for d in states}
+        return states
+
+    def _solve(
+        self, specs: list[TaskSpec], devices: list[DeviceState], model: CostModel
+    ) -> tuple[Plan, dict[str, dict[str, Any]]]:
+        cfg = self.cfg.scheduler
+        result = plan(specs, devices, model, method=cfg.method, time_budget_s=cfg.time_budget_s)
+        return result, self._explain(result, specs, devices, model)
+
+    def _explain(
+        self, result: Plan, specs: list[TaskSpec], devices: list[DeviceState], model: CostModel
+    ) -> dict[str, dict[str, Any]]:
+        """Full explanations (every device compared) while the time budget lasts, then the
+        chosen device's cost terms only: a full comparison costs O(devices) per task."""
+        deadline = time.perf_counter() + self.cfg.scheduler.time_budget_s
+        by_device = {d.device_id: d for d in devices}
+        out: dict[str, dict[str, Any]] = {}
+        for spec in specs:
+            tid = spec.task_id
+            if time.perf_counter() < deadline:
+                data = result.explain(tid, top=3).to_dict()
+                data["complete"] = True
+            else:
+                chosen = result.assignments.get(tid)
+                cands: tuple[Candidate, ...] = ()
+                if chosen is not None:
+                    terms = model.terms(spec, by_device[chosen])
+                    cands = (Candidate(device_id=chosen, chosen=True, terms=terms),)
+                data = Explanation(
+                    task_id=tid,
+                    method=result.method,
+                    device_id=chosen,
+                    reason=result.unassigned.get(tid),
+                    expected_start_s=result.expected_start.get(tid),
+                    expected_completion_s=result.expected_completion.get(tid),
+                    candidates=cands,
+                ).to_dict()
+                data["complete"] = False
+            data["planned_at"] = time.time()
+            out[tid] = jsonable(data)
+        return out
+
+    async def _publish(self, dispatches: Sequence[Dispatch]) -> None:
+        """Publish Task messages (QoS 1); record the ones the broker accepted."""
+        if not dispatches:
+            return
+        sem = asyncio.Semaphore(PUBLISH_CONCURRENCY)
+        fleet = self.cfg.fleet
+
+        async def send(d: Dispatch) -> tuple[str, int] | None:
+            async with sem:
+                try:
+                    topic = topics.cmd_topic(fleet, d.device_id, topics.TASK)
+                    await self.link.publish(topic, codec.encode(d.message), qos=1)
+                except Exception as exc:
+                    self.metrics.dispatch_failures.inc()
+                    log.warning("task %s not sent to %s: %s", d.task_id, d.device_id, exc)
+                    return None
+                return (d.task_id, d.attempt)
+
+        sent = [s for s in await asyncio.gather(*(send(d) for d in dispatches)) if s is not None]
+        if sent:
+            await asyncio.to_thread(self.store.mark_dispatched, sent, time.time())
+
+    async def _learn(self, lease: Lease | None) -> None:
+        """Fold measured task durations into the estimator and persist it (exactly once)."""
+        observations = await asyncio.to_thread(self.store.pending_observations, limit=5000)
+        if not observations:
+            return
+        before = self.estimator.snapshot()
+        for o in observations:
+            try:
+                self.estimator.observe(
+                    o.device_id,
+                    o.model_class,
+                    o.precision,
+                    o.demand_gops,
+                    o.seconds,
+                    device=self._devices.get(o.device_id),
+                )
+            except ValueError:
+                log.warning("ignoring unusable throughput observation %s", o)
+        try:
+            await asyncio.to_thread(
+                self.store.save_estimates,
+                self.estimator.snapshot(),
+                [o.id for o in observations],
+                time.time(),
+                lease=lease,
+            )
+        except BaseException:
+            self.estimator.load(before)  # not saved: the observations will be read again
+            raise
