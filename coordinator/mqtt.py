@@ -32,6 +32,7 @@ from coordinator.config import MqttConfig
 from coordinator.errors import UnavailableError
 
 log = logging.getLogger(__name__)
+_paho_log = logging.getLogger("coordinator.mqtt.paho")
 
 OnMessage = Callable[[str, bytes, bool], None]
 
@@ -63,6 +64,7 @@ class MqttLink:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connected = asyncio.Event()
         self._pending: dict[int, asyncio.Future[None]] = {}  # touched in the event loop only
+        self._closing = False
         self._client = self._make_client()
 
     # ------------------------------------------------------------------ lifecycle
@@ -95,8 +97,14 @@ class MqttLink:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
-        client.enable_logger(logging.getLogger("coordinator.mqtt.paho"))
+        _paho_log.addFilter(self._quiet_when_closing)
+        client.enable_logger(_paho_log)
         return client
+
+    def _quiet_when_closing(self, record: logging.LogRecord) -> bool:
+        # paho's network thread logs "Client is not connected" at ERROR while it winds down
+        # after our own disconnect(); that is expected, not an error.
+        return not (self._closing and "not connected" in record.getMessage())
 
     async def __aenter__(self) -> MqttLink:
         self._loop = asyncio.get_running_loop()
@@ -121,8 +129,10 @@ class MqttLink:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._closing = True
         self._client.disconnect()
         await asyncio.to_thread(self._client.loop_stop)
+        _paho_log.removeFilter(self._quiet_when_closing)
         self._connected.clear()
         pending, self._pending = self._pending, {}
         for fut in pending.values():
