@@ -142,6 +142,7 @@ def save_npz(path: str | os.PathLike[str], x: npt.ArrayLike, y: npt.ArrayLike) -
             np.savez_compressed(fh, x=np.asarray(x), y=np.asarray(y))
             fh.flush()
             os.fsync(fh.fileno())
+        Path(tmp).chmod(0o644)  # mkstemp creates 0600; this is a data file, not a secret
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -18,7 +18,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -96,6 +95,8 @@ def build_artifacts(result: TrainResult, splits: DigitsSplits, out: Path) -> dic
         config=QuantizationConfig(),
     )
     report = qr.report.to_dict()
+    # File names, not this machine's paths: the report ships next to the files.
+    report["fp32_path"], report["int8_path"] = qr.fp32_path.name, qr.int8_path.name
     (out / "digits_quantization.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -120,7 +121,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.artifacts:
         report = build_artifacts(result, splits, args.out)
         print(json.dumps(report, indent=2))
-    np.set_printoptions()
     return 0
 
 

@@ -93,7 +93,9 @@ def add_models_commands(subparsers: Any) -> argparse.ArgumentParser:
     q.add_argument("--method", choices=CALIBRATION_METHODS, default="minmax")
     q.add_argument("--gate", type=float, default=1.0, help="max accuracy drop in points")
     q.add_argument("--per-tensor", action="store_true", help="per-tensor weights")
-    q.add_argument("--activation-type", choices=("int8", "uint8"), default="int8")
+    q.add_argument("--activation-type", choices=("int8", "uint8"), default="uint8")
+    q.add_argument("--full-range", action="store_true",
+                   help="8-bit weights (default 7-bit: no saturation in ORT's x86 U8S8 kernels)")
     q.add_argument("--quant-format", choices=("qdq", "qoperator"), default="qdq")
     q.add_argument("--batch-size", type=int, default=32, help="calibration batch size (.npz)")
     q.add_argument("--max-batches", type=int, help="read at most this many calibration batches")
@@ -177,6 +179,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     config = QuantizationConfig(
         calibration=args.method, gate_points=args.gate, per_channel=not args.per_tensor,
         activation_type=args.activation_type, quant_format=args.quant_format,
+        reduce_range=not args.full_range,
         max_calibration_batches=args.max_batches,
     )
     source = load_source(args.calibration, batch_size=args.batch_size)

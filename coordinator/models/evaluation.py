@@ -61,10 +61,11 @@ def predict(session: Any, x: npt.NDArray[Any], *, batch_size: int = 256) -> npt.
 
 def evaluate(
     path: str | Path, x: npt.NDArray[Any], y: npt.NDArray[Any], *, metric: Metric = top1_accuracy,
-    batch_size: int = 256,
+    batch_size: int = 256, optimization: str = "all",
 ) -> float:
     """``metric(outputs, y)`` of the model at ``path`` over the evaluation set ``(x, y)``."""
-    return metric(predict(make_session(path), x, batch_size=batch_size), y)
+    session = make_session(path, optimization=optimization)
+    return metric(predict(session, x, batch_size=batch_size), y)
 
 
 @dataclass(frozen=True, slots=True)

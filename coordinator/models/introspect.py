@@ -1,8 +1,8 @@
 """What a model file declares: input/output specs, a parameter count and a FLOPs estimate.
 
 ONNX files are read with the ``onnx`` package (the coordinator's extra); TFLite files with
-``ai_edge_litert`` when it is installed. Anything unreadable yields ``None`` figures rather
-than an error: these are descriptive metadata, and the registry stores what is known.
+``ai_edge_litert`` when it is installed. A file that does not parse as its format raises
+``ValueError``; a figure that cannot be estimated is ``None``.
 """
 
 from __future__ import annotations
@@ -132,7 +132,12 @@ def inspect_onnx(path: str | Path) -> ModelInfo:
     """Specs, parameter count and FLOPs estimate (batch 1) of an ONNX file."""
     import onnx
 
-    model = onnx.load(str(path))
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:
+        raise ValueError(f"{Path(path).name} is not a readable ONNX model: {exc}") from exc
+    if not model.graph.node:
+        raise ValueError(f"{Path(path).name} is not an ONNX model (no graph)")
     inits = {i.name for i in model.graph.initializer}
     inputs = tuple(_value_spec(v) for v in model.graph.input if v.name not in inits)
     outputs = tuple(_value_spec(v) for v in model.graph.output)
@@ -150,7 +155,10 @@ def inspect_tflite(path: str | Path) -> ModelInfo:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
         return ModelInfo()
-    interp = Interpreter(model_path=str(path))
+    try:
+        interp = Interpreter(model_path=str(path))
+    except Exception as exc:
+        raise ValueError(f"{Path(path).name} is not a readable TFLite model: {exc}") from exc
 
     def spec(d: dict[str, Any]) -> TensorSpec:
         sig = [int(x) for x in d.get("shape_signature", d["shape"])]

@@ -174,9 +174,11 @@ class ModelRegistry:
         """Store a model file and register it as the next version of ``name``.
 
         Specs, parameter count and FLOPs are read from the file when not given (ONNX; TFLite
-        specs when ``ai_edge_litert`` is installed). Returns the existing record when the
-        same bytes are already registered under ``name``. ``version`` pins the number
-        (``ConflictError`` if taken); ``parent_version`` must name an existing version of ``name``.
+        specs when ``ai_edge_litert`` is installed); a file that does not parse as
+        ``format`` is refused with ``ValueError`` (``torch`` files are not inspected).
+        Returns the existing record when the same bytes are already registered under
+        ``name``. ``version`` pins the number (``ConflictError`` if taken);
+        ``parent_version`` must name an existing version of ``name``.
         """
         check_name(name)
         if format not in FORMATS:
@@ -185,10 +187,10 @@ class ModelRegistry:
             raise ValueError(f"precision must be one of {PRECISIONS}")
         if version is not None and version < 1:
             raise ValueError("version must be >= 1")
-        digest, size = self.blobs.put_file(path)
         info = ModelInfo()
         if inputs is None or outputs is None or param_count is None or flops is None:
             info = inspect_model(Path(path), format)
+        digest, size = self.blobs.put_file(path)
         values: dict[str, Any] = {
             "name": name, "digest": digest, "size": size, "format": format,
             "precision": precision,
