@@ -91,13 +91,15 @@ async def benchmark(task: Task, ctx: TaskContext) -> dict[str, Any]:
 
 
 def default_registry() -> HandlerRegistry:
-    # Imported here: agent.inference imports this module. It loads numpy and the runtimes
-    # only when a deploy or infer task runs.
-    from agent import inference
+    # Imported here: agent.inference and agent.training import this module. They load
+    # numpy, the runtimes and torch only when a task of theirs runs.
+    from agent import inference, training
 
     registry = HandlerRegistry()
     registry.register("echo", echo)
     registry.register("benchmark", benchmark)
     registry.register("deploy", inference.deploy)
     registry.register("infer", inference.infer)
+    registry.register("train", training.train)
+    registry.register("evaluate", training.evaluate)
     return registry

@@ -1,0 +1,108 @@
+"""Fixtures for the training handler tests: a digits partition, global weights, servers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agent.datasources import ArraySource, DataSources
+from agent.handlers import TaskContext
+from agent.models import ModelManager
+from protocol.messages import Task
+from protocol.weights import encode_weights
+from tests.support.blobserver import BlobServer
+from tests.support.uploadserver import UploadServer
+
+CNN = "models.digits:DigitsCNN"
+MLP = "tests.agent.training.nets:digits_mlp"
+
+
+@dataclass(frozen=True)
+class Partition:
+    x: np.ndarray
+    y: np.ndarray
+
+
+@pytest.fixture(scope="session")
+def partition() -> Partition:
+    """One device's label-skewed share of the digits training split (~300 samples)."""
+    from models.data import digits_splits, dirichlet_partition
+
+    train = digits_splits().train
+    parts = dirichlet_partition(train.y, 4, alpha=1.0, seed=0, min_size=200)
+    idx = parts[0][:320]
+    return Partition(x=train.x[idx], y=train.y[idx])
+
+
+def initial_weights(factory: str, seed: int = 0) -> dict[str, np.ndarray]:
+    import torch
+
+    from agent.training import _factory
+
+    torch.manual_seed(seed)
+    model = _factory(factory)()
+    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+@dataclass
+class Servers:
+    blobs: BlobServer
+    uploads: UploadServer
+
+    def weights(self, factory: str, seed: int = 0) -> dict[str, Any]:
+        """Serve ``factory``'s initial weights; the ``weights`` param pointing at them."""
+        blob = encode_weights(initial_weights(factory, seed), kind="weights", round=0)
+        digest = self.blobs.add(blob)
+        return {"digest": digest, "size": len(blob), "url": self.blobs.url(digest)}
+
+
+@pytest.fixture
+def servers() -> Iterator[Servers]:
+    with BlobServer() as blobs, UploadServer() as uploads:
+        yield Servers(blobs, uploads)
+
+
+@pytest.fixture
+def ctx(tmp_path: Path, partition: Partition) -> TaskContext:
+    sources = DataSources()
+    sources.add("digits", ArraySource(partition.x, partition.y))
+    sources.add("unlabelled", ArraySource(partition.x))
+    store = ModelManager(tmp_path / "weights", retries=3, timeout=5.0, backoff=(0.01, 0.05))
+    return TaskContext(
+        device_id="dev1",
+        state_dir=tmp_path,
+        agent_version="test",
+        extras={"data_sources": sources, "weights_store": store, "train_threads": 1},
+    )
+
+
+def task(kind: str, **params: Any) -> Task:
+    return Task(task_id=f"t-{kind}", kind=kind, params=params, expires_at=time.time() + 60)
+
+
+def train_params(servers: Servers, factory: str = CNN, **overrides: Any) -> dict[str, Any]:
+    factory = overrides.get("model", factory)
+    params: dict[str, Any] = {
+        "job": "digits-fl",
+        "round": 3,
+        "model": factory,
+        "weights": servers.weights(factory),
+        "data": "digits",
+        "epochs": 2,
+        "batch_size": 32,
+        "lr": 0.05,
+        "optimizer": "sgd",
+        "momentum": 0.9,
+        "prox_mu": 0.0,
+        "compression": "fp32",
+        "upload": {"url": servers.uploads.url("digits-fl/3/dev1")},
+        "seed": 1,
+    }
+    params.update(overrides)
+    return params

@@ -1,0 +1,289 @@
+"""The train and evaluate handlers end to end against real HTTP servers."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from agent.handlers import TaskContext, TaskError, default_registry
+from agent.training import evaluate, train
+from protocol.weights import decode_weights
+from tests.agent.training.conftest import (
+    CNN,
+    MLP,
+    Partition,
+    Servers,
+    initial_weights,
+    task,
+    train_params,
+)
+from tests.support.blobserver import Fault
+from tests.support.uploadserver import UploadFault
+
+
+def local_loss(factory: str, weights: dict[str, np.ndarray], partition: Partition) -> float:
+    import torch
+    from torch.nn import functional
+
+    from agent.training import _build_model
+
+    model = _build_model(factory, weights)
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.from_numpy(partition.x))
+        return float(functional.cross_entropy(out, torch.from_numpy(partition.y)))
+
+
+async def run_train(ctx: TaskContext, servers: Servers, **overrides: object) -> tuple[dict, dict]:
+    """Run a train task; its output and the decoded update that was uploaded."""
+    params = train_params(servers, **overrides)  # type: ignore[arg-type]
+    out = await train(task("train", **params), ctx)
+    body = servers.uploads.body(params["upload"]["url"])
+    meta, delta = decode_weights(body, max_bytes=1 << 24)
+    assert meta.base == params["weights"]["digest"]
+    return out, {"meta": meta, "delta": delta, "body": body, "params": params}
+
+
+def test_handlers_are_registered() -> None:
+    registry = default_registry()
+    assert registry.get("train") is train
+    assert registry.get("evaluate") is evaluate
+    assert {"echo", "deploy", "infer"} <= set(registry.kinds())
+
+
+async def test_train_uploads_an_update_that_lowers_the_loss(
+    ctx: TaskContext, servers: Servers, partition: Partition
+) -> None:
+    out, up = await run_train(ctx, servers)
+    body, meta, delta = up["body"], up["meta"], up["delta"]
+
+    digest = hashlib.sha256(body).hexdigest()
+    assert out["update"] == {"digest": digest, "size": len(body), "compression": "fp32"}
+    (put,) = servers.uploads.requests
+    assert put.status == 201
+    assert put.headers["X-Lepton-Digest"] == f"sha256:{digest}"
+    assert put.headers["Content-Length"] == str(len(body))
+    assert (meta.kind, meta.round, meta.job, meta.compression) == ("update", 3, "digits-fl", "fp32")
+
+    global_w = initial_weights(CNN)
+    assert list(delta) == list(global_w)
+    assert all(delta[k].shape == global_w[k].shape for k in global_w)
+
+    assert out["examples"] == len(partition.x)
+    assert out["steps"] == 2 * -(-len(partition.x) // 32)
+    assert out["loss_after"] < out["loss_before"]
+    assert 0.0 <= out["accuracy_before"] < out["accuracy"] <= 1.0
+    assert out["train_s"] > 0
+    assert out["upload_s"] > 0
+    assert out["weights_cached"] is False
+    assert (out["job"], out["round"]) == ("digits-fl", 3)
+
+    before = local_loss(CNN, global_w, partition)
+    after = local_loss(CNN, {k: global_w[k] + delta[k] for k in global_w}, partition)
+    assert before == pytest.approx(out["loss_before"], rel=1e-4)
+    assert after == pytest.approx(out["loss_after"], rel=1e-3)
+    assert after < before
+    norm = float(np.sqrt(sum(np.sum(d.astype(np.float64) ** 2) for d in delta.values())))
+    assert norm == pytest.approx(out["update_norm"], rel=1e-5)
+
+
+async def test_compressed_updates_are_smaller(ctx: TaskContext, servers: Servers) -> None:
+    sizes, deltas = {}, {}
+    for compression in ("fp32", "fp16", "int8"):
+        url = servers.uploads.url(f"mlp/{compression}")
+        out, up = await run_train(
+            ctx, servers, model=MLP, epochs=1, compression=compression, upload={"url": url}
+        )
+        assert up["meta"].compression == compression
+        sizes[compression] = out["update"]["size"]
+        deltas[compression] = up["delta"]
+    assert sizes["int8"] <= 0.27 * sizes["fp32"]
+    assert 0.45 <= sizes["fp16"] / sizes["fp32"] <= 0.55
+    # Same seed, same training: the compressed updates approximate the exact one.
+    for compression, tol in (("fp16", 1e-3), ("int8", 2e-2)):
+        for name, exact in deltas["fp32"].items():
+            err = np.abs(deltas[compression][name] - exact).max()
+            assert err <= tol * max(1e-6, float(np.abs(exact).max())) + 1e-6, (compression, name)
+
+
+async def test_fedprox_term_keeps_the_update_closer(ctx: TaskContext, servers: Servers) -> None:
+    free, _ = await run_train(ctx, servers, prox_mu=0.0, upload={"url": servers.uploads.url("a")})
+    prox, _ = await run_train(ctx, servers, prox_mu=5.0, upload={"url": servers.uploads.url("b")})
+    assert prox["update_norm"] < 0.9 * free["update_norm"]
+    assert prox["examples"] == free["examples"]
+
+
+async def test_same_seed_same_update(ctx: TaskContext, servers: Servers) -> None:
+    one, _ = await run_train(ctx, servers, epochs=1, upload={"url": servers.uploads.url("1")})
+    two, _ = await run_train(ctx, servers, epochs=1, upload={"url": servers.uploads.url("2")})
+    three, _ = await run_train(
+        ctx, servers, epochs=1, seed=2, upload={"url": servers.uploads.url("3")}
+    )
+    assert one["update"]["digest"] == two["update"]["digest"]
+    assert three["update"]["digest"] != one["update"]["digest"]
+    assert two["weights_cached"] is True  # fetched once, then served from the cache
+
+
+async def test_adam_max_examples_and_buffers(ctx: TaskContext, servers: Servers) -> None:
+    out, up = await run_train(
+        ctx,
+        servers,
+        model="tests.agent.training.nets:with_batchnorm",
+        optimizer="adam",
+        lr=0.01,
+        max_examples=100,
+        compression="int8",
+    )
+    assert out["examples"] == 100
+    assert out["loss_after"] < out["loss_before"]
+    counter = up["delta"]["2.num_batches_tracked"]
+    assert counter.dtype == np.int64
+    assert int(counter) == out["steps"]
+
+
+async def test_upload_is_retried(ctx: TaskContext, servers: Servers) -> None:
+    servers.uploads.fault(UploadFault(kind="status", status=503))
+    servers.uploads.fault(UploadFault(kind="drop"))
+    out, up = await run_train(ctx, servers, epochs=1)
+    statuses = [r.status for r in servers.uploads.requests]
+    assert statuses == [503, 0, 201]
+    assert out["update"]["size"] == len(up["body"])
+
+
+async def test_upload_refused_fails_the_task(ctx: TaskContext, servers: Servers) -> None:
+    servers.uploads.fault(UploadFault(kind="status", status=403))
+    with pytest.raises(TaskError, match=r"upload_refused.*403"):
+        await train(task("train", **train_params(servers, epochs=1)), ctx)
+    assert len(servers.uploads.requests) == 1
+
+
+async def test_upload_gives_up_after_the_retries(ctx: TaskContext, servers: Servers) -> None:
+    servers.uploads.fault(UploadFault(kind="status", status=500, times=10))
+    with pytest.raises(TaskError, match=r"upload_failed.*gave up after 4"):
+        await train(task("train", **train_params(servers, epochs=1)), ctx)
+
+
+async def test_device_without_the_data_source_refuses_before_downloading(
+    ctx: TaskContext, servers: Servers
+) -> None:
+    params = train_params(servers, data="xray")
+    with pytest.raises(
+        TaskError, match=r"no_data: this device has no data source 'xray' \(it has: digits"
+    ):
+        await train(task("train", **params), ctx)
+    with pytest.raises(TaskError, match="no_labels"):
+        await train(task("train", **train_params(servers, data="unlabelled")), ctx)
+    assert servers.blobs.requests == []
+    assert servers.uploads.requests == []
+
+
+async def test_weights_are_verified_by_digest(ctx: TaskContext, servers: Servers) -> None:
+    params = train_params(servers)
+    servers.blobs.fault(params["weights"]["digest"], Fault("wrong_bytes", times=-1))
+    with pytest.raises(TaskError, match="digest_mismatch"):
+        await train(task("train", **params), ctx)
+    assert servers.uploads.requests == []
+
+
+async def test_resumes_an_interrupted_weights_download(ctx: TaskContext, servers: Servers) -> None:
+    params = train_params(servers, epochs=1)
+    servers.blobs.fault(params["weights"]["digest"], Fault("drop", at=5000))
+    out = await train(task("train", **params), ctx)
+    ranges = [r.range for r in servers.blobs.requests]
+    assert ranges == [None, "bytes=5000-"]
+    assert out["loss_after"] < out["loss_before"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"model": MLP}, "weights_mismatch"),
+        ({"model": "tests.agent.training.nets:not_a_module"}, "not a torch.nn.Module"),
+        ({"model": "no.such.module:Net"}, "cannot import"),
+        ({"model": "tests.agent.training.nets:nothing"}, "not found"),
+        ({"model": "not a path"}, "bad_params"),
+        ({"compression": "zip"}, "bad_params"),
+        ({"epochs": 0}, "bad_params"),
+        ({"upload": {"url": "ftp://x/y"}}, "upload.url must be an http"),
+    ],
+)
+async def test_bad_tasks_fail_with_a_reason(
+    ctx: TaskContext, servers: Servers, overrides: dict, message: str
+) -> None:
+    params = train_params(servers)  # weights of the CNN
+    params.update(overrides)
+    with pytest.raises(TaskError, match=message):
+        await train(task("train", **params), ctx)
+    assert servers.uploads.requests == []
+
+
+async def test_a_diverging_model_fails_instead_of_uploading(
+    ctx: TaskContext, servers: Servers
+) -> None:
+    params = train_params(servers, model="tests.agent.training.nets:nan_net")
+    with pytest.raises(TaskError, match="diverged"):
+        await train(task("train", **params), ctx)
+    assert servers.uploads.requests == []
+
+
+async def test_missing_params_name_the_field(ctx: TaskContext, servers: Servers) -> None:
+    params = train_params(servers)
+    del params["upload"]
+    with pytest.raises(TaskError, match=r"bad_params.*upload"):
+        await train(task("train", **params), ctx)
+
+
+async def test_evaluate_scores_the_weights_on_local_data(
+    ctx: TaskContext, servers: Servers, partition: Partition
+) -> None:
+    weights = servers.weights(CNN)
+    out = await evaluate(
+        task("evaluate", model=CNN, weights=weights, data="digits", job="j", round=2), ctx
+    )
+    assert out["examples"] == len(partition.x)
+    assert out["loss"] == pytest.approx(local_loss(CNN, initial_weights(CNN), partition), rel=1e-4)
+    assert 0.0 <= out["accuracy"] <= 1.0
+    assert (out["job"], out["round"]) == ("j", 2)
+    limited = await evaluate(
+        task("evaluate", model=CNN, weights=weights, data="digits", max_examples=10), ctx
+    )
+    assert limited["examples"] == 10
+    with pytest.raises(TaskError, match="no data source 'nope'"):
+        await evaluate(task("evaluate", model=CNN, weights=weights, data="nope"), ctx)
+
+
+def test_optimizers_follow_torch_update_rules() -> None:
+    import msgspec
+    import torch
+
+    from agent.training import TrainParams, _Optimizer
+
+    def params(**kw: object) -> TrainParams:
+        base = {
+            "job": "j",
+            "round": 0,
+            "model": "m:f",
+            "weights": {"digest": "0" * 64, "size": 1, "url": "http://x"},
+            "data": "d",
+            "upload": {"url": "http://x"},
+        }
+        return msgspec.convert(base | kw, TrainParams)
+
+    def run(grads: list[float], **kw: object) -> list[float]:
+        w = torch.nn.Parameter(torch.tensor([1.0]))
+        opt = _Optimizer([w], params(**kw))
+        seen = []
+        for g in grads:
+            w.grad = torch.tensor([g])
+            opt.step()
+            seen.append(round(float(w.detach()), 6))
+        return seen
+
+    assert run([1.0, 1.0], lr=0.1) == [0.9, 0.8]
+    # buf = g, then 0.5 * buf + g: 1 - 0.1 * 1 = 0.9, 0.9 - 0.1 * 1.5 = 0.75
+    assert run([1.0, 1.0], lr=0.1, momentum=0.5) == [0.9, 0.75]
+    # Adam's bias-corrected steps move by lr under a constant gradient, whatever its scale.
+    assert run([1e-3, 1e-3], lr=0.1, optimizer="adam") == pytest.approx([0.9, 0.8], abs=1e-4)
+    assert run([5.0, 5.0], lr=0.1, optimizer="adam") == pytest.approx([0.9, 0.8], abs=1e-6)
