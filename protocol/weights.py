@@ -61,6 +61,7 @@ DIGEST_PATTERN: Final = r"\A[0-9a-f]{64}\Z"
 NAME_PATTERN: Final = r"\A[^\x00-\x1f\x7f]+\Z"
 
 _FLOAT16_MAX: Final = float(np.finfo(np.float16).max)
+_FLOAT32_MAX: Final = float(np.finfo(np.float32).max)
 _NAME_RE: Final = re.compile(NAME_PATTERN)
 
 Kind = Literal["weights", "update"]
@@ -147,16 +148,16 @@ def _encode_tensor(
             return NamedTensor(name=name, quant=quantize_int8(arr, axis=axis))
         except ValueError as exc:
             raise ValueError(f"tensor {name!r}: {exc}") from exc
-    f32 = arr.astype(np.float32)
-    if not np.all(np.isfinite(f32)):
+    peak = float(np.max(np.abs(arr))) if arr.size else 0.0
+    if peak > _FLOAT32_MAX:
         raise ValueError(f"tensor {name!r} has values beyond the float32 range")
     if compression in ("fp16", "int8"):
-        beyond = bool(arr.size) and float(np.max(np.abs(arr))) > _FLOAT16_MAX
+        beyond = peak > _FLOAT16_MAX
         if beyond and compression == "fp16":
             raise ValueError(f"tensor {name!r} has values beyond the float16 range")
         if not beyond:
             return NamedTensor(name=name, dense=to_payload(arr.astype(np.float16)))
-    return NamedTensor(name=name, dense=to_payload(f32))
+    return NamedTensor(name=name, dense=to_payload(arr.astype(np.float32)))
 
 
 def encode_weights(
