@@ -216,7 +216,7 @@ class Endpoint:
             max_workers=concurrency, thread_name_prefix="lepton-infer"
         )
         self._servers: list[asyncio.Server] = []
-        self._connections: set[asyncio.Task[Any]] = set()
+        self._connections: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
         self.port: int | None = None
         self.requests = 0
         self.accepted = 0  # connections, over the endpoint's life
@@ -248,10 +248,14 @@ class Endpoint:
     async def __aexit__(self, *exc: object) -> None:
         for server in self._servers:
             server.close()
-        for task in list(self._connections):
-            task.cancel()
+        # Closing the transports ends each connection's read loop; cancelling the handler
+        # tasks instead trips asyncio's stream callback into logging spurious errors.
+        for writer in list(self._connections.values()):
+            writer.close()
         if self._connections:
-            await asyncio.gather(*self._connections, return_exceptions=True)
+            _, pending = await asyncio.wait(list(self._connections), timeout=LINGER_S + 1)
+            for task in pending:
+                task.cancel()
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
@@ -282,7 +286,7 @@ class Endpoint:
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._connections.add(task)
+        self._connections[task] = writer
         self.accepted += 1
         conn = h11.Connection(h11.SERVER)
         try:
@@ -304,7 +308,7 @@ class Endpoint:
                     reply = _error_reply(HttpError(400, "bad_http", str(exc)), close=True)
                     await self._write(conn, writer, reply)
         finally:
-            self._connections.discard(task)
+            self._connections.pop(task, None)
             writer.close()
             with contextlib.suppress(ConnectionError, asyncio.CancelledError):
                 await writer.wait_closed()

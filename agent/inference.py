@@ -100,8 +100,9 @@ class Evaluation:
 def prepare_input(x: Array, spec: TensorSpec, meta: InputSpec | None) -> Array:
     """Samples as the model wants them: normalised, cast to the input dtype, reshaped.
 
-    A sample shape that differs from the model's but has the same number of elements (8x8
-    images for a 64-feature model) is reshaped; anything else is a :class:`TaskError`.
+    Two reshapes are safe and done: flattening (8x8 images for a 64-feature model) and
+    adding or dropping axes of length 1 (``[1, 8, 8]`` for ``[8, 8, 1]``). Any other
+    difference is a :class:`TaskError`, never a silent reinterpretation of the layout.
     """
     import numpy as np
 
@@ -116,15 +117,18 @@ def prepare_input(x: Array, spec: TensorSpec, meta: InputSpec | None) -> Array:
         raise TaskError(f"input {spec.name!r} is {want}, the data source holds {x.dtype} values")
     x = x.astype(want, copy=False)
     sample = spec.shape[1:]
-    if len(sample) == x.ndim - 1 and all(
-        w is None or w == g for w, g in zip(sample, x.shape[1:], strict=True)
+    have = tuple(x.shape[1:])
+    if len(sample) == len(have) and all(
+        w is None or w == g for w, g in zip(sample, have, strict=True)
     ):
         return np.ascontiguousarray(x)
     fixed = [d for d in sample if d is not None]
-    if len(fixed) == len(sample) and math.prod(fixed) == math.prod(x.shape[1:]):
+    same_size = len(fixed) == len(sample) and math.prod(fixed) == math.prod(have)
+    squeezed_equal = [d for d in fixed if d != 1] == [d for d in have if d != 1]
+    if same_size and (len(fixed) == 1 or squeezed_equal):
         return np.ascontiguousarray(x.reshape((x.shape[0], *fixed)))
     raise TaskError(
-        f"data source samples have shape {list(x.shape[1:])}, model input {spec.name!r} "
+        f"data source samples have shape {list(have)}, model input {spec.name!r} "
         f"wants {['?' if d is None else d for d in sample]} per sample"
     )
 
@@ -172,22 +176,20 @@ def evaluate(
     for _ in range(warmup if n else 0):  # first runs allocate and tune; not timed
         runtime.run({spec.name: x[:batch_size]})
     batch_s: list[float] = []
-    sizes: list[int] = []
     outs: list[Array] = []
-    run = runtime.run
-    name = spec.name
+    run = runtime.single(spec.name, out_name)
+    stopped = stop.is_set
     clock = time.perf_counter
     started = clock()
     for start in range(0, n, batch_size):
-        if stop.is_set():
+        if stopped():
             raise TaskError("cancelled")
         xb = x[start : start + batch_size]
         t0 = clock()
-        result = run({name: xb})
+        outs.append(run(xb))
         batch_s.append(clock() - t0)
-        sizes.append(len(xb))
-        outs.append(result[out_name])
     wall = clock() - started
+    sizes = [min(batch_size, n - start) for start in range(0, n, batch_size)]
     correct = None
     if data.y is not None and n:
         y = data.y.argmax(axis=1) if data.y.ndim == 2 else data.y

@@ -255,6 +255,7 @@ class ModelManager:
         self._name_locks: dict[str, asyncio.Lock] = {}
         self._digest_locks: dict[str, asyncio.Lock] = {}
         self._index_lock = asyncio.Lock()
+        self._index_loaded = False
         self._pending: dict[str, int] = {}  # digests fetched for deploys still in progress
         self._tls: ssl.SSLContext | None = None
         self.restored = asyncio.Event()
@@ -307,23 +308,40 @@ class ModelManager:
     # ------------------------------------------------------------ lifecycle
 
     async def restore(self) -> None:
-        """Load the models the index names (at start-up). Failures are logged and skipped."""
+        """Load the models the index names (at start-up). Failures are logged and skipped.
+
+        Deploys may run meanwhile: a name deployed before its turn here keeps the new model.
+        """
         try:
-            self._index = await asyncio.to_thread(self._read_index)
-            for name, entry in list(self._index.items()):
-                try:
-                    spec = msgspec.convert(entry["spec"], DeploySpec)
-                    path = self.cached_path(spec.digest)
-                    if not path.exists():
-                        raise ModelError("missing", f"{path} is gone")  # noqa: TRY301
-                    model = await asyncio.to_thread(self._load, spec, path)
-                except Exception as exc:  # one bad entry must not keep the agent from starting
-                    log.error("cannot restore model %s: %s", name, exc)  # noqa: TRY400
-                    continue
-                self._served[name] = model
-                log.info("serving model %s (%s) from the cache", name, spec.digest[:12])
+            await self._load_index()
+            for name in list(self._index):
+                async with self._name_lock(name):
+                    entry = self._index.get(name)
+                    if entry is None or name in self._served:
+                        continue
+                    try:
+                        spec = msgspec.convert(entry["spec"], DeploySpec)
+                        path = self.cached_path(spec.digest)
+                        if not await asyncio.to_thread(path.exists):
+                            raise ModelError("missing", f"{path} is gone")  # noqa: TRY301
+                        model = await asyncio.to_thread(self._load, spec, path)
+                    except Exception as exc:  # one bad entry must not keep the agent down
+                        log.error("cannot restore model %s: %s", name, exc)  # noqa: TRY400
+                        continue
+                    self._served[name] = model
+                    log.info("serving model %s (%s) from the cache", name, spec.digest[:12])
         finally:
             self.restored.set()
+
+    async def _load_index(self) -> None:
+        """Read the index from disk once, before anything changes or reads it."""
+        async with self._index_lock:
+            if not self._index_loaded:
+                self._index = {**await asyncio.to_thread(self._read_index), **self._index}
+                self._index_loaded = True
+
+    def _name_lock(self, name: str) -> asyncio.Lock:
+        return self._name_locks.setdefault(name, asyncio.Lock())
 
     def close(self) -> None:
         for model in self._served.values():
@@ -334,8 +352,8 @@ class ModelManager:
 
     async def deploy(self, spec: DeploySpec) -> DeployOutcome:
         """Fetch (or find in the cache), verify, load and swap in ``spec``'s model."""
-        lock = self._name_locks.setdefault(spec.name, asyncio.Lock())
-        async with lock:
+        await self._load_index()  # so the index written below keeps every other model
+        async with self._name_lock(spec.name):
             current = self._served.get(spec.name)
             if current is not None and current.digest == spec.digest:
                 return self._outcome(current, downloaded=0, previous=current.digest)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 import importlib.util
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -121,6 +122,17 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     def run(self, inputs: dict[str, Array]) -> dict[str, Array]:
         """Run once; ``inputs`` maps every input name to an array of its dtype."""
+
+    def single(self, input_name: str, output_name: str) -> Callable[[Array], Array]:
+        """A callable running one input to one output, for tight loops over batches.
+
+        Runtimes override it to skip building dictionaries on every call.
+        """
+
+        def call(x: Array) -> Array:
+            return self.run({input_name: x})[output_name]
+
+        return call
 
     def close(self) -> None:  # noqa: B027 - closing is optional for runtimes holding nothing
         """Release the model; the runtime is unusable afterwards."""

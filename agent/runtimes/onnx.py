@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -144,6 +144,19 @@ class OnnxRuntime(Runtime):
             raise RuntimeError("model not loaded")
         values = session.run(self._output_names, inputs)
         return dict(zip(self._output_names, values, strict=True))
+
+    def single(self, input_name: str, output_name: str) -> Callable[[Array], Array]:
+        session = self._session
+        if session is None:
+            raise RuntimeError("model not loaded")
+        run = session.run
+        names = [output_name]
+
+        def call(x: Array) -> Array:
+            out: Array = run(names, {input_name: x})[0]
+            return out
+
+        return call
 
     def close(self) -> None:
         self._session = None

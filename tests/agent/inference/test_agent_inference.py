@@ -3,18 +3,55 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 
+from agent.config import load_config
 from agent.daemon import Agent
 from protocol.messages import Result
 from tests.agent.inference.conftest import Linear
-from tests.agent.test_agent_broker import running_agent
 from tests.support.blobserver import BlobServer
 from tests.support.broker import Broker
 from tests.support.fleet import Sink
+
+
+@contextlib.asynccontextmanager
+async def running_agent(broker: Broker, state: Path, **overrides: object) -> AsyncIterator[Agent]:
+    """An in-process agent; a shutdown that hangs fails with every task's stack."""
+    values = {
+        "device_id": "dev-1",
+        "broker_port": broker.port,
+        "broker_keepalive": 5,
+        "broker_reconnect_min": 0.1,
+        "broker_reconnect_max": 1.0,
+        "agent_state_dir": state,
+        "agent_capacity_interval": 0.5,
+        "agent_capacity_min_interval": 0.1,
+        "agent_probe": False,
+        **overrides,
+    }
+    async with Agent(load_config(None, env={}, overrides=values)) as agent:
+        runner = asyncio.create_task(agent.run())
+        try:
+            async with asyncio.timeout(10):
+                await agent.link.connected.wait()
+            yield agent
+        finally:
+            agent.stop()
+            done, _ = await asyncio.wait([runner], timeout=20)
+            if not done:
+                stacks = io.StringIO()
+                for task in asyncio.all_tasks():
+                    print(f"--- {task.get_name()}", file=stacks)
+                    task.print_stack(limit=10, file=stacks)
+                runner.cancel()
+                raise AssertionError(f"agent did not stop in 20 s; tasks:\n{stacks.getvalue()}")
+            runner.result()
 
 
 async def _run(sink: Sink, kind: str, timeout: float = 20, **params: object) -> Result:

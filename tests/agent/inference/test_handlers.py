@@ -13,8 +13,9 @@ from agent.datasources import ArraySource, DataSources
 from agent.handlers import TaskContext, TaskError, default_registry
 from agent.inference import deploy, infer, predicted_labels
 from agent.models import ModelManager
+from agent.runtimes.tflite import interpreter_module
 from protocol.messages import Task
-from tests.agent.inference.conftest import Linear
+from tests.agent.inference.conftest import Linear, artifact
 from tests.support.blobserver import BlobServer, Fault
 
 
@@ -31,8 +32,7 @@ def _deploy_params(blobs: BlobServer, data: bytes, name: str = "clf", **extra: A
         "url": blobs.url(digest),
         "format": "onnx",
         "precision": "fp32",
-        **extra,
-    }
+    } | extra
 
 
 @pytest.fixture
@@ -158,3 +158,43 @@ def test_predicted_labels() -> None:
     assert predicted_labels(np.array([[0.1, 0.9], [0.8, 0.2]])).tolist() == [1, 0]
     assert predicted_labels(np.array([3, 1], dtype=np.int64)).tolist() == [3, 1]
     assert predicted_labels(np.array([[0.7], [0.2]], dtype=np.float32)).tolist() == [1, 0]
+
+
+async def test_layouts_are_never_silently_reinterpreted(
+    ctx: TaskContext, blobs: BlobServer, linear: Linear
+) -> None:
+    sources: DataSources = ctx.extras["data_sources"]
+    # 16 features as 2x8 would "fit" by size, but it is not a flattening: refused.
+    sources.add("two_by_eight", ArraySource(linear.x.reshape(-1, 2, 8)))
+    sources.add("column", ArraySource(linear.x.reshape(-1, 16, 1), linear.y))
+    await deploy(_task("deploy", **_deploy_params(blobs, linear.onnx)), ctx)
+    res = await infer(_task("infer", model="clf", source="column"), ctx)
+    assert res["accuracy"] == 1.0  # a trailing axis of 1 is dropped
+    res = await infer(_task("infer", model="clf", source="two_by_eight"), ctx)
+    assert res["count"] == len(linear.x)  # flattening a 2x8 sample into 16 is a flattening
+
+
+@pytest.mark.parametrize(
+    ("artifact_name", "fmt"),
+    [("digits_int8.onnx", "onnx"), ("digits_int8.tflite", "tflite")],
+)
+async def test_shipped_int8_digits_model_accuracy(
+    tmp_path: Path, manager: ModelManager, blobs: BlobServer, artifact_name: str, fmt: str
+) -> None:
+    model_path = artifact(artifact_name)
+    test_set = artifact("digits_test.npz")
+    if fmt == "tflite" and interpreter_module() is None:
+        pytest.skip("no TFLite interpreter (pip install ai-edge-litert)")
+    ctx = TaskContext(
+        device_id="dev",
+        state_dir=tmp_path,
+        agent_version="test",
+        extras={"models": manager, "data_sources": DataSources({"digits": str(test_set)})},
+    )
+    params = _deploy_params(blobs, model_path.read_bytes(), name="digits", format=fmt)
+    params["precision"] = "int8"
+    out = await deploy(_task("deploy", **params), ctx)
+    assert out["precision"] == "int8"
+    res = await infer(_task("infer", model="digits", source="digits", batch_size=64), ctx)
+    assert res["count"] == 450
+    assert res["accuracy"] > 0.95

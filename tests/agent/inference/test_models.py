@@ -312,3 +312,25 @@ async def test_cache_keeps_served_models_and_a_few_previous_ones(
         await asyncio.sleep(0.01)  # distinct modification times
     kept = {p.name for p in manager.cache_dir.iterdir()}
     assert kept == set(digests[-1 - KEEP_UNREFERENCED :])
+
+
+async def test_deploys_during_restore_keep_every_model(
+    tmp_path: Path, blobs: BlobServer, linear: Linear, other_linear: Linear
+) -> None:
+    first = ModelManager(tmp_path / "models", threads=1)
+    await first.deploy(spec_for(blobs, linear.onnx, name="a"))
+    await first.deploy(spec_for(blobs, linear.onnx, name="b"))
+    first.close()
+    # After a restart, a deploy arrives before (or while) the index is restored.
+    second = ModelManager(tmp_path / "models", threads=1)
+    newer = spec_for(blobs, other_linear.onnx, name="b")
+    await asyncio.gather(second.deploy(newer), second.restore())
+    assert {m.name: m.digest for m in second.served()} == {
+        "a": hashlib.sha256(linear.onnx).hexdigest(),
+        "b": newer.digest,
+    }
+    index = json.loads((second.root / "index.json").read_text())["models"]
+    assert {k: v["digest"] for k, v in index.items()} == {
+        "a": hashlib.sha256(linear.onnx).hexdigest(),
+        "b": newer.digest,
+    }
