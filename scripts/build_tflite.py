@@ -14,6 +14,10 @@ torch's CHW flattening to Keras' HWC), and the Keras model is checked against ON
 the test set before conversion. ``TFLiteConverter`` then makes an FP32 model and a
 full-integer one: int8 weights and activations, int8 input and output, calibrated on the same
 256 calibration digits as the ONNX INT8 model.
+
+``--mobilenet DIR`` also writes ``mobilenet_fp32.tflite`` and ``mobilenet_int8.tflite`` (Keras'
+MobileNetV2 at 224x224x3, randomly initialised, full-integer calibrated on random images) into
+DIR, for ``bench/bench_int8.py --tflite-mobilenet DIR``; they are too large to ship.
 """
 
 from __future__ import annotations
@@ -87,12 +91,45 @@ def run_tflite(path: Path, x_nhwc: np.ndarray) -> np.ndarray:
     if out["dtype"] == np.int8:
         scale, zero = out["quantization"]
         y = (y.astype(np.float32) - zero) * scale
-    return y
+    return np.asarray(y)
+
+
+def full_integer(model: Any, samples: np.ndarray) -> bytes:
+    """Full-integer conversion: int8 weights, activations, input and output."""
+    import tensorflow as tf
+
+    def representative() -> Any:
+        for sample in samples:
+            yield [sample[None].astype(np.float32)]
+
+    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = representative
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    conv.inference_input_type = tf.int8
+    conv.inference_output_type = tf.int8
+    result: bytes = conv.convert()
+    return result
+
+
+def build_mobilenet(out: Path) -> None:
+    """FP32 and full-integer MobileNetV2 (random weights) for speed measurement."""
+    import tensorflow as tf
+
+    model = tf.keras.applications.MobileNetV2(input_shape=(224, 224, 3), weights=None)
+    rng = np.random.default_rng(0)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "mobilenet_fp32.tflite").write_bytes(
+        tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    samples = rng.random((16, 224, 224, 3), dtype=np.float32)
+    (out / "mobilenet_int8.tflite").write_bytes(full_integer(model, samples))
+    print(f"wrote {out / 'mobilenet_fp32.tflite'} and {out / 'mobilenet_int8.tflite'}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--artifacts", type=Path, default=REPO / "models" / "artifacts")
+    parser.add_argument("--mobilenet", type=Path, help="also build MobileNetV2 models here")
     args = parser.parse_args(argv)
 
     import onnxruntime as ort
@@ -100,7 +137,10 @@ def main(argv: list[str] | None = None) -> int:
 
     tf.keras.utils.set_random_seed(0)
     splits = digits_splits()
-    to_nhwc = lambda x: np.ascontiguousarray(np.transpose(x, (0, 2, 3, 1)))  # noqa: E731
+
+    def to_nhwc(x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(np.transpose(x, (0, 2, 3, 1)))
+
     x_test, y_test = to_nhwc(splits.test.x), splits.test.y
 
     onnx_path = args.artifacts / "digits_fp32.onnx"
@@ -111,18 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     if diff > MAX_LOGIT_DIFF:
         raise SystemExit(f"Keras model differs from the ONNX model by {diff} (> {MAX_LOGIT_DIFF})")
 
-    def representative() -> Any:
-        for sample in to_nhwc(splits.calibration.x):
-            yield [sample[None].astype(np.float32)]
-
     fp32 = tf.lite.TFLiteConverter.from_keras_model(model).convert()
-    conv = tf.lite.TFLiteConverter.from_keras_model(model)
-    conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    conv.representative_dataset = representative
-    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    conv.inference_input_type = tf.int8
-    conv.inference_output_type = tf.int8
-    int8 = conv.convert()
+    int8 = full_integer(model, to_nhwc(splits.calibration.x))
 
     out_fp32 = args.artifacts / "digits_fp32.tflite"
     out_int8 = args.artifacts / "digits_int8.tflite"
@@ -146,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     (args.artifacts / "digits_tflite.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
+    if args.mobilenet:
+        build_mobilenet(args.mobilenet)
     return 0
 
 
