@@ -27,7 +27,8 @@ def test_record_replaces_only_its_section(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     md = tmp_path / "BENCHMARKS.md"
-    md.write_text("# Benchmarks\n\n## Agent\nkeep me\n\n## INT8 inference\nold\n\n## Later\nme too\n")
+    md.write_text(
+        "# Benchmarks\n\n## Agent\nkeep me\n\n## INT8 inference\nold\n\n## Later\nme too\n")
     monkeypatch.setattr(bench_int8, "BENCHMARKS_MD", md)
     bench_int8.record("## INT8 inference\nnew\n")
     assert md.read_text() == (
