@@ -57,6 +57,7 @@ cores this process may use).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import importlib
 import logging
 import math
@@ -77,7 +78,6 @@ from agent.handlers import TaskContext, TaskError
 from agent.models import DeploySpec, ModelError, ModelManager
 from protocol.errors import DecodeError
 from protocol.messages import Task
-from protocol.weights import Compression, decode_weights, encode_weights, sha256_hex
 
 if TYPE_CHECKING:
     import numpy as np
@@ -104,6 +104,9 @@ MAX_BATCH: Final = 65536
 JobName = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"\A[A-Za-z0-9._:/-]+\Z")]
 FactoryPath = Annotated[str, Meta(max_length=256, pattern=r"\A[A-Za-z_][\w.]*:[A-Za-z_][\w.]*\Z")]
 Url = Annotated[str, Meta(min_length=1, max_length=4096)]
+# protocol.weights.Compression, spelled out: importing protocol.weights loads numpy, which the
+# agent does only once a task needs it.
+Compression = Literal["fp32", "fp16", "int8"]
 
 
 class WeightsRef(msgspec.Struct, frozen=True, kw_only=True):
@@ -249,6 +252,8 @@ async def _fetch_weights(ctx: TaskContext, ref: WeightsRef) -> _Fetched:
     except OSError as exc:
         raise TaskError(f"weights: cannot read the cached blob: {exc}") from exc
     await asyncio.to_thread(_prune_weights, store.cache_dir, digest)
+    from protocol.weights import decode_weights
+
     try:
         meta, arrays = await asyncio.to_thread(decode_weights, data, max_bytes=store.max_bytes)
     except DecodeError as exc:
@@ -563,6 +568,8 @@ async def train(task: Task, ctx: TaskContext) -> dict[str, Any]:
     except asyncio.CancelledError:
         stop.set()  # the worker thread stops at its next batch
         raise
+    from protocol.weights import encode_weights
+
     try:
         body = await asyncio.to_thread(
             encode_weights,
@@ -575,7 +582,7 @@ async def train(task: Task, ctx: TaskContext) -> dict[str, Any]:
         )
     except ValueError as exc:
         raise TaskError(f"encode: {exc}") from exc
-    digest = sha256_hex(body)
+    digest = hashlib.sha256(body).hexdigest()
     store = _weights_store(ctx)
     started = time.perf_counter()
     await upload(

@@ -62,10 +62,22 @@ class Servers:
         return {"digest": digest, "size": len(blob), "url": self.blobs.url(digest)}
 
 
-@pytest.fixture
-def servers() -> Iterator[Servers]:
+@pytest.fixture(scope="module")
+def _servers() -> Iterator[Servers]:
+    # Shared by a module's tests: stopping a server waits out its 0.5 s poll interval.
     with BlobServer() as blobs, UploadServer() as uploads:
         yield Servers(blobs, uploads)
+
+
+@pytest.fixture
+def servers(_servers: Servers) -> Servers:
+    """The module's servers with no faults queued and no requests recorded."""
+    for state in (_servers.blobs.state, _servers.uploads.state):
+        with state.lock:
+            state.faults.clear()
+            state.requests.clear()
+    _servers.uploads.state.bodies.clear()
+    return _servers
 
 
 @pytest.fixture

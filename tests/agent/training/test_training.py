@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
+import typing
 
 import numpy as np
 import pytest
 
 from agent.handlers import TaskContext, TaskError, default_registry
-from agent.training import evaluate, train
-from protocol.weights import decode_weights
+from agent.training import Compression, evaluate, train
+from protocol.weights import COMPRESSIONS, decode_weights
 from tests.agent.training.conftest import (
     CNN,
     MLP,
@@ -51,6 +54,19 @@ def test_handlers_are_registered() -> None:
     assert registry.get("train") is train
     assert registry.get("evaluate") is evaluate
     assert {"echo", "deploy", "infer"} <= set(registry.kinds())
+
+
+def test_registering_loads_neither_numpy_nor_torch() -> None:
+    code = (
+        "import sys; from agent.handlers import default_registry; default_registry(); "
+        "print(sorted(m for m in ('numpy', 'torch') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_compression_choices_match_the_wire_format() -> None:
+    assert typing.get_args(Compression) == COMPRESSIONS
 
 
 async def test_train_uploads_an_update_that_lowers_the_loss(
