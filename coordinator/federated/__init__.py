@@ -11,12 +11,39 @@ Updates and weights arrive as ``dict[str, numpy.ndarray]`` (what
 :func:`protocol.weights.decode_weights` returns); the round orchestration (selection,
 deadlines, persistence, the HTTP and MQTT shells) lives around these pieces.
 
+One round with these pieces (the orchestration around them is the coordinator's)::
+
+    from coordinator.federated.selection import Candidate, Fairness, select_clients
+    from coordinator.federated.strategies import ClientUpdate, build
+    from protocol.weights import decode_weights, encode_weights
+
+    strategy = build("fedprox", mu=0.01)            # or build("median", clip_norm=5.0), ...
+    chosen = select_clients(candidates, k, over_select=0.3, fairness=Fairness(max_staleness=10),
+                            rng=rng)
+    params = {**train_params, **strategy.configure_fit(round_no)}   # e.g. prox_mu
+    # ...each device's result names its update blob; fetch it by digest, then:
+    meta, delta = decode_weights(blob, max_bytes=cap)  # DecodeError -> drop that update
+    # keep it only if meta.kind == "update", meta.base == the global digest, meta.round == round
+    updates.append(ClientUpdate(device_id=dev, delta=delta,
+                                num_examples=output["examples"],
+                                metrics={"loss_after": output["loss_after"]}))
+    result = strategy.aggregate(global_weights, updates)   # result.rejected names bad updates
+    blob = encode_weights(result.weights, kind="weights", round=round_no + 1)
+    # persist blob's digest and result.state in one transaction; on restart load_state()
+
+``result.state`` holds float64 optimizer moments and int64 counters; storing it with
+``encode_weights(..., kind="weights")`` keeps the counters exact and the moments at float32
+precision, which is plenty for them.
+
 Why the kernels are not imported from Flower: ``flwr`` 1.42 installs, but pins much of the
 coordinator's stack to narrow ranges (fastapi 0.138, starlette 1.3, uvicorn 0.49,
 protobuf < 7, rich < 15, packaging < 26, typer < 0.21, cryptography 50), so installing it
 downgrades the coordinator's web stack, and it pulls in grpcio, uv and some 30 packages
 for four ~20-line numpy functions. Its ``typer<0.21`` also conflicts with ``amqtt``
 >= 0.12 (``typer>=0.24``): asked for both, pip falls back to amqtt 0.11.4. The kernels here
-compute the same rules over named tensors, tensor by tensor; they were checked against
-``flwr.server.strategy.aggregate`` in a separate environment.
+compute the same rules over named tensors, tensor by tensor, and were checked against
+``flwr.server.strategy.aggregate`` (``aggregate``, ``aggregate_median``, ``aggregate_krum``,
+``aggregate_trimmed_avg``) on random cases in a separate environment. One deliberate
+difference: Multi-Krum averages the kept updates unweighted (Flower weights them by the
+client-reported example counts, which an attacker can inflate).
 """
