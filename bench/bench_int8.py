@@ -250,6 +250,29 @@ def tflite_mobilenet(args: argparse.Namespace, interpreter: Any) -> dict[str, An
     return result
 
 
+NOTES = """\
+### Reading the figures
+
+- Targets: INT8 at least 1.7x faster than FP32, file at most 0.27x, accuracy drop at most 0.5
+  point. The size and accuracy targets depend on the format and calibration above; the
+  speed-up depends on the host's integer dot-product instructions.
+- Which INT8 layout runs fast is decided by ORT's graph optimiser: it fuses each
+  DequantizeLinear -> Conv -> QuantizeLinear group into one `QLinearConv` (extended level and
+  above; with `ORT_ENABLE_BASIC` nothing is fused and INT8 is several times slower than FP32).
+  U8S8 QDQ and U8S8 QOperator end up as the same fused graph, hence the same speed; S8S8 on an
+  x86 host without VNNI leaves the depthwise convolutions in float between Q/DQ pairs with
+  layout transposes around them, and is slower than FP32. The pipeline therefore defaults to
+  U8S8.
+- QDQ stores, per output channel, an int32 bias plus a bias scale and a bias zero point that
+  QOperator derives at load time; that is the difference between 0.277x and 0.264x.
+- 7-bit weights (`reduce_range`) cost no speed here and remove the accuracy loss of ORT's x86
+  U8S8 kernels, whose 16-bit intermediate sums (VPMADDUBSW) saturate on hosts without VNNI.
+- LiteRT's CPU path (XNNPACK) has fast FP32 kernels; on a host without VNNI its full-integer
+  model is about as fast as FP32. The digits model is too small for latency to mean anything
+  (microseconds, dominated by call overhead); its rows show size and accuracy.
+"""
+
+
 def fmt_ms(v: float) -> str:
     return f"{v:.3f}" if v < 1 else f"{v:.2f}"
 
@@ -337,7 +360,14 @@ def render(figures: dict[str, Any], command: str) -> str:
                     lat = mt["latency"][t]
                     cells += [f"{fmt_ms(lat[prec])} ms", f"{lat['fp32'] / lat[prec]:.2f}x"]
                 lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    flags = figures["flags"]
+    if "vnni" not in flags and "amx" not in flags:
+        lines += ["", "This host has no VNNI/AMX: INT8 matrix products run on AVX2 "
+                  "(VPMADDUBSW + VPMADDWD), about twice FP32 FMA throughput at best, before "
+                  "depthwise layers, re-quantization and layout transposes take their share. "
+                  "Hosts with VNNI (AVX-512 VNNI, AVX-VNNI) or ARM dot-product instructions "
+                  "were not measured here."]
+    return "\n".join(lines) + "\n\n" + NOTES
 
 
 def record(section: str) -> None:
