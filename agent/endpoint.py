@@ -15,9 +15,10 @@ Served with ``h11`` over asyncio streams on ``127.0.0.1:<port>`` and/or a Unix s
 Errors are JSON ``{"error": {"code", "message"}}``: 400 for a body that does not fit the
 model (which input, which dimension, expected against got), 404 for an unknown model or
 route, 405 for a wrong method, 413 for a body over the cap, 415 for another content type,
-503 while a model is still loading or connections are exhausted. Inference runs in a small
-thread pool (``concurrency`` workers), so the agent's event loop never blocks on a model.
-Connections are kept alive between requests.
+503 for a deployed model that is still loading after a restart (or failed to), or when
+connections are exhausted. Inference runs in a small thread pool (``concurrency`` workers),
+so the agent's event loop never blocks on a model. Connections are kept alive between
+requests.
 """
 
 from __future__ import annotations
@@ -428,8 +429,9 @@ class Endpoint:
             raise HttpError(405, "method_not_allowed", f"use {allowed}", allow=allowed)
 
     def _unknown(self, name: str) -> HttpError:
-        if self.models.known(name):
-            return HttpError(503, "loading", f"model {name!r} is still loading")
+        why = self.models.unavailable(name)
+        if why is not None:
+            return HttpError(503, "unavailable", f"model {name!r} {why}")
         return HttpError(404, "unknown_model", f"no model named {name!r} is served here")
 
     async def _predict(self, name: str, headers: dict[str, str], body: bytes) -> Reply:

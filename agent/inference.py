@@ -238,8 +238,8 @@ async def infer(task: Task, ctx: TaskContext) -> dict[str, Any]:
         raise TaskError(f"data_source: {exc}") from exc
     with manager.lease(params.model) as model:
         if model is None:
-            state = "is still loading" if manager.known(params.model) else "is not deployed here"
-            raise TaskError(f"unknown_model: model {params.model!r} {state}")
+            why = manager.unavailable(params.model) or "is not deployed here"
+            raise TaskError(f"unknown_model: model {params.model!r} {why}")
         stop = threading.Event()
         try:
             ev = await asyncio.to_thread(

@@ -256,6 +256,7 @@ class ModelManager:
         self._digest_locks: dict[str, asyncio.Lock] = {}
         self._index_lock = asyncio.Lock()
         self._index_loaded = False
+        self._restore_errors: dict[str, str] = {}
         self._pending: dict[str, int] = {}  # digests fetched for deploys still in progress
         self._tls: ssl.SSLContext | None = None
         self.restored = asyncio.Event()
@@ -287,6 +288,14 @@ class ModelManager:
     def known(self, name: str) -> bool:
         """Deployed (in the index), though perhaps not loaded yet after a restart."""
         return name in self._index
+
+    def unavailable(self, name: str) -> str | None:
+        """Why a deployed model is not served (None if it is served or was never deployed)."""
+        if name in self._served or name not in self._index:
+            return None
+        if name in self._restore_errors:
+            return f"could not be restored: {self._restore_errors[name]}"
+        return "is still loading"
 
     @contextlib.contextmanager
     def lease(self, name: str) -> Iterator[ServedModel | None]:
@@ -322,16 +331,27 @@ class ModelManager:
                     try:
                         spec = msgspec.convert(entry["spec"], DeploySpec)
                         path = self.cached_path(spec.digest)
-                        if not await asyncio.to_thread(path.exists):
-                            raise ModelError("missing", f"{path} is gone")  # noqa: TRY301
+                        await asyncio.to_thread(self._verify_cached, path, spec.digest)
                         model = await asyncio.to_thread(self._load, spec, path)
                     except Exception as exc:  # one bad entry must not keep the agent down
                         log.error("cannot restore model %s: %s", name, exc)  # noqa: TRY400
+                        self._restore_errors[name] = f"{type(exc).__name__}: {exc}"
                         continue
                     self._served[name] = model
                     log.info("serving model %s (%s) from the cache", name, spec.digest[:12])
         finally:
             self.restored.set()
+
+    @staticmethod
+    def _verify_cached(path: Path, digest: str) -> None:
+        """The cached file is there and still hashes to its name (else deleted, ModelError)."""
+        try:
+            actual = sha256_file(path)
+        except FileNotFoundError as exc:
+            raise ModelError("missing", f"{path} is gone") from exc
+        if actual != digest:
+            path.unlink(missing_ok=True)
+            raise ModelError("digest_mismatch", f"{path} now hashes to {actual}")
 
     async def _load_index(self) -> None:
         """Read the index from disk once, before anything changes or reads it."""
@@ -375,6 +395,7 @@ class ModelManager:
                         raise ModelError("storage", f"cannot record the model: {exc}") from exc
                     self._index = index
                 self._served[spec.name] = model  # the swap: new requests see the new model
+                self._restore_errors.pop(spec.name, None)
                 if current is not None:
                     current.retire()
             finally:

@@ -253,3 +253,40 @@ async def test_socket_path_handling(served: ModelManager, short_dir: Path) -> No
     assert path.read_text() == "precious"
     with pytest.raises(ValueError, match="port, a socket path"):
         Endpoint(served)
+
+
+async def test_models_that_failed_to_restore_are_503(
+    tmp_path: Path, blobs: BlobServer, linear: Linear
+) -> None:
+    first = ModelManager(tmp_path / "models", threads=1)
+    spec = spec_for(blobs, linear.onnx)
+    await first.deploy(spec)
+    first.close()
+    first.cached_path(spec.digest).write_bytes(b"bit rot")
+    second = ModelManager(tmp_path / "models", threads=1)
+    await second.restore()
+    async with (
+        Endpoint(second, port=0) as ep,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{ep.port}") as client,
+    ):
+        resp = await client.post("/v1/models/clf:predict", json={"inputs": [[0.0] * 16]})
+        assert resp.status_code == 503
+        err = _error(resp)
+        assert err["code"] == "unavailable"
+        assert "could not be restored" in err["message"]
+        assert "digest_mismatch" in err["message"]  # re-verified, not served altered
+    # A new deploy of the name fixes it.
+    await second.deploy(spec)
+    assert second.unavailable("clf") is None
+
+
+async def test_connections_past_the_cap_get_503(served: ModelManager) -> None:
+    async with Endpoint(served, port=0, max_connections=1) as ep:
+        _, idle_writer = await asyncio.open_connection("127.0.0.1", ep.port)
+        await asyncio.sleep(0.05)
+        reader, writer = await asyncio.open_connection("127.0.0.1", ep.port)
+        writer.write(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = await asyncio.wait_for(reader.read(), 5)
+        assert data.startswith(b"HTTP/1.1 503 ")
+        writer.close()
+        idle_writer.close()
