@@ -18,7 +18,7 @@ from typing import Final, TypeVar
 from coordinator.ingest import Inbound, Inbox
 from coordinator.metrics import Metrics
 from coordinator.mqtt import MqttLink
-from coordinator.store import AckOutcome, ResultOutcome, Store
+from coordinator.store import ResultOutcome, StateUpdate, Store
 from protocol import codec, topics
 from protocol.messages import Result, ResultAck, State, TaskAck
 
@@ -76,22 +76,25 @@ class Control:
             await self.process(batch)
 
     async def process(self, batch: Sequence[Inbound]) -> None:
-        states = [m for m in batch if isinstance(m.message, State)]
-        acks: dict[str, list[TaskAck]] = defaultdict(list)
-        results: dict[str, list[Result]] = defaultdict(list)
-        received: dict[str, float] = {}
-        for m in batch:
-            if isinstance(m.message, TaskAck):
-                acks[m.device_id].append(m.message)
-            elif isinstance(m.message, Result):
-                results[m.device_id].append(m.message)
-            received[m.device_id] = max(received.get(m.device_id, 0.0), m.received_at)
+        """Apply one batch: births and wills, then acks, then results, each kind in one
+        transaction and in arrival order."""
+        states = [
+            StateUpdate(m.device_id, self.fleet, m.message, m.received_at, m.retained)
+            for m in batch
+            if isinstance(m.message, State)
+        ]
+        acks = [
+            (m.device_id, m.message, m.received_at) for m in batch if isinstance(m.message, TaskAck)
+        ]
+        results = [
+            (m.device_id, m.message, m.received_at) for m in batch if isinstance(m.message, Result)
+        ]
         if states:
             await self._db("states", self._apply_states, states)
         if acks:
-            await self._db("task acks", self._apply_acks, acks, received)
+            await self._db("task acks", self._apply_acks, acks)
         if results:
-            outcomes = await self._db("results", self._apply_results, results, received)
+            outcomes = await self._db("results", self._apply_results, results)
             if outcomes:
                 await self._ack_results(outcomes)
 
@@ -110,44 +113,32 @@ class Control:
 
     # ------------------------------------------------------------------ worker thread
 
-    def _apply_states(self, states: Sequence[Inbound]) -> None:
+    def _apply_states(self, states: Sequence[StateUpdate]) -> None:
         requeued = 0
-        for m in states:
-            assert isinstance(m.message, State)
-            ids = self.store.apply_state(
-                m.device_id, self.fleet, m.message, m.received_at, retained=m.retained
-            )
-            if m.message.state == "offline":
+        for u, ids in zip(states, self.store.apply_states(states), strict=True):
+            if u.message.state == "offline":
                 self.metrics.devices_offline.labels("will").inc()
                 if ids:
-                    log.info("device %s offline (will); requeued %d tasks", m.device_id, len(ids))
+                    log.info("device %s offline (will); requeued %d tasks", u.device_id, len(ids))
             requeued += len(ids)
         if requeued:
             self.metrics.task_transitions.labels("pending").inc(requeued)
             self.on_requeue()
 
-    def _apply_acks(self, acks: dict[str, list[TaskAck]], received: dict[str, float]) -> None:
+    def _apply_acks(self, acks: Sequence[tuple[str, TaskAck, float]]) -> None:
         retried = False
-        for device_id, items in acks.items():
-            outcomes: list[AckOutcome] = self.store.apply_acks(
-                device_id, items, received[device_id]
-            )
-            for o in outcomes:
-                if o.outcome in ("spoofed", "unknown_task"):
-                    self.metrics.reject(f"{o.outcome}_ack")
-                    log.warning("task ack for %s from %s: %s", o.task_id, device_id, o.outcome)
-                elif o.task_state is not None and o.outcome != "ignored":
-                    self.metrics.task_transitions.labels(o.task_state).inc()
-                retried = retried or o.outcome == "retry"
+        for (device_id, _ack, _t), o in zip(acks, self.store.apply_ack_batch(acks), strict=True):
+            if o.outcome in ("spoofed", "unknown_task"):
+                self.metrics.reject(f"{o.outcome}_ack")
+                log.warning("task ack for %s from %s: %s", o.task_id, device_id, o.outcome)
+            elif o.task_state is not None and o.outcome != "ignored":
+                self.metrics.task_transitions.labels(o.task_state).inc()
+            retried = retried or o.outcome == "retry"
         if retried:
             self.on_requeue()
 
-    def _apply_results(
-        self, results: dict[str, list[Result]], received: dict[str, float]
-    ) -> list[ResultOutcome]:
-        out: list[ResultOutcome] = []
-        for device_id, items in results.items():
-            out.extend(self.store.apply_results(device_id, items, received[device_id]))
+    def _apply_results(self, results: Sequence[tuple[str, Result, float]]) -> list[ResultOutcome]:
+        out = self.store.apply_result_batch(results)
         for o in out:
             self.metrics.results.labels(o.outcome).inc()
             if o.outcome in REJECTED_RESULTS:

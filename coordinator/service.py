@@ -17,10 +17,11 @@ import contextlib
 import logging
 import signal
 import time
+from pathlib import Path
 from types import TracebackType
 from typing import Final
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 
 from coordinator.api import ApiContext, create_app
 from coordinator.api.server import HttpServer
@@ -158,6 +159,7 @@ class Coordinator:
 
         return create_app(
             ApiContext(
+                routers=self._model_routes(),
                 config=self.config,
                 store=self.store,
                 metrics=self.metrics,
@@ -167,6 +169,17 @@ class Coordinator:
                 on_submit=wake,
             )
         )
+
+    def _model_routes(self) -> list[APIRouter]:
+        """The model registry's routes (blobs by content address, model metadata), on the
+        coordinator's database and data directory."""
+        try:
+            from coordinator.models.http import make_router
+            from coordinator.models.registry import ModelRegistry
+        except ImportError:  # pragma: no cover - the registry is optional
+            return []
+        registry = ModelRegistry(self.store.engine, Path(self.config.data_dir).expanduser())
+        return [make_router(registry)]
 
     def _wake_scheduler_threadsafe(self) -> None:
         loop = self._loop

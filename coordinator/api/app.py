@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated
 
-from fastapi import FastAPI, HTTPException, Query, Request, Response
+from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 
@@ -55,6 +55,7 @@ class ApiContext:
     is_leader: Callable[[], bool] = lambda: False
     mqtt_connected: Callable[[], bool] = lambda: False
     on_submit: Callable[[], None] = lambda: None  # any thread
+    routers: Sequence[APIRouter] = ()  # mounted as they are (the model registry's, say)
 
 
 def create_app(ctx: ApiContext) -> FastAPI:
@@ -210,6 +211,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
         """Prometheus metrics in the text exposition format."""
         return Response(ctx.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    for router in ctx.routers:
+        app.include_router(router)
     return app
 
 

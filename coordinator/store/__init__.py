@@ -1,5 +1,6 @@
 """Persistence for the coordinator: SQLite by default, PostgreSQL by URL."""
 
+from coordinator.store.devices import StateUpdate
 from coordinator.store.records import (
     IN_FLIGHT,
     TASK_STATES,
@@ -39,6 +40,7 @@ __all__ = [
     "ResultOutcome",
     "ResultRecord",
     "RetryPolicy",
+    "StateUpdate",
     "Store",
     "TaskRecord",
     "TaskState",

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import Table, and_, bindparam, case, delete, func, insert, null, select, update
+from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
 from coordinator.errors import NotFoundError
@@ -20,6 +21,17 @@ from coordinator.store.records import (
 from coordinator.store.schema import CapacityRow, DeviceRow
 from coordinator.store.transitions import requeue_device
 from protocol.messages import State
+
+
+class StateUpdate(NamedTuple):
+    """A birth or will as received: the topic's device id and the message."""
+
+    device_id: str
+    fleet: str
+    message: State
+    received_at: float
+    retained: bool = False
+
 
 _devices = cast(Table, DeviceRow.__table__)
 _history = cast(Table, CapacityRow.__table__)
@@ -130,6 +142,16 @@ class DeviceOps(StoreBase):
         returned. A retained message (delivered on subscribe, possibly old) changes the state
         but does not count as a sign of life.
         """
+        return self.apply_states([StateUpdate(device_id, fleet, msg, received_at, retained)])[0]
+
+    def apply_states(self, updates: Sequence[StateUpdate]) -> list[list[str]]:
+        """Apply births and wills in arrival order, in one transaction (after a reconnect
+        the broker re-delivers every retained state at once); requeued task ids per update."""
+        with self._write() as session:
+            return [self._apply_state(session, u) for u in updates]
+
+    def _apply_state(self, session: Session, u: StateUpdate) -> list[str]:
+        device_id, fleet, msg, received_at, retained = u
         c = _devices.c
         online = msg.state == "online"
         ins = self._insert(_devices).values(
@@ -165,20 +187,13 @@ class DeviceOps(StoreBase):
                 values["runtimes"] = ex.runtimes
             if not retained:
                 values["last_seen"] = greatest(c.last_seen, ex.last_seen)
-        stmt = ins.on_conflict_do_update(index_elements=[c.id], set_=values)
-        with self._write() as session:
-            session.execute(stmt)
-            if online:
-                return []
-            reason = f"device offline ({msg.reason or 'last will'})"
-            return requeue_device(
-                session,
-                device_id,
-                reason,
-                received_at,
-                self.retry,
-                lock=self.dialect == "postgresql",
-            )
+        session.execute(ins.on_conflict_do_update(index_elements=[c.id], set_=values))
+        if online:
+            return []
+        reason = f"device offline ({msg.reason or 'last will'})"
+        return requeue_device(
+            session, device_id, reason, received_at, self.retry, lock=self.dialect == "postgresql"
+        )
 
     def _deadline(self, missed: float, default_interval_s: float) -> ColumnElement[float]:
         interval = func.coalesce(DeviceRow.report_interval_s, default_interval_s)

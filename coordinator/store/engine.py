@@ -13,11 +13,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import ConnectionPoolEntry
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+
+def _json_dumps(value: Any) -> str:
+    # msgspec is several times faster than the json module on capacity reports, the bulk of
+    # what the registry writes.
+    return msgspec.json.encode(value).decode()
+
+
+def _json_loads(text: str | bytes) -> Any:
+    return msgspec.json.decode(text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +53,8 @@ def _sqlite_engine(url: str, *, immediate: bool, echo: bool, synchronous: str) -
         url,
         echo=echo,
         connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+        json_serializer=_json_dumps,
+        json_deserializer=_json_loads,
     )
 
     @event.listens_for(engine, "connect")
@@ -85,6 +98,14 @@ def make_engines(url: str, *, echo: bool = False, sqlite_synchronous: str = "ful
     if backend == "postgresql":
         if parsed.get_driver_name() not in ("psycopg", "psycopg2"):
             parsed = parsed.set(drivername="postgresql+psycopg")
-        engine = create_engine(parsed, echo=echo, pool_pre_ping=True, pool_size=8, max_overflow=8)
+        engine = create_engine(
+            parsed,
+            echo=echo,
+            pool_pre_ping=True,
+            pool_size=8,
+            max_overflow=8,
+            json_serializer=_json_dumps,
+            json_deserializer=_json_loads,
+        )
         return Engines(write=engine, read=engine)
     raise ValueError(f"unsupported database backend {backend!r}; use sqlite or postgresql")

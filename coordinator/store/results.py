@@ -42,13 +42,22 @@ class ResultOps(StoreBase):
     def apply_results(
         self, device_id: str, results: Sequence[Result], now: float
     ) -> list[ResultOutcome]:
-        """Apply a batch of results from one device in one transaction.
+        """Apply results from one device in one transaction (see :meth:`apply_result_batch`)."""
+        return self.apply_result_batch([(device_id, r, now) for r in results])
+
+    def apply_result_batch(self, items: Sequence[tuple[str, Result, float]]) -> list[ResultOutcome]:
+        """Apply (device id, result, received at) items of many devices in one transaction.
 
         The caller acknowledges the ``ack`` ones only after this returns (committed).
         """
         with self._write() as session:
-            known = session.get(DeviceRow, device_id) is not None
-            return [self._apply(session, device_id, known, r, now) for r in results]
+            known: dict[str, bool] = {}
+            out: list[ResultOutcome] = []
+            for device_id, r, now in items:
+                if device_id not in known:
+                    known[device_id] = session.get(DeviceRow, device_id) is not None
+                out.append(self._apply(session, device_id, known[device_id], r, now))
+            return out
 
     def _apply(  # noqa: PLR0911
         self, session: Session, device_id: str, known: bool, r: Result, now: float

@@ -7,7 +7,7 @@ worker threads so the event loop never waits on the database.
 
 from __future__ import annotations
 
-from sqlalchemy import inspect, text
+from sqlalchemy import Engine, inspect, text
 
 from coordinator.store.devices import DeviceOps
 from coordinator.store.engine import make_engines
@@ -69,6 +69,12 @@ class Store(DeviceOps, TaskOps, ResultOps, EstimateOps, LeaseOps):
         except Exception:
             return False
         return True
+
+    @property
+    def engine(self) -> Engine:
+        """The engine writes go through, for components that keep their own tables next to
+        the store's (the model registry)."""
+        return self._engines.write
 
     def close(self) -> None:
         self._engines.dispose()

@@ -275,11 +275,12 @@ class TaskOps(StoreBase):
 
     def apply_acks(self, device_id: str, acks: Sequence[TaskAck], now: float) -> list[AckOutcome]:
         """Apply task acknowledgements sent by ``device_id`` (the topic says who sent them)."""
-        out: list[AckOutcome] = []
+        return self.apply_ack_batch([(device_id, ack, now) for ack in acks])
+
+    def apply_ack_batch(self, items: Sequence[tuple[str, TaskAck, float]]) -> list[AckOutcome]:
+        """Apply (device id, ack, received at) items of many devices in one transaction."""
         with self._write() as session:
-            for ack in acks:
-                out.append(self._apply_ack(session, device_id, ack, now))
-        return out
+            return [self._apply_ack(session, device_id, ack, now) for device_id, ack, now in items]
 
     def _apply_ack(self, session: Any, device_id: str, ack: TaskAck, now: float) -> AckOutcome:
         row = session.scalar(self._locked(select(TaskRow).where(TaskRow.id == ack.task_id)))

@@ -8,6 +8,7 @@ import itertools
 from collections.abc import Callable
 
 import httpx
+import pytest
 
 from coordinator.service import Coordinator
 from coordinator.store import TaskRecord
@@ -207,3 +208,14 @@ async def test_stop_drains_and_releases_the_lease(
     lease = store.lease_holder("scheduler")
     assert lease is not None
     assert lease.expires_at == 0.0  # released on a clean stop
+
+
+# The registry serves GET and HEAD from one handler; FastAPI warns about the shared
+# operation id when it builds the OpenAPI document.
+@pytest.mark.filterwarnings("ignore:Duplicate Operation ID:UserWarning")
+async def test_model_registry_routes_are_served(coordinator: Coordinator) -> None:
+    async with httpx.AsyncClient(base_url=coordinator.api_url or "") as http:
+        assert (await http.get("/v1/models")).json() == {"models": []}
+        assert (await http.get("/v1/blobs/" + "0" * 64)).status_code == 404
+        spec = (await http.get("/openapi.json")).json()
+    assert "/v1/blobs/{digest}" in spec["paths"]
