@@ -110,7 +110,8 @@ def interleaved_p50(
 
 
 def mobilenet_section(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    from coordinator.models.quantize import QuantizationConfig, export_onnx, quantize_onnx
+    from coordinator.models.export import export_onnx
+    from coordinator.models.quantize import QuantizationConfig, quantize_onnx
     from models.mobilenet import build_mobilenet_v2
 
     rng = np.random.default_rng(0)
@@ -348,7 +349,8 @@ def render(figures: dict[str, Any], command: str) -> str:
             mt = tfl["mobilenet"]
             tt = sorted(mt["latency"])
             lines += [
-                "", "MobileNetV2 (Keras, random weights) at 224x224x3, batch 1, round-robin:", "",
+                "", "MobileNetV2 (Keras, random weights; `scripts/build_tflite.py --mobilenet DIR`)"
+                " at 224x224x3, batch 1, round-robin:", "",
                 "| model | size | size ratio | "
                 + " | ".join(f"p50 {t} thr. | speed-up" for t in tt) + " |",
                 "|---" * (3 + 2 * len(tt)) + "|",
@@ -360,6 +362,10 @@ def render(figures: dict[str, Any], command: str) -> str:
                     lat = mt["latency"][t]
                     cells += [f"{fmt_ms(lat[prec])} ms", f"{lat['fp32'] / lat[prec]:.2f}x"]
                 lines.append("| " + " | ".join(cells) + " |")
+    if (figures["cpus"] or 1) <= 2:
+        lines += ["", "With only 2 CPUs, shared with other work while this ran, the all-threads "
+                  "columns mostly measure contention (each run waits for a busy core); the "
+                  "single-thread columns are the comparison to read."]
     flags = figures["flags"]
     if "vnni" not in flags and "amx" not in flags:
         lines += ["", "This host has no VNNI/AMX: INT8 matrix products run on AVX2 "

@@ -180,3 +180,14 @@ def test_concurrent_imports_get_distinct_versions(engine: object, tmp_path: Path
 
 def test_tables_live_on_their_own_metadata() -> None:
     assert set(tables.metadata.tables) == {"model_blobs", "model_versions"}
+
+
+def test_tflite_import_reads_specs(registry: ModelRegistry, digits_fp32: Path) -> None:
+    pytest.importorskip("ai_edge_litert.interpreter", reason="the tflite extra is not installed")
+    path = digits_fp32.parent / "digits_int8.tflite"
+    rec = registry.import_file(path, name="digits-tflite", format="tflite", precision="int8")
+    assert rec.inputs[0].dtype == "int8"
+    assert rec.inputs[0].shape[1:] == (8, 8, 1)
+    assert rec.outputs[0].shape[-1] == 10
+    with pytest.raises(ValueError, match="TFLite"):
+        registry.import_bytes(b"junk", name="t", format="tflite", precision="int8")
