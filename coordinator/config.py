@@ -261,7 +261,7 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
 
 def _validate_weights(raw: Mapping[str, Any]) -> dict[str, Any]:
     """Check ``scheduler.weights`` against the cost model's :class:`CostWeights`."""
-    from coordinator.scheduler.costmodel import CostWeights
+    from coordinator.scheduler.weights import CostWeights
 
     hints = typing.get_type_hints(CostWeights)
     out: dict[str, Any] = {}

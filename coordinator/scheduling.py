@@ -15,6 +15,7 @@ The solver and the explanation run in a worker thread; the event loop stays resp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -142,19 +143,23 @@ class Scheduler:
             except (ValueError, TypeError, KeyError):
                 log.warning("stored throughput estimates unreadable; starting from bench figures")
         model = CostModel(self.weights, self.estimator)
+        failures = 0
         while True:
             self._wake.clear()
+            wait = self.cfg.scheduler.batch_interval_s
             try:
                 await self.cycle(lease, model)
+                failures = 0
             except LeaseLostError:
                 raise
             except Exception:
-                log.exception("scheduling cycle failed")
-            try:
-                async with asyncio.timeout(self.cfg.scheduler.batch_interval_s):
+                failures += 1
+                # Back off while the database (say) is away; one log line per attempt.
+                wait = min(wait * 2**failures, 30.0)
+                log.exception("scheduling cycle failed; next try in %.1fs", wait)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
                     await self._wake.wait()
-            except TimeoutError:
-                pass
 
     async def cycle(self, lease: Lease | None, model: CostModel) -> int:
         """One scheduling pass; returns the number of tasks dispatched."""

@@ -174,11 +174,16 @@ class Coordinator:
         """The model registry's routes (blobs by content address, model metadata), on the
         coordinator's database and data directory."""
         try:
+            from coordinator.models import tables
             from coordinator.models.http import make_router
             from coordinator.models.registry import ModelRegistry
         except ImportError:  # pragma: no cover - the registry is optional
             return []
-        registry = ModelRegistry(self.store.engine, Path(self.config.data_dir).expanduser())
+        # Created under the store's start-up lock: replicas may start at the same moment.
+        self.store.create_schema(tables.metadata)
+        registry = ModelRegistry(
+            self.store.engine, Path(self.config.data_dir).expanduser(), create_tables=False
+        )
         return [make_router(registry)]
 
     def _wake_scheduler_threadsafe(self) -> None:

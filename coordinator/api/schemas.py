@@ -99,6 +99,7 @@ class DeviceOut(BaseModel):
     accelerators: list[str]
     tags: list[str]
     groups: list[str]
+    data_sources: list[str] = Field(description="Local data sets the device holds.")
     first_seen: float
     last_seen: float
     report_interval_s: float | None
@@ -123,6 +124,7 @@ class DeviceOut(BaseModel):
             accelerators=d.accelerators,
             tags=d.tags,
             groups=d.groups,
+            data_sources=list((d.report or {}).get("data_sources") or []),
             first_seen=d.first_seen,
             last_seen=d.last_seen,
             report_interval_s=d.report_interval_s,

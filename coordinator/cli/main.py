@@ -21,6 +21,7 @@ from rich.console import Console
 
 from coordinator.cli import render
 from coordinator.cli.client import (
+    EXIT_ERROR,
     EXIT_OK,
     EXIT_TASK_FAILED,
     EXIT_USAGE,
@@ -339,9 +340,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        from protocol.errors import ConfigError
+        code = _known_failure(exc)
+        if code is None:
+            raise
+        return code
 
-        if isinstance(exc, ConfigError):
-            sys.stderr.write(f"configuration error: {exc}\n")
-            return EXIT_USAGE
-        raise
+
+def _known_failure(exc: Exception) -> int | None:
+    """Print a one-line message for failures an operator can fix; None for bugs."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from protocol.errors import ConfigError
+
+    if isinstance(exc, ConfigError):
+        sys.stderr.write(f"configuration error: {exc}\n")
+        return EXIT_USAGE
+    if isinstance(exc, SQLAlchemyError):
+        sys.stderr.write(f"error: database: {str(exc).splitlines()[0]}\n")
+        return EXIT_ERROR
+    if isinstance(exc, OSError):  # the HTTP port is taken, a file cannot be read...
+        sys.stderr.write(f"error: {exc}\n")
+        return EXIT_ERROR
+    return None

@@ -141,6 +141,7 @@ def print_device(console: Console, d: dict[str, Any]) -> None:
                 ("agent", d.get("agent_version")),
                 ("runtimes", ", ".join(d.get("runtimes") or [])),
                 ("accelerators", ", ".join(d.get("accelerators") or [])),
+                ("data sources", ", ".join(d.get("data_sources") or [])),
                 (
                     "tags / groups",
                     f"{_join(d.get('tags'))} / {_join(d.get('groups'))}",

@@ -7,7 +7,7 @@ worker threads so the event loop never waits on the database.
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, inspect, text
+from sqlalchemy import Engine, MetaData, inspect, text
 
 from coordinator.store.devices import DeviceOps
 from coordinator.store.engine import make_engines
@@ -43,16 +43,18 @@ class Store(DeviceOps, TaskOps, ResultOps, EstimateOps, LeaseOps):
             store.create_schema()
         return store
 
-    def create_schema(self) -> None:
-        """Create missing tables (idempotent; safe when several replicas start at once)."""
+    def create_schema(self, metadata: MetaData | None = None) -> None:
+        """Create missing tables of ``metadata`` (default: the store's own); idempotent and
+        safe when several replicas start at once."""
+        meta = Base.metadata if metadata is None else metadata
         engine = self._engines.write
         if self.dialect == "postgresql":
             # Serialise concurrent start-ups: CREATE TABLE IF NOT EXISTS races in PostgreSQL.
             with engine.begin() as conn:
                 conn.execute(text("SELECT pg_advisory_xact_lock(74201)"))
-                Base.metadata.create_all(conn)
+                meta.create_all(conn)
         else:
-            Base.metadata.create_all(engine)
+            meta.create_all(engine)
 
     def drop_schema(self) -> None:
         """Drop every table (tests, and ``lepton coordinator reset``)."""

@@ -204,3 +204,18 @@ def test_one_command_start_and_sigterm(broker: Broker, tmp_path: Path) -> None:
             proc.wait()
         if proc.stdout:
             proc.stdout.close()
+
+
+def test_unreachable_database_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(
+        [
+            "coordinator",
+            "run",
+            "--http-port",
+            "0",
+            "--database-url",
+            f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/x",
+        ]
+    )
+    assert code == 1
+    assert "database" in capsys.readouterr().err

@@ -126,7 +126,7 @@ def test_example_file_documents_every_key_and_loads() -> None:
         name = key.rpartition(".")[2]
         assert f"\n{name} =" in text or f"\n# {name} =" in text, f"{key} is not documented"
         assert env_name(key) in text, env_name(key)
-    from coordinator.scheduler.costmodel import CostWeights
+    from coordinator.scheduler.weights import CostWeights
 
     for name in CostWeights.__dataclass_fields__:
         assert f"{name} =" in text or f"[scheduler.weights.{name}]" in text, name

@@ -118,7 +118,13 @@ async def test_leader_killed_mid_stream_nothing_lost_or_run_twice(
             sum(bool(h and h["leader"]) for h in hs) == 1
         )
 
-    await eventually(lambda: asyncio.to_thread(healthy), timeout=40, interval=0.2)
+    try:
+        await eventually(lambda: asyncio.to_thread(healthy), timeout=40, interval=0.2)
+    except AssertionError as exc:
+        logs = "\n".join(
+            f"--- {r.name} (exit {r.proc.poll()})\n{r.log.read_text()[-3000:]}" for r in replicas
+        )
+        raise AssertionError(f"replicas not ready:\n{logs}") from exc
     leader = next(r for r in replicas if (r.health() or {}).get("leader"))
     follower = next(r for r in replicas if r is not leader)
 
