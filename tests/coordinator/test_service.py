@@ -78,6 +78,15 @@ async def test_echo_task_end_to_end(coordinator: Coordinator, broker: Broker) ->
         snapshot = await eventually(coordinator.store.load_estimates)
         assert any(row[0] == "pi-1" for row in snapshot["rates"])
         assert coordinator.store.pending_observations() == []
+        m = coordinator.metrics
+        assert m.value("lepton_ingest_messages_total", {"channel": "capacity"}) >= 1
+        assert m.value("lepton_results_total", {"outcome": "applied"}) == 1
+        assert m.value("lepton_scheduler_solve_seconds_count") >= 1
+        assert m.value("lepton_leader") == 1
+        async with httpx.AsyncClient(base_url=coordinator.api_url or "") as http:
+            text = (await http.get("/metrics")).text
+        assert 'lepton_tasks{state="succeeded"} 1.0' in text
+        assert 'lepton_devices{state="online"} 1.0' in text
 
 
 async def test_tasks_spread_over_devices(coordinator: Coordinator, broker: Broker) -> None:
