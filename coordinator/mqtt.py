@@ -34,6 +34,16 @@ from coordinator.errors import UnavailableError
 log = logging.getLogger(__name__)
 _paho_log = logging.getLogger("coordinator.mqtt.paho")
 
+
+def _drop_not_connected(record: logging.LogRecord) -> bool:
+    # paho's network thread logs "Client is not connected" at ERROR on every pass while it is
+    # between connections and while it winds down after disconnect(); the link reports
+    # connection changes itself, once each.
+    return "Client is not connected" not in record.getMessage()
+
+
+_paho_log.addFilter(_drop_not_connected)
+
 OnMessage = Callable[[str, bytes, bool], None]
 
 
@@ -64,7 +74,7 @@ class MqttLink:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connected = asyncio.Event()
         self._pending: dict[int, asyncio.Future[None]] = {}  # touched in the event loop only
-        self._closing = False
+        self._failures = 0
         self._client = self._make_client()
 
     # ------------------------------------------------------------------ lifecycle
@@ -94,17 +104,12 @@ class MqttLink:
         client.max_queued_messages_set(0)
         client.suppress_exceptions = True
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
-        _paho_log.addFilter(self._quiet_when_closing)
         client.enable_logger(_paho_log)
         return client
-
-    def _quiet_when_closing(self, record: logging.LogRecord) -> bool:
-        # paho's network thread logs "Client is not connected" at ERROR while it winds down
-        # after our own disconnect(); that is expected, not an error.
-        return not (self._closing and "not connected" in record.getMessage())
 
     async def __aenter__(self) -> MqttLink:
         self._loop = asyncio.get_running_loop()
@@ -129,10 +134,8 @@ class MqttLink:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._closing = True
         self._client.disconnect()
         await asyncio.to_thread(self._client.loop_stop)
-        _paho_log.removeFilter(self._quiet_when_closing)
         self._connected.clear()
         pending, self._pending = self._pending, {}
         for fut in pending.values():
@@ -196,6 +199,7 @@ class MqttLink:
         if reason.is_failure:
             log.warning("broker refused the connection: %s", reason)
             return
+        self._failures = 0
         if self.subscriptions:
             client.subscribe([(t, q) for t, q in self.subscriptions])
         log.info(
@@ -206,6 +210,21 @@ class MqttLink:
             len(self.subscriptions),
         )
         self._call(self._set_connected, True)
+
+    def _on_connect_fail(self, _client: paho.Client, _userdata: Any) -> None:
+        self._failures += 1
+        level = (
+            logging.WARNING
+            if self._failures in (1, 10) or self._failures % 100 == 0
+            else logging.DEBUG
+        )
+        log.log(
+            level,
+            "cannot connect to mqtt://%s:%d (attempt %d); retrying with backoff",
+            self.cfg.host,
+            self.cfg.port,
+            self._failures,
+        )
 
     def _on_disconnect(
         self, _client: paho.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any
