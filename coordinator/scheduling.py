@@ -46,6 +46,7 @@ from protocol.messages import CapacityReport
 log = logging.getLogger(__name__)
 
 PUBLISH_CONCURRENCY: Final = 64
+UNPLACED_RETRY_MAX_S: Final = 10.0
 
 
 def task_spec(t: TaskRecord) -> TaskSpec:
@@ -65,6 +66,13 @@ def task_spec(t: TaskRecord) -> TaskSpec:
         min_battery=t.min_battery,
         device_id=t.pinned_device,
     )
+
+
+def unplaced_retry_s(waited_s: float, batch_interval_s: float) -> float:
+    """When to plan an unplaceable task again: behind the tasks already due (so it never
+    crowds a batch), and less often the longer it has waited (a tenth of its wait, at most
+    ``UNPLACED_RETRY_MAX_S``), so a backlog of tasks nobody can run costs little."""
+    return max(batch_interval_s, min(UNPLACED_RETRY_MAX_S, waited_s / 10.0))
 
 
 def jsonable(value: Any) -> Any:
@@ -201,13 +209,16 @@ class Scheduler:
         now = time.time()
         if result.unassigned:
             self.metrics.scheduler_unassigned.inc(len(result.unassigned))
+            created = {t.id: t.created_at for t in tasks}
             await asyncio.to_thread(
                 self.store.note_unassigned,
                 result.unassigned,
                 explanations,
                 now,
-                # Behind the tasks already due, so unplaceable ones never crowd a batch.
-                retry_at=now + cfg.batch_interval_s,
+                retry_at={
+                    tid: now + unplaced_retry_s(now - created[tid], cfg.batch_interval_s)
+                    for tid in result.unassigned
+                },
             )
         order = list(result.order) or list(result.assignments)
         assignments = [

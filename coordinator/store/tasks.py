@@ -204,10 +204,10 @@ class TaskOps(StoreBase):
         explanations: Mapping[str, dict[str, Any]],
         now: float,
         *,
-        retry_at: float,
+        retry_at: float | Mapping[str, float],
     ) -> None:
         """Keep tasks the plan could not place pending, with the reason, until ``retry_at``
-        (so unplaceable tasks do not crowd the next batch)."""
+        (one time, or one per task), so unplaceable tasks do not crowd the next batch."""
         if not reasons:
             return
         stmt = (
@@ -216,12 +216,17 @@ class TaskOps(StoreBase):
             .values(
                 last_error=bindparam("b_reason"),
                 explanation=bindparam("b_explanation"),
-                next_attempt_at=retry_at,
+                next_attempt_at=bindparam("b_retry_at"),
                 updated_at=now,
             )
         )
         params = [
-            {"b_id": tid, "b_reason": reason, "b_explanation": explanations.get(tid)}
+            {
+                "b_id": tid,
+                "b_reason": reason,
+                "b_explanation": explanations.get(tid),
+                "b_retry_at": retry_at if isinstance(retry_at, float | int) else retry_at[tid],
+            }
             for tid, reason in sorted(reasons.items())
         ]
         with self._write() as session:

@@ -11,7 +11,7 @@ from coordinator.config import load
 from coordinator.errors import UnavailableError
 from coordinator.metrics import Metrics
 from coordinator.scheduler import CostModel, ThroughputEstimator
-from coordinator.scheduling import DeviceViews, Scheduler, jsonable
+from coordinator.scheduling import DeviceViews, Scheduler, jsonable, unplaced_retry_s
 from coordinator.store import RetryPolicy, Store
 from protocol import codec
 from protocol.messages import Result, Task, TaskAck
@@ -156,3 +156,9 @@ def test_jsonable_drops_non_finite() -> None:
         "b": [1.0, None],
         "c": [1, "x"],
     }
+
+
+def test_unplaceable_tasks_are_retried_less_often_as_they_wait() -> None:
+    assert unplaced_retry_s(0.0, 1.0) == 1.0
+    assert unplaced_retry_s(50.0, 1.0) == 5.0
+    assert unplaced_retry_s(10_000.0, 1.0) == 10.0
