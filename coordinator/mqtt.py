@@ -229,7 +229,10 @@ class MqttLink:
     def _on_disconnect(
         self, _client: paho.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any
     ) -> None:
-        log.warning("disconnected from the broker: %s", reason)
+        failure = getattr(reason, "is_failure", True)
+        log.log(
+            logging.WARNING if failure else logging.INFO, "disconnected from the broker: %s", reason
+        )
         self._call(self._set_connected, False)
 
     def _set_connected(self, value: bool) -> None:
