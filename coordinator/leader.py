@@ -90,10 +90,10 @@ class Leadership:
         self.lease = renewed
         return self.lease_s / 3
 
-    def _step_down(self, why: str) -> None:
+    def _step_down(self, why: str, *, level: int = logging.WARNING) -> None:
         if self.lease is None:
             return
-        log.warning("no longer leading scheduling: %s", why)
+        log.log(level, "no longer leading scheduling: %s", why)
         self.lease = None
         self._leading.clear()
         self._lost.set()
@@ -102,7 +102,7 @@ class Leadership:
     async def release(self) -> None:
         """Give the lease up (clean shutdown) so another replica takes over at once."""
         lease = self.lease
-        self._step_down("shutting down")
+        self._step_down("shutting down", level=logging.INFO)
         if lease is not None:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self.store.release_lease, lease)
