@@ -1,0 +1,117 @@
+"""The coordinator with real agent processes on a real broker: devices appear, tasks flow,
+a killed device goes offline and its running task is reassigned and finishes elsewhere."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from coordinator.service import Coordinator
+from tests.coordinator.conftest import eventually
+from tests.support.fleet import AgentProcess, write_agent_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def agents(tmp_path: Path) -> Iterator[Callable[[int, str], AgentProcess]]:
+    started: list[AgentProcess] = []
+
+    def start(port: int, device_id: str) -> AgentProcess:
+        cfg = write_agent_config(
+            tmp_path / f"{device_id}.toml",
+            device_id=device_id,
+            port=port,
+            state_dir=tmp_path / device_id,
+            agent={"slots": 2},
+        )
+        proc = AgentProcess(config_path=cfg, log_path=tmp_path / f"{device_id}.log")
+        proc.start()
+        started.append(proc)
+        return proc
+
+    yield start
+    for p in started:
+        p.kill()
+
+
+async def test_devices_tasks_offline_and_reassignment(
+    make_coordinator: Callable[..., contextlib.AbstractAsyncContextManager[Coordinator]],
+    agents: Callable[[int, str], AgentProcess],
+) -> None:
+    async with make_coordinator() as coord:
+        port = coord.config.mqtt.port
+        procs = {d: agents(port, d) for d in ("pi-a", "pi-b")}
+        async with httpx.AsyncClient(base_url=str(coord.api_url), timeout=10) as api:
+
+            async def devices() -> dict[str, Any]:
+                return {d["id"]: d for d in (await api.get("/v1/devices")).json()}
+
+            async def online() -> bool:
+                devs = await devices()
+                return all(devs.get(d, {}).get("state") == "online" for d in procs)
+
+            await eventually(online, timeout=30, interval=0.2)
+            devs = await devices()
+            assert devs["pi-a"]["capacity"]["slots_total"] == 2
+
+            # Tasks flow end to end and are spread over both devices.
+            ids = []
+            for i in range(12):
+                r = await api.post(
+                    "/v1/tasks", json={"kind": "echo", "params": {"sleep_s": 0.2, "payload": i}}
+                )
+                assert r.status_code == 201, r.text
+                ids.append(r.json()["id"])
+
+            async def all_done() -> list[dict[str, Any]] | None:
+                tasks = [(await api.get(f"/v1/tasks/{t}")).json() for t in ids]
+                return tasks if all(t["state"] == "succeeded" for t in tasks) else None
+
+            tasks = await eventually(all_done, timeout=30, interval=0.2)
+            assert sorted(t["output"]["echo"] for t in tasks) == list(range(12))
+            assert {t["device_id"] for t in tasks} == {"pi-a", "pi-b"}
+
+            # A long task; kill whichever device runs it, mid-task.
+            r = await api.post(
+                "/v1/tasks",
+                json={
+                    "kind": "echo",
+                    "params": {"sleep_s": 4.0, "payload": "long"},
+                    "max_attempts": 3,
+                },
+            )
+            long_id = r.json()["id"]
+
+            async def running() -> dict[str, Any] | None:
+                t = (await api.get(f"/v1/tasks/{long_id}")).json()
+                return t if t["state"] == "running" else None
+
+            first = await eventually(running, timeout=15, interval=0.1)
+            victim = first["device_id"]
+            survivor = next(d for d in procs if d != victim)
+            procs[victim].signal(signal.SIGKILL)
+            procs[victim].wait()
+
+            async def victim_offline() -> bool:
+                return (await devices())[victim]["state"] == "offline"
+
+            await eventually(victim_offline, timeout=10, interval=0.1)
+
+            async def finished() -> dict[str, Any] | None:
+                t = (await api.get(f"/v1/tasks/{long_id}")).json()
+                return t if t["state"] in ("succeeded", "failed", "expired") else None
+
+            done = await eventually(finished, timeout=30, interval=0.2)
+            assert done["state"] == "succeeded"
+            assert done["device_id"] == survivor
+            assert done["attempt"] >= 2
+            assert done["output"]["echo"] == "long"
+            detail = (await api.get(f"/v1/tasks/{long_id}")).json()
+            assert [a["device_id"] for a in detail["attempts"]][:1] == [victim]
