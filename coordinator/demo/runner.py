@@ -1,0 +1,250 @@
+"""The demo's processes: a broker, a coordinator and a simulated fleet, each on its own.
+
+:class:`Stack` starts them in order (broker, coordinator on SQLite in the work directory,
+``lepton-agent sim``), waits until each is ready, and :meth:`Stack.close` stops them in the
+reverse order: fleet first (agents publish their offline state), then the coordinator
+(drains what it received), then the broker. Every child runs in its own process group and
+dies with the demo (see :mod:`coordinator.demo.procs`); their PIDs are written to
+``pids.json`` in the work directory and their output to ``logs/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from coordinator.demo import procs
+from coordinator.demo.broker import (
+    BrokerChoice,
+    EmbeddedBroker,
+    MosquittoBroker,
+    free_port,
+    start_broker,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MIX = "rpi4=0.4,rpi5=0.3,jetson-orin-nano=0.1,x86-gateway=0.2"
+
+
+class StackError(RuntimeError):
+    """A process of the stack failed to start or died."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StackSpec:
+    """What to start. ``host_gflops`` None: the simulator measures this host once."""
+
+    workdir: Path
+    devices: int = 20
+    broker: BrokerChoice = "auto"
+    profile_mix: str = DEFAULT_MIX
+    seed: int = 0
+    capacity_interval_s: float = 2.0
+    host_gflops: float | None = None
+    coordinator_settings: dict[str, Any] = field(default_factory=dict)
+
+
+# Settings that make a small local fleet feel immediate (the defaults suit a real fleet).
+DEMO_SETTINGS: dict[str, Any] = {
+    "database.sqlite_synchronous": "normal",
+    "registry.flush_interval_s": 0.1,
+    "scheduler.batch_interval_s": 0.2,
+    "scheduler.time_budget_s": 0.5,
+    "tasks.retry_backoff_s": 0.5,
+    "tasks.retry_backoff_max_s": 5.0,
+    "liveness.max_check_s": 1.0,
+}
+
+
+class Stack:
+    """Broker, coordinator and fleet processes. ``with Stack(spec) as s: s.start()``."""
+
+    def __init__(self, spec: StackSpec) -> None:
+        self.spec = spec
+        self.workdir = spec.workdir.resolve()
+        self.logs = self.workdir / "logs"
+        self.broker: MosquittoBroker | EmbeddedBroker | None = None
+        self.coordinator: subprocess.Popen[bytes] | None = None
+        self.fleet: subprocess.Popen[bytes] | None = None
+        self.http_port = 0
+        self.closed = False
+
+    # ------------------------------------------------------------------ paths
+
+    @property
+    def data_dir(self) -> Path:
+        return self.workdir / "coordinator"
+
+    @property
+    def database_url(self) -> str:
+        return f"sqlite:///{self.data_dir / 'coordinator.db'}"
+
+    @property
+    def fleet_root(self) -> Path:
+        return self.workdir / "fleet"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def pids(self) -> dict[str, int]:
+        """PIDs of the processes started so far (broker, coordinator, fleet)."""
+        out: dict[str, int] = {}
+        if self.broker is not None and self.broker.pid is not None:
+            out["broker"] = self.broker.pid
+        if self.coordinator is not None:
+            out["coordinator"] = self.coordinator.pid
+        if self.fleet is not None:
+            out["fleet"] = self.fleet.pid
+        return out
+
+    def _write_pids(self) -> None:
+        (self.workdir / "pids.json").write_text(
+            json.dumps({"demo": os.getpid(), **self.pids()}, indent=2) + "\n"
+        )
+
+    # ------------------------------------------------------------------ start
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def start_broker(self) -> str:
+        """Start the broker; returns what runs (``mosquitto on 127.0.0.1:P``...)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(exist_ok=True)
+        self.broker = start_broker(self.workdir / "broker", self.spec.broker)
+        self._write_pids()
+        return self.broker.describe()
+
+    def start_coordinator(self, timeout: float = 60.0) -> dict[str, Any]:
+        """Start ``lepton coordinator run`` and wait until its health says ok."""
+        assert self.broker is not None, "start the broker first"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.http_port = free_port()
+        settings = {
+            **DEMO_SETTINGS,
+            "mqtt.protocol": self.broker.mqtt_protocol,
+            **self.spec.coordinator_settings,
+        }
+        flags = {
+            "--instance-id": "demo",
+            "--data-dir": self.data_dir,
+            "--mqtt-port": self.broker.port,
+            "--http-port": self.http_port,
+        }
+        argv = [
+            *(sys.executable, "-m", "coordinator.cli", "coordinator", "run"),
+            *_flags(flags),
+            *(arg for k, v in settings.items() for arg in ("--set", f"{k}={v}")),
+        ]
+        self.coordinator = procs.spawn(
+            argv, log_path=self.logs / "coordinator.log", env=_child_env()
+        )
+        self._write_pids()
+        return self._wait_healthy(timeout)
+
+    def _wait_healthy(self, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        delay = 0.05
+        last = "no answer"
+        with httpx.Client(base_url=self.api_url, timeout=2.0) as http:
+            while time.monotonic() < deadline:
+                self.check_alive()
+                try:
+                    r = http.get("/v1/health")
+                    body = r.json()
+                    if r.status_code == 200 and body.get("mqtt_connected"):
+                        return dict(body)
+                    last = f"{r.status_code} {body.get('status')}"
+                except (httpx.TransportError, ValueError) as exc:
+                    last = type(exc).__name__
+                time.sleep(delay)
+                delay = min(delay * 1.5, 0.5)
+        raise StackError(f"the coordinator was not healthy within {timeout:g}s ({last})")
+
+    def start_fleet(self) -> None:
+        """Start ``lepton-agent sim`` with ``devices`` virtual devices holding digits data."""
+        assert self.broker is not None, "start the broker first"
+        s = self.spec
+        flags: dict[str, object] = {
+            "--devices": s.devices,
+            "--profile-mix": s.profile_mix,
+            "--broker-port": self.broker.port,
+            "--state-root": self.fleet_root,
+            "--data": "digits",
+            "--seed": s.seed,
+            "--capacity-interval": s.capacity_interval_s,
+            "--log-level": "WARNING",
+        }
+        if s.host_gflops is not None:
+            flags["--host-gflops"] = s.host_gflops
+        argv = [sys.executable, "-m", "agent", "sim", *_flags(flags)]
+        self.fleet = procs.spawn(argv, log_path=self.logs / "fleet.log", env=_child_env())
+        self._write_pids()
+
+    def check_alive(self) -> None:
+        """StackError naming the process (and its last log lines) if one has exited."""
+        for name, proc, log_name in (
+            ("coordinator", self.coordinator, "coordinator.log"),
+            ("fleet simulator", self.fleet, "fleet.log"),
+        ):
+            if proc is not None and proc.poll() is not None:
+                raise StackError(
+                    f"the {name} exited with {proc.returncode}:\n{self.log_tail(log_name)}"
+                )
+        broker = self.broker
+        if broker is not None and broker.proc is not None and broker.proc.poll() is not None:
+            raise StackError(f"the broker exited with {broker.proc.returncode}")
+
+    def log_tail(self, name: str, n: int = 15) -> str:
+        try:
+            return "\n".join((self.logs / name).read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    # ------------------------------------------------------------------ stop
+
+    def close(self) -> None:
+        """Stop fleet, coordinator and broker (in that order); safe to call twice."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.fleet is not None:
+            procs.stop_group(self.fleet, timeout=40, name="fleet simulator")
+        if self.coordinator is not None:
+            procs.stop_group(self.coordinator, timeout=20, name="coordinator")
+        if self.broker is not None:
+            self.broker.stop()
+
+
+def _flags(flags: dict[str, object]) -> list[str]:
+    return [str(x) for pair in flags.items() for x in pair]
+
+
+def _child_env() -> dict[str, str]:
+    """This environment without ``LEPTON_*`` settings meant for other processes."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEPTON_")}
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    # Two cores shared by many processes: one math thread each keeps them from fighting.
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env.setdefault(var, "1")
+    return env
