@@ -24,23 +24,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
-import os
-import random
-import shutil
-import ssl
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 from msgspec import Meta
 
+from agent.fetch import BlobFetcher, FetchError, fsync_replace, sha256_file
 from agent.runtimes.base import (
     ModelLoadError,
     Runtime,
@@ -49,9 +45,6 @@ from agent.runtimes.base import (
     runtime_for,
 )
 from protocol.errors import LeptonError
-
-if TYPE_CHECKING:
-    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -180,35 +173,6 @@ class DeployOutcome:
     threads: int
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1024 * 1024):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_replace(src: Path, dst: Path) -> None:
-    with src.open("rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(src, dst)
-    with contextlib.suppress(OSError):  # directory fsync is not possible everywhere
-        fd = os.open(dst.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-@dataclass(slots=True)
-class _Transfer:
-    received: int = 0  # bytes taken off the network, over all attempts
-
-
-class _Retry(Exception):  # noqa: N818 - internal control flow, never escapes
-    """A download attempt failed in a way worth retrying."""
-
-
 def input_mismatch(spec: InputSpec, inputs: tuple[TensorSpec, ...]) -> str | None:
     """Why a model's inputs contradict the declared input spec, or None."""
     target = next((s for s in inputs if s.name == spec.name), None) if spec.name else None
@@ -253,29 +217,28 @@ class ModelManager:
         self._served: dict[str, ServedModel] = {}
         self._index: dict[str, dict[str, Any]] = {}
         self._name_locks: dict[str, asyncio.Lock] = {}
-        self._digest_locks: dict[str, asyncio.Lock] = {}
         self._index_lock = asyncio.Lock()
         self._index_loaded = False
         self._restore_errors: dict[str, str] = {}
         self._pending: dict[str, int] = {}  # digests fetched for deploys still in progress
-        self._tls: ssl.SSLContext | None = None
+        self.fetcher = BlobFetcher(root, retries=retries, timeout=timeout, backoff=backoff)
         self.restored = asyncio.Event()
 
     # ------------------------------------------------------------ paths
 
     @property
     def cache_dir(self) -> Path:
-        return self.root / "sha256"
+        return self.fetcher.cache_dir
 
     @property
     def partial_dir(self) -> Path:
-        return self.root / "partial"
+        return self.fetcher.partial_dir
 
     def cached_path(self, digest: str) -> Path:
-        return self.cache_dir / digest
+        return self.fetcher.cached_path(digest)
 
     def partial_path(self, digest: str) -> Path:
-        return self.partial_dir / f"{digest}.part"
+        return self.fetcher.partial_path(digest)
 
     # ------------------------------------------------------------ serving
 
@@ -471,127 +434,12 @@ class ModelManager:
 
     async def _fetch(self, spec: DeploySpec) -> tuple[Path, int]:
         """The verified cache path of ``spec``'s content and the bytes downloaded for it."""
-        lock = self._digest_locks.setdefault(spec.digest, asyncio.Lock())
-        async with lock:
-            final = self.cached_path(spec.digest)
-            if final.exists():
-                actual = await asyncio.to_thread(sha256_file, final)
-                if actual == spec.digest:
-                    os.utime(final)  # most recently used, for pruning
-                    return final, 0
-                log.warning(
-                    "cached model %s is damaged (sha256 %s); fetching again",
-                    spec.digest[:12],
-                    actual[:12],
-                )
-                final.unlink(missing_ok=True)
-            await asyncio.to_thread(self._prepare_dirs)
-            part = self.partial_path(spec.digest)
-            downloaded = await self._download(spec, part)
-            actual = await asyncio.to_thread(sha256_file, part)
-            if actual != spec.digest:
-                part.unlink(missing_ok=True)
-                raise ModelError(
-                    "digest_mismatch", f"sha256 of {spec.url} is {actual}, expected {spec.digest}"
-                )
-            await asyncio.to_thread(_fsync_replace, part, final)
-            return final, downloaded
-
-    def _prepare_dirs(self) -> None:
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        self.partial_dir.mkdir(parents=True, exist_ok=True)
-
-    async def _download(self, spec: DeploySpec, part: Path) -> int:
-        import httpx
-
-        if self._tls is None:  # loading the CA bundle takes a while; once, off the loop
-            self._tls = await asyncio.to_thread(httpx.create_ssl_context)
-        timeout = httpx.Timeout(self.timeout)
-        transfer = _Transfer()
-        failures = 0
-        async with httpx.AsyncClient(
-            timeout=timeout, follow_redirects=True, verify=self._tls
-        ) as client:
-            while True:
-                have = await asyncio.to_thread(_usable_part, part, spec.size)
-                if have == spec.size:
-                    return transfer.received
-                free = (await asyncio.to_thread(shutil.disk_usage, part.parent)).free
-                if free < spec.size - have:
-                    raise ModelError("no_space", f"{spec.size - have} bytes needed, {free} free")
-                try:
-                    await self._attempt(client, spec, part, have, transfer)
-                except (httpx.TransportError, _Retry) as exc:
-                    failures += 1
-                    if failures > self.retries:
-                        kept = await asyncio.to_thread(_usable_part, part, spec.size)
-                        raise ModelError(
-                            "download_failed",
-                            f"GET {spec.url}: {type(exc).__name__}: {exc} (gave up after "
-                            f"{failures} attempts; {kept} of {spec.size} bytes kept to resume)",
-                        ) from exc
-                    low, high = self.backoff
-                    delay = random.uniform(low, min(high, low * 2 ** (failures - 1)))
-                    log.info(
-                        "download of %s interrupted (%s); retry %d in %.2f s",
-                        spec.name,
-                        exc,
-                        failures,
-                        delay,
-                    )
-                    await asyncio.sleep(delay)
-
-    async def _attempt(
-        self,
-        client: httpx.AsyncClient,
-        spec: DeploySpec,
-        part: Path,
-        have: int,
-        transfer: _Transfer,
-    ) -> None:
-        """One GET from ``have`` on, counting into ``transfer``. Raises _Retry/ModelError."""
-        headers = {"Accept-Encoding": "identity"}
-        if have:
-            headers["Range"] = f"bytes={have}-"
-        async with client.stream("GET", spec.url, headers=headers) as resp:
-            status = resp.status_code
-            if status == 206 and have and _range_start(resp.headers.get("content-range")) == have:
-                mode = "ab"
-            elif status == 200:
-                mode, have = "wb", 0  # the server ignored the range: start over
-            elif status == 416:
-                await asyncio.to_thread(part.unlink, missing_ok=True)
-                raise _Retry("range not satisfiable; restarting")
-            elif status in (408, 425, 429) or status >= 500:
-                raise _Retry(f"HTTP {status}")
-            else:
-                raise ModelError("http_error", f"GET {spec.url}: HTTP {status}")
-            length = resp.headers.get("content-length")
-            if length is not None and length.isdigit() and have + int(length) > spec.size:
-                await asyncio.to_thread(part.unlink, missing_ok=True)
-                raise ModelError(
-                    "too_large",
-                    f"server announces {have + int(length)} bytes, declared size is {spec.size}",
-                )
-            fh = await asyncio.to_thread(part.open, mode)
-            try:
-                # No chunk size: httpx would hold back a partial chunk when the connection
-                # drops, and those bytes would be fetched again.
-                async for chunk in resp.aiter_raw():
-                    if have + len(chunk) > spec.size:
-                        fh.close()
-                        await asyncio.to_thread(part.unlink, missing_ok=True)
-                        raise ModelError(
-                            "too_large", f"server sent more than the declared {spec.size} bytes"
-                        )
-                    # Written as it arrives, so an interrupted transfer resumes from here.
-                    await asyncio.to_thread(fh.write, chunk)
-                    have += len(chunk)
-                    transfer.received += len(chunk)
-            finally:
-                fh.close()
-        if have < spec.size:
-            raise _Retry(f"body ended after {have} of {spec.size} bytes")
+        try:
+            return await self.fetcher.fetch(
+                digest=spec.digest, size=spec.size, url=spec.url, what=spec.name
+            )
+        except FetchError as exc:
+            raise ModelError(exc.reason, exc.detail) from exc
 
     # ------------------------------------------------------------ index and cache
 
@@ -610,7 +458,7 @@ class ModelManager:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".{INDEX_FILE}.tmp"
         tmp.write_text(json.dumps({"version": 1, "models": index}, indent=1, sort_keys=True))
-        _fsync_replace(tmp, self.root / INDEX_FILE)
+        fsync_replace(tmp, self.root / INDEX_FILE)
 
     def _prune(self, keep: set[str]) -> None:
         """Delete cached models not in ``keep``, except the newest few (for rollbacks)."""
@@ -621,23 +469,3 @@ class ModelManager:
         files.sort(key=lambda p: p.stat().st_mtime, reverse=True)
         for path in files[KEEP_UNREFERENCED:]:
             path.unlink(missing_ok=True)
-
-
-def _usable_part(part: Path, size: int) -> int:
-    """Bytes of ``part`` worth resuming from (a part longer than ``size`` is discarded)."""
-    try:
-        have = part.stat().st_size
-    except FileNotFoundError:
-        return 0
-    if have > size:
-        part.unlink(missing_ok=True)
-        return 0
-    return have
-
-
-def _range_start(content_range: str | None) -> int | None:
-    """``bytes 100-199/200`` -> 100."""
-    if not content_range or not content_range.startswith("bytes "):
-        return None
-    start = content_range[6:].split("-", 1)[0]
-    return int(start) if start.isdigit() else None
