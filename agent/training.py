@@ -51,7 +51,11 @@ Services come through ``TaskContext.extras``: ``data_sources``
 :class:`~agent.models.ModelManager`, whose download settings the weights cache copies),
 ``weights_store`` (a ModelManager used as the weights cache; made on first use) and
 ``train_threads`` (torch threads; default: the model manager's thread setting, else the
-cores this process may use).
+cores this process may use) and ``update_transform``: a callable taking the update
+(``dict[str, numpy.ndarray]``, local minus global weights) and returning the update to
+encode and upload, applied after training and before compression. It is the hook for
+local clipping or local differential privacy on the device; the fleet simulator also uses
+it to play adversarial clients. The output's ``update_norm`` is the norm of what is sent.
 """
 
 from __future__ import annotations
@@ -95,6 +99,7 @@ SOURCES_KEY: Final = "data_sources"
 MODELS_KEY: Final = "models"
 WEIGHTS_KEY: Final = "weights_store"
 THREADS_KEY: Final = "train_threads"
+TRANSFORM_KEY: Final = "update_transform"
 #: Weight blobs kept in the cache besides those used in the last ``KEEP_RECENT_S`` seconds.
 KEEP_WEIGHTS: Final = 3
 KEEP_RECENT_S: Final = 600.0
@@ -484,6 +489,28 @@ def _train_sync(
     )
 
 
+def _transformed(trained: _Trained, transform: Callable[[Arrays], Arrays]) -> _Trained:
+    """``trained`` with its update passed through the context's ``update_transform``."""
+    import dataclasses
+
+    import numpy as np
+
+    try:
+        delta = transform(dict(trained.delta))
+    except Exception as exc:  # the hook is deployment code: report it, never crash
+        raise TaskError(f"update_transform: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(delta, dict) or set(delta) != set(trained.delta):
+        raise TaskError("update_transform: must return the same tensor names")
+    norm = math.sqrt(
+        sum(
+            float(np.square(np.asarray(d), dtype=np.float64).sum())
+            for d in delta.values()
+            if np.asarray(d).dtype.kind == "f"
+        )
+    )
+    return dataclasses.replace(trained, delta=delta, update_norm=norm)
+
+
 def _evaluate_sync(
     model_path: str, weights: Arrays, data: Dataset, batch_size: int, threads: int
 ) -> tuple[float, float]:
@@ -570,6 +597,9 @@ async def train(task: Task, ctx: TaskContext) -> dict[str, Any]:
         raise
     from protocol.weights import encode_weights
 
+    transform = ctx.extras.get(TRANSFORM_KEY)
+    if transform is not None:
+        trained = await asyncio.to_thread(_transformed, trained, transform)
     try:
         body = await asyncio.to_thread(
             encode_weights,

@@ -65,6 +65,8 @@ class HttpConfig:
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 8080
+    # How devices reach this API (blob downloads, update uploads); empty: the bound address.
+    public_url: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -44,6 +44,7 @@ class Control:
         *,
         fleet: str,
         on_requeue: Callable[[], None] = lambda: None,
+        on_results: Callable[[Sequence[ResultOutcome]], None] = lambda _outcomes: None,
     ) -> None:
         self.store = store
         self.link = link
@@ -51,6 +52,9 @@ class Control:
         self.inbox = inbox
         self.fleet = fleet
         self.on_requeue = on_requeue
+        # Called (worker thread) after a batch of results committed: federated rounds wait
+        # on their train tasks' results.
+        self.on_results = on_results
         self._stopping = False
         self._waiting = False
 
@@ -155,6 +159,8 @@ class Control:
                 self.metrics.task_transitions.labels(o.task_state).inc()
         if any(o.outcome == "applied" and o.task_state == "pending" for o in out):
             self.on_requeue()
+        if any(o.outcome == "applied" for o in out):
+            self.on_results(out)
         return out
 
     # ------------------------------------------------------------------ event loop

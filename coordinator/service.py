@@ -17,9 +17,10 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from fastapi import APIRouter, FastAPI
 
@@ -34,7 +35,11 @@ from coordinator.metrics import Metrics
 from coordinator.mqtt import MqttLink
 from coordinator.registry import OnFlush, Registry
 from coordinator.scheduling import Scheduler
-from coordinator.store import RetryPolicy, Store
+from coordinator.store import ResultOutcome, RetryPolicy, Store
+
+if TYPE_CHECKING:
+    from coordinator.federated.engine import FLEngine
+    from coordinator.models.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +60,7 @@ class Coordinator:
         self._ready: asyncio.Future[None] | None = None
         self.started_at = time.time()
         self.http: HttpServer | None = None
+        self.fl: FLEngine | None = None  # federated jobs (with the model registry)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -149,6 +155,7 @@ class Coordinator:
             self.inbox,
             fleet=cfg.fleet,
             on_requeue=self._wake_scheduler_threadsafe,
+            on_results=self._on_results,
         )
         metrics.watch_store(store.count_devices, store.count_tasks)
 
@@ -184,7 +191,18 @@ class Coordinator:
         registry = ModelRegistry(
             self.store.engine, Path(self.config.data_dir).expanduser(), create_tables=False
         )
-        return [make_router(registry)]
+        return [make_router(registry), *self._fl_routes(registry)]
+
+    def _fl_routes(self, registry: ModelRegistry) -> list[APIRouter]:
+        """Federated jobs: their tables, the round engine (run by the leader) and routes."""
+        from coordinator.federated.service import build_fl
+
+        self.fl, routes = build_fl(self, registry)
+        return routes
+
+    def _on_results(self, outcomes: Sequence[ResultOutcome]) -> None:
+        if self.fl is not None:
+            self.fl.on_results(outcomes)
 
     def _wake_scheduler_threadsafe(self) -> None:
         loop = self._loop
@@ -208,6 +226,11 @@ class Coordinator:
                     self.leadership.lead(self.liveness.lead, name="liveness"), name="liveness"
                 ),
             }
+            if self.fl is not None:
+                self.fl.bind(asyncio.get_running_loop())
+                tasks["fl"] = tg.create_task(
+                    self.leadership.lead(self.fl.lead, name="fl"), name="fl"
+                )
             if self.http is not None:
                 tasks["http"] = tg.create_task(self.http.serve(), name="http")
             self._ready.set_result(None)
@@ -226,11 +249,10 @@ class Coordinator:
     async def _drain(self, tasks: dict[str, asyncio.Task[None]]) -> None:
         if self.http is not None:
             self.http.stop()
-        for name in ("scheduler", "liveness", "lease"):
+        leading = [n for n in ("scheduler", "liveness", "fl", "lease") if n in tasks]
+        for name in leading:
             tasks[name].cancel()
-        await asyncio.gather(
-            *(tasks[n] for n in ("scheduler", "liveness", "lease")), return_exceptions=True
-        )
+        await asyncio.gather(*(tasks[n] for n in leading), return_exceptions=True)
         await self.leadership.release()
         self.ingest.accepting = False
         if self.control.request_stop():

@@ -144,13 +144,21 @@ def stretch_factor(profile: Profile, state: SimState, host_gflops: float, task: 
     return max(1.0, host_gflops / max(speed, 1e-9))
 
 
-def scaled_registry(profile: Profile, state: SimState, host_gflops: float) -> HandlerRegistry:
-    """The default handlers, with compute stretched to the profile's speed."""
+def scaled_registry(
+    profile: Profile,
+    state: SimState,
+    host_gflops: float,
+    extras: Mapping[str, Any] | None = None,
+) -> HandlerRegistry:
+    """The default handlers, with compute stretched to the profile's speed; ``extras`` are
+    added to every task's context (an adversarial device's ``update_transform``, say)."""
     base = default_registry()
     registry = HandlerRegistry()
+    added = dict(extras or {})
 
     def wrap(kind: str, handler: Handler) -> Handler:
         async def run(task: Task, ctx: TaskContext) -> dict[str, Any]:
+            ctx.extras.update(added)
             started = time.perf_counter()
             output = await handler(task, ctx)
             real = time.perf_counter() - started
@@ -190,9 +198,11 @@ class VirtualDevice:
         flaky_per_min: float = 0.0,
         crash_per_min: float = 0.0,
         rng: random.Random | None = None,
+        extras: Mapping[str, Any] | None = None,
     ) -> None:
         self.config = config
         self.profile = profile
+        self.extras = dict(extras or {})
         self.state = SimState(
             battery=(rng or random).uniform(60, 100) if profile.battery else 100.0
         )
@@ -208,7 +218,7 @@ class VirtualDevice:
     def _make_agent(self) -> Agent:
         return Agent(
             self.config,
-            registry=scaled_registry(self.profile, self.state, self.host_gflops),
+            registry=scaled_registry(self.profile, self.state, self.host_gflops, self.extras),
             sampler=ProfileSampler(self.profile, self.state, tags=self.config.device_tags),
             outbox_executor=self.executor,
         )

@@ -2,7 +2,9 @@
 
 Each device gets its own state directory (outbox, model cache) and, with ``data="digits"``, its
 own partition of sklearn's digits dataset (Dirichlet label skew), registered as the data
-source ``digits``; a shared held-out test set is registered as ``digits-test``.
+source ``digits``; a shared held-out test set is registered as ``digits-test``. With
+``adversarial=n``, ``n`` devices (chosen by the seed) send poisoned federated updates
+(:mod:`agent.sim.attacks`) instead of honest ones.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ class FleetSpec:
     id_prefix: str = "sim"
     first_index: int = 0
     extra: Mapping[str, Any] = field(default_factory=dict)
+    adversarial: int = 0
+    attack: str = "sign_flip"
+    attack_scale: float = 10.0
 
 
 def _raise_fd_limit(needed: int) -> None:
@@ -86,6 +91,9 @@ def build_devices(spec: FleetSpec) -> list[VirtualDevice]:
     _raise_fd_limit(8 * spec.devices + 256)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sim-outbox")
     rng = random.Random(spec.seed)
+    if not 0 <= spec.adversarial <= len(ids):
+        raise ValueError(f"adversarial must be in [0, {len(ids)}]")
+    hostile = set(random.Random(spec.seed + 7919).sample(ids, spec.adversarial))
     devices = []
     for device_id, profile in zip(ids, profiles, strict=True):
         overrides: dict[str, Any] = {
@@ -111,6 +119,13 @@ def build_devices(spec: FleetSpec) -> list[VirtualDevice]:
         if device_id in data:
             overrides["data_sources"] = data[device_id]
         config: AgentConfig = load_config(None, env={}, overrides=overrides)
+        # Many devices train on one host: one thread each, so they do not oversubscribe it.
+        extras: dict[str, Any] = {"train_threads": 1}
+        if device_id in hostile:
+            from agent.sim.attacks import make
+            from agent.training import TRANSFORM_KEY
+
+            extras[TRANSFORM_KEY] = make(spec.attack, spec.attack_scale)
         devices.append(
             VirtualDevice(
                 config,
@@ -120,6 +135,7 @@ def build_devices(spec: FleetSpec) -> list[VirtualDevice]:
                 flaky_per_min=spec.flaky_per_min,
                 crash_per_min=spec.crash_per_min,
                 rng=random.Random(rng.random()),
+                extras=extras,
             )
         )
     return devices

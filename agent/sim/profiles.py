@@ -14,13 +14,25 @@ the Jetson's GPU), scaled from public specifications and benchmarks:
 
 Battery and thermal settings describe typical deployments (a Pi on a UPS HAT, a fanless
 enclosure), not the boards themselves.
+
+Simulated devices advertise the ``torch`` runtime when torch is installed on the host: their
+``train`` tasks run for real on the host, so they can take part in federated jobs.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+
+def host_training_runtimes() -> tuple[str, ...]:
+    """``("torch",)`` when torch is installed here (found without importing it), else ``()``."""
+    return ("torch",) if importlib.util.find_spec("torch") is not None else ()
+
+
+TRAINING_RUNTIMES = host_training_runtimes()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -34,7 +46,7 @@ class Profile:
     fp32_gflops: float
     int8_gops: float
     accelerators: tuple[str, ...] = ("cpu",)
-    runtimes: tuple[str, ...] = ("onnxruntime",)
+    runtimes: tuple[str, ...] = ("onnxruntime", *TRAINING_RUNTIMES)
     slots: int = 1
     battery: bool = False
     # Battery drain in percent per minute, idle and busy.

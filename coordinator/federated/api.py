@@ -1,0 +1,144 @@
+"""HTTP API of federated jobs: start, list, inspect, stop.
+
+- ``POST /v1/fl/jobs`` (body: the job, as in a job file): 201 with the job; 422 naming the
+  bad key.
+- ``GET /v1/fl/jobs``: every job, newest last, with its latest figures.
+- ``GET /v1/fl/jobs/{id}``: one job with its spec and per-round figures (selected,
+  accepted, rejected, accuracy, loss, wall time, bytes up) and the final model.
+- ``POST /v1/fl/jobs/{id}/stop``: stop after cancelling the open round; the weights of the
+  last closed round are registered as the final model.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, HTTPException, Path
+
+from coordinator.federated.job import FLJob, JobError
+from coordinator.federated.store import FLStore, JobRecord, RoundRecord
+
+JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
+
+
+@dataclass(frozen=True, slots=True)
+class JobsContext:
+    store: FLStore
+    on_change: Callable[[], None] = lambda: None  # any thread
+
+
+def new_job_id(name: str) -> str:
+    """``<name>-<8 hex>``: readable, unique, and a valid job name on the wire."""
+    return f"{name}-{secrets.token_hex(4)}"
+
+
+def round_view(r: RoundRecord, live: dict[str, int] | None = None) -> dict[str, Any]:
+    """One round's figures (``live``: counts of an open round's updates so far)."""
+    m = r.metrics or {}
+    accepted = m.get("accepted") if live is None else live.get("accepted", 0)
+    return {
+        "round": r.round,
+        "state": r.state,
+        "attempt": r.attempt,
+        "selected": len(r.selected),
+        "devices": list(r.selected),
+        "uploaded": None if live is None else live.get("uploaded", 0),
+        "accepted": accepted,
+        "contributors": r.contributors,
+        "rejected": m.get("rejected", sum(r.rejects.values())),
+        "rejects": dict(r.rejects),
+        "rejected_updates": m.get("rejected_updates", {}),
+        "accuracy": m.get("accuracy"),
+        "loss": m.get("loss"),
+        "wall_s": m.get("wall_s"),
+        "bytes_up": m.get("bytes_up"),
+        "bytes_down": m.get("bytes_down"),
+        "expected_round_s": m.get("expected_round_s", (r.selection or {}).get("expected_round_s")),
+        "started_at": r.started_at,
+        "deadline": r.deadline,
+        "closed_at": r.closed_at,
+        "metrics": m,
+    }
+
+
+def job_view(job: JobRecord, rounds: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    spec = job.spec
+    out: dict[str, Any] = {
+        "id": job.id,
+        "name": job.name,
+        "state": job.state,
+        "round": job.round,
+        "rounds": spec.get("rounds"),
+        "strategy": (spec.get("strategy") or {}).get("name"),
+        "selection": spec.get("selection"),
+        "clients_per_round": spec.get("clients_per_round"),
+        "global_digest": job.global_digest,
+        "final_model": job.final_model,
+        "error": job.error,
+        "created_at": job.created_at,
+        "updated_at": job.updated_at,
+        "finished_at": job.finished_at,
+    }
+    if rounds is not None:
+        out["spec"] = spec
+        out["history"] = rounds
+        closed = [r for r in rounds if r["state"] == "closed"]
+        out["accuracy"] = closed[-1]["accuracy"] if closed else None
+    return out
+
+
+def make_jobs_router(ctx: JobsContext) -> APIRouter:
+    router = APIRouter(tags=["federated"])
+    store = ctx.store
+
+    def detail(job: JobRecord) -> dict[str, Any]:
+        views = []
+        for r in store.list_rounds(job.id):
+            live = None
+            if r.state == "open":
+                ups = store.updates_for(job.id, r.round)
+                live = {"uploaded": len(ups), "accepted": sum(u.complete for u in ups)}
+            views.append(round_view(r, live))
+        return job_view(job, views)
+
+    @router.post("/v1/fl/jobs", status_code=201)
+    def start_job(body: Annotated[dict[str, Any], Body()]) -> dict[str, Any]:
+        """Start a federated job (the body holds what a job file holds)."""
+        try:
+            job = FLJob.from_mapping(body)
+        except JobError as exc:
+            raise HTTPException(
+                status_code=422,
+                detail=[
+                    {"loc": ["body", *exc.key.split(".")], "msg": str(exc), "type": "value_error"}
+                ],
+            ) from exc
+        record = store.create_job(new_job_id(job.name), job.name, job.to_dict(), time.time())
+        ctx.on_change()
+        return detail(record)
+
+    @router.get("/v1/fl/jobs")
+    def list_jobs() -> list[dict[str, Any]]:
+        out = []
+        for job in store.list_jobs():
+            closed = [r for r in store.list_rounds(job.id) if r.state == "closed"]
+            view = job_view(job)
+            view["accuracy"] = (closed[-1].metrics or {}).get("accuracy") if closed else None
+            out.append(view)
+        return out
+
+    @router.get("/v1/fl/jobs/{job_id}")
+    def get_job(job_id: JobId) -> dict[str, Any]:
+        return detail(store.get_job(job_id))
+
+    @router.post("/v1/fl/jobs/{job_id}/stop")
+    def stop_job(job_id: JobId) -> dict[str, Any]:
+        record = store.request_stop(job_id)
+        ctx.on_change()
+        return detail(record)
+
+    return router
