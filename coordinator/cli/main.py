@@ -66,6 +66,9 @@ def build_parser(*, models: bool = True) -> argparse.ArgumentParser:
     _coordinator_commands(top)
     _device_commands(top)
     _task_commands(top)
+    from coordinator.federated.cli import add_fl_commands
+
+    add_fl_commands(top)
     if not models:
         top.add_parser("models", help="model registry and INT8 quantization")
         return p

@@ -1,0 +1,154 @@
+"""Fixtures for federated jobs end to end: a simulated fleet (real agents) on the test broker,
+and helpers to follow a job through the coordinator's API."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from agent.sim.device import VirtualDevice
+from agent.sim.fleet import FleetSpec, build_devices
+from tests.support.broker import Broker
+
+FAST_MIX: dict[str, float] = {"x86-gateway": 1.0, "jetson-orin-nano": 1.0}
+
+
+class SimFleet:
+    """Virtual devices run as separate tasks, so one can be killed on its own."""
+
+    def __init__(self, devices: list[VirtualDevice], state_root: Path) -> None:
+        self.devices = {d.config.device_id: d for d in devices}
+        self.state_root = state_root
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+
+    @property
+    def ids(self) -> list[str]:
+        return sorted(self.devices)
+
+    @property
+    def eval_path(self) -> Path:
+        return self.state_root / "digits-test.npz"
+
+    def start(self) -> None:
+        for device_id, device in self.devices.items():
+            self.tasks[device_id] = asyncio.create_task(device.run(), name=device_id)
+
+    async def kill(self, device_id: str) -> None:
+        """Cut the device's connection (its will fires) and cancel it, without a restart."""
+        device = self.devices[device_id]
+        device._drop_link()
+        task = self.tasks[device_id]
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def stop(self) -> None:
+        for device in self.devices.values():
+            device.stop()
+        live = [t for t in self.tasks.values() if not t.done()]
+        if live:
+            _done, pending = await asyncio.wait(live, timeout=30)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*live, return_exceptions=True)
+
+
+@pytest.fixture
+async def sim_fleet(
+    broker: Broker, tmp_path: Path
+) -> AsyncIterator[Callable[..., SimFleet]]:
+    """``sim_fleet(devices=4, mix=..., **spec)``: a started fleet with digits partitions."""
+    fleets: list[SimFleet] = []
+
+    def make(devices: int = 4, *, mix: Mapping[str, float] | None = None, **kw: Any) -> SimFleet:
+        root = tmp_path / f"fleet{len(fleets)}"
+        spec = FleetSpec(
+            devices=devices,
+            state_root=root,
+            mix=dict(mix or FAST_MIX),
+            broker_port=broker.port,
+            data="digits",
+            capacity_interval=0.5,
+            keepalive=5,
+            seed=kw.pop("seed", 1),
+            **kw,
+        )
+        fleet = SimFleet(build_devices(spec), root)
+        fleet.start()
+        fleets.append(fleet)
+        return fleet
+
+    yield make
+    for fleet in fleets:
+        await fleet.stop()
+
+
+def digits_job(eval_path: Path, **overrides: Any) -> dict[str, Any]:
+    """A short digits job that converges in a few rounds on a handful of devices."""
+    job: dict[str, Any] = {
+        "name": "digits",
+        "model": "models.digits:DigitsCNN",
+        "data": "digits",
+        "rounds": 3,
+        "clients_per_round": 4,
+        "over_select": 0.0,
+        "epochs": 5,
+        "batch_size": 16,
+        "lr": 0.05,
+        "momentum": 0.9,
+        "deadline_s": 20.0,
+        "result_grace_s": 5.0,
+        "eval": str(eval_path),
+        "final_format": "torch",
+        "compression": "int8",
+    }
+    job.update(overrides)
+    return job
+
+
+async def wait_for_devices(api: str, n: int, *, timeout: float = 20.0) -> None:
+    """Until ``n`` devices are online with a capacity report that lists the torch runtime."""
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(base_url=api) as client:
+        while True:
+            devices = (await client.get("/v1/devices", params={"state": "online"})).json()
+            ready = [d for d in devices if "torch" in (d.get("runtimes") or [])]
+            if len(ready) >= n:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(ready)} of {n} devices ready: {devices}")
+            await asyncio.sleep(0.2)
+
+
+async def wait_job(
+    api: str,
+    job_id: str,
+    predicate: Callable[[dict[str, Any]], bool],
+    *,
+    timeout: float,
+    interval: float = 0.2,
+) -> dict[str, Any]:
+    """Poll ``GET /v1/fl/jobs/{id}`` until ``predicate(job)`` holds; the job."""
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] = {}
+    async with httpx.AsyncClient(base_url=api, timeout=5) as client:
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                last = (await client.get(f"/v1/fl/jobs/{job_id}")).json()
+                if predicate(last):
+                    return last
+            if time.monotonic() > deadline:
+                summary = {k: last.get(k) for k in ("state", "round", "error")}
+                raise AssertionError(f"job {job_id} did not get there in {timeout}s: {summary}")
+            await asyncio.sleep(interval)
+
+
+def ended(job: dict[str, Any]) -> bool:
+    return job.get("state") in ("done", "failed", "stopped")

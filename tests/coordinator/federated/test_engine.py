@@ -1,0 +1,158 @@
+"""Federated jobs end to end: a coordinator, a real Mosquitto and simulated devices that are
+real agents training torch models on their own label-skewed digits partitions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from coordinator.federated.store import FLStore
+from coordinator.models.registry import ModelRegistry
+from coordinator.service import Coordinator
+from tests.coordinator.federated.conftest import (
+    SimFleet,
+    digits_job,
+    ended,
+    wait_for_devices,
+    wait_job,
+)
+
+MakeCoordinator = Callable[..., AbstractAsyncContextManager[Coordinator]]
+#: A short job (3 rounds of 4 devices, 5 local epochs) on alpha=0.5 label skew reaches this.
+CONVERGED_ACCURACY = 0.85
+
+
+async def test_short_job_converges_and_registers_an_onnx_model(
+    make_coordinator: MakeCoordinator, sim_fleet: Callable[..., SimFleet], tmp_path: Path
+) -> None:
+    fleet = sim_fleet(4)
+    async with make_coordinator() as c:
+        assert c.api_url is not None
+        await wait_for_devices(c.api_url, 4)
+        async with httpx.AsyncClient(base_url=c.api_url) as api:
+            r = await api.post(
+                "/v1/fl/jobs", json=digits_job(fleet.eval_path, final_format="onnx")
+            )
+            assert r.status_code == 201, r.text
+            job_id = r.json()["id"]
+            job = await wait_job(c.api_url, job_id, ended, timeout=50)
+            metrics = (await api.get("/metrics")).text
+        assert job["state"] == "done", job
+        history = job["history"]
+        assert [r["round"] for r in history] == [1, 2, 3]
+        assert all(r["state"] == "closed" and r["accepted"] == 4 for r in history)
+        accuracies = [r["accuracy"] for r in history]
+        assert accuracies[-1] >= CONVERGED_ACCURACY, accuracies
+        assert accuracies[-1] > accuracies[0]
+        # int8 updates: about a quarter of the FP32 weights each.
+        assert all(r["bytes_up"] < 0.35 * r["bytes_down"] for r in history)
+        final = job["final_model"]
+        assert final["format"] == "onnx"
+        assert final["accuracy"] == pytest.approx(accuracies[-1])
+        registry = ModelRegistry(c.store.engine, tmp_path / "coordinator", create_tables=False)
+        record = registry.get("digits")
+        assert record.digest == final["digest"]
+        assert record.precision == "fp32"
+        assert record.inputs[0].shape[1:] == (1, 8, 8)
+        assert 'lepton_fl_rounds_total{outcome="closed"} 3.0' in metrics
+        assert "lepton_fl_uploads_total 12.0" in metrics
+        # Every counted update is recorded once, with the result that names it.
+        fl = FLStore(c.store.engine)
+        for r in fl.list_rounds(job_id):
+            ups = fl.updates_for(job_id, r.round)
+            assert sorted(u.device_id for u in ups) == sorted(r.contributors or [])
+            assert all(u.complete for u in ups)
+
+
+async def test_cli_start_status_stop(
+    make_coordinator: MakeCoordinator, sim_fleet: Callable[..., SimFleet], tmp_path: Path
+) -> None:
+    fleet = sim_fleet(3)
+    async with make_coordinator() as c:
+        assert c.api_url is not None
+        await wait_for_devices(c.api_url, 3)
+        job_file = tmp_path / "job.toml"
+        job_file.write_text(
+            "\n".join(
+                [
+                    'name = "digits-cli"',
+                    'model = "models.digits:DigitsCNN"',
+                    'data = "digits"',
+                    "rounds = 50",
+                    "clients_per_round = 3",
+                    "epochs = 1",
+                    f'eval = "{fleet.eval_path}"',
+                    'final_format = "torch"',
+                    "[strategy]",
+                    'name = "fedavgm"',
+                    "momentum = 0.5",
+                ]
+            )
+        )
+        bad = tmp_path / "bad.toml"
+        bad.write_text(job_file.read_text().replace("epochs", "epochz"))
+        code, out, err = await lepton(c.api_url, "fl", "start", str(bad))
+        assert code == 2
+        assert "epochz" in err
+        code, out, err = await lepton(c.api_url, "fl", "start", str(job_file))
+        assert code == 0, err
+        job_id = out.strip()
+        await wait_job(c.api_url, job_id, lambda j: j["round"] >= 3, timeout=40)
+        code, out, _ = await lepton(c.api_url, "fl", "status")
+        assert code == 0
+        assert job_id in out
+        code, out, _ = await lepton(c.api_url, "--json", "fl", "status", job_id)
+        assert json.loads(out)["state"] == "running"
+        code, out, _ = await lepton(c.api_url, "fl", "stop", job_id)
+        assert code == 0
+        assert "stopping" in out or "stopped" in out
+        job = await wait_job(c.api_url, job_id, ended, timeout=20)
+        assert job["state"] == "stopped"
+        assert job["final_model"]["name"] == "digits-cli"
+        assert job["history"][-1]["state"] == "cancelled"
+        code, out, _ = await lepton(c.api_url, "fl", "status", job_id, "--watch")
+        assert code == 0
+        assert "stopped" in out
+        assert "ROUND" in out
+        code, _, err = await lepton(c.api_url, "fl", "status", "nope-00000000")
+        assert code == 3
+
+
+async def lepton(api: str, *args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "coordinator.cli",
+        "--api",
+        api,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_job_spec_errors_name_the_key(make_coordinator: MakeCoordinator) -> None:
+    async with make_coordinator() as c:
+        async with httpx.AsyncClient(base_url=c.api_url or "") as api:
+            body: dict[str, Any] = digits_job(Path("x.npz"), lr=-1)
+            r = await api.post("/v1/fl/jobs", json=body)
+            assert r.status_code == 422
+            assert r.json()["detail"][0]["loc"] == ["body", "lr"]
+            body = digits_job(Path("x.npz"), strategy={"name": "krum", "nope": 1})
+            r = await api.post("/v1/fl/jobs", json=body)
+            assert r.status_code == 422
+            assert "nope" in r.text
+            r = await api.get("/v1/fl/jobs/unknown-1")
+            assert r.status_code == 404
