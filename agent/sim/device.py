@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import random
 import socket
+import sys
 import time
 from collections.abc import Mapping
 from concurrent.futures import Executor
@@ -44,6 +46,15 @@ THROTTLE_AT_C = 80.0
 # Work whose duration the task itself fixes is not stretched.
 UNSCALED_KINDS = frozenset({"echo"})
 MAX_STRETCH_S = 600.0
+# Libraries a handler imports on first use. Importing them is this host's one-time cost, not
+# the device's compute, so it happens before the clock starts (torch takes seconds, which
+# stretched 10x would make a Pi's first training round look a minute long).
+FIRST_USE_IMPORTS: dict[str, tuple[str, ...]] = {
+    "train": ("torch",),
+    "evaluate": ("torch",),
+    "deploy": ("numpy", "onnxruntime"),
+    "infer": ("numpy", "onnxruntime"),
+}
 
 
 @dataclass
@@ -159,6 +170,9 @@ def scaled_registry(
     def wrap(kind: str, handler: Handler) -> Handler:
         async def run(task: Task, ctx: TaskContext) -> dict[str, Any]:
             ctx.extras.update(added)
+            for module in FIRST_USE_IMPORTS.get(kind, ()):
+                if module not in sys.modules:
+                    await asyncio.to_thread(importlib.import_module, module)
             started = time.perf_counter()
             output = await handler(task, ctx)
             real = time.perf_counter() - started

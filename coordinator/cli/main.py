@@ -69,6 +69,9 @@ def build_parser(*, models: bool = True) -> argparse.ArgumentParser:
     from coordinator.federated.cli import add_fl_commands
 
     add_fl_commands(top)
+    from coordinator.demo.cli import add_demo_command
+
+    add_demo_command(top)
     if not models:
         top.add_parser("models", help="model registry and INT8 quantization")
         return p

@@ -1,0 +1,145 @@
+"""``lepton demo``: broker, coordinator and a simulated fleet on this machine, and the whole
+loop on them (train, INT8 through the gate, deploy, inference placed by the cost model,
+federated rounds, redeploy), with live progress and an HTML + JSON report.
+
+Ctrl-C (or SIGTERM) stops every process it started; none outlives it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+MARKER = ".lepton-demo"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def add_demo_command(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``demo`` to an ``add_subparsers()`` object (the ``lepton`` CLI's)."""
+    demo: argparse.ArgumentParser = subparsers.add_parser(
+        "demo",
+        help="run the whole loop locally: broker, coordinator, a simulated fleet",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo.add_argument(
+        "--devices", type=int, default=None, help="virtual devices (default 20; 8 with --quick)"
+    )
+    demo.add_argument(
+        "--rounds", type=int, default=None, help="federated rounds (default 3; 2 with --quick)"
+    )
+    demo.add_argument("--quick", action="store_true", help="a smaller, faster run")
+    demo.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("lepton-demo"),
+        help="where state, logs and the report go (default ./lepton-demo; replaced on each run)",
+    )
+    demo.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep broker, coordinator and fleet running after the report, until Ctrl-C",
+    )
+    demo.add_argument(
+        "--broker",
+        choices=("auto", "mosquitto", "embedded"),
+        default="auto",
+        help="auto: mosquitto if installed, else the embedded Python broker",
+    )
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(handler=cmd_demo)
+    return demo
+
+
+def _prepare_workdir(path: Path) -> Path:
+    """An empty work directory; a previous demo's is replaced, anything else is refused."""
+    path = path.expanduser().resolve()
+    if path.exists():
+        if not (path / MARKER).exists() and any(path.iterdir()):
+            raise SystemExit(
+                f"error: {path} exists and is not a demo work directory; choose --workdir"
+            )
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    (path / MARKER).write_text("lepton demo work directory: replaced on the next run\n")
+    return path
+
+
+def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the demo; returns the exit code."""
+    from rich.console import Console
+
+    from coordinator.demo.api import DemoError
+    from coordinator.demo.loop import STAGES, Demo, DemoConfig
+    from coordinator.demo.progress import LiveReporter
+    from coordinator.demo.report import print_summary, write_html, write_json
+
+    devices = args.devices if args.devices is not None else (8 if args.quick else 20)
+    rounds = args.rounds if args.rounds is not None else (2 if args.quick else 3)
+    if devices < 2 or rounds < 1:
+        sys.stderr.write("error: --devices must be >= 2 and --rounds >= 1\n")
+        return EXIT_USAGE
+    console = Console(highlight=False)
+    workdir = _prepare_workdir(args.workdir)
+    config = DemoConfig(
+        workdir=workdir,
+        devices=devices,
+        rounds=rounds,
+        quick=args.quick,
+        broker=args.broker,
+        seed=args.seed,
+        infer_per_device=1 if args.quick else 2,
+    )
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    reporter = LiveReporter(STAGES, console)
+    demo = Demo(config, reporter)
+    console.print(
+        f"[bold]Lepton demo[/]: {devices} devices, {rounds} federated rounds, work directory {workdir}"
+    )
+    code = EXIT_OK
+    try:
+        try:
+            with reporter:
+                figures = demo.run()
+        except DemoError as exc:
+            code = EXIT_FAILED
+            figures = demo.figures
+            console.print(f"[red]The demo stopped:[/] {exc}\nLogs: {workdir / 'logs'}")
+        json_path = write_json(figures, workdir / "report" / "figures.json")
+        html_path = write_html(figures, workdir / "report" / "report.html")
+        print_summary(console, figures, [html_path, json_path])
+        if args.keep and code == EXIT_OK:
+            console.print(
+                f"Still running (--keep): coordinator API {demo.stack.api_url}; Ctrl-C stops everything."
+            )
+            while True:
+                try:
+                    demo.stack.check_alive()
+                except RuntimeError as exc:
+                    console.print(f"[red]{exc}[/]")
+                    code = EXIT_FAILED
+                    break
+                time.sleep(1.0)
+    except KeyboardInterrupt:
+        code = EXIT_INTERRUPTED
+        console.print("\nStopping fleet, coordinator and broker...")
+    finally:
+        # Shutdown must finish: a second Ctrl-C must not leave processes behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            demo.close()
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, previous)
+    return code
