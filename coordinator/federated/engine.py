@@ -258,7 +258,10 @@ class JobRunner:
     async def _prepare(self) -> JobRecord:
         job = self.job
         try:
-            weights = await asyncio.to_thread(modelio.initial_weights, job.model, job.seed)
+            if job.initial_weights is not None:
+                weights = await self._initial_weights(job.initial_weights)
+            else:
+                weights = await asyncio.to_thread(modelio.initial_weights, job.model, job.seed)
             shape = job.input_shape
             if job.eval is not None:
                 self.eval_set = await asyncio.to_thread(modelio.load_eval_set, job.eval)
@@ -307,6 +310,17 @@ class JobRunner:
         if closed and closed[-1].strategy_state and closed[-1].strategy_state.get("digest"):
             state, _ = await self._load_weights(closed[-1].strategy_state["digest"])
             self.strategy.load_state(state)
+
+    async def _initial_weights(self, digest: str) -> dict[str, Any]:
+        """The job's starting weights from the blob store, checked against its model."""
+        try:
+            weights, _ = await self._load_weights(digest)
+        except NotFoundError as exc:
+            raise JobFailedError(f"initial_weights: no blob {digest}") from exc
+        except DecodeError as exc:
+            raise JobFailedError(f"initial_weights: not a weights blob: {exc}") from exc
+        await asyncio.to_thread(modelio.build_model, self.job.model, weights)  # ModelError
+        return weights
 
     async def _load_weights(self, digest: str) -> tuple[dict[str, Any], int]:
         data = await asyncio.to_thread(self.registry.read_blob, digest)

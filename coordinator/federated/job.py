@@ -50,6 +50,7 @@ FinalFormat = Literal["onnx", "torch"]
 NAME_RE: Final = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,47}\Z")
 FACTORY_RE: Final = re.compile(r"\A[A-Za-z_][\w.]*:[A-Za-z_][\w.]*\Z")
 DATA_RE: Final = re.compile(r"\A[A-Za-z0-9._:/-]{1,64}\Z")
+SHA256_RE: Final = re.compile(r"\A[0-9a-f]{64}\Z")
 MAX_ROUNDS: Final = 100_000
 MAX_CLIENTS: Final = 10_000
 
@@ -116,6 +117,9 @@ class FLJob:
     compression: Compression = "fp32"
     max_examples: int | None = None
     seed: int = 0
+    # sha256 of a weights blob (protocol.weights, kind "weights") in the model registry's blob
+    # store to start from, e.g. a centrally trained model; None: the model's fresh weights.
+    initial_weights: str | None = None
     eval: str | None = None  # .npz path with x and y, or "package.module:callable"
     input_shape: tuple[int, ...] | None = None  # one sample's shape, when there is no eval set
     examples_hint: int = 100  # local examples assumed for a device not yet heard from
@@ -296,6 +300,10 @@ def _validate(job: FLJob) -> None:  # noqa: PLR0912, PLR0915 - one check per fie
     if job.max_examples is not None:
         _int("max_examples", job.max_examples, 1, 2**31)
     _int("seed", job.seed, 0, 2**62)
+    if job.initial_weights is not None and (
+        not isinstance(job.initial_weights, str) or not SHA256_RE.match(job.initial_weights)
+    ):
+        raise JobError("initial_weights", "must be the sha256 (64 hex digits) of a weights blob")
     if job.eval is not None and (not isinstance(job.eval, str) or not 0 < len(job.eval) <= 1024):
         raise JobError("eval", "must be a .npz path or an import path 'package.module:callable'")
     _int("examples_hint", job.examples_hint, 1, 2**31)
