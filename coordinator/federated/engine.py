@@ -50,7 +50,13 @@ from coordinator.errors import ConflictError, LeaseLostError, NotFoundError
 from coordinator.federated import modelio, planning
 from coordinator.federated.job import FLJob
 from coordinator.federated.metrics import FLMetrics
-from coordinator.federated.store import ACTIVE_STATES, FLStore, JobRecord, RoundRecord
+from coordinator.federated.store import (
+    ACTIVE_STATES,
+    FLStore,
+    JobRecord,
+    RoundRecord,
+    UpdateRecord,
+)
 from coordinator.federated.strategies import AggregationError, ClientUpdate, Strategy
 from coordinator.federated.strategies.dp import CentralDP
 from coordinator.models.registry import ModelRegistry
@@ -531,53 +537,69 @@ class JobRunner:
                 await self._wake.wait()
 
     async def _progress(self, rnd: RoundRecord) -> _Progress:
-        """Link applied results to recorded uploads; count what counts."""
+        """Link results to recorded uploads; count what counts, and who is done.
+
+        A device's result is looked up among every result stored for its task, applied or
+        not: a task the coordinator took back (the device looked offline, say, as it does to
+        a coordinator that just restarted) may still have run to the end on the device, and
+        its update counts like any other. A device is done once its update counts, or its
+        task ended for a reason the device gave (it failed, refused or expired the task); a
+        task taken back from a device that went away is not done before the deadline.
+        """
 
         def check() -> _Progress:
             updates = {u.device_id: u for u in self.fl.updates_for(self.job_id, rnd.round)}
             finished = True
             complete = waiting = 0
             for device, tid in rnd.tasks.items():
+                up = updates.get(device)
+                if up is not None and (up.complete or self._link(rnd.round, device, tid, up)):
+                    complete += 1
+                    continue
+                if up is not None:
+                    waiting += 1  # uploaded; its result is on its way
+                    finished = False
+                    continue
                 try:
                     task = self.store.get_task(tid)
                 except NotFoundError:
                     finished = False
                     continue
-                up = updates.get(device)
-                if not task.terminal:
+                gone = (task.last_error or "").startswith("device offline")
+                if not task.terminal or (gone and task.result_id is None):
                     finished = False
-                if up is None:
-                    continue
-                if up.complete:
-                    complete += 1
-                    continue
-                out = task.output or {}
-                if task.state == "succeeded" and out.get("update", {}).get("digest") == up.digest:
-                    examples = out.get("examples")
-                    if isinstance(examples, int) and examples >= 1:
-                        metrics = {
-                            k: float(v)
-                            for k, v in out.items()
-                            if isinstance(v, (int, float))
-                            and not isinstance(v, bool)
-                            and k not in ("round", "examples", "steps")
-                        }
-                        self.fl.link_result(
-                            self.job_id,
-                            rnd.round,
-                            device,
-                            result_id=task.result_id or tid,
-                            examples=examples,
-                            metrics=metrics,
-                        )
-                        complete += 1
-                        continue
-                if task.terminal:
-                    continue  # ended without a matching result: the update does not count
-                waiting += 1
             return _Progress(complete=complete, waiting=waiting, finished=finished)
 
         return await asyncio.to_thread(check)
+
+    def _link(self, round_no: int, device: str, task_id: str, up: UpdateRecord) -> bool:
+        """Attach the device's successful result naming ``up``'s digest (worker thread)."""
+        for result in self.store.results_for(task_id):
+            out = result.output or {}
+            if result.device_id != device or result.status != "succeeded":
+                continue
+            if (out.get("update") or {}).get("digest") != up.digest:
+                continue
+            examples = out.get("examples")
+            if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
+                continue
+            metrics = {
+                k: float(v)
+                for k, v in out.items()
+                if isinstance(v, (int, float))
+                and not isinstance(v, bool)
+                and k not in ("round", "examples", "steps")
+            }
+            self.fl.link_result(
+                self.job_id,
+                round_no,
+                device,
+                result_id=result.id,
+                examples=examples,
+                metrics=metrics,
+            )
+            return True
+        return False
 
     async def _extend(self, rnd: RoundRecord) -> RoundRecord | None:
         """Ask more devices and move the deadline; fail the job after too many attempts."""

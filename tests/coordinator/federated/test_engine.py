@@ -38,9 +38,7 @@ async def test_short_job_converges_and_registers_an_onnx_model(
         assert c.api_url is not None
         await wait_for_devices(c.api_url, 4)
         async with httpx.AsyncClient(base_url=c.api_url) as api:
-            r = await api.post(
-                "/v1/fl/jobs", json=digits_job(fleet.eval_path, final_format="onnx")
-            )
+            r = await api.post("/v1/fl/jobs", json=digits_job(fleet.eval_path, final_format="onnx"))
             assert r.status_code == 201, r.text
             job_id = r.json()["id"]
             job = await wait_job(c.api_url, job_id, ended, timeout=50)
@@ -66,9 +64,9 @@ async def test_short_job_converges_and_registers_an_onnx_model(
         assert "lepton_fl_uploads_total 12.0" in metrics
         # Every counted update is recorded once, with the result that names it.
         fl = FLStore(c.store.engine)
-        for r in fl.list_rounds(job_id):
-            ups = fl.updates_for(job_id, r.round)
-            assert sorted(u.device_id for u in ups) == sorted(r.contributors or [])
+        for rnd in fl.list_rounds(job_id):
+            ups = fl.updates_for(job_id, rnd.round)
+            assert sorted(u.device_id for u in ups) == sorted(rnd.contributors or [])
             assert all(u.complete for u in ups)
 
 
@@ -144,15 +142,14 @@ async def lepton(api: str, *args: str) -> tuple[int, str, str]:
 
 
 async def test_job_spec_errors_name_the_key(make_coordinator: MakeCoordinator) -> None:
-    async with make_coordinator() as c:
-        async with httpx.AsyncClient(base_url=c.api_url or "") as api:
-            body: dict[str, Any] = digits_job(Path("x.npz"), lr=-1)
-            r = await api.post("/v1/fl/jobs", json=body)
-            assert r.status_code == 422
-            assert r.json()["detail"][0]["loc"] == ["body", "lr"]
-            body = digits_job(Path("x.npz"), strategy={"name": "krum", "nope": 1})
-            r = await api.post("/v1/fl/jobs", json=body)
-            assert r.status_code == 422
-            assert "nope" in r.text
-            r = await api.get("/v1/fl/jobs/unknown-1")
-            assert r.status_code == 404
+    async with make_coordinator() as c, httpx.AsyncClient(base_url=c.api_url or "") as api:
+        body: dict[str, Any] = digits_job(Path("x.npz"), lr=-1)
+        r = await api.post("/v1/fl/jobs", json=body)
+        assert r.status_code == 422
+        assert r.json()["detail"][0]["loc"] == ["body", "lr"]
+        body = digits_job(Path("x.npz"), strategy={"name": "krum", "nope": 1})
+        r = await api.post("/v1/fl/jobs", json=body)
+        assert r.status_code == 422
+        assert "nope" in r.text
+        r = await api.get("/v1/fl/jobs/unknown-1")
+        assert r.status_code == 404

@@ -1,0 +1,290 @@
+"""Federated rounds under faults: the coordinator SIGKILLed mid-round, an agent killed
+mid-round, hostile uploads to a running job."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from coordinator.federated import planning
+from coordinator.federated.store import FLStore
+from coordinator.service import Coordinator
+from coordinator.store import Store
+from protocol.weights import encode_weights
+from tests.coordinator.federated.conftest import (
+    SimFleet,
+    digits_job,
+    ended,
+    wait_for_devices,
+    wait_job,
+)
+from tests.support.broker import Broker, free_port
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[3]
+MakeCoordinator = Callable[..., AbstractAsyncContextManager[Coordinator]]
+
+
+class CoordinatorProcess:
+    """``lepton coordinator run`` on a fixed port and data directory, restartable."""
+
+    def __init__(self, workdir: Path, broker_port: int) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.broker_port = broker_port
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.starts += 1
+        log = (self.workdir / f"coordinator-{self.starts}.log").open("wb")
+        settings = {
+            "scheduler.batch_interval_s": "0.1",
+            "registry.flush_interval_s": "0.05",
+            "tasks.redispatch_after_s": "1",
+            "mqtt.reconnect_min_s": "0.2",
+            "mqtt.reconnect_max_s": "1",
+            "replica.lease_s": "3",
+            "liveness.max_check_s": "0.5",
+            "database.sqlite_synchronous": "normal",
+        }
+        cmd = [
+            sys.executable,
+            "-m",
+            "coordinator.cli",
+            "coordinator",
+            "run",
+            "--instance-id",
+            "fl-kill",
+            "--data-dir",
+            str(self.workdir / "data"),
+            "--mqtt-port",
+            str(self.broker_port),
+            "--http-port",
+            str(self.port),
+        ]
+        for key, value in settings.items():
+            cmd += ["--set", f"{key}={value}"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LEPTON_")}
+        self.proc = subprocess.Popen(
+            cmd, cwd=self.workdir, env={**env, "PYTHONPATH": str(REPO)}, stdout=log, stderr=log
+        )
+        log.close()
+
+    async def healthy(self, timeout: float = 30.0) -> None:
+        async def ok() -> bool:
+            try:
+                async with httpx.AsyncClient(timeout=1) as client:
+                    h = (await client.get(f"{self.api}/v1/health")).json()
+                return bool(h["mqtt_connected"] and h["leader"])
+            except (httpx.HTTPError, ValueError):
+                return False
+
+        async with asyncio.timeout(timeout):
+            while not await ok():
+                assert self.proc is not None and self.proc.poll() is None, self.logs()
+                await asyncio.sleep(0.2)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def logs(self) -> str:
+        return "\n".join(
+            p.read_text(errors="replace")[-4000:] for p in sorted(self.workdir.glob("*.log"))
+        )
+
+
+@pytest.fixture
+def coordinator_process(broker: Broker, tmp_path: Path) -> Iterator[CoordinatorProcess]:
+    c = CoordinatorProcess(tmp_path, broker.port)
+    c.start()
+    yield c
+    c.stop()
+
+
+async def test_coordinator_sigkilled_mid_round_resumes_without_loss_or_double_count(
+    coordinator_process: CoordinatorProcess, sim_fleet: Callable[..., SimFleet], tmp_path: Path
+) -> None:
+    c = coordinator_process
+    # rpi5 devices train about three times slower than the host: rounds last long enough
+    # to be caught in the middle.
+    fleet = sim_fleet(4, mix={"rpi5": 1.0})
+    await c.healthy()
+    await wait_for_devices(c.api, 4)
+    job_body = digits_job(fleet.eval_path, rounds=2, epochs=3, deadline_s=40.0, min_results=2)
+    async with httpx.AsyncClient(base_url=c.api) as api:
+        r = await api.post("/v1/fl/jobs", json=job_body)
+        assert r.status_code == 201, r.text
+        job_id = r.json()["id"]
+
+    def mid_round_two(job: dict[str, Any]) -> bool:
+        rounds = job.get("history") or []
+        return (
+            len(rounds) >= 2
+            and rounds[1]["state"] == "open"
+            and (rounds[1]["uploaded"] or 0) >= 1
+            and (rounds[1]["accepted"] or 0) < 4
+        )
+
+    try:
+        await wait_job(c.api, job_id, mid_round_two, timeout=40, interval=0.05)
+    except AssertionError:
+        raise AssertionError(c.logs()) from None
+    c.kill()
+    url = f"sqlite:///{tmp_path / 'data' / 'coordinator.db'}"
+    store = Store.open(url, create=False)
+    fl = FLStore(store.engine)
+    before = {u.device_id: u.digest for u in fl.updates_for(job_id, 2)}
+    assert before, "killed before any update of round 2 was recorded"
+    c.start()
+    try:
+        job = await wait_job(c.api, job_id, ended, timeout=45)
+    except AssertionError:
+        raise AssertionError(c.logs()) from None
+    assert job["state"] == "done", job
+    assert [r["state"] for r in job["history"]] == ["closed", "closed"]
+    for rnd in fl.list_rounds(job_id):
+        ups = fl.updates_for(job_id, rnd.round)
+        counted = sorted(u.device_id for u in ups if u.complete)
+        contributors = rnd.contributors or []
+        # Counted once each: the aggregate holds every complete update and nothing else.
+        assert sorted(contributors) == counted, (rnd.round, contributors, counted)
+        assert len(set(contributors)) == len(contributors)
+        assert (rnd.metrics or {})["accepted"] == len(counted)
+    # Nothing recorded before the kill was lost: each of those updates counted in round 2.
+    round2 = {u.device_id: u for u in fl.updates_for(job_id, 2)}
+    for device, digest in before.items():
+        assert round2[device].digest == digest
+        assert round2[device].complete, f"{device}'s update, recorded before the kill, lost"
+    assert set(before) <= set(fl.get_round(job_id, 2).contributors or [])  # type: ignore[union-attr]
+    store.close()
+
+
+async def test_agent_killed_mid_round_does_not_stall_past_the_deadline(
+    make_coordinator: MakeCoordinator, sim_fleet: Callable[..., SimFleet]
+) -> None:
+    # Three fast devices and one slow one (an rpi4 trains ~8x slower than this host): the
+    # slow one is killed while it trains.
+    fleet = sim_fleet(4, mix={"x86-gateway": 3.0, "rpi4": 1.0})
+    victim = next(d for d in fleet.ids if "rpi4" in d)
+    deadline_s = 8.0
+    async with make_coordinator() as c:
+        assert c.api_url is not None
+        await wait_for_devices(c.api_url, 4)
+        body = digits_job(fleet.eval_path, rounds=2, epochs=4, deadline_s=deadline_s, min_results=3)
+        async with httpx.AsyncClient(base_url=c.api_url) as api:
+            job_id = (await api.post("/v1/fl/jobs", json=body)).json()["id"]
+            task_id = planning.task_id(job_id, 1, victim)
+
+            async def victim_running() -> bool:
+                r = await api.get(f"/v1/tasks/{task_id}")
+                return r.status_code == 200 and r.json()["state"] == "running"
+
+            async with asyncio.timeout(30):
+                while not await victim_running():
+                    await asyncio.sleep(0.05)
+        await fleet.kill(victim)
+        job = await wait_job(c.api_url, job_id, ended, timeout=40)
+    assert job["state"] == "done", job
+    first, second = job["history"]
+    assert first["state"] == "closed"
+    assert victim in first["devices"]
+    assert first["accepted"] == 3
+    assert victim not in (first["contributors"] or [])
+    # Closed at its deadline: not before it (the victim might have come back), and not
+    # stalled past it.
+    assert deadline_s - 0.5 <= first["wall_s"] <= deadline_s + 3.0, first["wall_s"]
+    # The dead device is offline and no longer chosen.
+    assert victim not in second["devices"]
+    assert second["accepted"] == 3
+
+
+async def test_hostile_uploads_to_a_running_job_are_refused_and_counted(
+    make_coordinator: MakeCoordinator, sim_fleet: Callable[..., SimFleet]
+) -> None:
+    # Slow devices keep round 1 open while the uploads below are made.
+    fleet = sim_fleet(3, mix={"rpi4": 1.0})
+    async with make_coordinator() as c:
+        assert c.api_url is not None
+        await wait_for_devices(c.api_url, 3)
+        body = digits_job(
+            fleet.eval_path, rounds=1, clients_per_round=3, min_results=2, deadline_s=30.0
+        )
+        async with httpx.AsyncClient(base_url=c.api_url) as api:
+            job_id = (await api.post("/v1/fl/jobs", json=body)).json()["id"]
+            job = await wait_job(c.api_url, job_id, lambda j: bool(j.get("history")), timeout=20)
+            rnd = job["history"][0]
+            target = rnd["devices"][0]
+            task = (await api.get(f"/v1/tasks/{planning.task_id(job_id, 1, target)}")).json()
+            url: str = task["params"]["upload"]["url"]
+            path, _, query = url.partition("?")
+            path = path.removeprefix(c.api_url)
+
+            async def put(body: bytes, at: str = path, q: str = query) -> tuple[int, str]:
+                digest = hashlib.sha256(body).hexdigest()
+                r = await api.put(
+                    f"{at}?{q}", content=body, headers={"X-Lepton-Digest": f"sha256:{digest}"}
+                )
+                return r.status_code, r.json().get("reason", "ok")
+
+            assert await put(b"\x00garbage") == (400, "malformed")
+            assert await put(b"\x00" * (8 << 20)) == (413, "oversized")
+            wrong_round = path.replace(f"/{job_id}/1/", f"/{job_id}/2/")
+            assert await put(b"x", at=wrong_round) == (409, "wrong_round")
+            stranger = path.replace(f"/1/{target}", "/1/not-a-device")
+            assert await put(b"x", at=stranger) == (403, "not_selected")
+            assert await put(b"x", q="token=guess") == (403, "bad_token")
+            shapes = {
+                k: np.zeros(v, dtype=np.float32) for k, v in (await _tensors(c, job_id)).items()
+            }
+            stale = encode_weights(shapes, kind="update", base="0" * 64, round=1, job=job_id)
+            assert await put(stale) == (400, "wrong_base")
+            job = await wait_job(c.api_url, job_id, ended, timeout=60)
+            metrics = (await api.get("/metrics")).text
+        assert job["state"] == "done"
+        rnd = job["history"][0]
+        assert rnd["rejects"] == {
+            "malformed": 1,
+            "oversized": 1,
+            "not_selected": 1,
+            "bad_token": 1,
+            "wrong_base": 1,
+        }
+        # The devices' own updates were not disturbed.
+        assert rnd["accepted"] == 3
+        for reason in ("malformed", "oversized", "wrong_round", "not_selected", "bad_token"):
+            assert f'lepton_fl_upload_rejects_total{{reason="{reason}"}} 1.0' in metrics
+
+
+async def _tensors(c: Coordinator, job_id: str) -> dict[str, list[int]]:
+    assert c.fl is not None
+    job = await asyncio.to_thread(c.fl.fl.get_job, job_id)
+    return dict(job.tensors or {})

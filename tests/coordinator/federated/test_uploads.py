@@ -1,0 +1,211 @@
+"""The update upload endpoint: what is accepted, what is refused and how it is counted."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi import FastAPI
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
+
+from coordinator.federated import tables
+from coordinator.federated.http import UploadContext, make_upload_router
+from coordinator.federated.metrics import FLMetrics
+from coordinator.federated.store import FLStore
+from coordinator.models import tables as model_tables
+from coordinator.models.registry import ModelRegistry
+from coordinator.store import Store
+from protocol.weights import encode_weights
+
+JOB = "digits-0000abcd"
+WEIGHTS = {
+    "w": np.zeros((16, 8), dtype=np.float32),
+    "b": np.zeros(8, dtype=np.float32),
+    "n": np.zeros((), dtype=np.int64),
+}
+
+
+@dataclass
+class Env:
+    app: FastAPI
+    fl: FLStore
+    metrics: FLMetrics
+    base: str
+    woken: list[int]
+
+    def put(
+        self,
+        body: bytes,
+        *,
+        device: str = "d1",
+        token: str = "tok-d1",
+        round_no: int = 1,
+        digest: str | None = None,
+        job: str = JOB,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, str]:
+        h = {"X-Lepton-Digest": f"sha256:{digest or hashlib.sha256(body).hexdigest()}"}
+        h.update(headers or {})
+        url = f"/v1/fl/uploads/{job}/{round_no}/{device}?token={token}"
+
+        async def put() -> httpx.Response:
+            transport = httpx.ASGITransport(app=self.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://fl") as client:
+                return await client.put(url, content=body, headers=h)
+
+        r = asyncio.run(put())
+        return r.status_code, r.json().get("reason", "ok")
+
+    def rejects(self, reason: str) -> float:
+        v = self.metrics.rejects.labels(reason)._value.get()
+        return float(v)
+
+    def update(self, scale: float = 0.1, **kw: object) -> bytes:
+        delta = {
+            k: (v + scale).astype(v.dtype) if v.dtype.kind == "f" else v for k, v in WEIGHTS.items()
+        }
+        args: dict[str, object] = {"round": 1, "base": self.base, "job": JOB}
+        args.update(kw)
+        return encode_weights(delta, kind="update", compression="int8", **args)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    store = Store.open(f"sqlite:///{tmp_path / 'c.db'}", sqlite_synchronous="normal")
+    store.create_schema(model_tables.metadata)
+    store.create_schema(tables.metadata)
+    fl = FLStore(store.engine)
+    registry = ModelRegistry(store.engine, tmp_path / "data", create_tables=False)
+    blob = encode_weights(WEIGHTS, kind="weights", job=JOB)
+    base = registry.put_bytes(blob)
+    now = time.time()
+    fl.create_job(JOB, "digits", {"name": "digits"}, now)
+    fl.update_job(
+        JOB,
+        state="running",
+        round=1,
+        global_digest=base,
+        tensors={k: list(v.shape) for k, v in WEIGHTS.items()},
+        max_update_bytes=4096,
+    )
+    fl.open_round(
+        JOB,
+        1,
+        selected=["d1", "d2"],
+        tokens={"d1": "tok-d1", "d2": "tok-d2"},
+        tasks={"d1": "t1", "d2": "t2"},
+        selection={},
+        base_digest=base,
+        started_at=now,
+        deadline=now + 60,
+    )
+    metrics = FLMetrics(CollectorRegistry())
+    woken: list[int] = []
+    app = FastAPI()
+    app.include_router(
+        make_upload_router(
+            UploadContext(
+                store=fl, registry=registry, metrics=metrics, on_update=lambda: woken.append(1)
+            )
+        )
+    )
+    yield Env(app, fl, metrics, base, woken)
+    store.close()
+
+
+def test_a_good_update_is_recorded_once(env: Env) -> None:
+    body = env.update()
+    assert env.put(body) == (200, "ok")
+    assert env.put(body) == (200, "ok")  # a retry after a lost answer
+    ups = env.fl.updates_for(JOB, 1)
+    assert [(u.device_id, u.size, u.compression) for u in ups] == [("d1", len(body), "int8")]
+    assert env.metrics.uploads._value.get() == 1
+    assert env.metrics.duplicates._value.get() == 1
+    assert env.woken == [1, 1]
+    # Another update for the same slot: the first one stays.
+    assert env.put(env.update(0.2)) == (409, "conflict")
+    assert env.fl.updates_for(JOB, 1)[0].digest == hashlib.sha256(body).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"device": "d9", "token": "x"}, (403, "not_selected")),
+        ({"token": "tok-d2"}, (403, "bad_token")),
+        ({"round_no": 2}, (409, "wrong_round")),
+        ({"job": "other-1"}, (404, "unknown_job")),
+        ({"digest": "0" * 64}, (400, "digest_mismatch")),
+        ({"headers": {"X-Lepton-Digest": "md5:abc"}}, (400, "bad_digest_header")),
+    ],
+)
+def test_slot_and_header_checks(
+    env: Env, kwargs: dict[str, object], expected: tuple[int, str]
+) -> None:
+    assert env.put(env.update(), **kwargs) == expected  # type: ignore[arg-type]
+    assert env.rejects(expected[1]) == 1
+    assert env.fl.updates_for(JOB, 1) == []
+
+
+def test_blob_checks(env: Env) -> None:
+    assert env.put(b"\x93not a blob") == (400, "malformed")
+    assert env.put(env.update(base="1" * 64)) == (400, "wrong_base")
+    assert env.put(env.update(round=2)) == (400, "wrong_job")
+    assert env.put(env.update(job="another-job")) == (400, "wrong_job")
+    weights = encode_weights(WEIGHTS, kind="weights", job=JOB)
+    assert env.put(weights) == (400, "not_update")
+    odd = encode_weights(
+        {"w": np.zeros((8, 16), dtype=np.float32), "b": WEIGHTS["b"], "n": WEIGHTS["n"]},
+        kind="update",
+        base=env.base,
+        round=1,
+        job=JOB,
+    )
+    assert env.put(odd) == (400, "shape_mismatch")
+    assert env.fl.updates_for(JOB, 1) == []
+    # Refusals are counted against the round too.
+    rnd = env.fl.get_round(JOB, 1)
+    assert rnd is not None
+    assert rnd.rejects == {
+        "malformed": 1,
+        "wrong_base": 1,
+        "wrong_job": 2,
+        "not_update": 1,
+        "shape_mismatch": 1,
+    }
+
+
+def test_oversized_is_refused_before_reading(env: Env) -> None:
+    big = b"\0" * 10_000  # the job's cap is 4096 bytes
+    assert env.put(big) == (413, "oversized")
+    assert env.rejects("oversized") == 1
+
+
+def test_late_update_after_the_round_closed(env: Env) -> None:
+    assert env.put(env.update()) == (200, "ok")
+    assert env.fl.close_round(JOB, 1, state="closed", now=time.time())
+    assert env.put(env.update(), device="d2", token="tok-d2") == (409, "late")
+    assert env.fl.get_round(JOB, 1).rejects == {"late": 1}  # type: ignore[union-attr]
+
+
+def test_stopped_job_takes_nothing(env: Env) -> None:
+    env.fl.update_job(JOB, state="stopped")
+    assert env.put(env.update()) == (409, "job_not_running")
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(body=st.binary(max_size=3000))
+def test_hostile_bytes_are_refused_never_crash(env: Env, body: bytes) -> None:
+    status, reason = env.put(body)
+    assert status == 400
+    assert reason == "malformed"
