@@ -1,0 +1,559 @@
+"""Federated learning benchmark: real agents, a real Mosquitto, the coordinator's round engine.
+
+    .venv/bin/python -m bench.bench_fl                 # full run (20-30 minutes on 2 cores)
+    .venv/bin/python -m bench.bench_fl --tiny          # about a minute; what the tests run
+    .venv/bin/python -m bench.bench_fl --only accuracy,byzantine --json out.json
+
+One coordinator (in this process) and simulated fleets of ``--devices`` virtual devices
+(``agent.sim``: each a real agent with its own MQTT session, outbox and HTTP transfers,
+training torch models on the host, its compute time stretched to its profile's speed).
+sklearn's digits are split across the devices with Dirichlet label skew (``--alpha 0.5``);
+the model is ``models.digits:DigitsCNN`` (7k parameters); every round is scored centrally on
+the held-out test split (450 images). Phases, all in one run:
+
+(a) **reference**: the same model trained centrally on the union of the devices' data, for
+    as many epochs as a federated job's devices train in total (rounds x local epochs);
+(b) **accuracy**: FedAvg, then candidate strategies (FedAvgM, FedAdam, FedProx) with the same
+    local training, every device in every round; accuracy per round, the best strategy kept;
+(c) **compression**: FedAvg with INT8 updates against the FP32 run of (b): bytes uploaded
+    per round and final accuracy;
+(d) **selection**: a fleet where some devices are several times slower (Raspberry Pi 4
+    profiles next to x86 gateways), ``k`` of ``n`` devices per round with over-selection:
+    mean round wall time with cost-model selection against uniform random selection;
+(e) **Byzantine**: ``--adversaries`` of the devices send sign-flipped updates scaled 10x;
+    FedAvg and robust strategies (median, trimmed mean, Multi-Krum), each against its own
+    clean run and the clean FedAvg run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._common import private_broker, table
+
+log = logging.getLogger("bench_fl")
+
+PHASES = ("reference", "accuracy", "compression", "selection", "byzantine")
+CANDIDATES: dict[str, dict[str, Any]] = {
+    "fedavgm": {"name": "fedavgm", "server_lr": 1.0, "momentum": 0.9},
+    "fedadam": {"name": "fedadam", "server_lr": 0.01},
+    "fedprox": {"name": "fedprox", "mu": 0.01},
+}
+ROBUST: dict[str, dict[str, Any]] = {
+    "median": {"name": "median"},
+    "trimmed_mean": {"name": "trimmed_mean", "beta": 0.2},
+    "multikrum": {"name": "multikrum", "num_byzantine": 2},
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    devices: int = 10
+    rounds: int = 20
+    alpha: float = 0.5
+    epochs: int = 1
+    batch_size: int = 16
+    lr: float = 0.05
+    seed: int = 0
+    adversaries: int = 2
+    select_k: int = 5
+    select_rounds: int = 8
+    slow_share: float = 0.4
+    phases: tuple[str, ...] = PHASES
+    candidates: tuple[str, ...] = tuple(CANDIDATES)
+    robust: tuple[str, ...] = tuple(ROBUST)
+
+
+@dataclass
+class Run:
+    """One federated job's outcome."""
+
+    label: str
+    job: dict[str, Any]
+    wall_s: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def accuracy(self) -> list[float]:
+        return [float(r["accuracy"]) for r in self.history if r.get("accuracy") is not None]
+
+    @property
+    def final(self) -> float:
+        acc = self.accuracy
+        return acc[-1] if acc else float("nan")
+
+    def mean(self, key: str, skip_first: bool = False) -> float:
+        rows = self.history[1:] if skip_first and len(self.history) > 1 else self.history
+        values = [float(r[key]) for r in rows if r.get(key) is not None]
+        return sum(values) / len(values) if values else float("nan")
+
+
+# ---------------------------------------------------------------------- harness
+
+
+class Harness:
+    """A broker, one coordinator, and fleets started and stopped phase by phase."""
+
+    def __init__(self, root: Path, settings: Settings) -> None:
+        self.root = root
+        self.s = settings
+        self.coordinator: Any = None
+        self.api = ""
+        self._fleets = 0
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Harness]:
+        from coordinator.config import load as load_config
+        from coordinator.service import Coordinator
+
+        with private_broker() as broker:
+            self.broker_port = broker.port
+            cfg = load_config(
+                env={},
+                overrides={
+                    "instance_id": "bench-fl",
+                    "data_dir": str(self.root / "coordinator"),
+                    "mqtt.port": broker.port,
+                    "http.port": 0,
+                    "database.sqlite_synchronous": "normal",
+                    "registry.flush_interval_s": 0.05,
+                    "scheduler.batch_interval_s": 0.1,
+                    "scheduler.time_budget_s": 0.2,
+                    "liveness.max_check_s": 0.5,
+                },
+            )
+            async with Coordinator(cfg) as c:
+                await c.link.wait_connected(10)
+                self.coordinator = c
+                self.api = c.api_url or ""
+                yield self
+
+    @contextlib.asynccontextmanager
+    async def fleet(
+        self, label: str, mix: dict[str, float], *, adversarial: int = 0
+    ) -> AsyncIterator[list[Any]]:
+        """Start ``--devices`` virtual devices; stop them (gracefully) at the end."""
+        from agent.sim.fleet import FleetSpec, build_devices, run_fleet
+
+        self._fleets += 1
+        spec = FleetSpec(
+            devices=self.s.devices,
+            state_root=self.root / f"fleet-{label}",
+            mix=mix,
+            broker_port=self.broker_port,
+            data="digits",
+            alpha=self.s.alpha,
+            seed=self.s.seed,
+            capacity_interval=1.0,
+            id_prefix=label,
+            adversarial=adversarial,
+        )
+        devices = build_devices(spec)
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_fleet(devices, stop))
+        try:
+            await self._wait_devices(label, len(devices))
+            yield devices
+        finally:
+            stop.set()
+            await task
+            await asyncio.sleep(1.0)  # their offline states land before the next fleet
+
+    async def _wait_devices(self, prefix: str, n: int) -> None:
+        import httpx
+
+        async with httpx.AsyncClient(base_url=self.api) as api:
+            async with asyncio.timeout(60):
+                while True:
+                    devices = (await api.get("/v1/devices", params={"state": "online"})).json()
+                    ready = [
+                        d
+                        for d in devices
+                        if d["id"].startswith(prefix) and "torch" in (d.get("runtimes") or [])
+                    ]
+                    if len(ready) >= n:
+                        return
+                    await asyncio.sleep(0.2)
+
+    def eval_path(self, label: str) -> Path:
+        return self.root / f"fleet-{label}" / "digits-test.npz"
+
+    def job(self, label: str, fleet: str, **overrides: Any) -> dict[str, Any]:
+        s = self.s
+        body: dict[str, Any] = {
+            "name": f"bench-{label}",
+            "model": "models.digits:DigitsCNN",
+            "data": "digits",
+            "rounds": s.rounds,
+            "clients_per_round": s.devices,
+            "over_select": 0.0,
+            "epochs": s.epochs,
+            "batch_size": s.batch_size,
+            "lr": s.lr,
+            "deadline_s": 120.0,
+            "eval": str(self.eval_path(fleet)),
+            "final_format": "torch",
+            "compression": "fp32",
+            "seed": s.seed,
+            "fairness": {"max_staleness": None},
+        }
+        body.update(overrides)
+        return body
+
+    async def run_job(self, label: str, body: dict[str, Any]) -> Run:
+        import httpx
+
+        started = time.perf_counter()
+        async with httpx.AsyncClient(base_url=self.api, timeout=30) as api:
+            r = await api.post("/v1/fl/jobs", json=body)
+            r.raise_for_status()
+            job_id = r.json()["id"]
+            shown = 0
+            while True:
+                job = (await api.get(f"/v1/fl/jobs/{job_id}")).json()
+                closed = [h for h in job.get("history", []) if h["state"] == "closed"]
+                for h in closed[shown:]:
+                    log.info(
+                        "%s round %d: accuracy %.4f, %.1fs, %d bytes up",
+                        label,
+                        h["round"],
+                        h["accuracy"] or 0.0,
+                        h["wall_s"] or 0.0,
+                        h["bytes_up"] or 0,
+                    )
+                shown = len(closed)
+                if job["state"] in ("done", "failed", "stopped"):
+                    break
+                await asyncio.sleep(0.5)
+        if job["state"] != "done":
+            raise RuntimeError(f"{label}: job ended {job['state']}: {job.get('error')}")
+        history = [h for h in job["history"] if h["state"] == "closed"]
+        return Run(label, job, time.perf_counter() - started, history)
+
+
+# ---------------------------------------------------------------------- phases
+
+
+def central_reference(s: Settings, eval_path: Path | None = None) -> dict[str, Any]:
+    """DigitsCNN trained centrally on all the devices' data (the training split), with the
+    devices' optimiser settings, for rounds x epochs epochs; test accuracy per epoch."""
+    import torch
+    from torch.nn import functional
+
+    from models.data import digits_splits
+    from models.digits import DigitsCNN
+
+    splits = digits_splits(seed=s.seed)
+    x, y = torch.from_numpy(splits.train.x), torch.from_numpy(splits.train.y)
+    xt, yt = torch.from_numpy(splits.test.x), torch.from_numpy(splits.test.y)
+    torch.manual_seed(s.seed)
+    model = DigitsCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=s.lr)
+    gen = torch.Generator().manual_seed(s.seed)
+    curve = []
+    started = time.perf_counter()
+    for _ in range(s.rounds * s.epochs):
+        model.train()
+        order = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), s.batch_size):
+            idx = order[i : i + s.batch_size]
+            opt.zero_grad()
+            functional.cross_entropy(model(x[idx]), y[idx]).backward()  # type: ignore[no-untyped-call]
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            curve.append(float((model(xt).argmax(1) == yt).float().mean()))
+    return {"accuracy": curve, "final": curve[-1], "train_s": time.perf_counter() - started}
+
+
+FAST = {"x86-gateway": 0.5, "jetson-orin-nano": 0.5}
+
+
+async def accuracy_phase(h: Harness, out: dict[str, Any]) -> None:
+    s = h.s
+    async with h.fleet("acc", FAST):
+        runs = {"fedavg": await h.run_job("fedavg", h.job("fedavg", "acc"))}
+        for name in s.candidates:
+            body = h.job(name, "acc", strategy=CANDIDATES[name])
+            runs[name] = await h.run_job(name, body)
+        if "compression" in s.phases:
+            runs["fedavg-int8"] = await h.run_job(
+                "fedavg-int8", h.job("fedavg-int8", "acc", compression="int8")
+            )
+        if "byzantine" in s.phases:
+            for name in s.robust:
+                label = f"{name}-clean"
+                runs[label] = await h.run_job(label, h.job(label, "acc", strategy=ROBUST[name]))
+    out["runs"].update({k: _summary(v) for k, v in runs.items()})
+    best = max((n for n in s.candidates), key=lambda n: runs[n].final, default=None)
+    out["accuracy"] = {
+        "fedavg": runs["fedavg"].accuracy,
+        "best": best,
+        "best_accuracy": runs[best].accuracy if best else None,
+        "finals": {n: runs[n].final for n in ("fedavg", *s.candidates)},
+    }
+    if "fedavg-int8" in runs:
+        fp32, int8 = runs["fedavg"], runs["fedavg-int8"]
+        out["compression"] = {
+            "bytes_up_fp32": fp32.mean("bytes_up"),
+            "bytes_up_int8": int8.mean("bytes_up"),
+            "ratio": int8.mean("bytes_up") / fp32.mean("bytes_up"),
+            "final_fp32": fp32.final,
+            "final_int8": int8.final,
+            "accuracy_cost_points": 100 * (fp32.final - int8.final),
+        }
+    out["_runs"] = runs
+
+
+async def selection_phase(h: Harness, out: dict[str, Any]) -> None:
+    s = h.s
+    slow = max(1, round(s.devices * s.slow_share))
+    mix = {"x86-gateway": float(s.devices - slow), "rpi4": float(slow)}
+    runs: dict[str, Run] = {}
+    async with h.fleet("sel", mix):
+        for method in ("cost", "random"):
+            body = h.job(
+                f"select-{method}",
+                "sel",
+                rounds=s.select_rounds,
+                clients_per_round=s.select_k,
+                min_results=s.select_k,
+                over_select=0.4,
+                selection=method,
+                fairness={"max_staleness": 4, "max_forced_share": 0.25},
+            )
+            runs[method] = await h.run_job(f"select-{method}", body)
+    cost, rand = runs["cost"], runs["random"]
+    picks: dict[str, dict[str, int]] = {}
+    for method, run in runs.items():
+        counts: dict[str, int] = {}
+        for r in run.history:
+            for d in r.get("contributors") or []:
+                kind = "slow" if "rpi4" in d else "fast"
+                counts[kind] = counts.get(kind, 0) + 1
+        picks[method] = counts
+    out["selection"] = {
+        "fleet": mix,
+        "k": s.select_k,
+        "asked": int(s.select_k * 1.4 + 0.999),
+        "rounds": s.select_rounds,
+        "round_s_cost": cost.mean("wall_s"),
+        "round_s_random": rand.mean("wall_s"),
+        "ratio": cost.mean("wall_s") / rand.mean("wall_s"),
+        "round_s_cost_after_first": cost.mean("wall_s", skip_first=True),
+        "round_s_random_after_first": rand.mean("wall_s", skip_first=True),
+        "final_cost": cost.final,
+        "final_random": rand.final,
+        "updates_counted": picks,
+    }
+    out["runs"].update({f"select-{k}": _summary(v) for k, v in runs.items()})
+
+
+async def byzantine_phase(h: Harness, out: dict[str, Any], clean: dict[str, Run]) -> None:
+    s = h.s
+    runs: dict[str, Run] = {}
+    async with h.fleet("byz", FAST, adversarial=s.adversaries) as devices:
+        bad = sorted(d.config.device_id for d in devices if d.extras.get("update_transform"))
+        runs["fedavg"] = await h.run_job("byz-fedavg", h.job("byz-fedavg", "byz"))
+        for name in s.robust:
+            body = h.job(f"byz-{name}", "byz", strategy=ROBUST[name])
+            runs[name] = await h.run_job(f"byz-{name}", body)
+    ref = clean.get("fedavg")
+    rows = {}
+    for name, run in runs.items():
+        own = clean.get(f"{name}-clean") if name != "fedavg" else ref
+        rows[name] = {
+            "final": run.final,
+            "clean_own": own.final if own else None,
+            "clean_fedavg": ref.final if ref else None,
+            "drop_vs_fedavg_points": 100 * (ref.final - run.final) if ref else None,
+            "drop_vs_own_points": 100 * (own.final - run.final) if own else None,
+            "accuracy": run.accuracy,
+        }
+    out["byzantine"] = {"adversaries": bad, "attack": "sign_flip x10", "strategies": rows}
+    out["runs"].update({f"byz-{k}": _summary(v) for k, v in runs.items()})
+
+
+def _summary(run: Run) -> dict[str, Any]:
+    return {
+        "job": run.job["id"],
+        "final": run.final,
+        "accuracy": run.accuracy,
+        "round_s": run.mean("wall_s"),
+        "bytes_up": run.mean("bytes_up"),
+        "wall_s": run.wall_s,
+    }
+
+
+# ---------------------------------------------------------------------- report
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def report(out: dict[str, Any], s: Settings) -> str:
+    lines = [
+        f"bench_fl: {s.devices} devices, alpha {s.alpha}, {s.rounds} rounds, "
+        f"{s.epochs} local epoch(s), batch {s.batch_size}, SGD lr {s.lr}"
+    ]
+    ref = out.get("reference")
+    if ref:
+        lines.append(
+            f"central reference ({len(ref['accuracy'])} epochs on all the data): "
+            f"{_pct(ref['final'])} %"
+        )
+    acc = out.get("accuracy")
+    if acc:
+        names = ["fedavg", *(n for n in acc["finals"] if n != "fedavg")]
+        runs = out["_runs"]
+        rows = [("round", *names)]
+        for i in range(s.rounds):
+            row = [str(i + 1)]
+            for n in names:
+                a = runs[n].accuracy
+                row.append(_pct(a[i]) if i < len(a) else "-")
+            rows.append(tuple(row))
+        lines += ["", "accuracy (%) per round", table(rows)]
+        lines.append(f"best strategy: {acc['best']} ({_pct(acc['finals'][acc['best']])} %)")
+    comp = out.get("compression")
+    if comp:
+        lines += [
+            "",
+            f"bytes up per round: fp32 {comp['bytes_up_fp32']:.0f}, int8 "
+            f"{comp['bytes_up_int8']:.0f} ({comp['ratio']:.3f}x); final accuracy fp32 "
+            f"{_pct(comp['final_fp32'])} %, int8 {_pct(comp['final_int8'])} % "
+            f"({comp['accuracy_cost_points']:+.1f} points lost)",
+        ]
+    sel = out.get("selection")
+    if sel:
+        lines += [
+            "",
+            f"round wall time, {sel['k']} of {s.devices} devices per round "
+            f"({sel['asked']} asked), fleet {sel['fleet']}: cost model "
+            f"{sel['round_s_cost']:.2f} s, random {sel['round_s_random']:.2f} s "
+            f"({sel['ratio']:.2f}x); final accuracy {_pct(sel['final_cost'])} % vs "
+            f"{_pct(sel['final_random'])} %; updates counted {sel['updates_counted']}",
+        ]
+    byz = out.get("byzantine")
+    if byz:
+        rows = [("strategy", "attacked %", "own clean %", "clean fedavg %", "drop (pts)")]
+        for name, r in byz["strategies"].items():
+            rows.append(
+                (
+                    name,
+                    _pct(r["final"]),
+                    _pct(r["clean_own"]),
+                    _pct(r["clean_fedavg"]),
+                    "-"
+                    if r["drop_vs_fedavg_points"] is None
+                    else f"{r['drop_vs_fedavg_points']:+.1f}",
+                )
+            )
+        lines += ["", f"Byzantine: {byz['adversaries']} send {byz['attack']}", table(rows)]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- entry point
+
+
+def parse(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="4 devices, 2 rounds: a smoke run")
+    p.add_argument("--devices", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--adversaries", type=int, default=2)
+    p.add_argument("--only", default=",".join(PHASES), help="comma-separated phases")
+    p.add_argument("--json", type=Path, help="write the figures here")
+    p.add_argument("--log-level", default="INFO")
+    ns = p.parse_args(argv)
+    phases = tuple(x for x in ns.only.split(",") if x)
+    unknown = set(phases) - set(PHASES)
+    if unknown:
+        p.error(f"unknown phases {sorted(unknown)} (known: {', '.join(PHASES)})")
+    if ns.tiny:
+        s = Settings(
+            devices=5,
+            rounds=2,
+            alpha=ns.alpha,
+            epochs=1,
+            seed=ns.seed,
+            adversaries=1,
+            select_k=2,
+            select_rounds=2,
+            phases=phases,
+            candidates=("fedavgm",),
+            robust=("median",),
+        )
+    else:
+        s = Settings(
+            devices=ns.devices,
+            rounds=ns.rounds,
+            alpha=ns.alpha,
+            epochs=ns.epochs,
+            lr=ns.lr,
+            seed=ns.seed,
+            adversaries=ns.adversaries,
+            phases=phases,
+        )
+    return s, ns
+
+
+async def run(s: Settings) -> dict[str, Any]:
+    out: dict[str, Any] = {"settings": dataclasses.asdict(s), "runs": {}}
+    if "reference" in s.phases:
+        out["reference"] = await asyncio.to_thread(central_reference, s)
+    with tempfile.TemporaryDirectory(prefix="lepton-bench-fl-") as tmp:
+        h = Harness(Path(tmp), s)
+        async with h.running():
+            if {"accuracy", "compression"} & set(s.phases) or "byzantine" in s.phases:
+                await accuracy_phase(h, out)
+            if "selection" in s.phases:
+                await selection_phase(h, out)
+            if "byzantine" in s.phases:
+                await byzantine_phase(h, out, out.get("_runs", {}))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    s, ns = parse(argv)
+    logging.basicConfig(
+        level=getattr(logging, ns.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(name)s: %(message)s",
+    )
+    for noisy in ("agent", "coordinator", "httpx", "uvicorn"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    started = time.perf_counter()
+    out = asyncio.run(run(s))
+    out["wall_s"] = time.perf_counter() - started
+    out["date"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    text = report(out, s)
+    print(text)
+    print(f"(total {out['wall_s']:.0f} s)")
+    out.pop("_runs", None)
+    if ns.json:
+        ns.json.write_text(json.dumps(out, indent=2, default=str))
+    return out
+
+
+if __name__ == "__main__":
+    main()
