@@ -29,7 +29,7 @@ class JobRequest:
     eval_path: Path
     initial_weights: str | None = None  # digest of a weights blob to start from
     seed: int = 0
-    lr: float = 0.05
+    lr: float = 0.1
     batch_size: int = 16
     deadline_s: float = 60.0
     name: str = "digits-fl"

@@ -63,8 +63,9 @@ class DemoConfig:
     broker: BrokerChoice = "auto"
     seed: int = 0
     infer_per_device: int = 2
+    central_samples: int = 128
     central_epochs: int = 15
-    fl_epochs: int = 1
+    fl_epochs: int = 5
     clients_per_round: int | None = None  # None: half the fleet
     stage_timeout_s: float = 120.0
     host_gflops: float | None = None
@@ -87,7 +88,6 @@ class Demo:
                 devices=config.devices,
                 broker=config.broker,
                 seed=config.seed,
-                host_gflops=config.host_gflops,
                 coordinator_settings=config.coordinator_settings,
             )
         )
@@ -168,9 +168,11 @@ class Demo:
         self._api = Api(stack.api_url)
         self.figures["demo"]["api"] = stack.api_url
         self.r.end("coordinator", f"{stack.api_url} (v{health.get('version')}, SQLite)")
-        self._begin("fleet", cfg.devices)
+        self._begin("fleet", cfg.devices, "measuring this host's speed for the simulator")
+        host = cfg.host_gflops if cfg.host_gflops is not None else model.host_gflops()
+        self.figures["demo"]["host_gflops"] = host
         t0 = time.monotonic()
-        stack.start_fleet()
+        stack.start_fleet(host_gflops=host)
         deadline = t0 + cfg.stage_timeout_s
         while True:
             devices = self.api.devices()
@@ -218,9 +220,11 @@ class Demo:
     def _train_and_quantize(self, data: Any) -> dict[str, Any]:
         cfg = self.config
         self._begin(
-            "train", detail=f"{len(data.calibration)} labelled images, {cfg.central_epochs} epochs"
+            "train", detail=f"{cfg.central_samples} labelled images, {cfg.central_epochs} epochs"
         )
-        central = model.train_central(data, epochs=cfg.central_epochs, seed=cfg.seed)
+        central = model.train_central(
+            data, samples=cfg.central_samples, epochs=cfg.central_epochs, seed=cfg.seed
+        )
         self.figures["central"] = {
             "samples": central.samples,
             "epochs": central.epochs,

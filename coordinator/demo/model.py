@@ -1,7 +1,7 @@
 """The demo's model work on the coordinator side: central training, INT8 through the gate.
 
-The central model is trained on a small labelled seed set the operator holds (the
-stratified calibration subset of the digits training split, 256 images); the devices hold
+The central model is trained on a small labelled seed set the operator holds (128 images of
+the stratified calibration subset of the digits training split); the devices hold
 the rest of the training data, split among them with label skew, which federated rounds
 then learn from without it leaving the devices. Quantization is
 :func:`coordinator.models.quantize.quantize_and_publish` into the coordinator's own
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from coordinator.models.quantize import Published
     from coordinator.models.registry import ModelRecord, ModelRegistry
-    from models.data import DigitsSplits
+    from models.data import DigitsSplits, Split
 
 MODEL_NAME = "digits"
 
@@ -33,6 +33,39 @@ class CentralModel:
     samples: int
     epochs: int
     seconds: float
+
+
+def host_gflops(batch: int = 32, runs: int = 200) -> float | None:
+    """This host's effective FP32 throughput on the digits CNN (ONNX Runtime, one thread,
+    batches of ``batch``), GFLOP/s; None when the shipped model is missing.
+
+    The simulator stretches each task's real time by host speed / profile speed, and the
+    profiles give *effective* small-CNN throughput; comparing them with the host's peak
+    (what the agent's start-up probe measures on large kernels, several times higher)
+    would make every simulated device look that much slower than its profile says.
+    """
+    import numpy as np
+    import onnxruntime as ort
+
+    from coordinator.models.introspect import inspect_onnx
+
+    path = Path(__file__).resolve().parents[2] / "models" / "artifacts" / "digits_fp32.onnx"
+    if not path.is_file():
+        return None
+    flops = inspect_onnx(path).flops
+    if not flops:
+        return None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: np.zeros((batch, 1, 8, 8), np.float32)}
+    for _ in range(10):
+        session.run(None, feed)
+    started = time.perf_counter()
+    for _ in range(runs):
+        session.run(None, feed)
+    per_run = (time.perf_counter() - started) / runs
+    return float(flops * batch / per_run / 1e9)
 
 
 def open_registry(database_url: str, data_dir: Path) -> ModelRegistry:
@@ -51,18 +84,27 @@ def splits(seed: int = 0) -> DigitsSplits:
     return digits_splits(seed=seed)
 
 
-def train_central(data: DigitsSplits, *, epochs: int, seed: int = 0) -> CentralModel:
-    """Train the digits CNN on the seed set (``data.calibration``); accuracy on ``data.test``."""
+def seed_set(data: DigitsSplits, samples: int) -> Split:
+    """The first ``samples`` images of the stratified calibration subset of the training split."""
+    from models.data import Split
+
+    cal = data.calibration
+    return Split(cal.x[:samples], cal.y[:samples])
+
+
+def train_central(data: DigitsSplits, *, samples: int, epochs: int, seed: int = 0) -> CentralModel:
+    """Train the digits CNN on the seed set; its accuracy on ``data.test``."""
     from models.data import DigitsSplits
     from models.train_digits import train_digits
 
-    seed_set = DigitsSplits(train=data.calibration, test=data.test, calibration=data.calibration)
+    train = seed_set(data, samples)
+    seed_data = DigitsSplits(train=train, test=data.test, calibration=train)
     started = time.perf_counter()
-    result = train_digits(seed_set, epochs=epochs, batch_size=32, seed=seed)
+    result = train_digits(seed_data, epochs=epochs, batch_size=32, seed=seed)
     return CentralModel(
         module=result.model,
         accuracy=result.test_accuracy,
-        samples=len(data.calibration),
+        samples=len(train),
         epochs=epochs,
         seconds=time.perf_counter() - started,
     )

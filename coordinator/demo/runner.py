@@ -181,8 +181,11 @@ class Stack:
                 delay = min(delay * 1.5, 0.5)
         raise StackError(f"the coordinator was not healthy within {timeout:g}s ({last})")
 
-    def start_fleet(self) -> None:
-        """Start ``lepton-agent sim`` with ``devices`` virtual devices holding digits data."""
+    def start_fleet(self, host_gflops: float | None = None) -> None:
+        """Start ``lepton-agent sim`` with ``devices`` virtual devices holding digits data.
+
+        ``host_gflops``: this host's speed the simulator stretches work against (default:
+        the spec's, else the simulator's own probe)."""
         assert self.broker is not None, "start the broker first"
         s = self.spec
         flags: dict[str, object] = {
@@ -195,8 +198,9 @@ class Stack:
             "--capacity-interval": s.capacity_interval_s,
             "--log-level": "WARNING",
         }
-        if s.host_gflops is not None:
-            flags["--host-gflops"] = s.host_gflops
+        host = host_gflops if host_gflops is not None else s.host_gflops
+        if host is not None:
+            flags["--host-gflops"] = round(host, 3)
         argv = [sys.executable, "-m", "agent", "sim", *_flags(flags)]
         self.fleet = procs.spawn(argv, log_path=self.logs / "fleet.log", env=_child_env())
         self._write_pids()
