@@ -1,0 +1,151 @@
+"""What a job's runner holds while it runs, and how a round's progress is read.
+
+:class:`JobState` is the base the runner's parts share (:mod:`.opening`, :mod:`.closing`,
+:mod:`.runner`): the job, its strategy, the current global weights, the lease, and the
+reading of a round's progress from the database (which updates count, who is done).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+import numpy as np
+
+from coordinator.errors import NotFoundError
+from coordinator.federated import modelio
+from coordinator.federated.job import FLJob
+from coordinator.federated.store import (
+    JobRecord,
+    RoundRecord,
+    UpdateRecord,
+)
+from coordinator.federated.strategies import Strategy
+from coordinator.store import Lease
+from protocol.weights import decode_weights
+
+if TYPE_CHECKING:
+    from coordinator.federated.engine import FLEngine
+
+log = logging.getLogger(__name__)
+
+#: Largest weights or update blob the engine decodes.
+MAX_DECODE_BYTES: Final = 1 << 32
+
+
+class JobFailedError(Exception):
+    """The job cannot go on (its model does not load, a round never got enough updates)."""
+
+
+@dataclass
+class Progress:
+    """A round's progress: updates that count, uploads waiting for their result, and
+    whether every selected device is done."""
+
+    complete: int
+    waiting: int
+    finished: bool
+
+
+class JobState:
+    """One job's running state (see module doc)."""
+
+    def __init__(self, engine: FLEngine, record: JobRecord, lease: Lease) -> None:
+        self.engine = engine
+        self.fl = engine.fl
+        self.store = engine.store
+        self.registry = engine.registry
+        self.lease = lease
+        self.job_id = record.id
+        self.record = record
+        self.job = FLJob.from_mapping(record.spec)
+        self.strategy: Strategy = self.job.build_strategy()
+        self.global_weights: dict[str, np.ndarray[Any, Any]] | None = None
+        self.global_size = 0
+        self.eval_set: modelio.EvalSet | None = None
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _reload(self) -> JobRecord:
+        self.record = await asyncio.to_thread(self.fl.get_job, self.job_id)
+        return self.record
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
+
+    async def _load_weights(self, digest: str) -> tuple[dict[str, Any], int]:
+        data = await asyncio.to_thread(self.registry.read_blob, digest)
+        _meta, arrays = await asyncio.to_thread(decode_weights, data, max_bytes=MAX_DECODE_BYTES)
+        return arrays, len(data)
+
+    async def _progress(self, rnd: RoundRecord) -> Progress:
+        """Link results to recorded uploads; count what counts, and who is done.
+
+        A device's result is looked up among every result stored for its task, applied or
+        not: a task the coordinator took back (the device looked offline, say, as it does to
+        a coordinator that just restarted) may still have run to the end on the device, and
+        its update counts like any other. A device is done once its update counts, or its
+        task ended for a reason the device gave (it failed, refused or expired the task); a
+        task taken back from a device that went away is not done before the deadline.
+        """
+
+        def check() -> Progress:
+            updates = {u.device_id: u for u in self.fl.updates_for(self.job_id, rnd.round)}
+            finished = True
+            complete = waiting = 0
+            for device, tid in rnd.tasks.items():
+                up = updates.get(device)
+                if up is not None and (up.complete or self._link(rnd.round, device, tid, up)):
+                    complete += 1
+                    continue
+                if up is not None:
+                    waiting += 1  # uploaded; its result is on its way
+                    finished = False
+                    continue
+                try:
+                    task = self.store.get_task(tid)
+                except NotFoundError:
+                    finished = False
+                    continue
+                gone = (task.last_error or "").startswith("device offline")
+                if not task.terminal or (gone and task.result_id is None):
+                    finished = False
+            return Progress(complete=complete, waiting=waiting, finished=finished)
+
+        return await asyncio.to_thread(check)
+
+    def _link(self, round_no: int, device: str, task_id: str, up: UpdateRecord) -> bool:
+        """Attach the device's successful result naming ``up``'s digest (worker thread)."""
+        for result in self.store.results_for(task_id):
+            out = result.output or {}
+            if result.device_id != device or result.status != "succeeded":
+                continue
+            if (out.get("update") or {}).get("digest") != up.digest:
+                continue
+            examples = out.get("examples")
+            if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
+                continue
+            metrics = {
+                k: float(v)
+                for k, v in out.items()
+                if isinstance(v, (int, float))
+                and not isinstance(v, bool)
+                and k not in ("round", "examples", "steps")
+            }
+            self.fl.link_result(
+                self.job_id,
+                round_no,
+                device,
+                result_id=result.id,
+                examples=examples,
+                metrics=metrics,
+            )
+            return True
+        return False

@@ -1,0 +1,237 @@
+"""Opening a round: choose its devices, record it, submit their train tasks; and extending
+a round that fell short of its minimum by its deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from typing import Any, Final
+
+import numpy as np
+
+from coordinator.errors import ConflictError, NotFoundError
+from coordinator.federated import planning
+from coordinator.federated.jobstate import JobFailedError, JobState
+from coordinator.federated.store import (
+    JobRecord,
+    RoundRecord,
+)
+from coordinator.submit import build_task
+
+log = logging.getLogger(__name__)
+
+NO_DEVICES_RECHECK_S: Final = 2.0
+
+
+class RoundOpening(JobState):
+    """Selection and task submission of a job's rounds."""
+
+    async def _open(self, record: JobRecord) -> RoundRecord | None:
+        round_no = record.round
+        chosen = await self._select(record, want=self.job.clients_per_round, exclude=frozenset())
+        if chosen is None:
+            return None
+        devices, info = chosen
+        now = time.time()
+        tokens = {d: secrets.token_urlsafe(18) for d in devices}
+        tasks = {d: planning.task_id(self.job_id, round_no, d) for d in devices}
+        assert record.global_digest is not None
+        rnd = await asyncio.to_thread(
+            self.fl.open_round,
+            self.job_id,
+            round_no,
+            selected=devices,
+            tokens=tokens,
+            tasks=tasks,
+            selection=info,
+            base_digest=record.global_digest,
+            started_at=now,
+            deadline=now + self.job.deadline_s,
+            lease=self.lease,
+        )
+        log.info(
+            "fl job %s round %d: %d devices selected (%s), deadline %.0fs",
+            self.job_id,
+            round_no,
+            len(devices),
+            self.job.selection,
+            self.job.deadline_s,
+        )
+        await self._ensure_tasks(rnd)
+        return rnd
+
+    async def _select(
+        self, record: JobRecord, *, want: int, exclude: frozenset[str], attempt: int = 1
+    ) -> tuple[list[str], dict[str, Any]] | None:
+        """Devices for the round (None while too few are eligible, re-checked on a timer)."""
+        job = self.job
+        shape = planning.RoundShape(
+            weights_bytes=self.global_size,
+            update_bytes=planning.expected_update_bytes(self.global_size, job.compression),
+            flops_per_example=record.flops_per_example or 1.0,
+        )
+
+        def gather() -> tuple[list[Any], dict[str, str], int]:
+            rows = self.store.list_devices(state="online", limit=1_000_000)
+            states = planning.device_states(rows, self.store.inflight_by_device())
+            rounds = self.fl.list_rounds(self.job_id)
+            history = planning.participation(
+                [(r.round, r.selected) for r in rounds if r.round < record.round], record.round
+            )
+            examples = self.fl.examples_by_device(self.job_id)
+            cands, why = planning.candidates(
+                job,
+                shape,
+                states,
+                self.engine.cost_model(),
+                examples=examples,
+                history=history,
+                exclude=exclude,
+            )
+            return cands, why, len(states)
+
+        cands, why, online = await asyncio.to_thread(gather)
+        need = 1 if exclude else job.needed
+        if len(cands) < need:
+            log.info(
+                "fl job %s round %d: %d eligible of %d online devices (need %d); waiting",
+                self.job_id,
+                record.round,
+                len(cands),
+                online,
+                need,
+            )
+            await self._sleep(NO_DEVICES_RECHECK_S)
+            return None
+        rng = np.random.default_rng([job.seed, record.round, attempt])
+        picked = planning.choose(job, cands, min(want, len(cands)), rng)
+        expected = {c.device_id: round(c.expected_s, 3) for c in cands}
+        info = {
+            "method": job.selection,
+            "eligible": len(cands),
+            "online": online,
+            "expected_round_s": picked.expected_round_s,
+            "expected_s": {d: expected[d] for d in picked.devices},
+            "forced": picked.forced,
+            "ineligible": why,
+        }
+        return picked.devices, info
+
+    async def _ensure_tasks(self, rnd: RoundRecord) -> None:
+        """Submit the round's train tasks not submitted yet (idempotent by task id)."""
+        base = self.engine.base_url().rstrip("/")
+        digest = rnd.base_digest
+        knobs = self.strategy.configure_fit(rnd.round)
+        examples = await asyncio.to_thread(self.fl.examples_by_device, self.job_id)
+        flops = self.record.flops_per_example or 1.0
+        submitted = 0
+        for device, tid in rnd.tasks.items():
+            try:
+                await asyncio.to_thread(self.store.get_task, tid)
+                continue
+            except NotFoundError:
+                pass
+            now = time.time()
+            if rnd.deadline <= now:
+                continue
+            params = planning.train_params(
+                self.job,
+                self.job_id,
+                rnd.round,
+                device,
+                weights={
+                    "digest": digest,
+                    "size": self.global_size,
+                    "url": f"{base}/v1/blobs/{digest}",
+                },
+                upload_url=f"{base}/v1/fl/uploads/{self.job_id}/{rnd.round}/{device}"
+                f"?token={rnd.tokens[device]}",
+                strategy_knobs=knobs,
+            )
+            spec = planning.task_spec(
+                self.job,
+                planning.RoundShape(
+                    weights_bytes=self.global_size,
+                    update_bytes=0,
+                    flops_per_example=flops,
+                ),
+                examples.get(device, self.job.examples_hint),
+                device,
+            )
+            task = build_task(
+                self.engine.cfg,
+                kind=planning.KIND,
+                params=params,
+                task_id=tid,
+                model_class=spec.model_class,
+                demand_gops=spec.demand_gops,
+                input_bytes=spec.input_bytes,
+                output_bytes=spec.output_bytes,
+                runtime=spec.runtime,
+                data_source=spec.data_source,
+                min_battery=spec.min_battery,
+                device_id=device,
+                max_attempts=1,
+                expires_in_s=rnd.deadline - now,
+                now=now,
+            )
+            try:
+                await asyncio.to_thread(self.store.submit, task)
+                submitted += 1
+            except ConflictError:
+                pass
+        if submitted:
+            self.engine.on_submit()
+
+    async def _extend(self, rnd: RoundRecord) -> RoundRecord | None:
+        """Ask more devices and move the deadline; fail the job after too many attempts."""
+        job = self.job
+        if rnd.attempt >= job.max_round_attempts:
+            progress = await self._progress(rnd)
+            await asyncio.to_thread(
+                self.fl.close_round,
+                self.job_id,
+                rnd.round,
+                state="failed",
+                now=time.time(),
+                metrics={"accepted": progress.complete, "needed": job.needed},
+                lease=self.lease,
+            )
+            self.engine.metrics.rounds.labels("failed").inc()
+            raise JobFailedError(
+                f"round {rnd.round}: {progress.complete} of {job.needed} updates after "
+                f"{rnd.attempt} attempts"
+            )
+        progress = await self._progress(rnd)
+        want = max(1, job.clients_per_round - progress.complete)
+        chosen = await self._select(
+            self.record, want=want, exclude=frozenset(rnd.tokens), attempt=rnd.attempt + 1
+        )
+        devices: list[str] = chosen[0] if chosen else []
+        tokens = {d: secrets.token_urlsafe(18) for d in devices}
+        tasks = {d: planning.task_id(self.job_id, rnd.round, d) for d in devices}
+        extended = await asyncio.to_thread(
+            self.fl.extend_round,
+            self.job_id,
+            rnd.round,
+            selected=devices,
+            tokens=tokens,
+            tasks=tasks,
+            deadline=time.time() + job.deadline_s,
+            lease=self.lease,
+        )
+        self.engine.metrics.rounds.labels("extended").inc()
+        log.warning(
+            "fl job %s round %d: %d of %d updates by the deadline; extended (attempt %d, "
+            "%d more devices)",
+            self.job_id,
+            rnd.round,
+            progress.complete,
+            job.needed,
+            extended.attempt,
+            len(devices),
+        )
+        await self._ensure_tasks(extended)
+        return extended
