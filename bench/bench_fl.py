@@ -66,7 +66,7 @@ class Settings:
     devices: int = 10
     rounds: int = 20
     alpha: float = 0.5
-    epochs: int = 1
+    epochs: int = 2
     batch_size: int = 16
     lr: float = 0.05
     seed: int = 0
@@ -478,7 +478,7 @@ def parse(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace]:
     p.add_argument("--devices", type=int, default=10)
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--alpha", type=float, default=0.5)
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--adversaries", type=int, default=2)

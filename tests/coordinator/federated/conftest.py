@@ -61,9 +61,7 @@ class SimFleet:
 
 
 @pytest.fixture
-async def sim_fleet(
-    broker: Broker, tmp_path: Path
-) -> AsyncIterator[Callable[..., SimFleet]]:
+async def sim_fleet(broker: Broker, tmp_path: Path) -> AsyncIterator[Callable[..., SimFleet]]:
     """``sim_fleet(devices=4, mix=..., **spec)``: a started fleet with digits partitions."""
     fleets: list[SimFleet] = []
 
