@@ -1,4 +1,6 @@
-"""Federated learning kernels for the coordinator: pure code, no I/O.
+"""Federated learning on the coordinator: pure kernels, and the jobs that run them.
+
+Kernels (pure code, no I/O):
 
 - :mod:`.strategies`: aggregation strategies behind one small interface
   (:class:`~.strategies.base.Strategy`): FedAvg, FedProx, FedAvgM, FedAdam, coordinate-wise
@@ -7,9 +9,19 @@
 - :mod:`.accountant`: an RDP accountant for the sampled Gaussian mechanism (epsilon spent);
 - :mod:`.selection`: client selection that trades round time against fair participation.
 
+Jobs (see ``docs/federated-learning.md``):
+
+- :mod:`.job`: a job's validated config (TOML file or API body);
+- :mod:`.tables`, :mod:`.store`: jobs, rounds and updates in SQL;
+- :mod:`.http`: the update upload endpoint; :mod:`.api`: start, list, inspect, stop jobs;
+- :mod:`.engine` (with :mod:`.runner`, :mod:`.opening`, :mod:`.closing`, :mod:`.jobstate`):
+  the crash-safe round engine the leader runs; :mod:`.planning`: eligible devices, expected
+  round times from the cost model, train task params;
+- :mod:`.modelio`: the job's torch model on the coordinator (first weights, central
+  evaluation, the final ONNX model); :mod:`.cli`: ``lepton fl``.
+
 Updates and weights arrive as ``dict[str, numpy.ndarray]`` (what
-:func:`protocol.weights.decode_weights` returns); the round orchestration (selection,
-deadlines, persistence, the HTTP and MQTT shells) lives around these pieces.
+:func:`protocol.weights.decode_weights` returns).
 
 One round with these pieces (the orchestration around them is the coordinator's)::
 
