@@ -75,24 +75,15 @@ def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Run the demo; returns the exit code."""
-    from rich.console import Console
-
-    from coordinator.demo.api import DemoError
-    from coordinator.demo.loop import STAGES, Demo, DemoConfig
-    from coordinator.demo.progress import LiveReporter
-    from coordinator.demo.report import print_summary, write_html, write_json
+def _config(args: argparse.Namespace) -> Any:
+    from coordinator.demo.loop import DemoConfig
 
     devices = args.devices if args.devices is not None else (8 if args.quick else 20)
     rounds = args.rounds if args.rounds is not None else (2 if args.quick else 3)
     if devices < 2 or rounds < 1:
-        sys.stderr.write("error: --devices must be >= 2 and --rounds >= 1\n")
-        return EXIT_USAGE
-    console = Console(highlight=False)
-    workdir = _prepare_workdir(args.workdir)
-    config = DemoConfig(
-        workdir=workdir,
+        return None
+    return DemoConfig(
+        workdir=_prepare_workdir(args.workdir),
         devices=devices,
         rounds=rounds,
         quick=args.quick,
@@ -100,39 +91,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         infer_per_device=1 if args.quick else 2,
     )
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the demo; returns the exit code. SIGTERM is handled like Ctrl-C."""
+    from rich.console import Console
+
+    from coordinator.demo.loop import STAGES, Demo
+    from coordinator.demo.progress import LiveReporter
+
+    config = _config(args)
+    if config is None:
+        sys.stderr.write("error: --devices must be >= 2 and --rounds >= 1\n")
+        return EXIT_USAGE
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=120)
     reporter = LiveReporter(STAGES, console)
     demo = Demo(config, reporter)
     console.print(
-        f"[bold]Lepton demo[/]: {devices} devices, {rounds} federated rounds, work directory {workdir}"
+        f"[bold]Lepton demo[/]: {config.devices} devices, {config.rounds} federated rounds, "
+        f"work directory {config.workdir}"
     )
-    code = EXIT_OK
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        try:
-            with reporter:
-                figures = demo.run()
-        except DemoError as exc:
-            code = EXIT_FAILED
-            figures = demo.figures
-            console.print(f"[red]The demo stopped:[/] {exc}\nLogs: {workdir / 'logs'}")
-        json_path = write_json(figures, workdir / "report" / "figures.json")
-        html_path = write_html(figures, workdir / "report" / "report.html")
-        print_summary(console, figures, [html_path, json_path])
-        if args.keep and code == EXIT_OK:
-            console.print(
-                f"Still running (--keep): coordinator API {demo.stack.api_url}; Ctrl-C stops everything."
-            )
-            while True:
-                try:
-                    demo.stack.check_alive()
-                except RuntimeError as exc:
-                    console.print(f"[red]{exc}[/]")
-                    code = EXIT_FAILED
-                    break
-                time.sleep(1.0)
+        return _run(demo, reporter, console, keep=args.keep)
     except KeyboardInterrupt:
-        code = EXIT_INTERRUPTED
         console.print("\nStopping fleet, coordinator and broker...")
+        return EXIT_INTERRUPTED
     finally:
         # Shutdown must finish: a second Ctrl-C must not leave processes behind.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -142,4 +128,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
         finally:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.signal(signal.SIGTERM, previous)
-    return code
+
+
+def _run(demo: Any, reporter: Any, console: Any, *, keep: bool) -> int:
+    from coordinator.demo.api import DemoError
+    from coordinator.demo.html import write_html
+    from coordinator.demo.report import print_summary, write_json
+
+    code = EXIT_OK
+    workdir = demo.config.workdir
+    try:
+        with reporter:
+            figures = demo.run()
+    except DemoError as exc:
+        code = EXIT_FAILED
+        figures = demo.figures
+        console.print(f"[red]The demo stopped:[/] {exc}\nLogs: {workdir / 'logs'}")
+    json_path = write_json(figures, workdir / "report" / "figures.json")
+    html_path = write_html(figures, workdir / "report" / "report.html")
+    print_summary(console, figures, [html_path, json_path])
+    if not keep or code != EXIT_OK:
+        return code
+    console.print(
+        f"Still running (--keep): coordinator API {demo.stack.api_url}, e.g. "
+        f"`lepton --api {demo.stack.api_url} devices ls`; Ctrl-C stops everything."
+    )
+    while True:
+        try:
+            demo.stack.check_alive()
+        except RuntimeError as exc:
+            console.print(f"[red]{exc}[/]")
+            return EXIT_FAILED
+        time.sleep(1.0)

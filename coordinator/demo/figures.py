@@ -86,15 +86,59 @@ def inference_figures(
     }
 
 
+def _run_times(tasks: Iterable[Mapping[str, Any]]) -> list[float]:
+    return [
+        t["finished_at"] - t["started_at"]
+        for t in tasks
+        if t["state"] == "succeeded" and t.get("started_at") and t.get("finished_at")
+    ]
+
+
+def training_figures(
+    tasks: Sequence[Mapping[str, Any]], device_class: Mapping[str, str]
+) -> dict[str, Any]:
+    """A federated job's ``train`` tasks per device class: how many, how they ended, local
+    training time and the accuracy each device measured on its own data after training."""
+    groups: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for t in tasks:
+        groups[_class_of(t, device_class)].append(t)
+    by_class = {}
+    for cls, group in sorted(groups.items()):
+        ok = [t for t in group if t["state"] == "succeeded" and t.get("output")]
+        local = [
+            float(t["output"]["accuracy"]) for t in ok if t["output"].get("accuracy") is not None
+        ]
+        by_class[cls] = {
+            "tasks": len(group),
+            "succeeded": len(ok),
+            "failed": len(group) - len(ok),
+            "run_s": spread(_run_times(group)),
+            "train_s": spread([float(t["output"].get("train_s") or 0.0) for t in ok]),
+            "examples": sum(int(t["output"].get("examples") or 0) for t in ok),
+            "local_accuracy": sum(local) / len(local) if local else None,
+        }
+    return {
+        "tasks": len(tasks),
+        "succeeded": sum(t["state"] == "succeeded" for t in tasks),
+        "by_class": by_class,
+    }
+
+
 def deploy_figures(
     tasks: Sequence[Mapping[str, Any]], device_class: Mapping[str, str]
 ) -> dict[str, Any]:
     """How many devices of each class now serve the model, bytes fetched, load times."""
-    by_class: dict[str, dict[str, int]] = defaultdict(lambda: {"tasks": 0, "succeeded": 0})
+    groups: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for t in tasks:
-        row = by_class[_class_of(t, device_class)]
-        row["tasks"] += 1
-        row["succeeded"] += t["state"] == "succeeded"
+        groups[_class_of(t, device_class)].append(t)
+    by_class = {
+        cls: {
+            "tasks": len(group),
+            "succeeded": sum(t["state"] == "succeeded" for t in group),
+            "run_s": spread(_run_times(group)),
+        }
+        for cls, group in groups.items()
+    }
     ok = [t for t in tasks if t["state"] == "succeeded" and t.get("output")]
     return {
         "tasks": len(tasks),
@@ -118,42 +162,50 @@ def placement_figures(
     tasks: Sequence[Mapping[str, Any]],
     device_class: Mapping[str, str],
     explanations: Mapping[str, Mapping[str, Any]],
-    *,
-    samples_per_class: int = 1,
 ) -> dict[str, Any]:
-    """Where unpinned tasks went (per class and device, against the fleet's make-up) and why
-    (the chosen device's cost terms next to the runner-up's, a few per class)."""
+    """Where unpinned tasks went (per class and device, against the fleet's make-up) and why.
+
+    From each task's recorded explanation: how often each class was among the devices the
+    scheduler compared (the chosen one and the next best), the best expected completion it
+    offered there, and one sample per class that got work, preferring a sample whose
+    runner-up is of another class (it shows what tipped the choice).
+    """
     placed = [t for t in tasks if t.get("device_id")]
     per_class = Counter(_class_of(t, device_class) for t in placed)
     fleet = Counter(device_class.values())
     per_device = Counter(str(t["device_id"]) for t in placed)
-    samples: list[dict[str, Any]] = []
-    seen: Counter[str] = Counter()
     methods: Counter[str] = Counter()
+    compared: Counter[str] = Counter()
+    best: dict[str, float] = {}
+    samples: dict[str, dict[str, Any]] = {}
     for t in placed:
         explanation = (explanations.get(t["id"]) or {}).get("explanation")
         if not explanation:
             continue
         methods[str(explanation.get("method"))] += 1
-        cls = _class_of(t, device_class)
-        if seen[cls] >= samples_per_class:
-            continue
+        for cand in explanation.get("candidates") or []:
+            cls = device_class.get(cand["device_id"], "unknown")
+            compared[cls] += 1
+            if cand.get("terms"):
+                best[cls] = min(best.get(cls, math.inf), cand["terms"]["completion_s"])
         chosen, runner_up = _chosen_and_next(explanation)
         if chosen is None:
             continue
-        seen[cls] += 1
-        samples.append(
-            {
-                "task_id": t["id"],
-                "device_id": t["device_id"],
-                "device_class": cls,
-                "method": explanation.get("method"),
-                "chosen": chosen,
-                "runner_up": runner_up,
-                "runner_up_class": device_class.get(runner_up["device_id"]) if runner_up else None,
-                "filtered_counts": explanation.get("filtered_counts") or {},
-            }
-        )
+        cls = _class_of(t, device_class)
+        other = runner_up is not None and device_class.get(runner_up["device_id"]) != cls
+        if cls in samples and (samples[cls]["runner_up_other_class"] or not other):
+            continue
+        samples[cls] = {
+            "task_id": t["id"],
+            "device_id": t["device_id"],
+            "device_class": cls,
+            "method": explanation.get("method"),
+            "chosen": chosen,
+            "runner_up": runner_up,
+            "runner_up_class": device_class.get(runner_up["device_id"]) if runner_up else None,
+            "runner_up_other_class": other,
+            "filtered_counts": explanation.get("filtered_counts") or {},
+        }
     return {
         "tasks": len(tasks),
         "by_class": {
@@ -162,11 +214,13 @@ def placement_figures(
                 "devices": fleet[cls],
                 "tasks_per_device": per_class.get(cls, 0) / fleet[cls] if fleet[cls] else 0.0,
                 "share": per_class.get(cls, 0) / len(placed) if placed else 0.0,
+                "compared": compared.get(cls, 0),
+                "best_completion_s": best.get(cls),
             }
             for cls in sorted(fleet)
         },
         "by_device": dict(sorted(per_device.items())),
         "methods": dict(methods),
         "explained": sum(methods.values()),
-        "samples": samples,
+        "samples": [samples[c] for c in sorted(samples)],
     }

@@ -127,6 +127,7 @@ def run_job(
         check()
         time.sleep(0.5)
     final = job.get("final_model")
+    train = [t for t in api.tasks("train") if (t.get("params") or {}).get("job") == job_id]
     figures: dict[str, Any] = {
         "status": state,
         "job_id": job_id,
@@ -135,6 +136,7 @@ def run_job(
         "final_model": final,
         "final_accuracy": (final or {}).get("accuracy"),
         "error": job.get("error"),
+        "_train_tasks": train,
     }
     if state not in DONE_STATES or not final:
         figures["reason"] = f"the job ended {state}: {job.get('error') or 'no final model'}"

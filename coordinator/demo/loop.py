@@ -19,8 +19,14 @@ from typing import Any, Protocol
 from coordinator.demo import fl, model
 from coordinator.demo.api import Api, DemoError
 from coordinator.demo.broker import BrokerChoice
-from coordinator.demo.figures import deploy_figures, inference_figures, placement_figures
+from coordinator.demo.figures import (
+    deploy_figures,
+    inference_figures,
+    placement_figures,
+    training_figures,
+)
 from coordinator.demo.runner import Stack, StackSpec
+from protocol.errors import LeptonError
 
 log = logging.getLogger(__name__)
 
@@ -136,10 +142,14 @@ class Demo:
                 v2 = self._requantize(improved, data)
                 self._deploy("redeploy", v2["int8"], wave=2)
                 self._infer("infer2", v2["int8"], wave=2)
-        except DemoError as exc:
+        except (DemoError, LeptonError, RuntimeError) as exc:
+            # LeptonError: the accuracy gate refused a model, say; RuntimeError: a process
+            # of the stack did not start.
             self.r.fail(self._stage, str(exc))
             self.figures["error"] = {"stage": self._stage, "message": str(exc)}
-            raise
+            if isinstance(exc, DemoError):
+                raise
+            raise DemoError(str(exc)) from exc
         finally:
             self.figures["demo"]["finished_at"] = time.time()
             self.figures["demo"]["wall_s"] = time.time() - started
@@ -161,10 +171,7 @@ class Demo:
         self.figures["demo"]["broker"] = described
         self.r.end("broker", described)
         self._begin("coordinator")
-        try:
-            health = stack.start_coordinator()
-        except RuntimeError as exc:
-            raise DemoError(str(exc)) from exc
+        health = stack.start_coordinator()
         self._api = Api(stack.api_url)
         self.figures["demo"]["api"] = stack.api_url
         self.r.end("coordinator", f"{stack.api_url} (v{health.get('version')}, SQLite)")
@@ -234,7 +241,8 @@ class Demo:
         }
         self.r.end(
             "train",
-            f"test accuracy {central.accuracy:.1%} ({central.samples} images, {central.seconds:.1f}s)",
+            f"test accuracy {central.accuracy:.1%} "
+            f"({central.samples} images, {central.seconds:.1f}s)",
         )
         self._begin("quantize")
         t0 = time.perf_counter()
@@ -339,6 +347,8 @@ class Demo:
             check=self._check,
             blob_path=lambda digest: self._registry().blob_path(digest),
         )
+        train_tasks = outcome.figures.pop("_train_tasks", [])
+        outcome.figures["training"] = training_figures(train_tasks, self.device_class)
         self.figures["federated"] = outcome.figures
         if outcome.model_path is None:
             why = str(outcome.figures.get("reason", "not run"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from types import TracebackType
+from typing import ClassVar
 
 from rich.console import Console, RenderableType
 from rich.live import Live
@@ -38,9 +39,9 @@ class _Row:
 class LiveReporter:
     """Implements :class:`coordinator.demo.loop.Reporter`; ``with LiveReporter(...) as r:``."""
 
-    MARKS = {
+    MARKS: ClassVar[dict[str, str]] = {
         "done": "[green]✔[/]",
-        "skipped": "[yellow]–[/]",
+        "skipped": "[yellow]-[/]",
         "failed": "[red]✘[/]",
         "waiting": " ",
     }

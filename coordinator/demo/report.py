@@ -1,32 +1,29 @@
-"""The demo's results: a JSON file of the figures, a self-contained HTML report with inline
-SVG plots, and the summary tables printed at the end of the run."""
+"""The demo's results: the JSON file of figures, derived views of them, and the summary
+printed at the end of a run (the HTML report is :mod:`coordinator.demo.html`)."""
 
 from __future__ import annotations
 
 import json
-import platform
-from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
-from html import escape
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from coordinator.demo import svg
+WAVE_NAMES = {1: "first model", 2: "after FL"}
 
 
-def _pct(v: float | None) -> str:
-    return "–" if v is None else f"{v:.1%}"
+def pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1%}"
 
 
-def _ms(v: float | None) -> str:
-    return "–" if v is None else f"{v * 1000:.0f} ms"
+def ms(v: float | None) -> str:
+    return "-" if v is None else f"{v * 1000:,.0f} ms"
 
 
-def _num(v: Any, fmt: str = "{:g}") -> str:
-    return "–" if v is None else fmt.format(v)
+def num(v: Any, fmt: str = "{:g}") -> str:
+    return "-" if v is None else fmt.format(v)
 
 
 def write_json(figures: dict[str, Any], path: Path) -> Path:
@@ -38,14 +35,41 @@ def write_json(figures: dict[str, Any], path: Path) -> Path:
 # ---------------------------------------------------------------- derived views
 
 
-def class_rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per (inference wave, device class)."""
+def class_summary(figures: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per device class: devices, deploys, inference (per wave) and FL training."""
+    fleet = figures.get("devices", {}).get("by_class", {})
+    waves = figures.get("inference", [])
+    deploys = figures.get("deploy", [])
+    training = (figures.get("federated") or {}).get("training", {}).get("by_class", {})
     rows = []
-    for wave in figures.get("inference", []):
-        for cls, f in wave["by_class"].items():
-            rows.append(
-                {"wave": wave["wave"], "version": wave["model"]["version"], "class": cls, **f}
-            )
+    for cls, devices in fleet.items():
+        infer = [w["by_class"].get(cls) for w in waves]
+        done = [f for f in infer if f]
+        run_p50 = [f["run_s"]["p50"] for f in done if f["run_s"]["p50"] is not None]
+        deploy = [d["by_class"].get(cls) for d in deploys]
+        deploy_p50 = [d["run_s"]["p50"] for d in deploy if d and d["run_s"]["p50"] is not None]
+        train = training.get(cls) or {}
+        rows.append(
+            {
+                "class": cls,
+                "devices": devices,
+                "deploy_ok": sum(d["succeeded"] for d in deploy if d),
+                "deploy_tasks": sum(d["tasks"] for d in deploy if d),
+                "deploy_run_p50_s": max(deploy_p50) if deploy_p50 else None,
+                "infer_tasks": sum(f["tasks"] for f in done),
+                "infer_ok": sum(f["succeeded"] for f in done),
+                "infer_run_p50_s": max(run_p50) if run_p50 else None,
+                "infer_run_p95_s": max(
+                    (f["run_s"]["p95"] for f in done if f["run_s"]["p95"] is not None),
+                    default=None,
+                ),
+                "accuracy_by_wave": [f["accuracy"] if f else None for f in infer],
+                "train_tasks": train.get("tasks", 0),
+                "train_ok": train.get("succeeded", 0),
+                "train_run_p50_s": (train.get("run_s") or {}).get("p50"),
+                "local_accuracy": train.get("local_accuracy"),
+            }
+        )
     return rows
 
 
@@ -57,85 +81,136 @@ def accuracy_steps(figures: dict[str, Any]) -> list[tuple[str, float | None]]:
     quants = figures.get("quantization", [])
     waves = {w["wave"]: w for w in figures.get("inference", [])}
     if quants:
-        steps.append(("v1 INT8 (gate)", quants[0]["accuracy_int8"]))
+        steps.append(("INT8 (gate)", quants[0]["accuracy_int8"]))
     if 1 in waves:
-        steps.append(("v1 on devices", waves[1]["accuracy"]))
-    fl = figures.get("federated", {})
+        steps.append(("on devices", waves[1]["accuracy"]))
+    fl = figures.get("federated") or {}
     if fl.get("final_accuracy") is not None:
-        steps.append(("after FL (FP32)", fl["final_accuracy"]))
+        steps.append(("after FL, FP32", fl["final_accuracy"]))
     if len(quants) > 1:
-        steps.append(("v2 INT8 (gate)", quants[1]["accuracy_int8"]))
+        steps.append(("after FL, INT8", quants[1]["accuracy_int8"]))
     if 2 in waves:
-        steps.append(("v2 on devices", waves[2]["accuracy"]))
+        steps.append(("after FL, on devices", waves[2]["accuracy"]))
     return steps
+
+
+def explain_text(sample: dict[str, Any]) -> str:
+    """One sentence on why a task went where it did (cost terms against the runner-up)."""
+    c = sample["chosen"]["terms"]
+    text = (
+        f"expected completion {c['completion_s'] * 1000:,.0f} ms "
+        f"(queue {c['queue_s'] * 1000:,.0f}, compute {c['compute_s'] * 1000:,.1f}, "
+        f"transfer {c['transfer_s'] * 1000:,.1f}, round trip {c['rtt_s'] * 1000:,.0f} ms; "
+        f"rate {c['rate_gops']:,.3g} GOP/s)"
+    )
+    r = sample.get("runner_up")
+    if r and r.get("terms"):
+        rt = r["terms"]
+        text += (
+            f"; next best {r['device_id']} ({sample.get('runner_up_class')}): "
+            f"{rt['completion_s'] * 1000:,.0f} ms, cost {rt['total']:.3f} vs {c['total']:.3f}"
+        )
+    planned = sample["chosen"].get("planned_tasks")
+    if planned:
+        text += f"; the plan gave the chosen device {planned} task(s) of its batch"
+    return text
+
+
+def not_chosen_text(place: dict[str, Any]) -> list[str]:
+    """For classes that got no unpinned task: whether the scheduler ever ranked them."""
+    out = []
+    for cls, p in place["by_class"].items():
+        if p["tasks"]:
+            continue
+        if p["compared"]:
+            out.append(
+                f"{cls}: ranked among the next best {p['compared']} times, best expected "
+                f"completion {ms(p['best_completion_s'])}, never the cheapest"
+            )
+        else:
+            out.append(
+                f"{cls}: never among the three cheapest devices for any task "
+                "(slower lanes: a higher expected completion)"
+            )
+    return out
 
 
 # ---------------------------------------------------------------- console
 
 
-def print_summary(console: Console, figures: dict[str, Any], paths: Sequence[Path]) -> None:
-    """The end-of-run summary: per class, per round, placement, and where the files are."""
-    t = Table(
-        title="Inference per device class (recorded by the coordinator)", title_justify="left"
-    )
-    for col in (
-        "wave",
-        "class",
-        "devices",
-        "tasks",
-        "ok",
-        "accuracy",
-        "run p50",
-        "run p95",
-        "end-to-end p50",
-    ):
-        t.add_column(col, justify="left" if col == "class" else "right")
-    for r in class_rows(figures):
+def _class_table(figures: dict[str, Any]) -> Table:
+    waves = figures.get("inference", [])
+    t = Table(title="Per device class (as the coordinator recorded it)", title_justify="left")
+    headers = ["class", "devices", "deploys", "infer tasks", "infer run p50", "infer run p95"]
+    headers += [f"accuracy, {WAVE_NAMES.get(w['wave'], w['wave'])}" for w in waves]
+    headers += ["FL train tasks", "train run p50"]
+    for h in headers:
+        t.add_column(h, justify="left" if h == "class" else "right")
+    for r in class_summary(figures):
         t.add_row(
-            f"v{r['version']}",
             r["class"],
             str(r["devices"]),
-            str(r["tasks"]),
-            str(r["succeeded"]),
-            _pct(r["accuracy"]),
-            _ms(r["run_s"]["p50"]),
-            _ms(r["run_s"]["p95"]),
-            _ms(r["end_to_end_s"]["p50"]),
+            f"{r['deploy_ok']}/{r['deploy_tasks']}",
+            f"{r['infer_ok']}/{r['infer_tasks']}",
+            ms(r["infer_run_p50_s"]),
+            ms(r["infer_run_p95_s"]),
+            *(pct(a) for a in r["accuracy_by_wave"]),
+            f"{r['train_ok']}/{r['train_tasks']}",
+            ms(r["train_run_p50_s"]),
         )
-    console.print(t)
+    return t
+
+
+def _rounds_table(rounds: list[dict[str, Any]]) -> Table:
+    t = Table(title="Federated rounds (global model on the test set)", title_justify="left")
+    for col in ("round", "selected", "updates", "accuracy", "loss", "seconds"):
+        t.add_column(col, justify="right")
+    for r in rounds:
+        t.add_row(
+            str(r["round"]),
+            num(r.get("selected")),
+            num(r.get("updates")),
+            pct(r.get("accuracy")),
+            num(r.get("loss"), "{:.3f}"),
+            num(r.get("seconds"), "{:.1f}"),
+        )
+    return t
+
+
+def _placement_table(place: dict[str, Any]) -> Table:
+    t = Table(title="Where unpinned inference tasks went (cost model)", title_justify="left")
+    for col in ("class", "devices", "tasks", "tasks/device", "share"):
+        t.add_column(col, justify="left" if col == "class" else "right")
+    for cls, p in place["by_class"].items():
+        t.add_row(
+            cls,
+            str(p["devices"]),
+            str(p["tasks"]),
+            f"{p['tasks_per_device']:.1f}",
+            pct(p["share"]),
+        )
+    return t
+
+
+def print_summary(console: Console, figures: dict[str, Any], paths: Sequence[Path]) -> None:
+    """The end-of-run summary: per class, per round, placement, and where the files are."""
+    console.print(_class_table(figures))
     fl = figures.get("federated") or {}
     if fl.get("rounds"):
-        rt = Table(title="Federated rounds", title_justify="left")
-        for col in ("round", "updates", "accuracy", "loss", "seconds"):
-            rt.add_column(col, justify="right")
-        for r in fl["rounds"]:
-            rt.add_row(
-                str(r["round"]),
-                _num(r.get("updates")),
-                _pct(r.get("accuracy")),
-                _num(r.get("loss"), "{:.3f}"),
-                _num(r.get("seconds"), "{:.1f}"),
-            )
-        console.print(rt)
+        console.print(_rounds_table(fl["rounds"]))
     elif fl:
         console.print(f"[yellow]Federated rounds: not run[/] ({fl.get('reason', 'unknown')})")
     place = figures.get("placement")
     if place:
-        pt = Table(title="Where unpinned tasks went (cost model)", title_justify="left")
-        for col in ("class", "devices", "tasks", "tasks/device", "share"):
-            pt.add_column(col, justify="left" if col == "class" else "right")
-        for cls, p in place["by_class"].items():
-            pt.add_row(
-                cls,
-                str(p["devices"]),
-                str(p["tasks"]),
-                f"{p['tasks_per_device']:.1f}",
-                _pct(p["share"]),
-            )
-        console.print(pt)
+        console.print(_placement_table(place))
         for s in place["samples"]:
             console.print(f"  why {s['device_id']}: {explain_text(s)}", highlight=False)
-    steps = " -> ".join(f"{name} {_pct(v)}" for name, v in accuracy_steps(figures))
+        for line in not_chosen_text(place):
+            console.print(f"  {line}", highlight=False)
+    redeploy = figures.get("redeploy") or {}
+    if redeploy and not redeploy.get("done"):
+        console.print(f"[yellow]Redeploy:[/] {redeploy.get('reason')}")
+    steps = " -> ".join(f"{name} {pct(v)}" for name, v in accuracy_steps(figures))
     if steps:
         console.print(f"Accuracy: {steps}", highlight=False)
     demo = figures.get("demo", {})
@@ -143,303 +218,3 @@ def print_summary(console: Console, figures: dict[str, Any], paths: Sequence[Pat
         console.print(f"Wall time: {demo['wall_s']:.1f}s", highlight=False)
     for p in paths:
         console.print(f"Report: [bold]{p}[/]")
-
-
-def explain_text(sample: dict[str, Any]) -> str:
-    """One sentence on why a task went where it did (cost terms against the runner-up)."""
-    c = sample["chosen"]["terms"]
-    text = (
-        f"expected completion {c['completion_s'] * 1000:.0f} ms "
-        f"(queue {c['queue_s'] * 1000:.0f}, compute {c['compute_s'] * 1000:.1f}, "
-        f"transfer {c['transfer_s'] * 1000:.1f}, round trip {c['rtt_s'] * 1000:.0f} ms)"
-    )
-    r = sample.get("runner_up")
-    if r and r.get("terms"):
-        rt = r["terms"]
-        text += (
-            f"; runner-up {r['device_id']} ({sample.get('runner_up_class')}) "
-            f"{rt['completion_s'] * 1000:.0f} ms, total cost {rt['total']:.3f} vs {c['total']:.3f}"
-        )
-    planned = sample["chosen"].get("planned_tasks")
-    if planned:
-        text += f"; the plan gave this device {planned} task(s) of the batch"
-    return text
-
-
-# ---------------------------------------------------------------- HTML
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    head = "".join(f"<th>{escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _charts(figures: dict[str, Any]) -> dict[str, str]:
-    charts: dict[str, str] = {}
-    devices = figures.get("devices", {}).get("by_class", {})
-    if devices:
-        charts["devices"] = svg.bar_chart(
-            "Devices by class", list(devices), {"devices": list(devices.values())}
-        )
-    rows = class_rows(figures)
-    classes = sorted({r["class"] for r in rows})
-    waves = sorted({r["version"] for r in rows})
-    pick: Callable[[int, str, str], float | None] = lambda v, c, k: next(  # noqa: E731
-        (r[k] for r in rows if r["version"] == v and r["class"] == c), None
-    )
-    if rows:
-        charts["tasks"] = svg.bar_chart(
-            "Inference tasks per device class",
-            classes,
-            {f"model v{v}": [pick(v, c, "tasks") for c in classes] for v in waves},
-        )
-        latency: dict[str, list[float | None]] = {}
-        for v in waves:
-            for q in ("p50", "p95"):
-                latency[f"v{v} {q}"] = [
-                    (r["run_s"][q] * 1000 if r["run_s"][q] is not None else None)
-                    for c in classes
-                    for r in rows
-                    if r["version"] == v and r["class"] == c
-                ]
-        charts["latency"] = svg.bar_chart(
-            "Task run time per device class (ms)", classes, latency, fmt=lambda x: f"{x:.0f}"
-        )
-        charts["accuracy_class"] = svg.bar_chart(
-            "Accuracy on devices per class",
-            classes,
-            {f"model v{v}": [pick(v, c, "accuracy") for c in classes] for v in waves},
-            fmt=lambda x: f"{x:.1%}",
-            y_max=1.0,
-        )
-    steps = accuracy_steps(figures)
-    if steps:
-        charts["accuracy_steps"] = svg.bar_chart(
-            "Test accuracy through the loop",
-            [name for name, _ in steps],
-            {"accuracy": [v for _, v in steps]},
-            fmt=lambda x: f"{x:.1%}",
-            y_max=1.0,
-        )
-    fl_rounds = (figures.get("federated") or {}).get("rounds") or []
-    if fl_rounds:
-        base = figures.get("central", {}).get("accuracy")
-        xs = [float(r["round"]) for r in fl_rounds]
-        series: dict[str, list[float | None]] = {
-            "global model": [r.get("accuracy") for r in fl_rounds]
-        }
-        if base is not None:
-            series["central seed-set model"] = [base] * len(xs)
-        charts["fl"] = svg.line_chart(
-            "Accuracy per federated round (central test set)",
-            xs,
-            series,
-            fmt=lambda x: f"{x:.1%}",
-            x_label="round",
-        )
-    place = figures.get("placement", {}).get("by_class", {})
-    if place:
-        charts["placement"] = svg.bar_chart(
-            "Unpinned tasks per device, by class",
-            list(place),
-            {"tasks per device": [p["tasks_per_device"] for p in place.values()]},
-            fmt=lambda x: f"{x:.1f}",
-        )
-    return charts
-
-
-CSS = """
-body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}
-h1{font-size:1.6em}h2{margin-top:1.6em;border-bottom:1px solid #ddd;padding-bottom:.2em}
-table{border-collapse:collapse;margin:.6em 0;font-size:.92em}
-th,td{border:1px solid #ddd;padding:.3em .6em;text-align:right}
-th:first-child,td:first-child{text-align:left}
-.note{color:#555;font-size:.9em}.warn{background:#fff6e0;padding:.5em;border-left:4px solid #e0a800}
-.charts{display:flex;flex-wrap:wrap;gap:1em}
-"""
-
-
-def write_html(figures: dict[str, Any], path: Path) -> Path:
-    """A self-contained HTML report (inline CSS and SVG; opens without network access)."""
-    charts = _charts(figures)
-    demo = figures.get("demo", {})
-    when = datetime.fromtimestamp(demo.get("started_at", 0), UTC).strftime("%Y-%m-%d %H:%M UTC")
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>Lepton demo report</title>",
-        f"<style>{CSS}</style></head><body>",
-        "<h1>Lepton demo report</h1>",
-        f"<p class='note'>{escape(when)} · {escape(platform.node())} "
-        f"({escape(platform.machine())}) · wall time {demo.get('wall_s', 0):.1f}s · "
-        f"{escape(str(demo.get('broker', '')))} · coordinator {escape(str(demo.get('api', '')))}</p>",
-    ]
-    if "error" in figures:
-        e = figures["error"]
-        parts.append(
-            f"<p class='warn'>The run stopped at <b>{escape(e['stage'])}</b>: {escape(e['message'])}</p>"
-        )
-    # The loop
-    parts.append("<h2>The loop</h2>")
-    loop_rows = []
-    if "central" in figures:
-        c = figures["central"]
-        loop_rows.append(
-            (
-                "central training",
-                f"{c['samples']} labelled images, {c['epochs']} epochs",
-                _pct(c["accuracy"]),
-            )
-        )
-    for q in figures.get("quantization", []):
-        loop_rows.append(
-            (
-                f"INT8 quantization v{q['int8']['version']}",
-                f"drop {q['drop_points']:.2f} pt (gate {q['gate_points']:g}), {q['size_fp32']:,} -> {q['size_int8']:,} bytes",
-                _pct(q["accuracy_int8"]),
-            )
-        )
-    for d in figures.get("deploy", []):
-        loop_rows.append(
-            (f"deploy v{d['model']['version']}", f"{d['succeeded']}/{d['tasks']} devices", "")
-        )
-    for w in figures.get("inference", []):
-        loop_rows.append(
-            (
-                f"inference v{w['model']['version']}",
-                f"{w['succeeded']}/{w['tasks']} tasks",
-                _pct(w["accuracy"]),
-            )
-        )
-    fl = figures.get("federated") or {}
-    if fl:
-        loop_rows.append(
-            (
-                "federated rounds",
-                fl.get("summary") or fl.get("reason") or fl.get("status", ""),
-                _pct(fl.get("final_accuracy")),
-            )
-        )
-    parts.append(_table(("step", "what happened", "test accuracy"), loop_rows))
-    if "accuracy_steps" in charts:
-        parts.append(charts["accuracy_steps"])
-    # Devices
-    devices = figures.get("devices", {})
-    parts.append("<h2>Devices by class</h2>")
-    if devices:
-        parts.append(
-            f"<p>{devices['total']} devices registered and reporting in {devices['registration_s']:.1f}s.</p>"
-        )
-        parts.append(charts.get("devices", ""))
-    # Per class
-    parts.append("<h2>Inference per device class</h2>")
-    rows = class_rows(figures)
-    parts.append(
-        _table(
-            (
-                "model",
-                "class",
-                "devices",
-                "tasks",
-                "succeeded",
-                "accuracy",
-                "run p50",
-                "run p95",
-                "end-to-end p50",
-                "end-to-end p95",
-                "host ms/sample p50",
-            ),
-            [
-                (
-                    f"v{r['version']}",
-                    r["class"],
-                    str(r["devices"]),
-                    str(r["tasks"]),
-                    str(r["succeeded"]),
-                    _pct(r["accuracy"]),
-                    _ms(r["run_s"]["p50"]),
-                    _ms(r["run_s"]["p95"]),
-                    _ms(r["end_to_end_s"]["p50"]),
-                    _ms(r["end_to_end_s"]["p95"]),
-                    _num(r["host_sample_ms"]["p50"], "{:.3f}"),
-                )
-                for r in rows
-            ],
-        )
-    )
-    parts.append(
-        "<div class='charts'>"
-        + "".join(charts.get(k, "") for k in ("tasks", "latency", "accuracy_class"))
-        + "</div>"
-    )
-    parts.append(
-        "<p class='note'>Run time is measured by each agent (task start to finish); a simulated "
-        "device runs the real model on this host and stretches the time to its profile's "
-        "speed. End-to-end adds queueing, placement and dispatch. Host ms/sample is ONNX "
-        "Runtime's own per-sample latency on this machine, the same for every class.</p>"
-    )
-    # FL
-    parts.append("<h2>Accuracy per federated round</h2>")
-    if fl.get("rounds"):
-        parts.append(charts.get("fl", ""))
-        parts.append(
-            _table(
-                ("round", "updates", "accuracy", "loss", "seconds"),
-                [
-                    (
-                        str(r["round"]),
-                        _num(r.get("updates")),
-                        _pct(r.get("accuracy")),
-                        _num(r.get("loss"), "{:.3f}"),
-                        _num(r.get("seconds"), "{:.1f}"),
-                    )
-                    for r in fl["rounds"]
-                ],
-            )
-        )
-    else:
-        parts.append(
-            f"<p class='warn'>Not run: {escape(str(fl.get('reason', 'the run stopped before this stage')))}</p>"
-        )
-    # Placement
-    place = figures.get("placement")
-    parts.append("<h2>Where tasks went and why</h2>")
-    if place:
-        parts.append(
-            f"<p>{place['tasks']} inference tasks were submitted without a device; the scheduler "
-            "placed each by the cost model (expected completion: queue wait + compute demand / "
-            "measured throughput + transfer + round trip, plus energy and battery terms).</p>"
-        )
-        parts.append(
-            _table(
-                ("class", "devices", "tasks", "tasks per device", "share"),
-                [
-                    (
-                        cls,
-                        str(p["devices"]),
-                        str(p["tasks"]),
-                        f"{p['tasks_per_device']:.1f}",
-                        _pct(p["share"]),
-                    )
-                    for cls, p in place["by_class"].items()
-                ],
-            )
-        )
-        parts.append(charts.get("placement", ""))
-        parts.append("<h3>Sample explanations</h3>")
-        parts.append(
-            _table(
-                ("task", "device", "class", "why"),
-                [
-                    (s["task_id"], s["device_id"], s["device_class"], explain_text(s))
-                    for s in place["samples"]
-                ],
-            )
-        )
-    parts.append(
-        "<p class='note'>Figures are read back from the coordinator (task records, results, "
-        "explanations, federated job state); the same figures are in the JSON file next to "
-        "this report.</p></body></html>"
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(parts))
-    return path

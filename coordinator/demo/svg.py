@@ -30,7 +30,8 @@ def _frame(title: str, y_max: float, fmt: Callable[[float], str], y_min: float =
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {HEIGHT}" '
         f'width="{WIDTH}" height="{HEIGHT}" role="img" aria-label="{escape(title)}" '
-        'font-family="system-ui, sans-serif" font-size="11">',
+        'font-family="system-ui, sans-serif" font-size="11">'
+        f'<rect width="{WIDTH}" height="{HEIGHT}" fill="#fff"/>',
         f'<text x="{WIDTH / 2}" y="18" text-anchor="middle" font-size="13" '
         f'font-weight="600">{escape(title)}</text>',
     ]
