@@ -99,7 +99,8 @@ class CoordinatorProcess:
 
         async with asyncio.timeout(timeout):
             while not await ok():
-                assert self.proc is not None and self.proc.poll() is None, self.logs()
+                assert self.proc is not None
+                assert self.proc.poll() is None, self.logs()
                 await asyncio.sleep(0.2)
 
     def kill(self) -> None:

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -27,7 +28,7 @@ from coordinator.store import Store
 from protocol.weights import encode_weights
 
 JOB = "digits-0000abcd"
-WEIGHTS = {
+WEIGHTS: dict[str, np.ndarray[Any, Any]] = {
     "w": np.zeros((16, 8), dtype=np.float32),
     "b": np.zeros(8, dtype=np.float32),
     "n": np.zeros((), dtype=np.int64),

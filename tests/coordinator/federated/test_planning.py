@@ -1,0 +1,131 @@
+"""Who trains in a round: eligibility through the cost model's filters, expected round
+times, and selection by cost (with fairness) or at random."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from coordinator.federated import planning
+from coordinator.federated.job import FLJob
+from coordinator.scheduler import CostModel, CostWeights, DeviceState, ThroughputEstimator
+
+SHAPE = planning.RoundShape(weights_bytes=30_000, update_bytes=8_000, flops_per_example=1e8)
+
+
+def job(**kw: object) -> FLJob:
+    base: dict[str, object] = {
+        "name": "digits",
+        "model": "models.digits:DigitsCNN",
+        "data": "digits",
+        "clients_per_round": 2,
+        "over_select": 0.5,
+        "epochs": 2,
+    }
+    base.update(kw)
+    return FLJob.from_mapping(base)
+
+
+def device(name: str, gflops: float, **kw: object) -> DeviceState:
+    fields: dict[str, object] = {
+        "device_id": name,
+        "fp32_gflops": gflops,
+        "runtimes": frozenset({"onnxruntime", "torch"}),
+        "data_sources": frozenset({"digits"}),
+        "slots_total": 1,
+    }
+    fields.update(kw)
+    return DeviceState(**fields)  # type: ignore[arg-type]
+
+
+def model() -> CostModel:
+    return CostModel(CostWeights(), ThroughputEstimator())
+
+
+def test_eligibility_follows_the_cost_models_filters() -> None:
+    devices = [
+        device("fast", 60.0),
+        device("slow", 6.0),
+        device("no-torch", 60.0, runtimes=frozenset({"onnxruntime"})),
+        device("no-data", 60.0, data_sources=frozenset()),
+        device("hot", 60.0, throttled=True),
+        device("flat", 60.0, battery_percent=5.0, plugged=False),
+        device("gone", 60.0, online=False),
+    ]
+    cands, why = planning.candidates(job(), SHAPE, devices, model(), examples={}, history={})
+    assert sorted(c.device_id for c in cands) == ["fast", "slow"]
+    assert why == {
+        "no-torch": "runtime",
+        "no-data": "data",
+        "hot": "thermal",
+        "flat": "battery",
+        "gone": "offline",
+    }
+    by = {c.device_id: c.expected_s for c in cands}
+    assert by["slow"] > 5 * by["fast"]  # compute dominates: about 10x slower
+
+
+def test_expected_time_grows_with_reported_examples_and_epochs() -> None:
+    d = [device("a", 10.0), device("b", 10.0)]
+    cands, _ = planning.candidates(
+        job(), SHAPE, d, model(), examples={"a": 1000, "b": 10}, history={}
+    )
+    by = {c.device_id: c.expected_s for c in cands}
+    assert by["a"] > by["b"]
+    assert planning.demand_gops(job(epochs=4), 100, 1e6) == pytest.approx(4e-1)
+    assert planning.demand_gops(job(max_examples=10), 100, 1e6) == pytest.approx(2e-2)
+
+
+def test_cost_selection_prefers_fast_devices_random_does_not_care() -> None:
+    devices = [device(f"fast{i}", 60.0) for i in range(4)] + [
+        device(f"slow{i}", 6.0) for i in range(4)
+    ]
+    cands, _ = planning.candidates(job(), SHAPE, devices, model(), examples={}, history={})
+    picked = planning.choose(
+        job(fairness={"max_staleness": None}), cands, 2, np.random.default_rng(0)
+    )
+    assert len(picked.devices) == 3  # ceil(2 * 1.5)
+    assert all(d.startswith("fast") for d in picked.devices)
+    slow_picks = 0
+    for seed in range(20):
+        rnd = planning.choose(job(selection="random"), cands, 2, np.random.default_rng(seed))
+        assert len(rnd.devices) == 3
+        slow_picks += sum(d.startswith("slow") for d in rnd.devices)
+    assert slow_picks > 10
+
+
+def test_fairness_brings_in_devices_left_out() -> None:
+    devices = [device(f"fast{i}", 60.0) for i in range(4)] + [device("slow", 6.0)]
+    history = planning.participation([(1, ["fast0", "fast1", "fast2"]), (2, ["fast0", "fast1"])], 3)
+    assert history == {"fast0": (2, 1), "fast1": (2, 1), "fast2": (1, 2)}
+    cands, _ = planning.candidates(job(), SHAPE, devices, model(), examples={}, history=history)
+    picked = planning.choose(
+        job(fairness={"max_staleness": 2, "max_forced_share": 0.5}),
+        cands,
+        2,
+        np.random.default_rng(0),
+    )
+    assert picked.forced  # never chosen: chosen first
+    assert picked.forced[0] in ("fast3", "slow")
+
+
+def test_train_params_are_what_the_agent_takes() -> None:
+    import msgspec
+
+    from agent.training import TrainParams
+
+    j = job(max_examples=50, strategy={"name": "fedprox", "mu": 0.1})
+    params = planning.train_params(
+        j,
+        "digits-1",
+        4,
+        "dev",
+        weights={"digest": "a" * 64, "size": 10, "url": "http://c/v1/blobs/" + "a" * 64},
+        upload_url="http://c/v1/fl/uploads/digits-1/4/dev?token=t",
+        strategy_knobs=j.build_strategy().configure_fit(4),
+    )
+    parsed = msgspec.convert(params, TrainParams, strict=True)
+    assert (parsed.round, parsed.prox_mu, parsed.max_examples) == (4, 0.1, 50)
+    assert planning.seed_for(j, 4, "dev") == parsed.seed
+    assert planning.task_id("digits-1", 4, "dev") == planning.task_id("digits-1", 4, "dev")
+    assert planning.task_id("digits-1", 4, "dev") != planning.task_id("digits-1", 5, "dev")
