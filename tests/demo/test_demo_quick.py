@@ -1,0 +1,184 @@
+"""``lepton demo --quick`` end to end, as a newcomer runs it: the figures it reports are
+checked against what the coordinator recorded, the HTML report holds its plots, and every
+process is gone after Ctrl-C (SIGTERM here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from coordinator.demo.procs import pid_alive
+
+REPO = Path(__file__).resolve().parents[2]
+DEVICES, ROUNDS = 6, 2
+
+
+class Output:
+    """The demo's output, read as it comes (so a full pipe never blocks it)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
+        self._thread.start()
+
+    def _read(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            self.lines.append(raw.decode(errors="replace"))
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+
+def pooled(outputs: list[dict[str, Any]]) -> float | None:
+    labelled = [o for o in outputs if o.get("labelled")]
+    total = sum(o["count"] for o in labelled)
+    return sum(o["correct"] for o in labelled) / total if total else None
+
+
+def check_inference(api: httpx.Client, figures: dict[str, Any]) -> None:
+    classes = {d["id"]: d["device_class"] for d in api.get("/v1/devices").json()}
+    recorded = {
+        t["id"]: t for t in api.get("/v1/tasks", params={"kind": "infer", "limit": 10000}).json()
+    }
+    # The second wave runs when federated rounds improved on the deployed model.
+    assert len(figures["inference"]) == (2 if figures["redeploy"]["done"] else 1)
+    for wave in figures["inference"]:
+        tasks = [recorded[i] for i in wave["task_ids"]]
+        assert wave["tasks"] == len(tasks) == DEVICES
+        assert wave["succeeded"] == sum(t["state"] == "succeeded" for t in tasks)
+        by_class: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for t in tasks:
+            assert t["pinned_device"] is None, "inference tasks are placed, not pinned"
+            by_class[classes[t["device_id"]]].append(t)
+        assert set(wave["by_class"]) == set(by_class)
+        for cls, group in by_class.items():
+            f = wave["by_class"][cls]
+            ok = [t for t in group if t["state"] == "succeeded"]
+            assert f["tasks"] == len(group)
+            assert f["succeeded"] == len(ok)
+            assert f["accuracy"] == pytest.approx(pooled([t["output"] for t in ok]))
+            assert f["samples"] == sum(t["output"]["count"] for t in ok)
+        assert wave["accuracy"] == pytest.approx(
+            pooled([t["output"] for t in tasks if t["state"] == "succeeded"])
+        )
+        assert {t["output"]["digest"] for t in tasks if t["output"]} == {wave["model"]["digest"]}
+    place = figures["placement"]
+    counts = Counter(
+        classes[recorded[i]["device_id"]] for w in figures["inference"] for i in w["task_ids"]
+    )
+    assert {c: p["tasks"] for c, p in place["by_class"].items() if p["tasks"]} == dict(counts)
+    assert place["explained"] == sum(counts.values())
+    for sample in place["samples"]:
+        explained = api.get(f"/v1/tasks/{sample['task_id']}/explain").json()["explanation"]
+        chosen = next(c for c in explained["candidates"] if c["chosen"])
+        assert chosen["device_id"] == sample["device_id"]
+        assert chosen["terms"]["total"] == pytest.approx(sample["chosen"]["terms"]["total"])
+
+
+def check_models_and_rounds(api: httpx.Client, figures: dict[str, Any]) -> None:
+    versions = {m["version"]: m for m in api.get("/v1/models/digits").json()["versions"]}
+    waves = 2 if figures["redeploy"]["done"] else 1
+    assert len(figures["quantization"]) == len(figures["deploy"]) == waves
+    for q in figures["quantization"]:
+        int8 = versions[q["int8"]["version"]]
+        assert int8["precision"] == "int8"
+        assert int8["digest"] == q["int8"]["digest"]
+        assert int8["accuracy_int8"] == pytest.approx(q["accuracy_int8"])
+        assert q["drop_points"] <= q["gate_points"]
+    deploys = api.get("/v1/tasks", params={"kind": "deploy", "limit": 10000}).json()
+    for d, q in zip(figures["deploy"], figures["quantization"], strict=True):
+        mine = [t for t in deploys if t["params"]["digest"] == q["int8"]["digest"]]
+        assert d["tasks"] == len(mine) == DEVICES
+        assert d["succeeded"] == sum(t["state"] == "succeeded" for t in mine) == DEVICES
+    fl = figures["federated"]
+    job = api.get(f"/v1/fl/jobs/{fl['job_id']}").json()
+    assert job["state"] == fl["status"] == "done"
+    closed = [r for r in job["history"] if r["state"] == "closed"]
+    assert [r["round"] for r in fl["rounds"]] == [r["round"] for r in closed] == [1, 2]
+    assert [r["accuracy"] for r in fl["rounds"]] == pytest.approx([r["accuracy"] for r in closed])
+    assert fl["final_model"]["digest"] == job["final_model"]["digest"]
+    assert fl["final_accuracy"] == pytest.approx(job["final_model"]["accuracy"])
+    improved = fl["final_accuracy"] > figures["quantization"][0]["fp32"]["accuracy_fp32"]
+    assert figures["redeploy"]["done"] == improved, figures["redeploy"]
+    train = [
+        t
+        for t in api.get("/v1/tasks", params={"kind": "train", "limit": 10000}).json()
+        if t["params"].get("job") == fl["job_id"]
+    ]
+    assert fl["training"]["tasks"] == len(train) > 0
+    devices = api.get("/v1/devices").json()
+    assert figures["devices"]["total"] == len(devices) == DEVICES
+    assert figures["devices"]["by_class"] == dict(Counter(d["device_class"] for d in devices))
+
+
+@pytest.mark.timeout(360)
+def test_quick_demo_reports_what_the_system_recorded(tmp_path: Path) -> None:
+    workdir = tmp_path / "demo"
+    env = {**os.environ, "PATH": os.environ.get("PATH", "") + ":/usr/sbin"}
+    argv = [
+        sys.executable,
+        "-m",
+        "coordinator.cli",
+        "demo",
+        "--quick",
+        "--keep",
+        "--devices",
+        str(DEVICES),
+        "--rounds",
+        str(ROUNDS),
+        "--workdir",
+        str(workdir),
+    ]
+    started = time.monotonic()
+    demo = subprocess.Popen(
+        argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    out = Output(demo)
+    try:
+        deadline = time.monotonic() + 240
+        while "Still running (--keep)" not in out.text:
+            assert demo.poll() is None, f"the demo exited {demo.returncode}:\n{out.text[-3000:]}"
+            assert time.monotonic() < deadline, f"no summary in time:\n{out.text[-3000:]}"
+            time.sleep(0.5)
+        wall = time.monotonic() - started
+        figures = json.loads((workdir / "report" / "figures.json").read_text())
+        assert "error" not in figures, figures.get("error")
+        assert figures["demo"]["wall_s"] < 180
+        assert wall < 180
+        with httpx.Client(base_url=figures["demo"]["api"], timeout=10) as api:
+            check_inference(api, figures)
+            check_models_and_rounds(api, figures)
+        html = (workdir / "report" / "report.html").read_text()
+        for title in (
+            "Devices by class",
+            "Tasks per device class",
+            "Task run time per device class",
+            "Accuracy per federated round",
+            "Unpinned inference tasks per device, by class",
+        ):
+            assert f'aria-label="{title}' in html, title
+        assert str(workdir / "report" / "report.html") in out.text
+        pids = json.loads((workdir / "pids.json").read_text())
+    finally:
+        demo.send_signal(signal.SIGTERM)
+        try:
+            demo.wait(timeout=90)
+        finally:
+            if demo.poll() is None:
+                demo.kill()
+    assert demo.returncode == 130
+    left = {n: p for n, p in pids.items() if n != "demo" and pid_alive(p)}
+    assert not left, f"still running after SIGTERM: {left}"
