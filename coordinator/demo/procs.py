@@ -71,7 +71,8 @@ def spawn(
             out.close()
 
 
-def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+def signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """Send ``sig`` to the child's process group (gone already: nothing happens)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, sig)
 
@@ -82,16 +83,16 @@ def stop_group(proc: subprocess.Popen[bytes], *, timeout: float = 15.0, name: st
     The group is signalled again after the leader exits, so helpers it started go as well.
     """
     if proc.poll() is None:
-        _signal_group(proc, signal.SIGTERM)
+        signal_group(proc, signal.SIGTERM)
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             log.warning(
                 "%s (pid %d) ignored SIGTERM for %.0fs: killing it", name, proc.pid, timeout
             )
-            _signal_group(proc, signal.SIGKILL)
+            signal_group(proc, signal.SIGKILL)
             proc.wait(timeout=10)
-    _signal_group(proc, signal.SIGKILL)  # stragglers in the group, if any
+    signal_group(proc, signal.SIGKILL)  # stragglers in the group, if any
     for stream in (proc.stdout, proc.stderr):
         if stream is not None:
             stream.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -52,6 +53,9 @@ class StackSpec:
     seed: int = 0
     capacity_interval_s: float = 2.0
     host_gflops: float | None = None
+    data: str | None = "digits"  # what every device holds (None: nothing)
+    fleet_processes: int = 1  # simulator processes the devices are split across
+    tuned: bool = True  # DEMO_SETTINGS on top of the coordinator's defaults
     coordinator_settings: dict[str, Any] = field(default_factory=dict)
 
 
@@ -76,7 +80,7 @@ class Stack:
         self.logs = self.workdir / "logs"
         self.broker: MosquittoBroker | EmbeddedBroker | None = None
         self.coordinator: subprocess.Popen[bytes] | None = None
-        self.fleet: subprocess.Popen[bytes] | None = None
+        self.fleets: list[subprocess.Popen[bytes]] = []
         self.http_port = 0
         self.closed = False
 
@@ -105,8 +109,8 @@ class Stack:
             out["broker"] = self.broker.pid
         if self.coordinator is not None:
             out["coordinator"] = self.coordinator.pid
-        if self.fleet is not None:
-            out["fleet"] = self.fleet.pid
+        for i, proc in enumerate(self.fleets):
+            out["fleet" if i == 0 else f"fleet-{i + 1}"] = proc.pid
         return out
 
     def _write_pids(self) -> None:
@@ -141,7 +145,7 @@ class Stack:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.http_port = free_port()
         settings = {
-            **DEMO_SETTINGS,
+            **(DEMO_SETTINGS if self.spec.tuned else {}),
             "mqtt.protocol": self.broker.mqtt_protocol,
             **self.spec.coordinator_settings,
         }
@@ -182,34 +186,46 @@ class Stack:
         raise StackError(f"the coordinator was not healthy within {timeout:g}s ({last})")
 
     def start_fleet(self, host_gflops: float | None = None) -> None:
-        """Start ``lepton-agent sim`` with ``devices`` virtual devices holding digits data.
+        """Start ``lepton-agent sim``: ``devices`` virtual devices over ``fleet_processes``
+        processes (ids numbered across them), holding ``data``.
 
         ``host_gflops``: this host's speed the simulator stretches work against (default:
         the spec's, else the simulator's own probe)."""
         assert self.broker is not None, "start the broker first"
         s = self.spec
-        flags: dict[str, object] = {
-            "--devices": s.devices,
-            "--profile-mix": s.profile_mix,
-            "--broker-port": self.broker.port,
-            "--state-root": self.fleet_root,
-            "--data": "digits",
-            "--seed": s.seed,
-            "--capacity-interval": s.capacity_interval_s,
-            "--log-level": "WARNING",
-        }
         host = host_gflops if host_gflops is not None else s.host_gflops
-        if host is not None:
-            flags["--host-gflops"] = round(host, 3)
-        argv = [sys.executable, "-m", "agent", "sim", *_flags(flags)]
-        self.fleet = procs.spawn(argv, log_path=self.logs / "fleet.log", env=_child_env())
+        n = max(1, min(s.fleet_processes, s.devices))
+        first = 0
+        for i in range(n):
+            count = s.devices // n + (1 if i < s.devices % n else 0)
+            flags: dict[str, object] = {
+                "--devices": count,
+                "--first-index": first,
+                "--profile-mix": s.profile_mix,
+                "--broker-port": self.broker.port,
+                "--state-root": self.fleet_root,
+                "--seed": s.seed + i,
+                "--capacity-interval": s.capacity_interval_s,
+                "--log-level": "WARNING",
+            }
+            if s.data is not None:
+                flags["--data"] = s.data
+            if host is not None:
+                flags["--host-gflops"] = round(host, 3)
+            argv = [sys.executable, "-m", "agent", "sim", *_flags(flags)]
+            log_path = self.logs / _fleet_log(i)
+            self.fleets.append(procs.spawn(argv, log_path=log_path, env=_child_env()))
+            first += count
         self._write_pids()
 
     def check_alive(self) -> None:
         """StackError naming the process (and its last log lines) if one has exited."""
         for name, proc, log_name in (
             ("coordinator", self.coordinator, "coordinator.log"),
-            ("fleet simulator", self.fleet, "fleet.log"),
+            *(
+                (f"fleet simulator {i + 1}", proc, _fleet_log(i))
+                for i, proc in enumerate(self.fleets)
+            ),
         ):
             if proc is not None and proc.poll() is not None:
                 raise StackError(
@@ -232,12 +248,18 @@ class Stack:
         if self.closed:
             return
         self.closed = True
-        if self.fleet is not None:
-            procs.stop_group(self.fleet, timeout=40, name="fleet simulator")
+        for proc in self.fleets:  # all at once: each drains its devices in parallel
+            procs.signal_group(proc, signal.SIGTERM)
+        for i, proc in enumerate(self.fleets):
+            procs.stop_group(proc, timeout=60, name=f"fleet simulator {i + 1}")
         if self.coordinator is not None:
             procs.stop_group(self.coordinator, timeout=20, name="coordinator")
         if self.broker is not None:
             self.broker.stop()
+
+
+def _fleet_log(i: int) -> str:
+    return "fleet.log" if i == 0 else f"fleet-{i + 1}.log"
 
 
 def _flags(flags: dict[str, object]) -> list[str]:
