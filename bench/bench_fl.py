@@ -93,6 +93,14 @@ class Run:
         return [float(r["accuracy"]) for r in self.history if r.get("accuracy") is not None]
 
     @property
+    def state(self) -> str:
+        return str(self.job.get("state"))
+
+    @property
+    def error(self) -> str | None:
+        return self.job.get("error")
+
+    @property
     def final(self) -> float:
         acc = self.accuracy
         return acc[-1] if acc else float("nan")
@@ -241,7 +249,9 @@ class Harness:
                     break
                 await asyncio.sleep(0.5)
         if job["state"] != "done":
-            raise RuntimeError(f"{label}: job ended {job['state']}: {job.get('error')}")
+            # Reported, not raised: FedAvg under attack, say, diverges until no device can
+            # train on its weights any more, and that is a result.
+            log.warning("%s: job ended %s: %s", label, job["state"], job.get("error"))
         history = [h for h in job["history"] if h["state"] == "closed"]
         return Run(label, job, time.perf_counter() - started, history)
 
@@ -378,6 +388,9 @@ async def byzantine_phase(h: Harness, out: dict[str, Any], clean: dict[str, Run]
     for name, run in runs.items():
         own = clean.get(f"{name}-clean") if name != "fedavg" else ref
         rows[name] = {
+            "state": run.state,
+            "error": run.error,
+            "rounds_closed": len(run.history),
             "final": run.final,
             "clean_own": own.final if own else None,
             "clean_fedavg": ref.final if ref else None,
@@ -392,6 +405,8 @@ async def byzantine_phase(h: Harness, out: dict[str, Any], clean: dict[str, Run]
 def _summary(run: Run) -> dict[str, Any]:
     return {
         "job": run.job["id"],
+        "state": run.state,
+        "error": run.error,
         "final": run.final,
         "accuracy": run.accuracy,
         "round_s": run.mean("wall_s"),
@@ -405,6 +420,11 @@ def _summary(run: Run) -> dict[str, Any]:
 
 def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
+
+
+def _points(v: float | None) -> str:
+    """Accuracy points lost (a drop), or '-'."""
+    return "-" if v is None else f"{-v:+.1f}"
 
 
 def report(out: dict[str, Any], s: Settings) -> str:
@@ -452,20 +472,25 @@ def report(out: dict[str, Any], s: Settings) -> str:
         ]
     byz = out.get("byzantine")
     if byz:
-        rows = [("strategy", "attacked %", "own clean %", "clean fedavg %", "drop (pts)")]
+        rows = [("strategy", "attacked %", "own clean %", "vs own", "clean FedAvg %", "vs FedAvg")]
+        notes = []
         for name, r in byz["strategies"].items():
+            if r["state"] != "done":
+                notes.append(
+                    f"{name}: {r['state']} after {r['rounds_closed']} rounds: {r['error']}"
+                )
             rows.append(
                 (
                     name,
                     _pct(r["final"]),
                     _pct(r["clean_own"]),
+                    _points(r["drop_vs_own_points"]),
                     _pct(r["clean_fedavg"]),
-                    "-"
-                    if r["drop_vs_fedavg_points"] is None
-                    else f"{r['drop_vs_fedavg_points']:+.1f}",
+                    _points(r["drop_vs_fedavg_points"]),
                 )
             )
-        lines += ["", f"Byzantine: {byz['adversaries']} send {byz['attack']}", table(rows)]
+        rows_text = table(rows) + "".join(f"\n{n}" for n in notes)
+        lines += ["", f"Byzantine: {byz['adversaries']} send {byz['attack']}", rows_text]
     return "\n".join(lines)
 
 
