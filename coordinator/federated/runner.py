@@ -169,10 +169,9 @@ class JobRunner(RoundOpening, RoundClosing):
             outcome = await self._wait(rnd)
             if outcome == "stop":
                 return  # the main loop sees the stop
-            if outcome == "close":
-                if await self._close(rnd):
-                    return
-                outcome = "short"  # the strategy could not aggregate what came
+            # Closed, or short (a strategy that could not aggregate what came is short too).
+            if outcome == "close" and await self._close(rnd):
+                return
             extended = await self._extend(rnd)
             if extended is None:
                 return
