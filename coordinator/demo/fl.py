@@ -1,7 +1,7 @@
 """The demo's federated stage, through the coordinator's FL API (``/v1/fl/jobs``).
 
-A coordinator without the FL API (``/v1/fl/jobs`` absent from its OpenAPI document) is
-reported as such: the stage is "not run", with the reason, and nothing is made up.
+A coordinator without the FL API (404 on ``/v1/fl/jobs``) is reported as such: the stage
+is "not run", with the reason, and nothing is made up.
 """
 
 from __future__ import annotations
@@ -48,9 +48,8 @@ class Outcome:
 
 def unavailable(api: Api) -> str | None:
     """Why the coordinator cannot run FL jobs, or None when it can."""
-    spec = api.get("/openapi.json")
-    if JOBS_PATH not in spec.get("paths", {}):
-        return "the coordinator has no federated learning API (POST /v1/fl/jobs: 404)"
+    if api.request("GET", JOBS_PATH, ok404=True) is None:
+        return "the coordinator has no federated learning API (GET /v1/fl/jobs: 404)"
     return None
 
 

@@ -101,13 +101,14 @@ def children_started(workdir: Path) -> dict[str, int] | None:
 
 
 @pytest.mark.timeout(180)
-def test_sigterm_to_the_demo_stops_everything(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_signal_to_the_demo_stops_everything(tmp_path: Path, sig: signal.Signals) -> None:
     workdir = tmp_path / "demo"
     demo = start_demo(workdir)
     try:
         pids = wait_for(lambda: children_started(workdir), 90, "the demo's processes")
         assert isinstance(pids, dict)
-        demo.send_signal(signal.SIGTERM)
+        demo.send_signal(sig)
         out, _ = demo.communicate(timeout=90)
     finally:
         if demo.poll() is None:
