@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -114,7 +113,7 @@ class Demo:
 
     # ------------------------------------------------------------------ the loop
 
-    def run(self, *, after_start: Callable[[], None] | None = None) -> dict[str, Any]:
+    def run(self) -> dict[str, Any]:
         """Every stage in order; the figures. Leaves the stack running (see :meth:`close`)."""
         started = time.time()
         self.figures["demo"] = {
@@ -126,8 +125,6 @@ class Demo:
         }
         try:
             self._start_stack()
-            if after_start is not None:
-                after_start()
             data = model.splits(self.config.seed)
             v1 = self._train_and_quantize(data)
             self._deploy("deploy", v1["int8"], wave=1)
@@ -147,16 +144,20 @@ class Demo:
             # of the stack did not start.
             self.r.fail(self._stage, str(exc))
             self.figures["error"] = {"stage": self._stage, "message": str(exc)}
+            self._finish(started)
             if isinstance(exc, DemoError):
                 raise
             raise DemoError(str(exc)) from exc
-        finally:
-            self.figures["demo"]["finished_at"] = time.time()
-            self.figures["demo"]["wall_s"] = time.time() - started
-            if "inference" in self.figures:
-                tasks = [t for wave in self.figures["inference"] for t in wave.pop("_tasks", [])]
-                self.figures["placement"] = self._placement(tasks)
+        self._finish(started)
         return self.figures
+
+    def _finish(self, started: float) -> None:
+        """Wall time, and where the inference tasks went and why (explanations read back)."""
+        self.figures["demo"]["finished_at"] = time.time()
+        self.figures["demo"]["wall_s"] = time.time() - started
+        if "inference" in self.figures:
+            tasks = [t for wave in self.figures["inference"] for t in wave.pop("_tasks", [])]
+            self.figures["placement"] = self._placement(tasks)
 
     def _begin(self, stage: str, total: int | None = None, detail: str = "") -> None:
         self._stage = stage
