@@ -108,7 +108,8 @@ async def test_agent_sigkill_with_unacked_results_resends_after_restart(
     # A coordinator that is not acknowledging (e.g. down): results pile up in the outbox.
     async with Sink(broker.port, ack=False, client_id="mute") as mute:
         await mute.wait(lambda: mute.state_of("dev-1") == "online", 20, "agent online")
-        tasks = await mute.send_tasks("dev-1", 300, sleep_s=0.02)
+        # Long enough that the kill lands mid-run even on a loaded machine (300 x 0.06 s / 2 slots).
+        tasks = await mute.send_tasks("dev-1", 300, sleep_s=0.06)
         ids = {t.task_id for t in tasks}
         await mute.wait(
             lambda: len(mute.results_for(ids)) >= 100, 30, "100 results delivered, unacked"
