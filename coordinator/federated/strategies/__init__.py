@@ -13,6 +13,7 @@ krum           the update closest to its neighbours             yes (f, n >= 2f+
 multikrum      mean of the ``keep`` best Krum scores            yes (f, n >= 2f+3)
 clipping       any strategy over norm-clipped updates           bounds influence
 dp             clipped mean + Gaussian noise, accounted in RDP  bounds influence
+momentum       any rule + FedAvgM's server momentum step        as the rule
 ============== ================================================ ==============
 
 :func:`build` makes one from a name and keyword knobs (what a job's config holds).
@@ -38,6 +39,7 @@ from coordinator.federated.strategies.fedavgm import FedAvgM
 from coordinator.federated.strategies.fedprox import FedProx
 from coordinator.federated.strategies.krum import Krum, MultiKrum
 from coordinator.federated.strategies.median import Median
+from coordinator.federated.strategies.momentum import ServerMomentum
 from coordinator.federated.strategies.trimmed_mean import TrimmedMean
 
 #: Strategies that stand alone, by name (the wrappers take an inner strategy).
@@ -54,12 +56,15 @@ def build(
     clip_median_multiplier: float | None = None,
     dp_noise_multiplier: float | None = None,
     dp_expected_clients: int | None = None,
+    server_momentum: float | None = None,
     **knobs: Any,
 ) -> Strategy:
     """The strategy ``name`` with ``knobs`` (e.g. ``build("fedprox", mu=0.01)``), wrapped:
 
     - in :class:`CentralDP` when ``dp_noise_multiplier`` is given (``clip_norm`` required);
-    - else in :class:`Clipping` when ``clip_norm`` or ``clip_median_multiplier`` is given.
+    - else in :class:`Clipping` when ``clip_norm`` or ``clip_median_multiplier`` is given;
+    - then in :class:`ServerMomentum` when ``server_momentum`` is given (e.g.
+      ``build("multikrum", num_byzantine=2, server_momentum=0.9)``).
 
     ``ValueError`` for an unknown name or knob.
     """
@@ -73,14 +78,18 @@ def build(
     if dp_noise_multiplier is not None:
         if clip_norm is None:
             raise ValueError("central DP needs clip_norm")
-        return CentralDP(
+        strategy = CentralDP(
             strategy,
             clip_norm=clip_norm,
             noise_multiplier=dp_noise_multiplier,
             expected_clients=dp_expected_clients,
         )
-    if clip_norm is not None or clip_median_multiplier is not None:
-        return Clipping(strategy, max_norm=clip_norm, median_multiplier=clip_median_multiplier)
+    elif clip_norm is not None or clip_median_multiplier is not None:
+        strategy = Clipping(strategy, max_norm=clip_norm, median_multiplier=clip_median_multiplier)
+    if server_momentum is not None:
+        if cls in (FedAvgM, FedAdam):
+            raise ValueError(f"{name} has its own server optimizer; server_momentum is for others")
+        strategy = ServerMomentum(strategy, momentum=server_momentum)
     return strategy
 
 
@@ -99,6 +108,7 @@ __all__ = [
     "Krum",
     "Median",
     "MultiKrum",
+    "ServerMomentum",
     "Strategy",
     "TrimmedMean",
     "build",

@@ -15,8 +15,10 @@ import httpx
 import pytest
 
 from coordinator.federated.store import FLStore
+from coordinator.models.quantize import QuantizationConfig, quantize_and_publish
 from coordinator.models.registry import ModelRegistry
 from coordinator.service import Coordinator
+from models.data import digits_splits
 from tests.coordinator.federated.conftest import (
     SimFleet,
     digits_job,
@@ -60,6 +62,22 @@ async def test_short_job_converges_and_registers_an_onnx_model(
         assert record.digest == final["digest"]
         assert record.precision == "fp32"
         assert record.inputs[0].shape[1:] == (1, 8, 8)
+        # It quantizes through the accuracy gate like any registered model.
+        source = tmp_path / "fl.onnx"
+        source.write_bytes(registry.read_blob(record.digest))
+        splits = digits_splits()
+        published = await asyncio.to_thread(
+            quantize_and_publish,
+            registry,
+            name="digits",
+            source=source,
+            calibration=splits.calibration.batches(32),
+            evaluation=(splits.test.x, splits.test.y),
+            config=QuantizationConfig(latency_runs=3),
+        )
+        assert published.report.passed
+        assert published.int8.precision == "int8"
+        assert published.int8.parent_version == published.fp32.version
         assert 'lepton_fl_rounds_total{outcome="closed"} 3.0' in metrics
         assert "lepton_fl_uploads_total 12.0" in metrics
         # Every counted update is recorded once, with the result that names it.
