@@ -18,10 +18,13 @@ the held-out test split (450 images). Phases, all in one run:
 (c) **compression**: FedAvg with INT8 updates against the FP32 run of (b): bytes uploaded
     per round and final accuracy;
 (d) **selection**: a fleet where some devices are several times slower (Raspberry Pi 4
-    profiles next to x86 gateways), ``k`` of ``n`` devices per round with over-selection:
-    mean round wall time with cost-model selection against uniform random selection;
+    profiles next to x86 gateways), ``k`` of ``n`` devices per round with over-selection and
+    five local epochs (so that compute, which the profiles stretch, outweighs the fixed
+    per-round costs): mean round wall time with cost-model selection against uniform random
+    selection;
 (e) **Byzantine**: ``--adversaries`` of the devices send sign-flipped updates scaled 10x;
-    FedAvg and robust strategies (median, trimmed mean, Multi-Krum), each against its own
+    FedAvg and robust strategies (median, trimmed mean, Multi-Krum, each also with server
+    momentum: ``server_momentum = 0.9``), each against its own
     clean run and the clean FedAvg run.
 """
 
@@ -58,6 +61,10 @@ ROBUST: dict[str, dict[str, Any]] = {
     "median": {"name": "median"},
     "trimmed_mean": {"name": "trimmed_mean", "beta": 0.2},
     "multikrum": {"name": "multikrum", "num_byzantine": 2},
+    # The same rules with FedAvgM's server momentum (strategies/momentum.py).
+    "median-sm": {"name": "median", "server_momentum": 0.9},
+    "trimmed_mean-sm": {"name": "trimmed_mean", "beta": 0.2, "server_momentum": 0.9},
+    "multikrum-sm": {"name": "multikrum", "num_byzantine": 2, "server_momentum": 0.9},
 }
 
 
@@ -72,7 +79,8 @@ class Settings:
     seed: int = 0
     adversaries: int = 2
     select_k: int = 5
-    select_rounds: int = 8
+    select_rounds: int = 12
+    select_epochs: int = 5
     slow_share: float = 0.4
     phases: tuple[str, ...] = PHASES
     candidates: tuple[str, ...] = tuple(CANDIDATES)
@@ -341,6 +349,7 @@ async def selection_phase(h: Harness, out: dict[str, Any]) -> None:
                 f"select-{method}",
                 "sel",
                 rounds=s.select_rounds,
+                epochs=s.select_epochs,
                 clients_per_round=s.select_k,
                 min_results=s.select_k,
                 over_select=0.4,
@@ -525,6 +534,7 @@ def parse(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace]:
             adversaries=1,
             select_k=2,
             select_rounds=2,
+            select_epochs=1,
             phases=phases,
             candidates=("fedavgm",),
             robust=("median",),
