@@ -166,7 +166,7 @@ def eps_from_rdp(
             eps = r + math.log1p(-1.0 / alpha) - math.log(delta * alpha) / (alpha - 1.0)
         if eps < best:
             best, best_order = eps, float(alpha)
-    return max(0.0, best), best_order
+    return max(0.0, float(best)), best_order
 
 
 def epsilon(

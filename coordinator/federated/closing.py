@@ -90,7 +90,7 @@ class RoundClosing(JobState):
             "wall_s": now - rnd.started_at,
             "attempts": rnd.attempt,
             "expected_round_s": (rnd.selection or {}).get("expected_round_s"),
-            **{k: v for k, v in result.metrics.items() if math.isfinite(v)},
+            **{k: float(v) for k, v in result.metrics.items() if math.isfinite(v)},
         }
         if "client.loss_after" in result.metrics:
             metrics["loss"] = result.metrics["client.loss_after"]
@@ -101,8 +101,10 @@ class RoundClosing(JobState):
             metrics["loss"], metrics["accuracy"] = loss, accuracy
         if isinstance(self.strategy, CentralDP) and job.dp is not None:
             eligible = max(1, int((rnd.selection or {}).get("eligible") or len(rnd.selected)))
-            metrics["dp.epsilon"] = self.strategy.epsilon(
-                delta=job.dp.delta, sampling_rate=min(1.0, job.clients_per_round / eligible)
+            metrics["dp.epsilon"] = float(
+                self.strategy.epsilon(
+                    delta=job.dp.delta, sampling_rate=min(1.0, job.clients_per_round / eligible)
+                )
             )
         closed = await asyncio.to_thread(
             self.fl.close_round,

@@ -136,6 +136,8 @@ def test_epsilon_matches_known_values(
 ) -> None:
     eps = accountant.epsilon(noise_multiplier=sigma, sampling_rate=q, steps=steps, delta=delta)
     assert eps == pytest.approx(expected, rel=1e-5)
+    # A plain float: round metrics are stored as JSON, which has no numpy scalars.
+    assert type(eps) is float
 
 
 def test_epsilon_edge_cases_and_monotonicity() -> None:

@@ -110,6 +110,9 @@ async def test_cli_start_status_stop(
                     "[strategy]",
                     'name = "fedavgm"',
                     "momentum = 0.5",
+                    "[dp]",
+                    "noise_multiplier = 0.3",
+                    "clip_norm = 5.0",
                 ]
             )
         )
@@ -134,6 +137,11 @@ async def test_cli_start_status_stop(
         assert job["state"] == "stopped"
         assert job["final_model"]["name"] == "digits-cli"
         assert job["history"][-1]["state"] == "cancelled"
+        # Central DP: every closed round reports the privacy spent so far, growing.
+        spent = [r["metrics"]["dp.epsilon"] for r in job["history"] if r["state"] == "closed"]
+        assert len(spent) >= 3
+        assert spent == sorted(spent)
+        assert spent[0] > 0
         code, out, _ = await lepton(c.api_url, "fl", "status", job_id, "--watch")
         assert code == 0
         assert "stopped" in out
