@@ -343,11 +343,15 @@ async def selection_phase(h: Harness, out: dict[str, Any]) -> None:
     slow = max(1, round(s.devices * s.slow_share))
     mix = {"x86-gateway": float(s.devices - slow), "rpi4": float(slow)}
     runs: dict[str, Run] = {}
-    async with h.fleet("sel", mix):
-        for method in ("cost", "random"):
+    for method in ("cost", "random"):
+        # A fresh fleet for each: devices start cool and charged, so neither run inherits
+        # the other's heat (a Pi 4 under load throttles, and throttled devices are not
+        # eligible).
+        label = f"sel{method[0]}"
+        async with h.fleet(label, mix):
             body = h.job(
                 f"select-{method}",
-                "sel",
+                label,
                 rounds=s.select_rounds,
                 epochs=s.select_epochs,
                 clients_per_round=s.select_k,
@@ -360,11 +364,14 @@ async def selection_phase(h: Harness, out: dict[str, Any]) -> None:
     cost, rand = runs["cost"], runs["random"]
     picks: dict[str, dict[str, int]] = {}
     for method, run in runs.items():
-        counts: dict[str, int] = {}
+        counts: dict[str, int] = {"rounds_waiting_on_slow": 0}
         for r in run.history:
+            slow_in = False
             for d in r.get("contributors") or []:
                 kind = "slow" if "rpi4" in d else "fast"
                 counts[kind] = counts.get(kind, 0) + 1
+                slow_in = slow_in or kind == "slow"
+            counts["rounds_waiting_on_slow"] += slow_in
         picks[method] = counts
     out["selection"] = {
         "fleet": mix,
