@@ -64,8 +64,9 @@ def cpu_flags() -> str:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return "?"
-    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines()
-                  if ln.startswith("flags")), [])
+    flags = next(
+        (ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []
+    )
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
     return " ".join(f for f in wanted if f in flags) or "none of avx2/avx512/vnni"
 
@@ -85,7 +86,12 @@ def optimized_ops(path: Path) -> dict[str, int]:
 
 
 def interleaved_p50(
-    paths: dict[str, Path], x: np.ndarray, *, threads: int, iters: int, warmup: int,
+    paths: dict[str, Path],
+    x: np.ndarray,
+    *,
+    threads: int,
+    iters: int,
+    warmup: int,
     optimization: dict[str, str] | None = None,
 ) -> dict[str, float]:
     """p50 latency (ms) of each model, timing the sessions round-robin."""
@@ -117,8 +123,11 @@ def mobilenet_section(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     res = args.resolution
     fp32 = tmp / "mobilenet_fp32.onnx"
-    export_onnx(build_mobilenet_v2(width=args.width), fp32,
-                sample=rng.random((1, 3, res, res), dtype=np.float32))
+    export_onnx(
+        build_mobilenet_v2(width=args.width),
+        fp32,
+        sample=rng.random((1, 3, res, res), dtype=np.float32),
+    )
     calib = [rng.random((4, 3, res, res), dtype=np.float32) for _ in range(4)]
     paths = {"fp32": fp32}
     for i, (name, overrides) in enumerate(VARIANTS.items()):
@@ -135,7 +144,11 @@ def mobilenet_section(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         timed = dict(paths)
         timed[f"{default}, ORT_ENABLE_BASIC"] = paths[default]
         latency[threads] = interleaved_p50(
-            timed, x, threads=threads, iters=args.iters, warmup=args.warmup,
+            timed,
+            x,
+            threads=threads,
+            iters=args.iters,
+            warmup=args.warmup,
             optimization={f"{default}, ORT_ENABLE_BASIC": "basic"},
         )
     ops = {k: optimized_ops(p) for k, p in paths.items() if k != "fp32"}
@@ -165,9 +178,12 @@ def digits_section(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         model = train_digits(splits, seed=seed).model
         for label, rr in (("7-bit weights (default)", True), ("8-bit weights", False)):
             r = quantize_model(
-                model, calibration=splits.calibration.batches(32),
-                evaluation=(splits.test.x, splits.test.y), out_dir=tmp / f"seed{seed}",
-                config=QuantizationConfig(reduce_range=rr, latency_runs=1), enforce_gate=False,
+                model,
+                calibration=splits.calibration.batches(32),
+                evaluation=(splits.test.x, splits.test.y),
+                out_dir=tmp / f"seed{seed}",
+                config=QuantizationConfig(reduce_range=rr, latency_runs=1),
+                enforce_gate=False,
             )
             seeds[label].append(r.report.drop_points)
     return {"shipped": shipped, "seed_drops": seeds, "n_test": len(test)}
@@ -226,8 +242,10 @@ def tflite_mobilenet(args: argparse.Namespace, interpreter: Any) -> dict[str, An
     paths = {p: Path(args.tflite_mobilenet) / f"mobilenet_{p}.tflite" for p in ("fp32", "int8")}
     rng = np.random.default_rng(0)
     x = rng.random((1, 224, 224, 3), dtype=np.float32)
-    result: dict[str, Any] = {"sizes": {k: p.stat().st_size for k, p in paths.items()},
-                              "latency": {}}
+    result: dict[str, Any] = {
+        "sizes": {k: p.stat().st_size for k, p in paths.items()},
+        "latency": {},
+    }
     for threads in sorted({1, os.cpu_count() or 1}):
         runners = {}
         for prec, path in paths.items():
@@ -293,8 +311,11 @@ def render(figures: dict[str, Any], command: str) -> str:
         "",
     ]
     threads = sorted(mb["latency"])
-    head = "| model | size | size ratio | " + " | ".join(
-        f"p50 {t} thread{'s' if t > 1 else ''} | speed-up" for t in threads) + " |"
+    head = (
+        "| model | size | size ratio | "
+        + " | ".join(f"p50 {t} thread{'s' if t > 1 else ''} | speed-up" for t in threads)
+        + " |"
+    )
     lines += [head, "|---" * (3 + 2 * len(threads)) + "|"]
     fp32_size = mb["sizes"]["fp32"]
     for name in mb["latency"][threads[0]]:
@@ -325,7 +346,8 @@ def render(figures: dict[str, Any], command: str) -> str:
         if drops:
             lines.append(
                 f"| {len(drops)} training seeds, {label} | | mean {statistics.fmean(drops):.2f}, "
-                f"min {min(drops):.2f}, max {max(drops):.2f} points |")
+                f"min {min(drops):.2f}, max {max(drops):.2f} points |"
+            )
     lines += ["", "### TFLite (LiteRT Interpreter), digits", ""]
     if isinstance(tfl, str):
         lines.append(tfl)
@@ -339,40 +361,55 @@ def render(figures: dict[str, Any], command: str) -> str:
             lines.append(
                 f"| `digits_{prec}.tflite` | {tfl['sizes'][prec]:,} B | "
                 f"{tfl['accuracy'][prec] * 100:.2f} % | "
-                + " | ".join(f"{fmt_ms(tfl['latency'][t][prec])} ms" for t in tthreads) + " |")
+                + " | ".join(f"{fmt_ms(tfl['latency'][t][prec])} ms" for t in tthreads)
+                + " |"
+            )
         ratio_s = tfl["sizes"]["int8"] / tfl["sizes"]["fp32"]
         speed = " / ".join(
-            f"{tfl['latency'][t]['fp32'] / tfl['latency'][t]['int8']:.2f}x" for t in tthreads)
+            f"{tfl['latency'][t]['fp32'] / tfl['latency'][t]['int8']:.2f}x" for t in tthreads
+        )
         drop = (tfl["accuracy"]["fp32"] - tfl["accuracy"]["int8"]) * 100
         lines.append(f"\nSize ratio {ratio_s:.3f}x, speed-up {speed}, drop {drop:.2f} points.")
         if "mobilenet" in tfl:
             mt = tfl["mobilenet"]
             tt = sorted(mt["latency"])
             lines += [
-                "", "MobileNetV2 (Keras, random weights; `scripts/build_tflite.py --mobilenet DIR`)"
-                " at 224x224x3, batch 1, round-robin:", "",
+                "",
+                "MobileNetV2 (Keras, random weights; `scripts/build_tflite.py --mobilenet DIR`)"
+                " at 224x224x3, batch 1, round-robin:",
+                "",
                 "| model | size | size ratio | "
-                + " | ".join(f"p50 {t} thr. | speed-up" for t in tt) + " |",
+                + " | ".join(f"p50 {t} thr. | speed-up" for t in tt)
+                + " |",
                 "|---" * (3 + 2 * len(tt)) + "|",
             ]
             for prec in ("fp32", "int8"):
-                cells = [f"`mobilenet_{prec}.tflite`", f"{mt['sizes'][prec] / 1e6:.2f} MB",
-                         f"{mt['sizes'][prec] / mt['sizes']['fp32']:.3f}x"]
+                cells = [
+                    f"`mobilenet_{prec}.tflite`",
+                    f"{mt['sizes'][prec] / 1e6:.2f} MB",
+                    f"{mt['sizes'][prec] / mt['sizes']['fp32']:.3f}x",
+                ]
                 for t in tt:
                     lat = mt["latency"][t]
                     cells += [f"{fmt_ms(lat[prec])} ms", f"{lat['fp32'] / lat[prec]:.2f}x"]
                 lines.append("| " + " | ".join(cells) + " |")
     if (figures["cpus"] or 1) <= 2:
-        lines += ["", "With only 2 CPUs, shared with other work while this ran, the all-threads "
-                  "columns mostly measure contention (each run waits for a busy core); the "
-                  "single-thread columns are the comparison to read."]
+        lines += [
+            "",
+            "With only 2 CPUs, shared with other work while this ran, the all-threads "
+            "columns mostly measure contention (each run waits for a busy core); the "
+            "single-thread columns are the comparison to read.",
+        ]
     flags = figures["flags"]
     if "vnni" not in flags and "amx" not in flags:
-        lines += ["", "This host has no VNNI/AMX: INT8 matrix products run on AVX2 "
-                  "(VPMADDUBSW + VPMADDWD), about twice FP32 FMA throughput at best, before "
-                  "depthwise layers, re-quantization and layout transposes take their share. "
-                  "Hosts with VNNI (AVX-512 VNNI, AVX-VNNI) or ARM dot-product instructions "
-                  "were not measured here."]
+        lines += [
+            "",
+            "This host has no VNNI/AMX: INT8 matrix products run on AVX2 "
+            "(VPMADDUBSW + VPMADDWD), about twice FP32 FMA throughput at best, before "
+            "depthwise layers, re-quantization and layout transposes take their share. "
+            "Hosts with VNNI (AVX-512 VNNI, AVX-VNNI) or ARM dot-product instructions "
+            "were not measured here.",
+        ]
     return "\n".join(lines) + "\n\n" + NOTES
 
 
@@ -398,8 +435,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--resolution", type=int, default=224)
     parser.add_argument("--width", type=float, default=1.0, help="MobileNetV2 width multiplier")
     parser.add_argument("--quick", action="store_true", help="fewer INT8 variants (smoke runs)")
-    parser.add_argument("--tflite-mobilenet", type=Path,
-                        help="holds mobilenet_{fp32,int8}.tflite (scripts/build_tflite.py)")
+    parser.add_argument(
+        "--tflite-mobilenet",
+        type=Path,
+        help="holds mobilenet_{fp32,int8}.tflite (scripts/build_tflite.py)",
+    )
     parser.add_argument("--record", action="store_true", help="write docs/BENCHMARKS.md")
     args = parser.parse_args(argv)
     import onnxruntime as ort
@@ -410,8 +450,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="lepton-bench-int8-") as tmp:
         figures = {
             "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"),
-            "cpu": cpu_name(), "cpus": os.cpu_count(), "flags": cpu_flags(),
-            "ort": ort.__version__, "iters": args.iters, "warmup": args.warmup,
+            "cpu": cpu_name(),
+            "cpus": os.cpu_count(),
+            "flags": cpu_flags(),
+            "ort": ort.__version__,
+            "iters": args.iters,
+            "warmup": args.warmup,
             "mobilenet": mobilenet_section(args, Path(tmp)),
             "digits": digits_section(args, Path(tmp)),
             "tflite": tflite_section(args),

@@ -63,7 +63,9 @@ def load_digits_arrays() -> tuple[FloatArray, IntArray]:
 
 
 def digits_splits(
-    *, seed: int = SPLIT_SEED, test_fraction: float = TEST_FRACTION,
+    *,
+    seed: int = SPLIT_SEED,
+    test_fraction: float = TEST_FRACTION,
     calibration_size: int = CALIBRATION_SIZE,
 ) -> DigitsSplits:
     """Stratified train/test split and a stratified calibration subset of the training data.
@@ -90,7 +92,12 @@ def digits_splits(
 
 
 def dirichlet_partition(
-    labels: npt.ArrayLike, n_clients: int, alpha: float, seed: int, *, min_size: int = 1,
+    labels: npt.ArrayLike,
+    n_clients: int,
+    alpha: float,
+    seed: int,
+    *,
+    min_size: int = 1,
     max_tries: int = 1000,
 ) -> list[npt.NDArray[np.int64]]:
     """Split sample indices among ``n_clients`` with label skew drawn from ``Dir(alpha)``.
@@ -156,9 +163,7 @@ def load_npz(path: str | os.PathLike[str]) -> Split:
         return Split(np.asarray(data["x"], dtype=np.float32), np.asarray(data["y"], np.int64))
 
 
-def write_partition(
-    path: str | os.PathLike[str], split: Split, indices: npt.ArrayLike
-) -> Path:
+def write_partition(path: str | os.PathLike[str], split: Split, indices: npt.ArrayLike) -> Path:
     """Write one device's partition (the samples at ``indices``) to ``path`` as .npz."""
     idx = np.asarray(indices, dtype=np.int64)
     return save_npz(path, split.x[idx], split.y[idx])

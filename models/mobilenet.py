@@ -13,8 +13,15 @@ from torch import nn
 
 INPUT_SHAPE = (3, 224, 224)
 # (expansion t, output channels c, repeats n, first stride s), as in the paper's table 2.
-SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
-            (6, 160, 3, 2), (6, 320, 1, 1))
+SETTINGS = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
 
 
 def _divisible(v: float, divisor: int = 8) -> int:
@@ -22,8 +29,9 @@ def _divisible(v: float, divisor: int = 8) -> int:
     return out + divisor if out < 0.9 * v else out
 
 
-def _conv_bn(cin: int, cout: int, kernel: int, stride: int, *, groups: int = 1,
-             act: bool = True) -> nn.Sequential:
+def _conv_bn(
+    cin: int, cout: int, kernel: int, stride: int, *, groups: int = 1, act: bool = True
+) -> nn.Sequential:
     layers: list[nn.Module] = [
         nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
         nn.BatchNorm2d(cout),
@@ -42,8 +50,10 @@ class InvertedResidual(nn.Module):
         layers: list[nn.Module] = []
         if expand != 1:
             layers.append(_conv_bn(cin, hidden, 1, 1))
-        layers += [_conv_bn(hidden, hidden, 3, stride, groups=hidden),
-                   _conv_bn(hidden, cout, 1, 1, act=False)]
+        layers += [
+            _conv_bn(hidden, hidden, 3, stride, groups=hidden),
+            _conv_bn(hidden, cout, 1, 1, act=False),
+        ]
         self.block = nn.Sequential(*layers)
         self.skip = stride == 1 and cin == cout
 
@@ -82,7 +92,11 @@ class MobileNetV2(nn.Module):
 
 
 def build_mobilenet_v2(
-    seed: int = 0, *, n_classes: int = 1000, width: float = 1.0, settle_batches: int = 2,
+    seed: int = 0,
+    *,
+    n_classes: int = 1000,
+    width: float = 1.0,
+    settle_batches: int = 2,
 ) -> MobileNetV2:
     """A seeded, randomly initialised :class:`MobileNetV2` in eval mode.
 

@@ -45,8 +45,12 @@ def accuracy(model: nn.Module, split: Split) -> float:
 
 
 def train_digits(
-    splits: DigitsSplits | None = None, *, epochs: int = 30, batch_size: int = 128,
-    lr: float = 5e-3, seed: int = 0,
+    splits: DigitsSplits | None = None,
+    *,
+    epochs: int = 30,
+    batch_size: int = 128,
+    lr: float = 5e-3,
+    seed: int = 0,
 ) -> TrainResult:
     """Train :class:`DigitsCNN` with Adam on the train split; deterministic for a given seed.
 
@@ -107,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--artifacts", action="store_true",
+        "--artifacts",
+        action="store_true",
         help="also export and quantize (FP32/INT8 ONNX, test set, quantization report)",
     )
     args = parser.parse_args(argv)
@@ -116,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     result = train_digits(splits, epochs=args.epochs, seed=args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.save(result.model.state_dict(), args.out / "digits_cnn.pt")
-    print(f"test accuracy: {result.test_accuracy * 100:.2f} % "
-          f"({len(splits.test)} samples, {result.epochs} epochs)")
+    print(
+        f"test accuracy: {result.test_accuracy * 100:.2f} % "
+        f"({len(splits.test)} samples, {result.epochs} epochs)"
+    )
     if args.artifacts:
         report = build_artifacts(result, splits, args.out)
         print(json.dumps(report, indent=2))

@@ -38,7 +38,11 @@ class SourceReader(CalibrationDataReader):  # type: ignore[misc]  # untyped ORT 
     """
 
     def __init__(
-        self, source: DataSource, input_name: str, *, max_batches: int | None = None,
+        self,
+        source: DataSource,
+        input_name: str,
+        *,
+        max_batches: int | None = None,
         single_samples: bool = False,
     ) -> None:
         self._source = source

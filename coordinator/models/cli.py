@@ -34,11 +34,13 @@ Handler = Callable[[argparse.Namespace], int]
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--data-dir", default=os.environ.get("LEPTON_DATA_DIR", DEFAULT_DATA_DIR),
+        "--data-dir",
+        default=os.environ.get("LEPTON_DATA_DIR", DEFAULT_DATA_DIR),
         help="coordinator data directory holding blobs/ (env LEPTON_DATA_DIR)",
     )
     parser.add_argument(
-        "--database-url", default=os.environ.get("LEPTON_DATABASE_URL", ""),
+        "--database-url",
+        default=os.environ.get("LEPTON_DATABASE_URL", ""),
         help="SQLAlchemy URL (env LEPTON_DATABASE_URL; default sqlite in the data directory)",
     )
 
@@ -72,8 +74,12 @@ def add_models_commands(subparsers: Any) -> argparse.ArgumentParser:
     imp.add_argument("path", type=Path)
     imp.add_argument("--name", required=True)
     imp.add_argument("--precision", required=True, choices=PRECISIONS)
-    imp.add_argument("--format", choices=FORMATS, dest="model_format",
-                     help="default: from the file suffix (.onnx, .tflite, .pt)")
+    imp.add_argument(
+        "--format",
+        choices=FORMATS,
+        dest="model_format",
+        help="default: from the file suffix (.onnx, .tflite, .pt)",
+    )
     imp.add_argument("--parent-version", type=int)
     imp.add_argument("--accuracy-fp32", type=float, help="fraction in [0, 1]")
     imp.add_argument("--accuracy-int8", type=float, help="fraction in [0, 1]")
@@ -86,16 +92,27 @@ def add_models_commands(subparsers: Any) -> argparse.ArgumentParser:
     _common(q)
     q.add_argument("name")
     q.add_argument("--version", type=int, help="FP32 version (default: the latest)")
-    q.add_argument("--calibration", required=True,
-                   help="PATH.npz (array x) or package.module:attr (iterable/callable of batches)")
-    q.add_argument("--eval", required=True, dest="eval_set", type=Path,
-                   help="evaluation set: .npz with arrays x and y")
+    q.add_argument(
+        "--calibration",
+        required=True,
+        help="PATH.npz (array x) or package.module:attr (iterable/callable of batches)",
+    )
+    q.add_argument(
+        "--eval",
+        required=True,
+        dest="eval_set",
+        type=Path,
+        help="evaluation set: .npz with arrays x and y",
+    )
     q.add_argument("--method", choices=CALIBRATION_METHODS, default="minmax")
     q.add_argument("--gate", type=float, default=1.0, help="max accuracy drop in points")
     q.add_argument("--per-tensor", action="store_true", help="per-tensor weights")
     q.add_argument("--activation-type", choices=("int8", "uint8"), default="uint8")
-    q.add_argument("--full-range", action="store_true",
-                   help="8-bit weights (default 7-bit: no saturation in ORT's x86 U8S8 kernels)")
+    q.add_argument(
+        "--full-range",
+        action="store_true",
+        help="8-bit weights (default 7-bit: no saturation in ORT's x86 U8S8 kernels)",
+    )
     q.add_argument("--quant-format", choices=("qdq", "qoperator"), default="qdq")
     q.add_argument("--batch-size", type=int, default=32, help="calibration batch size (.npz)")
     q.add_argument("--max-batches", type=int, help="read at most this many calibration batches")
@@ -134,12 +151,35 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.to_dict() for r in records], indent=2))
         return 0
-    rows = [("NAME", "VER", "FORMAT", "PREC", "SIZE", "PARAMS", "FLOPS", "ACC32", "ACC8",
-             "PARENT", "DIGEST")]
+    rows = [
+        (
+            "NAME",
+            "VER",
+            "FORMAT",
+            "PREC",
+            "SIZE",
+            "PARAMS",
+            "FLOPS",
+            "ACC32",
+            "ACC8",
+            "PARENT",
+            "DIGEST",
+        )
+    ]
     rows += [
-        (r.name, str(r.version), r.format, r.precision, _short(r.size), _short(r.param_count),
-         _short(r.flops), _pct(r.accuracy_fp32), _pct(r.accuracy_int8),
-         str(r.parent_version or "-"), r.digest[:12])
+        (
+            r.name,
+            str(r.version),
+            r.format,
+            r.precision,
+            _short(r.size),
+            _short(r.param_count),
+            _short(r.flops),
+            _pct(r.accuracy_fp32),
+            _pct(r.accuracy_int8),
+            str(r.parent_version or "-"),
+            r.digest[:12],
+        )
         for r in records
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -161,12 +201,19 @@ def cmd_import(args: argparse.Namespace) -> int:
     if fmt is None:
         raise ValueError(f"cannot tell the format of {args.path.name}; pass --format")
     record = open_registry(args).import_file(
-        args.path, name=args.name, format=fmt, precision=args.precision,
-        parent_version=args.parent_version, accuracy_fp32=args.accuracy_fp32,
-        accuracy_int8=args.accuracy_int8, eval_samples=args.eval_samples,
+        args.path,
+        name=args.name,
+        format=fmt,
+        precision=args.precision,
+        parent_version=args.parent_version,
+        accuracy_fp32=args.accuracy_fp32,
+        accuracy_int8=args.accuracy_int8,
+        eval_samples=args.eval_samples,
     )
-    print(f"{record.name} v{record.version} {record.format}/{record.precision} "
-          f"sha256:{record.digest} ({record.size} bytes)")
+    print(
+        f"{record.name} v{record.version} {record.format}/{record.precision} "
+        f"sha256:{record.digest} ({record.size} bytes)"
+    )
     return 0
 
 
@@ -177,30 +224,45 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     registry = open_registry(args)
     parent = registry.get(args.name, args.version, precision="fp32", format="onnx")
     config = QuantizationConfig(
-        calibration=args.method, gate_points=args.gate, per_channel=not args.per_tensor,
-        activation_type=args.activation_type, quant_format=args.quant_format,
+        calibration=args.method,
+        gate_points=args.gate,
+        per_channel=not args.per_tensor,
+        activation_type=args.activation_type,
+        quant_format=args.quant_format,
         reduce_range=not args.full_range,
         max_calibration_batches=args.max_batches,
     )
     source = load_source(args.calibration, batch_size=args.batch_size)
     with tempfile.TemporaryDirectory(prefix="lepton-quant-") as tmp:
         result = quantize_model(
-            registry.blob_path(parent.digest), calibration=source,
-            evaluation=load_eval_set(args.eval_set), out_dir=tmp, stem=parent.name,
+            registry.blob_path(parent.digest),
+            calibration=source,
+            evaluation=load_eval_set(args.eval_set),
+            out_dir=tmp,
+            stem=parent.name,
             config=config,
         )
         published = publish(registry, result, name=parent.name)
     report = result.report
     if args.json:
-        print(json.dumps(
-            {"fp32": published.fp32.to_dict(), "int8": published.int8.to_dict(),
-             "report": report.to_dict()}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "fp32": published.fp32.to_dict(),
+                    "int8": published.int8.to_dict(),
+                    "report": report.to_dict(),
+                },
+                indent=2,
+            )
+        )
     else:
-        print(f"{parent.name} v{published.int8.version} int8 (from v{parent.version}): "
-              f"accuracy {report.accuracy_fp32 * 100:.2f} -> {report.accuracy_int8 * 100:.2f} % "
-              f"(drop {report.drop_points:.2f} points, gate {report.gate_points:.2f}), "
-              f"{report.size_fp32} -> {report.size_int8} bytes, "
-              f"p50 {report.latency_fp32.p50_ms:.3f} -> {report.latency_int8.p50_ms:.3f} ms")
+        print(
+            f"{parent.name} v{published.int8.version} int8 (from v{parent.version}): "
+            f"accuracy {report.accuracy_fp32 * 100:.2f} -> {report.accuracy_int8 * 100:.2f} % "
+            f"(drop {report.drop_points:.2f} points, gate {report.gate_points:.2f}), "
+            f"{report.size_fp32} -> {report.size_int8} bytes, "
+            f"p50 {report.latency_fp32.p50_ms:.3f} -> {report.latency_int8.p50_ms:.3f} ms"
+        )
     return 0
 
 

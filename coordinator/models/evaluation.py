@@ -26,7 +26,10 @@ def top1_accuracy(logits: npt.NDArray[Any], labels: npt.NDArray[Any]) -> float:
 
 
 def make_session(
-    path: str | Path, *, threads: int = 0, optimization: str = "all",
+    path: str | Path,
+    *,
+    threads: int = 0,
+    optimization: str = "all",
 ) -> Any:
     """An ONNX Runtime CPU session; ``threads`` 0 lets ORT use every core.
 
@@ -53,15 +56,19 @@ def predict(session: Any, x: npt.NDArray[Any], *, batch_size: int = 256) -> npt.
     """Run a single-input, single-output session over ``x`` in batches; outputs concatenated."""
     name = session.get_inputs()[0].name
     outs = [
-        session.run(None, {name: x[i : i + batch_size]})[0]
-        for i in range(0, len(x), batch_size)
+        session.run(None, {name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)
     ]
     return np.concatenate(outs, axis=0)
 
 
 def evaluate(
-    path: str | Path, x: npt.NDArray[Any], y: npt.NDArray[Any], *, metric: Metric = top1_accuracy,
-    batch_size: int = 256, optimization: str = "all",
+    path: str | Path,
+    x: npt.NDArray[Any],
+    y: npt.NDArray[Any],
+    *,
+    metric: Metric = top1_accuracy,
+    batch_size: int = 256,
+    optimization: str = "all",
 ) -> float:
     """``metric(outputs, y)`` of the model at ``path`` over the evaluation set ``(x, y)``."""
     session = make_session(path, optimization=optimization)
@@ -84,8 +91,13 @@ class Latency:
 
 
 def measure_latency(
-    path: str | Path, sample: npt.NDArray[Any], *, threads: int = 1, runs: int = 50,
-    warmup: int = 5, optimization: str = "all",
+    path: str | Path,
+    sample: npt.NDArray[Any],
+    *,
+    threads: int = 1,
+    runs: int = 50,
+    warmup: int = 5,
+    optimization: str = "all",
 ) -> Latency:
     """Time ``runs`` runs of ``sample`` (after ``warmup`` untimed ones) on one session."""
     if runs < 1:

@@ -35,8 +35,13 @@ def _min_ir_version(opset: int) -> int:
 
 
 def export_onnx(
-    model: torch.nn.Module, path: str | Path, *, sample: npt.NDArray[Any],
-    input_name: str = "input", output_name: str = "logits", opset: int = DEFAULT_OPSET,
+    model: torch.nn.Module,
+    path: str | Path,
+    *,
+    sample: npt.NDArray[Any],
+    input_name: str = "input",
+    output_name: str = "logits",
+    opset: int = DEFAULT_OPSET,
     dynamic_batch: bool = True,
 ) -> Path:
     """Export ``model`` (in eval mode) to a single ONNX file with torch's exporter.
@@ -59,9 +64,16 @@ def export_onnx(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.onnx.export(
-                model, (example,), str(dest), input_names=[input_name],
-                output_names=[output_name], opset_version=opset, dynamic_shapes=dynamic,
-                dynamo=True, external_data=False, verbose=False,
+                model,
+                (example,),
+                str(dest),
+                input_names=[input_name],
+                output_names=[output_name],
+                opset_version=opset,
+                dynamic_shapes=dynamic,
+                dynamo=True,
+                external_data=False,
+                verbose=False,
             )
         for w in caught:
             log.debug("torch.onnx.export: %s: %s", w.category.__name__, w.message)

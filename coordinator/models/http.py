@@ -62,7 +62,8 @@ def make_router(registry: ModelRegistry) -> APIRouter:
 
     @router.get("/v1/models/{name}/{version}")
     def get_model_version(
-        name: ModelName, version: Annotated[int, Path(ge=1, le=2**31 - 1)],
+        name: ModelName,
+        version: Annotated[int, Path(ge=1, le=2**31 - 1)],
     ) -> dict[str, Any]:
         try:
             return registry.get(name, version).to_dict()

@@ -193,7 +193,9 @@ def _input_name(path: Path) -> str:
 
 
 def quantize_onnx(
-    fp32_path: str | Path, int8_path: str | Path, calibration: DataSource,
+    fp32_path: str | Path,
+    int8_path: str | Path,
+    calibration: DataSource,
     config: QuantizationConfig | None = None,
 ) -> CalibrationDetails:
     """Pre-process and statically quantize an FP32 ONNX file; returns what was used."""
@@ -213,7 +215,9 @@ def quantize_onnx(
     if cfg.calibration == "percentile":
         extra["CalibPercentile"] = cfg.percentile
     reader = SourceReader(
-        calibration, _input_name(src), max_batches=cfg.max_calibration_batches,
+        calibration,
+        _input_name(src),
+        max_batches=cfg.max_calibration_batches,
         # ORT's histogram calibrators stack per-batch outputs, so every batch must have the
         # same shape; single samples guarantee that whatever batches the source yields.
         single_samples=cfg.calibration != "minmax",
@@ -226,10 +230,13 @@ def quantize_onnx(
             raise QuantizationError("pre_process", str(exc)) from exc
         try:
             quantize_static(
-                str(pre), str(dest), reader,
+                str(pre),
+                str(dest),
+                reader,
                 quant_format=fmt,
                 op_types_to_quantize=list(cfg.op_types_to_quantize)
-                if cfg.op_types_to_quantize else None,
+                if cfg.op_types_to_quantize
+                else None,
                 per_channel=cfg.per_channel,
                 reduce_range=cfg.reduce_range,
                 activation_type=_quant_type(cfg.activation_type),
@@ -244,9 +251,13 @@ def quantize_onnx(
         raise QuantizationError("calibrate", "the calibration data source yielded no batches")
     _prune_opset_imports(dest)
     return CalibrationDetails(
-        method=cfg.calibration, batches=reader.batches, samples=reader.samples,
-        per_channel=cfg.per_channel, activation_type=cfg.activation_type,
-        weight_type=cfg.weight_type, quant_format=cfg.quant_format,
+        method=cfg.calibration,
+        batches=reader.batches,
+        samples=reader.samples,
+        per_channel=cfg.per_channel,
+        activation_type=cfg.activation_type,
+        weight_type=cfg.weight_type,
+        quant_format=cfg.quant_format,
         reduce_range=cfg.reduce_range,
         percentile=cfg.percentile if cfg.calibration == "percentile" else None,
         onnxruntime=onnxruntime.__version__,
@@ -266,10 +277,15 @@ def host_description() -> str:
 
 
 def quantize_model(
-    source: torch.nn.Module | str | Path, *, calibration: DataSource,
-    evaluation: tuple[npt.NDArray[Any], npt.NDArray[Any]], out_dir: str | Path,
-    stem: str = "model", config: QuantizationConfig | None = None,
-    sample_input: npt.NDArray[Any] | None = None, metric: Metric = top1_accuracy,
+    source: torch.nn.Module | str | Path,
+    *,
+    calibration: DataSource,
+    evaluation: tuple[npt.NDArray[Any], npt.NDArray[Any]],
+    out_dir: str | Path,
+    stem: str = "model",
+    config: QuantizationConfig | None = None,
+    sample_input: npt.NDArray[Any] | None = None,
+    metric: Metric = top1_accuracy,
     enforce_gate: bool = True,
 ) -> QuantizationResult:
     """Run the whole pipeline; writes ``{stem}_fp32.onnx`` and ``{stem}_int8.onnx`` in ``out_dir``.
@@ -308,9 +324,11 @@ def quantize_model(
         size_fp32=fp32_path.stat().st_size,
         size_int8=int8_path.stat().st_size,
         latency_fp32=measure_latency(
-            fp32_path, sample1, threads=cfg.latency_threads, runs=cfg.latency_runs),
+            fp32_path, sample1, threads=cfg.latency_threads, runs=cfg.latency_runs
+        ),
         latency_int8=measure_latency(
-            int8_path, sample1, threads=cfg.latency_threads, runs=cfg.latency_runs),
+            int8_path, sample1, threads=cfg.latency_threads, runs=cfg.latency_runs
+        ),
         calibration=details,
         int8_ops=op_histogram(int8_path),
         host=host_description(),
@@ -319,8 +337,13 @@ def quantize_model(
     )
     log.info(
         "quantized %s: fp32 %.2f %%, int8 %.2f %%, drop %.2f points (gate %.2f), %d -> %d bytes",
-        stem, acc_fp32 * 100, acc_int8 * 100, report.drop_points, cfg.gate_points,
-        report.size_fp32, report.size_int8,
+        stem,
+        acc_fp32 * 100,
+        acc_int8 * 100,
+        report.drop_points,
+        cfg.gate_points,
+        report.size_fp32,
+        report.size_int8,
     )
     if enforce_gate and not report.passed:
         raise AccuracyGateError(report)
@@ -338,29 +361,50 @@ def publish(registry: ModelRegistry, result: QuantizationResult, *, name: str) -
     if not report.passed:
         raise AccuracyGateError(report)
     fp32 = registry.import_file(
-        result.fp32_path, name=name, format="onnx", precision="fp32",
-        accuracy_fp32=report.accuracy_fp32, eval_samples=report.eval_samples,
+        result.fp32_path,
+        name=name,
+        format="onnx",
+        precision="fp32",
+        accuracy_fp32=report.accuracy_fp32,
+        eval_samples=report.eval_samples,
     )
     int8 = registry.import_file(
-        result.int8_path, name=name, format="onnx", precision="int8",
-        param_count=fp32.param_count, flops=fp32.flops,
-        accuracy_fp32=report.accuracy_fp32, accuracy_int8=report.accuracy_int8,
-        eval_samples=report.eval_samples, calibration=report.calibration.to_dict(),
+        result.int8_path,
+        name=name,
+        format="onnx",
+        precision="int8",
+        param_count=fp32.param_count,
+        flops=fp32.flops,
+        accuracy_fp32=report.accuracy_fp32,
+        accuracy_int8=report.accuracy_int8,
+        eval_samples=report.eval_samples,
+        calibration=report.calibration.to_dict(),
         parent_version=fp32.version,
     )
     return Published(fp32=fp32, int8=int8, report=report)
 
 
 def quantize_and_publish(
-    registry: ModelRegistry, *, name: str, source: torch.nn.Module | str | Path,
-    calibration: DataSource, evaluation: tuple[npt.NDArray[Any], npt.NDArray[Any]],
-    config: QuantizationConfig | None = None, sample_input: npt.NDArray[Any] | None = None,
+    registry: ModelRegistry,
+    *,
+    name: str,
+    source: torch.nn.Module | str | Path,
+    calibration: DataSource,
+    evaluation: tuple[npt.NDArray[Any], npt.NDArray[Any]],
+    config: QuantizationConfig | None = None,
+    sample_input: npt.NDArray[Any] | None = None,
     metric: Metric = top1_accuracy,
 ) -> Published:
     """:func:`quantize_model` in a scratch directory, then :func:`publish` under ``name``."""
     with tempfile.TemporaryDirectory(prefix="lepton-quant-") as tmp:
         result = quantize_model(
-            source, calibration=calibration, evaluation=evaluation, out_dir=tmp, stem=name,
-            config=config, sample_input=sample_input, metric=metric,
+            source,
+            calibration=calibration,
+            evaluation=evaluation,
+            out_dir=tmp,
+            stem=name,
+            config=config,
+            sample_input=sample_input,
+            metric=metric,
         )
         return publish(registry, result, name=name)

@@ -69,27 +69,43 @@ class ModelRecord:
     @classmethod
     def from_row(cls, row: RowMapping) -> ModelRecord:
         return cls(
-            name=row["name"], version=row["version"], digest=row["digest"], size=row["size"],
-            format=row["format"], precision=row["precision"],
+            name=row["name"],
+            version=row["version"],
+            digest=row["digest"],
+            size=row["size"],
+            format=row["format"],
+            precision=row["precision"],
             inputs=tuple(TensorSpec.from_dict(d) for d in row["inputs"]),
             outputs=tuple(TensorSpec.from_dict(d) for d in row["outputs"]),
-            param_count=row["param_count"], flops=row["flops"],
-            accuracy_fp32=row["accuracy_fp32"], accuracy_int8=row["accuracy_int8"],
-            eval_samples=row["eval_samples"], calibration=row["calibration"],
-            parent_version=row["parent_version"], created_at=row["created_at"],
+            param_count=row["param_count"],
+            flops=row["flops"],
+            accuracy_fp32=row["accuracy_fp32"],
+            accuracy_int8=row["accuracy_int8"],
+            eval_samples=row["eval_samples"],
+            calibration=row["calibration"],
+            parent_version=row["parent_version"],
+            created_at=row["created_at"],
         )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data (what ``GET /v1/models`` returns)."""
         return {
-            "name": self.name, "version": self.version, "digest": self.digest,
-            "size": self.size, "format": self.format, "precision": self.precision,
+            "name": self.name,
+            "version": self.version,
+            "digest": self.digest,
+            "size": self.size,
+            "format": self.format,
+            "precision": self.precision,
             "inputs": [s.to_dict() for s in self.inputs],
             "outputs": [s.to_dict() for s in self.outputs],
-            "param_count": self.param_count, "flops": self.flops,
-            "accuracy_fp32": self.accuracy_fp32, "accuracy_int8": self.accuracy_int8,
-            "eval_samples": self.eval_samples, "calibration": self.calibration,
-            "parent_version": self.parent_version, "created_at": self.created_at,
+            "param_count": self.param_count,
+            "flops": self.flops,
+            "accuracy_fp32": self.accuracy_fp32,
+            "accuracy_int8": self.accuracy_int8,
+            "eval_samples": self.eval_samples,
+            "calibration": self.calibration,
+            "parent_version": self.parent_version,
+            "created_at": self.created_at,
         }
 
 
@@ -102,7 +118,11 @@ class ModelRegistry:
     """
 
     def __init__(
-        self, engine: Engine, data_dir: str | os.PathLike[str], *, create_tables: bool = True,
+        self,
+        engine: Engine,
+        data_dir: str | os.PathLike[str],
+        *,
+        create_tables: bool = True,
     ) -> None:
         self.engine = engine
         self.blobs = BlobStore(data_dir)
@@ -154,21 +174,32 @@ class ModelRegistry:
             # transaction usable when the insert loses that race.
             try:
                 with conn.begin_nested():
-                    conn.execute(insert(tables.blobs).values(
-                        digest=digest, size=size, created_at=time.time()))
+                    conn.execute(
+                        insert(tables.blobs).values(
+                            digest=digest, size=size, created_at=time.time()
+                        )
+                    )
             except IntegrityError:
                 pass
 
     # ------------------------------------------------------------------ models
 
     def import_file(
-        self, path: str | os.PathLike[str], *, name: str, format: ModelFormat,
-        precision: Precision, version: int | None = None,
+        self,
+        path: str | os.PathLike[str],
+        *,
+        name: str,
+        format: ModelFormat,
+        precision: Precision,
+        version: int | None = None,
         inputs: list[TensorSpec] | tuple[TensorSpec, ...] | None = None,
         outputs: list[TensorSpec] | tuple[TensorSpec, ...] | None = None,
-        param_count: int | None = None, flops: int | None = None,
-        accuracy_fp32: float | None = None, accuracy_int8: float | None = None,
-        eval_samples: int | None = None, calibration: dict[str, Any] | None = None,
+        param_count: int | None = None,
+        flops: int | None = None,
+        accuracy_fp32: float | None = None,
+        accuracy_int8: float | None = None,
+        eval_samples: int | None = None,
+        calibration: dict[str, Any] | None = None,
         parent_version: int | None = None,
     ) -> ModelRecord:
         """Store a model file and register it as the next version of ``name``.
@@ -192,14 +223,19 @@ class ModelRegistry:
             info = inspect_model(Path(path), format)
         digest, size = self.blobs.put_file(path)
         values: dict[str, Any] = {
-            "name": name, "digest": digest, "size": size, "format": format,
+            "name": name,
+            "digest": digest,
+            "size": size,
+            "format": format,
             "precision": precision,
             "inputs": [s.to_dict() for s in (inputs if inputs is not None else info.inputs)],
             "outputs": [s.to_dict() for s in (outputs if outputs is not None else info.outputs)],
             "param_count": param_count if param_count is not None else info.param_count,
             "flops": flops if flops is not None else info.flops,
-            "accuracy_fp32": accuracy_fp32, "accuracy_int8": accuracy_int8,
-            "eval_samples": eval_samples, "calibration": calibration,
+            "accuracy_fp32": accuracy_fp32,
+            "accuracy_int8": accuracy_int8,
+            "eval_samples": eval_samples,
+            "calibration": calibration,
             "parent_version": parent_version,
         }
         for _ in range(_VERSION_RETRIES):
@@ -209,12 +245,17 @@ class ModelRegistry:
                     existing = self._select_one(conn, name=name, digest=digest)
                     if existing is not None:
                         return existing
-                    if parent_version is not None and self._select_one(
-                        conn, name=name, version=parent_version) is None:
+                    if (
+                        parent_version is not None
+                        and self._select_one(conn, name=name, version=parent_version) is None
+                    ):
                         raise NotFoundError("model", f"{name}@{parent_version}")
                     number = version if version is not None else self._next_version(conn, name)
-                    conn.execute(insert(tables.model_versions).values(
-                        **values, version=number, created_at=time.time()))
+                    conn.execute(
+                        insert(tables.model_versions).values(
+                            **values, version=number, created_at=time.time()
+                        )
+                    )
                     record = self._select_one(conn, name=name, version=number)
                     assert record is not None
                     return record
@@ -227,7 +268,8 @@ class ModelRegistry:
                     if existing is not None:
                         return existing
                     raise ConflictError(
-                        "model", f"{name}@{version}", "version already taken") from exc
+                        "model", f"{name}@{version}", "version already taken"
+                    ) from exc
         raise ConflictError("model", name, "could not allocate a version number")
 
     def import_bytes(self, data: bytes, *, suffix: str = "", **kwargs: Any) -> ModelRecord:
@@ -238,7 +280,11 @@ class ModelRegistry:
             return self.import_file(path, **kwargs)
 
     def get(
-        self, name: str, version: int | None = None, *, precision: Precision | None = None,
+        self,
+        name: str,
+        version: int | None = None,
+        *,
+        precision: Precision | None = None,
         format: ModelFormat | None = None,
     ) -> ModelRecord:
         """A version of ``name`` (the latest matching ``precision``/``format`` when None).
@@ -248,8 +294,11 @@ class ModelRegistry:
         with self.engine.connect() as conn:
             if version is not None:
                 rec = self._select_one(conn, name=name, version=version)
-                if rec is None or (precision and rec.precision != precision) or (
-                    format and rec.format != format):
+                if (
+                    rec is None
+                    or (precision and rec.precision != precision)
+                    or (format and rec.format != format)
+                ):
                     raise NotFoundError("model", f"{name}@{version}")
                 return rec
             t = tables.model_versions
@@ -258,9 +307,11 @@ class ModelRegistry:
                 cond.append(t.c.precision == precision)
             if format:
                 cond.append(t.c.format == format)
-            row = conn.execute(
-                select(t).where(and_(*cond)).order_by(t.c.version.desc()).limit(1)
-            ).mappings().first()
+            row = (
+                conn.execute(select(t).where(and_(*cond)).order_by(t.c.version.desc()).limit(1))
+                .mappings()
+                .first()
+            )
         if row is None:
             raise NotFoundError("model", name)
         return ModelRecord.from_row(row)
@@ -270,9 +321,11 @@ class ModelRegistry:
         check_digest(digest)
         t = tables.model_versions
         with self.engine.connect() as conn:
-            row = conn.execute(
-                select(t).where(t.c.digest == digest).order_by(t.c.id).limit(1)
-            ).mappings().first()
+            row = (
+                conn.execute(select(t).where(t.c.digest == digest).order_by(t.c.id).limit(1))
+                .mappings()
+                .first()
+            )
         if row is None:
             raise NotFoundError("model digest", digest)
         return ModelRecord.from_row(row)

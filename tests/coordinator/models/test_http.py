@@ -42,8 +42,13 @@ async def test_full_get_and_head(client: httpx.AsyncClient) -> None:
 
 @pytest.mark.parametrize(
     ("spec", "start", "end"),
-    [("bytes=0-0", 0, 0), ("bytes=100-199", 100, 199), ("bytes=10000-", 10000, 10239),
-     ("bytes=-40", 10200, 10239), ("bytes=10200-999999", 10200, 10239)],
+    [
+        ("bytes=0-0", 0, 0),
+        ("bytes=100-199", 100, 199),
+        ("bytes=10000-", 10000, 10239),
+        ("bytes=-40", 10200, 10239),
+        ("bytes=10200-999999", 10200, 10239),
+    ],
 )
 async def test_single_range(client: httpx.AsyncClient, spec: str, start: int, end: int) -> None:
     r = await client.get(f"/v1/blobs/{DIGEST}", headers={"Range": spec})
@@ -56,11 +61,13 @@ async def test_single_range(client: httpx.AsyncClient, spec: str, start: int, en
 
 async def test_resume_with_if_range(client: httpx.AsyncClient) -> None:
     ok = await client.get(
-        f"/v1/blobs/{DIGEST}", headers={"Range": "bytes=5000-", "If-Range": f'"{DIGEST}"'})
+        f"/v1/blobs/{DIGEST}", headers={"Range": "bytes=5000-", "If-Range": f'"{DIGEST}"'}
+    )
     assert ok.status_code == 206
     assert ok.content == DATA[5000:]
     stale = await client.get(
-        f"/v1/blobs/{DIGEST}", headers={"Range": "bytes=5000-", "If-Range": '"other"'})
+        f"/v1/blobs/{DIGEST}", headers={"Range": "bytes=5000-", "If-Range": '"other"'}
+    )
     assert stale.status_code == 200
     assert stale.content == DATA
 
@@ -81,8 +88,9 @@ async def test_unknown_and_malformed_digests(client: httpx.AsyncClient) -> None:
 
 
 async def test_model_metadata(client: httpx.AsyncClient, registry: ModelRegistry) -> None:
-    registry.import_bytes(b"v2", name="blobby", format="torch", precision="int8",
-                          parent_version=1, accuracy_int8=0.9)
+    registry.import_bytes(
+        b"v2", name="blobby", format="torch", precision="int8", parent_version=1, accuracy_int8=0.9
+    )
     listing = (await client.get("/v1/models")).json()["models"]
     assert [(m["name"], m["version"]) for m in listing] == [("blobby", 1), ("blobby", 2)]
     one = (await client.get("/v1/models/blobby")).json()

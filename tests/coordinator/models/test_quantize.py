@@ -33,11 +33,17 @@ def _eval(test: Split) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_within_gate_publishes_int8_with_parent(
-    registry: ModelRegistry, digits_fp32: Path, digits_test: Split, splits: DigitsSplits,
+    registry: ModelRegistry,
+    digits_fp32: Path,
+    digits_test: Split,
+    splits: DigitsSplits,
 ) -> None:
     published = quantize_and_publish(
-        registry, name="digits", source=digits_fp32,
-        calibration=splits.calibration.batches(32), evaluation=_eval(digits_test),
+        registry,
+        name="digits",
+        source=digits_fp32,
+        calibration=splits.calibration.batches(32),
+        evaluation=_eval(digits_test),
         config=QuantizationConfig(latency_runs=RUNS),
     )
     report = published.report
@@ -59,15 +65,22 @@ def test_within_gate_publishes_int8_with_parent(
 
 
 def test_bad_calibration_is_refused_with_the_figures(
-    registry: ModelRegistry, digits_fp32: Path, digits_test: Split, splits: DigitsSplits,
+    registry: ModelRegistry,
+    digits_fp32: Path,
+    digits_test: Split,
+    splits: DigitsSplits,
     tmp_path: Path,
 ) -> None:
     # Calibrating on images 100x too dark clips every real activation.
     dark = [b * 0.01 for b in splits.calibration.batches(32)]
     with pytest.raises(AccuracyGateError) as info:
         quantize_model(
-            digits_fp32, calibration=dark, evaluation=_eval(digits_test), out_dir=tmp_path,
-            stem="digits", config=QuantizationConfig(latency_runs=RUNS),
+            digits_fp32,
+            calibration=dark,
+            evaluation=_eval(digits_test),
+            out_dir=tmp_path,
+            stem="digits",
+            config=QuantizationConfig(latency_runs=RUNS),
         )
     err = info.value
     assert err.drop_points > 1.0
@@ -79,15 +92,22 @@ def test_bad_calibration_is_refused_with_the_figures(
 
 
 def test_publish_rechecks_the_gate(
-    registry: ModelRegistry, digits_fp32: Path, digits_test: Split, splits: DigitsSplits,
+    registry: ModelRegistry,
+    digits_fp32: Path,
+    digits_test: Split,
+    splits: DigitsSplits,
     tmp_path: Path,
 ) -> None:
     with pytest.raises(ValueError, match="gate_points"):
         QuantizationConfig(gate_points=-1.0)
     dim = [b * 0.05 for b in splits.calibration.batches(32)]
     result = quantize_model(
-        digits_fp32, calibration=dim, evaluation=_eval(digits_test), out_dir=tmp_path,
-        stem="digits", config=QuantizationConfig(gate_points=0.1, latency_runs=RUNS),
+        digits_fp32,
+        calibration=dim,
+        evaluation=_eval(digits_test),
+        out_dir=tmp_path,
+        stem="digits",
+        config=QuantizationConfig(gate_points=0.1, latency_runs=RUNS),
         enforce_gate=False,
     )
     assert not result.report.passed
@@ -99,13 +119,19 @@ def test_publish_rechecks_the_gate(
 
 @pytest.mark.parametrize("method", ["entropy", "percentile"])
 def test_histogram_calibrations_accept_ragged_batches(
-    method: CalibrationName, digits_fp32: Path, digits_test: Split, splits: DigitsSplits,
+    method: CalibrationName,
+    digits_fp32: Path,
+    digits_test: Split,
+    splits: DigitsSplits,
     tmp_path: Path,
 ) -> None:
     batches = splits.calibration.batches(100)  # 100, 100, 56
     result = quantize_model(
-        digits_fp32, calibration=lambda: iter(batches), evaluation=_eval(digits_test),
-        out_dir=tmp_path, stem="d",
+        digits_fp32,
+        calibration=lambda: iter(batches),
+        evaluation=_eval(digits_test),
+        out_dir=tmp_path,
+        stem="d",
         config=QuantizationConfig(calibration=method, latency_runs=RUNS),
     )
     assert result.report.calibration.method == method
@@ -114,7 +140,9 @@ def test_histogram_calibrations_accept_ragged_batches(
 
 
 def test_torch_source_is_exported_with_named_dynamic_io(
-    digits_test: Split, splits: DigitsSplits, tmp_path: Path,
+    digits_test: Split,
+    splits: DigitsSplits,
+    tmp_path: Path,
 ) -> None:
     import onnx
     import torch
@@ -123,8 +151,12 @@ def test_torch_source_is_exported_with_named_dynamic_io(
 
     model = build_digits_cnn(1)
     result = quantize_model(
-        model, calibration=splits.calibration.batches(64), evaluation=_eval(digits_test),
-        out_dir=tmp_path, stem="fresh", enforce_gate=False,
+        model,
+        calibration=splits.calibration.batches(64),
+        evaluation=_eval(digits_test),
+        out_dir=tmp_path,
+        stem="fresh",
+        enforce_gate=False,
         config=QuantizationConfig(latency_runs=RUNS),
     )
     proto = onnx.load(str(result.fp32_path))
@@ -144,15 +176,26 @@ def test_torch_source_is_exported_with_named_dynamic_io(
 
 
 def test_empty_calibration_and_bad_inputs(
-    digits_fp32: Path, digits_test: Split, tmp_path: Path,
+    digits_fp32: Path,
+    digits_test: Split,
+    tmp_path: Path,
 ) -> None:
     with pytest.raises(QuantizationError) as info:
-        quantize_model(digits_fp32, calibration=[], evaluation=_eval(digits_test),
-                       out_dir=tmp_path, config=QuantizationConfig(latency_runs=RUNS))
+        quantize_model(
+            digits_fp32,
+            calibration=[],
+            evaluation=_eval(digits_test),
+            out_dir=tmp_path,
+            config=QuantizationConfig(latency_runs=RUNS),
+        )
     assert info.value.stage in ("calibrate", "quantize")
     with pytest.raises(ValueError, match="evaluation"):
-        quantize_model(digits_fp32, calibration=[], evaluation=(digits_test.x, digits_test.y[:3]),
-                       out_dir=tmp_path)
+        quantize_model(
+            digits_fp32,
+            calibration=[],
+            evaluation=(digits_test.x, digits_test.y[:3]),
+            out_dir=tmp_path,
+        )
     with pytest.raises(ValueError, match="calibration"):
         QuantizationConfig(calibration="magic")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="opset"):

@@ -17,7 +17,11 @@ from coordinator.models.registry import ModelRegistry
 
 def test_import_reads_specs_and_round_trips(registry: ModelRegistry, digits_fp32: Path) -> None:
     rec = registry.import_file(
-        digits_fp32, name="digits", format="onnx", precision="fp32", accuracy_fp32=0.9778,
+        digits_fp32,
+        name="digits",
+        format="onnx",
+        precision="fp32",
+        accuracy_fp32=0.9778,
         eval_samples=450,
     )
     data = digits_fp32.read_bytes()
@@ -36,16 +40,26 @@ def test_import_reads_specs_and_round_trips(registry: ModelRegistry, digits_fp32
     with registry.open_blob(rec.digest) as fh:
         assert fh.read() == data
     assert registry.blob_path(rec.digest).relative_to(registry.blobs.root).parts == (
-        "blobs", "sha256", rec.digest[:2], rec.digest)
+        "blobs",
+        "sha256",
+        rec.digest[:2],
+        rec.digest,
+    )
     assert rec.to_dict()["inputs"] == [
-        {"name": "input", "dtype": "float32", "shape": ["batch", 1, 8, 8]}]
+        {"name": "input", "dtype": "float32", "shape": ["batch", 1, 8, 8]}
+    ]
 
 
 def test_versions_parent_and_lookup_filters(registry: ModelRegistry, tmp_path: Path) -> None:
     fp32 = registry.import_bytes(b"fp32 weights", name="m", format="torch", precision="fp32")
     int8 = registry.import_bytes(
-        b"int8 weights", name="m", format="torch", precision="int8", parent_version=fp32.version,
-        calibration={"method": "minmax", "samples": 256}, accuracy_int8=0.97,
+        b"int8 weights",
+        name="m",
+        format="torch",
+        precision="int8",
+        parent_version=fp32.version,
+        calibration={"method": "minmax", "samples": 256},
+        accuracy_int8=0.97,
     )
     assert (fp32.version, int8.version) == (1, 2)
     assert int8.parent_version == 1
