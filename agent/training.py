@@ -4,7 +4,8 @@ The device's data never leaves it. A ``train`` task fetches the round's global w
 content address, trains the job's torch model on a named local data source, and uploads only
 the update (local weights minus global weights), encoded with :mod:`protocol.weights`, over
 HTTP; the result carries the update's digest, size and a few figures. torch is imported
-only when one of these tasks runs, never at agent start-up.
+only when one of these tasks runs, never at agent start-up. The torch loop itself is in
+:mod:`agent.torchtrain`, the retried upload in :mod:`agent.upload`.
 
 ``train`` params (the coordinator sends exactly these; other keys, such as ``timeout_s``,
 are ignored):
@@ -62,14 +63,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import importlib
 import logging
-import math
 import os
-import random
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, TypeVar
@@ -77,16 +74,17 @@ from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, TypeVar
 import msgspec
 from msgspec import Meta
 
+from agent import torchtrain
 from agent.datasources import DataSourceError, DataSources
 from agent.handlers import TaskContext, TaskError
 from agent.models import DeploySpec, ModelError, ModelManager
+from agent.upload import check_url, upload
 from protocol.errors import DecodeError
 from protocol.messages import Task
 
 if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
-    import torch
 
     from agent.datasources import Dataset
 
@@ -103,7 +101,6 @@ TRANSFORM_KEY: Final = "update_transform"
 #: Weight blobs kept in the cache besides those used in the last ``KEEP_RECENT_S`` seconds.
 KEEP_WEIGHTS: Final = 3
 KEEP_RECENT_S: Final = 600.0
-DIGEST_HEADER: Final = "X-Lepton-Digest"
 MAX_BATCH: Final = 65536
 
 JobName = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"\A[A-Za-z0-9._:/-]+\Z")]
@@ -283,314 +280,20 @@ def _prune_weights(cache_dir: Path, in_use: str) -> None:
             continue
 
 
-# ---------------------------------------------------------------- torch side
-
-
-def _factory(path: str) -> Callable[[], Any]:
-    module_name, attr = path.split(":", 1)
-    try:
-        target: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise TaskError(f"model: cannot import {module_name!r}: {exc}") from exc
-    for part in attr.split("."):
-        target = getattr(target, part, None)
-        if target is None:
-            raise TaskError(f"model: {path!r} not found")
-    if not callable(target):
-        raise TaskError(f"model: {path!r} is not callable")
-    return target  # type: ignore[no-any-return]
-
-
-def _build_model(path: str, weights: Arrays) -> torch.nn.Module:
-    """The job's model with the global weights loaded; TaskError if they do not fit."""
-    import numpy as np
-    import torch
-
-    try:
-        model = _factory(path)()
-    except TaskError:
-        raise
-    except Exception as exc:  # the factory is the job's code: report, never crash
-        raise TaskError(f"model: {path} failed: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(model, torch.nn.Module):
-        raise TaskError(f"model: {path} returned {type(model).__name__}, not a torch.nn.Module")
-    own = model.state_dict()
-    if set(own) != set(weights):
-        missing = sorted(set(own) - set(weights))[:5]
-        extra = sorted(set(weights) - set(own))[:5]
-        raise TaskError(
-            f"weights_mismatch: the weights do not fit {path} "
-            f"(missing {missing}, unexpected {extra})"
-        )
-    state = {}
-    for name, ref in own.items():
-        arr = weights[name]
-        if tuple(arr.shape) != tuple(ref.shape):
-            raise TaskError(
-                f"weights_mismatch: {name} is {list(arr.shape)} in the weights, "
-                f"{list(ref.shape)} in {path}"
-            )
-        state[name] = torch.from_numpy(np.array(arr)).to(ref.dtype)
-    model.load_state_dict(state, strict=True)
-    return model
-
-
-def _tensors(data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    import numpy as np
-    import torch
-
-    assert data.y is not None
-    y = data.y.argmax(axis=1) if data.y.ndim == 2 else data.y
-    x = torch.from_numpy(np.ascontiguousarray(data.x, dtype=np.float32))
-    return x, torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
-
-
-def _score(
-    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
-) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on ``(x, y)``."""
-    import torch
-    from torch.nn import functional
-
-    model.eval()
-    loss_sum, correct = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(x), batch_size):
-            out = model(x[start : start + batch_size])
-            yb = y[start : start + batch_size]
-            loss_sum += float(functional.cross_entropy(out, yb, reduction="sum"))
-            correct += int((out.argmax(dim=1) == yb).sum())
-    return loss_sum / len(x), correct / len(x)
-
-
-class _Optimizer:
-    """SGD with momentum and Adam, with ``torch.optim.SGD`` / ``torch.optim.Adam``'s update
-    rules (defaults: no dampening or Nesterov; Adam betas (0.9, 0.999), eps 1e-8).
-
-    Written out because constructing any ``torch.optim`` optimizer imports ``torch._dynamo``:
-    about 6 s and 70 MB of resident memory on a desktop CPU the first time in a process,
-    several times that on a Raspberry Pi, for two loops of tensor arithmetic.
-    """
-
-    def __init__(self, params: list[torch.nn.Parameter], config: TrainParams) -> None:
-        import torch
-
-        self.params = params
-        self.kind = config.optimizer
-        self.lr = config.lr
-        self.momentum = config.momentum
-        self.betas = (0.9, 0.999)
-        self.eps = 1e-8
-        self.steps = 0
-        self.m = [torch.zeros_like(p) for p in params]
-        self.v = [torch.zeros_like(p) for p in params] if self.kind == "adam" else []
-
-    def step(self) -> None:
-        import torch
-
-        self.steps += 1
-        b1, b2 = self.betas
-        with torch.no_grad():
-            for i, p in enumerate(self.params):
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if self.kind == "adam":
-                    self.m[i].mul_(b1).add_(g, alpha=1 - b1)
-                    self.v[i].mul_(b2).addcmul_(g, g, value=1 - b2)
-                    denom = (self.v[i] / (1 - b2**self.steps)).sqrt_().add_(self.eps)
-                    p.addcdiv_(self.m[i], denom, value=-self.lr / (1 - b1**self.steps))
-                elif self.momentum:  # from a zero buffer, the first step is the gradient
-                    self.m[i].mul_(self.momentum).add_(g)
-                    p.add_(self.m[i], alpha=-self.lr)
-                else:
-                    p.add_(g, alpha=-self.lr)
-
-
-@dataclass(frozen=True, slots=True)
-class _Trained:
-    delta: Arrays
-    examples: int
-    steps: int
-    loss_before: float
-    accuracy_before: float
-    loss_after: float
-    accuracy: float
-    train_s: float
-    update_norm: float
-
-
-def _train_sync(
-    params: TrainParams, weights: Arrays, data: Dataset, threads: int, stop: threading.Event
-) -> _Trained:
-    """Train locally and return the update (blocking; run in a worker thread)."""
-    import numpy as np
-    import torch
-    from torch.nn import functional
-
-    torch.set_num_threads(threads)
-    started = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(params.seed)
-        model = _build_model(params.model, weights)
-        x, y = _tensors(data)
-        loss_before, accuracy_before = _score(model, x, y, max(params.batch_size, 256))
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        anchors = [p.detach().clone() for p in trainable]
-        optimizer = _Optimizer(trainable, params)
-        shuffle = torch.Generator().manual_seed(params.seed)
-        steps = 0
-        for _ in range(params.epochs):
-            model.train()
-            order = torch.randperm(len(x), generator=shuffle)
-            for start in range(0, len(x), params.batch_size):
-                if stop.is_set():
-                    raise TaskError("cancelled")
-                idx = order[start : start + params.batch_size]
-                for p in trainable:
-                    p.grad = None
-                loss = functional.cross_entropy(model(x[idx]), y[idx])
-                if params.prox_mu > 0:
-                    prox = sum(
-                        ((p - a) ** 2).sum() for p, a in zip(trainable, anchors, strict=True)
-                    )
-                    loss = loss + params.prox_mu / 2.0 * prox
-                if not torch.isfinite(loss):
-                    raise TaskError(f"diverged: the training loss became {float(loss.detach())}")
-                loss.backward()  # type: ignore[no-untyped-call]
-                optimizer.step()
-                steps += 1
-        loss_after, accuracy = _score(model, x, y, max(params.batch_size, 256))
-    delta: Arrays = {}
-    for name, tensor in model.state_dict().items():
-        local = tensor.detach().cpu().numpy()
-        base = weights[name]
-        if local.dtype.kind == "f":
-            delta[name] = local.astype(np.float32) - base.astype(np.float32)
-        else:
-            delta[name] = (local.astype(np.int64) - base.astype(np.int64)).astype(local.dtype)
-    norm = math.sqrt(
-        sum(
-            float(np.square(d, dtype=np.float64).sum())
-            for d in delta.values()
-            if d.dtype.kind == "f"
-        )
-    )
-    return _Trained(
-        delta=delta,
-        examples=len(x),
-        steps=steps,
-        loss_before=loss_before,
-        accuracy_before=accuracy_before,
-        loss_after=loss_after,
-        accuracy=accuracy,
-        train_s=time.perf_counter() - started,
-        update_norm=norm,
-    )
-
-
-def _transformed(trained: _Trained, transform: Callable[[Arrays], Arrays]) -> _Trained:
-    """``trained`` with its update passed through the context's ``update_transform``."""
-    import dataclasses
-
-    import numpy as np
-
-    try:
-        delta = transform(dict(trained.delta))
-    except Exception as exc:  # the hook is deployment code: report it, never crash
-        raise TaskError(f"update_transform: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(delta, dict) or set(delta) != set(trained.delta):
-        raise TaskError("update_transform: must return the same tensor names")
-    norm = math.sqrt(
-        sum(
-            float(np.square(np.asarray(d), dtype=np.float64).sum())
-            for d in delta.values()
-            if np.asarray(d).dtype.kind == "f"
-        )
-    )
-    return dataclasses.replace(trained, delta=delta, update_norm=norm)
-
-
-def _evaluate_sync(
-    model_path: str, weights: Arrays, data: Dataset, batch_size: int, threads: int
-) -> tuple[float, float]:
-    import torch
-
-    torch.set_num_threads(threads)
-    model = _build_model(model_path, weights)
-    x, y = _tensors(data)
-    return _score(model, x, y, batch_size)
-
-
-# ---------------------------------------------------------------- upload
-
-
-def _check_url(url: str, what: str) -> None:
-    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
-    if scheme not in ("http", "https"):
-        raise TaskError(f"bad_params: {what} must be an http(s) URL, got {url[:80]!r}")
-
-
-async def upload(
-    url: str,
-    body: bytes,
-    *,
-    digest: str,
-    retries: int = 5,
-    timeout: float = 30.0,
-    backoff: tuple[float, float] = (0.5, 10.0),
-) -> int:
-    """``PUT`` ``body`` to ``url`` with its digest and length; returns the attempts made.
-
-    Retries connection errors and HTTP 408/425/429/5xx up to ``retries`` times with capped,
-    jittered exponential backoff; raises :class:`TaskError` when it gives up or on any
-    other non-2xx answer.
-    """
-    import httpx
-
-    headers = {
-        DIGEST_HEADER: f"sha256:{digest}",
-        "Content-Type": "application/octet-stream",
-        "Content-Length": str(len(body)),
-    }
-    attempts = 0
-    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout)) as client:
-        while True:
-            attempts += 1
-            try:
-                resp = await client.put(url, content=body, headers=headers)
-            except httpx.TransportError as exc:
-                problem = f"{type(exc).__name__}: {exc}"
-            else:
-                status = resp.status_code
-                if 200 <= status < 300:
-                    return attempts
-                text = resp.text[:200]
-                if status not in (408, 425, 429) and status < 500:
-                    raise TaskError(f"upload_refused: PUT {url}: HTTP {status} {text}")
-                problem = f"HTTP {status} {text}"
-            if attempts > retries:
-                raise TaskError(f"upload_failed: PUT {url}: {problem} (gave up after {attempts})")
-            low, high = backoff
-            delay = random.uniform(low, min(high, low * 2 ** (attempts - 1)))
-            log.info("upload to %s failed (%s); retry %d in %.2f s", url, problem, attempts, delay)
-            await asyncio.sleep(delay)
-
-
 # ---------------------------------------------------------------- handlers
 
 
 async def train(task: Task, ctx: TaskContext) -> dict[str, Any]:
     """Train the job's model on local data and upload the update (see the module docstring)."""
     params = _params(task.params, TrainParams)
-    _check_url(params.weights.url, "weights.url")
-    _check_url(params.upload.url, "upload.url")
+    check_url(params.weights.url, "weights.url")
+    check_url(params.upload.url, "upload.url")
     data = await _load_data(ctx, params.data, params.max_examples)
     fetched = await _fetch_weights(ctx, params.weights)
     stop = threading.Event()
     try:
         trained = await asyncio.to_thread(
-            _train_sync, params, fetched.arrays, data, _threads(ctx), stop
+            torchtrain.train_local, params, fetched.arrays, data, _threads(ctx), stop
         )
     except asyncio.CancelledError:
         stop.set()  # the worker thread stops at its next batch
@@ -599,7 +302,7 @@ async def train(task: Task, ctx: TaskContext) -> dict[str, Any]:
 
     transform = ctx.extras.get(TRANSFORM_KEY)
     if transform is not None:
-        trained = await asyncio.to_thread(_transformed, trained, transform)
+        trained = await asyncio.to_thread(torchtrain.transformed, trained, transform)
     try:
         body = await asyncio.to_thread(
             encode_weights,
@@ -656,12 +359,17 @@ async def train(task: Task, ctx: TaskContext) -> dict[str, Any]:
 async def evaluate(task: Task, ctx: TaskContext) -> dict[str, Any]:
     """Score the given weights on local data: mean cross-entropy and accuracy."""
     params = _params(task.params, EvaluateParams)
-    _check_url(params.weights.url, "weights.url")
+    check_url(params.weights.url, "weights.url")
     data = await _load_data(ctx, params.data, params.max_examples)
     fetched = await _fetch_weights(ctx, params.weights)
     started = time.perf_counter()
     loss, accuracy = await asyncio.to_thread(
-        _evaluate_sync, params.model, fetched.arrays, data, params.batch_size, _threads(ctx)
+        torchtrain.evaluate_local,
+        params.model,
+        fetched.arrays,
+        data,
+        params.batch_size,
+        _threads(ctx),
     )
     return {
         "job": params.job,

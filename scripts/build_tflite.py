@@ -120,7 +120,8 @@ def build_mobilenet(out: Path) -> None:
     rng = np.random.default_rng(0)
     out.mkdir(parents=True, exist_ok=True)
     (out / "mobilenet_fp32.tflite").write_bytes(
-        tf.lite.TFLiteConverter.from_keras_model(model).convert())
+        tf.lite.TFLiteConverter.from_keras_model(model).convert()
+    )
     samples = rng.random((16, 224, 224, 3), dtype=np.float32)
     (out / "mobilenet_int8.tflite").write_bytes(full_integer(model, samples))
     print(f"wrote {out / 'mobilenet_fp32.tflite'} and {out / 'mobilenet_int8.tflite'}")

@@ -43,10 +43,10 @@ def partition() -> Partition:
 def initial_weights(factory: str, seed: int = 0) -> dict[str, np.ndarray]:
     import torch
 
-    from agent.training import _factory
+    from agent import torchtrain
 
     torch.manual_seed(seed)
-    model = _factory(factory)()
+    model = torchtrain.factory(factory)()
     return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
 

@@ -30,9 +30,9 @@ def local_loss(factory: str, weights: dict[str, np.ndarray], partition: Partitio
     import torch
     from torch.nn import functional
 
-    from agent.training import _build_model
+    from agent.torchtrain import build_model
 
-    model = _build_model(factory, weights)
+    model = build_model(factory, weights)
     model.eval()
     with torch.no_grad():
         out = model(torch.from_numpy(partition.x))
@@ -274,7 +274,8 @@ def test_optimizers_follow_torch_update_rules() -> None:
     import msgspec
     import torch
 
-    from agent.training import TrainParams, _Optimizer
+    from agent.torchtrain import Optimizer
+    from agent.training import TrainParams
 
     def params(**kw: object) -> TrainParams:
         base = {
@@ -289,7 +290,7 @@ def test_optimizers_follow_torch_update_rules() -> None:
 
     def run(grads: list[float], **kw: object) -> list[float]:
         w = torch.nn.Parameter(torch.tensor([1.0]))
-        opt = _Optimizer([w], params(**kw))
+        opt = Optimizer([w], params(**kw))
         seen = []
         for g in grads:
             w.grad = torch.tensor([g])
