@@ -9,17 +9,11 @@ from typing import Any
 
 import pytest
 
+import agent.measure as measure_mod
 import agent.probe as probe_mod
 from agent.board import device_accelerators
-from agent.probe import (
-    CACHE_FILE,
-    ProbeResult,
-    available_runtimes,
-    cache_key,
-    load_probe,
-    provider_label,
-    run_probe,
-)
+from agent.measure import available_runtimes, provider_label, run_probe
+from agent.probe import CACHE_FILE, ProbeResult, cache_key, load_probe
 
 pytestmark = pytest.mark.skipif(
     not Path("/proc/sys/kernel/random/boot_id").exists(),
@@ -219,7 +213,7 @@ def test_coral_usb_needs_visible_usb_nodes(tmp_path: Path) -> None:
 
 
 def test_numpy_fallback_without_onnxruntime(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(probe_mod, "available_runtimes", dict)
+    monkeypatch.setattr(measure_mod, "available_runtimes", dict)
     answer = run_probe(budget_s=0.05)
     assert answer["bench"]["runtime"].startswith("numpy ")
     assert answer["bench"]["fp32_gflops"] > 0
@@ -233,8 +227,8 @@ def test_broken_onnxruntime_is_not_reported(monkeypatch: pytest.MonkeyPatch) -> 
     def broken(budget_s: float, details: dict[str, Any]) -> None:
         raise ImportError("illegal instruction in a wheel built for another CPU")
 
-    monkeypatch.setattr(probe_mod, "available_runtimes", lambda: {"onnxruntime": "onnxruntime"})
-    monkeypatch.setattr(probe_mod, "_bench_onnxruntime", broken)
+    monkeypatch.setattr(measure_mod, "available_runtimes", lambda: {"onnxruntime": "onnxruntime"})
+    monkeypatch.setattr(measure_mod, "_bench_onnxruntime", broken)
     answer = run_probe(budget_s=0.05)
     assert answer["runtimes"] == []
     assert answer["bench"]["runtime"].startswith("numpy ")
