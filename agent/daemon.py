@@ -19,7 +19,8 @@ from typing import Any
 import msgspec
 
 from agent import __version__
-from agent.capacity import CapacitySampler, Sampler, significant_change
+from agent.capacity import CapacitySampler, Sampler
+from agent.changes import significant_change
 from agent.config import AgentConfig
 from agent.datasources import DataSources
 from agent.handlers import HandlerRegistry, TaskContext, default_registry
