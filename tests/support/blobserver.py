@@ -24,8 +24,9 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Literal
+from typing import Literal
+
+from tests.support.httpserver import QuietHandler, ThreadedServer
 
 FaultKind = Literal[
     "truncate",
@@ -81,15 +82,9 @@ class _State:
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: _Server
-
-    def log_message(self, format: str, *args: Any) -> None:  # quiet
-        pass
-
-    def do_GET(self) -> None:
-        state = self.server.state
+class _Handler(QuietHandler):
+    def do_GET(self) -> None:  # noqa: N802 (http.server names)
+        state: _State = self.server.state
         digest = self.path.rsplit("/", 1)[-1]
         rng = self.headers.get("Range")
         blob = state.blobs.get(digest)
@@ -166,33 +161,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    state: _State
-
-
-class BlobServer:
+class BlobServer(ThreadedServer[_State]):
     """Serves blobs at ``/blobs/<sha256>`` on 127.0.0.1 from a background thread."""
 
     def __init__(self) -> None:
-        self.state = _State()
-        self._server = _Server(("127.0.0.1", 0), _Handler)
-        self._server.state = self.state
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-
-    def __enter__(self) -> BlobServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-    @property
-    def port(self) -> int:
-        return int(self._server.server_address[1])
+        super().__init__(_Handler, _State())
 
     def add(self, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()

@@ -17,8 +17,9 @@ import hashlib
 import socket
 import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Literal
+from typing import Literal
+
+from tests.support.httpserver import QuietHandler, ThreadedServer
 
 DIGEST_HEADER = "X-Lepton-Digest"
 
@@ -57,15 +58,9 @@ class _State:
             return fault
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: _Server
-
-    def log_message(self, format: str, *args: Any) -> None:  # quiet
-        pass
-
-    def do_PUT(self) -> None:
-        state = self.server.state
+class _Handler(QuietHandler):
+    def do_PUT(self) -> None:  # noqa: N802 (http.server names)
+        state: _State = self.server.state
         record = Upload(path=self.path, headers=dict(self.headers.items()))
         with state.lock:
             state.requests.append(record)
@@ -105,31 +100,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(text)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    state: _State
-
-
-class UploadServer:
+class UploadServer(ThreadedServer[_State]):
     """Accepts PUTs on 127.0.0.1 from a background thread."""
 
     def __init__(self) -> None:
-        self.state = _State()
-        self._server = _Server(("127.0.0.1", 0), _Handler)
-        self._server.state = self.state
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def __enter__(self) -> UploadServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-    @property
-    def port(self) -> int:
-        return int(self._server.server_address[1])
+        super().__init__(_Handler, _State())
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.port}/uploads/{name}"
