@@ -30,7 +30,10 @@ def make_router(registry: ModelRegistry) -> APIRouter:
     """Routes serving ``registry``'s blobs and metadata (handlers run in the thread pool)."""
     router = APIRouter(tags=["models"])
 
-    @router.api_route("/v1/blobs/{digest}", methods=["GET", "HEAD"], response_class=FileResponse)
+    # Two routes, not one with methods=["GET", "HEAD"]: that would give both operations the
+    # same OpenAPI operation id.
+    @router.head("/v1/blobs/{digest}", response_class=FileResponse, operation_id="head_blob")
+    @router.get("/v1/blobs/{digest}", response_class=FileResponse, operation_id="get_blob")
     def get_blob(digest: Digest) -> FileResponse:
         try:
             path = registry.blob_path(digest)

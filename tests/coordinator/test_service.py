@@ -8,7 +8,6 @@ import itertools
 from collections.abc import Callable
 
 import httpx
-import pytest
 
 from coordinator.service import Coordinator
 from coordinator.store import TaskRecord
@@ -219,12 +218,14 @@ async def test_stop_drains_and_releases_the_lease(
     assert lease.expires_at == 0.0  # released on a clean stop
 
 
-# The registry serves GET and HEAD from one handler; FastAPI warns about the shared
-# operation id when it builds the OpenAPI document.
-@pytest.mark.filterwarnings("ignore:Duplicate Operation ID:UserWarning")
+# pytest's filterwarnings = error (pyproject) turns FastAPI's "Duplicate Operation ID"
+# warning into a failure here.
 async def test_model_registry_routes_are_served(coordinator: Coordinator) -> None:
     async with httpx.AsyncClient(base_url=coordinator.api_url or "") as http:
         assert (await http.get("/v1/models")).json() == {"models": []}
         assert (await http.get("/v1/blobs/" + "0" * 64)).status_code == 404
+        assert (await http.head("/v1/blobs/" + "0" * 64)).status_code == 404
         spec = (await http.get("/openapi.json")).json()
-    assert "/v1/blobs/{digest}" in spec["paths"]
+    assert set(spec["paths"]["/v1/blobs/{digest}"]) == {"get", "head"}
+    ids = [op["operationId"] for path in spec["paths"].values() for op in path.values()]
+    assert len(ids) == len(set(ids))
