@@ -7,7 +7,10 @@ is one of:
 - ``*.npy``: ``x`` only (memory-mapped, so a ``limit`` reads only what it needs);
 - a folder of images, one sub-folder per class (labels are the sorted class folders'
   indices); images directly in the folder have no labels. Decoding needs Pillow;
-- ``package.module:function``: a plugin returning ``(x, y)``, ``(x, None)`` or ``x``.
+- ``package.module:function``: a plugin returning ``(x, y)``, ``(x, None)`` or ``x``, or a
+  map-style dataset (a ``torch.utils.data.Dataset`` or anything with ``__len__`` and
+  ``__getitem__``) whose items are ``(x, y)`` samples; its samples are read once (up to the
+  task's limit) and stacked into arrays.
 
 Nothing is unpickled: ``.npz``/``.npy`` files are read with ``allow_pickle=False``.
 """
@@ -196,8 +199,48 @@ class ImageFolderSource(DataSource):
         return f"images {self.root}"
 
 
+def _is_map_dataset(value: Any) -> bool:
+    """A map-style dataset (``torch.utils.data.Dataset`` and the like), not an array."""
+    import numpy as np
+
+    return (
+        hasattr(value, "__getitem__")
+        and hasattr(value, "__len__")
+        and not isinstance(value, (np.ndarray, list, tuple, dict, str, bytes))
+        and not hasattr(value, "__array__")
+    )
+
+
+def _stacked(dataset: Any, where: str, limit: int | None) -> tuple[Array, Array]:
+    """The samples of a map-style dataset of ``(x, y)`` items as two stacked arrays."""
+    import numpy as np
+
+    n = len(dataset)
+    if limit is not None:
+        n = min(n, limit)
+    if n == 0:
+        raise DataSourceError(f"{where}: the dataset is empty")
+    xs: list[Array] = []
+    ys: list[Array] = []
+    for i in range(n):
+        try:
+            item = dataset[i]
+        except Exception as exc:  # the dataset is the user's code: report, never crash
+            raise DataSourceError(f"{where}: item {i} failed: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise DataSourceError(f"{where}: item {i} is not an (x, y) pair")
+        x, y = (np.asarray(v) for v in item)
+        if xs and x.shape != xs[0].shape:
+            raise DataSourceError(f"{where}: item {i} has shape {x.shape}, item 0 {xs[0].shape}")
+        if y.ndim > 1 or (ys and y.shape != ys[0].shape):
+            raise DataSourceError(f"{where}: item {i} has a label of shape {y.shape}")
+        xs.append(x)
+        ys.append(y)
+    return np.stack(xs), np.stack(ys)
+
+
 class PluginSource(DataSource):
-    """``module:function`` returning ``(x, y)``, ``(x, None)`` or ``x``."""
+    """``module:function`` returning ``(x, y)``, ``(x, None)``, ``x`` or a map-style dataset."""
 
     def __init__(self, target: str) -> None:
         self.target = target
@@ -221,7 +264,9 @@ class PluginSource(DataSource):
             raise DataSourceError(
                 f"plugin {self.target} failed: {type(exc).__name__}: {exc}"
             ) from exc
-        if isinstance(value, tuple):
+        if _is_map_dataset(value):
+            x, y = _stacked(value, f"plugin {self.target}", limit)
+        elif isinstance(value, tuple):
             if len(value) != 2:
                 raise DataSourceError(f"plugin {self.target}: must return (x, y) or x")
             x, y = value

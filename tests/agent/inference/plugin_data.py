@@ -25,3 +25,36 @@ def mismatched() -> tuple[Any, Any]:
 
 
 NOT_CALLABLE = 3
+
+
+def torch_dataset() -> Any:
+    """A real ``torch.utils.data.TensorDataset``: items are (x tensor, label tensor)."""
+    import torch
+
+    x = torch.arange(40, dtype=torch.float32).reshape(10, 1, 2, 2)
+    return torch.utils.data.TensorDataset(x, torch.arange(10) % 3)
+
+
+class _Samples:
+    """A map-style dataset without torch: ``len`` and ``[i] -> (x, y)``."""
+
+    def __init__(self, items: list[Any]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.items[i]
+
+
+def samples() -> Any:
+    return _Samples([(np.full(3, i, dtype=np.float32), i % 2) for i in range(5)])
+
+
+def ragged_samples() -> Any:
+    return _Samples([(np.zeros(3), 0), (np.zeros(4), 1)])
+
+
+def not_pairs() -> Any:
+    return _Samples([np.zeros(3)])

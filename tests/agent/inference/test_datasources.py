@@ -75,6 +75,24 @@ def test_plugins() -> None:
         PluginSource("no_such_module_here:load").load()
 
 
+def test_plugin_returning_a_map_style_dataset() -> None:
+    pytest.importorskip("torch")
+    data = source_for(f"{PLUGIN}:torch_dataset").load(limit=7)
+    assert data.x.shape == (7, 1, 2, 2)
+    assert data.x.dtype == np.float32
+    assert data.y is not None
+    assert data.y.tolist() == [0, 1, 2, 0, 1, 2, 0]
+    assert data.x[3].ravel().tolist() == [12.0, 13.0, 14.0, 15.0]
+    plain = source_for(f"{PLUGIN}:samples").load()
+    assert plain.x.shape == (5, 3)
+    assert plain.y is not None
+    assert plain.y.tolist() == [0, 1, 0, 1, 0]
+    with pytest.raises(DataSourceError, match=r"item 1 has shape \(4,\)"):
+        source_for(f"{PLUGIN}:ragged_samples").load()
+    with pytest.raises(DataSourceError, match=r"item 0 is not an \(x, y\) pair"):
+        source_for(f"{PLUGIN}:not_pairs").load()
+
+
 def test_unknown_and_unsupported_specs(tmp_path: Path) -> None:
     with pytest.raises(DataSourceError, match="does not exist"):
         source_for(str(tmp_path / "missing.npz").replace(".npz", ".csv"))
