@@ -429,6 +429,16 @@ def test_quantized_struct_encoding_is_stable(x: npt.NDArray[np.float32]) -> None
     assert np.array_equal(dequantize(back), dequantize(qt))
 
 
+def test_quantized_defaults_stay_off_the_wire_and_decode_either_way() -> None:
+    qt = quantize_int8(np.linspace(-1, 1, 100, dtype=np.float32))
+    assert qt.axis is None
+    assert qt.orig_dtype == "float32"
+    wire = msgspec.msgpack.decode(msgspec.msgpack.encode(qt))
+    assert set(wire) == {"shape", "data", "scale", "zero_point"}
+    explicit = msgspec.msgpack.encode({**wire, "axis": None, "orig_dtype": "float32"})
+    assert msgspec.msgpack.decode(explicit, type=QuantizedTensor) == qt
+
+
 @pytest.mark.parametrize(
     "array",
     [
