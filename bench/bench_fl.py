@@ -79,7 +79,7 @@ class Settings:
     seed: int = 0
     adversaries: int = 2
     select_k: int = 5
-    select_rounds: int = 12
+    select_rounds: int = 20
     select_epochs: int = 5
     slow_share: float = 0.4
     phases: tuple[str, ...] = PHASES
