@@ -18,7 +18,6 @@ Nothing is unpickled: ``.npz``/``.npy`` files are read with ``allow_pickle=False
 from __future__ import annotations
 
 import abc
-import importlib
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -246,15 +245,12 @@ class PluginSource(DataSource):
         self.target = target
 
     def _function(self) -> Callable[[], Any]:
-        module_name, func_name = self.target.split(":", 1)
+        from protocol.imports import ImportPathError, resolve
+
         try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise DataSourceError(f"plugin {self.target}: cannot import: {exc}") from exc
-        func = getattr(module, func_name, None)
-        if not callable(func):
-            raise DataSourceError(f"plugin {self.target}: {func_name} is not a function")
-        return func  # type: ignore[no-any-return]
+            return resolve(self.target)
+        except ImportPathError as exc:
+            raise DataSourceError(f"plugin {self.target}: {exc}") from exc
 
     def load(self, limit: int | None = None) -> Dataset:
         func = self._function()

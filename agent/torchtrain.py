@@ -9,7 +9,6 @@ call it are in :mod:`agent.training`.
 
 from __future__ import annotations
 
-import importlib
 import math
 import threading
 import time
@@ -31,18 +30,13 @@ if TYPE_CHECKING:
 
 
 def factory(path: str) -> Callable[[], Any]:
-    module_name, attr = path.split(":", 1)
+    """The job's model factory; ``TaskError`` (``model: ...``) if it cannot be had."""
+    from protocol.imports import ImportPathError, resolve
+
     try:
-        target: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise TaskError(f"model: cannot import {module_name!r}: {exc}") from exc
-    for part in attr.split("."):
-        target = getattr(target, part, None)
-        if target is None:
-            raise TaskError(f"model: {path!r} not found")
-    if not callable(target):
-        raise TaskError(f"model: {path!r} is not callable")
-    return target  # type: ignore[no-any-return]
+        return resolve(path)
+    except ImportPathError as exc:
+        raise TaskError(f"model: {exc}") from exc
 
 
 def build_model(path: str, weights: Arrays) -> torch.nn.Module:

@@ -7,7 +7,6 @@ Every function is blocking; the engine runs them in worker threads.
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
+
+from protocol import imports
 
 if TYPE_CHECKING:
     import torch
@@ -44,18 +45,10 @@ class EvalSet:
 
 def resolve(path: str) -> Callable[..., Any]:
     """The callable at ``package.module:attr`` (``ModelError`` if it is not one)."""
-    module_name, _, attr = path.partition(":")
     try:
-        target: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ModelError(f"cannot import {module_name!r}: {exc}") from exc
-    for part in attr.split("."):
-        target = getattr(target, part, None)
-        if target is None:
-            raise ModelError(f"{path!r} not found")
-    if not callable(target):
-        raise ModelError(f"{path!r} is not callable")
-    return target  # type: ignore[no-any-return]
+        return imports.resolve(path)
+    except imports.ImportPathError as exc:
+        raise ModelError(str(exc)) from exc
 
 
 def build_model(path: str, weights: Arrays | None = None) -> torch.nn.Module:

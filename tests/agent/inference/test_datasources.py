@@ -69,7 +69,7 @@ def test_plugins() -> None:
         PluginSource(f"{PLUGIN}:broken").load()
     with pytest.raises(DataSourceError, match="3 samples but 2 labels"):
         PluginSource(f"{PLUGIN}:mismatched").load()
-    with pytest.raises(DataSourceError, match="not a function"):
+    with pytest.raises(DataSourceError, match="is not callable"):
         PluginSource(f"{PLUGIN}:NOT_CALLABLE").load()
     with pytest.raises(DataSourceError, match="cannot import"):
         PluginSource("no_such_module_here:load").load()

@@ -1,0 +1,3 @@
+"""A module that fails while importing (for tests/protocol/test_imports.py)."""
+
+raise RuntimeError("no sensor attached")
