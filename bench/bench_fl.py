@@ -364,8 +364,9 @@ async def selection_phase(h: Harness, out: dict[str, Any]) -> None:
     cost, rand = runs["cost"], runs["random"]
     picks: dict[str, dict[str, int]] = {}
     for method, run in runs.items():
-        counts: dict[str, int] = {"rounds_waiting_on_slow": 0}
+        counts: dict[str, int] = {"rounds_waiting_on_slow": 0, "slow_asked": 0}
         for r in run.history:
+            counts["slow_asked"] += sum("rpi4" in d for d in r.get("devices") or [])
             slow_in = False
             for d in r.get("contributors") or []:
                 kind = "slow" if "rpi4" in d else "fast"
