@@ -61,10 +61,12 @@ ROBUST: dict[str, dict[str, Any]] = {
     "median": {"name": "median"},
     "trimmed_mean": {"name": "trimmed_mean", "beta": 0.2},
     "multikrum": {"name": "multikrum", "num_byzantine": 2},
+    "centered_clipping": {"name": "centered_clipping"},
     # The same rules with FedAvgM's server momentum (strategies/momentum.py).
     "median-sm": {"name": "median", "server_momentum": 0.9},
     "trimmed_mean-sm": {"name": "trimmed_mean", "beta": 0.2, "server_momentum": 0.9},
     "multikrum-sm": {"name": "multikrum", "num_byzantine": 2, "server_momentum": 0.9},
+    "centered_clipping-sm": {"name": "centered_clipping", "server_momentum": 0.9},
 }
 
 
@@ -467,7 +469,8 @@ def report(out: dict[str, Any], s: Settings) -> str:
                 row.append(_pct(a[i]) if i < len(a) else "-")
             rows.append(tuple(row))
         lines += ["", "accuracy (%) per round", table(rows)]
-        lines.append(f"best strategy: {acc['best']} ({_pct(acc['finals'][acc['best']])} %)")
+        if acc["best"] is not None:
+            lines.append(f"best strategy: {acc['best']} ({_pct(acc['finals'][acc['best']])} %)")
     comp = out.get("compression")
     if comp:
         lines += [
@@ -525,6 +528,16 @@ def parse(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--adversaries", type=int, default=2)
     p.add_argument("--only", default=",".join(PHASES), help="comma-separated phases")
+    p.add_argument(
+        "--candidates",
+        default=",".join(CANDIDATES),
+        help=f"strategies tried against FedAvg (of {', '.join(CANDIDATES)}; '' for none)",
+    )
+    p.add_argument(
+        "--robust",
+        default=",".join(ROBUST),
+        help=f"strategies under attack (of {', '.join(ROBUST)})",
+    )
     p.add_argument("--json", type=Path, help="write the figures here")
     p.add_argument("--log-level", default="INFO")
     ns = p.parse_args(argv)
@@ -532,6 +545,11 @@ def parse(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace]:
     unknown = set(phases) - set(PHASES)
     if unknown:
         p.error(f"unknown phases {sorted(unknown)} (known: {', '.join(PHASES)})")
+    candidates = tuple(x for x in ns.candidates.split(",") if x)
+    robust = tuple(x for x in ns.robust.split(",") if x)
+    for given, known in ((candidates, CANDIDATES), (robust, ROBUST)):
+        if set(given) - set(known):
+            p.error(f"unknown strategies {sorted(set(given) - set(known))}")
     if ns.tiny:
         s = Settings(
             devices=5,
@@ -557,6 +575,8 @@ def parse(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace]:
             seed=ns.seed,
             adversaries=ns.adversaries,
             phases=phases,
+            candidates=candidates,
+            robust=robust,
         )
     return s, ns
 

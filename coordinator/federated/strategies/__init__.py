@@ -1,20 +1,21 @@
 """Aggregation strategies, one per module, behind :class:`~.base.Strategy`.
 
-============== ================================================ ==============
-name           rule                                             robust
-============== ================================================ ==============
-fedavg         example-weighted mean                            no
-fedprox        fedavg; clients add a proximal term (``mu``)     no
-fedavgm        fedavg + server momentum                         no
-fedadam        fedavg + server Adam (Reddi et al. 2021)         no
-median         coordinate-wise median                           yes (< n/2)
-trimmed_mean   coordinate-wise ``beta``-trimmed mean            yes (<= beta n)
-krum           the update closest to its neighbours             yes (f, n >= 2f+3)
-multikrum      mean of the ``keep`` best Krum scores            yes (f, n >= 2f+3)
-clipping       any strategy over norm-clipped updates           bounds influence
-dp             clipped mean + Gaussian noise, accounted in RDP  bounds influence
-momentum       any rule + FedAvgM's server momentum step        as the rule
-============== ================================================ ==============
+================= =============================================== ==================
+name              rule                                            robust
+================= =============================================== ==================
+fedavg            example-weighted mean                           no
+fedprox           fedavg; clients add a proximal term (``mu``)    no
+fedavgm           fedavg + server momentum                        no
+fedadam           fedavg + server Adam (Reddi et al. 2021)        no
+median            coordinate-wise median                          yes (< n/2)
+trimmed_mean      coordinate-wise ``beta``-trimmed mean           yes (<= beta n)
+krum              the update closest to its neighbours            yes (f, n >= 2f+3)
+multikrum         mean of the ``keep`` best Krum scores           yes (f, n >= 2f+3)
+centered_clipping last aggregate + mean of clipped offsets        bounds influence
+clipping          any strategy over norm-clipped updates          bounds influence
+dp                clipped mean + Gaussian noise, accounted in RDP bounds influence
+momentum          any rule + FedAvgM's server momentum step       as the rule
+================= =============================================== ==================
 
 :func:`build` makes one from a name and keyword knobs (what a job's config holds).
 """
@@ -31,6 +32,7 @@ from coordinator.federated.strategies.base import (
     Strategy,
     screen_updates,
 )
+from coordinator.federated.strategies.centered_clip import CenteredClipping
 from coordinator.federated.strategies.clipping import Clipping
 from coordinator.federated.strategies.dp import CentralDP
 from coordinator.federated.strategies.fedadam import FedAdam
@@ -45,7 +47,17 @@ from coordinator.federated.strategies.trimmed_mean import TrimmedMean
 #: Strategies that stand alone, by name (the wrappers take an inner strategy).
 STRATEGIES: Final[dict[str, type[Strategy]]] = {
     cls.name: cls
-    for cls in (FedAvg, FedProx, FedAvgM, FedAdam, Median, TrimmedMean, Krum, MultiKrum)
+    for cls in (
+        FedAvg,
+        FedProx,
+        FedAvgM,
+        FedAdam,
+        Median,
+        TrimmedMean,
+        Krum,
+        MultiKrum,
+        CenteredClipping,
+    )
 }
 
 
@@ -97,6 +109,7 @@ __all__ = [
     "STRATEGIES",
     "AggregateResult",
     "AggregationError",
+    "CenteredClipping",
     "CentralDP",
     "ClientUpdate",
     "Clipping",

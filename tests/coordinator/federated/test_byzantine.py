@@ -14,6 +14,7 @@ import pytest
 
 from coordinator.federated.kernels import global_norm
 from coordinator.federated.strategies import (
+    CenteredClipping,
     CentralDP,
     ClientUpdate,
     Clipping,
@@ -114,3 +115,23 @@ def test_clipping_bounds_the_damage(make: Callable[[], Strategy]) -> None:
     # Each attacker's pull is cut to the honest norm: (8 - 2) / 10 of the honest step
     # instead of (8 - 20) / 10, so a deviation near 0.4 instead of 2.2.
     assert deviation(make) < 0.5 < 1.5 < deviation(FedAvg)
+
+
+def test_centered_clipping_with_history_stays_close() -> None:
+    """Centred clipping starts from the last round's aggregate: after one clean round, the
+    attacked round lands near the clean one. Without history (first round) each attacker
+    still pulls by up to ``tau / n``, like clipping."""
+    g, clean, attacked = scenario()
+
+    def after_history(updates: list[ClientUpdate]) -> dict[str, np.ndarray]:
+        strategy = CenteredClipping()
+        history = strategy.aggregate(g, clean)
+        resumed = CenteredClipping()
+        resumed.load_state(history.state)
+        return resumed.aggregate(g, updates).weights
+
+    clean_w, attacked_w = after_history(clean), after_history(attacked)
+    moved = {k: clean_w[k].astype(np.float64) - g[k] for k in g}
+    off = {k: attacked_w[k].astype(np.float64) - clean_w[k] for k in g}
+    assert global_norm(off) / global_norm(moved) < 0.1
+    assert deviation(CenteredClipping) < 0.5 < 1.5 < deviation(FedAvg)

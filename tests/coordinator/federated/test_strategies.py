@@ -11,6 +11,7 @@ import pytest
 from coordinator.federated.strategies import (
     STRATEGIES,
     AggregationError,
+    CenteredClipping,
     CentralDP,
     ClientUpdate,
     Clipping,
@@ -174,6 +175,7 @@ def test_fedadam_bias_correction() -> None:
         lambda: FedAvgM(momentum=0.9),
         FedAdam,
         lambda: CentralDP(FedAdam(), clip_norm=1.0, noise_multiplier=0.0),
+        CenteredClipping,
     ],
 )
 def test_state_round_trip_resumes_identically(make: Callable[[], Strategy]) -> None:
@@ -226,6 +228,27 @@ def test_clipping_scales_large_updates_down() -> None:
     assert prox.configure_fit(0) == {"prox_mu": 0.5}
     with pytest.raises(ValueError, match="exactly one"):
         Clipping(FedAvg())
+
+
+def test_centered_clipping_is_the_mean_within_tau_and_bounds_outliers() -> None:
+    g, ups = scalars([1.0, 2.0, 3.0])
+    plain = CenteredClipping(tau=100.0).aggregate(g, ups)
+    np.testing.assert_allclose(plain.update["x"], [2.0])
+    assert plain.metrics["cc.clipped"] == 0.0
+    # Adaptive radius: the median distance from the centre (0 in the first round), 2.5.
+    g, ups = scalars([1.0, 2.0, 3.0, 1000.0])
+    first = CenteredClipping(iterations=1).aggregate(g, ups)
+    assert first.metrics["cc.radius"] == 2.5
+    np.testing.assert_allclose(first.update["x"], [(1.0 + 2.0 + 2.5 + 2.5) / 4])
+    assert first.metrics["cc.clipped"] == 2.0
+    # Iterating moves the centre only by clipped offsets: it stays among the honest values.
+    many = CenteredClipping(iterations=20).aggregate(g, ups)
+    assert 2.0 <= float(many.update["x"][0]) <= 4.0
+    for bad in ({"tau": 0.0}, {"tau_multiplier": -1.0}, {"iterations": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            CenteredClipping(**bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="centre"):
+        CenteredClipping().load_state({"momentum.x": np.zeros(1)})
 
 
 def test_client_metrics_are_example_weighted() -> None:
@@ -289,7 +312,9 @@ def test_build_by_name() -> None:
         "trimmed_mean",
         "krum",
         "multikrum",
+        "centered_clipping",
     }
+    assert isinstance(build("centered_clipping", tau_multiplier=2.0), CenteredClipping)
     prox = build("fedprox", mu=0.2)
     assert isinstance(prox, FedProx)
     assert prox.mu == 0.2
