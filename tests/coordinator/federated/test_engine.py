@@ -136,7 +136,9 @@ async def test_cli_start_status_stop(
         job = await wait_job(c.api_url, job_id, ended, timeout=20)
         assert job["state"] == "stopped"
         assert job["final_model"]["name"] == "digits-cli"
-        assert job["history"][-1]["state"] == "cancelled"
+        # The open round is cancelled; a stop landing between two rounds finds none open.
+        assert job["history"][-1]["state"] in ("cancelled", "closed")
+        assert all(r["state"] != "open" for r in job["history"])
         # Central DP: every closed round reports the privacy spent so far, growing.
         spent = [r["metrics"]["dp.epsilon"] for r in job["history"] if r["state"] == "closed"]
         assert len(spent) >= 3
