@@ -345,11 +345,16 @@ async def selection_phase(h: Harness, out: dict[str, Any]) -> None:
     slow = max(1, round(s.devices * s.slow_share))
     mix = {"x86-gateway": float(s.devices - slow), "rpi4": float(slow)}
     runs: dict[str, Run] = {}
-    for method in ("cost", "random"):
-        # A fresh fleet for each: devices start cool and charged, so neither run inherits
-        # the other's heat (a Pi 4 under load throttles, and throttled devices are not
+    # "cost-fair": the cost model with fairness.wait_for_forced, so the devices the
+    # staleness floor forces into a round are waited for and their updates count.
+    for method in ("cost", "random", "cost-fair"):
+        # A fresh fleet for each: devices start cool and charged, so no run inherits
+        # another's heat (a Pi 4 under load throttles, and throttled devices are not
         # eligible).
-        label = f"sel{method[0]}"
+        label = "sel" + "".join(part[0] for part in method.split("-"))
+        fairness: dict[str, Any] = {"max_staleness": 4, "max_forced_share": 0.25}
+        if method == "cost-fair":
+            fairness["wait_for_forced"] = True
         async with h.fleet(label, mix):
             body = h.job(
                 f"select-{method}",
@@ -359,8 +364,8 @@ async def selection_phase(h: Harness, out: dict[str, Any]) -> None:
                 clients_per_round=s.select_k,
                 min_results=s.select_k,
                 over_select=0.4,
-                selection=method,
-                fairness={"max_staleness": 4, "max_forced_share": 0.25},
+                selection=method.removesuffix("-fair"),
+                fairness=fairness,
             )
             runs[method] = await h.run_job(f"select-{method}", body)
     cost, rand = runs["cost"], runs["random"]
@@ -388,6 +393,9 @@ async def selection_phase(h: Harness, out: dict[str, Any]) -> None:
         "round_s_random_after_first": rand.mean("wall_s", skip_first=True),
         "final_cost": cost.final,
         "final_random": rand.final,
+        "round_s_cost_fair": runs["cost-fair"].mean("wall_s"),
+        "ratio_cost_fair": runs["cost-fair"].mean("wall_s") / rand.mean("wall_s"),
+        "final_cost_fair": runs["cost-fair"].final,
         "updates_counted": picks,
     }
     out["runs"].update({f"select-{k}": _summary(v) for k, v in runs.items()})
@@ -488,7 +496,9 @@ def report(out: dict[str, Any], s: Settings) -> str:
             f"({sel['asked']} asked), fleet {sel['fleet']}: cost model "
             f"{sel['round_s_cost']:.2f} s, random {sel['round_s_random']:.2f} s "
             f"({sel['ratio']:.2f}x); final accuracy {_pct(sel['final_cost'])} % vs "
-            f"{_pct(sel['final_random'])} %; updates counted {sel['updates_counted']}",
+            f"{_pct(sel['final_random'])} %; cost model waiting for forced devices "
+            f"{sel['round_s_cost_fair']:.2f} s ({sel['ratio_cost_fair']:.2f}x, final "
+            f"{_pct(sel['final_cost_fair'])} %); updates counted {sel['updates_counted']}",
         ]
     byz = out.get("byzantine")
     if byz:

@@ -79,6 +79,9 @@ class FairnessSpec:
     max_staleness: int | None = 5
     max_forced_share: float = 0.25
     penalty: float = 0.0
+    #: Close a round only once the devices the staleness floor forced into it are done (or
+    #: at the deadline), so their updates count, not only their selection. Fairer, slower.
+    wait_for_forced: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -317,6 +320,8 @@ def _validate(job: FLJob) -> None:  # noqa: PLR0912, PLR0915 - one check per fie
         _int("fairness.max_staleness", f.max_staleness, 1, MAX_ROUNDS)
     _num("fairness.max_forced_share", f.max_forced_share, 0.0, 1.0)
     _num("fairness.penalty", f.penalty, 0.0, 1e6)
+    if not isinstance(f.wait_for_forced, bool):
+        raise JobError("fairness.wait_for_forced", "must be true or false")
     if job.dp is not None:
         _num("dp.noise_multiplier", job.dp.noise_multiplier, 0.0, 1e3)
         _num("dp.clip_norm", job.dp.clip_norm, 0.0, 1e9, open_lo=True)

@@ -48,6 +48,9 @@ class Progress:
     complete: int
     waiting: int
     finished: bool
+    #: Devices forced in by the staleness floor and not done yet (counted only when the
+    #: job's ``fairness.wait_for_forced`` is set).
+    forced_pending: int = 0
 
 
 class JobState:
@@ -96,28 +99,39 @@ class JobState:
         task taken back from a device that went away is not done before the deadline.
         """
 
+        forced = (
+            set((rnd.selection or {}).get("forced") or [])
+            if self.job.fairness.wait_for_forced
+            else set()
+        )
+
+        def done(device: str, tid: str, up: UpdateRecord | None) -> tuple[bool, bool]:
+            """(the device's update counts, the device is done)."""
+            if up is not None and (up.complete or self._link(rnd.round, device, tid, up)):
+                return True, True
+            if up is not None:
+                return False, False  # uploaded; its result is on its way
+            try:
+                task = self.store.get_task(tid)
+            except NotFoundError:
+                return False, False
+            gone = (task.last_error or "").startswith("device offline")
+            return False, task.terminal and not (gone and task.result_id is None)
+
         def check() -> Progress:
             updates = {u.device_id: u for u in self.fl.updates_for(self.job_id, rnd.round)}
             finished = True
-            complete = waiting = 0
+            complete = waiting = pending = 0
             for device, tid in rnd.tasks.items():
                 up = updates.get(device)
-                if up is not None and (up.complete or self._link(rnd.round, device, tid, up)):
-                    complete += 1
-                    continue
-                if up is not None:
-                    waiting += 1  # uploaded; its result is on its way
-                    finished = False
-                    continue
-                try:
-                    task = self.store.get_task(tid)
-                except NotFoundError:
-                    finished = False
-                    continue
-                gone = (task.last_error or "").startswith("device offline")
-                if not task.terminal or (gone and task.result_id is None):
-                    finished = False
-            return Progress(complete=complete, waiting=waiting, finished=finished)
+                counts, device_done = done(device, tid, up)
+                complete += counts
+                waiting += up is not None and not counts
+                finished = finished and device_done
+                pending += device in forced and not device_done
+            return Progress(
+                complete=complete, waiting=waiting, finished=finished, forced_pending=pending
+            )
 
         return await asyncio.to_thread(check)
 

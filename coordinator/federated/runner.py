@@ -185,7 +185,7 @@ class JobRunner(RoundOpening, RoundClosing):
             if record.state != "running":
                 return "stop"
             progress = await self._progress(rnd)
-            if progress.complete >= job.clients_per_round:
+            if progress.complete >= job.clients_per_round and not progress.forced_pending:
                 return "close"
             now = time.time()
             grace_end = rnd.deadline + job.result_grace_s

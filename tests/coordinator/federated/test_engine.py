@@ -88,6 +88,39 @@ async def test_short_job_converges_and_registers_an_onnx_model(
             assert all(u.complete for u in ups)
 
 
+async def test_wait_for_forced_counts_the_device_the_floor_forced_in(
+    make_coordinator: MakeCoordinator, sim_fleet: Callable[..., SimFleet]
+) -> None:
+    """Two fast devices and a Raspberry Pi 4; one update needed, two asked. Round 2's
+    staleness floor forces the Pi in (never chosen); with ``wait_for_forced`` the round waits
+    for it, so the Pi's update counts instead of the round closing on the fast device."""
+    fleet = sim_fleet(3, mix={"x86-gateway": 2.0, "rpi4": 1.0})
+    async with make_coordinator() as c:
+        assert c.api_url is not None
+        await wait_for_devices(c.api_url, 3)
+        body = digits_job(
+            fleet.eval_path,
+            rounds=2,
+            clients_per_round=1,
+            min_results=1,
+            over_select=1.0,
+            epochs=1,
+            fairness={"max_staleness": 1, "wait_for_forced": True},
+        )
+        async with httpx.AsyncClient(base_url=c.api_url) as api:
+            r = await api.post("/v1/fl/jobs", json=body)
+            assert r.status_code == 201, r.text
+            job = await wait_job(c.api_url, r.json()["id"], ended, timeout=60)
+        assert job["state"] == "done", job
+        rounds = FLStore(c.store.engine).list_rounds(job["id"])
+        second = rounds[1]
+        forced = (second.selection or {}).get("forced")
+        assert forced is not None
+        assert len(forced) == 1
+        assert "rpi4" in forced[0]
+        assert forced[0] in (second.contributors or [])
+
+
 async def test_cli_start_status_stop(
     make_coordinator: MakeCoordinator, sim_fleet: Callable[..., SimFleet], tmp_path: Path
 ) -> None:
