@@ -54,8 +54,13 @@ async def test_devices_tasks_offline_and_reassignment(
                 return {d["id"]: d for d in (await api.get("/v1/devices")).json()}
 
             async def online() -> bool:
+                # Online (the state message) and reporting (the first capacity report, which
+                # may be stored a moment later).
                 devs = await devices()
-                return all(devs.get(d, {}).get("state") == "online" for d in procs)
+                return all(
+                    devs.get(d, {}).get("state") == "online" and devs[d].get("capacity")
+                    for d in procs
+                )
 
             await eventually(online, timeout=30, interval=0.2)
             devs = await devices()

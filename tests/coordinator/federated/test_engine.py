@@ -121,6 +121,34 @@ async def test_wait_for_forced_counts_the_device_the_floor_forced_in(
         assert forced[0] in (second.contributors or [])
 
 
+async def test_stop_cancels_the_open_round(
+    make_coordinator: MakeCoordinator, sim_fleet: Callable[..., SimFleet]
+) -> None:
+    """Slow devices (Raspberry Pi 4 profiles, 30 local epochs) keep round 1 open for many
+    seconds; a stop then cancels it, and a job stopped in its first round registers no
+    model (there are no aggregated weights to register)."""
+    fleet = sim_fleet(2, mix={"rpi4": 1.0})
+    async with make_coordinator() as c:
+        assert c.api_url is not None
+        await wait_for_devices(c.api_url, 2)
+        body = digits_job(fleet.eval_path, clients_per_round=2, epochs=30, deadline_s=120.0)
+        async with httpx.AsyncClient(base_url=c.api_url) as api:
+            r = await api.post("/v1/fl/jobs", json=body)
+            assert r.status_code == 201, r.text
+            job_id = r.json()["id"]
+            await wait_job(
+                c.api_url,
+                job_id,
+                lambda j: bool(j["history"]) and j["history"][-1]["state"] == "open",
+                timeout=30,
+            )
+            assert (await api.post(f"/v1/fl/jobs/{job_id}/stop")).status_code == 200
+            job = await wait_job(c.api_url, job_id, ended, timeout=20)
+        assert job["state"] == "stopped"
+        assert [(h["round"], h["state"]) for h in job["history"]] == [(1, "cancelled")]
+        assert job["final_model"] is None
+
+
 async def test_cli_start_status_stop(
     make_coordinator: MakeCoordinator, sim_fleet: Callable[..., SimFleet], tmp_path: Path
 ) -> None:
