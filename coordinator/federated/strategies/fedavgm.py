@@ -10,16 +10,16 @@ With ``Delta_t`` the example-weighted mean update of round ``t``::
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import ClassVar
 
 import numpy as np
 import numpy.typing as npt
 
-from coordinator.federated.kernels import F64, apply_delta
+from coordinator.federated.kernels import F64
 from coordinator.federated.strategies.base import Weights
 from coordinator.federated.strategies.fedavg import FedAvg
+from coordinator.federated.strategies.momentum import MomentumStep
 
 _PREFIX = "momentum."
 
@@ -30,32 +30,20 @@ class FedAvgM(FedAvg):
     name: ClassVar[str] = "fedavgm"
 
     def __init__(self, *, server_lr: float = 1.0, momentum: float = 0.9) -> None:
-        if not (math.isfinite(server_lr) and server_lr > 0):
-            raise ValueError("server_lr must be > 0")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError("momentum must be in [0, 1)")
-        self.server_lr = float(server_lr)
-        self.momentum = float(momentum)
-        self._velocity: dict[str, F64] = {}
+        self._step = MomentumStep(momentum=momentum, server_lr=server_lr)
+        self.server_lr = self._step.server_lr
+        self.momentum = self._step.momentum
 
     def step(
         self, global_weights: Weights, delta: Mapping[str, F64]
     ) -> dict[str, npt.NDArray[np.generic]]:
-        velocity = {
-            name: self.momentum * self._velocity.get(name, np.zeros_like(d)) + d
-            for name, d in delta.items()
-        }
-        weights = apply_delta(global_weights, {k: self.server_lr * v for k, v in velocity.items()})
-        self._velocity = velocity
-        return weights
+        return self._step.apply(global_weights, delta)
 
     def state(self) -> dict[str, npt.NDArray[np.generic]]:
-        return {_PREFIX + k: v.copy() for k, v in self._velocity.items()}
+        return self._step.state(_PREFIX)
 
     def load_state(self, state: Mapping[str, npt.NDArray[np.generic]]) -> None:
         unknown = [k for k in state if not k.startswith(_PREFIX)]
         if unknown:
             raise ValueError(f"not FedAvgM state: {unknown[:5]}")
-        self._velocity = {
-            k.removeprefix(_PREFIX): np.array(v, dtype=np.float64) for k, v in state.items()
-        }
+        self._step.load(state, _PREFIX)

@@ -28,22 +28,54 @@ from coordinator.federated.strategies.base import ClientUpdate, Combined, Strate
 _PREFIX = "server_momentum."
 
 
+class MomentumStep:
+    """FedAvgM's server step, ``v_t = momentum * v_{t-1} + Delta_t; w += server_lr * v_t``,
+    with its velocity; shared by :class:`~.fedavgm.FedAvgM` and :class:`ServerMomentum`."""
+
+    def __init__(self, *, momentum: float, server_lr: float) -> None:
+        if not (math.isfinite(server_lr) and server_lr > 0):
+            raise ValueError("server_lr must be > 0")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError("momentum must be in [0, 1)")
+        self.momentum = float(momentum)
+        self.server_lr = float(server_lr)
+        self.velocity: dict[str, F64] = {}
+
+    def apply(
+        self, global_weights: Mapping[str, npt.NDArray[np.generic]], delta: Mapping[str, F64]
+    ) -> dict[str, npt.NDArray[np.generic]]:
+        velocity = {
+            name: self.momentum * self.velocity.get(name, np.zeros_like(d)) + d
+            for name, d in delta.items()
+        }
+        weights = apply_delta(global_weights, {k: self.server_lr * v for k, v in velocity.items()})
+        self.velocity = velocity
+        return weights
+
+    def state(self, prefix: str) -> dict[str, npt.NDArray[np.generic]]:
+        return {prefix + k: v.copy() for k, v in self.velocity.items()}
+
+    def load(self, state: Mapping[str, npt.NDArray[np.generic]], prefix: str) -> None:
+        """The velocity from ``state``'s keys that start with ``prefix`` (others ignored)."""
+        self.velocity = {
+            k.removeprefix(prefix): np.array(v, dtype=np.float64)
+            for k, v in state.items()
+            if k.startswith(prefix)
+        }
+
+
 class ServerMomentum(Strategy):
     """``inner``'s aggregation rule with a server momentum step (see module doc)."""
 
     name: ClassVar[str] = "server_momentum"
 
     def __init__(self, inner: Strategy, *, momentum: float = 0.9, server_lr: float = 1.0) -> None:
-        if not (math.isfinite(server_lr) and server_lr > 0):
-            raise ValueError("server_lr must be > 0")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError("momentum must be in [0, 1)")
+        self._step = MomentumStep(momentum=momentum, server_lr=server_lr)
         if inner.name in ("fedavgm", "fedadam"):
             raise ValueError(f"{inner.name} has its own server optimizer")
         self.inner = inner
-        self.momentum = float(momentum)
-        self.server_lr = float(server_lr)
-        self._velocity: dict[str, F64] = {}
+        self.momentum = self._step.momentum
+        self.server_lr = self._step.server_lr
 
     def min_updates(self) -> int:
         return self.inner.min_updates()
@@ -57,22 +89,11 @@ class ServerMomentum(Strategy):
     def step(
         self, global_weights: Weights, delta: Mapping[str, F64]
     ) -> dict[str, npt.NDArray[np.generic]]:
-        velocity = {
-            name: self.momentum * self._velocity.get(name, np.zeros_like(d)) + d
-            for name, d in delta.items()
-        }
-        weights = apply_delta(global_weights, {k: self.server_lr * v for k, v in velocity.items()})
-        self._velocity = velocity
-        return weights
+        return self._step.apply(global_weights, delta)
 
     def state(self) -> dict[str, npt.NDArray[np.generic]]:
-        own = {_PREFIX + k: v.copy() for k, v in self._velocity.items()}
-        return {**self.inner.state(), **own}
+        return {**self.inner.state(), **self._step.state(_PREFIX)}
 
     def load_state(self, state: Mapping[str, npt.NDArray[np.generic]]) -> None:
-        self._velocity = {
-            k.removeprefix(_PREFIX): np.array(v, dtype=np.float64)
-            for k, v in state.items()
-            if k.startswith(_PREFIX)
-        }
+        self._step.load(state, _PREFIX)
         self.inner.load_state({k: v for k, v in state.items() if not k.startswith(_PREFIX)})
