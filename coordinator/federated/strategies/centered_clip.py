@@ -9,11 +9,12 @@ from it, each offset clipped to a radius ``tau``::
 
 An update, however large, moves ``v`` by at most ``tau / n``, and updates near ``v`` count
 in full, so the rule is the plain mean when every update is within ``tau`` of the centre.
-Unlike the coordinate-wise median and trimmed mean, it acts on whole vectors, so honest
-updates that disagree coordinate by coordinate (skewed data) do not bias it towards an
-attacker's side. ``tau`` is fixed, or (default) ``tau_multiplier`` times the median
-distance of this round's updates from the centre, which follows the updates' scale as
-training progresses. The centre is server state, persisted with the weights.
+Unlike the coordinate-wise median and trimmed mean, it acts on whole vectors: an
+attacker's pull is bounded in norm whatever direction it takes. ``tau`` is fixed, or
+(default) ``tau_multiplier`` times the median distance of this round's updates from the
+centre, which follows the updates' scale as training progresses; with strongly skewed
+data that distance is wide, so is the bound (docs/BENCHMARKS.md measures the cost). The
+centre is server state, persisted with the weights.
 """
 
 from __future__ import annotations
