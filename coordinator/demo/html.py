@@ -14,6 +14,7 @@ from coordinator.demo import svg
 from coordinator.demo.report import (
     WAVE_NAMES,
     accuracy_steps,
+    class_cells,
     class_summary,
     explain_text,
     ms,
@@ -210,21 +211,7 @@ def write_html(figures: dict[str, Any], path: Path) -> Path:
     parts.append(
         _table(
             headers,
-            [
-                (
-                    r["class"],
-                    str(r["devices"]),
-                    f"{r['deploy_ok']}/{r['deploy_tasks']}",
-                    f"{r['infer_ok']}/{r['infer_tasks']}",
-                    ms(r["infer_run_p50_s"]),
-                    ms(r["infer_run_p95_s"]),
-                    *(pct(a) for a in r["accuracy_by_wave"]),
-                    f"{r['train_ok']}/{r['train_tasks']}",
-                    ms(r["train_run_p50_s"]),
-                    pct(r["local_accuracy"]),
-                )
-                for r in rows
-            ],
+            [(*class_cells(r), pct(r["local_accuracy"])) for r in rows],
         )
     )
     parts.append(

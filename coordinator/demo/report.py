@@ -73,6 +73,21 @@ def class_summary(figures: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def class_cells(row: dict[str, Any]) -> tuple[str, ...]:
+    """A :func:`class_summary` row as the cells both reports show, in their column order."""
+    return (
+        row["class"],
+        str(row["devices"]),
+        f"{row['deploy_ok']}/{row['deploy_tasks']}",
+        f"{row['infer_ok']}/{row['infer_tasks']}",
+        ms(row["infer_run_p50_s"]),
+        ms(row["infer_run_p95_s"]),
+        *(pct(a) for a in row["accuracy_by_wave"]),
+        f"{row['train_ok']}/{row['train_tasks']}",
+        ms(row["train_run_p50_s"]),
+    )
+
+
 def accuracy_steps(figures: dict[str, Any]) -> list[tuple[str, float | None]]:
     """Test-set accuracy at each step of the loop, as recorded."""
     steps: list[tuple[str, float | None]] = []
@@ -147,17 +162,7 @@ def _class_table(figures: dict[str, Any]) -> Table:
     for h in headers:
         t.add_column(h, justify="left" if h == "class" else "right")
     for r in class_summary(figures):
-        t.add_row(
-            r["class"],
-            str(r["devices"]),
-            f"{r['deploy_ok']}/{r['deploy_tasks']}",
-            f"{r['infer_ok']}/{r['infer_tasks']}",
-            ms(r["infer_run_p50_s"]),
-            ms(r["infer_run_p95_s"]),
-            *(pct(a) for a in r["accuracy_by_wave"]),
-            f"{r['train_ok']}/{r['train_tasks']}",
-            ms(r["train_run_p50_s"]),
-        )
+        t.add_row(*class_cells(r))
     return t
 
 
