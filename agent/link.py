@@ -122,6 +122,12 @@ class Link:
             finally:
                 self.connected.clear()
                 self._client = None
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # A TaskGroup whose child fails while the group is being cancelled raises the
+                # child's error and drops the CancelledError; the request still stands, so a
+                # link told to stop must not reconnect.
+                raise asyncio.CancelledError
             delay = self._backoff.next()
             log.info("reconnecting in %.2f s", delay)
             await asyncio.sleep(delay)

@@ -1,11 +1,45 @@
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import faulthandler
+import os
+import sys
+import threading
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.broker import Broker, mosquitto_binary
+
+# pytest-timeout (120 s, signal method) fails a slow test and goes on; a test whose teardown
+# then blocks for good (a task that will not cancel, say) would stall the whole run until CI
+# kills it, with nothing printed. Past this many seconds, every thread's stack is printed and
+# the run ends.
+HANG_S = float(os.environ.get("LEPTON_TEST_HANG_S", "420"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, None, None]:
+    done = threading.Event()
+
+    def watch() -> None:
+        if done.wait(HANG_S):
+            return
+        capman = item.config.pluginmanager.getplugin("capturemanager")
+        if capman is not None:
+            capman.suspend_global_capture(in_=True)
+        sys.stderr.write(f"\n+++ {item.nodeid} still running after {HANG_S:.0f} s: stacks +++\n")
+        sys.stderr.flush()
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        sys.stderr.flush()
+        os._exit(1)
+
+    watcher = threading.Thread(target=watch, name="hang-watchdog", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
 
 
 @pytest.fixture

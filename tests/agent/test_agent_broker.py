@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiomqtt
 import msgspec
 import pytest
 
@@ -168,3 +169,54 @@ async def test_fuzzed_task_payloads_never_stop_the_agent(
             "task after fuzzing",
         )
         assert agent.counters["link.handler_errors"] == 0
+
+
+async def test_link_stops_when_cancelled_while_the_connection_fails(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """A cancel that meets a connection error (the session's TaskGroup then raises the error
+    and drops the cancel) still stops the link: it does not reconnect and run on."""
+    async with Agent(
+        load_config(
+            None,
+            env={},
+            overrides={
+                "device_id": "dev-1",
+                "broker_port": broker.port,
+                "broker_reconnect_min": 0.05,
+                "broker_reconnect_max": 0.1,
+                "agent_state_dir": tmp_path / "a",
+                "agent_probe": False,
+            },
+        )
+    ) as agent:
+        link = agent.link
+        started = asyncio.Event()
+
+        async def publisher_failing_on_cancel(client: object) -> None:
+            started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                # What aiomqtt raises from a publish whose connection is cut at that moment.
+                raise aiomqtt.MqttError("connection lost") from None
+
+        link._drain_outbox = publisher_failing_on_cancel  # type: ignore[method-assign]
+        task = asyncio.create_task(link.run())
+        async with asyncio.timeout(10):
+            await started.wait()
+        connects = agent.counters.snapshot().get("link.connects", 0)
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=5)
+        if not done:  # end it another way, so that the failure does not hang the teardown
+
+            async def refuse() -> None:
+                raise RuntimeError("link ran on after its cancel")
+
+            link._session = refuse  # type: ignore[method-assign]
+            task.cancel()
+            await asyncio.wait({task}, timeout=10)
+        assert done, "the link ignored its cancel and ran on"
+        assert task.cancelled()
+        assert agent.counters.snapshot().get("link.connects", 0) == connects
+        assert not link.connected.is_set()
