@@ -124,9 +124,9 @@ class Link:
                 self._client = None
             task = asyncio.current_task()
             if task is not None and task.cancelling():
-                # A TaskGroup whose child fails while the group is being cancelled raises the
-                # child's error and drops the CancelledError; the request still stands, so a
-                # link told to stop must not reconnect.
+                # Cancelled while the connection failed: aiomqtt's exit (or a child) raised
+                # the connection error in place of the CancelledError. The cancel still
+                # stands, so a link told to stop does not reconnect.
                 raise asyncio.CancelledError
             delay = self._backoff.next()
             log.info("reconnecting in %.2f s", delay)
@@ -202,9 +202,22 @@ class Link:
             self._counters.inc("link.connects")
             log.info("connected to %s:%d", self.config.broker_host, self.config.broker_port)
             self._on_connect()
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._drain_outbox(client), name="outbox-publisher")
-                tg.create_task(self._receive(client), name="receiver")
+            # Not a TaskGroup: on Python 3.11 one whose child fails leaves the parent's
+            # cancel count raised for good (uncancel runs before the child's cancel), and
+            # one cancelled while a child fails drops the CancelledError; run() needs both
+            # to stay exact to tell a stop from a lost connection.
+            children = [
+                asyncio.create_task(self._drain_outbox(client), name="outbox-publisher"),
+                asyncio.create_task(self._receive(client), name="receiver"),
+            ]
+            try:
+                done, _ = await asyncio.wait(children, return_when=asyncio.FIRST_EXCEPTION)
+                for child in done:
+                    child.result()
+            finally:
+                for child in children:
+                    child.cancel()
+                await asyncio.gather(*children, return_exceptions=True)
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:

@@ -171,11 +171,13 @@ async def test_fuzzed_task_payloads_never_stop_the_agent(
         assert agent.counters["link.handler_errors"] == 0
 
 
+@pytest.mark.parametrize("where", ["publisher", "client_exit"])
 async def test_link_stops_when_cancelled_while_the_connection_fails(
-    broker: Broker, tmp_path: Path
+    broker: Broker, tmp_path: Path, where: str
 ) -> None:
-    """A cancel that meets a connection error (the session's TaskGroup then raises the error
-    and drops the cancel) still stops the link: it does not reconnect and run on."""
+    """A cancel that meets a connection error still stops the link: it does not reconnect
+    and run on. The error comes from a session task (``publisher``) or from aiomqtt's own
+    exit (``client_exit``), which then raises it in place of the CancelledError."""
     async with Agent(
         load_config(
             None,
@@ -192,16 +194,33 @@ async def test_link_stops_when_cancelled_while_the_connection_fails(
     ) as agent:
         link = agent.link
         started = asyncio.Event()
+        publisher = link._drain_outbox
 
-        async def publisher_failing_on_cancel(client: object) -> None:
+        async def publisher_failing_on_cancel(client: aiomqtt.Client) -> None:
             started.set()
             try:
-                await asyncio.Event().wait()
+                await publisher(client)
             except asyncio.CancelledError:
-                # What aiomqtt raises from a publish whose connection is cut at that moment.
-                raise aiomqtt.MqttError("connection lost") from None
+                if where == "publisher":
+                    # What a publish whose connection is cut at that moment raises.
+                    raise aiomqtt.MqttError("connection lost") from None
+                raise
+
+        class ClientFailingOnExit(aiomqtt.Client):
+            async def __aexit__(self, *exc: object) -> None:
+                await super().__aexit__(*exc)  # type: ignore[arg-type]
+                raise aiomqtt.MqttError("Unexpected disconnection")
+
+        make_client = link._client_for
+
+        def client_for() -> aiomqtt.Client:
+            client = make_client()
+            if where == "client_exit":
+                client.__class__ = ClientFailingOnExit
+            return client
 
         link._drain_outbox = publisher_failing_on_cancel  # type: ignore[method-assign]
+        link._client_for = client_for  # type: ignore[method-assign]
         task = asyncio.create_task(link.run())
         async with asyncio.timeout(10):
             await started.wait()
@@ -220,3 +239,42 @@ async def test_link_stops_when_cancelled_while_the_connection_fails(
         assert task.cancelled()
         assert agent.counters.snapshot().get("link.connects", 0) == connects
         assert not link.connected.is_set()
+
+
+async def test_link_reconnects_after_a_session_error(broker: Broker, tmp_path: Path) -> None:
+    """The other side of the test above: an error with no cancel is a lost connection, and
+    the link connects again (several times in a row, so no stale cancel state builds up)."""
+    async with Agent(
+        load_config(
+            None,
+            env={},
+            overrides={
+                "device_id": "dev-1",
+                "broker_port": broker.port,
+                "broker_reconnect_min": 0.05,
+                "broker_reconnect_max": 0.1,
+                "agent_state_dir": tmp_path / "a",
+                "agent_probe": False,
+            },
+        )
+    ) as agent:
+        link = agent.link
+        sessions = 0
+
+        async def publisher_failing(client: aiomqtt.Client) -> None:
+            nonlocal sessions
+            sessions += 1
+            await asyncio.sleep(0.05)
+            raise aiomqtt.MqttError("connection lost")
+
+        link._drain_outbox = publisher_failing  # type: ignore[method-assign]
+        task = asyncio.create_task(link.run())
+        try:
+            async with asyncio.timeout(15):
+                while agent.counters.snapshot().get("link.connects", 0) < 4:
+                    await asyncio.sleep(0.02)
+        finally:
+            task.cancel()
+            await asyncio.wait({task}, timeout=10)
+        assert task.cancelled()
+        assert agent.counters.snapshot()["link.disconnects"] >= 3
