@@ -21,7 +21,8 @@ the held-out test split (450 images). Phases, all in one run:
     profiles next to x86 gateways), ``k`` of ``n`` devices per round with over-selection and
     five local epochs (so that compute, which the profiles stretch, outweighs the fixed
     per-round costs): mean round wall time with cost-model selection against uniform random
-    selection;
+    selection; also the cost model waiting for the devices its fairness floor forces in,
+    and the cost model folding late updates into later rounds (``[late] policy = "fold"``);
 (e) **Byzantine**: ``--adversaries`` of the devices send sign-flipped updates scaled 10x;
     FedAvg and robust strategies (median, trimmed mean, Multi-Krum, each also with server
     momentum: ``server_momentum = 0.9``), each against its own
@@ -83,6 +84,7 @@ class Settings:
     select_k: int = 5
     select_rounds: int = 20
     select_epochs: int = 5
+    select_late_rounds: int = 8  # how late a folded update may be ("cost-late")
     slow_share: float = 0.4
     phases: tuple[str, ...] = PHASES
     candidates: tuple[str, ...] = tuple(CANDIDATES)
@@ -347,7 +349,9 @@ async def selection_phase(h: Harness, out: dict[str, Any]) -> None:
     runs: dict[str, Run] = {}
     # "cost-fair": the cost model with fairness.wait_for_forced, so the devices the
     # staleness floor forces into a round are waited for and their updates count.
-    for method in ("cost", "random", "cost-fair"):
+    # "cost-late": the cost model with late updates folded into later rounds (discounted),
+    # so slow devices count without any round waiting for them.
+    for method in ("cost", "random", "cost-fair", "cost-late"):
         # A fresh fleet for each: devices start cool and charged, so no run inherits
         # another's heat (a Pi 4 under load throttles, and throttled devices are not
         # eligible).
@@ -355,6 +359,7 @@ async def selection_phase(h: Harness, out: dict[str, Any]) -> None:
         fairness: dict[str, Any] = {"max_staleness": 4, "max_forced_share": 0.25}
         if method == "cost-fair":
             fairness["wait_for_forced"] = True
+        late = {"policy": "fold", "max_rounds": s.select_late_rounds}
         async with h.fleet(label, mix):
             body = h.job(
                 f"select-{method}",
@@ -364,8 +369,9 @@ async def selection_phase(h: Harness, out: dict[str, Any]) -> None:
                 clients_per_round=s.select_k,
                 min_results=s.select_k,
                 over_select=0.4,
-                selection=method.removesuffix("-fair"),
+                selection=method.split("-")[0],
                 fairness=fairness,
+                **({"late": late} if method == "cost-late" else {}),
             )
             runs[method] = await h.run_job(f"select-{method}", body)
     cost, rand = runs["cost"], runs["random"]
@@ -378,6 +384,9 @@ async def selection_phase(h: Harness, out: dict[str, Any]) -> None:
             for d in r.get("contributors") or []:
                 kind = "slow" if "rpi4" in d else "fast"
                 counts[kind] = counts.get(kind, 0) + 1
+                if "@" in d:  # a late update, folded in: this round did not wait for it
+                    counts[f"{kind}_late"] = counts.get(f"{kind}_late", 0) + 1
+                    continue
                 slow_in = slow_in or kind == "slow"
             counts["rounds_waiting_on_slow"] += slow_in
         picks[method] = counts
@@ -396,6 +405,9 @@ async def selection_phase(h: Harness, out: dict[str, Any]) -> None:
         "round_s_cost_fair": runs["cost-fair"].mean("wall_s"),
         "ratio_cost_fair": runs["cost-fair"].mean("wall_s") / rand.mean("wall_s"),
         "final_cost_fair": runs["cost-fair"].final,
+        "round_s_cost_late": runs["cost-late"].mean("wall_s"),
+        "ratio_cost_late": runs["cost-late"].mean("wall_s") / rand.mean("wall_s"),
+        "final_cost_late": runs["cost-late"].final,
         "updates_counted": picks,
     }
     out["runs"].update({f"select-{k}": _summary(v) for k, v in runs.items()})
@@ -498,7 +510,9 @@ def report(out: dict[str, Any], s: Settings) -> str:
             f"({sel['ratio']:.2f}x); final accuracy {_pct(sel['final_cost'])} % vs "
             f"{_pct(sel['final_random'])} %; cost model waiting for forced devices "
             f"{sel['round_s_cost_fair']:.2f} s ({sel['ratio_cost_fair']:.2f}x, final "
-            f"{_pct(sel['final_cost_fair'])} %); updates counted {sel['updates_counted']}",
+            f"{_pct(sel['final_cost_fair'])} %); cost model folding late updates "
+            f"{sel['round_s_cost_late']:.2f} s ({sel['ratio_cost_late']:.2f}x, final "
+            f"{_pct(sel['final_cost_late'])} %); updates counted {sel['updates_counted']}",
         ]
     byz = out.get("byzantine")
     if byz:

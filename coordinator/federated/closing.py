@@ -1,5 +1,13 @@
 """Closing a round: aggregate the updates that count, write the new weights and the
-strategy's state, score them centrally, and record it all in one transaction."""
+strategy's state, score them centrally, and record it all in one transaction.
+
+With ``[late] policy = "fold"`` the round also aggregates late updates: complete updates
+of the last ``late.max_rounds`` closed rounds that their own round did not aggregate and
+no later round folded yet, each named ``device@round`` and weighted by
+:meth:`~.job.LateSpec.weight`. Which updates a round aggregated is recorded with it
+(``aggregated`` in its metrics), in the same transaction, so a late update is folded once
+even across a coordinator restart.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +23,7 @@ import numpy as np
 from coordinator.errors import NotFoundError
 from coordinator.federated import modelio
 from coordinator.federated.jobstate import MAX_DECODE_BYTES, JobState
-from coordinator.federated.store import (
-    RoundRecord,
-)
+from coordinator.federated.store import RoundRecord, UpdateRecord
 from coordinator.federated.strategies import AggregationError, ClientUpdate
 from coordinator.federated.strategies.dp import CentralDP
 from protocol.errors import DecodeError
@@ -34,24 +40,28 @@ class RoundClosing(JobState):
         assert self.global_weights is not None
         updates = await asyncio.to_thread(self.fl.updates_for, self.job_id, rnd.round)
         counted = sorted((u for u in updates if u.complete), key=lambda u: u.device_id)
+        late = await asyncio.to_thread(self._late_updates, rnd.round)
         clients: list[ClientUpdate] = []
         unreadable: dict[str, str] = {}
-        for u in counted:
+        entries = [(u.device_id, u, 1.0) for u in counted]
+        entries += [(f"{u.device_id}@{r}", u, self.job.late.weight(rnd.round - r)) for r, u in late]
+        for name, u, weight in entries:
             try:
                 data = await asyncio.to_thread(self.registry.read_blob, u.digest)
                 _meta, delta = await asyncio.to_thread(
                     decode_weights, data, max_bytes=MAX_DECODE_BYTES
                 )
             except (DecodeError, NotFoundError, OSError) as exc:
-                unreadable[u.device_id] = f"unreadable: {exc}"
+                unreadable[name] = f"unreadable: {exc}"
                 continue
             assert u.examples is not None
             clients.append(
                 ClientUpdate(
-                    device_id=u.device_id,
+                    device_id=name,
                     delta=delta,
                     num_examples=u.examples,
                     metrics=u.metrics or {},
+                    weight=weight,
                 )
             )
         before = self.strategy.state()
@@ -61,13 +71,56 @@ class RoundClosing(JobState):
             log.warning("fl job %s round %d: %s", self.job_id, rnd.round, exc)
             return False
         try:
-            return await self._commit(rnd, result, counted, unreadable)
+            return await self._commit(rnd, result, counted, unreadable, late)
         except BaseException:
             self.strategy.load_state(before)  # not committed: the round is aggregated again
             raise
 
+    def _late_updates(self, round_no: int) -> list[tuple[int, UpdateRecord]]:
+        """(round, update) of the late updates this round folds in (worker thread)."""
+        spec = self.job.late
+        if spec.policy != "fold":
+            return []
+        first = max(1, round_no - spec.max_rounds)
+        earlier = [
+            r
+            for r in self.fl.list_rounds(self.job_id)
+            if first <= r.round < round_no and r.state == "closed"
+        ]
+        done: set[str] = set()  # device@round of the updates some round already aggregated
+        for r in earlier:
+            metrics = r.metrics or {}
+            aggregated = metrics.get("aggregated")
+            if aggregated is None:  # a round closed before rounds recorded this
+                aggregated = [*(r.contributors or []), *(metrics.get("rejected_updates") or {})]
+            done.update(a if "@" in a else f"{a}@{r.round}" for a in aggregated)
+        out: list[tuple[int, UpdateRecord]] = []
+        for r in earlier:
+            for u in self.fl.updates_for(self.job_id, r.round):
+                if f"{u.device_id}@{r.round}" in done:
+                    continue
+                task_id = r.tasks.get(u.device_id)
+                if not u.complete and (
+                    task_id is None or not self._link(r.round, u.device_id, task_id, u)
+                ):
+                    continue  # its result is not in yet: a later round may fold it
+                out.append((r.round, u))
+        if any(not u.complete for _, u in out):  # linked just now: read them again
+            fresh = {
+                (r, u.device_id): u
+                for r in {r for r, _ in out}
+                for u in self.fl.updates_for(self.job_id, r)
+            }
+            out = [(r, fresh[(r, u.device_id)]) for r, u in out]
+        return out
+
     async def _commit(
-        self, rnd: RoundRecord, result: Any, counted: Sequence[Any], unreadable: dict[str, str]
+        self,
+        rnd: RoundRecord,
+        result: Any,
+        counted: Sequence[Any],
+        unreadable: dict[str, str],
+        late: Sequence[tuple[int, UpdateRecord]] = (),
     ) -> bool:
         job = self.job
         blob = encode_weights(result.weights, kind="weights", round=rnd.round, job=self.job_id)
@@ -85,13 +138,19 @@ class RoundClosing(JobState):
             "upload_rejects": dict(rnd.rejects),
             "rejected": sum(rnd.rejects.values()) + len(result.rejected) + len(unreadable),
             "examples": result.num_examples,
-            "bytes_up": sum(u.size for u in counted),
+            "bytes_up": sum(u.size for u in counted) + sum(u.size for _, u in late),
             "bytes_down": self.global_size * len(rnd.selected),
             "wall_s": now - rnd.started_at,
             "attempts": rnd.attempt,
             "expected_round_s": (rnd.selection or {}).get("expected_round_s"),
             **{k: float(v) for k, v in result.metrics.items() if math.isfinite(v)},
+            # Every update this round gave the strategy: its own (device ids) and late ones
+            # (device@round), so that no later round folds them again.
+            "aggregated": [u.device_id for u in counted] + [f"{u.device_id}@{r}" for r, u in late],
         }
+        if self.job.late.policy == "fold":
+            metrics["late"] = len(late)
+            metrics["late_used"] = sum("@" in c for c in result.contributors)
         if "client.loss_after" in result.metrics:
             metrics["loss"] = result.metrics["client.loss_after"]
         if self.eval_set is not None:
@@ -125,11 +184,12 @@ class RoundClosing(JobState):
         self.engine.metrics.rounds.labels("closed").inc()
         self.engine.metrics.round_seconds.observe(metrics["wall_s"])
         log.info(
-            "fl job %s round %d closed: %d updates (%d selected), %.1fs%s",
+            "fl job %s round %d closed: %d updates (%d selected)%s, %.1fs%s",
             self.job_id,
             rnd.round,
             len(counted),
             len(rnd.selected),
+            f" + {len(late)} late" if late else "",
             metrics["wall_s"],
             f", accuracy {metrics['accuracy']:.4f}" if "accuracy" in metrics else "",
         )

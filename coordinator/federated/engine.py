@@ -26,7 +26,9 @@ result. A restarted leader finds the open round in the database (selection, toke
 deadline, updates so far), re-submits any task it had not submitted yet (task ids are
 stable, so this is a no-op when it had), and carries on; UNIQUE(job, round, device) means a
 device's update counts once however often it is sent. Late updates (their round closed)
-are refused with 409 ``late`` and counted; strategies here aggregate one round's updates.
+are refused with 409 ``late`` and counted, unless the job folds them (``[late] policy =
+"fold"``): then one at most ``late.max_rounds`` rounds late is recorded under its own
+round and aggregated, discounted, by the next round to close (:mod:`.closing`).
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ bad_digest_header    400    ``X-Lepton-Digest: sha256:<hex>`` missing or malform
 unknown_job          404    no such job
 job_not_running      409    the job is not running (stopped, done, failed)
 wrong_round          409    the round does not exist (a future round, say)
-late                 409    the round has closed (a straggler's update is dropped)
+late                 409    the round has closed (and the job does not fold late updates,
+                            or this one is more than ``late.max_rounds`` rounds late)
 not_selected         403    the device was not selected for this round
 bad_token            403    the slot's token does not match
 oversized            413    over the job's cap (from Content-Length, before reading)
@@ -23,6 +24,10 @@ wrong_job            400    the blob names another job or round
 shape_mismatch       400    tensor names or shapes differ from the model's
 conflict             409    this slot already holds a different update
 ==================== ====== ===========================================================
+
+With ``[late] policy = "fold"``, an update for a closed round at most ``late.max_rounds``
+rounds back passes the same checks (its round's token and base weights) and is recorded
+under its own round; the next round to close aggregates it (:mod:`.closing`).
 
 An accepted update is stored in the blob store and recorded in ``fl_updates`` in one
 transaction before the 200 answer; sending the same update again answers 200 and changes
@@ -93,9 +98,12 @@ def make_upload_router(ctx: UploadContext) -> APIRouter:
         round_known = False
         try:
             digest = _declared_digest(request)
-            cap, round_known = await _check_slot(ctx, job_id, round_no, device_id, token)
+            cap, late_ok = await _check_slot(ctx, job_id, round_no, device_id, token)
+            round_known = True
             body = await _read_capped(request, cap)
-            outcome = await _accept(ctx, job_id, round_no, device_id, digest, body, cap)
+            outcome = await _accept(
+                ctx, job_id, round_no, device_id, digest, body, cap, late_ok=late_ok
+            )
         except UploadRefusedError as exc:
             ctx.metrics.rejects.labels(exc.reason).inc()
             if round_known or exc.reason in ("late", "not_selected", "bad_token"):
@@ -137,8 +145,18 @@ async def _check_slot(
         raise UploadRefusedError(
             409, "wrong_round", f"job {job_id} has no round {round_no} (at {job.round})"
         )
+    late_ok = False
     if rnd.state != "open":
-        raise UploadRefusedError(409, "late", f"round {round_no} is {rnd.state}")
+        spec = (job.spec or {}).get("late") or {}
+        behind = job.round - round_no
+        if not (
+            spec.get("policy") == "fold"
+            and rnd.state == "closed"
+            and job.state == "running"
+            and behind <= int(spec.get("max_rounds", 0))
+        ):
+            raise UploadRefusedError(409, "late", f"round {round_no} is {rnd.state}")
+        late_ok = True
     expected = rnd.tokens.get(device_id)
     if expected is None:
         raise UploadRefusedError(
@@ -146,7 +164,7 @@ async def _check_slot(
         )
     if not hmac.compare_digest(token.encode(), expected.encode()):
         raise UploadRefusedError(403, "bad_token", "the upload token does not match this slot")
-    return int(job.max_update_bytes or DEFAULT_MAX_BYTES), True
+    return int(job.max_update_bytes or DEFAULT_MAX_BYTES), late_ok
 
 
 async def _read_capped(request: Request, cap: int) -> bytes:
@@ -176,6 +194,8 @@ async def _accept(  # noqa: PLR0917 - the slot's coordinates, in URL order
     digest: str,
     body: bytes,
     cap: int,
+    *,
+    late_ok: bool = False,
 ) -> str:
     actual = await asyncio.to_thread(lambda: hashlib.sha256(body).hexdigest())
     if actual != digest:
@@ -210,6 +230,7 @@ async def _accept(  # noqa: PLR0917 - the slot's coordinates, in URL order
         size=len(body),
         compression=meta.compression,
         now=time.time(),
+        late_ok=late_ok,
     )
     if outcome == "accepted":
         ctx.metrics.uploads.inc()

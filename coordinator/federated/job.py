@@ -1,8 +1,9 @@
 """A federated job: one frozen, validated config, from a TOML file or the API's JSON body.
 
 Both spell a job the same way: top-level keys, plus the tables ``[strategy]`` (``name`` and
-the strategy's knobs), ``[fairness]`` (client selection's fairness rules) and ``[dp]``
-(central differential privacy, optional)::
+the strategy's knobs), ``[fairness]`` (client selection's fairness rules), ``[late]``
+(updates that arrive after their round closed) and ``[dp]`` (central differential privacy,
+optional)::
 
     name = "digits"                      # the final model's name in the model registry
     model = "models.digits:DigitsCNN"    # import path of a zero-argument torch model factory
@@ -23,6 +24,10 @@ the strategy's knobs), ``[fairness]`` (client selection's fairness rules) and ``
     [strategy]
     name = "fedavgm"
     server_lr = 1.0
+
+    [late]                               # updates that arrive after their round closed
+    policy = "fold"                      # "drop" (default): refused | "fold": see LateSpec
+    max_rounds = 2
 
 A key this module does not know is an error naming it (``ValueError``, or
 :class:`JobError` with ``key`` set). Every check that needs no I/O happens here, at the
@@ -84,6 +89,29 @@ class FairnessSpec:
     wait_for_forced: bool = False
 
 
+LatePolicy = Literal["drop", "fold"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LateSpec:
+    """What happens to an update that arrives after its round closed.
+
+    ``drop``: it is refused (409 ``late``). ``fold``: if it is at most ``max_rounds``
+    rounds late, it is accepted and aggregated with the next round to close, as an extra
+    update weighted ``(1 + staleness) ** -exponent`` (staleness: rounds between the one it
+    was trained for and the one it is counted in; Xie et al. 2019, FedBuff's 1/sqrt(1+s)
+    with the default exponent). A round still waits for ``clients_per_round`` updates of
+    its own; folded ones come on top, so slow devices count without every round waiting.
+    """
+
+    policy: LatePolicy = "drop"
+    max_rounds: int = 2
+    exponent: float = 0.5
+
+    def weight(self, staleness: int) -> float:
+        return float((1.0 + staleness) ** -self.exponent)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DPSpec:
     """Central DP: clip each update to ``clip_norm``, add Gaussian noise of
@@ -131,6 +159,7 @@ class FLJob:
     final_format: FinalFormat = "onnx"
     strategy: StrategySpec = field(default_factory=StrategySpec)
     fairness: FairnessSpec = field(default_factory=FairnessSpec)
+    late: LateSpec = field(default_factory=LateSpec)
     dp: DPSpec | None = None
 
     def __post_init__(self) -> None:
@@ -163,7 +192,7 @@ class FLJob:
             value = getattr(self, f.name)
             if f.name == "strategy":
                 out["strategy"] = {"name": value.name, **dict(value.knobs)}
-            elif f.name in ("fairness", "dp"):
+            elif f.name in ("fairness", "late", "dp"):
                 out[f.name] = None if value is None else dataclasses.asdict(value)
             elif f.name == "input_shape":
                 out[f.name] = None if value is None else list(value)
@@ -181,14 +210,12 @@ class FLJob:
         for key, value in data.items():
             if key not in known:
                 raise JobError(str(key), "unknown key")
-            if value is None and key in ("dp", "fairness", "strategy"):
+            if value is None and key in ("dp", "fairness", "late", "strategy"):
                 continue
             if key == "strategy":
                 kw[key] = _strategy(value)
-            elif key == "fairness":
-                kw[key] = _table(FairnessSpec, "fairness", value)
-            elif key == "dp":
-                kw[key] = _table(DPSpec, "dp", value)
+            elif key in TABLES:
+                kw[key] = _table(TABLES[key], key, value)
             elif key == "input_shape" and value is not None:
                 kw[key] = _shape(value)
             else:
@@ -219,6 +246,8 @@ class FLJob:
 
 
 # ---------------------------------------------------------------------- parsing
+
+TABLES: Final[dict[str, type[Any]]] = {"fairness": FairnessSpec, "late": LateSpec, "dp": DPSpec}
 
 
 def _strategy(value: Any) -> StrategySpec:
@@ -322,6 +351,15 @@ def _validate(job: FLJob) -> None:  # noqa: PLR0912, PLR0915 - one check per fie
     _num("fairness.penalty", f.penalty, 0.0, 1e6)
     if not isinstance(f.wait_for_forced, bool):
         raise JobError("fairness.wait_for_forced", "must be true or false")
+    _choice("late.policy", job.late.policy, LatePolicy)
+    _int("late.max_rounds", job.late.max_rounds, 1, 100)
+    _num("late.exponent", job.late.exponent, 0.0, 10.0)
+    if job.late.policy == "fold" and job.dp is not None:
+        raise JobError(
+            "late.policy",
+            "fold cannot be combined with [dp]: the privacy accounting assumes each round "
+            "aggregates only the devices sampled for it",
+        )
     if job.dp is not None:
         _num("dp.noise_multiplier", job.dp.noise_multiplier, 0.0, 1e3)
         _num("dp.clip_norm", job.dp.clip_norm, 0.0, 1e9, open_lo=True)

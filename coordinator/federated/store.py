@@ -360,8 +360,10 @@ class FLStore:
         size: int,
         compression: str,
         now: float,
+        late_ok: bool = False,
     ) -> RecordOutcome:
-        """Record an uploaded update, if its round is still open and the device selected.
+        """Record an uploaded update, if its round is still open (or closed, with
+        ``late_ok``: a late update the job folds into a later round) and the device selected.
 
         ``duplicate``: this device's update for this round was already recorded with the
         same digest (nothing changes); ``conflict``: with another digest (the first stays).
@@ -380,7 +382,7 @@ class FLStore:
             )
             if rnd is None:
                 return "unknown"
-            if rnd["state"] != "open":
+            if rnd["state"] != "open" and not (late_ok and rnd["state"] == "closed"):
                 return "closed"
             if device_id not in (rnd["tokens"] or {}):
                 return "not_selected"

@@ -15,6 +15,7 @@ def test_fl_benchmark_runs_tiny() -> None:
     assert set(figures["accuracy"]["finals"]) == {"fedavg", "fedavgm"}
     assert figures["compression"]["ratio"] < 0.35
     assert figures["selection"]["round_s_cost"] > 0
+    assert figures["selection"]["round_s_cost_late"] > 0
     assert set(figures["byzantine"]["strategies"]) == {"fedavg", "median"}
     assert len(figures["byzantine"]["adversaries"]) == 1
     assert len(figures["reference"]["accuracy"]) == 2

@@ -55,12 +55,15 @@ class ClientUpdate:
     from, per tensor. ``num_examples`` is the number of local training examples (it weights
     mean-based strategies; robust strategies ignore it, since a client can lie about it).
     ``metrics`` are numeric figures the client reported (``loss_after``, ``accuracy``...).
+    ``weight`` scales the client's share in mean-based rules, on top of its examples: below
+    1 for a late update trained on older global weights (:class:`~..job.LateSpec`).
     """
 
     device_id: str
     delta: Weights
     num_examples: int
     metrics: Mapping[str, float] = field(default_factory=dict)
+    weight: float = 1.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -111,6 +114,8 @@ def _problem(global_weights: Weights, update: ClientUpdate) -> str | None:
         return "num_examples is not an int"
     if update.num_examples < 1:
         return "no training examples"
+    if not (isinstance(update.weight, (int, float)) and 0.0 < update.weight <= 1.0):
+        return f"weight {update.weight!r} is not in (0, 1]"
     if set(update.delta) != set(global_weights):
         missing = sorted(set(global_weights) - set(update.delta))[:3]
         extra = sorted(set(update.delta) - set(global_weights))[:3]

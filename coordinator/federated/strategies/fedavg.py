@@ -16,7 +16,8 @@ from coordinator.federated.strategies.base import (
 
 
 class FedAvg(Strategy):
-    """New weights = global + sum_i n_i delta_i / sum_i n_i, with n_i the client's examples.
+    """New weights = global + sum_i n_i delta_i / sum_i n_i, with n_i the client's examples
+    (times its ``weight``, below 1 only for late updates).
 
     Not robust: one client sending a large update moves the model as far as it likes.
     """
@@ -26,5 +27,7 @@ class FedAvg(Strategy):
 
     def combine(self, global_weights: Weights, updates: Sequence[ClientUpdate]) -> Combined:
         del global_weights
-        delta = weighted_mean([delta_of(u) for u in updates], [u.num_examples for u in updates])
+        delta = weighted_mean(
+            [delta_of(u) for u in updates], [u.num_examples * u.weight for u in updates]
+        )
         return Combined(delta=delta, contributors=[u.device_id for u in updates])

@@ -121,6 +121,59 @@ async def test_wait_for_forced_counts_the_device_the_floor_forced_in(
         assert forced[0] in (second.contributors or [])
 
 
+@pytest.mark.parametrize("policy", ["drop", "fold"])
+async def test_late_updates_are_lost_or_folded_into_a_later_round(
+    make_coordinator: MakeCoordinator, sim_fleet: Callable[..., SimFleet], policy: str
+) -> None:
+    """Two fast devices and a Raspberry Pi 5, all three asked, two updates needed: round 1
+    closes on the fast ones while the Pi still trains. Its work is then lost (``drop``), or
+    aggregated once by a later round as ``device@1``, discounted (``fold``)."""
+    fleet = sim_fleet(3, mix={"x86-gateway": 2.0, "rpi5": 1.0})
+    pi = next(d for d in fleet.ids if "rpi5" in d)
+    async with make_coordinator() as c:
+        assert c.api_url is not None
+        await wait_for_devices(c.api_url, 3)
+        body = digits_job(
+            fleet.eval_path,
+            rounds=8,
+            clients_per_round=2,
+            min_results=2,
+            over_select=0.5,
+            epochs=2,
+            late={"policy": policy, "max_rounds": 4},
+        )
+        async with httpx.AsyncClient(base_url=c.api_url) as api:
+            r = await api.post("/v1/fl/jobs", json=body)
+            assert r.status_code == 201, r.text
+            job = await wait_job(c.api_url, r.json()["id"], ended, timeout=90)
+        assert job["state"] == "done", job
+        rounds = FLStore(c.store.engine).list_rounds(job["id"])
+    first = rounds[0]
+    assert sorted(first.selected) == fleet.ids
+    assert pi not in (first.contributors or []), "the Pi was not late: nothing to test"
+    folded = [
+        (rnd.round, name)
+        for rnd in rounds
+        for name in (rnd.metrics or {}).get("aggregated", [])
+        if "@" in name
+    ]
+    if policy == "drop":
+        assert folded == []
+        assert all("late" not in (rnd.metrics or {}) for rnd in rounds)
+        return
+    # The Pi's round-1 update is aggregated by exactly one later round, within max_rounds,
+    # and no late update twice.
+    late_pi = [at for at, name in folded if name == f"{pi}@1"]
+    assert len(late_pi) == 1, folded
+    assert 2 <= late_pi[0] <= 5
+    assert len({name for _, name in folded}) == len(folded)
+    at = next(rnd for rnd in rounds if rnd.round == late_pi[0])
+    assert f"{pi}@1" in (at.contributors or [])
+    assert (at.metrics or {})["late"] >= 1
+    # A round still waits for updates of its own: late ones come on top.
+    assert all((rnd.metrics or {})["accepted"] >= 2 for rnd in rounds)
+
+
 async def test_stop_cancels_the_open_round(
     make_coordinator: MakeCoordinator, sim_fleet: Callable[..., SimFleet]
 ) -> None:

@@ -22,6 +22,16 @@ def test_example_file_loads_and_round_trips() -> None:
     assert FLJob.from_mapping(job.to_dict()) == job
 
 
+def test_late_updates_spec() -> None:
+    assert FLJob.from_mapping(BASE).late.policy == "drop"
+    job = FLJob.from_mapping({**BASE, "late": {"policy": "fold", "max_rounds": 3}})
+    assert (job.late.policy, job.late.max_rounds, job.late.exponent) == ("fold", 3, 0.5)
+    assert job.late.weight(0) == 1.0
+    assert job.late.weight(1) == pytest.approx(2**-0.5)  # FedBuff's 1/sqrt(1 + s)
+    assert job.late.weight(3) == pytest.approx(0.5)
+    assert FLJob.from_mapping(job.to_dict()) == job
+
+
 def test_defaults_and_derived_values() -> None:
     job = FLJob.from_mapping(BASE)
     assert job.rounds == 10
@@ -50,6 +60,14 @@ def test_defaults_and_derived_values() -> None:
             "clients_per_round",
         ),
         ({"fairness": {"max_stale": 3}}, "fairness.max_stale"),
+        ({"late": {"policy": "keep"}}, "late.policy"),
+        ({"late": {"policy": "fold", "max_rounds": 0}}, "late.max_rounds"),
+        ({"late": {"exponent": -1}}, "late.exponent"),
+        ({"late": {"staleness": 2}}, "late.staleness"),
+        (
+            {"late": {"policy": "fold"}, "dp": {"noise_multiplier": 1.0, "clip_norm": 1.0}},
+            "late.policy",
+        ),
         ({"dp": {"noise_multiplier": 1.0}}, "dp"),
         ({"dp": {"noise_multiplier": 1.0, "clip_norm": 0}}, "dp.clip_norm"),
         ({"input_shape": [1, 0]}, "input_shape"),

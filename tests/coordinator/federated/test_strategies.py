@@ -80,6 +80,24 @@ def test_fedavg_weights_by_examples_and_keeps_dtypes() -> None:
     assert result.state == {}
 
 
+def test_a_late_updates_weight_scales_its_share_in_mean_based_rules() -> None:
+    from dataclasses import replace
+
+    x0, (a, b) = scalars([1.0, 4.0])
+    # b is a late update at half weight: (1*1 + 0.5*4) / 1.5 = 2.
+    for strategy in (FedAvg(), FedProx(mu=0.01), FedAvgM(server_lr=1.0, momentum=0.0)):
+        result = strategy.aggregate(x0, [a, replace(b, weight=0.5)])
+        np.testing.assert_allclose(result.update["x"], [2.0])
+    # Robust rules leave weights aside: the median of two is their mean, weight or not.
+    np.testing.assert_allclose(
+        Median().aggregate(x0, [a, replace(b, weight=0.5)]).update["x"], [2.5]
+    )
+    for weight in (0.0, 1.5, math.nan):
+        result = FedAvg().aggregate(x0, [a, replace(b, weight=weight)])
+        assert result.contributors == ["d0"]
+        assert "weight" in result.rejected["d1"]
+
+
 def test_fedprox_aggregates_like_fedavg_and_asks_clients_for_mu() -> None:
     prox = FedProx(mu=0.1)
     assert prox.configure_fit(3) == {"prox_mu": 0.1}

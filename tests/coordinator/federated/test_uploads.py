@@ -197,6 +197,30 @@ def test_late_update_after_the_round_closed(env: Env) -> None:
     assert env.fl.get_round(JOB, 1).rejects == {"late": 1}  # type: ignore[union-attr]
 
 
+def test_late_update_is_taken_when_the_job_folds_late_updates(env: Env) -> None:
+    late = {"policy": "fold", "max_rounds": 2, "exponent": 0.5}
+    env.fl.update_job(JOB, spec={"name": "digits", "late": late})
+    assert env.fl.close_round(JOB, 1, state="closed", now=time.time())
+    env.fl.update_job(JOB, round=3)  # two rounds on: still within max_rounds
+    body = env.update()
+    assert env.put(body, device="d2", token="tok-d2") == (200, "ok")
+    assert env.put(body, device="d2", token="tok-d2") == (200, "ok")  # a retry: once
+    [up] = env.fl.updates_for(JOB, 1)
+    assert (up.device_id, up.digest) == ("d2", hashlib.sha256(body).hexdigest())
+    # Its round's checks still hold: token, selection, base weights.
+    assert env.put(body, device="d1", token="tok-d2") == (403, "bad_token")
+    assert env.put(body, device="d9", token="tok-d2") == (403, "not_selected")
+    assert env.put(env.update(base="0" * 64), device="d1", token="tok-d1") == (400, "wrong_base")
+    env.fl.update_job(JOB, round=4)  # three rounds on: too late
+    assert env.put(env.update(), device="d1", token="tok-d1") == (409, "late")
+    assert env.fl.get_round(JOB, 1).rejects == {  # type: ignore[union-attr]
+        "bad_token": 1,
+        "not_selected": 1,
+        "wrong_base": 1,
+        "late": 1,
+    }
+
+
 def test_stopped_job_takes_nothing(env: Env) -> None:
     env.fl.update_job(JOB, state="stopped")
     assert env.put(env.update()) == (409, "job_not_running")
