@@ -376,19 +376,27 @@ async def selection_phase(h: Harness, out: dict[str, Any]) -> None:
             runs[method] = await h.run_job(f"select-{method}", body)
     cost, rand = runs["cost"], runs["random"]
     picks: dict[str, dict[str, int]] = {}
+    late_by: dict[str, dict[str, float]] = {}  # rounds late, of the updates folded in
     for method, run in runs.items():
         counts: dict[str, int] = {"rounds_waiting_on_slow": 0, "slow_asked": 0}
+        staleness: list[int] = []
         for r in run.history:
             counts["slow_asked"] += sum("rpi4" in d for d in r.get("devices") or [])
+            refused = (r.get("rejects") or {}).get("late", 0)
+            if refused:
+                counts["refused_late"] = counts.get("refused_late", 0) + refused
             slow_in = False
             for d in r.get("contributors") or []:
                 kind = "slow" if "rpi4" in d else "fast"
                 counts[kind] = counts.get(kind, 0) + 1
                 if "@" in d:  # a late update, folded in: this round did not wait for it
                     counts[f"{kind}_late"] = counts.get(f"{kind}_late", 0) + 1
+                    staleness.append(int(r["round"]) - int(d.rsplit("@", 1)[1]))
                     continue
                 slow_in = slow_in or kind == "slow"
             counts["rounds_waiting_on_slow"] += slow_in
+        if staleness:
+            late_by[method] = {"mean": sum(staleness) / len(staleness), "max": max(staleness)}
         picks[method] = counts
     out["selection"] = {
         "fleet": mix,
@@ -409,6 +417,7 @@ async def selection_phase(h: Harness, out: dict[str, Any]) -> None:
         "ratio_cost_late": runs["cost-late"].mean("wall_s") / rand.mean("wall_s"),
         "final_cost_late": runs["cost-late"].final,
         "updates_counted": picks,
+        "late_staleness": late_by,
     }
     out["runs"].update({f"select-{k}": _summary(v) for k, v in runs.items()})
 
@@ -512,7 +521,8 @@ def report(out: dict[str, Any], s: Settings) -> str:
             f"{sel['round_s_cost_fair']:.2f} s ({sel['ratio_cost_fair']:.2f}x, final "
             f"{_pct(sel['final_cost_fair'])} %); cost model folding late updates "
             f"{sel['round_s_cost_late']:.2f} s ({sel['ratio_cost_late']:.2f}x, final "
-            f"{_pct(sel['final_cost_late'])} %); updates counted {sel['updates_counted']}",
+            f"{_pct(sel['final_cost_late'])} %); updates counted {sel['updates_counted']}; "
+            f"rounds late of the folded updates {sel['late_staleness']}",
         ]
     byz = out.get("byzantine")
     if byz:
