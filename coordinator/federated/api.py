@@ -48,6 +48,7 @@ def round_view(r: RoundRecord, live: dict[str, int] | None = None) -> dict[str, 
         "devices": list(r.selected),
         "uploaded": None if live is None else live.get("uploaded", 0),
         "accepted": accepted,
+        "late": m.get("late"),  # late updates of earlier rounds folded in ([late] fold)
         "contributors": r.contributors,
         "rejected": m.get("rejected", sum(r.rejects.values())),
         "rejects": dict(r.rejects),

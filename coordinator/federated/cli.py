@@ -170,6 +170,8 @@ def rounds_table(rounds: list[dict[str, Any]]) -> Table:
         accepted = r.get("accepted")
         if r["state"] == "open":
             accepted = f"{accepted or 0} ({r.get('uploaded') or 0} up)"
+        elif r.get("late"):
+            accepted = f"{accepted} +{r['late']} late"
         table.add_row(
             str(r["round"]),
             r["state"] + (f" x{r['attempt']}" if r.get("attempt", 1) > 1 else ""),

@@ -170,6 +170,7 @@ async def test_late_updates_are_lost_or_folded_into_a_later_round(
     at = next(rnd for rnd in rounds if rnd.round == late_pi[0])
     assert f"{pi}@1" in (at.contributors or [])
     assert (at.metrics or {})["late"] >= 1
+    assert job["history"][at.round - 1]["late"] == (at.metrics or {})["late"]  # the API's view
     # A round still waits for updates of its own: late ones come on top.
     assert all((rnd.metrics or {})["accepted"] >= 2 for rnd in rounds)
 
