@@ -18,6 +18,7 @@ from coordinator.federated.store import (
     JobRecord,
     RoundRecord,
 )
+from coordinator.store.records import IN_FLIGHT
 from coordinator.submit import build_task
 
 log = logging.getLogger(__name__)
@@ -76,9 +77,11 @@ class RoundOpening(JobState):
         def gather() -> tuple[list[Any], dict[str, str], int]:
             rows = self.store.list_devices(state="online", limit=1_000_000)
             states = planning.device_states(rows, self.store.inflight_by_device())
-            rounds = self.fl.list_rounds(self.job_id)
+            rounds = [r for r in self.fl.list_rounds(self.job_id) if r.round < record.round]
             history = planning.participation(
-                [(r.round, r.selected) for r in rounds if r.round < record.round], record.round
+                [(r.round, r.selected) for r in rounds],
+                record.round,
+                working=self._working(rounds),
             )
             examples = self.fl.examples_by_device(self.job_id)
             cands, why = planning.candidates(
@@ -118,6 +121,19 @@ class RoundOpening(JobState):
             "ineligible": why,
         }
         return picked.devices, info
+
+    def _working(self, rounds: list[RoundRecord]) -> set[str]:
+        """Devices with a train task of an earlier round of this job still assigned or
+        running (worker thread)."""
+        ours = {tid: device for r in rounds for device, tid in r.tasks.items()}
+        if not ours:
+            return set()
+        return {
+            ours[t.id]
+            for state in IN_FLIGHT
+            for t in self.store.list_tasks(state=state, kind=planning.KIND, limit=1_000_000)
+            if t.id in ours
+        }
 
     async def _ensure_tasks(self, rnd: RoundRecord) -> None:
         """Submit the round's train tasks not submitted yet (idempotent by task id)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -166,15 +166,26 @@ def choose(
 
 
 def participation(
-    rounds: Sequence[tuple[int, Sequence[str]]], current: int
+    rounds: Sequence[tuple[int, Sequence[str]]],
+    current: int,
+    *,
+    working: Collection[str] = (),
 ) -> dict[str, tuple[int, int | None]]:
-    """device -> (times selected, rounds since it was last selected) over earlier rounds."""
+    """device -> (times selected, rounds since it was last selected) over earlier rounds.
+
+    ``working``: devices still training for an earlier round of the job. They count as
+    just selected (0 rounds since), so the staleness floor does not ask them again while
+    they work: the new task would queue behind the old one, and usually expire there.
+    """
     out: dict[str, tuple[int, int | None]] = {}
     for round_no, selected in sorted(rounds):
         for device in selected:
             times, _ = out.get(device, (0, None))
             out[device] = (times + 1, round_no)
-    return {d: (n, current - last if last is not None else None) for d, (n, last) in out.items()}
+    return {
+        d: (n, 0 if d in working else current - last if last is not None else None)
+        for d, (n, last) in out.items()
+    }
 
 
 def task_id(job_id: str, round_no: int, device_id: str) -> str:

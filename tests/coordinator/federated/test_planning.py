@@ -109,6 +109,21 @@ def test_fairness_brings_in_devices_left_out() -> None:
     assert picked.forced[0] in ("fast3", "slow")
 
 
+def test_a_device_still_training_for_the_job_is_not_forced_in_again() -> None:
+    devices = [device(f"fast{i}", 60.0) for i in range(4)] + [device("slow", 6.0)]
+    rounds = [(1, ["fast0", "slow"]), (2, ["fast1", "fast2"]), (3, ["fast3", "fast0"])]
+    fairness = job(fairness={"max_staleness": 3, "max_forced_share": 0.5})
+
+    def forced(working: tuple[str, ...]) -> list[str]:
+        history = planning.participation(rounds, 4, working=working)
+        cands, _ = planning.candidates(job(), SHAPE, devices, model(), examples={}, history=history)
+        return planning.choose(fairness, cands, 2, np.random.default_rng(0)).forced
+
+    assert planning.participation(rounds, 4, working=("slow",))["slow"] == (1, 0)
+    assert "slow" in forced(())  # left out 3 rounds: the floor asks it
+    assert "slow" not in forced(("slow",))  # still on its round-1 task: not asked again
+
+
 def test_train_params_are_what_the_agent_takes() -> None:
     import msgspec
 
