@@ -70,6 +70,12 @@ def test_embedded_broker_stops_on_sigterm(tmp_path: Path) -> None:
     assert not pid_alive(pid)
 
 
+def _terminal_signals() -> None:
+    """In the child: Ctrl-C acts as in a terminal, even when this run was started in the
+    background of a script (which starts it with SIGINT ignored, inherited by children)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_demo(workdir: Path, *extra: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PATH": os.environ.get("PATH", "") + ":/usr/sbin"}
     return subprocess.Popen(
@@ -89,6 +95,7 @@ def start_demo(workdir: Path, *extra: str) -> subprocess.Popen[bytes]:
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        preexec_fn=_terminal_signals,  # noqa: PLW1509 - a signal disposition, before exec
     )
 
 
