@@ -10,9 +10,16 @@ from __future__ import annotations
 import contextlib
 import socket
 from collections.abc import Iterator
+from typing import Final
 
 import uvicorn
 from fastapi import FastAPI
+
+#: How long an idle keep-alive connection stays open. Longer than clients keep idle pooled
+#: connections (httpx: 5 s, uvicorn's own default too): with equal figures a client can send
+#: a request on a connection at the moment the server closes it, and a POST then fails with
+#: "Server disconnected without sending a response" (seen in the demo).
+KEEP_ALIVE_S: Final = 65.0
 
 
 class _Server(uvicorn.Server):
@@ -36,7 +43,12 @@ class HttpServer:
         self.host = host
         self.port: int = self.sock.getsockname()[1]
         config = uvicorn.Config(
-            app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5
+            app,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=5,
+            timeout_keep_alive=int(KEEP_ALIVE_S),
         )
         self._server = _Server(config)
 

@@ -1,0 +1,51 @@
+"""The coordinator's HTTP server: idle keep-alive connections outlive clients' pools."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import FastAPI
+
+from coordinator.api.server import HttpServer
+
+
+async def _request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    writer.write(b"GET /ping HTTP/1.1\r\nHost: test\r\n\r\n")
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    length = next(
+        int(line.split(b":")[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    await asyncio.wait_for(reader.readexactly(length), 5)
+    return head.split(b"\r\n")[0]
+
+
+async def test_an_idle_connection_is_still_open_after_a_clients_pool_expiry() -> None:
+    """httpx keeps idle pooled connections 5 s, uvicorn's default keep-alive is 5 s: a
+    request sent at that moment met a closing connection. The server now waits longer, so
+    a request on a connection idle for more than 5 s is answered."""
+    app = FastAPI()
+
+    @app.get("/ping")
+    async def ping() -> dict[str, bool]:
+        return {"ok": True}
+
+    server = HttpServer(app, "127.0.0.1", 0)
+    serving = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(10):
+            while True:  # until uvicorn listens on the bound socket
+                try:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+                    break
+                except ConnectionRefusedError:
+                    await asyncio.sleep(0.05)
+        assert await _request(reader, writer) == b"HTTP/1.1 200 OK"
+        await asyncio.sleep(5.5)
+        assert await _request(reader, writer) == b"HTTP/1.1 200 OK"
+        writer.close()
+    finally:
+        server.stop()
+        await asyncio.wait_for(serving, 10)
