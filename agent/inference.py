@@ -31,8 +31,9 @@ from msgspec import Meta
 
 from agent.datasources import DataSourceError, DataSources
 from agent.handlers import TaskContext, TaskError
-from agent.models import DeploySpec, InputSpec, ModelError, ModelManager, ServedModel
+from agent.models import ModelManager
 from agent.runtimes.base import Array, TensorSpec
+from agent.served import DeploySpec, InputSpec, ModelError, ServedModel
 from protocol.messages import Task
 
 if TYPE_CHECKING:

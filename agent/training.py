@@ -77,7 +77,8 @@ from msgspec import Meta
 from agent import torchtrain
 from agent.datasources import DataSourceError, DataSources
 from agent.handlers import TaskContext, TaskError
-from agent.models import DeploySpec, ModelError, ModelManager
+from agent.models import ModelManager
+from agent.served import DeploySpec, ModelError
 from agent.upload import check_url, upload
 from protocol.errors import DecodeError
 from protocol.messages import Task

@@ -37,7 +37,8 @@ import numpy as np
 from agent.datasources import Dataset
 from agent.endpoint import Endpoint
 from agent.inference import evaluate
-from agent.models import DeploySpec, ModelManager
+from agent.models import ModelManager
+from agent.served import DeploySpec
 from bench import _common
 from tests.support.blobserver import BlobServer
 

@@ -10,7 +10,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from agent.models import DeploySpec, ModelManager
+from agent.models import ModelManager
+from agent.served import DeploySpec
 from tests.support.blobserver import BlobServer
 
 REPO = Path(__file__).resolve().parents[3]
