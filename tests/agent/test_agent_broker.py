@@ -13,7 +13,7 @@ import aiomqtt
 import msgspec
 import pytest
 
-from agent.config import load_config
+from agent.config import AgentConfig, load_config
 from agent.daemon import Agent
 from protocol.codec import MAX_MESSAGE_BYTES, encode
 from protocol.messages import Result, Task
@@ -171,6 +171,22 @@ async def test_fuzzed_task_payloads_never_stop_the_agent(
         assert agent.counters["link.handler_errors"] == 0
 
 
+def _fast_reconnect_config(broker: Broker, tmp_path: Path) -> AgentConfig:
+    """An agent's config for driving its link by hand (no probe, quick reconnects)."""
+    return load_config(
+        None,
+        env={},
+        overrides={
+            "device_id": "dev-1",
+            "broker_port": broker.port,
+            "broker_reconnect_min": 0.05,
+            "broker_reconnect_max": 0.1,
+            "agent_state_dir": tmp_path / "a",
+            "agent_probe": False,
+        },
+    )
+
+
 @pytest.mark.parametrize("where", ["publisher", "client_exit"])
 async def test_link_stops_when_cancelled_while_the_connection_fails(
     broker: Broker, tmp_path: Path, where: str
@@ -178,20 +194,7 @@ async def test_link_stops_when_cancelled_while_the_connection_fails(
     """A cancel that meets a connection error still stops the link: it does not reconnect
     and run on. The error comes from a session task (``publisher``) or from aiomqtt's own
     exit (``client_exit``), which then raises it in place of the CancelledError."""
-    async with Agent(
-        load_config(
-            None,
-            env={},
-            overrides={
-                "device_id": "dev-1",
-                "broker_port": broker.port,
-                "broker_reconnect_min": 0.05,
-                "broker_reconnect_max": 0.1,
-                "agent_state_dir": tmp_path / "a",
-                "agent_probe": False,
-            },
-        )
-    ) as agent:
+    async with Agent(_fast_reconnect_config(broker, tmp_path)) as agent:
         link = agent.link
         started = asyncio.Event()
         publisher = link._drain_outbox
@@ -244,20 +247,7 @@ async def test_link_stops_when_cancelled_while_the_connection_fails(
 async def test_link_reconnects_after_a_session_error(broker: Broker, tmp_path: Path) -> None:
     """The other side of the test above: an error with no cancel is a lost connection, and
     the link connects again (several times in a row, so no stale cancel state builds up)."""
-    async with Agent(
-        load_config(
-            None,
-            env={},
-            overrides={
-                "device_id": "dev-1",
-                "broker_port": broker.port,
-                "broker_reconnect_min": 0.05,
-                "broker_reconnect_max": 0.1,
-                "agent_state_dir": tmp_path / "a",
-                "agent_probe": False,
-            },
-        )
-    ) as agent:
+    async with Agent(_fast_reconnect_config(broker, tmp_path)) as agent:
         link = agent.link
         sessions = 0
 
