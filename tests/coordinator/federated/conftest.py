@@ -148,5 +148,13 @@ async def wait_job(
             await asyncio.sleep(interval)
 
 
+async def run_job(api: str, body: Mapping[str, Any], *, timeout: float) -> dict[str, Any]:
+    """Start a job (``POST /v1/fl/jobs``) and wait until it ends; the job."""
+    async with httpx.AsyncClient(base_url=api) as client:
+        r = await client.post("/v1/fl/jobs", json=dict(body))
+    assert r.status_code == 201, r.text
+    return await wait_job(api, r.json()["id"], ended, timeout=timeout)
+
+
 def ended(job: dict[str, Any]) -> bool:
     return job.get("state") in ("done", "failed", "stopped")

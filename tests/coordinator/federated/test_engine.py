@@ -23,6 +23,7 @@ from tests.coordinator.federated.conftest import (
     SimFleet,
     digits_job,
     ended,
+    run_job,
     wait_for_devices,
     wait_job,
 )
@@ -107,10 +108,7 @@ async def test_wait_for_forced_counts_the_device_the_floor_forced_in(
             epochs=1,
             fairness={"max_staleness": 1, "wait_for_forced": True},
         )
-        async with httpx.AsyncClient(base_url=c.api_url) as api:
-            r = await api.post("/v1/fl/jobs", json=body)
-            assert r.status_code == 201, r.text
-            job = await wait_job(c.api_url, r.json()["id"], ended, timeout=60)
+        job = await run_job(c.api_url, body, timeout=60)
         assert job["state"] == "done", job
         rounds = FLStore(c.store.engine).list_rounds(job["id"])
         second = rounds[1]
@@ -142,10 +140,7 @@ async def test_late_updates_are_lost_or_folded_into_a_later_round(
             epochs=2,
             late={"policy": policy, "max_rounds": 4},
         )
-        async with httpx.AsyncClient(base_url=c.api_url) as api:
-            r = await api.post("/v1/fl/jobs", json=body)
-            assert r.status_code == 201, r.text
-            job = await wait_job(c.api_url, r.json()["id"], ended, timeout=90)
+        job = await run_job(c.api_url, body, timeout=90)
         assert job["state"] == "done", job
         rounds = FLStore(c.store.engine).list_rounds(job["id"])
     first = rounds[0]
