@@ -78,14 +78,12 @@ class RoundClosing(JobState):
 
     def _late_updates(self, round_no: int) -> list[tuple[int, UpdateRecord]]:
         """(round, update) of the late updates this round folds in (worker thread)."""
-        spec = self.job.late
-        if spec.policy != "fold":
+        if self.job.late.policy != "fold":
             return []
-        first = max(1, round_no - spec.max_rounds)
         earlier = [
             r
             for r in self.fl.list_rounds(self.job_id)
-            if first <= r.round < round_no and r.state == "closed"
+            if r.state == "closed" and self.job.late.takes(round_no - r.round)
         ]
         done: set[str] = set()  # device@round of the updates some round already aggregated
         for r in earlier:

@@ -50,6 +50,7 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse
 
 from coordinator.errors import NotFoundError
+from coordinator.federated.job import LateSpec
 from coordinator.federated.metrics import FLMetrics
 from coordinator.federated.store import FLStore
 from coordinator.models.registry import ModelRegistry
@@ -147,13 +148,9 @@ async def _check_slot(
         )
     late_ok = False
     if rnd.state != "open":
-        spec = (job.spec or {}).get("late") or {}
-        behind = job.round - round_no
+        late = LateSpec(**((job.spec or {}).get("late") or {}))
         if not (
-            spec.get("policy") == "fold"
-            and rnd.state == "closed"
-            and job.state == "running"
-            and behind <= int(spec.get("max_rounds", 0))
+            rnd.state == "closed" and job.state == "running" and late.takes(job.round - round_no)
         ):
             raise UploadRefusedError(409, "late", f"round {round_no} is {rnd.state}")
         late_ok = True

@@ -108,6 +108,10 @@ class LateSpec:
     max_rounds: int = 2
     exponent: float = 0.5
 
+    def takes(self, rounds_late: int) -> bool:
+        """Whether an update this many rounds late is folded in (rather than refused)."""
+        return self.policy == "fold" and 0 < rounds_late <= self.max_rounds
+
     def weight(self, staleness: int) -> float:
         return float((1.0 + staleness) ** -self.exponent)
 
