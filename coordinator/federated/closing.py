@@ -3,7 +3,9 @@ strategy's state, score them centrally, and record it all in one transaction.
 
 With ``[late] policy = "fold"`` the round also aggregates late updates: complete updates
 of the last ``late.max_rounds`` closed rounds that their own round did not aggregate and
-no later round folded yet, each named ``device@round`` and weighted by
+no later round folded yet (and of the round before those, when the upload came before its
+window's last round closed but the device's result only after), each named
+``device@round`` and weighted by
 :meth:`~.job.LateSpec.weight`. Which updates a round aggregated is recorded with it
 (``aggregated`` in its metrics), in the same transaction, so a late update is folded once
 even across a coordinator restart.
@@ -78,12 +80,17 @@ class RoundClosing(JobState):
 
     def _late_updates(self, round_no: int) -> list[tuple[int, UpdateRecord]]:
         """(round, update) of the late updates this round folds in (worker thread)."""
-        if self.job.late.policy != "fold":
+        late = self.job.late
+        if late.policy != "fold":
             return []
+        rounds = self.fl.list_rounds(self.job_id)
+        closed_at = {r.round: r.closed_at for r in rounds}
+        # One round past the window: updates uploaded inside it whose result came in after
+        # the window's last round closed (the device reports after its upload).
         earlier = [
             r
-            for r in self.fl.list_rounds(self.job_id)
-            if r.state == "closed" and self.job.late.takes(round_no - r.round)
+            for r in rounds
+            if r.state == "closed" and 0 < round_no - r.round <= late.max_rounds + 1
         ]
         done: set[str] = set()  # device@round of the updates some round already aggregated
         for r in earlier:
@@ -94,9 +101,12 @@ class RoundClosing(JobState):
             done.update(a if "@" in a else f"{a}@{r.round}" for a in aggregated)
         out: list[tuple[int, UpdateRecord]] = []
         for r in earlier:
+            edge = closed_at.get(r.round + late.max_rounds)
             for u in self.fl.updates_for(self.job_id, r.round):
                 if f"{u.device_id}@{r.round}" in done:
                     continue
+                if not late.takes(round_no - r.round) and (edge is None or u.accepted_at > edge):
+                    continue  # uploaded after the window's last round closed
                 task_id = r.tasks.get(u.device_id)
                 if not u.complete and (
                     task_id is None or not self._link(r.round, u.device_id, task_id, u)
