@@ -57,6 +57,9 @@ cores this process may use) and ``update_transform``: a callable taking the upda
 encode and upload, applied after training and before compression. It is the hook for
 local clipping or local differential privacy on the device; the fleet simulator also uses
 it to play adversarial clients. The output's ``update_norm`` is the norm of what is sent.
+``pace``: an async callable awaited with the task once the update is encoded, just before
+the upload; the fleet simulator sleeps there so that a simulated slow device's update
+arrives when that device's would, not when this host finished computing it.
 """
 
 from __future__ import annotations
@@ -99,6 +102,7 @@ MODELS_KEY: Final = "models"
 WEIGHTS_KEY: Final = "weights_store"
 THREADS_KEY: Final = "train_threads"
 TRANSFORM_KEY: Final = "update_transform"
+PACE_KEY: Final = "pace"
 #: Weight blobs kept in the cache besides those used in the last ``KEEP_RECENT_S`` seconds.
 KEEP_WEIGHTS: Final = 3
 KEEP_RECENT_S: Final = 600.0
@@ -317,6 +321,9 @@ async def train(task: Task, ctx: TaskContext) -> dict[str, Any]:
     except ValueError as exc:
         raise TaskError(f"encode: {exc}") from exc
     digest = hashlib.sha256(body).hexdigest()
+    pace = ctx.extras.get(PACE_KEY)
+    if pace is not None:
+        await pace(task)
     store = _weights_store(ctx)
     started = time.perf_counter()
     await upload(

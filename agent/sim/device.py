@@ -27,6 +27,7 @@ from agent.daemon import Agent
 from agent.handlers import Handler, HandlerRegistry, TaskContext, default_registry
 from agent.probe import ProbeResult
 from agent.sim.profiles import Profile
+from agent.training import PACE_KEY
 from protocol.messages import (
     Battery,
     Bench,
@@ -166,6 +167,23 @@ def scaled_registry(
     base = default_registry()
     registry = HandlerRegistry()
     added = dict(extras or {})
+    # Task id -> when its unstretched stretch began: a handler's ``pace`` point (a training
+    # task's upload) stretches the work before it, the end of the handler the rest, so the
+    # upload leaves when the simulated device would send it.
+    marks: dict[str, float] = {}
+
+    async def stretch(task: Task) -> None:
+        started = marks.get(task.id)
+        if started is None:
+            return
+        extra = (time.perf_counter() - started) * (
+            stretch_factor(profile, state, host_gflops, task) - 1.0
+        )
+        if extra > 0:
+            await asyncio.sleep(min(extra, MAX_STRETCH_S))
+        marks[task.id] = time.perf_counter()
+
+    added[PACE_KEY] = stretch
 
     def wrap(kind: str, handler: Handler) -> Handler:
         async def run(task: Task, ctx: TaskContext) -> dict[str, Any]:
@@ -173,12 +191,12 @@ def scaled_registry(
             for module in FIRST_USE_IMPORTS.get(kind, ()):
                 if module not in sys.modules:
                     await asyncio.to_thread(importlib.import_module, module)
-            started = time.perf_counter()
-            output = await handler(task, ctx)
-            real = time.perf_counter() - started
-            extra = real * (stretch_factor(profile, state, host_gflops, task) - 1.0)
-            if extra > 0:
-                await asyncio.sleep(min(extra, MAX_STRETCH_S))
+            marks[task.id] = time.perf_counter()
+            try:
+                output = await handler(task, ctx)
+                await stretch(task)
+            finally:
+                marks.pop(task.id, None)
             return output
 
         return run

@@ -8,9 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.sim.device import SimState, stretch_factor
+from agent import handlers
+from agent.handlers import HandlerRegistry, TaskContext
+from agent.sim import device as sim_device
+from agent.sim.device import SimState, scaled_registry, stretch_factor
 from agent.sim.fleet import FleetSpec, build_devices, run_fleet
 from agent.sim.profiles import PROFILES, assign_profiles, parse_mix
+from agent.training import PACE_KEY
 from protocol.messages import Task
 from tests.support.broker import Broker
 from tests.support.fleet import Sink
@@ -41,6 +45,44 @@ def test_stretch_follows_profile_and_throttling() -> None:
     assert stretch_factor(rpi4, hot, 60.0, task) == pytest.approx(20.0)
     # A device faster than the host cannot be made faster than the host.
     assert stretch_factor(PROFILES["jetson-orin-nano"], cool, 60.0, task) == 1.0
+
+
+async def test_a_slow_profile_uploads_when_its_work_would_be_done(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The work before a handler's ``pace`` point (a training task's upload) is stretched
+    there, the rest at the end: a Raspberry Pi 4 on a 60 GFLOP/s host (10x) that computes
+    50 ms, uploads, then works 20 ms more, uploads after >= 0.5 s and ends after >= 0.7 s."""
+    loop = asyncio.get_running_loop()
+    seen: dict[str, float] = {}
+
+    async def work(task: Task, ctx: TaskContext) -> dict[str, object]:
+        started = loop.time()
+        await asyncio.sleep(0.05)
+        await ctx.extras[PACE_KEY](task)
+        seen["upload"] = loop.time() - started
+        await asyncio.sleep(0.02)
+        return {}
+
+    def registry() -> HandlerRegistry:
+        r = HandlerRegistry()
+        r.register("train", work)
+        return r
+
+    monkeypatch.setattr(sim_device, "default_registry", registry)
+    monkeypatch.setitem(sim_device.FIRST_USE_IMPORTS, "train", ())
+    handler = scaled_registry(PROFILES["rpi4"], SimState(), 60.0).get("train")
+    assert handler is not None
+    ctx = handlers.TaskContext(device_id="d", state_dir=tmp_path, agent_version="0")
+    task = Task(task_id="t", kind="train", params={}, expires_at=1e10)
+    started = loop.time()
+    await handler(task, ctx)
+    took = loop.time() - started
+    rest = took - seen["upload"]
+    assert seen["upload"] >= 0.5
+    assert rest >= 0.2
+    # The part before the upload is not stretched again at the end (that would add >= 4.5 s).
+    assert rest < seen["upload"]
 
 
 def test_battery_drains_and_heat_builds_under_load() -> None:

@@ -125,8 +125,11 @@ async def test_late_updates_are_lost_or_folded_into_a_later_round(
 ) -> None:
     """Two fast devices and a Raspberry Pi 5, all three asked, two updates needed: round 1
     closes on the fast ones while the Pi still trains. Its work is then lost (``drop``), or
-    aggregated once by a later round as ``device@1``, discounted (``fold``)."""
-    fleet = sim_fleet(3, mix={"x86-gateway": 2.0, "rpi5": 1.0})
+    aggregated once by a later round as ``device@1``, discounted (``fold``). The host is taken
+    for a 32 GFLOP/s one: the gateways work at its speed, the Pi (16) takes twice as long, so
+    its update comes about two rounds late, well inside ``max_rounds``, however loaded the
+    host is."""
+    fleet = sim_fleet(3, mix={"x86-gateway": 2.0, "rpi5": 1.0}, host_gflops=32.0)
     pi = next(d for d in fleet.ids if "rpi5" in d)
     async with make_coordinator() as c:
         assert c.api_url is not None
