@@ -78,10 +78,9 @@ class RoundOpening(JobState):
             rows = self.store.list_devices(state="online", limit=1_000_000)
             states = planning.device_states(rows, self.store.inflight_by_device())
             rounds = [r for r in self.fl.list_rounds(self.job_id) if r.round < record.round]
+            backlog = planning.backlog_s(self._working(rounds), time.time())
             history = planning.participation(
-                [(r.round, r.selected) for r in rounds],
-                record.round,
-                working=self._working(rounds),
+                [(r.round, r.selected) for r in rounds], record.round, working=backlog
             )
             examples = self.fl.examples_by_device(self.job_id)
             cands, why = planning.candidates(
@@ -92,6 +91,7 @@ class RoundOpening(JobState):
                 examples=examples,
                 history=history,
                 exclude=exclude,
+                backlog=backlog,
             )
             return cands, why, len(states)
 
@@ -122,18 +122,23 @@ class RoundOpening(JobState):
         }
         return picked.devices, info
 
-    def _working(self, rounds: list[RoundRecord]) -> set[str]:
-        """Devices with a train task of an earlier round of this job still assigned or
-        running (worker thread)."""
-        ours = {tid: device for r in rounds for device, tid in r.tasks.items()}
-        if not ours:
-            return set()
-        return {
-            ours[t.id]
-            for state in IN_FLIGHT
-            for t in self.store.list_tasks(state=state, kind=planning.KIND, limit=1_000_000)
-            if t.id in ours
+    def _working(self, rounds: list[RoundRecord]) -> dict[str, list[tuple[float, float | None]]]:
+        """device -> (round start, expected seconds) of each train task of an earlier round
+        of this job it still holds, assigned or running (worker thread)."""
+        ours = {
+            tid: (device, r.started_at, ((r.selection or {}).get("expected_s") or {}).get(device))
+            for r in rounds
+            for device, tid in r.tasks.items()
         }
+        out: dict[str, list[tuple[float, float | None]]] = {}
+        if not ours:
+            return out
+        for state in IN_FLIGHT:
+            for t in self.store.list_tasks(state=state, kind=planning.KIND, limit=1_000_000):
+                if t.id in ours:
+                    device, started, expected = ours[t.id]
+                    out.setdefault(device, []).append((started, expected))
+        return out
 
     async def _ensure_tasks(self, rnd: RoundRecord) -> None:
         """Submit the round's train tasks not submitted yet (idempotent by task id)."""

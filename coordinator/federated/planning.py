@@ -99,12 +99,16 @@ def candidates(
     examples: Mapping[str, int],
     history: Mapping[str, tuple[int, int | None]],
     exclude: frozenset[str] = frozenset(),
+    backlog: Mapping[str, float] | None = None,
 ) -> tuple[list[Candidate], dict[str, str]]:
     """Eligible devices with their expected round times, and why the others are not.
 
     ``examples``: the local examples each device last reported (others: the median of
     those known, else the job's ``examples_hint``); ``history``: device -> (times selected,
-    rounds since last selected or None).
+    rounds since last selected or None); ``backlog``: device -> seconds until it is
+    expected to finish the job's earlier train tasks it still holds (:func:`backlog_s`). A
+    device's new task waits behind those, so it is expected to start no earlier; the cost
+    model's own wait (a fixed guess per queued task) stands where it is longer.
     """
     known = sorted(examples.values())
     default = known[len(known) // 2] if known else job.examples_hint
@@ -118,7 +122,9 @@ def candidates(
         if reason is not None:
             why[d.device_id] = reason
             continue
-        expected = model.terms(spec, d).completion_s
+        held = (backlog or {}).get(d.device_id)
+        queue = None if held is None else max(held, model.queue_s(d))
+        expected = model.terms(spec, d, queue_s=queue).completion_s
         if not math.isfinite(expected):
             why[d.device_id] = "no_rate"
             continue
@@ -163,6 +169,23 @@ def choose(
         ),
         rng=rng,
     )
+
+
+def backlog_s(
+    inflight: Mapping[str, Sequence[tuple[float, float | None]]], now: float
+) -> dict[str, float]:
+    """device -> seconds until its in-flight train tasks of the job are expected done.
+
+    ``inflight``: device -> (round start, expected seconds recorded at selection, or None)
+    of each task it still holds. Each estimate already counted the wait behind the tasks
+    before it, so the latest expected end is the backlog; a task past its expected end
+    counts as ending now (its device is late, by how much is not known).
+    """
+    out: dict[str, float] = {}
+    for device, tasks in inflight.items():
+        ends = [start + expected for start, expected in tasks if expected is not None]
+        out[device] = max([0.0, *(end - now for end in ends)])
+    return out
 
 
 def participation(

@@ -144,3 +144,36 @@ def test_train_params_are_what_the_agent_takes() -> None:
     assert planning.seed_for(j, 4, "dev") == parsed.seed
     assert planning.task_id("digits-1", 4, "dev") == planning.task_id("digits-1", 4, "dev")
     assert planning.task_id("digits-1", 4, "dev") != planning.task_id("digits-1", 5, "dev")
+
+
+def test_a_device_busy_with_the_job_is_expected_to_finish_after_its_backlog() -> None:
+    """The job's earlier task a device still holds delays its next one: the backlog is the
+    latest expected end of those tasks (each estimate counted the wait before it)."""
+    now = 1000.0
+    backlog = planning.backlog_s(
+        {
+            "slow0": [(990.0, 40.0), (995.0, 65.0)],  # ends at 1030 and 1060
+            "slow1": [(900.0, 30.0)],  # overran its estimate: ends "now"
+            "slow2": [(990.0, None)],  # no estimate recorded
+        },
+        now,
+    )
+    assert backlog == {"slow0": 60.0, "slow1": 0.0, "slow2": 0.0}
+    devices = [device(f"fast{i}", 60.0) for i in range(2)] + [
+        device("slow0", 6.0),
+        device("slow3", 6.0),
+    ]
+    j = job(fairness={"max_staleness": None})
+    idle, _ = planning.candidates(j, SHAPE, devices, model(), examples={}, history={})
+    busy, _ = planning.candidates(
+        j, SHAPE, devices, model(), examples={}, history={}, backlog=backlog
+    )
+    before = {c.device_id: c.expected_s for c in idle}
+    after = {c.device_id: c.expected_s for c in busy}
+    assert after["slow0"] == pytest.approx(before["slow0"] + 60.0, rel=0.05)
+    assert after["slow3"] == before["slow3"]
+    # Two updates needed, three asked: the third is the slow device without a backlog, for
+    # every tie-break.
+    for seed in range(5):
+        picked = planning.choose(j, busy, 2, np.random.default_rng(seed))
+        assert sorted(picked.devices) == ["fast0", "fast1", "slow3"]
