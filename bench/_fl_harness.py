@@ -36,6 +36,12 @@ ROBUST: dict[str, dict[str, Any]] = {
 }
 
 
+# How late a folded update may be in the selection phase's "cost-late" run: a Pi 4 profile
+# trains about 8x slower than a gateway and rounds close at the gateways' pace, so its
+# update comes some 8-10 rounds late.
+LATE_ROUNDS = 12
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
     devices: int = 10
@@ -49,7 +55,7 @@ class Settings:
     select_k: int = 5
     select_rounds: int = 20
     select_epochs: int = 5
-    select_late_rounds: int = 8  # how late a folded update may be ("cost-late")
+    select_late_rounds: int = LATE_ROUNDS
     slow_share: float = 0.4
     phases: tuple[str, ...] = PHASES
     candidates: tuple[str, ...] = tuple(CANDIDATES)

@@ -50,6 +50,7 @@ from bench._common import table
 from bench._fl_harness import (
     CANDIDATES,
     FAST,
+    LATE_ROUNDS,
     PHASES,
     ROBUST,
     Harness,
@@ -316,6 +317,12 @@ def parse(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace]:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--adversaries", type=int, default=2)
+    p.add_argument(
+        "--late-rounds",
+        type=int,
+        default=LATE_ROUNDS,
+        help="late.max_rounds of the selection phase's cost-late run",
+    )
     p.add_argument("--only", default=",".join(PHASES), help="comma-separated phases")
     p.add_argument(
         "--candidates",
@@ -363,6 +370,7 @@ def parse(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace]:
             lr=ns.lr,
             seed=ns.seed,
             adversaries=ns.adversaries,
+            select_late_rounds=ns.late_rounds,
             phases=phases,
             candidates=candidates,
             robust=robust,
