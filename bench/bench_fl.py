@@ -132,10 +132,11 @@ async def selection_phase(h: Harness, out: dict[str, Any]) -> None:
             runs[method] = await h.run_job(f"select-{method}", body)
     cost, rand = runs["cost"], runs["random"]
     picks: dict[str, dict[str, int]] = {}
-    late_by: dict[str, dict[str, float]] = {}  # rounds late, of the updates folded in
+    # method -> fast|slow -> rounds late (mean, max) of the updates folded in
+    late_by: dict[str, dict[str, dict[str, float]]] = {}
     for method, run in runs.items():
         counts: dict[str, int] = {"rounds_waiting_on_slow": 0, "slow_asked": 0}
-        staleness: list[int] = []
+        staleness: dict[str, list[int]] = {"fast": [], "slow": []}
         for r in run.history:
             counts["slow_asked"] += sum("rpi4" in d for d in r.get("devices") or [])
             refused = (r.get("rejects") or {}).get("late", 0)
@@ -147,12 +148,16 @@ async def selection_phase(h: Harness, out: dict[str, Any]) -> None:
                 counts[kind] = counts.get(kind, 0) + 1
                 if "@" in d:  # a late update, folded in: this round did not wait for it
                     counts[f"{kind}_late"] = counts.get(f"{kind}_late", 0) + 1
-                    staleness.append(int(r["round"]) - int(d.rsplit("@", 1)[1]))
+                    staleness[kind].append(int(r["round"]) - int(d.rsplit("@", 1)[1]))
                     continue
                 slow_in = slow_in or kind == "slow"
             counts["rounds_waiting_on_slow"] += slow_in
-        if staleness:
-            late_by[method] = {"mean": sum(staleness) / len(staleness), "max": max(staleness)}
+        for kind, late in staleness.items():
+            if late:
+                late_by.setdefault(method, {})[kind] = {
+                    "mean": round(sum(late) / len(late), 2),
+                    "max": max(late),
+                }
         picks[method] = counts
     out["selection"] = {
         "fleet": mix,
