@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import asyncio
 import faulthandler
+import gc
 import os
 import sys
 import threading
@@ -18,6 +20,22 @@ from tests.support.broker import Broker, mosquitto_binary
 HANG_S = float(os.environ.get("LEPTON_TEST_HANG_S", "420"))
 
 
+def _dump_asyncio_tasks() -> None:
+    """Where each task of every running event loop waits (read from another thread: good
+    enough for a process about to end)."""
+    for loop in [o for o in gc.get_objects() if isinstance(o, asyncio.AbstractEventLoop)]:
+        if not loop.is_running():
+            continue
+        try:
+            tasks = list(asyncio.all_tasks(loop))
+        except RuntimeError:  # the set changed while read
+            continue
+        sys.stderr.write(f"\n+++ {len(tasks)} asyncio tasks +++\n")
+        for task in tasks:
+            sys.stderr.write(f"--- {task!r}\n")
+            task.print_stack(limit=12, file=sys.stderr)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, None, None]:
     done = threading.Event()
@@ -31,6 +49,7 @@ def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, None, None]:
         sys.stderr.write(f"\n+++ {item.nodeid} still running after {HANG_S:.0f} s: stacks +++\n")
         sys.stderr.flush()
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        _dump_asyncio_tasks()
         sys.stderr.flush()
         os._exit(1)
 

@@ -108,6 +108,10 @@ class RoundOpening(JobState):
             )
             await self._sleep(NO_DEVICES_RECHECK_S)
             return None
+        late = planning.past_the_job(job, cands, want, record.round)
+        if late:
+            cands = [c for c in cands if c.device_id not in late]
+            why = {**why, **dict.fromkeys(late, "past_the_job")}
         rng = np.random.default_rng([job.seed, record.round, attempt])
         picked = planning.choose(job, cands, min(want, len(cands)), rng)
         expected = {c.device_id: round(c.expected_s, 3) for c in cands}

@@ -25,6 +25,7 @@ from coordinator.federated.selection import (
     Candidate,
     Fairness,
     Selection,
+    expected_round_time,
     select_clients,
     uniform_random,
 )
@@ -138,6 +139,22 @@ def candidates(
             )
         )
     return out, why
+
+
+def past_the_job(job: FLJob, cands: Sequence[Candidate], want: int, round_no: int) -> set[str]:
+    """Candidates whose update no round is expected to count any more (not to be asked).
+
+    Only for jobs that fold late updates: the round closes on its ``want`` fastest updates
+    (expected at the ``want``-th smallest expected time, the round's length), and a slower
+    device's update counts when it comes before the closing of round ``round_no +
+    late.max_rounds`` or of the job's last round, whichever is first. A device expected
+    after that would train for nothing. At least ``want`` candidates always stay.
+    """
+    if job.late.policy != "fold" or len(cands) <= want:
+        return set()
+    round_s = expected_round_time([c.expected_s for c in cands], want)
+    reach = min(job.late.max_rounds, job.rounds - round_no) + 1
+    return {c.device_id for c in cands if c.expected_s > reach * round_s}
 
 
 def choose(

@@ -8,6 +8,7 @@ import pytest
 
 from coordinator.federated import planning
 from coordinator.federated.job import FLJob
+from coordinator.federated.selection import Candidate
 from coordinator.scheduler import CostModel, CostWeights, DeviceState, ThroughputEstimator
 
 SHAPE = planning.RoundShape(weights_bytes=30_000, update_bytes=8_000, flops_per_example=1e8)
@@ -177,3 +178,20 @@ def test_a_device_busy_with_the_job_is_expected_to_finish_after_its_backlog() ->
     for seed in range(5):
         picked = planning.choose(j, busy, 2, np.random.default_rng(seed))
         assert sorted(picked.devices) == ["fast0", "fast1", "slow3"]
+
+
+def test_a_job_folding_late_updates_does_not_ask_devices_it_could_not_count() -> None:
+    """Rounds of ~1 s (the 2nd fastest of 3 asked): a 5 s device counts within a window of 8
+    rounds, a 40 s one does not; near the job's end the window shrinks to what is left."""
+    cands = [
+        Candidate(device_id="fast0", expected_s=1.0),
+        Candidate(device_id="fast1", expected_s=1.0),
+        Candidate(device_id="pi", expected_s=5.0),
+        Candidate(device_id="pi-slow", expected_s=40.0),
+    ]
+    folds = job(rounds=20, late={"policy": "fold", "max_rounds": 8})
+    assert planning.past_the_job(folds, cands, 2, round_no=1) == {"pi-slow"}
+    assert planning.past_the_job(folds, cands, 2, round_no=17) == {"pi-slow", "pi"}  # 3 left
+    assert planning.past_the_job(folds, cands, 2, round_no=16) == {"pi-slow"}  # 4 left: 5 s
+    assert planning.past_the_job(job(rounds=20), cands, 2, round_no=17) == set()  # drops late
+    assert planning.past_the_job(folds, cands[:2], 2, round_no=20) == set()  # want stay
