@@ -53,11 +53,19 @@ class SimFleet:
         for device in self.devices.values():
             device.stop()
         live = [t for t in self.tasks.values() if not t.done()]
-        if live:
-            _done, pending = await asyncio.wait(live, timeout=30)
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*live, return_exceptions=True)
+        if not live:
+            return
+        _done, pending = await asyncio.wait(live, timeout=30)
+        for t in pending:
+            t.cancel()
+        if pending:
+            _done, stuck = await asyncio.wait(pending, timeout=10)
+            if stuck:  # an error for this test, where waiting on would stall the whole run
+                for t in stuck:
+                    t.print_stack()
+                names = sorted(t.get_name() for t in stuck)
+                raise RuntimeError(f"device tasks did not end when cancelled: {names}")
+        await asyncio.gather(*live, return_exceptions=True)
 
 
 @pytest.fixture
