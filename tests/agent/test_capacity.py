@@ -1,9 +1,10 @@
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import psutil
 import pytest
 
 from agent.board import (
@@ -85,13 +86,24 @@ def _sampler(
 # ---------------------------------------------------------------- the real machine
 
 
-def test_real_sample_round_trips(tmp_path: Path, samplers: list[CapacitySampler]) -> None:
+def test_real_sample_round_trips(
+    tmp_path: Path, samplers: list[CapacitySampler], monkeypatch: pytest.MonkeyPatch
+) -> None:
     sampler = CapacitySampler(tmp_path / "state", PROBE, None, ("lab",))
     samplers.append(sampler)
+    # A sample never waits to measure (psutil's cpu_percent with an interval sleeps).
+    intervals: list[float | None] = []
+    cpu_percent = psutil.cpu_percent
+
+    def recorded(interval: float | None = None, percpu: bool = False) -> Any:
+        intervals.append(interval)
+        return cpu_percent(interval=interval, percpu=percpu)
+
+    monkeypatch.setattr(psutil, "cpu_percent", recorded)
     first = _sample(sampler, outbox_pending=3, counters={"tasks.done": 7})
-    started = time.perf_counter()
     second = _sample(sampler)
-    elapsed = time.perf_counter() - started
+    assert intervals
+    assert all(not i for i in intervals), intervals
     for report in (first, second):
         assert decode(encode(report), CapacityReport) == report
     assert first.cpu.count >= 1
@@ -113,7 +125,6 @@ def test_real_sample_round_trips(tmp_path: Path, samplers: list[CapacitySampler]
     assert first.device_model
     assert first.device_class
     assert first.uptime_s > 0
-    assert elapsed < 0.1, f"a sample took {elapsed * 1e3:.1f} ms"
 
 
 def test_probe_can_arrive_later(tmp_path: Path, samplers: list[CapacitySampler]) -> None:
