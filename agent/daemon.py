@@ -19,6 +19,7 @@ from typing import Any
 import msgspec
 
 from agent import __version__
+from agent.aio import cancel_and_wait
 from agent.capacity import CapacitySampler, Sampler
 from agent.changes import significant_change
 from agent.config import AgentConfig
@@ -150,10 +151,13 @@ class Agent:
             ]
             if self.config.agent_probe:
                 loops.append(tg.create_task(self._load_probe(), name="probe"))
-            await self._stop.wait()
-            await self._shutdown()
-            for t in loops + workers:
-                t.cancel()
+            try:
+                await self._stop.wait()
+                await self._shutdown()
+            finally:
+                # Also when this task is cancelled: the TaskGroup would cancel its children
+                # only once, and a cancel one of them loses would leave it waiting for good.
+                await cancel_and_wait(loops + workers)
         log.info("agent stopped")
 
     async def _shutdown(self) -> None:

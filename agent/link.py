@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 
 import aiomqtt
 
+from agent.aio import cancel_and_wait
 from agent.config import AgentConfig
 from agent.metrics import Counters
 from agent.outbox import Outbox
@@ -215,9 +216,7 @@ class Link:
                 for child in done:
                     child.result()
             finally:
-                for child in children:
-                    child.cancel()
-                await asyncio.gather(*children, return_exceptions=True)
+                await cancel_and_wait(children)
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:

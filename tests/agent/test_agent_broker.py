@@ -268,3 +268,36 @@ async def test_link_reconnects_after_a_session_error(broker: Broker, tmp_path: P
             await asyncio.wait({task}, timeout=10)
         assert task.cancelled()
         assert agent.counters.snapshot()["link.disconnects"] >= 3
+
+
+@pytest.mark.parametrize("where", ["capacity_loop", "link_publisher"])
+async def test_agent_stops_when_a_task_loses_its_cancel(
+    broker: Broker, tmp_path: Path, where: str
+) -> None:
+    """A loop that swallows its cancel (Python 3.11's ``wait_for`` in aiomqtt's publish does
+    when the publish completes as the cancel arrives) and waits again still ends: the
+    agent's main loop or the link's session (``link_publisher``) cancels it again."""
+    swallowed = asyncio.Event()
+
+    async def loses_one_cancel(*_args: object) -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            swallowed.set()
+        await asyncio.Event().wait()
+
+    async with Agent(_fast_reconnect_config(broker, tmp_path)) as agent:
+        if where == "capacity_loop":
+            agent._capacity_loop = loses_one_cancel  # type: ignore[method-assign]
+        else:
+            agent.link._drain_outbox = loses_one_cancel  # type: ignore[method-assign]
+        runner = asyncio.create_task(agent.run())
+        async with asyncio.timeout(10):
+            await agent.link.connected.wait()
+        agent.stop()
+        done, _ = await asyncio.wait({runner}, timeout=15)
+        if not done:
+            runner.cancel()  # the failure below, not a hung teardown
+        assert done, "the agent did not stop"
+        assert swallowed.is_set()
+        runner.result()
