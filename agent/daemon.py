@@ -19,7 +19,6 @@ from typing import Any
 import msgspec
 
 from agent import __version__
-from agent.aio import cancel_and_wait
 from agent.capacity import CapacitySampler, Sampler
 from agent.changes import significant_change
 from agent.config import AgentConfig
@@ -33,6 +32,7 @@ from agent.probe import ProbeResult, load_probe
 from agent.runner import Runner
 from agent.sdnotify import Notifier
 from protocol import topics
+from protocol.aio import cancel_and_wait
 from protocol.codec import decode, encode
 from protocol.errors import DecodeError
 from protocol.messages import CapacityReport, ResultAck, State, TaskAck

@@ -18,11 +18,11 @@ from collections.abc import Awaitable, Callable
 
 import aiomqtt
 
-from agent.aio import cancel_and_wait
 from agent.config import AgentConfig
 from agent.metrics import Counters
 from agent.outbox import Outbox
 from protocol import topics
+from protocol.aio import cancel_and_wait
 from protocol.codec import encode
 from protocol.messages import State
 

@@ -19,6 +19,7 @@ from typing import Any, Final
 from coordinator.errors import LeaseLostError
 from coordinator.metrics import Metrics
 from coordinator.store import Lease, Store
+from protocol.aio import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +123,7 @@ class Leadership:
             try:
                 await asyncio.wait({task, lost}, return_when=asyncio.FIRST_COMPLETED)
             except asyncio.CancelledError:
-                task.cancel()
-                lost.cancel()
-                await asyncio.gather(task, lost, return_exceptions=True)
+                await cancel_and_wait([task, lost])
                 raise
             lost.cancel()
             task.cancel()

@@ -36,6 +36,7 @@ from coordinator.mqtt import MqttLink
 from coordinator.registry import OnFlush, Registry
 from coordinator.scheduling import Scheduler
 from coordinator.store import ResultOutcome, RetryPolicy, Store
+from protocol.aio import cancel_and_wait
 
 if TYPE_CHECKING:
     from coordinator.federated.engine import FLEngine
@@ -241,8 +242,7 @@ class Coordinator:
                     await self._drain(tasks)
             except TimeoutError:
                 log.warning("drain took longer than %.0fs; stopping anyway", DRAIN_TIMEOUT_S)
-            for task in tasks.values():
-                task.cancel()
+            await cancel_and_wait(tasks.values())
         self._stopped.set()
         log.info("coordinator %s stopped", self.config.instance_id)
 

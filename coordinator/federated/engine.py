@@ -52,6 +52,7 @@ from coordinator.federated.store import (
 from coordinator.models.registry import ModelRegistry
 from coordinator.scheduler import CostModel, CostWeights, ThroughputEstimator
 from coordinator.store import Lease, ResultOutcome, Store
+from protocol.aio import cancel_and_wait
 
 __all__ = ["FLEngine", "JobFailedError", "JobRunner"]
 
@@ -149,7 +150,5 @@ class FLEngine:
                     async with asyncio.timeout(5.0):
                         await self._wake.wait()
         finally:
-            for task in tasks.values():
-                task.cancel()
-            await asyncio.gather(*tasks.values(), return_exceptions=True)
+            await cancel_and_wait(tasks.values())
             self._runners.clear()

@@ -1,11 +1,11 @@
-"""cancel_and_wait: tasks that lose a cancel still end."""
+"""protocol.aio.cancel_and_wait: tasks that lose a cancel still end."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 
-from agent.aio import cancel_and_wait
+from protocol.aio import cancel_and_wait
 
 
 async def _loses_one_cancel() -> None:

@@ -1,4 +1,4 @@
-"""asyncio helpers for the agent's long-running tasks."""
+"""asyncio helpers shared by the agent and the coordinator."""
 
 from __future__ import annotations
 
