@@ -167,9 +167,9 @@ def scaled_registry(
     base = default_registry()
     registry = HandlerRegistry()
     added = dict(extras or {})
-    # Task id -> when its unstretched stretch began: a handler's ``pace`` point (a training
-    # task's upload) stretches the work before it, the end of the handler the rest, so the
-    # upload leaves when the simulated device would send it.
+    # Task id -> start of the part of its work not stretched yet. A handler's ``pace``
+    # point (a training task's upload) stretches the work before it and the handler's end
+    # the rest, so the upload leaves when the simulated device would send it.
     marks: dict[str, float] = {}
 
     async def stretch(task: Task) -> None:
