@@ -46,7 +46,7 @@ class EvalSet:
 def resolve(path: str) -> Callable[..., Any]:
     """The callable at ``package.module:attr`` (``ModelError`` if it is not one)."""
     try:
-        return imports.resolve(path)
+        return imports.resolve(path, allow=imports.Allowlist.anything())
     except imports.ImportPathError as exc:
         raise ModelError(str(exc)) from exc
 

@@ -4,13 +4,16 @@ import collections
 
 import pytest
 
-from protocol.imports import ImportPathError, resolve
+from protocol.imports import Allowlist, ImportPathError, resolve
+
+ANY = Allowlist.anything()
+MODELS = Allowlist(("models.*",))
 
 
 def test_resolves_functions_classes_and_dotted_attributes() -> None:
-    assert resolve("collections:OrderedDict") is collections.OrderedDict
-    assert resolve("collections:OrderedDict.fromkeys")(["a"]) == {"a": None}
-    assert resolve("models.digits:DigitsCNN").__name__ == "DigitsCNN"
+    assert resolve("collections:OrderedDict", allow=ANY) is collections.OrderedDict
+    assert resolve("collections:OrderedDict.fromkeys", allow=ANY)(["a"]) == {"a": None}
+    assert resolve("models.digits:DigitsCNN", allow=MODELS).__name__ == "DigitsCNN"
 
 
 @pytest.mark.parametrize(
@@ -19,6 +22,7 @@ def test_resolves_functions_classes_and_dotted_attributes() -> None:
         ("collections", "not a package.module:attr path"),
         (":OrderedDict", "not a package.module:attr path"),
         ("collections:", "not a package.module:attr path"),
+        ("collections:Ordered Dict", "not a package.module:attr path"),
         ("no_such_module_here:f", "cannot import 'no_such_module_here'"),
         ("tests.protocol.raises_on_import:f", "no sensor attached"),
         ("collections:NoSuchThing", "not found"),
@@ -28,5 +32,53 @@ def test_resolves_functions_classes_and_dotted_attributes() -> None:
 )
 def test_refuses_with_a_reason(path: str, reason: str) -> None:
     with pytest.raises(ImportPathError, match=reason):
-        resolve(path)
+        resolve(path, allow=ANY)
     assert issubclass(ImportPathError, ValueError)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "os:abort",  # not in the list: refused before the module is imported
+        "tests.protocol.raises_on_import:f",
+        "models.digits:torch.load",  # a walk through a module the allowed one imports
+        "models.digits:nn.Module",
+        "modelsx.digits:DigitsCNN",  # a prefix of the pattern is not the package
+    ],
+)
+def test_the_allowlist_refuses_before_importing(path: str) -> None:
+    with pytest.raises(ImportPathError) as info:
+        resolve(path, allow=MODELS)
+    assert info.value.reason == "not_allowed"
+
+
+def test_a_callable_re_exported_from_an_allowed_module_is_refused() -> None:
+    # models.data imports names from other modules; allowing models.data must allow only
+    # what it defines itself.
+    import models.data
+
+    assert hasattr(models.data, "dataclass")
+    with pytest.raises(ImportPathError, match="defined in 'dataclasses'"):
+        resolve("models.data:dataclass", allow=Allowlist(("models.data:*",)))
+
+
+@pytest.mark.parametrize(
+    ("patterns", "path", "ok"),
+    [
+        (("models.digits:DigitsCNN",), "models.digits:DigitsCNN", True),
+        (("models.digits:DigitsCNN",), "models.digits:build_digits_cnn", False),
+        (("models.digits:*",), "models.digits:build_digits_cnn", True),
+        (("models.digits",), "models.digits:build_digits_cnn", True),
+        (("models.digits",), "models.data:digits_splits", False),
+        (("models.*",), "models:anything", True),
+        ((), "models.digits:DigitsCNN", False),
+    ],
+)
+def test_patterns(patterns: tuple[str, ...], path: str, ok: bool) -> None:
+    assert Allowlist(patterns).permits(path) is ok
+
+
+@pytest.mark.parametrize("bad", ["os:*:*", "a b", "", "x.*.y"])
+def test_malformed_patterns_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError, match="allowlist pattern"):
+        Allowlist((bad,))
