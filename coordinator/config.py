@@ -271,9 +271,9 @@ def _validate_weights(raw: Mapping[str, Any]) -> dict[str, Any]:
         key = f"scheduler.weights.{name}"
         if name not in hints:
             raise ConfigError(f"unknown key {key!r}", key=key)
-        if name == "power_w_by_class":
+        if name.endswith("_by_class"):
             if not isinstance(value, Mapping):
-                raise ConfigError(f"{key} must be a table of device class -> watts", key=key)
+                raise ConfigError(f"{key} must be a table of device class -> number", key=key)
             out[name] = {str(k): _coerce(f"{key}.{k}", float, v) for k, v in value.items()}
         else:
             out[name] = _coerce(key, float, value)

@@ -30,6 +30,7 @@ from coordinator.metrics import Metrics
 from coordinator.mqtt import MqttLink
 from coordinator.scheduler import (
     Candidate,
+    ClaimLimits,
     CostModel,
     CostWeights,
     DeviceState,
@@ -47,6 +48,10 @@ log = logging.getLogger(__name__)
 
 PUBLISH_CONCURRENCY: Final = 64
 UNPLACED_RETRY_MAX_S: Final = 10.0
+# The class the scheduler gives a device that reports none (agents always report one), so
+# that it has peers to be compared with and a claim limit like any other.
+UNCLASSIFIED: Final = "unclassified"
+CLAIM_REJECT_REASON: Final = "bench_claim_above_class_limit"
 
 
 def task_spec(t: TaskRecord) -> TaskSpec:
@@ -87,10 +92,18 @@ def jsonable(value: Any) -> Any:
 
 
 class DeviceViews:
-    """Turns registry rows into :class:`DeviceState`, caching the decoded reports."""
+    """Turns registry rows into :class:`DeviceState`, caching the decoded reports.
 
-    def __init__(self) -> None:
+    A report whose bench claims exceed its device class's plausible maximum is counted once
+    (``lepton_ingest_rejects_total{reason="bench_claim_above_class_limit"}``) and logged once
+    per device; the estimator believes such a claim only up to the limit.
+    """
+
+    def __init__(self, limits: ClaimLimits | None = None, metrics: Metrics | None = None) -> None:
+        self.limits = limits if limits is not None else ClaimLimits()
+        self.metrics = metrics
         self._reports: dict[str, tuple[float, CapacityReport]] = {}
+        self._warned: set[str] = set()
 
     def build(self, rows: Sequence[DeviceRecord], inflight: dict[str, int]) -> list[DeviceState]:
         out: list[DeviceState] = []
@@ -107,6 +120,7 @@ class DeviceViews:
                     continue
                 cached = (row.report_ts, report)
                 self._reports[row.id] = cached
+                self._check_claims(row.id, report)
             report = cached[1]
             seen.add(row.id)
             # Load the coordinator placed but the report may not show yet.
@@ -114,12 +128,39 @@ class DeviceViews:
             busy = min(load, report.slots.total)
             out.append(
                 DeviceState.from_capacity(
-                    row.id, report, online=True, slots_busy=busy, queued=load - busy
+                    row.id,
+                    report,
+                    online=True,
+                    slots_busy=busy,
+                    queued=load - busy,
+                    device_class=report.device_class or UNCLASSIFIED,
                 )
             )
         for gone in set(self._reports) - seen:
             del self._reports[gone]
+            self._warned.discard(gone)
         return out
+
+    def _check_claims(self, device_id: str, report: CapacityReport) -> None:
+        if report.bench is None:
+            return
+        cls = report.device_class or UNCLASSIFIED
+        over = self.limits.excess(cls, report.bench.fp32_gflops, report.bench.int8_gops)
+        if not over:
+            return
+        if self.metrics is not None:
+            self.metrics.reject(CLAIM_REJECT_REASON)
+        if device_id not in self._warned:
+            self._warned.add(device_id)
+            log.warning(
+                "device %s claims %s above the plausible maximum of class %s; believed only "
+                "up to the limit (fp32 %.0f GFLOP/s, int8 %.0f GOP/s)",
+                device_id,
+                " and ".join(over),
+                cls,
+                self.limits.limit(cls, "fp32"),
+                self.limits.limit(cls, "int8"),
+            )
 
 
 class Scheduler:
@@ -131,8 +172,8 @@ class Scheduler:
         self.link = link
         self.metrics = metrics
         self.weights = CostWeights(**dict(cfg.scheduler.weights))
-        self.estimator = ThroughputEstimator()
-        self.views = DeviceViews()
+        self.estimator = ThroughputEstimator(limits=self.weights.claim_limits())
+        self.views = DeviceViews(self.weights.claim_limits(), metrics)
         self.cycles = 0
         self._wake = asyncio.Event()
         self._devices: dict[str, DeviceState] = {}
@@ -144,7 +185,7 @@ class Scheduler:
     async def lead(self, lease: Lease) -> None:
         """One term of leadership: load the estimator, then cycle until cancelled."""
         snapshot = await asyncio.to_thread(self.store.load_estimates)
-        self.estimator = ThroughputEstimator()
+        self.estimator = ThroughputEstimator(limits=self.weights.claim_limits())
         if snapshot is not None:
             try:
                 self.estimator.load(snapshot)

@@ -31,6 +31,10 @@ ShortText = Annotated[str, Meta(max_length=256)]
 LongText = Annotated[str, Meta(max_length=4096)]
 Timestamp = Annotated[float, Meta(ge=0.0, le=1.0e11)]
 NonNeg = Annotated[float, Meta(ge=0.0, le=1.0e18)]
+# A benchmark figure in GFLOP/s or GOP/s: 1e7 (10 POP/s) is above any single device on the
+# market, so a larger claim is refused at decode, on both sides, not believed.
+MAX_BENCH_GOPS: Final = 1.0e7
+BenchRate = Annotated[float, Meta(ge=0.0, le=MAX_BENCH_GOPS)]
 Count = Annotated[int, Meta(ge=0, le=2**62)]
 Labels = Annotated[list[Name], Meta(max_length=64)]
 Params = Annotated[dict[Annotated[str, Meta(max_length=64)], Any], Meta(max_length=256)]
@@ -104,8 +108,8 @@ class Battery(msgspec.Struct, frozen=True, kw_only=True):
 class Bench(msgspec.Struct, frozen=True, kw_only=True):
     """Start-up micro-benchmark: measured throughput of this device, cached per boot."""
 
-    fp32_gflops: NonNeg
-    int8_gops: NonNeg | None = None
+    fp32_gflops: BenchRate
+    int8_gops: BenchRate | None = None
     runtime: ShortText = ""
     measured_at: Timestamp = 0.0
 

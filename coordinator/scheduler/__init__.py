@@ -6,6 +6,7 @@ task back into the :class:`ThroughputEstimator`.
 """
 
 from coordinator.scheduler.bounds import makespan_lower_bound
+from coordinator.scheduler.claims import ClaimLimits
 from coordinator.scheduler.costmodel import CostComponents, CostModel, CostTerms
 from coordinator.scheduler.estimator import ThroughputEstimator
 from coordinator.scheduler.explain import Candidate, Explanation
@@ -18,6 +19,7 @@ __all__ = [
     "METHODS",
     "REASONS",
     "Candidate",
+    "ClaimLimits",
     "CostComponents",
     "CostModel",
     "CostTerms",

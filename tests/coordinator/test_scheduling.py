@@ -52,9 +52,9 @@ def model(s: Scheduler) -> CostModel:
 
 async def test_cycle_places_publishes_and_explains(store: Store) -> None:
     now = time.time()
-    store.record_capacity(
-        [sample("fast", received_at=now, gflops=100.0), sample("slow", received_at=now, gflops=1.0)]
-    )
+    # Different classes: within one class a claim above the peers' median is not believed.
+    fast = sample("fast", received_at=now, gflops=100.0, device_class="jetson-orin-nano")
+    store.record_capacity([fast, sample("slow", received_at=now, gflops=1.0)])
     store.submit(new_task("t1", demand_gops=10.0))
     s, link = make(store)
     assert await s.cycle(None, model(s)) == 1
@@ -112,7 +112,7 @@ async def test_measured_durations_reach_the_estimator(store: Store) -> None:
     assert store.pending_observations() == []
     snap = store.load_estimates()
     assert snap is not None
-    ((dev, mc, prec, rate, n),) = snap["rates"]
+    ((dev, mc, prec, rate, n, _prior),) = snap["rates"]
     assert (dev, mc, prec, n) == ("a", "cnn", "fp32", 1)
     assert rate == pytest.approx(2.0, rel=0.6)  # moved from the bench prior toward 8 GOP / 4 s
     fresh = ThroughputEstimator()

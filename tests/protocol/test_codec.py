@@ -17,6 +17,7 @@ from protocol import codec
 from protocol.codec import MAX_DEPTH, MAX_MESSAGE_BYTES, decode, encode
 from protocol.errors import DecodeError, LeptonError
 from protocol.messages import (
+    MAX_BENCH_GOPS,
     MESSAGE_TYPES,
     SCHEMA_VERSION,
     Bench,
@@ -423,6 +424,20 @@ def test_non_finite_nested_float_is_refused(value: float) -> None:
     wire = as_dict(EXAMPLES[CapacityReport])
     wire["cpu"]["freq_mhz"] = [1000.0, value]
     assert refusal(pack(wire)).reason == "invalid"
+
+
+@pytest.mark.parametrize("field", ["fp32_gflops", "int8_gops"])
+def test_implausible_bench_claims_are_refused(field: str) -> None:
+    # Finding 12 of the hardening review: 1e18 GFLOP/s used to decode and pull work to the
+    # device that claimed it.
+    wire = as_dict(EXAMPLES[CapacityReport])
+    wire["bench"][field] = MAX_BENCH_GOPS
+    assert decode(pack(wire), CapacityReport).bench is not None
+    for value in (MAX_BENCH_GOPS * 1.01, 1.0e18):
+        wire["bench"][field] = value
+        err = refusal(pack(wire))
+        assert err.reason == "invalid"
+        assert field in err.detail
 
 
 def test_timestamp_far_in_the_future_is_refused() -> None:
