@@ -67,6 +67,18 @@ class HttpConfig:
     port: int = 8080
     # How devices reach this API (blob downloads, update uploads); empty: the bound address.
     public_url: str = ""
+    # Request bodies of JSON routes; upload routes enforce their own (larger) caps.
+    max_body_bytes: int = 1 << 20
+    # The request line and headers together (h11 answers 400 above it).
+    max_head_bytes: int = 16 << 10
+    # From the first byte of a connection or of a request until its head is complete.
+    head_timeout_s: float = 10.0
+    # The whole body of a JSON route; an upload gets one more second per
+    # upload_min_bytes_per_s bytes received, so a slow link finishes but a stalled one does not.
+    body_timeout_s: float = 30.0
+    upload_min_bytes_per_s: int = 16 << 10
+    # Connections plus requests in progress; above it a request gets 503.
+    max_concurrency: int = 1000
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -314,6 +326,12 @@ def _check(cfg: Config) -> None:
     positive("mqtt.keepalive_s", cfg.mqtt.keepalive_s)
     positive("mqtt.publish_timeout_s", cfg.mqtt.publish_timeout_s)
     positive("database.capacity_history", cfg.database.capacity_history)
+    positive("http.max_body_bytes", cfg.http.max_body_bytes)
+    positive("http.max_head_bytes", cfg.http.max_head_bytes)
+    positive("http.head_timeout_s", cfg.http.head_timeout_s)
+    positive("http.body_timeout_s", cfg.http.body_timeout_s)
+    positive("http.upload_min_bytes_per_s", cfg.http.upload_min_bytes_per_s)
+    positive("http.max_concurrency", cfg.http.max_concurrency)
     if cfg.tasks.retry_backoff_s < 0 or cfg.tasks.retry_backoff_max_s < cfg.tasks.retry_backoff_s:
         raise ConfigError(
             "tasks.retry_backoff_s must be >= 0 and <= tasks.retry_backoff_max_s",

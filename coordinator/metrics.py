@@ -121,6 +121,12 @@ class Metrics:
             ["cause"],
             registry=r,
         )
+        self.http_rejects = Counter(
+            "lepton_http_rejects",
+            "HTTP requests and connections refused as client errors, by reason",
+            ["reason"],
+            registry=r,
+        )
         self.leader = Gauge("lepton_leader", "1 while this process leads scheduling", registry=r)
         self.mqtt_connected = Gauge(
             "lepton_mqtt_connected", "1 while connected to the broker", registry=r

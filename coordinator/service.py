@@ -83,7 +83,13 @@ class Coordinator:
             self.inbox.bind(loop)
             self.registry.bind(loop)
             if cfg.http.enabled:
-                self.http = HttpServer(self._app(loop), cfg.http.host, cfg.http.port)
+                self.http = HttpServer(
+                    self._app(loop),
+                    cfg.http.host,
+                    cfg.http.port,
+                    limits=cfg.http,
+                    on_head_timeout=self.metrics.http_rejects.labels("head_timeout").inc,
+                )
             self._ready = loop.create_future()
             self._main = asyncio.create_task(self._run(), name="coordinator")
             await asyncio.wait({self._ready, self._main}, return_when=asyncio.FIRST_COMPLETED)

@@ -2,7 +2,8 @@
 
 Beyond field ranges (checked by the API schema), a task must make a valid wire message: the
 params must be plain data within the protocol's limits, and the encoded Task must fit the
-message size limit with room to spare, so it can never be refused at dispatch time.
+message size limit with room to spare and decode with the codec the agent runs (its depth
+limit included), so it can never be refused at dispatch time or on the device.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import msgspec
 from coordinator.config import Config
 from coordinator.store import NewTask
 from protocol import codec
+from protocol.errors import DecodeError
 from protocol.messages import Task, new_id
 
 # Leave headroom under the codec limit for the attempt counter and fields added later.
@@ -68,15 +70,21 @@ def build_task(
     except msgspec.ValidationError as exc:
         raise SubmissionError(_field_of(str(exc)), str(exc)) from exc
     try:
-        size = len(codec.encode(message))
+        data = codec.encode(message)
     except (TypeError, ValueError, OverflowError) as exc:
         raise SubmissionError("params", f"not encodable as MessagePack: {exc}") from exc
+    size = len(data)
     if size > MAX_TASK_BYTES:
         raise SubmissionError(
             "params",
             f"the task message would be {size} bytes; the limit is {MAX_TASK_BYTES}. "
             "Large inputs travel by content address over HTTP, not inside the task.",
         )
+    try:
+        # The receiving side's own check (depth, size, shape): what it would refuse, we do.
+        codec.decode(data, Task)
+    except DecodeError as exc:
+        raise SubmissionError("params", f"the agent would refuse this task: {exc}") from exc
     return NewTask(
         id=tid,
         fleet=cfg.fleet,

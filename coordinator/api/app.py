@@ -3,6 +3,9 @@
 Handlers are plain functions (FastAPI runs them in its thread pool), so store calls never
 block the event loop. Errors use FastAPI's ``{"detail": ...}`` shape: 404 for an unknown id,
 409 for a taken task id, 422 for an invalid request, 503 when the database is unreachable.
+Bodies are bounded before any route sees them (:mod:`coordinator.api.limits`: 408, 413, 415,
+400/422 for JSON too deep or not finite), and no client error becomes a 500
+(:mod:`coordinator.api.errors`).
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated
 
-from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, Response
-from fastapi.responses import JSONResponse
-from sqlalchemy.exc import OperationalError
+from fastapi import APIRouter, FastAPI, HTTPException, Query, Response
+from starlette.routing import Route
 
+from coordinator.api import errors
+from coordinator.api.limits import BodyGuard
 from coordinator.api.schemas import (
     AttemptOut,
     DeviceDetail,
@@ -31,7 +35,6 @@ from coordinator.api.schemas import (
     TaskSubmit,
 )
 from coordinator.config import Config
-from coordinator.errors import ConflictError, NotFoundError
 from coordinator.metrics import Metrics
 from coordinator.store import Store
 from coordinator.submit import SubmissionError, build_task
@@ -67,18 +70,10 @@ def create_app(ctx: ApiContext) -> FastAPI:
     )
     store, cfg = ctx.store, ctx.config
 
-    @app.exception_handler(NotFoundError)
-    def _not_found(_req: Request, exc: NotFoundError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=404)
+    def refused(reason: str) -> None:
+        ctx.metrics.http_rejects.labels(reason).inc()
 
-    @app.exception_handler(ConflictError)
-    def _conflict(_req: Request, exc: ConflictError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=409)
-
-    @app.exception_handler(OperationalError)
-    def _db_down(_req: Request, exc: OperationalError) -> JSONResponse:
-        log.warning("database error serving a request: %s", exc)
-        return JSONResponse({"detail": "database unavailable"}, status_code=503)
+    errors.install(app, refused)
 
     def deadline(interval: float | None) -> float:
         return cfg.heartbeat_deadline_s(interval)
@@ -178,6 +173,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
                 expires_in_s=body.expires_in_s,
             )
         except SubmissionError as exc:
+            refused("invalid")
             raise HTTPException(
                 status_code=422,
                 detail=[{"loc": ["body", exc.field], "msg": str(exc), "type": "value_error"}],
@@ -213,7 +209,18 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
     for router in ctx.routers:
         app.include_router(router)
+    _guard_bodies(app, ctx.routers, cfg, refused)
     return app
+
+
+def _guard_bodies(
+    app: FastAPI, routers: Sequence[APIRouter], cfg: Config, refused: Callable[[str], None]
+) -> None:
+    # The routes in the order the app's router tries them: its own, then each included
+    # router's (FastAPI keeps an included router as one entry of its own).
+    routes = [r for r in app.router.routes if isinstance(r, Route)]
+    routes += [r for router in routers for r in router.routes if isinstance(r, Route)]
+    app.add_middleware(BodyGuard, routes=routes, config=cfg.http, on_refuse=refused)
 
 
 def _total(m: Metrics, name: str) -> float:

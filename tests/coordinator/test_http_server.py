@@ -7,6 +7,7 @@ import asyncio
 from fastapi import FastAPI
 
 from coordinator.api.server import HttpServer
+from coordinator.config import HttpConfig
 
 
 async def _request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
@@ -47,5 +48,38 @@ async def test_an_idle_connection_is_still_open_after_a_clients_pool_expiry() ->
         assert await _request(reader, writer) == b"HTTP/1.1 200 OK"
         writer.close()
     finally:
+        server.stop()
+        await asyncio.wait_for(serving, 10)
+
+
+async def test_connections_above_the_concurrency_limit_get_503() -> None:
+    """``http.max_concurrency`` reaches uvicorn: with that many connections open, a request
+    is answered 503 at once instead of queueing behind them."""
+    app = FastAPI()
+
+    @app.get("/ping")
+    async def ping() -> dict[str, bool]:
+        return {"ok": True}
+
+    server = HttpServer(app, "127.0.0.1", 0, limits=HttpConfig(max_concurrency=5))
+    serving = asyncio.create_task(server.serve())
+    idle: list[asyncio.StreamWriter] = []
+    try:
+        async with asyncio.timeout(10):
+            while True:
+                try:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+                    break
+                except ConnectionRefusedError:
+                    await asyncio.sleep(0.05)
+        assert await _request(reader, writer) == b"HTTP/1.1 200 OK"
+        for _ in range(5):
+            idle.append((await asyncio.open_connection("127.0.0.1", server.port))[1])
+        await asyncio.sleep(0.2)
+        assert await _request(reader, writer) == b"HTTP/1.1 503 Service Unavailable"
+        writer.close()
+    finally:
+        for w in idle:
+            w.close()
         server.stop()
         await asyncio.wait_for(serving, 10)
