@@ -34,6 +34,7 @@ from typing import Any, Final
 import msgspec
 
 from agent.fetch import BlobFetcher, FetchError, fsync_replace, sha256_file
+from agent.origins import Origins
 from agent.runtimes.base import (
     ModelLoadError,
     RuntimeUnavailableError,
@@ -67,6 +68,7 @@ class ModelManager:
         retries: int = 5,
         timeout: float = 30.0,
         backoff: tuple[float, float] = (0.5, 10.0),
+        origins: Origins | None = None,
     ) -> None:
         self.root = root
         self.threads = threads
@@ -82,10 +84,17 @@ class ModelManager:
         self._index_loaded = False
         self._restore_errors: dict[str, str] = {}
         self._pending: dict[str, int] = {}  # digests fetched for deploys still in progress
-        self.fetcher = BlobFetcher(root, retries=retries, timeout=timeout, backoff=backoff)
+        self.fetcher = BlobFetcher(
+            root, retries=retries, timeout=timeout, backoff=backoff, origins=origins
+        )
         self.restored = asyncio.Event()
 
     # ------------------------------------------------------------ paths
+
+    @property
+    def origins(self) -> Origins | None:
+        """Where deploys may fetch from (None: anywhere; the agent always sets it)."""
+        return self.fetcher.origins
 
     @property
     def cache_dir(self) -> Path:
@@ -300,7 +309,7 @@ class ModelManager:
                 digest=spec.digest, size=spec.size, url=spec.url, what=spec.name
             )
         except FetchError as exc:
-            raise ModelError(exc.reason, exc.detail) from exc
+            raise ModelError(exc.reason, exc.detail, stage="fetch") from exc
 
     # ------------------------------------------------------------ index and cache
 

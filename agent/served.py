@@ -19,12 +19,14 @@ DIGEST_PATTERN: Final = r"\A[0-9a-f]{64}\Z"
 
 
 class ModelError(LeptonError):
-    """A deploy was refused. ``reason`` is a stable token, the message says why."""
+    """A deploy was refused. ``reason`` is a stable token, the message says why (prefixed
+    with the ``stage`` that refused it, e.g. ``fetch: http_404: ...``)."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, *, stage: str = "") -> None:
         self.reason = reason
         self.detail = detail
-        super().__init__(f"{reason}: {detail}")
+        self.stage = stage
+        super().__init__(f"{stage}: {reason}: {detail}" if stage else f"{reason}: {detail}")
 
 
 class InputSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
