@@ -13,7 +13,8 @@ Served with ``h11`` over asyncio streams on ``127.0.0.1:<port>`` and/or a Unix s
   tensors (:class:`protocol.tensors.TensorPayload`), answered in kind.
 
 Errors are JSON ``{"error": {"code", "message"}}``: 400 for a body that does not fit the
-model (which input, which dimension, expected against got), 404 for an unknown model or
+model (which input, which dimension, expected against got) or nests deeper than a tensor
+can (``too_deep``), 404 for an unknown model or
 route, 405 for a wrong method, 413 for a body over the cap, 415 for another content type,
 503 for a deployed model that is still loading after a restart (or failed to), or when
 connections are exhausted. Inference runs in a small thread pool (``concurrency`` workers),
@@ -37,6 +38,7 @@ import h11
 import msgspec
 
 from agent.bodies import HttpError, json_inputs, outputs_json, outputs_msgpack, tensor_inputs
+from agent.metrics import Counters
 from agent.models import ModelManager
 
 log = logging.getLogger(__name__)
@@ -98,6 +100,7 @@ class Endpoint:
         concurrency: int = 2,
         max_connections: int = 64,
         idle_timeout: float = IDLE_TIMEOUT_S,
+        counters: Counters | None = None,
     ) -> None:
         if port is None and socket_path is None:
             raise ValueError("the endpoint needs a port, a socket path, or both")
@@ -108,6 +111,7 @@ class Endpoint:
         self.max_body = max_body
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
+        self.counters = counters
         self._executor = ThreadPoolExecutor(
             max_workers=concurrency, thread_name_prefix="lepton-infer"
         )
@@ -249,16 +253,26 @@ class Endpoint:
         self.requests += 1
         try:
             reply = await self._dispatch(
-                event.method.decode(), event.target.decode(), headers, bytes(body)
+                event.method.decode("latin-1"), event.target.decode("latin-1"), headers, bytes(body)
             )
         except HttpError as exc:
+            self._count(exc)
             reply = _error_reply(exc)
+        except Exception as exc:  # a bug here must cost one answer, not the connection loop
+            log.exception("inference endpoint: request failed")
+            reply = _error_reply(HttpError(500, "internal", type(exc).__name__))
         await self._write(conn, writer, reply)
         return conn.our_state is h11.DONE and conn.their_state is h11.DONE
 
     def _too_large(self, size: int) -> Reply:
         exc = HttpError(413, "too_large", f"body of {size} bytes exceeds the {self.max_body} cap")
+        self._count(exc)
         return _error_reply(exc, close=True)
+
+    def _count(self, exc: HttpError) -> None:
+        """Count (``rejected.endpoint_<code>``) and log, rate-limited, a refused request."""
+        if self.counters is not None:
+            self.counters.reject(log, f"endpoint_{exc.code}", exc.message, topic="endpoint")
 
     async def _send(
         self,
@@ -338,6 +352,9 @@ class Endpoint:
             payload = (msgspec.msgpack.decode if binary else msgspec.json.decode)(body)
         except msgspec.DecodeError as exc:
             raise HttpError(400, "bad_body", f"body is not valid {ctype}: {exc}") from exc
+        except RecursionError as exc:
+            # msgspec stops at the interpreter's recursion limit and raises this cleanly.
+            raise HttpError(400, "too_deep", "body nests too deeply to be a tensor") from exc
         if not isinstance(payload, dict) or "inputs" not in payload:
             raise HttpError(400, "bad_body", 'body must be an object {"inputs": ...}')
         with self.models.lease(name) as model:

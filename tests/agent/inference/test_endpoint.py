@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from agent.endpoint import Endpoint
+from agent.metrics import Counters
 from agent.models import ModelManager
 from protocol.tensors import TensorPayload, from_payload, to_payload
 from tests.agent.inference.conftest import Linear, spec_for
@@ -40,7 +41,11 @@ async def served(manager: ModelManager, blobs: BlobServer, linear: Linear) -> Mo
 @pytest.fixture
 async def endpoint(served: ModelManager, short_dir: Path) -> AsyncIterator[Endpoint]:
     async with Endpoint(
-        served, port=0, socket_path=short_dir / "infer.sock", max_body=64 * 1024
+        served,
+        port=0,
+        socket_path=short_dir / "infer.sock",
+        max_body=64 * 1024,
+        counters=Counters(),
     ) as ep:
         yield ep
 
@@ -180,6 +185,32 @@ async def test_http_level_errors(tcp: httpx.AsyncClient) -> None:
     )
     assert resp.status_code == 415
     # The connection is still good after all of these.
+    assert (await tcp.get("/v1/health")).status_code == 200
+
+
+@pytest.mark.parametrize("depth", [5, 40, 3000, 30000])
+@pytest.mark.parametrize("kind", ["json", "msgpack"])
+async def test_deeply_nested_bodies_are_400_with_a_reason(
+    tcp: httpx.AsyncClient, endpoint: Endpoint, depth: int, kind: str
+) -> None:
+    """Finding 10 of the hardening review: a deeply nested body dropped the connection."""
+    if kind == "json":
+        body = b'{"inputs": ' + b"[" * depth + b"0.5" + b"]" * depth + b"}"
+        headers = {"content-type": "application/json"}
+    else:
+        # Written by hand: msgspec's own encoder refuses to nest this deep.
+        body = b"\x81\xa6inputs" + b"\x91" * depth + b"\x00"
+        headers = MSGPACK
+    resp = await tcp.post("/v1/models/clf:predict", content=body, headers=headers)
+    assert resp.status_code == 400
+    error = _error(resp)
+    # JSON lists deeper than the model's rank are refused before numpy walks them; past the
+    # interpreter's recursion limit, at decoding. MessagePack inputs must be tensor maps.
+    expected = "too_deep" if kind == "json" or depth > 1000 else "bad_inputs"
+    assert error["code"] == expected, error
+    assert endpoint.counters is not None
+    assert endpoint.counters[f"rejected.endpoint_{error['code']}"] == 1
+    # The connection (and the endpoint) still serve.
     assert (await tcp.get("/v1/health")).status_code == 200
 
 
