@@ -102,6 +102,8 @@ class AgentConfig:
     endpoint_max_body: int = 16 * 1024 * 1024
     endpoint_concurrency: int = 2
     endpoint_max_connections: int = 64
+    # Seconds a request (the wait for it, headers and body together) may take to arrive.
+    endpoint_request_timeout: float = 10.0
     # [data] name = "path-or-module:function"
     data_sources: DataSources = DataSources(())
 
@@ -126,6 +128,7 @@ class AgentConfig:
             "endpoint_max_body": self.endpoint_max_body,
             "endpoint_concurrency": self.endpoint_concurrency,
             "endpoint_max_connections": self.endpoint_max_connections,
+            "endpoint_request_timeout": self.endpoint_request_timeout,
         }
         for key, value in positive.items():
             if value <= 0:

@@ -295,6 +295,7 @@ class Agent:
             max_body=cfg.endpoint_max_body,
             concurrency=cfg.endpoint_concurrency,
             max_connections=cfg.endpoint_max_connections,
+            request_timeout=cfg.endpoint_request_timeout,
             counters=self.counters,
         )
         try:
