@@ -88,6 +88,10 @@ class AgentConfig:
     inference_threads: int = 0  # intra-op threads per model; 0: the cores this process may use
     inference_providers: tuple[str, ...] = ()  # ONNX Runtime providers; empty: best available
     inference_max_model_bytes: int = 512 * 1024 * 1024
+    # Past these, the least recently used model is unloaded (and its files trimmed).
+    inference_max_models: int = 8
+    inference_max_loaded_bytes: int = 1024 * 1024 * 1024  # model file bytes, all served
+    inference_max_cache_bytes: int = 2 * 1024 * 1024 * 1024  # cached model files on disk
     inference_download_retries: int = 5
     inference_download_timeout: float = 30.0  # seconds without progress before a retry
     # [fetch] where deploys and training tasks may download from and upload to: the
@@ -124,6 +128,9 @@ class AgentConfig:
             "outbox_resend_after": self.outbox_resend_after,
             "broker_reconnect_min": self.broker_reconnect_min,
             "inference_max_model_bytes": self.inference_max_model_bytes,
+            "inference_max_models": self.inference_max_models,
+            "inference_max_loaded_bytes": self.inference_max_loaded_bytes,
+            "inference_max_cache_bytes": self.inference_max_cache_bytes,
             "inference_download_timeout": self.inference_download_timeout,
             "endpoint_max_body": self.endpoint_max_body,
             "endpoint_concurrency": self.endpoint_concurrency,

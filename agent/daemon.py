@@ -23,6 +23,7 @@ from agent.capacity import CapacitySampler, Sampler
 from agent.changes import significant_change
 from agent.config import AgentConfig
 from agent.datasources import DataSources
+from agent.eviction import Caps
 from agent.handlers import HandlerRegistry, TaskContext, default_registry
 from agent.link import Link
 from agent.metrics import Counters
@@ -74,6 +75,11 @@ class Agent:
             retries=config.inference_download_retries,
             timeout=config.inference_download_timeout,
             origins=config.origins,
+            caps=Caps(
+                max_models=config.inference_max_models,
+                max_loaded_bytes=config.inference_max_loaded_bytes,
+                max_cache_bytes=config.inference_max_cache_bytes,
+            ),
         )
         self.data_sources = DataSources(config.data_source_map)
         self.endpoint_port: int | None = None  # the bound TCP port once the endpoint listens

@@ -87,6 +87,7 @@ class ServedModel:
     input: InputSpec | None
     load_s: float
     loaded_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.monotonic)  # the last lease, for LRU
     _users: int = 0
     _retired: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -94,6 +95,12 @@ class ServedModel:
     def _enter(self) -> None:
         with self._lock:
             self._users += 1
+        self.last_used = time.monotonic()
+
+    @property
+    def in_use(self) -> bool:
+        """A request holds it now (it must not be evicted under it)."""
+        return self._users > 0
 
     def _leave(self) -> None:
         with self._lock:
@@ -136,6 +143,7 @@ class DeployOutcome:
     previous: str | None  # digest served before, if any
     runtime: str
     threads: int
+    evicted: tuple[str, ...] = ()  # served models unloaded to stay within the caps
 
 
 def input_mismatch(spec: InputSpec, inputs: tuple[TensorSpec, ...]) -> str | None:
