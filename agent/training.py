@@ -15,10 +15,13 @@ are ignored):
 - ``round`` (int >= 0): the round, likewise.
 - ``model`` (str ``package.module:factory``): import path of a callable taking no
   arguments and returning a ``torch.nn.Module`` (e.g. ``models.digits:DigitsCNN``). Its
-  ``state_dict()`` must have exactly the tensors of the global weights.
+  ``state_dict()`` must have exactly the tensors of the global weights. Only a path the
+  agent's ``agent.model_imports`` allowlist permits is resolved (``model_imports`` in the
+  context's extras), checked before any data, download or import.
 - ``weights`` ({``digest``: sha256 hex, ``size``: bytes, ``url``: http(s)}): the global
-  weights, a ``kind="weights"`` blob. Fetched with the model manager's verified, resumable
-  download into ``<state>/weights`` and cached there by digest.
+  weights, a ``kind="weights"`` blob, at an origin the agent allows (as ``upload.url``).
+  Fetched with the model manager's verified, resumable download into ``<state>/weights``
+  and cached there by digest.
 - ``data`` (str): the name of a local data source (the agent's ``[data]`` table) holding
   samples ``x`` and class labels ``y`` (class ids, or one-hot). Samples are fed to the model
   as float32, as stored (normalising is the model's job). A device without this source
