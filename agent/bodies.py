@@ -8,11 +8,14 @@ dimension and what was expected; the server in :mod:`agent.endpoint` answers it 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 
 from agent.runtimes.base import Array, TensorSpec
+
+#: numpy's own limit on an array's dimensions.
+MAX_DIMS: Final = 32
 
 
 class HttpError(Exception):
@@ -53,6 +56,15 @@ def _checked_shape(arr: Array, spec: TensorSpec) -> Array:
     return arr
 
 
+def _nesting(value: Any) -> int:
+    """How deep the first elements of nested lists go (a rectangular array's rank)."""
+    depth = 0
+    while isinstance(value, list) and depth <= MAX_DIMS:
+        depth += 1
+        value = value[0] if value else None
+    return depth
+
+
 def json_inputs(raw: Any, specs: tuple[TensorSpec, ...]) -> dict[str, Array]:
     """Nested lists -> arrays of the inputs' dtypes; HttpError 400 on anything that does not fit."""
     import numpy as np
@@ -60,6 +72,14 @@ def json_inputs(raw: Any, specs: tuple[TensorSpec, ...]) -> dict[str, Array]:
     out: dict[str, Array] = {}
     for name, value in _by_name(raw, specs, lambda v: isinstance(v, list)).items():
         spec = next(s for s in specs if s.name == name)
+        depth = _nesting(value)
+        if depth > len(spec.shape):  # checked before numpy walks the lists
+            raise HttpError(
+                400,
+                "too_deep",
+                f"input {name!r} nests {'more than ' if depth > MAX_DIMS else ''}{depth} "
+                f"lists deep; the model's input has {len(spec.shape)} dimensions",
+            )
         try:
             arr = np.asarray(value)
         except ValueError as exc:  # ragged nesting

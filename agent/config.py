@@ -1,7 +1,7 @@
 """Agent configuration: one frozen object, layered defaults -> TOML -> LEPTON_* env -> CLI flags.
 
 The TOML file has sections (``[device]``, ``[broker]``, ``[agent]``, ``[outbox]``,
-``[inference]``, ``[endpoint]``) whose keys map onto fields named ``section_key``; the
+``[inference]``, ``[fetch]``, ``[endpoint]``) whose keys map onto fields named ``section_key``; the
 environment variable for a field is ``LEPTON_`` + the field name upper-cased
 (``LEPTON_BROKER_HOST``), and the CLI flag is ``--section-key``. Unknown sections and keys are
 an error that names them, so a typo never silently falls back to a default.
@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, NewType
 
+from agent.origins import OriginError, Origins
 from protocol.errors import ConfigError, TopicError
+from protocol.imports import Allowlist
 from protocol.topics import validate_id
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/lepton/agent.toml")
@@ -72,6 +74,12 @@ class AgentConfig:
     agent_probe: bool = True
     agent_drain_timeout: float = 30.0
     agent_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Import paths a task may name as its model factory (protocol.imports.Allowlist
+    # patterns); entry points of group ``lepton.plugins`` are always added.
+    agent_model_imports: tuple[str, ...] = ("models.*",)
+    # A task that was running this many times when the agent died is failed as
+    # ``crashed_agent`` at the next start instead of being run again.
+    agent_crash_limit: int = 2
     # [outbox]
     outbox_max_entries: int = 100_000
     outbox_sync: Literal["full", "normal"] = "full"
@@ -80,8 +88,17 @@ class AgentConfig:
     inference_threads: int = 0  # intra-op threads per model; 0: the cores this process may use
     inference_providers: tuple[str, ...] = ()  # ONNX Runtime providers; empty: best available
     inference_max_model_bytes: int = 512 * 1024 * 1024
+    # Past these, the least recently used model is unloaded (and its files trimmed).
+    inference_max_models: int = 8
+    inference_max_loaded_bytes: int = 1024 * 1024 * 1024  # model file bytes, all served
+    inference_max_cache_bytes: int = 2 * 1024 * 1024 * 1024  # cached model files on disk
     inference_download_retries: int = 5
     inference_download_timeout: float = 30.0  # seconds without progress before a retry
+    # [fetch] where deploys and training tasks may download from and upload to: the
+    # coordinator's origin and these extra origins (``scheme://host[:port]``; ``:*`` any
+    # port). Neither set: every fetch is refused.
+    fetch_coordinator_url: str | None = None
+    fetch_origins: tuple[str, ...] = ()
     # [endpoint] (local inference API; off unless a port or a socket is set)
     endpoint_host: str = "127.0.0.1"
     endpoint_port: int | None = None  # 0: any free port
@@ -89,6 +106,8 @@ class AgentConfig:
     endpoint_max_body: int = 16 * 1024 * 1024
     endpoint_concurrency: int = 2
     endpoint_max_connections: int = 64
+    # Seconds a request (the wait for it, headers and body together) may take to arrive.
+    endpoint_request_timeout: float = 10.0
     # [data] name = "path-or-module:function"
     data_sources: DataSources = DataSources(())
 
@@ -103,15 +122,20 @@ class AgentConfig:
             "broker_keepalive": self.broker_keepalive,
             "agent_slots": self.agent_slots,
             "agent_queue_limit": self.agent_queue_limit,
+            "agent_crash_limit": self.agent_crash_limit,
             "agent_capacity_interval": self.agent_capacity_interval,
             "outbox_max_entries": self.outbox_max_entries,
             "outbox_resend_after": self.outbox_resend_after,
             "broker_reconnect_min": self.broker_reconnect_min,
             "inference_max_model_bytes": self.inference_max_model_bytes,
+            "inference_max_models": self.inference_max_models,
+            "inference_max_loaded_bytes": self.inference_max_loaded_bytes,
+            "inference_max_cache_bytes": self.inference_max_cache_bytes,
             "inference_download_timeout": self.inference_download_timeout,
             "endpoint_max_body": self.endpoint_max_body,
             "endpoint_concurrency": self.endpoint_concurrency,
             "endpoint_max_connections": self.endpoint_max_connections,
+            "endpoint_request_timeout": self.endpoint_request_timeout,
         }
         for key, value in positive.items():
             if value <= 0:
@@ -124,6 +148,14 @@ class AgentConfig:
             raise ConfigError("broker.port must be <= 65535", key="broker_port")
         if self.endpoint_port is not None and not 0 <= self.endpoint_port <= 65535:
             raise ConfigError("endpoint.port must be in [0, 65535]", key="endpoint_port")
+        try:
+            self.origins  # noqa: B018 - validates the [fetch] keys
+        except OriginError as exc:
+            raise ConfigError(f"fetch: {exc}", key="fetch_origins") from exc
+        try:
+            Allowlist(self.agent_model_imports)
+        except ValueError as exc:
+            raise ConfigError(f"agent.model_imports: {exc}", key="agent_model_imports") from exc
         for key in ("inference_threads", "inference_download_retries"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must not be negative", key=key)
@@ -132,6 +164,11 @@ class AgentConfig:
     def data_source_map(self) -> dict[str, str]:
         """``[data]`` as a dict: source name -> path or ``module:function``."""
         return dict(self.data_sources)
+
+    @property
+    def origins(self) -> Origins:
+        """The origins fetches may reach (the coordinator's and ``fetch_origins``)."""
+        return Origins.from_config(self.fetch_coordinator_url, self.fetch_origins)
 
     @property
     def endpoint_enabled(self) -> bool:

@@ -23,6 +23,7 @@ from agent.capacity import CapacitySampler, Sampler
 from agent.changes import significant_change
 from agent.config import AgentConfig
 from agent.datasources import DataSources
+from agent.eviction import Caps
 from agent.handlers import HandlerRegistry, TaskContext, default_registry
 from agent.link import Link
 from agent.metrics import Counters
@@ -35,6 +36,7 @@ from protocol import topics
 from protocol.aio import cancel_and_wait
 from protocol.codec import decode, encode
 from protocol.errors import DecodeError
+from protocol.imports import Allowlist
 from protocol.messages import CapacityReport, ResultAck, State, TaskAck
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,12 @@ class Agent:
             max_bytes=config.inference_max_model_bytes,
             retries=config.inference_download_retries,
             timeout=config.inference_download_timeout,
+            origins=config.origins,
+            caps=Caps(
+                max_models=config.inference_max_models,
+                max_loaded_bytes=config.inference_max_loaded_bytes,
+                max_cache_bytes=config.inference_max_cache_bytes,
+            ),
         )
         self.data_sources = DataSources(config.data_source_map)
         self.endpoint_port: int | None = None  # the bound TCP port once the endpoint listens
@@ -99,10 +107,16 @@ class Agent:
                 device_id=config.device_id,
                 state_dir=config.state_dir,
                 agent_version=__version__,
-                extras={"models": self.models, "data_sources": self.data_sources},
+                extras={
+                    "models": self.models,
+                    "data_sources": self.data_sources,
+                    # Only what this device's own config allows, never what a task names.
+                    "model_imports": Allowlist(config.agent_model_imports).with_plugins(),
+                },
             ),
             result_topic=self.link.result_topic,
             counters=self.counters,
+            crash_limit=config.agent_crash_limit,
             on_result=self.link.wake,
             on_change=self._report_now.set,
         )
@@ -287,6 +301,8 @@ class Agent:
             max_body=cfg.endpoint_max_body,
             concurrency=cfg.endpoint_concurrency,
             max_connections=cfg.endpoint_max_connections,
+            request_timeout=cfg.endpoint_request_timeout,
+            counters=self.counters,
         )
         try:
             async with endpoint:

@@ -13,10 +13,19 @@ Served with ``h11`` over asyncio streams on ``127.0.0.1:<port>`` and/or a Unix s
   tensors (:class:`protocol.tensors.TensorPayload`), answered in kind.
 
 Errors are JSON ``{"error": {"code", "message"}}``: 400 for a body that does not fit the
-model (which input, which dimension, expected against got), 404 for an unknown model or
+model (which input, which dimension, expected against got) or nests deeper than a tensor
+can (``too_deep``), 404 for an unknown model or
 route, 405 for a wrong method, 413 for a body over the cap, 415 for another content type,
-503 for a deployed model that is still loading after a restart (or failed to), or when
-connections are exhausted. Inference runs in a small thread pool (``concurrency`` workers),
+408 for a request that did not arrive in time, 503 for a deployed model that is still
+loading after a restart (or failed to), or when connections are exhausted.
+
+Slow clients cannot hold the endpoint: each request (the wait for it, its headers and its
+body together) must arrive within ``request_timeout`` seconds in total, not per read, and
+a reply must be taken within as long. At ``max_connections``, a new connection closes the
+connection that has waited longest for its request (once it has waited ``EVICT_AFTER_S``)
+rather than being refused, so trickling connections give way to clients that send.
+
+Inference runs in a small thread pool (``concurrency`` workers),
 so the agent's event loop never blocks on a model. Connections are kept alive between
 requests. Request and answer bodies are converted in :mod:`agent.bodies`.
 """
@@ -37,11 +46,14 @@ import h11
 import msgspec
 
 from agent.bodies import HttpError, json_inputs, outputs_json, outputs_msgpack, tensor_inputs
+from agent.metrics import Counters
 from agent.models import ModelManager
 
 log = logging.getLogger(__name__)
 
-IDLE_TIMEOUT_S: Final = 60.0
+REQUEST_TIMEOUT_S: Final = 10.0
+#: A connection waiting this long for (the rest of) its request may be closed for a new one.
+EVICT_AFTER_S: Final = 1.0
 LINGER_S: Final = 1.0
 READ_CHUNK: Final = 256 * 1024
 MSGPACK_TYPES: Final = frozenset({"application/msgpack", "application/x-msgpack"})
@@ -97,7 +109,8 @@ class Endpoint:
         max_body: int = 16 * 1024 * 1024,
         concurrency: int = 2,
         max_connections: int = 64,
-        idle_timeout: float = IDLE_TIMEOUT_S,
+        request_timeout: float = REQUEST_TIMEOUT_S,
+        counters: Counters | None = None,
     ) -> None:
         if port is None and socket_path is None:
             raise ValueError("the endpoint needs a port, a socket path, or both")
@@ -107,12 +120,15 @@ class Endpoint:
         self.socket_path = socket_path
         self.max_body = max_body
         self.max_connections = max_connections
-        self.idle_timeout = idle_timeout
+        self.request_timeout = request_timeout
+        self.counters = counters
         self._executor = ThreadPoolExecutor(
             max_workers=concurrency, thread_name_prefix="lepton-infer"
         )
         self._servers: list[asyncio.Server] = []
         self._connections: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
+        # Connections waiting for (the rest of) a request, and since when (loop time).
+        self._waiting: dict[asyncio.Task[Any], float] = {}
         self.port: int | None = None
         self.requests = 0
         self.accepted = 0  # connections, over the endpoint's life
@@ -186,13 +202,15 @@ class Endpoint:
         self.accepted += 1
         conn = h11.Connection(h11.SERVER)
         try:
-            if len(self._connections) > self.max_connections:
-                await self._send(
-                    conn,
-                    writer,
-                    _error_reply(HttpError(503, "busy", "too many connections"), close=True),
-                    reader=reader,
-                )
+            if len(self._connections) > self.max_connections and not self._evict_one():
+                self._count(HttpError(503, "busy", "too many connections"))
+                async with asyncio.timeout(self.request_timeout):
+                    await self._send(
+                        conn,
+                        writer,
+                        _error_reply(HttpError(503, "busy", "too many connections"), close=True),
+                        reader=reader,
+                    )
                 return
             while await self._one_request(conn, reader, writer):
                 conn.start_next_cycle()
@@ -200,31 +218,47 @@ class Endpoint:
             pass
         except h11.RemoteProtocolError as exc:
             if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                with contextlib.suppress(ConnectionError, h11.LocalProtocolError):
-                    reply = _error_reply(HttpError(400, "bad_http", str(exc)), close=True)
-                    await self._write(conn, writer, reply)
+                with contextlib.suppress(ConnectionError, TimeoutError, h11.LocalProtocolError):
+                    exc400 = HttpError(400, "bad_http", str(exc))
+                    self._count(exc400)
+                    async with asyncio.timeout(self.request_timeout):
+                        await self._write(conn, writer, _error_reply(exc400, close=True))
         finally:
             self._connections.pop(task, None)
+            self._waiting.pop(task, None)
             writer.close()
             with contextlib.suppress(ConnectionError, asyncio.CancelledError):
                 await writer.wait_closed()
+
+    def _evict_one(self) -> bool:
+        """Close the connection that has waited longest for its request, if it has waited
+        ``EVICT_AFTER_S``; True if one was closed (its slot is this new connection's)."""
+        if not self._waiting:
+            return False
+        task, since = min(self._waiting.items(), key=lambda item: item[1])
+        if asyncio.get_running_loop().time() - since < EVICT_AFTER_S:
+            return False
+        del self._waiting[task]
+        self._connections[task].close()  # its read ends; its handler cleans up
+        if self.counters is not None:
+            self.counters.inc("endpoint.evicted")
+        return True
 
     async def _event(self, conn: h11.Connection, reader: asyncio.StreamReader) -> Any:
         while True:
             event = conn.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            async with asyncio.timeout(self.idle_timeout):
-                data = await reader.read(READ_CHUNK)
-            conn.receive_data(data)
+            conn.receive_data(await reader.read(READ_CHUNK))
 
-    async def _one_request(
+    async def _read_request(
         self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> bool:
-        """Serve one request; False when the connection is to be closed."""
+    ) -> tuple[h11.Request, dict[str, str], bytes] | None:
+        """The next request with its body, or None when the connection is to be closed
+        (the peer closed it, or it was refused with 413)."""
         event = await self._event(conn, reader)
         if isinstance(event, h11.ConnectionClosed):
-            return False
+            return None
         if not isinstance(event, h11.Request):
             raise h11.RemoteProtocolError(f"unexpected {type(event).__name__}")
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
@@ -232,7 +266,7 @@ class Endpoint:
         if length is not None and length.isdigit() and int(length) > self.max_body:
             await self._write(conn, writer, self._too_large(int(length)))
             await _linger(reader)
-            return False
+            return None
         body = bytearray()
         while True:
             part = await self._event(conn, reader)
@@ -241,24 +275,63 @@ class Endpoint:
                 if len(body) > self.max_body:
                     await self._write(conn, writer, self._too_large(len(body)))
                     await _linger(reader)
-                    return False
+                    return None
             elif isinstance(part, h11.EndOfMessage):
-                break
+                return event, headers, bytes(body)
             else:
-                return False
+                return None
+
+    async def _one_request(
+        self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        """Serve one request; False when the connection is to be closed."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._waiting[task] = asyncio.get_running_loop().time()
+        try:
+            # One deadline for the wait, the headers and the body together: a client
+            # trickling a byte at a time gets no longer than one that sends nothing.
+            async with asyncio.timeout(self.request_timeout):
+                got = await self._read_request(conn, reader, writer)
+        except TimeoutError:
+            if conn.their_state is h11.SEND_BODY or conn.trailing_data[0]:
+                late = HttpError(408, "request_timeout", "the request did not arrive in time")
+                self._count(late)
+                with contextlib.suppress(ConnectionError, TimeoutError, h11.LocalProtocolError):
+                    async with asyncio.timeout(LINGER_S):
+                        await self._write(conn, writer, _error_reply(late, close=True))
+            elif self.counters is not None:
+                self.counters.inc("endpoint.idle_closed")
+            return False
+        finally:
+            self._waiting.pop(task, None)
+        if got is None:
+            return False
+        event, headers, body = got
         self.requests += 1
         try:
             reply = await self._dispatch(
-                event.method.decode(), event.target.decode(), headers, bytes(body)
+                event.method.decode("latin-1"), event.target.decode("latin-1"), headers, body
             )
         except HttpError as exc:
+            self._count(exc)
             reply = _error_reply(exc)
-        await self._write(conn, writer, reply)
+        except Exception as exc:  # a bug here must cost one answer, not the connection loop
+            log.exception("inference endpoint: request failed")
+            reply = _error_reply(HttpError(500, "internal", type(exc).__name__))
+        async with asyncio.timeout(self.request_timeout):  # a client that does not read
+            await self._write(conn, writer, reply)
         return conn.our_state is h11.DONE and conn.their_state is h11.DONE
 
     def _too_large(self, size: int) -> Reply:
         exc = HttpError(413, "too_large", f"body of {size} bytes exceeds the {self.max_body} cap")
+        self._count(exc)
         return _error_reply(exc, close=True)
+
+    def _count(self, exc: HttpError) -> None:
+        """Count (``rejected.endpoint_<code>``) and log, rate-limited, a refused request."""
+        if self.counters is not None:
+            self.counters.reject(log, f"endpoint_{exc.code}", exc.message, topic="endpoint")
 
     async def _send(
         self,
@@ -338,6 +411,9 @@ class Endpoint:
             payload = (msgspec.msgpack.decode if binary else msgspec.json.decode)(body)
         except msgspec.DecodeError as exc:
             raise HttpError(400, "bad_body", f"body is not valid {ctype}: {exc}") from exc
+        except RecursionError as exc:
+            # msgspec stops at the interpreter's recursion limit and raises this cleanly.
+            raise HttpError(400, "too_deep", "body nests too deeply to be a tensor") from exc
         if not isinstance(payload, dict) or "inputs" not in payload:
             raise HttpError(400, "bad_body", 'body must be an object {"inputs": ...}')
         with self.models.lease(name) as model:

@@ -6,6 +6,13 @@
 a ``Range`` request after an interruption (retried with capped exponential backoff; the part
 file is kept between attempts and between fetches of the same digest), and moved into the
 cache only once its sha256 matches. Models and federated weights both come through here.
+
+Only URLs at an allowed origin (:class:`~agent.origins.Origins`) are fetched, checked before
+any connection; redirects are not followed. A refusal is a :class:`FetchError` whose
+``reason`` comes from a fixed vocabulary (``refused_origin``, ``http_<status>``,
+``connect_failed``, ``timeout``, ``download_failed``, ``too_large``, ``digest_mismatch``,
+``no_space``) and whose detail is written here: nothing the remote end sent (a body, an
+error text) is ever echoed into a task's result.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from agent.origins import Origins
 from protocol.errors import LeptonError
 
 if TYPE_CHECKING:
@@ -31,12 +39,26 @@ log = logging.getLogger(__name__)
 
 
 class FetchError(LeptonError):
-    """A fetch was refused; ``reason`` is a stable token (``digest_mismatch``, ``too_large``...)."""
+    """A fetch was refused; ``reason`` is a stable token (see the module docstring), and
+    ``detail`` holds only what the agent knows itself (URL, sizes, attempts)."""
 
     def __init__(self, reason: str, detail: str) -> None:
         self.reason = reason
         self.detail = detail
-        super().__init__(f"{reason}: {detail}")
+        super().__init__(f"fetch: {reason}: {detail}")
+
+
+def _give_up_reason(exc: Exception) -> str:
+    """The vocabulary token for the last failure of a retried download."""
+    import httpx
+
+    if isinstance(exc, httpx.ConnectError):
+        return "connect_failed"
+    if isinstance(exc, httpx.TimeoutException):
+        return "timeout"
+    if isinstance(exc, _Retry) and exc.status is not None:
+        return f"http_{exc.status}"
+    return "download_failed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +95,11 @@ class _Transfer:
 
 
 class _Retry(Exception):  # noqa: N818 - internal control flow, never escapes
-    """A download attempt failed in a way worth retrying."""
+    """A download attempt failed in a way worth retrying (``status``: the HTTP answer's)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(message)
 
 
 class BlobFetcher:
@@ -86,8 +112,11 @@ class BlobFetcher:
         retries: int = 5,
         timeout: float = 30.0,
         backoff: tuple[float, float] = (0.5, 10.0),
+        origins: Origins | None = None,
     ) -> None:
         self.root = root
+        #: Where URLs may point; None: anywhere (for library use; the agent always sets it).
+        self.origins = origins
         self.retries = retries
         self.timeout = timeout
         self.backoff = backoff
@@ -110,6 +139,7 @@ class BlobFetcher:
 
     async def fetch(self, *, digest: str, size: int, url: str, what: str = "") -> tuple[Path, int]:
         """The verified cache path of ``digest``'s content and the bytes downloaded for it."""
+        self.check_url(url)
         spec = _Want(digest=digest, size=size, url=url, name=what or digest[:12])
         lock = self._digest_locks.setdefault(spec.digest, asyncio.Lock())
         async with lock:
@@ -132,10 +162,18 @@ class BlobFetcher:
             if actual != spec.digest:
                 part.unlink(missing_ok=True)
                 raise FetchError(
-                    "digest_mismatch", f"sha256 of {spec.url} is {actual}, expected {spec.digest}"
+                    "digest_mismatch", f"the content of {spec.url} does not hash to {spec.digest}"
                 )
             await asyncio.to_thread(fsync_replace, part, final)
             return final, downloaded
+
+    def check_url(self, url: str) -> None:
+        """Raise ``FetchError("refused_origin")`` unless ``url`` is at an allowed origin."""
+        if self.origins is not None and not self.origins.permits(url):
+            raise FetchError(
+                "refused_origin",
+                f"{url[:200]} is not at an allowed origin ({self.origins.describe()})",
+            )
 
     def _prepare_dirs(self) -> None:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -149,8 +187,9 @@ class BlobFetcher:
         timeout = httpx.Timeout(self.timeout)
         transfer = _Transfer()
         failures = 0
+        # No redirects: one would lead the agent off the allowed origins.
         async with httpx.AsyncClient(
-            timeout=timeout, follow_redirects=True, verify=self._tls
+            timeout=timeout, follow_redirects=False, verify=self._tls
         ) as client:
             while True:
                 have = await asyncio.to_thread(usable_part, part, spec.size)
@@ -166,9 +205,9 @@ class BlobFetcher:
                     if failures > self.retries:
                         kept = await asyncio.to_thread(usable_part, part, spec.size)
                         raise FetchError(
-                            "download_failed",
-                            f"GET {spec.url}: {type(exc).__name__}: {exc} (gave up after "
-                            f"{failures} attempts; {kept} of {spec.size} bytes kept to resume)",
+                            _give_up_reason(exc),
+                            f"GET {spec.url} gave up after {failures} attempts; "
+                            f"{kept} of {spec.size} bytes kept to resume",
                         ) from exc
                     low, high = self.backoff
                     delay = random.uniform(low, min(high, low * 2 ** (failures - 1)))
@@ -203,9 +242,9 @@ class BlobFetcher:
                 await asyncio.to_thread(part.unlink, missing_ok=True)
                 raise _Retry("range not satisfiable; restarting")
             elif status in (408, 425, 429) or status >= 500:
-                raise _Retry(f"HTTP {status}")
-            else:
-                raise FetchError("http_error", f"GET {spec.url}: HTTP {status}")
+                raise _Retry(f"HTTP {status}", status)
+            else:  # 3xx included: redirects are not followed
+                raise FetchError(f"http_{status}", f"GET {spec.url} answered HTTP {status}")
             length = resp.headers.get("content-length")
             if length is not None and length.isdigit() and have + int(length) > spec.size:
                 await asyncio.to_thread(part.unlink, missing_ok=True)

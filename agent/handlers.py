@@ -99,6 +99,7 @@ def default_registry() -> HandlerRegistry:
     registry.register("echo", echo)
     registry.register("benchmark", benchmark)
     registry.register("deploy", inference.deploy)
+    registry.register("undeploy", inference.undeploy)
     registry.register("infer", inference.infer)
     registry.register("train", training.train)
     registry.register("evaluate", training.evaluate)

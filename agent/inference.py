@@ -12,6 +12,8 @@ Parameter contracts (also in docs/agent-inference.md):
 - ``deploy``: ``name``, ``digest`` (sha256 hex), ``size`` (bytes), ``url`` (http/https),
   ``format`` (``onnx`` | ``tflite``), optional ``precision`` and ``input``
   (``{name, shape, dtype, mean, std}``).
+- ``undeploy``: ``name``; stops serving the model (requests in flight finish on it) and
+  deletes its cached file unless another name uses it.
 - ``infer``: ``model``, ``source``, optional ``batch_size`` (default 32), ``limit`` (samples),
   ``warmup`` (untimed batches first, default 1), ``output`` (the output holding predictions;
   default the first).
@@ -33,7 +35,7 @@ from agent.datasources import DataSourceError, DataSources
 from agent.handlers import TaskContext, TaskError
 from agent.models import ModelManager
 from agent.runtimes.base import Array, TensorSpec
-from agent.served import DeploySpec, InputSpec, ModelError, ServedModel
+from agent.served import MODEL_NAME_PATTERN, DeploySpec, InputSpec, ModelError, ServedModel
 from protocol.messages import Task
 
 if TYPE_CHECKING:
@@ -73,7 +75,25 @@ async def deploy(task: Task, ctx: TaskContext) -> dict[str, Any]:
         "previous_digest": outcome.previous,
         "runtime": outcome.runtime,
         "threads": outcome.threads,
+        "evicted": list(outcome.evicted),
     }
+
+
+class UndeployParams(msgspec.Struct, frozen=True, kw_only=True):
+    name: Annotated[str, Meta(pattern=MODEL_NAME_PATTERN)]
+
+
+async def undeploy(task: Task, ctx: TaskContext) -> dict[str, Any]:
+    """Unload and remove a served model (see the module docstring)."""
+    manager = _manager(ctx)
+    try:
+        params = msgspec.convert(task.params, UndeployParams)
+    except msgspec.ValidationError as exc:
+        raise TaskError(f"bad_params: {exc}") from exc
+    try:
+        return await manager.undeploy(params.name)
+    except ModelError as exc:
+        raise TaskError(str(exc)) from exc
 
 
 # ---------------------------------------------------------------- infer

@@ -13,7 +13,11 @@ to fetch it (``url``, http or https) and its ``format``. The manager:
 - loads the new model next to the one being served and swaps a reference only once it
   loaded: requests in flight finish on the old model, which is closed when the last leaves;
 - records ``name -> digest`` in ``<state>/models/index.json`` so a restart serves the same
-  models.
+  models;
+- stays within its :class:`~agent.eviction.Caps`: past the number of served models or their
+  bytes, the least recently used model (never the one just deployed, never one a request
+  holds) is unloaded and forgotten, and cached files past the disk cap are deleted;
+  ``undeploy`` unloads and removes one model on request.
 
 A refused deploy (bad parameters, hash mismatch, truncated or corrupt file, a model that does
 not match its declared input) raises :class:`ModelError`, deletes a bad file, and leaves the
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -33,7 +38,9 @@ from typing import Any, Final
 
 import msgspec
 
+from agent.eviction import Caps, Loaded, cache_excess, to_evict
 from agent.fetch import BlobFetcher, FetchError, fsync_replace, sha256_file
+from agent.origins import Origins
 from agent.runtimes.base import (
     ModelLoadError,
     RuntimeUnavailableError,
@@ -67,8 +74,11 @@ class ModelManager:
         retries: int = 5,
         timeout: float = 30.0,
         backoff: tuple[float, float] = (0.5, 10.0),
+        origins: Origins | None = None,
+        caps: Caps | None = None,
     ) -> None:
         self.root = root
+        self.caps = caps or Caps()
         self.threads = threads
         self.providers = providers
         self.max_bytes = max_bytes
@@ -82,10 +92,18 @@ class ModelManager:
         self._index_loaded = False
         self._restore_errors: dict[str, str] = {}
         self._pending: dict[str, int] = {}  # digests fetched for deploys still in progress
-        self.fetcher = BlobFetcher(root, retries=retries, timeout=timeout, backoff=backoff)
+        self.evictions = 0  # models unloaded to stay within the caps
+        self.fetcher = BlobFetcher(
+            root, retries=retries, timeout=timeout, backoff=backoff, origins=origins
+        )
         self.restored = asyncio.Event()
 
     # ------------------------------------------------------------ paths
+
+    @property
+    def origins(self) -> Origins | None:
+        """Where deploys may fetch from (None: anywhere; the agent always sets it)."""
+        return self.fetcher.origins
 
     @property
     def cache_dir(self) -> Path:
@@ -163,6 +181,7 @@ class ModelManager:
                         continue
                     self._served[name] = model
                     log.info("serving model %s (%s) from the cache", name, spec.digest[:12])
+            await self._enforce_caps(protect=None)  # the caps may have shrunk since
         finally:
             self.restored.set()
 
@@ -197,6 +216,9 @@ class ModelManager:
     async def deploy(self, spec: DeploySpec) -> DeployOutcome:
         """Fetch (or find in the cache), verify, load and swap in ``spec``'s model."""
         await self._load_index()  # so the index written below keeps every other model
+        cap = min(self.caps.max_loaded_bytes, self.caps.max_cache_bytes)
+        if spec.size > cap:
+            raise ModelError("too_large", f"size {spec.size} exceeds this device's model caps")
         async with self._name_lock(spec.name):
             current = self._served.get(spec.name)
             if current is not None and current.digest == spec.digest:
@@ -226,8 +248,7 @@ class ModelManager:
                 self._pending[spec.digest] -= 1
                 if not self._pending[spec.digest]:
                     del self._pending[spec.digest]
-            async with self._index_lock:
-                await asyncio.to_thread(self._prune, self._keep())
+            evicted = await self._enforce_caps(protect=spec.name)
             log.info(
                 "model %s now %s (%s, %d bytes downloaded, loaded in %.3f s)",
                 spec.name,
@@ -236,9 +257,10 @@ class ModelManager:
                 downloaded,
                 model.load_s,
             )
-            return self._outcome(
+            outcome = self._outcome(
                 model, downloaded=downloaded, previous=current.digest if current else None
             )
+            return dataclasses.replace(outcome, evicted=evicted)
 
     @staticmethod
     def _outcome(model: ServedModel, *, downloaded: int, previous: str | None) -> DeployOutcome:
@@ -300,7 +322,7 @@ class ModelManager:
                 digest=spec.digest, size=spec.size, url=spec.url, what=spec.name
             )
         except FetchError as exc:
-            raise ModelError(exc.reason, exc.detail) from exc
+            raise ModelError(exc.reason, exc.detail, stage="fetch") from exc
 
     # ------------------------------------------------------------ index and cache
 
@@ -321,12 +343,74 @@ class ModelManager:
         tmp.write_text(json.dumps({"version": 1, "models": index}, indent=1, sort_keys=True))
         fsync_replace(tmp, self.root / INDEX_FILE)
 
+    # ------------------------------------------------------------ caps and undeploy
+
+    async def _enforce_caps(self, *, protect: str | None) -> tuple[str, ...]:
+        """Unload least recently used models past the caps, then trim the cache; returns
+        the names unloaded. A model whose deploy is under way is left to that deploy."""
+        async with self._index_lock:
+            loaded = [
+                Loaded(m.name, m.digest, m.size, m.last_used, m.in_use)
+                for m in self._served.values()
+                if not self._name_lock(m.name).locked() or m.name == protect
+            ]
+            victims = tuple(to_evict(loaded, self.caps, protect=protect))
+            if victims:
+                index = {k: v for k, v in self._index.items() if k not in victims}
+                await asyncio.to_thread(self._write_index, index)
+                self._index = index
+                for name in victims:
+                    self._served.pop(name).retire()  # closed once its last user leaves
+                    self.evictions += 1
+                log.warning(
+                    "unloaded models %s to stay within %d models / %d bytes",
+                    ", ".join(victims),
+                    self.caps.max_models,
+                    self.caps.max_loaded_bytes,
+                )
+            await asyncio.to_thread(self._prune, self._keep())
+        return victims
+
+    async def undeploy(self, name: str) -> dict[str, Any]:
+        """Stop serving ``name``, forget it, and delete its cached file unless another name
+        uses it. Requests in flight finish on it first. :class:`ModelError` (``unknown_model``)
+        if it is not deployed here."""
+        await self._load_index()
+        async with self._name_lock(name):
+            if name not in self._index and name not in self._served:
+                raise ModelError("unknown_model", f"no model named {name!r} is deployed here")
+            async with self._index_lock:
+                index = {k: v for k, v in self._index.items() if k != name}
+                await asyncio.to_thread(self._write_index, index)
+                self._index = index
+                model = self._served.pop(name, None)
+                self._restore_errors.pop(name, None)
+                digest = model.digest if model else None
+                if model is not None:
+                    model.retire()
+                removed = 0
+                if digest is not None and digest not in self._keep():
+                    path = self.cached_path(digest)
+                    removed = await asyncio.to_thread(_unlink_size, path)
+        log.info("model %s undeployed (%d cached bytes removed)", name, removed)
+        return {"name": name, "digest": digest, "removed_bytes": removed}
+
     def _prune(self, keep: set[str]) -> None:
-        """Delete cached models not in ``keep``, except the newest few (for rollbacks)."""
+        """Delete cached models not in ``keep`` past the newest few (kept for rollbacks),
+        and more of those while the cache is over its byte cap."""
         try:
-            files = [p for p in self.cache_dir.iterdir() if p.name not in keep]
+            entries = [(p.name, p.stat()) for p in self.cache_dir.iterdir()]
         except FileNotFoundError:
             return
-        files.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-        for path in files[KEEP_UNREFERENCED:]:
-            path.unlink(missing_ok=True)
+        files = [(name, st.st_size, st.st_mtime) for name, st in entries]
+        for digest in cache_excess(files, keep, self.caps, spare=KEEP_UNREFERENCED):
+            self.cached_path(digest).unlink(missing_ok=True)
+
+
+def _unlink_size(path: Path) -> int:
+    try:
+        size = path.stat().st_size
+        path.unlink()
+    except FileNotFoundError:
+        return 0
+    return size

@@ -9,6 +9,9 @@ Guarantees:
   acknowledges its id; on reconnect and on restart every unacknowledged result is re-sent;
 - finishing a task is one transaction: its result enters the outbox and the task leaves the
   inbox together, so a crash never loses a result nor re-runs a finished task;
+- a task's start is committed (``starts`` counts them) before its handler runs, so a task
+  that was running when the agent died is known at the next start; the runner retires one
+  that has killed the agent too often instead of running it again (poison-task quarantine);
 - overflow policy: the outbox is bounded by ``max_entries``. The agent refuses *new* tasks
   while ``len(outbox) + tasks in hand`` would reach the bound (``outbox_full``), so a result of
   a task it accepted always has room and nothing it finished is ever dropped.
@@ -46,6 +49,7 @@ CREATE TABLE IF NOT EXISTS inbox (
     expires_at REAL NOT NULL,
     payload    BLOB NOT NULL,
     received   REAL NOT NULL,
+    starts     INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (task_id, attempt)
 );
 CREATE TABLE IF NOT EXISTS done (
@@ -69,9 +73,13 @@ class Entry:
 
 @dataclass(frozen=True, slots=True)
 class InboxTask:
+    """An accepted, unfinished task; ``starts``: how often its handler was started (a task
+    still in the inbox after a start was running when the agent stopped or died)."""
+
     task_id: str
     attempt: int
     payload: bytes
+    starts: int = 0
 
 
 class Outbox:
@@ -117,6 +125,9 @@ class Outbox:
         conn.execute(f"PRAGMA synchronous={'FULL' if self._sync == 'full' else 'NORMAL'}")
         conn.execute("PRAGMA busy_timeout=5000")
         conn.executescript(_SCHEMA)
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(inbox)")}
+        if "starts" not in columns:  # a state file from before start counting
+            conn.execute("ALTER TABLE inbox ADD COLUMN starts INTEGER NOT NULL DEFAULT 0")
         # Nothing is in flight after a restart: everything unacknowledged is re-sent.
         conn.execute("UPDATE outbox SET sent_at = NULL")
         conn.execute("DELETE FROM done WHERE expires_at < ?", (time.time(),))
@@ -139,11 +150,15 @@ class Outbox:
 
     async def _write(self, op: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``op`` inside the next group-committed transaction; return once it is durable."""
+        return await self._submit(op)
+
+    def _submit(self, op: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Queue ``op`` for the next group commit; the future is done once it is durable."""
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._batch.append((op, fut))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="outbox-flush")
-        return await fut
+        return fut
 
     async def _flush(self) -> None:
         while self._batch:
@@ -280,13 +295,44 @@ class Outbox:
         accepted: bool = await self._write(op)
         return accepted
 
+    async def started(self, task_id: str, attempt: int) -> int:
+        """Count a start of this task; returns once committed, with the starts so far.
+
+        Called just before the handler runs: if the handler takes the process down, the
+        count survives it (finishing the task deletes the row, and the count with it).
+        """
+
+        def op(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "UPDATE inbox SET starts = starts + 1 WHERE task_id = ? AND attempt = ?"
+                " RETURNING starts",
+                (task_id, attempt),
+            ).fetchone()
+            return int(row[0]) if row else 0
+
+        starts: int = await self._write(op)
+        return starts
+
+    def unstart(self, task_id: str, attempt: int) -> None:
+        """Take back one start of a task that was stopped on purpose (a shutdown cancelled
+        it), without waiting: the write joins the next commit, which :meth:`close` awaits."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE inbox SET starts = MAX(starts - 1, 0) WHERE task_id = ? AND attempt = ?",
+                (task_id, attempt),
+            )
+
+        # Nobody awaits it: a failed commit is logged by the flusher, and retrieved here.
+        self._submit(op).add_done_callback(lambda f: f.cancelled() or f.exception())
+
     async def inbox(self) -> list[InboxTask]:
         """Tasks accepted but not finished (to resume after a restart), oldest first."""
 
         def read() -> list[InboxTask]:
             rows = (
                 self._require()
-                .execute("SELECT task_id, attempt, payload FROM inbox ORDER BY received")
+                .execute("SELECT task_id, attempt, payload, starts FROM inbox ORDER BY received")
                 .fetchall()
             )
             return [InboxTask(*row) for row in rows]

@@ -3,6 +3,12 @@
 A task is accepted only after it is committed to the inbox, runs in one of ``slots`` workers,
 and finishes by committing its result to the outbox in the same transaction that retires it
 from the inbox. After a crash, unfinished tasks are resumed from the inbox.
+
+Each start is committed before the handler runs. A task that was running ``crash_limit``
+times when the agent died (a handler that aborts the process, exhausts its memory, hits a
+native crash) is not run again at the next start: it is retired with a ``failed`` result
+whose error begins with ``crashed_agent``, so one poison task cannot crash-loop a device
+until it expires.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from protocol.messages import Result, Slots, Task, TaskStatus
 log = logging.getLogger(__name__)
 
 MAX_ERROR_CHARS = 4000
+#: The error of a task retired because it was running each time the agent died.
+CRASHED_AGENT = "crashed_agent"
 
 
 class Runner:
@@ -40,6 +48,7 @@ class Runner:
         context: TaskContext,
         result_topic: str,
         counters: Counters,
+        crash_limit: int = 2,
         on_result: Callable[[], None] = lambda: None,
         on_change: Callable[[], None] = lambda: None,
     ) -> None:
@@ -50,6 +59,7 @@ class Runner:
         self._ctx = context
         self._topic = result_topic
         self._counters = counters
+        self.crash_limit = crash_limit
         self._on_result = on_result
         self._on_change = on_change
         self._queue: asyncio.Queue[Task] = asyncio.Queue()
@@ -121,7 +131,8 @@ class Runner:
         self._on_change()
 
     async def resume(self) -> int:
-        """Re-queue tasks accepted before a restart and not finished."""
+        """Re-queue tasks accepted before a restart and not finished; retire, instead, those
+        that were running ``crash_limit`` times when the agent died. Returns the re-queued."""
         resumed = 0
         for entry in await self._outbox.inbox():
             try:
@@ -129,6 +140,25 @@ class Runner:
             except DecodeError:  # written by us, so only a corrupted file gets here
                 log.exception("dropping unreadable inbox entry %s", entry.task_id)
                 continue
+            if entry.starts >= self.crash_limit:
+                log.error(
+                    "task %s (%s) was running each of the %d times the agent died;"
+                    " failing it as %s instead of running it again",
+                    task.task_id,
+                    task.kind,
+                    entry.starts,
+                    CRASHED_AGENT,
+                )
+                self._counters.inc(f"tasks.{CRASHED_AGENT}")
+                await self._finish(
+                    task,
+                    "failed",
+                    error=f"{CRASHED_AGENT}: the agent died {entry.starts} times while"
+                    f" running this {task.kind} task",
+                )
+                continue
+            if entry.starts:
+                self._counters.inc("tasks.resumed_after_crash")
             self._enqueue(task)
             resumed += 1
         if resumed:
@@ -172,6 +202,9 @@ class Runner:
             return
         timeout = task.params.get("timeout_s")
         timeout = float(timeout) if isinstance(timeout, (int, float)) and timeout > 0 else None
+        # Committed before the handler runs: a handler that takes the process down leaves
+        # the count behind for resume() to see.
+        await self._outbox.started(task.task_id, task.attempt)
         try:
             async with asyncio.timeout(timeout):
                 output = await handler(task, self._ctx)
@@ -180,6 +213,8 @@ class Runner:
                 task, "failed", error=f"timed out after {timeout} s", started=started
             )
         except asyncio.CancelledError:
+            # Stopped by a shutdown, not a crash: this start must not count towards quarantine.
+            self._outbox.unstart(task.task_id, task.attempt)
             raise
         except Exception as exc:  # any handler error is a failed result, never a dead worker
             log.info("task %s (%s) failed: %s", task.task_id, task.kind, exc)

@@ -19,12 +19,14 @@ DIGEST_PATTERN: Final = r"\A[0-9a-f]{64}\Z"
 
 
 class ModelError(LeptonError):
-    """A deploy was refused. ``reason`` is a stable token, the message says why."""
+    """A deploy was refused. ``reason`` is a stable token, the message says why (prefixed
+    with the ``stage`` that refused it, e.g. ``fetch: http_404: ...``)."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, *, stage: str = "") -> None:
         self.reason = reason
         self.detail = detail
-        super().__init__(f"{reason}: {detail}")
+        self.stage = stage
+        super().__init__(f"{stage}: {reason}: {detail}" if stage else f"{reason}: {detail}")
 
 
 class InputSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -85,6 +87,7 @@ class ServedModel:
     input: InputSpec | None
     load_s: float
     loaded_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.monotonic)  # the last lease, for LRU
     _users: int = 0
     _retired: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -92,6 +95,12 @@ class ServedModel:
     def _enter(self) -> None:
         with self._lock:
             self._users += 1
+        self.last_used = time.monotonic()
+
+    @property
+    def in_use(self) -> bool:
+        """A request holds it now (it must not be evicted under it)."""
+        return self._users > 0
 
     def _leave(self) -> None:
         with self._lock:
@@ -134,6 +143,7 @@ class DeployOutcome:
     previous: str | None  # digest served before, if any
     runtime: str
     threads: int
+    evicted: tuple[str, ...] = ()  # served models unloaded to stay within the caps
 
 
 def input_mismatch(spec: InputSpec, inputs: tuple[TensorSpec, ...]) -> str | None:

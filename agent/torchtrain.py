@@ -25,27 +25,29 @@ if TYPE_CHECKING:
 
     from agent.datasources import Dataset
     from agent.training import TrainParams
+    from protocol.imports import Allowlist
 
     Arrays = dict[str, npt.NDArray[np.generic]]
 
 
-def factory(path: str) -> Callable[[], Any]:
-    """The job's model factory; ``TaskError`` (``model: ...``) if it cannot be had."""
-    from protocol.imports import Allowlist, ImportPathError, resolve
+def factory(path: str, *, allow: Allowlist) -> Callable[[], Any]:
+    """The job's model factory, if ``allow`` permits it (checked before anything is
+    imported); ``TaskError`` (``model: ...``) if it cannot be had."""
+    from protocol.imports import ImportPathError, resolve
 
     try:
-        return resolve(path, allow=Allowlist.anything())
+        return resolve(path, allow=allow)
     except ImportPathError as exc:
         raise TaskError(f"model: {exc}") from exc
 
 
-def build_model(path: str, weights: Arrays) -> torch.nn.Module:
+def build_model(path: str, weights: Arrays, *, allow: Allowlist) -> torch.nn.Module:
     """The job's model with the global weights loaded; TaskError if they do not fit."""
     import numpy as np
     import torch
 
     try:
-        model = factory(path)()
+        model = factory(path, allow=allow)()
     except TaskError:
         raise
     except Exception as exc:  # the factory is the job's code: report, never crash
@@ -159,7 +161,13 @@ class Trained:
 
 
 def train_local(
-    params: TrainParams, weights: Arrays, data: Dataset, threads: int, stop: threading.Event
+    params: TrainParams,
+    weights: Arrays,
+    data: Dataset,
+    threads: int,
+    stop: threading.Event,
+    *,
+    allow: Allowlist,
 ) -> Trained:
     """Train locally and return the update (blocking; run in a worker thread)."""
     import numpy as np
@@ -170,7 +178,7 @@ def train_local(
     started = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(params.seed)
-        model = build_model(params.model, weights)
+        model = build_model(params.model, weights, allow=allow)
         x, y = tensors(data)
         loss_before, accuracy_before = score(model, x, y, max(params.batch_size, 256))
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -250,11 +258,17 @@ def transformed(trained: Trained, transform: Callable[[Arrays], Arrays]) -> Trai
 
 
 def evaluate_local(
-    model_path: str, weights: Arrays, data: Dataset, batch_size: int, threads: int
+    model_path: str,
+    weights: Arrays,
+    data: Dataset,
+    batch_size: int,
+    threads: int,
+    *,
+    allow: Allowlist,
 ) -> tuple[float, float]:
     import torch
 
     torch.set_num_threads(threads)
-    model = build_model(model_path, weights)
+    model = build_model(model_path, weights, allow=allow)
     x, y = tensors(data)
     return score(model, x, y, batch_size)

@@ -15,10 +15,13 @@ are ignored):
 - ``round`` (int >= 0): the round, likewise.
 - ``model`` (str ``package.module:factory``): import path of a callable taking no
   arguments and returning a ``torch.nn.Module`` (e.g. ``models.digits:DigitsCNN``). Its
-  ``state_dict()`` must have exactly the tensors of the global weights.
+  ``state_dict()`` must have exactly the tensors of the global weights. Only a path the
+  agent's ``agent.model_imports`` allowlist permits is resolved (``model_imports`` in the
+  context's extras), checked before any data, download or import.
 - ``weights`` ({``digest``: sha256 hex, ``size``: bytes, ``url``: http(s)}): the global
-  weights, a ``kind="weights"`` blob. Fetched with the model manager's verified, resumable
-  download into ``<state>/weights`` and cached there by digest.
+  weights, a ``kind="weights"`` blob, at an origin the agent allows (as ``upload.url``).
+  Fetched with the model manager's verified, resumable download into ``<state>/weights``
+  and cached there by digest.
 - ``data`` (str): the name of a local data source (the agent's ``[data]`` table) holding
   samples ``x`` and class labels ``y`` (class ids, or one-hot). Samples are fed to the model
   as float32, as stored (normalising is the model's job). A device without this source
@@ -79,11 +82,13 @@ from msgspec import Meta
 
 from agent import torchtrain
 from agent.datasources import DataSourceError, DataSources
+from agent.fetch import FetchError
 from agent.handlers import TaskContext, TaskError
 from agent.models import ModelManager
 from agent.served import DeploySpec, ModelError
 from agent.upload import check_url, upload
 from protocol.errors import DecodeError
+from protocol.imports import Allowlist, ImportPathError
 from protocol.messages import Task
 
 if TYPE_CHECKING:
@@ -103,6 +108,9 @@ WEIGHTS_KEY: Final = "weights_store"
 THREADS_KEY: Final = "train_threads"
 TRANSFORM_KEY: Final = "update_transform"
 PACE_KEY: Final = "pace"
+IMPORTS_KEY: Final = "model_imports"
+#: The model factories a context without ``model_imports`` allows.
+DEFAULT_MODEL_IMPORTS: Final = ("models.*",)
 #: Weight blobs kept in the cache besides those used in the last ``KEEP_RECENT_S`` seconds.
 KEEP_WEIGHTS: Final = 3
 KEEP_RECENT_S: Final = 600.0
@@ -203,6 +211,7 @@ def _weights_store(ctx: TaskContext) -> ModelManager:
     settings: dict[str, Any] = {}
     if isinstance(models, ModelManager):
         settings = {
+            "origins": models.origins,
             "max_bytes": models.max_bytes,
             "retries": models.retries,
             "timeout": models.timeout,
@@ -211,6 +220,30 @@ def _weights_store(ctx: TaskContext) -> ModelManager:
     store = ModelManager(ctx.state_dir / "weights", **settings)
     ctx.extras[WEIGHTS_KEY] = store
     return store
+
+
+def _model_factory_allowed(ctx: TaskContext, path: str) -> Allowlist:
+    """The context's import allowlist, once it permits ``path``; checked on the string,
+    before any data is loaded or anything is imported or downloaded."""
+    allow = ctx.extras.get(IMPORTS_KEY)
+    if not isinstance(allow, Allowlist):
+        allow = Allowlist(DEFAULT_MODEL_IMPORTS).with_plugins()
+        ctx.extras[IMPORTS_KEY] = allow
+    try:
+        allow.check(path)
+    except ImportPathError as exc:
+        raise TaskError(f"model: {exc}") from exc
+    return allow
+
+
+def _check_origins(ctx: TaskContext, **urls: str) -> None:
+    """Each URL is at an origin the agent may reach (checked before any connection)."""
+    fetcher = _weights_store(ctx).fetcher
+    for what, url in urls.items():
+        try:
+            fetcher.check_url(url)
+        except FetchError as exc:
+            raise TaskError(f"{what}: {exc}") from exc
 
 
 def _threads(ctx: TaskContext) -> int:
@@ -291,14 +324,22 @@ def _prune_weights(cache_dir: Path, in_use: str) -> None:
 async def train(task: Task, ctx: TaskContext) -> dict[str, Any]:
     """Train the job's model on local data and upload the update (see the module docstring)."""
     params = _params(task.params, TrainParams)
+    allow = _model_factory_allowed(ctx, params.model)
     check_url(params.weights.url, "weights.url")
     check_url(params.upload.url, "upload.url")
+    _check_origins(ctx, weights=params.weights.url, upload=params.upload.url)
     data = await _load_data(ctx, params.data, params.max_examples)
     fetched = await _fetch_weights(ctx, params.weights)
     stop = threading.Event()
     try:
         trained = await asyncio.to_thread(
-            torchtrain.train_local, params, fetched.arrays, data, _threads(ctx), stop
+            torchtrain.train_local,
+            params,
+            fetched.arrays,
+            data,
+            _threads(ctx),
+            stop,
+            allow=allow,
         )
     except asyncio.CancelledError:
         stop.set()  # the worker thread stops at its next batch
@@ -367,7 +408,9 @@ async def train(task: Task, ctx: TaskContext) -> dict[str, Any]:
 async def evaluate(task: Task, ctx: TaskContext) -> dict[str, Any]:
     """Score the given weights on local data: mean cross-entropy and accuracy."""
     params = _params(task.params, EvaluateParams)
+    allow = _model_factory_allowed(ctx, params.model)
     check_url(params.weights.url, "weights.url")
+    _check_origins(ctx, weights=params.weights.url)
     data = await _load_data(ctx, params.data, params.max_examples)
     fetched = await _fetch_weights(ctx, params.weights)
     started = time.perf_counter()
@@ -378,6 +421,7 @@ async def evaluate(task: Task, ctx: TaskContext) -> dict[str, Any]:
         data,
         params.batch_size,
         _threads(ctx),
+        allow=allow,
     )
     return {
         "job": params.job,

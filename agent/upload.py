@@ -47,21 +47,22 @@ async def upload(
         "Content-Length": str(len(body)),
     }
     attempts = 0
-    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout)) as client:
+    # No redirects: the caller checked this URL's origin, not wherever it points on to.
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout), follow_redirects=False) as client:
         while True:
             attempts += 1
             try:
                 resp = await client.put(url, content=body, headers=headers)
             except httpx.TransportError as exc:
-                problem = f"{type(exc).__name__}: {exc}"
+                problem = type(exc).__name__
             else:
                 status = resp.status_code
                 if 200 <= status < 300:
                     return attempts
-                text = resp.text[:200]
+                # The answer's body is not echoed: results carry only what the agent knows.
                 if status not in (408, 425, 429) and status < 500:
-                    raise TaskError(f"upload_refused: PUT {url}: HTTP {status} {text}")
-                problem = f"HTTP {status} {text}"
+                    raise TaskError(f"upload_refused: PUT {url}: HTTP {status}")
+                problem = f"HTTP {status}"
             if attempts > retries:
                 raise TaskError(f"upload_failed: PUT {url}: {problem} (gave up after {attempts})")
             low, high = backoff

@@ -51,6 +51,8 @@ class FleetSpec:
     id_prefix: str = "sim"
     first_index: int = 0
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # Virtual devices fetch from the coordinator on this host, whichever port it listens on.
+    fetch_origins: tuple[str, ...] = ("http://127.0.0.1:*", "http://localhost:*")
     adversarial: int = 0
     attack: str = "sign_flip"
     attack_scale: float = 10.0
@@ -114,6 +116,7 @@ def build_devices(spec: FleetSpec) -> list[VirtualDevice]:
             "agent_drain_timeout": 5.0,
             # Many agents share one disk here; a simulated device need not survive power loss.
             "outbox_sync": "normal",
+            "fetch_origins": spec.fetch_origins,
             **spec.extra,
         }
         if device_id in data:

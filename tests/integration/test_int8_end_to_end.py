@@ -34,7 +34,7 @@ pytestmark = pytest.mark.slow
 
 
 @contextlib.asynccontextmanager
-async def agent(port: int, state: Path, device_id: str) -> AsyncIterator[Agent]:
+async def agent(port: int, state: Path, device_id: str, coordinator: str) -> AsyncIterator[Agent]:
     config = load_config(
         None,
         env={},
@@ -49,6 +49,7 @@ async def agent(port: int, state: Path, device_id: str) -> AsyncIterator[Agent]:
             "agent_capacity_min_interval": 0.1,
             "agent_probe": False,
             "data_sources": {"digits-test": str(TEST_SET)},
+            "fetch_coordinator_url": coordinator,
         },
     )
     async with Agent(config) as a:
@@ -103,8 +104,8 @@ async def test_quantize_register_deploy_infer_and_refuse_corrupt(
         assert coord.api_url is not None
         async with (
             httpx.AsyncClient(base_url=coord.api_url, timeout=10) as api,
-            agent(coord.config.mqtt.port, tmp_path / "a", "edge-a"),
-            agent(coord.config.mqtt.port, tmp_path / "b", "edge-b"),
+            agent(coord.config.mqtt.port, tmp_path / "a", "edge-a", coord.api_url),
+            agent(coord.config.mqtt.port, tmp_path / "b", "edge-b", coord.api_url),
         ):
 
             async def both_online() -> bool:

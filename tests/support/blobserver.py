@@ -11,7 +11,8 @@ Faults are queued per digest and each applies to the next ``times`` requests for
   bytes themselves give it away;
 - ``ignore_range``: answers a Range request with the whole blob and status 200;
 - ``slow``: sends in 1 KiB pieces with ``delay`` seconds between them;
-- ``status``: answers with ``status`` and no body.
+- ``status``: answers with ``status`` and ``body`` (none by default);
+- ``redirect``: answers ``302`` with ``Location: <location>``.
 
 Every request is recorded (path, Range header, fault applied, body bytes sent).
 """
@@ -37,6 +38,7 @@ FaultKind = Literal[
     "ignore_range",
     "slow",
     "status",
+    "redirect",
 ]
 
 
@@ -48,6 +50,8 @@ class Fault:
     delay: float = 0.0
     extra: int = 1024
     status: int = 500
+    body: bytes = b""
+    location: str = ""
 
 
 @dataclass
@@ -98,7 +102,14 @@ class _Handler(QuietHandler):
             return
         if fault and fault.kind == "status":
             record.status = fault.status
-            self._empty(fault.status)
+            self._empty(fault.status, fault.body)
+            return
+        if fault and fault.kind == "redirect":
+            record.status = 302
+            self.send_response(302)
+            self.send_header("Location", fault.location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
             return
         data = blob
         if fault and fault.kind == "truncate":
@@ -155,10 +166,11 @@ class _Handler(QuietHandler):
         self.wfile.write(body)
         record.sent += len(body)
 
-    def _empty(self, status: int) -> None:
+    def _empty(self, status: int, body: bytes = b"") -> None:
         self.send_response(status)
-        self.send_header("Content-Length", "0")
+        self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        self.wfile.write(body)
 
 
 class BlobServer(ThreadedServer[_State]):

@@ -204,12 +204,13 @@ def write_agent_config(
 
 @dataclass
 class AgentProcess:
-    """A real ``lepton-agent run`` process."""
+    """A real ``lepton-agent run`` process (``module``: another entry point with that CLI)."""
 
     config_path: Path
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     env: dict[str, str] = field(default_factory=dict)
+    module: str = "agent"
 
     def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("LEPTON_")}
@@ -217,7 +218,7 @@ class AgentProcess:
         env["PYTHONPATH"] = str(REPO)
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--config", str(self.config_path)],
+            [sys.executable, "-m", self.module, "run", "--config", str(self.config_path)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,

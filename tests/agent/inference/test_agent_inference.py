@@ -15,7 +15,7 @@ from agent.config import load_config
 from agent.daemon import Agent
 from protocol.messages import Result
 from tests.agent.inference.conftest import Linear
-from tests.support.blobserver import BlobServer
+from tests.support.blobserver import BlobServer, Fault
 from tests.support.broker import Broker
 from tests.support.fleet import Sink
 
@@ -88,7 +88,11 @@ async def test_deploy_infer_refuse_and_restart(
 ) -> None:
     np.savez(tmp_path / "val.npz", x=linear.x, y=linear.y)
     state = tmp_path / "state"
-    overrides = {"data_sources": {"val": str(tmp_path / "val.npz")}, "endpoint_port": 0}
+    overrides = {
+        "data_sources": {"val": str(tmp_path / "val.npz")},
+        "endpoint_port": 0,
+        "fetch_coordinator_url": f"http://127.0.0.1:{blobs.port}",
+    }
     good = _deploy(blobs, linear.onnx)
     async with Sink(broker.port) as sink:
         async with running_agent(broker, state, **overrides) as agent:
@@ -138,3 +142,59 @@ async def test_deploy_infer_refuse_and_restart(
             assert result.status == "succeeded", result.error
             assert result.output["digest"] == good["digest"]
             assert len(blobs.requests) == requests_before
+
+
+async def test_deploys_fetch_only_from_allowed_origins(
+    broker: Broker, tmp_path: Path, blobs: BlobServer, linear: Linear
+) -> None:
+    """Finding 7 of the hardening review: a deploy's URL could point anywhere (redirects
+    followed, remote error text returned in results: a port scanner inside the network)."""
+    with BlobServer() as elsewhere:
+        inside = elsewhere.add(linear.onnx)
+        coordinator = f"http://127.0.0.1:{blobs.port}"
+        async with (
+            Sink(broker.port) as sink,
+            running_agent(broker, tmp_path / "state", fetch_coordinator_url=coordinator) as agent,
+        ):
+            # Another host (here: another port) is refused before any connection.
+            other = {**_deploy(elsewhere, linear.onnx), "url": elsewhere.url(inside)}
+            refused = await _run(sink, "deploy", **other)
+            assert refused.status == "failed"
+            assert "fetch: refused_origin" in (refused.error or "")
+            # A port nothing listens on gets the same answer, not a connection error.
+            closed = {**other, "url": "http://127.0.0.1:9/blobs/x"}
+            refused_closed = await _run(sink, "deploy", **closed)
+            assert "fetch: refused_origin" in (refused_closed.error or "")
+            assert "Errno" not in (refused_closed.error or "")
+            assert elsewhere.requests == []
+
+            # The allowed origin redirecting elsewhere: not followed.
+            good = _deploy(blobs, linear.onnx)
+            blobs.fault(str(good["digest"]), Fault("redirect", location=elsewhere.url(inside)))
+            redirected = await _run(sink, "deploy", **good)
+            assert redirected.status == "failed"
+            assert "fetch: http_302" in (redirected.error or "")
+            assert elsewhere.requests == []
+
+            # An error page's text never reaches the result.
+            secret = b"<html>internal admin console v1.2 at 10.0.0.7</html>"
+            blobs.fault(str(good["digest"]), Fault("status", status=404, body=secret))
+            missing = await _run(sink, "deploy", **good)
+            assert missing.status == "failed"
+            assert "fetch: http_404" in (missing.error or "")
+            assert "admin console" not in (missing.error or "")
+
+            deployed = await _run(sink, "deploy", **good)  # and the coordinator's blob works
+            assert deployed.status == "succeeded", deployed.error
+            assert agent.models.get("digits") is not None
+
+
+async def test_an_agent_told_no_origin_fetches_nothing(
+    broker: Broker, tmp_path: Path, blobs: BlobServer, linear: Linear
+) -> None:
+    async with Sink(broker.port) as sink, running_agent(broker, tmp_path / "state"):
+        refused = await _run(sink, "deploy", **_deploy(blobs, linear.onnx))
+        assert refused.status == "failed"
+        assert "fetch: refused_origin" in (refused.error or "")
+        assert "none configured" in (refused.error or "")
+        assert blobs.requests == []

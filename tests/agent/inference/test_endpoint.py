@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 from agent.endpoint import Endpoint
+from agent.metrics import Counters
 from agent.models import ModelManager
 from protocol.tensors import TensorPayload, from_payload, to_payload
 from tests.agent.inference.conftest import Linear, spec_for
@@ -40,7 +42,11 @@ async def served(manager: ModelManager, blobs: BlobServer, linear: Linear) -> Mo
 @pytest.fixture
 async def endpoint(served: ModelManager, short_dir: Path) -> AsyncIterator[Endpoint]:
     async with Endpoint(
-        served, port=0, socket_path=short_dir / "infer.sock", max_body=64 * 1024
+        served,
+        port=0,
+        socket_path=short_dir / "infer.sock",
+        max_body=64 * 1024,
+        counters=Counters(),
     ) as ep:
         yield ep
 
@@ -183,6 +189,32 @@ async def test_http_level_errors(tcp: httpx.AsyncClient) -> None:
     assert (await tcp.get("/v1/health")).status_code == 200
 
 
+@pytest.mark.parametrize("depth", [5, 40, 3000, 30000])
+@pytest.mark.parametrize("kind", ["json", "msgpack"])
+async def test_deeply_nested_bodies_are_400_with_a_reason(
+    tcp: httpx.AsyncClient, endpoint: Endpoint, depth: int, kind: str
+) -> None:
+    """Finding 10 of the hardening review: a deeply nested body dropped the connection."""
+    if kind == "json":
+        body = b'{"inputs": ' + b"[" * depth + b"0.5" + b"]" * depth + b"}"
+        headers = {"content-type": "application/json"}
+    else:
+        # Written by hand: msgspec's own encoder refuses to nest this deep.
+        body = b"\x81\xa6inputs" + b"\x91" * depth + b"\x00"
+        headers = MSGPACK
+    resp = await tcp.post("/v1/models/clf:predict", content=body, headers=headers)
+    assert resp.status_code == 400
+    error = _error(resp)
+    # JSON lists deeper than the model's rank are refused before numpy walks them; past the
+    # interpreter's recursion limit, at decoding. MessagePack inputs must be tensor maps.
+    expected = "too_deep" if kind == "json" or depth > 1000 else "bad_inputs"
+    assert error["code"] == expected, error
+    assert endpoint.counters is not None
+    assert endpoint.counters[f"rejected.endpoint_{error['code']}"] == 1
+    # The connection (and the endpoint) still serve.
+    assert (await tcp.get("/v1/health")).status_code == 200
+
+
 async def test_too_large_body_is_413(tcp: httpx.AsyncClient, endpoint: Endpoint) -> None:
     big = {"inputs": [[0.5] * 16] * 5000}  # ~400 kB of JSON, cap is 64 kB
     resp = await tcp.post("/v1/models/clf:predict", json=big)
@@ -290,3 +322,79 @@ async def test_connections_past_the_cap_get_503(served: ModelManager) -> None:
         assert data.startswith(b"HTTP/1.1 503 ")
         writer.close()
         idle_writer.close()
+
+
+async def _trickler(port: int, *, in_body: bool) -> tuple[asyncio.Task[bytes], float]:
+    """A client that sends a request a byte every 0.2 s (never idle long enough for a
+    per-read timeout) until the endpoint answers or closes; its task returns the first
+    bytes of the answer (b"" for a close, b"reset" for a reset)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = b"POST /v1/models/clf:predict HTTP/1.1\r\nHost: x\r\n"
+    if in_body:
+        head += b"Content-Type: application/json\r\nContent-Length: 4000\r\n\r\n"
+    writer.write(head)
+
+    async def run() -> bytes:
+        reading = asyncio.ensure_future(reader.read(65536))
+        try:
+            while not reading.done():
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    writer.write(b" " if in_body else b"X-a: b\r\n")
+                await asyncio.wait([reading], timeout=0.2)
+            return reading.result()
+        except ConnectionError:
+            return b"reset"
+        finally:
+            writer.close()
+
+    return asyncio.create_task(run()), asyncio.get_running_loop().time()
+
+
+async def test_trickling_connections_neither_lock_out_clients_nor_stay(
+    served: ModelManager,
+) -> None:
+    """Finding 8 of the hardening review: 66 connections trickling a byte at a time made
+    every other client get 503 for 90 s and more."""
+    deadline = 2.0
+    counters = Counters()
+    async with Endpoint(
+        served, port=0, max_connections=64, request_timeout=deadline, counters=counters
+    ) as ep:
+        loop = asyncio.get_running_loop()
+        opened = loop.time()
+        # Half stall in their headers, half in their body.
+        slow = [await _trickler(ep.port, in_body=i % 2 == 0) for i in range(66)]
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{ep.port}") as client:
+                while True:  # a client that retries on 503, as the API asks
+                    resp = await client.get("/v1/health")
+                    if resp.status_code != 503:
+                        break
+                    await asyncio.sleep(0.1)
+                served_after = loop.time() - opened
+                assert resp.status_code == 200
+                # Served once a trickler could be closed for it, before the deadline.
+                assert served_after < deadline + 1.0, served_after
+
+                # Every slow connection is closed by the whole-request deadline although it
+                # never paused for long; those still waiting then are answered 408.
+                answers = await asyncio.wait_for(
+                    asyncio.gather(*(t for t, _ in slow)), deadline + 3.0
+                )
+                closed_after = loop.time() - opened
+                assert closed_after < deadline + 3.0, closed_after
+                firsts = [a[:12] for a in answers]
+                assert set(firsts) <= {b"", b"reset", b"HTTP/1.1 408", b"HTTP/1.1 503"}, firsts
+                assert firsts.count(b"HTTP/1.1 408") >= 30, firsts
+                assert counters["rejected.endpoint_request_timeout"] >= 30
+                assert counters["endpoint.evicted"] >= 1
+                # And the endpoint serves normally afterwards.
+                assert (await client.get("/v1/health")).status_code == 200
+                print(
+                    f"\n66 tricklers, {deadline} s deadline: a client served after "
+                    f"{served_after:.2f} s, every trickler closed after {closed_after:.2f} s "
+                    f"({firsts.count(b'HTTP/1.1 408')} with 408)"
+                )
+        finally:
+            for t, _ in slow:
+                t.cancel()

@@ -14,6 +14,7 @@ import pytest
 from agent.datasources import ArraySource, DataSources
 from agent.handlers import TaskContext
 from agent.models import ModelManager
+from protocol.imports import Allowlist
 from protocol.messages import Task
 from protocol.weights import encode_weights
 from tests.support.blobserver import BlobServer
@@ -21,6 +22,9 @@ from tests.support.uploadserver import UploadServer
 
 CNN = "models.digits:DigitsCNN"
 MLP = "tests.agent.training.nets:digits_mlp"
+#: What these tests' agent allows as model factories: the reference models, the test nets
+#: and one module that does not exist (to see an import fail).
+ALLOWED = Allowlist(("models.*", "tests.agent.training.nets", "no.such.module"))
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,7 @@ def initial_weights(factory: str, seed: int = 0) -> dict[str, np.ndarray]:
     from agent import torchtrain
 
     torch.manual_seed(seed)
-    model = torchtrain.factory(factory)()
+    model = torchtrain.factory(factory, allow=ALLOWED)()
     return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
 
@@ -90,7 +94,12 @@ def ctx(tmp_path: Path, partition: Partition) -> TaskContext:
         device_id="dev1",
         state_dir=tmp_path,
         agent_version="test",
-        extras={"data_sources": sources, "weights_store": store, "train_threads": 1},
+        extras={
+            "data_sources": sources,
+            "weights_store": store,
+            "train_threads": 1,
+            "model_imports": ALLOWED,
+        },
     )
 
 

@@ -14,6 +14,7 @@ from agent.handlers import TaskContext, TaskError, default_registry
 from agent.training import Compression, evaluate, train
 from protocol.weights import COMPRESSIONS, decode_weights
 from tests.agent.training.conftest import (
+    ALLOWED,
     CNN,
     MLP,
     Partition,
@@ -32,7 +33,7 @@ def local_loss(factory: str, weights: dict[str, np.ndarray], partition: Partitio
 
     from agent.torchtrain import build_model
 
-    model = build_model(factory, weights)
+    model = build_model(factory, weights, allow=ALLOWED)
     model.eval()
     with torch.no_grad():
         out = model(torch.from_numpy(partition.x))
@@ -232,6 +233,22 @@ async def test_bad_tasks_fail_with_a_reason(
     params.update(overrides)
     with pytest.raises(TaskError, match=message):
         await train(task("train", **params), ctx)
+    assert servers.uploads.requests == []
+
+
+@pytest.mark.parametrize("kind", ["train", "evaluate"])
+@pytest.mark.parametrize("model", ["os:abort", "subprocess:run", "shutil:rmtree"])
+async def test_a_model_outside_the_allowlist_is_refused_before_anything_is_loaded(
+    ctx: TaskContext, servers: Servers, kind: str, model: str
+) -> None:
+    """Finding 2 of the hardening review: ``os:abort`` as a model killed the agent (here it
+    would end the test process)."""
+    params = {**train_params(servers), "model": model}  # the CNN's weights, a hostile model
+    if kind == "evaluate":
+        params = {k: params[k] for k in ("model", "weights", "data")}
+    with pytest.raises(TaskError, match=r"model: .* is not in the allowed imports \(models\.\*"):
+        await (train if kind == "train" else evaluate)(task(kind, **params), ctx)
+    assert servers.blobs.requests == []  # refused before the weights were fetched
     assert servers.uploads.requests == []
 
 
