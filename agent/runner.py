@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 
@@ -26,13 +26,13 @@ from agent.metrics import Counters
 from agent.outbox import Outbox
 from protocol.codec import decode, encode
 from protocol.errors import DecodeError
-from protocol.messages import Result, Slots, Task, TaskStatus
+from protocol.messages import FailureReason, Result, Slots, Task, TaskStatus
 
 log = logging.getLogger(__name__)
 
 MAX_ERROR_CHARS = 4000
 #: The error of a task retired because it was running each time the agent died.
-CRASHED_AGENT = "crashed_agent"
+CRASHED_AGENT: Final[FailureReason] = "crashed_agent"
 
 
 class Runner:
@@ -155,6 +155,7 @@ class Runner:
                     "failed",
                     error=f"{CRASHED_AGENT}: the agent died {entry.starts} times while"
                     f" running this {task.kind} task",
+                    reason=CRASHED_AGENT,
                 )
                 continue
             if entry.starts:
@@ -233,8 +234,9 @@ class Runner:
         error: str | None = None,
         started: float | None = None,
         durable: bool = True,
+        reason: FailureReason | None = None,
     ) -> None:
-        result = self._build(task, status, output, error, started)
+        result = self._build(task, status, output, error, started, reason=reason)
         try:
             payload = encode(result)
         except (ValueError, TypeError, msgspec.EncodeError) as exc:
@@ -252,6 +254,8 @@ class Runner:
         output: dict[str, Any] | None,
         error: str | None,
         started: float | None,
+        *,
+        reason: FailureReason | None = None,
     ) -> Result:
         return Result(
             task_id=task.task_id,
@@ -259,6 +263,7 @@ class Runner:
             status=status,
             output=output or {},
             error=None if error is None else error[:MAX_ERROR_CHARS],
+            reason=reason,
             started_at=started,
             finished_at=time.time(),
         )

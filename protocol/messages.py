@@ -145,6 +145,11 @@ class CapacityReport(_Msg, frozen=True, kw_only=True, tag="capacity"):
 
 
 TaskStatus = Literal["succeeded", "failed", "rejected", "expired"]
+#: Machine-readable causes of a failed result after which the task is run nowhere again:
+#: ``crashed_agent`` (the task was running each time its agent died, up to the agent's crash
+#: limit) would crash every device it went to next.
+FailureReason = Literal["crashed_agent"]
+FINAL_FAILURES: Final[frozenset[str]] = frozenset({"crashed_agent"})
 
 
 class TaskAck(_Msg, frozen=True, kw_only=True, tag="task-ack"):
@@ -163,6 +168,8 @@ class Result(_Msg, frozen=True, kw_only=True, tag="result"):
     attempt: Annotated[int, Meta(ge=1, le=1_000)] = 1
     output: Params = msgspec.field(default_factory=dict)
     error: LongText | None = None
+    # Set with some failures (``FailureReason``); receivers that predate it ignore it.
+    reason: FailureReason | None = None
     started_at: Timestamp | None = None
     finished_at: Timestamp | None = None
 

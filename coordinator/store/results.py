@@ -33,7 +33,7 @@ from coordinator.store.records import (
 )
 from coordinator.store.schema import AttemptRow, DeviceRow, ObservationRow, ResultRow, TaskRow
 from coordinator.store.transitions import end_task, fail_attempt, finish_attempt
-from protocol.messages import Result
+from protocol.messages import FINAL_FAILURES, Result
 
 _results = cast(Table, ResultRow.__table__)
 
@@ -129,6 +129,14 @@ class ResultOps(StoreBase):
                 outcome="expired",
                 error=r.error or "expired on device",
             )
+            task.result_id = r.id
+        elif r.reason in FINAL_FAILURES:
+            # The task took its agent down each time it ran there: sending it to another
+            # device would take that one down too.
+            end_task(
+                session, task, "failed", now, outcome=r.reason, error=r.error or r.reason
+            )
+            task.last_error = r.error or r.reason
             task.result_id = r.id
         else:
             reason = r.error or f"{r.status} on {device_id}"

@@ -77,6 +77,7 @@ async def test_a_task_that_kills_the_agent_is_quarantined_after_two_deaths(
         assert result.status == "failed"
         assert result.error is not None
         assert result.error.startswith("crashed_agent: the agent died 2 times")
+        assert result.reason == "crashed_agent"
         assert inbox_starts(tmp_path / "state", poison.task_id) is None  # retired
         echo = await sink.send_task("dev-1", "echo", payload="still here")
         await sink.wait(lambda: echo.task_id in sink.task_acks, 10, "echo accepted")

@@ -78,6 +78,25 @@ def test_failure_retries_then_fails(fleet: Store) -> None:
     assert task.next_attempt_at == T0 + 5 + 10
 
 
+def test_a_task_that_crashed_its_agent_is_run_nowhere_else(fleet: Store) -> None:
+    # The agent quarantined it after it was running each time the agent died; another
+    # device would die the same way.
+    crashed = Result(
+        id="c1",
+        task_id="t1",
+        status="failed",
+        attempt=1,
+        error="crashed_agent: the agent died 2 times while running this train task",
+        reason="crashed_agent",
+    )
+    (out,) = fleet.apply_results("a", [crashed], T0 + 5)
+    assert (out.outcome, out.task_state) == ("applied", "failed")
+    task = fleet.get_task("t1")
+    assert task.last_error.startswith("crashed_agent")
+    assert task.attempt < task.max_attempts  # it had attempts left and used none of them
+    assert [a.outcome for a in fleet.attempts("t1")] == ["crashed_agent"]
+
+
 def test_stale_failure_is_kept_but_not_applied(fleet: Store) -> None:
     fleet.apply_state("a", "default", State(state="offline"), T0 + 3)
     (d,) = fleet.assign([Assignment(task_id="t1", device_id="b")], T0 + 4)
