@@ -162,8 +162,13 @@ class RoundClosing(JobState):
         if "client.loss_after" in result.metrics:
             metrics["loss"] = result.metrics["client.loss_after"]
         if self.eval_set is not None:
-            loss, accuracy = await asyncio.to_thread(
-                modelio.evaluate, job.model, result.weights, self.eval_set
+            loss, accuracy = await self._run_code(
+                "evaluate",
+                modelio.evaluate,
+                job.model,
+                self.engine.policy,
+                result.weights,
+                self.eval_set,
             )
             metrics["loss"], metrics["accuracy"] = loss, accuracy
         if isinstance(self.strategy, CentralDP) and job.dp is not None:

@@ -41,6 +41,7 @@ from collections.abc import Callable, Sequence
 
 from coordinator.config import Config
 from coordinator.errors import LeaseLostError
+from coordinator.federated.admission import JobPolicy
 from coordinator.federated.job import JobError
 from coordinator.federated.jobstate import JobFailedError
 from coordinator.federated.metrics import FLMetrics
@@ -74,8 +75,11 @@ class FLEngine:
         estimator: Callable[[], ThroughputEstimator],
         weights: CostWeights,
         on_submit: Callable[[], None] = lambda: None,
+        policy: JobPolicy | None = None,
     ) -> None:
         self.cfg = cfg
+        #: What jobs may name (import paths, evaluation files), from ``cfg``'s ``[fl]``.
+        self.policy = policy or JobPolicy.of(cfg)
         self.store = store
         self.fl = fl
         self.registry = registry

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter
 
 from coordinator.federated import tables
+from coordinator.federated.admission import JobPolicy
 from coordinator.federated.api import JobsContext, make_jobs_router
 from coordinator.federated.engine import FLEngine
 from coordinator.federated.http import UploadContext, make_upload_router
@@ -29,6 +30,7 @@ def build_fl(c: Coordinator, registry: ModelRegistry) -> tuple[FLEngine, list[AP
     c.store.create_schema(tables.metadata)
     fl = FLStore(c.store.engine)
     metrics = FLMetrics(c.metrics.registry)
+    policy = JobPolicy.of(c.config)
 
     def base_url() -> str:
         if c.config.http.public_url:
@@ -50,6 +52,7 @@ def build_fl(c: Coordinator, registry: ModelRegistry) -> tuple[FLEngine, list[AP
         estimator=lambda: c.scheduler.estimator,
         weights=c.scheduler.weights,
         on_submit=wake_scheduler,
+        policy=policy,
     )
     routes = [
         make_upload_router(
@@ -57,6 +60,8 @@ def build_fl(c: Coordinator, registry: ModelRegistry) -> tuple[FLEngine, list[AP
                 store=fl, registry=registry, metrics=metrics, on_update=engine.wake_threadsafe
             )
         ),
-        make_jobs_router(JobsContext(store=fl, on_change=engine.wake_threadsafe)),
+        make_jobs_router(
+            JobsContext(store=fl, policy=policy, metrics=metrics, on_change=engine.wake_threadsafe)
+        ),
     ]
     return engine, routes

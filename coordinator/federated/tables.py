@@ -9,6 +9,12 @@
 - ``fl_updates``: one row per accepted upload, unique on (job, round, device): a device's
   update is recorded once however often it is sent. ``result_id`` and ``examples`` are set
   when the device's train result has been applied too; only then does the update count.
+- ``fl_loads``: one row per job whose code (model factory, evaluation set) the coordinator
+  is running or was running when it died: ``attempts`` counts calls that never returned,
+  written before each call and reset after it, so a job whose code kills the process is
+  failed after a few restarts instead of crashing every one.
+- ``fl_keys``: the coordinator's secret keys (the upload credential key), shared by every
+  replica through the database.
 
 Times are UNIX seconds as floats. JSON columns are JSONB on PostgreSQL.
 """
@@ -23,6 +29,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -95,4 +102,21 @@ updates = Table(
     Column("examples", Integer),
     Column("metrics", Json),
     UniqueConstraint("job_id", "round", "device_id", name="uq_fl_updates_slot"),
+)
+
+loads = Table(
+    "fl_loads",
+    metadata,
+    Column("job_id", String(ID), primary_key=True),
+    Column("attempts", Integer, nullable=False),  # calls begun and not (yet) returned
+    Column("what", String(64), nullable=False),  # the last call begun: "prepare", "evaluate"...
+    Column("started_at", Float, nullable=False),
+)
+
+keys = Table(
+    "fl_keys",
+    metadata,
+    Column("name", String(ID), primary_key=True),
+    Column("secret", LargeBinary, nullable=False),
+    Column("created_at", Float, nullable=False),
 )

@@ -41,8 +41,11 @@ MakeCoordinator = Callable[..., AbstractAsyncContextManager[Coordinator]]
 class CoordinatorProcess:
     """``lepton coordinator run`` on a fixed port and data directory, restartable."""
 
-    def __init__(self, workdir: Path, broker_port: int) -> None:
+    def __init__(
+        self, workdir: Path, broker_port: int, settings: dict[str, str] | None = None
+    ) -> None:
         self.workdir = workdir
+        self.settings = dict(settings or {})
         self.port = free_port()
         self.broker_port = broker_port
         self.proc: subprocess.Popen[bytes] | None = None
@@ -64,6 +67,8 @@ class CoordinatorProcess:
             "replica.lease_s": "3",
             "liveness.max_check_s": "0.5",
             "database.sqlite_synchronous": "normal",
+            "fl.eval_dir": str(self.workdir),
+            **self.settings,
         }
         cmd = [
             sys.executable,
