@@ -2,7 +2,7 @@
 
 - ``fl_jobs``: one row per job: its spec, state, the round it is at and the current global
   weights (a blob digest), the tensor layout updates must match, the final model.
-- ``fl_rounds``: one row per (job, round): the devices selected with their upload tokens and
+- ``fl_rounds``: one row per (job, round): the devices selected (their update slots) and
   task ids, the deadline as an absolute time, the global weights the round trains from,
   upload rejects by reason, and once closed the new weights, the strategy's state after the
   round (a blob digest) and the round's figures.
@@ -73,7 +73,9 @@ rounds = Table(
     Column("state", String(16), nullable=False),  # open | closed | failed | cancelled
     Column("attempt", Integer, nullable=False, default=1),  # extensions after a short deadline
     Column("selected", Json, nullable=False),  # [device ids], in selection order
-    Column("tokens", Json, nullable=False),  # {device id: upload token}
+    # {device id: how its uploads are authorised}: the selected devices' update slots. No
+    # secret: the credential is derived from the slot (coordinator.federated.credentials).
+    Column("tokens", Json, nullable=False),
     Column("tasks", Json, nullable=False),  # {device id: task id}
     Column("selection", Json),  # how they were chosen: expected times, forced...
     Column("base_digest", String(DIGEST), nullable=False),
