@@ -175,8 +175,8 @@ class FLJob:
     # ``fl.max_examples_per_update``) and to ``examples_ratio`` times the round's median;
     # an update whose L2 norm is above ``norm_ratio`` times the round's median is refused.
     max_examples_per_update: int | None = None
-    examples_ratio: float | None = 10.0
-    norm_ratio: float | None = 10.0
+    examples_ratio: float | None = 3.0
+    norm_ratio: float | None = 3.0
     # Register the final model only if its central evaluation is not worse than the
     # starting weights' and the latest model registered under the job's name.
     final_check: bool = True
