@@ -32,10 +32,13 @@ are ignored):
 - ``prox_mu`` (float >= 0, default 0): FedProx proximal term; the local loss becomes
   ``cross_entropy + prox_mu / 2 * ||w - w_global||^2`` over trainable parameters.
 - ``compression`` (``"fp32"`` | ``"fp16"`` | ``"int8"``, default fp32): of the update.
-- ``upload`` ({``url``: http(s)}): where the update is ``PUT``, with headers
-  ``X-Lepton-Digest: sha256:<hex>``, ``Content-Length`` and
-  ``Content-Type: application/octet-stream``. Connection errors and HTTP 408/425/429/5xx
-  are retried with capped exponential backoff; any 2xx is success; other statuses fail.
+- ``upload`` ({``url``: http(s), ``token``: str, optional}): where the update is ``PUT``,
+  with headers ``X-Lepton-Digest: sha256:<hex>``, ``Content-Length``,
+  ``Content-Type: application/octet-stream`` and, with a ``token`` (the coordinator adds
+  the slot's credential to the task's message), ``Authorization: Bearer <token>``. The
+  token is a secret: it is not logged and not in the result. Connection errors and HTTP
+  408/425/429/5xx are retried with capped exponential backoff; any 2xx is success; other
+  statuses fail.
 - ``seed`` (int >= 0, default 0): seeds shuffling and the model's random layers; the same
   seed, weights and data give the same update.
 - ``max_examples`` (int >= 1, optional): train on at most this many local samples.
@@ -134,6 +137,8 @@ class WeightsRef(msgspec.Struct, frozen=True, kw_only=True):
 
 class UploadRef(msgspec.Struct, frozen=True, kw_only=True):
     url: Url
+    # The slot's upload credential; secret: sent only as a header, never logged or returned.
+    token: Annotated[str, Meta(max_length=256)] | None = None
 
 
 class TrainParams(msgspec.Struct, frozen=True, kw_only=True):
@@ -371,6 +376,7 @@ async def train(task: Task, ctx: TaskContext) -> dict[str, Any]:
         params.upload.url,
         body,
         digest=digest,
+        token=params.upload.token,
         retries=store.retries,
         timeout=store.timeout,
         backoff=store.backoff,

@@ -29,11 +29,14 @@ async def upload(
     body: bytes,
     *,
     digest: str,
+    token: str | None = None,
     retries: int = 5,
     timeout: float = 30.0,
     backoff: tuple[float, float] = (0.5, 10.0),
 ) -> int:
-    """``PUT`` ``body`` to ``url`` with its digest and length; returns the attempts made.
+    """``PUT`` ``body`` to ``url`` with its digest and length (and ``token`` as a bearer
+    credential: a header, so it stays out of URLs, logs and errors); returns the attempts
+    made.
 
     Retries connection errors and HTTP 408/425/429/5xx up to ``retries`` times with capped,
     jittered exponential backoff; raises :class:`TaskError` when it gives up or on any
@@ -46,6 +49,8 @@ async def upload(
         "Content-Type": "application/octet-stream",
         "Content-Length": str(len(body)),
     }
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     attempts = 0
     # No redirects: the caller checked this URL's origin, not wherever it points on to.
     async with httpx.AsyncClient(timeout=httpx.Timeout(timeout), follow_redirects=False) as client:

@@ -119,6 +119,7 @@ class Harness:
                 overrides={
                     "instance_id": "bench-fl",
                     "data_dir": str(self.root / "coordinator"),
+                    "fl.eval_dir": str(self.root),  # the fleets' evaluation sets
                     "mqtt.port": broker.port,
                     "http.port": 0,
                     "database.sqlite_synchronous": "normal",

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from protocol.errors import ConfigError
+from protocol.imports import Allowlist
 from protocol.topics import validate_id
 
 MqttProtocol = Literal["5", "3.1.1"]
@@ -120,6 +121,25 @@ class ReplicaConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class FLConfig:
+    """What federated jobs may name on this server (see docs/federated-learning.md)."""
+
+    # Import patterns (protocol.imports.Allowlist) a job's model factory and a callable
+    # evaluation set may name; checked when a job is submitted, before anything is imported.
+    allowed_imports: tuple[str, ...] = ("models.*",)
+    # Also allow the entry points installed under the ``lepton.plugins`` group.
+    plugins: bool = True
+    # The only directory a job's ``.npz`` evaluation set may be read from; empty:
+    # ``<data_dir>/fl-eval``.
+    eval_dir: str = ""
+    # A job whose model code ended the coordinator this many times while it ran (an abort
+    # no handler can catch) is failed as ``crashed_loader`` instead of run again.
+    max_load_attempts: int = 2
+    # Largest example count one update may claim, for jobs that set no lower cap.
+    max_examples_per_update: int = 100_000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """Everything one coordinator process needs; see ``deploy/coordinator.example.toml``."""
 
@@ -135,6 +155,7 @@ class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     tasks: TasksConfig = field(default_factory=TasksConfig)
     replica: ReplicaConfig = field(default_factory=ReplicaConfig)
+    fl: FLConfig = field(default_factory=FLConfig)
 
     @property
     def database_url(self) -> str:
@@ -150,6 +171,13 @@ class Config:
     def heartbeat_deadline_s(self, interval_s: float | None) -> float:
         """Seconds without a report after which a device counts as offline."""
         return self.liveness.missed_reports * (interval_s or self.liveness.default_interval_s)
+
+    @property
+    def fl_eval_dir(self) -> Path:
+        """The directory federated jobs' ``.npz`` evaluation sets are read from."""
+        if self.fl.eval_dir:
+            return Path(self.fl.eval_dir).expanduser().resolve()
+        return Path(self.data_dir).expanduser().resolve() / "fl-eval"
 
     def redacted(self) -> dict[str, Any]:
         """The configuration as plain data, with secrets masked (for logs and the API)."""
@@ -225,6 +253,11 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:  # noqa: PLR0911, PLR0912
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{key} must be a string; got {value!r}", key=key)
         return str(value)
+    if origin is tuple:  # tuple[str, ...]: a TOML list, or comma-separated from env/CLI
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+            raise ConfigError(f"{key} must be a list of strings; got {value!r}", key=key)
+        return tuple(v.strip() for v in items if v.strip())
     if origin in (Mapping, dict) or hint is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key} must be a table", key=key)
@@ -351,6 +384,12 @@ def _check(cfg: Config) -> None:
             validate_id(cfg.mqtt.shared_group, what="mqtt.shared_group")
         except Exception as exc:
             raise ConfigError(str(exc), key="mqtt.shared_group") from exc
+    positive("fl.max_load_attempts", cfg.fl.max_load_attempts)
+    positive("fl.max_examples_per_update", cfg.fl.max_examples_per_update)
+    try:
+        Allowlist(cfg.fl.allowed_imports)
+    except ValueError as exc:
+        raise ConfigError(f"fl.allowed_imports: {exc}", key="fl.allowed_imports") from exc
     for key in ("ca_file", "cert_file", "key_file"):
         path = getattr(cfg.mqtt, key)
         if path and not Path(path).expanduser().is_file():

@@ -25,6 +25,7 @@ import numpy as np
 from coordinator.errors import NotFoundError
 from coordinator.federated import modelio
 from coordinator.federated.jobstate import MAX_DECODE_BYTES, JobState
+from coordinator.federated.screening import screen
 from coordinator.federated.store import RoundRecord, UpdateRecord
 from coordinator.federated.strategies import AggregationError, ClientUpdate
 from coordinator.federated.strategies.dp import CentralDP
@@ -66,6 +67,7 @@ class RoundClosing(JobState):
                     weight=weight,
                 )
             )
+        clients = self._screen(rnd.round, clients, unreadable)
         before = self.strategy.state()
         try:
             result = await asyncio.to_thread(self.strategy.aggregate, self.global_weights, clients)
@@ -77,6 +79,40 @@ class RoundClosing(JobState):
         except BaseException:
             self.strategy.load_state(before)  # not committed: the round is aggregated again
             raise
+
+    def _screen(
+        self, round_no: int, clients: list[ClientUpdate], refused: dict[str, str]
+    ) -> list[ClientUpdate]:
+        """The updates screening keeps (:mod:`.screening`); refusals are added to
+        ``refused``, and every refusal and clamped count is logged and counted."""
+        job = self.job
+        cap = job.max_examples_per_update or self.engine.policy.max_examples_per_update
+        if job.max_examples is not None:
+            cap = min(cap, job.max_examples)
+        screened = screen(
+            clients,
+            max_examples=cap,
+            examples_ratio=job.examples_ratio,
+            norm_ratio=job.norm_ratio,
+        )
+        metrics = self.engine.metrics.screened
+        for name, why in screened.refused.items():
+            refused[name] = f"screened: {why}"
+            metrics.labels("norm_outlier").inc()
+            log.warning(
+                "fl job %s round %d: update of %s refused: %s", self.job_id, round_no, name, why
+            )
+        for name, (claimed, used) in screened.clamped.items():
+            metrics.labels("examples_clamped").inc()
+            log.warning(
+                "fl job %s round %d: %s claimed %d examples; weighted as %d",
+                self.job_id,
+                round_no,
+                name,
+                claimed,
+                used,
+            )
+        return screened.kept
 
     def _late_updates(self, round_no: int) -> list[tuple[int, UpdateRecord]]:
         """(round, update) of the late updates this round folds in (worker thread)."""
@@ -162,8 +198,13 @@ class RoundClosing(JobState):
         if "client.loss_after" in result.metrics:
             metrics["loss"] = result.metrics["client.loss_after"]
         if self.eval_set is not None:
-            loss, accuracy = await asyncio.to_thread(
-                modelio.evaluate, job.model, result.weights, self.eval_set
+            loss, accuracy = await self._run_code(
+                "evaluate",
+                modelio.evaluate,
+                job.model,
+                self.engine.policy,
+                result.weights,
+                self.eval_set,
             )
             metrics["loss"], metrics["accuracy"] = loss, accuracy
         if isinstance(self.strategy, CentralDP) and job.dp is not None:

@@ -4,9 +4,11 @@ For each active job, one :class:`JobRunner` task (leader only, cancelled when th
 
 1. **prepare** (once): build the model, write its first weights as a blob, record the
    tensor layout updates must match, the update size cap and the FLOPs per example;
-2. **open** a round: choose devices (:mod:`.planning`), give each an upload token and a
+2. **open** a round: choose devices (:mod:`.planning`), give each an update slot and a
    pinned ``train`` task (one attempt, expiring at the round's deadline), and record the
-   round (selection, tokens, task ids, absolute deadline) before submitting the tasks;
+   round (selection, slots, task ids, absolute deadline) before submitting the tasks; the
+   slot's upload credential is added to the task's message only as it is sent
+   (:mod:`.credentials`);
 3. **wait** until ``clients_per_round`` updates count, or the deadline passes with at least
    ``min_results`` (an update whose result is still on its way gets ``result_grace_s``
    more), or every selected device has finished. Waiting wakes on recorded uploads and
@@ -22,7 +24,7 @@ An update counts once both its upload is recorded (``fl_updates``, written befor
 device's upload is answered) and the device's train result, naming the same digest, has
 been applied (written before the result is acknowledged). Neither is lost when the
 coordinator dies: the upload is in the database, and the agent re-sends an unacknowledged
-result. A restarted leader finds the open round in the database (selection, tokens,
+result. A restarted leader finds the open round in the database (selection, slots,
 deadline, updates so far), re-submits any task it had not submitted yet (task ids are
 stable, so this is a no-op when it had), and carries on; UNIQUE(job, round, device) means a
 device's update counts once however often it is sent. Late updates (their round closed)
@@ -41,6 +43,8 @@ from collections.abc import Callable, Sequence
 
 from coordinator.config import Config
 from coordinator.errors import LeaseLostError
+from coordinator.federated.admission import JobPolicy
+from coordinator.federated.credentials import UploadSigner
 from coordinator.federated.job import JobError
 from coordinator.federated.jobstate import JobFailedError
 from coordinator.federated.metrics import FLMetrics
@@ -74,8 +78,14 @@ class FLEngine:
         estimator: Callable[[], ThroughputEstimator],
         weights: CostWeights,
         on_submit: Callable[[], None] = lambda: None,
+        policy: JobPolicy | None = None,
+        signer: UploadSigner | None = None,
     ) -> None:
         self.cfg = cfg
+        #: What jobs may name (import paths, evaluation files), from ``cfg``'s ``[fl]``.
+        self.policy = policy or JobPolicy.of(cfg)
+        #: Upload credentials of update slots (see :mod:`.credentials`).
+        self.signer = signer
         self.store = store
         self.fl = fl
         self.registry = registry

@@ -1,8 +1,10 @@
-"""``PUT /v1/fl/uploads/{job}/{round}/{device}?token=...``: where devices send model updates.
+"""``PUT /v1/fl/uploads/{job}/{round}/{device}``: where devices send model updates.
 
-Each selected device gets its own upload URL in its train task, with a random token for its
-slot, so only that device can fill the slot. Checks, cheapest first, each refusal counted
-by reason (``lepton_fl_upload_rejects_total`` and the round's ``rejects``):
+Each selected device gets its own upload URL in its train task, and in the task's message
+(never in its stored params) the credential of that slot, sent back as ``Authorization:
+Bearer <credential>`` (:mod:`.credentials`): only that device can fill the slot, and a
+credential opens no other slot. Checks, cheapest first, each refusal counted by reason
+(``lepton_fl_upload_rejects_total`` and the round's ``rejects``):
 
 ==================== ====== ===========================================================
 reason               status when
@@ -14,7 +16,7 @@ wrong_round          409    the round does not exist (a future round, say)
 late                 409    the round has closed (and the job does not fold late updates,
                             or this one is more than ``late.max_rounds`` rounds late)
 not_selected         403    the device was not selected for this round
-bad_token            403    the slot's token does not match
+bad_token            403    no credential, or not the credential of this slot
 oversized            413    over the job's cap (from Content-Length, before reading)
 digest_mismatch      400    the body does not hash to the declared digest
 malformed            400    not a valid weights blob (``protocol.weights``)
@@ -26,7 +28,7 @@ conflict             409    this slot already holds a different update
 ==================== ====== ===========================================================
 
 With ``[late] policy = "fold"``, an update for a closed round at most ``late.max_rounds``
-rounds back passes the same checks (its round's token and base weights) and is recorded
+rounds back passes the same checks (its round's slot credential and base weights) and is recorded
 under its own round; the next round to close aggregates it (:mod:`.closing`).
 
 An accepted update is stored in the blob store and recorded in ``fl_updates`` in one
@@ -38,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import logging
 import re
 import time
@@ -46,10 +47,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Final
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from coordinator.errors import NotFoundError
+from coordinator.federated.credentials import UploadSigner
 from coordinator.federated.job import LateSpec
 from coordinator.federated.metrics import FLMetrics
 from coordinator.federated.store import FLStore
@@ -61,6 +64,10 @@ log = logging.getLogger(__name__)
 
 DIGEST_HEADER: Final = "X-Lepton-Digest"
 _DIGEST_RE: Final = re.compile(r"\Asha256:([0-9a-fA-F]{64})\Z")
+MAX_TOKEN_CHARS: Final = 128
+# A missing header is refused by the route (403 bad_token, counted), not by FastAPI. At
+# module level: route annotations are resolved against the module's names.
+BEARER: Final = HTTPBearer(auto_error=False, description="The slot's upload credential")
 #: The cap when a job has none recorded yet.
 DEFAULT_MAX_BYTES: Final = 64 << 20
 
@@ -82,6 +89,7 @@ class UploadContext:
     store: FLStore
     registry: ModelRegistry
     metrics: FLMetrics
+    signer: UploadSigner
     on_update: Callable[[], None] = lambda: None  # any thread
 
 
@@ -94,8 +102,9 @@ def make_upload_router(ctx: UploadContext) -> APIRouter:
         round_no: Annotated[int, Path(ge=0, le=2**31 - 1)],
         device_id: Ident,
         request: Request,
-        token: Annotated[str, Query(max_length=128)] = "",
+        credential: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
     ) -> JSONResponse:
+        token = credential.credentials if credential is not None else ""
         round_known = False
         try:
             digest = _declared_digest(request)
@@ -154,13 +163,12 @@ async def _check_slot(
         ):
             raise UploadRefusedError(409, "late", f"round {round_no} is {rnd.state}")
         late_ok = True
-    expected = rnd.tokens.get(device_id)
-    if expected is None:
+    if device_id not in rnd.tokens:
         raise UploadRefusedError(
             403, "not_selected", f"{device_id} was not selected for round {round_no}"
         )
-    if not hmac.compare_digest(token.encode(), expected.encode()):
-        raise UploadRefusedError(403, "bad_token", "the upload token does not match this slot")
+    if len(token) > MAX_TOKEN_CHARS or not ctx.signer.verify(job_id, round_no, device_id, token):
+        raise UploadRefusedError(403, "bad_token", "no upload credential for this slot")
     return int(job.max_update_bytes or DEFAULT_MAX_BYTES), late_ok
 
 

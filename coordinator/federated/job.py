@@ -19,7 +19,9 @@ optional)::
     lr = 0.05
     optimizer = "sgd"                    # "sgd" | "adam"
     compression = "int8"                 # of updates: "fp32" | "fp16" | "int8"
-    eval = "data/digits-test.npz"        # central evaluation set (.npz with x, y), optional
+    eval = "digits-test.npz"             # central evaluation set, optional: a .npz (x, y)
+                                         # in the coordinator's fl.eval_dir, or an allowed
+                                         # import path "package.module:callable"
 
     [strategy]
     name = "fedavgm"
@@ -58,6 +60,14 @@ DATA_RE: Final = re.compile(r"\A[A-Za-z0-9._:/-]{1,64}\Z")
 SHA256_RE: Final = re.compile(r"\A[0-9a-f]{64}\Z")
 MAX_ROUNDS: Final = 100_000
 MAX_CLIENTS: Final = 10_000
+#: A job spec is a table of tables of scalars (a strategy knob may be a short list): deeper
+#: nesting, or more values than this in all, is refused before anything reads it.
+MAX_DEPTH: Final = 4
+MAX_VALUES: Final = 1_000
+MAX_STRING: Final = 4096
+#: One sample's shape (``input_shape``): at most this many dimensions and elements.
+MAX_SHAPE_DIMS: Final = 8
+MAX_SAMPLE_ELEMENTS: Final = 1 << 24
 
 
 class JobError(ValueError):
@@ -160,6 +170,16 @@ class FLJob:
     examples_hint: int = 100  # local examples assumed for a device not yet heard from
     max_update_bytes: int | None = None  # None: derived from the model's size
     min_battery: float | None = None
+    # Screening of updates (finding 4 of the hardening review): the example count an
+    # update is weighted by is clamped to this cap (None: the coordinator's
+    # ``fl.max_examples_per_update``) and to ``examples_ratio`` times the round's median;
+    # an update whose L2 norm is above ``norm_ratio`` times the round's median is refused.
+    max_examples_per_update: int | None = None
+    examples_ratio: float | None = 3.0
+    norm_ratio: float | None = 3.0
+    # Register the final model only if its central evaluation is not worse than the
+    # starting weights' and the latest model registered under the job's name.
+    final_check: bool = True
     final_format: FinalFormat = "onnx"
     strategy: StrategySpec = field(default_factory=StrategySpec)
     fairness: FairnessSpec = field(default_factory=FairnessSpec)
@@ -209,6 +229,7 @@ class FLJob:
         """A job from plain data (parsed TOML or JSON); ``JobError`` names a bad key."""
         if not isinstance(data, Mapping):
             raise JobError("job", "must be a table")
+        _check_bounded(data)
         known = {f.name for f in dataclasses.fields(cls)}
         kw: dict[str, Any] = {}
         for key, value in data.items():
@@ -279,11 +300,38 @@ def _table(cls: type[Any], prefix: str, value: Any) -> Any:
         raise JobError(prefix, str(exc)) from exc
 
 
+def _check_bounded(data: Mapping[str, Any]) -> None:
+    """Refuse specs nested deeper than :data:`MAX_DEPTH`, with more than :data:`MAX_VALUES`
+    values or a string longer than :data:`MAX_STRING` (iteratively: no recursion to exhaust)."""
+    stack: list[tuple[str, Any, int]] = [("job", data, 1)]
+    seen = 0
+    while stack:
+        where, value, depth = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            raise JobError("job", f"more than {MAX_VALUES} values")
+        if isinstance(value, str) and len(value) > MAX_STRING:
+            raise JobError(where, f"longer than {MAX_STRING} characters")
+        if isinstance(value, Mapping | list | tuple):
+            if depth > MAX_DEPTH:
+                raise JobError(where, f"nested deeper than {MAX_DEPTH} levels")
+            if isinstance(value, Mapping):
+                prefix = "" if where == "job" else f"{where}."
+                items = [(f"{prefix}{k}", v) for k, v in value.items()]
+            else:
+                items = [(where, v) for v in value]
+            stack.extend((w, v, depth + 1) for w, v in items)
+
+
 def _shape(value: Any) -> tuple[int, ...]:
     if not isinstance(value, (list, tuple)) or not value:
         raise JobError("input_shape", "must be a non-empty list of sizes")
+    if len(value) > MAX_SHAPE_DIMS:
+        raise JobError("input_shape", f"at most {MAX_SHAPE_DIMS} dimensions")
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
         raise JobError("input_shape", "sizes must be integers >= 1")
+    if math.prod(value) > MAX_SAMPLE_ELEMENTS:
+        raise JobError("input_shape", f"one sample may hold at most {MAX_SAMPLE_ELEMENTS} values")
     return tuple(value)
 
 
@@ -347,6 +395,16 @@ def _validate(job: FLJob) -> None:  # noqa: PLR0912, PLR0915 - one check per fie
         _int("max_update_bytes", job.max_update_bytes, 1024, 1 << 34)
     if job.min_battery is not None:
         _num("min_battery", job.min_battery, 0.0, 100.0)
+    if job.input_shape is not None:
+        _shape(job.input_shape)
+    if job.max_examples_per_update is not None:
+        _int("max_examples_per_update", job.max_examples_per_update, 1, 2**31)
+    if job.examples_ratio is not None:
+        _num("examples_ratio", job.examples_ratio, 1.0, 1e6)
+    if job.norm_ratio is not None:
+        _num("norm_ratio", job.norm_ratio, 1.0, 1e6)
+    if not isinstance(job.final_check, bool):
+        raise JobError("final_check", "must be true or false")
     _choice("final_format", job.final_format, FinalFormat)
     f = job.fairness
     if f.max_staleness is not None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import numpy as np
 
@@ -34,6 +36,9 @@ log = logging.getLogger(__name__)
 
 #: Largest weights or update blob the engine decodes.
 MAX_DECODE_BYTES: Final = 1 << 32
+#: The error of a job failed because its code ended the coordinator while it ran.
+CRASHED_LOADER: Final = "crashed_loader"
+T = TypeVar("T")
 
 
 class JobFailedError(Exception):
@@ -82,6 +87,41 @@ class JobState:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await self._wake.wait()
+
+    async def _run_code(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn`` (which calls the job's own code: its model factory, its evaluation
+        set) in a worker thread, durably counted.
+
+        The count is written before the call and cleared after it, so a call that ended the
+        process (an abort no handler catches) is still counted after a restart; once
+        ``fl.max_load_attempts`` calls died that way the job fails as ``crashed_loader``
+        instead of running its code again. What the code raises fails the job with the
+        reason (:class:`JobFailedError`), never retried.
+        """
+        limit = self.engine.policy.max_load_attempts
+        died = await asyncio.to_thread(
+            self.fl.begin_load, self.job_id, what, now=time.time(), lease=self.lease
+        )
+        if died >= limit:
+            self.engine.metrics.job_failures.labels(CRASHED_LOADER).inc()
+            raise JobFailedError(
+                f"{CRASHED_LOADER}: the coordinator died {died} times while running the "
+                f"job's code ({what}); not run again"
+            )
+        try:
+            result = await asyncio.to_thread(fn, *args)
+        except asyncio.CancelledError:
+            self.fl.end_load(self.job_id)  # a shutdown, not a crash: no awaiting once cancelled
+            raise
+        except modelio.ModelError as exc:
+            await asyncio.to_thread(self.fl.end_load, self.job_id)
+            self.engine.metrics.job_failures.labels("model_error").inc()
+            raise JobFailedError(str(exc)) from exc
+        except BaseException:
+            await asyncio.to_thread(self.fl.end_load, self.job_id)
+            raise
+        await asyncio.to_thread(self.fl.end_load, self.job_id)
+        return result
 
     async def _load_weights(self, digest: str) -> tuple[dict[str, Any], int]:
         data = await asyncio.to_thread(self.registry.read_blob, digest)

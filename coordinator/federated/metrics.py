@@ -31,6 +31,24 @@ class FLMetrics:
         self.rounds = Counter(
             "lepton_fl_rounds", "Federated rounds ended, by outcome", ["outcome"], registry=registry
         )
+        self.job_failures = Counter(
+            "lepton_fl_job_failures",
+            "Federated jobs failed by their own code, by reason (model_error, crashed_loader)",
+            ["reason"],
+            registry=registry,
+        )
+        self.screened = Counter(
+            "lepton_fl_updates_screened",
+            "Updates refused or clamped before aggregation, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self.job_refusals = Counter(
+            "lepton_fl_job_refusals",
+            "Federated jobs refused at submission, by the key at fault",
+            ["key"],
+            registry=registry,
+        )
         self.round_seconds = Histogram(
             "lepton_fl_round_seconds",
             "Wall time of a closed round, from its start to its aggregation",

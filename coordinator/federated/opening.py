@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from typing import Any, Final
 
@@ -13,6 +12,7 @@ import numpy as np
 
 from coordinator.errors import ConflictError, NotFoundError
 from coordinator.federated import planning
+from coordinator.federated.credentials import SCHEME
 from coordinator.federated.jobstate import JobFailedError, JobState
 from coordinator.federated.store import (
     JobRecord,
@@ -36,7 +36,7 @@ class RoundOpening(JobState):
             return None
         devices, info = chosen
         now = time.time()
-        tokens = {d: secrets.token_urlsafe(18) for d in devices}
+        tokens = dict.fromkeys(devices, SCHEME)  # no secret: credentials are derived
         tasks = {d: planning.task_id(self.job_id, round_no, d) for d in devices}
         assert record.global_digest is not None
         rnd = await asyncio.to_thread(
@@ -171,8 +171,7 @@ class RoundOpening(JobState):
                     "size": self.global_size,
                     "url": f"{base}/v1/blobs/{digest}",
                 },
-                upload_url=f"{base}/v1/fl/uploads/{self.job_id}/{rnd.round}/{device}"
-                f"?token={rnd.tokens[device]}",
+                upload_url=f"{base}/v1/fl/uploads/{self.job_id}/{rnd.round}/{device}",
                 strategy_knobs=knobs,
             )
             spec = planning.task_spec(
@@ -235,7 +234,7 @@ class RoundOpening(JobState):
             self.record, want=want, exclude=frozenset(rnd.tokens), attempt=rnd.attempt + 1
         )
         devices: list[str] = chosen[0] if chosen else []
-        tokens = {d: secrets.token_urlsafe(18) for d in devices}
+        tokens = dict.fromkeys(devices, SCHEME)
         tasks = {d: planning.task_id(self.job_id, rnd.round, d) for d in devices}
         extended = await asyncio.to_thread(
             self.fl.extend_round,

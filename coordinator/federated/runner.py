@@ -96,18 +96,22 @@ class JobRunner(RoundOpening, RoundClosing):
 
     async def _prepare(self) -> JobRecord:
         job = self.job
-        try:
-            if job.initial_weights is not None:
-                weights = await self._initial_weights(job.initial_weights)
-            else:
-                weights = await asyncio.to_thread(modelio.initial_weights, job.model, job.seed)
-            shape = job.input_shape
-            if job.eval is not None:
-                self.eval_set = await asyncio.to_thread(modelio.load_eval_set, job.eval)
-                shape = shape or tuple(self.eval_set.x.shape[1:])
-            flops = await asyncio.to_thread(modelio.train_flops_per_example, job.model, shape)
-        except modelio.ModelError as exc:
-            raise JobFailedError(str(exc)) from exc
+        policy = self.engine.policy
+        if job.initial_weights is not None:
+            weights = await self._initial_weights(job.initial_weights)
+        else:
+            weights = await self._run_code(
+                "initial_weights", modelio.initial_weights, job.model, policy, job.seed
+            )
+        shape = job.input_shape
+        if job.eval is not None:
+            self.eval_set = await self._run_code(
+                "eval_set", modelio.load_eval_set, job.eval, policy
+            )
+            shape = shape or tuple(self.eval_set.x.shape[1:])
+        flops = await self._run_code(
+            "flops", modelio.train_flops_per_example, job.model, policy, shape
+        )
         blob = encode_weights(weights, kind="weights", round=0, job=self.job_id)
         digest = await asyncio.to_thread(self.registry.put_bytes, blob)
         cap = job.max_update_bytes or int(len(blob) * UPDATE_CAP_FACTOR) + UPDATE_CAP_MARGIN
@@ -139,10 +143,9 @@ class JobRunner(RoundOpening, RoundClosing):
         assert record.global_digest is not None
         self.global_weights, self.global_size = await self._load_weights(record.global_digest)
         if self.job.eval is not None and self.eval_set is None:
-            try:
-                self.eval_set = await asyncio.to_thread(modelio.load_eval_set, self.job.eval)
-            except modelio.ModelError as exc:
-                raise JobFailedError(str(exc)) from exc
+            self.eval_set = await self._run_code(
+                "eval_set", modelio.load_eval_set, self.job.eval, self.engine.policy
+            )
         rounds = await asyncio.to_thread(self.fl.list_rounds, self.job_id)
         closed = [r for r in rounds if r.state == "closed"]
         self.strategy = self.job.build_strategy()
@@ -158,7 +161,9 @@ class JobRunner(RoundOpening, RoundClosing):
             raise JobFailedError(f"initial_weights: no blob {digest}") from exc
         except DecodeError as exc:
             raise JobFailedError(f"initial_weights: not a weights blob: {exc}") from exc
-        await asyncio.to_thread(modelio.build_model, self.job.model, weights)  # ModelError
+        await self._run_code(
+            "build_model", modelio.build_model, self.job.model, self.engine.policy, weights
+        )
         return weights
 
     # ------------------------------------------------------------------ a round
@@ -231,7 +236,11 @@ class JobRunner(RoundOpening, RoundClosing):
         log.info("fl job %s %s; final model %s", self.job_id, state, final)
 
     async def _register(self, record: JobRecord) -> dict[str, Any]:
+        """Register the final weights as the job's model, unless ``final_check`` finds them
+        worse than where the job started or than the model last registered under its name
+        (then the final model says ``registered: false`` and why)."""
         job = self.job
+        policy = self.engine.policy
         assert self.global_weights is not None
         assert record.global_digest is not None
         weights = self.global_weights
@@ -240,21 +249,36 @@ class JobRunner(RoundOpening, RoundClosing):
         samples: int | None = None
         if self.eval_set is not None:
             shape = shape or tuple(self.eval_set.x.shape[1:])
-            _loss, accuracy = await asyncio.to_thread(
-                modelio.evaluate, job.model, weights, self.eval_set
+            _loss, final_accuracy = await self._run_code(
+                "evaluate", modelio.evaluate, job.model, policy, weights, self.eval_set
             )
-            samples = len(self.eval_set)
+            accuracy, samples = final_accuracy, len(self.eval_set)
+            refused = await self._final_check(final_accuracy) if job.final_check else None
+            if refused is not None:
+                self.engine.metrics.screened.labels("final_model_worse").inc()
+                log.warning("fl job %s: final model not registered: %s", self.job_id, refused)
+                return {
+                    "registered": False,
+                    "reason": refused,
+                    "weights_digest": record.global_digest,
+                    "accuracy": accuracy,
+                }
 
         def write_and_import() -> dict[str, Any]:
             with tempfile.TemporaryDirectory(prefix="lepton-fl-") as tmp:
                 try:
                     path, fmt = modelio.write_final_model(
-                        job.model, weights, Path(tmp), fmt=job.final_format, sample_shape=shape
+                        job.model,
+                        policy,
+                        weights,
+                        Path(tmp),
+                        fmt=job.final_format,
+                        sample_shape=shape,
                     )
                 except Exception:  # an export the model does not support: keep the weights
                     log.exception("fl job %s: ONNX export failed; saving a state dict", job.name)
                     path, fmt = modelio.write_final_model(
-                        job.model, weights, Path(tmp), fmt="torch", sample_shape=None
+                        job.model, policy, weights, Path(tmp), fmt="torch", sample_shape=None
                     )
                 rec = self.registry.import_file(
                     path,
@@ -273,4 +297,34 @@ class JobRunner(RoundOpening, RoundClosing):
                 "accuracy": accuracy,
             }
 
-        return await asyncio.to_thread(write_and_import)
+        return await self._run_code("final_model", write_and_import)
+
+    async def _final_check(self, accuracy: float) -> str | None:
+        """Why the final weights (``accuracy`` on the job's evaluation set) must not be
+        registered, or None: they score below the job's starting weights on the same set,
+        or below the latest model registered under the job's name (when that one was scored
+        on a set of the same size, i.e. the same set)."""
+        job = self.job
+        assert self.eval_set is not None
+        rounds = await asyncio.to_thread(self.fl.list_rounds, self.job_id)
+        if rounds:
+            start, _ = await self._load_weights(rounds[0].base_digest)
+            _loss, before = await self._run_code(
+                "evaluate", modelio.evaluate, job.model, self.engine.policy, start, self.eval_set
+            )
+            if accuracy < before:
+                return f"final accuracy {accuracy:.4f} is below the starting weights' {before:.4f}"
+        try:
+            previous = await asyncio.to_thread(self.registry.get, job.name)
+        except NotFoundError:
+            return None
+        if (
+            previous.accuracy_fp32 is not None
+            and previous.eval_samples == len(self.eval_set)
+            and accuracy < previous.accuracy_fp32
+        ):
+            return (
+                f"final accuracy {accuracy:.4f} is below {job.name} v{previous.version}'s "
+                f"{previous.accuracy_fp32:.4f}"
+            )
+        return None

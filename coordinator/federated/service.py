@@ -8,12 +8,16 @@ under the store's start-up lock, like the registry's, since replicas may start t
 from __future__ import annotations
 
 import contextlib
+import secrets
+import time
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter
 
-from coordinator.federated import tables
+from coordinator.federated import planning, tables
+from coordinator.federated.admission import JobPolicy
 from coordinator.federated.api import JobsContext, make_jobs_router
+from coordinator.federated.credentials import KEY_BYTES, KEY_NAME, UploadSigner
 from coordinator.federated.engine import FLEngine
 from coordinator.federated.http import UploadContext, make_upload_router
 from coordinator.federated.metrics import FLMetrics
@@ -29,6 +33,12 @@ def build_fl(c: Coordinator, registry: ModelRegistry) -> tuple[FLEngine, list[AP
     c.store.create_schema(tables.metadata)
     fl = FLStore(c.store.engine)
     metrics = FLMetrics(c.metrics.registry)
+    policy = JobPolicy.of(c.config)
+    signer = UploadSigner(
+        fl.secret(KEY_NAME, lambda: secrets.token_bytes(KEY_BYTES), now=time.time())
+    )
+    # Train tasks get their upload credential as they are sent, never in stored params.
+    c.store.add_sealer(planning.KIND, signer.seal)
 
     def base_url() -> str:
         if c.config.http.public_url:
@@ -50,13 +60,21 @@ def build_fl(c: Coordinator, registry: ModelRegistry) -> tuple[FLEngine, list[AP
         estimator=lambda: c.scheduler.estimator,
         weights=c.scheduler.weights,
         on_submit=wake_scheduler,
+        policy=policy,
+        signer=signer,
     )
     routes = [
         make_upload_router(
             UploadContext(
-                store=fl, registry=registry, metrics=metrics, on_update=engine.wake_threadsafe
+                store=fl,
+                registry=registry,
+                metrics=metrics,
+                signer=signer,
+                on_update=engine.wake_threadsafe,
             )
         ),
-        make_jobs_router(JobsContext(store=fl, on_change=engine.wake_threadsafe)),
+        make_jobs_router(
+            JobsContext(store=fl, policy=policy, metrics=metrics, on_change=engine.wake_threadsafe)
+        ),
     ]
     return engine, routes

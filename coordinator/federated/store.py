@@ -9,12 +9,12 @@ in their own transaction (fencing), like the store's own leader writes.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sqlalchemy import Engine, RowMapping, insert, select, update
+from sqlalchemy import Engine, RowMapping, delete, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -453,3 +453,41 @@ class FLStore:
         )
         with self.engine.connect() as conn:
             return {d: int(n) for d, n in conn.execute(query)}
+
+    # ------------------------------------------------------------------ job code in flight
+
+    def begin_load(self, job_id: str, what: str, *, now: float, lease: Lease | None = None) -> int:
+        """Count a call of the job's code about to start; returns how many earlier calls
+        began and never returned (the process died in them)."""
+        with self._write(lease) as s:
+            row = (
+                s.execute(self._locked(select(t.loads).where(t.loads.c.job_id == job_id)))
+                .mappings()
+                .first()
+            )
+            before = int(row["attempts"]) if row is not None else 0
+            values = {"attempts": before + 1, "what": what[:64], "started_at": now}
+            if row is None:
+                s.execute(insert(t.loads).values(job_id=job_id, **values))
+            else:
+                s.execute(update(t.loads).where(t.loads.c.job_id == job_id).values(**values))
+            return before
+
+    def end_load(self, job_id: str) -> None:
+        """The call of the job's code returned (or raised): nothing is in flight."""
+        with self._write() as s:
+            s.execute(delete(t.loads).where(t.loads.c.job_id == job_id))
+
+    # ------------------------------------------------------------------ keys
+
+    def secret(self, name: str, make: Callable[[], bytes], *, now: float) -> bytes:
+        """The secret ``name``, created with ``make()`` by the first process that asks (every
+        replica gets the same bytes)."""
+        with self._write() as s:
+            s.execute(
+                self._insert(t.keys)
+                .values(name=name, secret=make(), created_at=now)
+                .on_conflict_do_nothing(index_elements=["name"])
+            )
+            query = select(t.keys.c.secret).where(t.keys.c.name == name)
+            return bytes(s.execute(query).scalar_one())

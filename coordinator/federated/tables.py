@@ -2,13 +2,19 @@
 
 - ``fl_jobs``: one row per job: its spec, state, the round it is at and the current global
   weights (a blob digest), the tensor layout updates must match, the final model.
-- ``fl_rounds``: one row per (job, round): the devices selected with their upload tokens and
+- ``fl_rounds``: one row per (job, round): the devices selected (their update slots) and
   task ids, the deadline as an absolute time, the global weights the round trains from,
   upload rejects by reason, and once closed the new weights, the strategy's state after the
   round (a blob digest) and the round's figures.
 - ``fl_updates``: one row per accepted upload, unique on (job, round, device): a device's
   update is recorded once however often it is sent. ``result_id`` and ``examples`` are set
   when the device's train result has been applied too; only then does the update count.
+- ``fl_loads``: one row per job whose code (model factory, evaluation set) the coordinator
+  is running or was running when it died: ``attempts`` counts calls that never returned,
+  written before each call and reset after it, so a job whose code kills the process is
+  failed after a few restarts instead of crashing every one.
+- ``fl_keys``: the coordinator's secret keys (the upload credential key), shared by every
+  replica through the database.
 
 Times are UNIX seconds as floats. JSON columns are JSONB on PostgreSQL.
 """
@@ -23,6 +29,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -66,7 +73,9 @@ rounds = Table(
     Column("state", String(16), nullable=False),  # open | closed | failed | cancelled
     Column("attempt", Integer, nullable=False, default=1),  # extensions after a short deadline
     Column("selected", Json, nullable=False),  # [device ids], in selection order
-    Column("tokens", Json, nullable=False),  # {device id: upload token}
+    # {device id: how its uploads are authorised}: the selected devices' update slots. No
+    # secret: the credential is derived from the slot (coordinator.federated.credentials).
+    Column("tokens", Json, nullable=False),
     Column("tasks", Json, nullable=False),  # {device id: task id}
     Column("selection", Json),  # how they were chosen: expected times, forced...
     Column("base_digest", String(DIGEST), nullable=False),
@@ -95,4 +104,21 @@ updates = Table(
     Column("examples", Integer),
     Column("metrics", Json),
     UniqueConstraint("job_id", "round", "device_id", name="uq_fl_updates_slot"),
+)
+
+loads = Table(
+    "fl_loads",
+    metadata,
+    Column("job_id", String(ID), primary_key=True),
+    Column("attempts", Integer, nullable=False),  # calls begun and not (yet) returned
+    Column("what", String(64), nullable=False),  # the last call begun: "prepare", "evaluate"...
+    Column("started_at", Float, nullable=False),
+)
+
+keys = Table(
+    "fl_keys",
+    metadata,
+    Column("name", String(ID), primary_key=True),
+    Column("secret", LargeBinary, nullable=False),
+    Column("created_at", Float, nullable=False),
 )

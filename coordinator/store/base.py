@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar, cast
 
@@ -13,6 +13,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from coordinator.store.engine import Engines
 from coordinator.store.records import RetryPolicy
+from protocol.messages import Task
 
 S = TypeVar("S", bound=Select[Any])
 
@@ -24,6 +25,9 @@ class StoreBase:
         self._engines = engines
         self.retry = retry
         self.history_limit = history_limit
+        # Per task kind: adds what only the receiving device may see to a task's message
+        # as it is sent (see TaskOps.add_sealer); never stored.
+        self._sealers: dict[str, Callable[[Task, str], Task]] = {}
 
     @property
     def dialect(self) -> str:

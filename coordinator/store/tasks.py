@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any, cast
 
@@ -47,6 +47,19 @@ def task_message(row: TaskRow) -> Task:
 
 class TaskOps(StoreBase):
     """Task lifecycle writes and reads."""
+
+    def add_sealer(self, kind: str, seal: Callable[[Task, str], Task]) -> None:
+        """Have ``seal(message, device_id)`` finish every ``kind`` message sent to a device:
+        it adds what only that device may see (a credential), computed at each send and
+        never stored, so task views and results cannot show it."""
+        self._sealers[kind] = seal
+
+    def _dispatch(self, row: TaskRow, device_id: str) -> Dispatch:
+        message = task_message(row)
+        seal = self._sealers.get(row.kind)
+        if seal is not None:
+            message = seal(message, device_id)
+        return Dispatch(task_id=row.id, device_id=device_id, attempt=row.attempt, message=message)
 
     # ------------------------------------------------------------------ submission
 
@@ -146,14 +159,7 @@ class TaskOps(StoreBase):
                         task_id=row.id, attempt=row.attempt, device_id=a.device_id, assigned_at=now
                     )
                 )
-                out.append(
-                    Dispatch(
-                        task_id=row.id,
-                        device_id=a.device_id,
-                        attempt=row.attempt,
-                        message=task_message(row),
-                    )
-                )
+                out.append(self._dispatch(row, a.device_id))
         return out
 
     def mark_dispatched(self, sent: Sequence[tuple[str, int]], now: float) -> None:
@@ -188,15 +194,7 @@ class TaskOps(StoreBase):
                 .order_by(TaskRow.assigned_at)
                 .limit(limit)
             ).all()
-            return [
-                Dispatch(
-                    task_id=r.id,
-                    device_id=r.device_id or "",
-                    attempt=r.attempt,
-                    message=task_message(r),
-                )
-                for r in rows
-            ]
+            return [self._dispatch(r, r.device_id or "") for r in rows]
 
     def note_unassigned(
         self,

@@ -152,6 +152,8 @@ def coordinator_config(tmp_path: Path, broker_port: int, **overrides: Any) -> Co
         "tasks.redispatch_after_s": 1.0,
         "liveness.max_check_s": 0.5,
         "replica.lease_s": 3.0,
+        # Test fleets write their evaluation sets under tmp_path.
+        "fl.eval_dir": str(tmp_path),
     }
     base.update({k.replace("__", "."): v for k, v in overrides.items()})
     return load_config(env={}, overrides=base)

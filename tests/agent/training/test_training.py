@@ -321,3 +321,23 @@ def test_optimizers_follow_torch_update_rules() -> None:
     # Adam's bias-corrected steps move by lr under a constant gradient, whatever its scale.
     assert run([1e-3, 1e-3], lr=0.1, optimizer="adam") == pytest.approx([0.9, 0.8], abs=1e-4)
     assert run([5.0, 5.0], lr=0.1, optimizer="adam") == pytest.approx([0.9, 0.8], abs=1e-6)
+
+
+async def test_the_upload_credential_is_a_header_and_nowhere_else(
+    ctx: TaskContext, servers: Servers, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Finding 3 of the hardening review: the slot's credential the coordinator adds to the
+    task message goes out as a bearer header only: not in the URL, the output or errors."""
+    secret = "slot-credential-0123456789abcdef"
+    upload = {"url": servers.uploads.url("digits-fl/3/dev1"), "token": secret}
+    caplog.set_level("DEBUG")
+    out, _ = await run_train(ctx, servers, upload=upload)
+    (put,) = servers.uploads.requests
+    assert put.headers["Authorization"] == f"Bearer {secret}"
+    assert secret not in put.path
+    assert secret not in repr(out)
+    servers.uploads.fault(UploadFault(kind="status", status=403))
+    with pytest.raises(TaskError) as refused:
+        await run_train(ctx, servers, upload=upload)
+    assert secret not in str(refused.value)
+    assert secret not in caplog.text

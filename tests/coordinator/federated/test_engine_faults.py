@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -41,8 +42,11 @@ MakeCoordinator = Callable[..., AbstractAsyncContextManager[Coordinator]]
 class CoordinatorProcess:
     """``lepton coordinator run`` on a fixed port and data directory, restartable."""
 
-    def __init__(self, workdir: Path, broker_port: int) -> None:
+    def __init__(
+        self, workdir: Path, broker_port: int, settings: dict[str, str] | None = None
+    ) -> None:
         self.workdir = workdir
+        self.settings = dict(settings or {})
         self.port = free_port()
         self.broker_port = broker_port
         self.proc: subprocess.Popen[bytes] | None = None
@@ -64,6 +68,8 @@ class CoordinatorProcess:
             "replica.lease_s": "3",
             "liveness.max_check_s": "0.5",
             "database.sqlite_synchronous": "normal",
+            "fl.eval_dir": str(self.workdir),
+            **self.settings,
         }
         cmd = [
             sys.executable,
@@ -247,23 +253,46 @@ async def test_hostile_uploads_to_a_running_job_are_refused_and_counted(
             target = rnd["devices"][0]
             task = (await api.get(f"/v1/tasks/{planning.task_id(job_id, 1, target)}")).json()
             url: str = task["params"]["upload"]["url"]
-            path, _, query = url.partition("?")
-            path = path.removeprefix(c.api_url)
+            # Finding 3 of the hardening review: no view holds a slot's credential.
+            assert c.fl is not None
+            assert c.fl.signer is not None
+            secret = c.fl.signer.token(job_id, 1, target)
+            views = [
+                (await api.get(path)).text
+                for path in ("/v1/tasks", f"/v1/fl/jobs/{job_id}", "/v1/fl/jobs")
+            ]
+            assert all("token" not in v and secret not in v for v in [*views, json.dumps(task)])
+            assert "?" not in url
+            path = url.removeprefix(c.api_url)
 
-            async def put(body: bytes, at: str = path, q: str = query) -> tuple[int, str]:
+            async def put(body: bytes, at: str = path, token: str = secret) -> tuple[int, str]:
                 digest = hashlib.sha256(body).hexdigest()
-                r = await api.put(
-                    f"{at}?{q}", content=body, headers={"X-Lepton-Digest": f"sha256:{digest}"}
-                )
+                headers = {"X-Lepton-Digest": f"sha256:{digest}"}
+                if token:
+                    headers["Authorization"] = f"Bearer {token}"
+                r = await api.put(at, content=body, headers=headers)
                 return r.status_code, r.json().get("reason", "ok")
 
+            # Another client, with the URL from the task view, cannot fill the slot.
+            honest = encode_weights(
+                {k: np.zeros(v, dtype=np.float32) for k, v in (await _tensors(c, job_id)).items()},
+                kind="update",
+                base=task["params"]["weights"]["digest"],
+                round=1,
+                job=job_id,
+            )
+            assert await put(honest, token="") == (403, "bad_token")
+            other = next(d for d in rnd["devices"] if d != target)
+            assert await put(honest, token=c.fl.signer.token(job_id, 1, other)) == (
+                403,
+                "bad_token",
+            )
             assert await put(b"\x00garbage") == (400, "malformed")
             assert await put(b"\x00" * (8 << 20)) == (413, "oversized")
             wrong_round = path.replace(f"/{job_id}/1/", f"/{job_id}/2/")
             assert await put(b"x", at=wrong_round) == (409, "wrong_round")
             stranger = path.replace(f"/1/{target}", "/1/not-a-device")
             assert await put(b"x", at=stranger) == (403, "not_selected")
-            assert await put(b"x", q="token=guess") == (403, "bad_token")
             shapes = {
                 k: np.zeros(v, dtype=np.float32) for k, v in (await _tensors(c, job_id)).items()
             }
@@ -277,13 +306,14 @@ async def test_hostile_uploads_to_a_running_job_are_refused_and_counted(
             "malformed": 1,
             "oversized": 1,
             "not_selected": 1,
-            "bad_token": 1,
+            "bad_token": 2,
             "wrong_base": 1,
         }
         # The devices' own updates were not disturbed.
         assert rnd["accepted"] == 3
-        for reason in ("malformed", "oversized", "wrong_round", "not_selected", "bad_token"):
+        for reason in ("malformed", "oversized", "wrong_round", "not_selected"):
             assert f'lepton_fl_upload_rejects_total{{reason="{reason}"}} 1.0' in metrics
+        assert 'lepton_fl_upload_rejects_total{reason="bad_token"} 2.0' in metrics
 
 
 async def _tensors(c: Coordinator, job_id: str) -> dict[str, list[int]]:

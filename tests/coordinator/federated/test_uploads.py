@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from coordinator.federated import tables
+from coordinator.federated.credentials import SCHEME, UploadSigner
 from coordinator.federated.http import UploadContext, make_upload_router
 from coordinator.federated.metrics import FLMetrics
 from coordinator.federated.store import FLStore
@@ -42,21 +43,30 @@ class Env:
     metrics: FLMetrics
     base: str
     woken: list[int]
+    signer: UploadSigner
+
+    def token(self, device: str, round_no: int = 1, job: str = JOB) -> str:
+        """The credential the coordinator puts in ``device``'s train task message."""
+        return self.signer.token(job, round_no, device)
 
     def put(
         self,
         body: bytes,
         *,
         device: str = "d1",
-        token: str = "tok-d1",
+        token: str | None = None,
         round_no: int = 1,
         digest: str | None = None,
         job: str = JOB,
         headers: dict[str, str] | None = None,
     ) -> tuple[int, str]:
         h = {"X-Lepton-Digest": f"sha256:{digest or hashlib.sha256(body).hexdigest()}"}
+        if token is None:
+            token = self.token(device, round_no, job)
+        if token:
+            h["Authorization"] = f"Bearer {token}"
         h.update(headers or {})
-        url = f"/v1/fl/uploads/{job}/{round_no}/{device}?token={token}"
+        url = f"/v1/fl/uploads/{job}/{round_no}/{device}"
 
         async def put() -> httpx.Response:
             transport = httpx.ASGITransport(app=self.app)
@@ -102,7 +112,7 @@ def env(tmp_path: Path) -> Iterator[Env]:
         JOB,
         1,
         selected=["d1", "d2"],
-        tokens={"d1": "tok-d1", "d2": "tok-d2"},
+        tokens={"d1": SCHEME, "d2": SCHEME},
         tasks={"d1": "t1", "d2": "t2"},
         selection={},
         base_digest=base,
@@ -111,15 +121,20 @@ def env(tmp_path: Path) -> Iterator[Env]:
     )
     metrics = FLMetrics(CollectorRegistry())
     woken: list[int] = []
+    signer = UploadSigner(b"k" * 32)
     app = FastAPI()
     app.include_router(
         make_upload_router(
             UploadContext(
-                store=fl, registry=registry, metrics=metrics, on_update=lambda: woken.append(1)
+                store=fl,
+                registry=registry,
+                metrics=metrics,
+                signer=signer,
+                on_update=lambda: woken.append(1),
             )
         )
     )
-    yield Env(app, fl, metrics, base, woken)
+    yield Env(app, fl, metrics, base, woken, signer)
     store.close()
 
 
@@ -141,7 +156,10 @@ def test_a_good_update_is_recorded_once(env: Env) -> None:
     ("kwargs", "expected"),
     [
         ({"device": "d9", "token": "x"}, (403, "not_selected")),
-        ({"token": "tok-d2"}, (403, "bad_token")),
+        ({"token": UploadSigner(b"k" * 32).token(JOB, 1, "d2")}, (403, "bad_token")),
+        ({"token": UploadSigner(b"k" * 32).token(JOB, 2, "d1")}, (403, "bad_token")),
+        ({"token": UploadSigner(b"x" * 32).token(JOB, 1, "d1")}, (403, "bad_token")),
+        ({"token": ""}, (403, "bad_token")),
         ({"round_no": 2}, (409, "wrong_round")),
         ({"job": "other-1"}, (404, "unknown_job")),
         ({"digest": "0" * 64}, (400, "digest_mismatch")),
@@ -154,6 +172,18 @@ def test_slot_and_header_checks(
     assert env.put(env.update(), **kwargs) == expected  # type: ignore[arg-type]
     assert env.rejects(expected[1]) == 1
     assert env.fl.updates_for(JOB, 1) == []
+
+
+def test_the_credential_travels_in_a_header_only(env: Env) -> None:
+    """Finding 3 of the hardening review: the credential is the slot's and a header's; a
+    query string (which URLs, access logs and error messages carry) is not read."""
+    url_token = {"headers": {"Authorization": ""}}
+    assert env.put(env.update(), token="", **url_token) == (403, "bad_token")  # type: ignore[arg-type]
+    valid = env.token("d1")
+    assert env.put(env.update(), token="", headers={"X-Token": valid}) == (403, "bad_token")
+    assert env.put(env.update(), token="a" * 4000) == (403, "bad_token")
+    assert env.put(env.update(), token=valid) == (200, "ok")
+    assert repr(env.signer) == "UploadSigner(key=***)"
 
 
 def test_blob_checks(env: Env) -> None:
@@ -193,7 +223,7 @@ def test_oversized_is_refused_before_reading(env: Env) -> None:
 def test_late_update_after_the_round_closed(env: Env) -> None:
     assert env.put(env.update()) == (200, "ok")
     assert env.fl.close_round(JOB, 1, state="closed", now=time.time())
-    assert env.put(env.update(), device="d2", token="tok-d2") == (409, "late")
+    assert env.put(env.update(), device="d2") == (409, "late")
     assert env.fl.get_round(JOB, 1).rejects == {"late": 1}  # type: ignore[union-attr]
 
 
@@ -203,16 +233,16 @@ def test_late_update_is_taken_when_the_job_folds_late_updates(env: Env) -> None:
     assert env.fl.close_round(JOB, 1, state="closed", now=time.time())
     env.fl.update_job(JOB, round=3)  # two rounds on: still within max_rounds
     body = env.update()
-    assert env.put(body, device="d2", token="tok-d2") == (200, "ok")
-    assert env.put(body, device="d2", token="tok-d2") == (200, "ok")  # a retry: once
+    assert env.put(body, device="d2") == (200, "ok")
+    assert env.put(body, device="d2") == (200, "ok")  # a retry: once
     [up] = env.fl.updates_for(JOB, 1)
     assert (up.device_id, up.digest) == ("d2", hashlib.sha256(body).hexdigest())
     # Its round's checks still hold: token, selection, base weights.
-    assert env.put(body, device="d1", token="tok-d2") == (403, "bad_token")
-    assert env.put(body, device="d9", token="tok-d2") == (403, "not_selected")
-    assert env.put(env.update(base="0" * 64), device="d1", token="tok-d1") == (400, "wrong_base")
+    assert env.put(body, device="d1", token=env.token("d2")) == (403, "bad_token")
+    assert env.put(body, device="d9", token=env.token("d2")) == (403, "not_selected")
+    assert env.put(env.update(base="0" * 64), device="d1") == (400, "wrong_base")
     env.fl.update_job(JOB, round=4)  # three rounds on: too late
-    assert env.put(env.update(), device="d1", token="tok-d1") == (409, "late")
+    assert env.put(env.update(), device="d1") == (409, "late")
     assert env.fl.get_round(JOB, 1).rejects == {  # type: ignore[union-attr]
         "bad_token": 1,
         "not_selected": 1,
