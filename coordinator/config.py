@@ -19,7 +19,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Final, Literal, get_args, get_origin
 
 from protocol.errors import ConfigError
 from protocol.imports import Allowlist
@@ -329,6 +329,36 @@ def _validate_weights(raw: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: Settings that must be > 0.
+_POSITIVE: Final = (
+    "liveness.missed_reports",
+    "liveness.default_interval_s",
+    "liveness.max_check_s",
+    "registry.flush_interval_s",
+    "registry.flush_max_batch",
+    "scheduler.batch_interval_s",
+    "scheduler.time_budget_s",
+    "scheduler.max_batch",
+    "tasks.default_expiry_s",
+    "tasks.max_attempts",
+    "tasks.ack_timeout_s",
+    "tasks.run_timeout_s",
+    "tasks.redispatch_after_s",
+    "replica.lease_s",
+    "mqtt.keepalive_s",
+    "mqtt.publish_timeout_s",
+    "database.capacity_history",
+    "http.max_body_bytes",
+    "http.max_head_bytes",
+    "http.head_timeout_s",
+    "http.body_timeout_s",
+    "http.upload_min_bytes_per_s",
+    "http.max_concurrency",
+    "fl.max_load_attempts",
+    "fl.max_examples_per_update",
+)
+
+
 def _check(cfg: Config) -> None:
     def positive(key: str, value: float) -> None:
         if not value > 0:
@@ -342,29 +372,9 @@ def _check(cfg: Config) -> None:
     for key, port in (("mqtt.port", cfg.mqtt.port), ("http.port", cfg.http.port)):
         if not 0 <= port <= 65535:
             raise ConfigError(f"{key} must be 0..65535; got {port}", key=key)
-    positive("liveness.missed_reports", cfg.liveness.missed_reports)
-    positive("liveness.default_interval_s", cfg.liveness.default_interval_s)
-    positive("liveness.max_check_s", cfg.liveness.max_check_s)
-    positive("registry.flush_interval_s", cfg.registry.flush_interval_s)
-    positive("registry.flush_max_batch", cfg.registry.flush_max_batch)
-    positive("scheduler.batch_interval_s", cfg.scheduler.batch_interval_s)
-    positive("scheduler.time_budget_s", cfg.scheduler.time_budget_s)
-    positive("scheduler.max_batch", cfg.scheduler.max_batch)
-    positive("tasks.default_expiry_s", cfg.tasks.default_expiry_s)
-    positive("tasks.max_attempts", cfg.tasks.max_attempts)
-    positive("tasks.ack_timeout_s", cfg.tasks.ack_timeout_s)
-    positive("tasks.run_timeout_s", cfg.tasks.run_timeout_s)
-    positive("tasks.redispatch_after_s", cfg.tasks.redispatch_after_s)
-    positive("replica.lease_s", cfg.replica.lease_s)
-    positive("mqtt.keepalive_s", cfg.mqtt.keepalive_s)
-    positive("mqtt.publish_timeout_s", cfg.mqtt.publish_timeout_s)
-    positive("database.capacity_history", cfg.database.capacity_history)
-    positive("http.max_body_bytes", cfg.http.max_body_bytes)
-    positive("http.max_head_bytes", cfg.http.max_head_bytes)
-    positive("http.head_timeout_s", cfg.http.head_timeout_s)
-    positive("http.body_timeout_s", cfg.http.body_timeout_s)
-    positive("http.upload_min_bytes_per_s", cfg.http.upload_min_bytes_per_s)
-    positive("http.max_concurrency", cfg.http.max_concurrency)
+    for key in _POSITIVE:
+        section, _, name = key.partition(".")
+        positive(key, getattr(getattr(cfg, section), name))
     if cfg.tasks.retry_backoff_s < 0 or cfg.tasks.retry_backoff_max_s < cfg.tasks.retry_backoff_s:
         raise ConfigError(
             "tasks.retry_backoff_s must be >= 0 and <= tasks.retry_backoff_max_s",
@@ -384,8 +394,6 @@ def _check(cfg: Config) -> None:
             validate_id(cfg.mqtt.shared_group, what="mqtt.shared_group")
         except Exception as exc:
             raise ConfigError(str(exc), key="mqtt.shared_group") from exc
-    positive("fl.max_load_attempts", cfg.fl.max_load_attempts)
-    positive("fl.max_examples_per_update", cfg.fl.max_examples_per_update)
     try:
         Allowlist(cfg.fl.allowed_imports)
     except ValueError as exc:
