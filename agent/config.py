@@ -124,6 +124,15 @@ class AgentConfig:
             raise ConfigError("broker.port must be <= 65535", key="broker_port")
         if self.endpoint_port is not None and not 0 <= self.endpoint_port <= 65535:
             raise ConfigError("endpoint.port must be in [0, 65535]", key="endpoint_port")
+        if self.broker_username is not None and self.broker_username != self.device_id:
+            # The broker binds the client id to the username (use_username_as_clientid) and
+            # the ACL grants a device's topics to %u: a different username would take another
+            # session and could publish nowhere under this device's id.
+            raise ConfigError(
+                f"broker.username must be the device id {self.device_id!r}; "
+                f"got {self.broker_username!r}",
+                key="broker_username",
+            )
         for key in ("inference_threads", "inference_download_retries"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must not be negative", key=key)

@@ -139,7 +139,8 @@ class DeviceOps(StoreBase):
         """Apply a birth (``online``) or Last Will (``offline``) message.
 
         Going offline takes back the device's assigned and running tasks; their ids are
-        returned. A retained message (delivered on subscribe, possibly old) changes the state
+        returned. A will received before the device's current state (``state_at``) is stale
+        and ignored. A retained message (delivered on subscribe, possibly old) changes the state
         but does not count as a sign of life.
         """
         return self.apply_states([StateUpdate(device_id, fleet, msg, received_at, retained)])[0]
@@ -187,8 +188,15 @@ class DeviceOps(StoreBase):
                 values["runtimes"] = ex.runtimes
             if not retained:
                 values["last_seen"] = greatest(c.last_seen, ex.last_seen)
-        session.execute(ins.on_conflict_do_update(index_elements=[c.id], set_=values))
         if online:
+            session.execute(ins.on_conflict_do_update(index_elements=[c.id], set_=values))
+            return []
+        # A will received before the state it would replace is stale: replicas sharing the
+        # subscription (or a broker redelivering) may apply a will after the birth of the
+        # device's next connection, and the device is connected then; it changes nothing.
+        newest = c.state_at <= ex.state_at
+        upsert = ins.on_conflict_do_update(index_elements=[c.id], set_=values, where=newest)
+        if session.execute(upsert.returning(c.id)).first() is None:
             return []
         reason = f"device offline ({msg.reason or 'last will'})"
         return requeue_device(

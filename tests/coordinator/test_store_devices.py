@@ -97,6 +97,22 @@ def test_report_received_before_the_will_does_not_revive(store: Store) -> None:
     assert dev.offline_reason is None
 
 
+def test_will_received_before_the_current_birth_is_stale(store: Store) -> None:
+    """Finding 5 of the hardening review: a will applied after the birth of the device's next
+    connection (replicas share the subscription) neither takes it offline nor requeues."""
+    store.record_capacity([sample("a", received_at=T0)])
+    store.submit(new_task("t1", now=T0))
+    store.assign([Assignment(task_id="t1", device_id="a")], T0 + 1)
+    store.apply_state("a", "default", State(state="online"), T0 + 3)
+    assert store.apply_state("a", "default", State(state="offline"), T0 + 2) == []
+    dev = store.get_device("a")
+    assert (dev.state, dev.state_at, dev.offline_reason) == ("online", T0 + 3, None)
+    task = store.get_task("t1")
+    assert (task.state, task.device_id) == ("assigned", "a")
+    assert store.apply_state("a", "default", State(state="offline"), T0 + 4) == ["t1"]
+    assert store.get_device("a").state == "offline"
+
+
 def test_birth_creates_device_and_retained_birth_is_no_sign_of_life(store: Store) -> None:
     birth = State(
         state="online", agent_version="1.2", device_class="jetson", runtimes=["onnxruntime"]
