@@ -203,16 +203,28 @@ class DeviceOps(StoreBase):
             session, device_id, reason, received_at, self.retry, lock=self.dialect == "postgresql"
         )
 
-    def _deadline(self, missed: float, default_interval_s: float) -> ColumnElement[float]:
+    def _deadline(
+        self, missed: float, default_interval_s: float, seen_floor: float
+    ) -> ColumnElement[float]:
         interval = func.coalesce(DeviceRow.report_interval_s, default_interval_s)
-        return DeviceRow.last_seen + missed * interval
+        return greatest(_devices.c.last_seen, seen_floor) + missed * interval
 
     def mark_stale_offline(
-        self, now: float, *, missed: float, default_interval_s: float, limit: int = 1000
+        self,
+        now: float,
+        *,
+        missed: float,
+        default_interval_s: float,
+        seen_floor: float = 0.0,
+        limit: int = 1000,
     ) -> dict[str, list[str]]:
         """Mark devices that missed ``missed`` report intervals offline and take back their
-        tasks; return device id -> requeued task ids."""
-        deadline = self._deadline(missed, default_interval_s)
+        tasks; return device id -> requeued task ids.
+
+        A device counts as seen at ``seen_floor`` at the latest: the caller's link to the
+        broker came back then, and no report could reach it before.
+        """
+        deadline = self._deadline(missed, default_interval_s, seen_floor)
         out: dict[str, list[str]] = {}
         with self._write() as session:
             ids = session.scalars(
@@ -243,11 +255,13 @@ class DeviceOps(StoreBase):
                     )
         return out
 
-    def next_deadline(self, *, missed: float, default_interval_s: float) -> float | None:
+    def next_deadline(
+        self, *, missed: float, default_interval_s: float, seen_floor: float = 0.0
+    ) -> float | None:
         """The earliest time an online device will miss its deadline (None: none online)."""
         with self._read() as session:
             value = session.scalar(
-                select(func.min(self._deadline(missed, default_interval_s))).where(
+                select(func.min(self._deadline(missed, default_interval_s, seen_floor))).where(
                     DeviceRow.state == "online"
                 )
             )
