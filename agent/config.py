@@ -156,6 +156,15 @@ class AgentConfig:
             Allowlist(self.agent_model_imports)
         except ValueError as exc:
             raise ConfigError(f"agent.model_imports: {exc}", key="agent_model_imports") from exc
+        if self.broker_username is not None and self.broker_username != self.device_id:
+            # The broker binds the client id to the username (use_username_as_clientid) and
+            # the ACL grants a device's topics to %u: a different username would take another
+            # session and could publish nowhere under this device's id.
+            raise ConfigError(
+                f"broker.username must be the device id {self.device_id!r}; "
+                f"got {self.broker_username!r}",
+                key="broker_username",
+            )
         for key in ("inference_threads", "inference_download_retries"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must not be negative", key=key)

@@ -173,6 +173,8 @@ class Link:
         client = aiomqtt.Client(
             cfg.broker_host,
             cfg.broker_port,
+            # The shipped broker config replaces the client id with the username, which the
+            # config requires to be the device id: the persistent session stays this one.
             identifier=cfg.device_id,
             username=cfg.broker_username,
             password=cfg.broker_password,

@@ -51,7 +51,7 @@ class MqttConfig:
     cert_file: str = ""
     key_file: str = ""
     protocol: MqttProtocol = "5"
-    client_id: str = ""  # empty: lepton-coordinator-{instance_id}
+    client_id: str = ""  # empty: the username, else lepton-coordinator-{instance_id}
     keepalive_s: int = 30
     session_expiry_s: int = 3600
     shared_subscriptions: bool = False
@@ -166,7 +166,9 @@ class Config:
 
     @property
     def mqtt_client_id(self) -> str:
-        return self.mqtt.client_id or f"lepton-coordinator-{self.instance_id}"
+        """The configured client id; else the username, which the shipped broker config makes
+        the client id anyway (``use_username_as_clientid``); else one from the instance id."""
+        return self.mqtt.client_id or self.mqtt.username or f"lepton-coordinator-{self.instance_id}"
 
     def heartbeat_deadline_s(self, interval_s: float | None) -> float:
         """Seconds without a report after which a device counts as offline."""

@@ -150,7 +150,7 @@ class Coordinator:
             client_id=cfg.mqtt_client_id,
             subscriptions=subscriptions(cfg.fleet, shared_group=shared),
             on_message=self.ingest.handle,
-            on_connection=lambda up: metrics.mqtt_connected.set(1 if up else 0),
+            on_connection=self._link_changed,
         )
         self.leadership = Leadership(store, cfg.instance_id, cfg.replica.lease_s, metrics)
         self.scheduler = Scheduler(cfg, store, self.link, metrics)
@@ -210,6 +210,10 @@ class Coordinator:
     def _on_results(self, outcomes: Sequence[ResultOutcome]) -> None:
         if self.fl is not None:
             self.fl.on_results(outcomes)
+
+    def _link_changed(self, up: bool) -> None:  # event loop
+        self.metrics.mqtt_connected.set(1 if up else 0)
+        self.liveness.link_changed(up)
 
     def _wake_scheduler_threadsafe(self) -> None:
         loop = self._loop

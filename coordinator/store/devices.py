@@ -139,7 +139,8 @@ class DeviceOps(StoreBase):
         """Apply a birth (``online``) or Last Will (``offline``) message.
 
         Going offline takes back the device's assigned and running tasks; their ids are
-        returned. A retained message (delivered on subscribe, possibly old) changes the state
+        returned. A will received before the device's current state (``state_at``) is stale
+        and ignored. A retained message (delivered on subscribe, possibly old) changes the state
         but does not count as a sign of life.
         """
         return self.apply_states([StateUpdate(device_id, fleet, msg, received_at, retained)])[0]
@@ -187,24 +188,43 @@ class DeviceOps(StoreBase):
                 values["runtimes"] = ex.runtimes
             if not retained:
                 values["last_seen"] = greatest(c.last_seen, ex.last_seen)
-        session.execute(ins.on_conflict_do_update(index_elements=[c.id], set_=values))
         if online:
+            session.execute(ins.on_conflict_do_update(index_elements=[c.id], set_=values))
+            return []
+        # A will received before the state it would replace is stale: replicas sharing the
+        # subscription (or a broker redelivering) may apply a will after the birth of the
+        # device's next connection, and the device is connected then; it changes nothing.
+        newest = c.state_at <= ex.state_at
+        upsert = ins.on_conflict_do_update(index_elements=[c.id], set_=values, where=newest)
+        if session.execute(upsert.returning(c.id)).first() is None:
             return []
         reason = f"device offline ({msg.reason or 'last will'})"
         return requeue_device(
             session, device_id, reason, received_at, self.retry, lock=self.dialect == "postgresql"
         )
 
-    def _deadline(self, missed: float, default_interval_s: float) -> ColumnElement[float]:
+    def _deadline(
+        self, missed: float, default_interval_s: float, seen_floor: float
+    ) -> ColumnElement[float]:
         interval = func.coalesce(DeviceRow.report_interval_s, default_interval_s)
-        return DeviceRow.last_seen + missed * interval
+        return greatest(_devices.c.last_seen, seen_floor) + missed * interval
 
     def mark_stale_offline(
-        self, now: float, *, missed: float, default_interval_s: float, limit: int = 1000
+        self,
+        now: float,
+        *,
+        missed: float,
+        default_interval_s: float,
+        seen_floor: float = 0.0,
+        limit: int = 1000,
     ) -> dict[str, list[str]]:
         """Mark devices that missed ``missed`` report intervals offline and take back their
-        tasks; return device id -> requeued task ids."""
-        deadline = self._deadline(missed, default_interval_s)
+        tasks; return device id -> requeued task ids.
+
+        A device counts as seen at ``seen_floor`` at the latest: the caller's link to the
+        broker came back then, and no report could reach it before.
+        """
+        deadline = self._deadline(missed, default_interval_s, seen_floor)
         out: dict[str, list[str]] = {}
         with self._write() as session:
             ids = session.scalars(
@@ -235,11 +255,13 @@ class DeviceOps(StoreBase):
                     )
         return out
 
-    def next_deadline(self, *, missed: float, default_interval_s: float) -> float | None:
+    def next_deadline(
+        self, *, missed: float, default_interval_s: float, seen_floor: float = 0.0
+    ) -> float | None:
         """The earliest time an online device will miss its deadline (None: none online)."""
         with self._read() as session:
             value = session.scalar(
-                select(func.min(self._deadline(missed, default_interval_s))).where(
+                select(func.min(self._deadline(missed, default_interval_s, seen_floor))).where(
                     DeviceRow.state == "online"
                 )
             )

@@ -13,7 +13,7 @@ attempts (or past its expiry) ends the task.
 
 from __future__ import annotations
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from coordinator.store.records import IN_FLIGHT, RetryPolicy, TaskState
@@ -56,7 +56,8 @@ def fail_attempt(
     """The current attempt did not produce a result: retry it or end the task.
 
     Retries wait ``retry.delay(attempt)`` unless ``backoff`` is False (a device that went
-    away is not the task's fault, so its tasks are placed again at once).
+    away is not the task's fault, so its tasks are placed again at once). Attempts count
+    against ``max_attempts`` only once they reached their device (see :func:`used_attempts`).
     """
     finish_attempt(session, row.id, row.attempt, now, outcome=outcome, error=reason)
     row.last_error = reason
@@ -65,7 +66,7 @@ def fail_attempt(
         row.state = "expired"
         row.finished_at = now
         row.device_id = None
-    elif row.attempt >= row.max_attempts:
+    elif row.attempt >= row.max_attempts and used_attempts(session, row) >= row.max_attempts:
         row.state = "failed"
         row.finished_at = now
     else:
@@ -73,6 +74,23 @@ def fail_attempt(
         _clear_assignment(row)
         row.next_attempt_at = now + (retry.delay(row.attempt) if backoff else 0.0)
     return row.state  # type: ignore[return-value]
+
+
+def used_attempts(session: Session, row: TaskRow) -> int:
+    """Attempts that count against ``max_attempts``: all but those taken back from a device
+    that went offline before acknowledging them. Such an attempt never reached the device (or
+    the broker: the coordinator's own link may have been down), so it tried nothing; the
+    task's expiry still bounds how often that can happen."""
+    free = session.scalar(
+        select(func.count())
+        .select_from(AttemptRow)
+        .where(
+            AttemptRow.task_id == row.id,
+            AttemptRow.outcome == "device_offline",
+            AttemptRow.acked_at.is_(None),
+        )
+    )
+    return row.attempt - int(free or 0)
 
 
 def end_task(

@@ -54,6 +54,8 @@ def test_unknown_section_and_env(tmp_path: Path) -> None:
         ({"LEPTON_DEVICE_ID": "bad/id"}, "device_id"),
         ({"LEPTON_DEVICE_ID": "bad+id"}, "device_id"),
         ({"LEPTON_BROKER_TLS": "maybe"}, "broker_tls"),
+        # Finding 5 of the hardening review: the broker makes the username the client id.
+        ({"LEPTON_DEVICE_ID": "pi-1", "LEPTON_BROKER_USERNAME": "pi-2"}, "broker_username"),
     ],
 )
 def test_bad_values_are_refused_with_key(env: dict[str, str], key: str) -> None:
@@ -71,3 +73,8 @@ def test_example_config_loads() -> None:
     example = Path(__file__).resolve().parents[2] / "deploy" / "agent.example.toml"
     cfg = load_config(example, env={})
     assert cfg.device_fleet == "default"
+
+
+def test_broker_username_is_the_device_id() -> None:
+    cfg = load_config(None, env={"LEPTON_DEVICE_ID": "pi-1", "LEPTON_BROKER_USERNAME": "pi-1"})
+    assert cfg.broker_username == cfg.device_id == "pi-1"

@@ -25,6 +25,14 @@ def test_defaults() -> None:
     assert cfg.heartbeat_deadline_s(None) == 90.0
 
 
+def test_client_id_defaults_to_the_username() -> None:
+    """The shipped broker config makes the username the client id; the coordinator says so."""
+    cfg = load(env={}, overrides={"mqtt.username": "coordinator-2"})
+    assert cfg.mqtt_client_id == "coordinator-2"
+    explicit = load(env={}, overrides={"mqtt.username": "c", "mqtt.client_id": "x"})
+    assert explicit.mqtt_client_id == "x"
+
+
 def test_layers_in_order(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text(

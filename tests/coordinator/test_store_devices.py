@@ -6,7 +6,7 @@ import pytest
 
 from coordinator.errors import NotFoundError
 from coordinator.store import Assignment, Store
-from protocol.messages import State
+from protocol.messages import State, TaskAck
 from tests.coordinator.factories import new_task, sample
 
 T0 = 1_700_000_000.0
@@ -97,6 +97,22 @@ def test_report_received_before_the_will_does_not_revive(store: Store) -> None:
     assert dev.offline_reason is None
 
 
+def test_will_received_before_the_current_birth_is_stale(store: Store) -> None:
+    """Finding 5 of the hardening review: a will applied after the birth of the device's next
+    connection (replicas share the subscription) neither takes it offline nor requeues."""
+    store.record_capacity([sample("a", received_at=T0)])
+    store.submit(new_task("t1", now=T0))
+    store.assign([Assignment(task_id="t1", device_id="a")], T0 + 1)
+    store.apply_state("a", "default", State(state="online"), T0 + 3)
+    assert store.apply_state("a", "default", State(state="offline"), T0 + 2) == []
+    dev = store.get_device("a")
+    assert (dev.state, dev.state_at, dev.offline_reason) == ("online", T0 + 3, None)
+    task = store.get_task("t1")
+    assert (task.state, task.device_id) == ("assigned", "a")
+    assert store.apply_state("a", "default", State(state="offline"), T0 + 4) == ["t1"]
+    assert store.get_device("a").state == "offline"
+
+
 def test_birth_creates_device_and_retained_birth_is_no_sign_of_life(store: Store) -> None:
     birth = State(
         state="online", agent_version="1.2", device_class="jetson", runtimes=["onnxruntime"]
@@ -141,3 +157,40 @@ def test_unknown_device_raises(store: Store) -> None:
 def test_groups(store: Store) -> None:
     store.record_capacity([sample("a", received_at=T0)])
     assert store.set_groups("a", ["lab", "edge", "lab"]).groups == ["edge", "lab"]
+
+
+def test_deadlines_count_from_the_seen_floor(store: Store) -> None:
+    """Finding 6 of the hardening review: after the coordinator's own link was down, a device
+    is judged from the moment the link came back, with its full intervals to report again."""
+    store.record_capacity([sample("a", received_at=T0, interval_s=1.0)])
+    back = T0 + 100  # the link was down from about T0 to T0 + 100
+    assert store.next_deadline(missed=3, default_interval_s=30, seen_floor=back) == back + 3
+    assert (
+        store.mark_stale_offline(back + 2.5, missed=3, default_interval_s=30, seen_floor=back) == {}
+    )
+    assert store.get_device("a").state == "online"
+    assert store.mark_stale_offline(
+        back + 3.5, missed=3, default_interval_s=30, seen_floor=back
+    ) == {"a": []}
+
+
+def test_requeue_before_the_device_acknowledged_burns_no_attempt(store: Store) -> None:
+    """Finding 6: an attempt taken back from a device that never acknowledged it (it may never
+    have reached the broker) does not count against max_attempts; an acknowledged one does."""
+    store.record_capacity([sample("a", received_at=T0)])
+    store.submit(new_task("t1", now=T0, max_attempts=1))
+    store.assign([Assignment(task_id="t1", device_id="a")], T0 + 1)
+    assert store.apply_state("a", "default", State(state="offline"), T0 + 2) == ["t1"]
+    task = store.get_task("t1")
+    assert (task.state, task.attempt) == ("pending", 1)
+    store.apply_state("a", "default", State(state="online"), T0 + 3)
+    store.assign([Assignment(task_id="t1", device_id="a")], T0 + 4)
+    (ack,) = store.apply_acks("a", [TaskAck(task_id="t1", accepted=True)], T0 + 5)
+    assert ack.outcome == "running"
+    assert store.apply_state("a", "default", State(state="offline"), T0 + 6) == ["t1"]
+    task = store.get_task("t1")
+    assert (task.state, task.attempt) == ("failed", 2)
+    assert [(a.outcome, a.acked_at) for a in store.attempts("t1")] == [
+        ("device_offline", None),
+        ("device_offline", T0 + 5),
+    ]
