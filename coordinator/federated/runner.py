@@ -258,6 +258,7 @@ class JobRunner(RoundOpening, RoundClosing):
                 self.engine.metrics.screened.labels("final_model_worse").inc()
                 log.warning("fl job %s: final model not registered: %s", self.job_id, refused)
                 return {
+                    "name": job.name,
                     "registered": False,
                     "reason": refused,
                     "weights_digest": record.global_digest,

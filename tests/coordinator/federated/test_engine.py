@@ -220,6 +220,9 @@ async def test_cli_start_status_stop(
                     "epochs = 1",
                     f'eval = "{fleet.eval_path}"',
                     'final_format = "torch"',
+                    # A few noisy DP rounds may score below the start; registration is what
+                    # this test follows (the check has tests of its own).
+                    "final_check = false",
                     "[strategy]",
                     'name = "fedavgm"',
                     "momentum = 0.5",
