@@ -22,11 +22,12 @@ body is never read), is logged and counted in ``lepton_http_rejects_total``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from email.message import Message as MimeMessage
-from typing import Any
+from typing import Any, Final
 
 from fastapi import params
 from fastapi.routing import APIRoute
@@ -39,6 +40,10 @@ from coordinator.api.jsonbody import BodyProblem, check_json
 from coordinator.config import HttpConfig
 
 log = logging.getLogger(__name__)
+
+#: How long and how much of a refused body is read and dropped before the connection closes.
+LINGER_S: Final = 2.0
+LINGER_BYTES: Final = 16 << 20
 
 # Above this a body is checked in a worker thread, off the event loop.
 _INLINE_CHECK_BYTES = 64 << 10
@@ -116,7 +121,7 @@ class BodyGuard:
                 exchange.check_declared()
                 receive = exchange.receive
         except _RefusedError as exc:
-            await self._refuse(scope, send, exc.problem)
+            await self._refuse(scope, send, exc.problem, exchange.unread())
             return
         except _DisconnectedError:
             return
@@ -128,7 +133,12 @@ class BodyGuard:
             # The app saw a disconnect after our refusal and gave up; the client has its answer.
             log.debug("request ended after refusal %s", exchange.refused.reason, exc_info=True)
 
-    async def _refuse(self, scope: Scope, send: Send, problem: BodyProblem) -> None:
+    async def _refuse(
+        self, scope: Scope, send: Send, problem: BodyProblem, unread: Receive | None = None
+    ) -> None:
+        """Answer ``problem``; with ``unread`` (the body is still coming), read and drop what
+        the client goes on sending for a bounded while before the connection closes, so it
+        reads the answer instead of a reset (a lingering close, as nginx does)."""
         self.on_refuse(problem.reason)
         client = scope.get("client")
         log.info(
@@ -145,7 +155,19 @@ class BodyGuard:
             status_code=problem.status,
             headers={"connection": "close"},
         )
-        await response(scope, _no_body, send)
+        if unread is None:
+            await response(scope, _no_body, send)
+            return
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status_code,
+                "headers": response.raw_headers,
+            }
+        )
+        await send({"type": "http.response.body", "body": response.body, "more_body": True})
+        await _discard(unread)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class _Exchange:
@@ -157,7 +179,7 @@ class _Exchange:
         receive: Receive,
         send: Send,
         limit: BodyLimit,
-        refuse: Callable[[Scope, Send, BodyProblem], Any],
+        refuse: Callable[[Scope, Send, BodyProblem, Receive | None], Any],
     ) -> None:
         self.scope, self._receive, self._send = scope, receive, send
         self.limit = limit
@@ -182,6 +204,10 @@ class _Exchange:
         cap = self.limit.max_bytes
         if cap is not None and length > cap:
             raise _RefusedError(_too_large(cap, f"{length} bytes declared"))
+
+    def unread(self) -> Receive | None:
+        """The receive still holding body bytes, or None once the body is in."""
+        return None if self.complete or not self.has_body() else self._receive
 
     def has_body(self) -> bool:
         length = self.headers.get("content-length")
@@ -248,7 +274,7 @@ class _Exchange:
             self.refused = exc.problem
             if not self.started:
                 self.started = True
-                await self._refuse(self.scope, self._send, exc.problem)
+                await self._refuse(self.scope, self._send, exc.problem, self.unread())
             return {"type": "http.disconnect"}
 
     async def send(self, message: Message) -> None:
@@ -286,6 +312,18 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         return await receive()
 
     return replay
+
+
+async def _discard(receive: Receive) -> None:
+    """Read and drop the rest of a refused body, for at most LINGER_S and LINGER_BYTES."""
+    dropped = 0
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(LINGER_S):
+            while dropped < LINGER_BYTES:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return
+                dropped += len(message.get("body", b""))
 
 
 async def _no_body() -> Message:  # pragma: no cover - responses never receive

@@ -1,9 +1,10 @@
 """HTTP API of federated jobs: start, list, inspect, stop.
 
-- ``POST /v1/fl/jobs`` (body: the job, as in a job file, JSON of at most
-  :data:`MAX_BODY_BYTES`): 201 with the job; 422 naming the bad key, including code or files
-  the operator's ``[fl]`` policy does not allow (:mod:`.admission`) and specs nested too
-  deep or too large; 400 for a body that is not a JSON object; 413 for one too big.
+- ``POST /v1/fl/jobs`` (body: the job, as in a job file, as JSON within the app's body
+  limits: ``http.max_body_bytes``, the codec's depth, finite numbers): 201 with the job; 422
+  naming the bad key, including code or files the operator's ``[fl]`` policy does not allow
+  (:mod:`.admission`) and specs nested too deep or too large; 400 for a body that is not a
+  JSON object.
 - ``GET /v1/fl/jobs``: every job, newest last, with its latest figures.
 - ``GET /v1/fl/jobs/{id}``: one job with its spec and per-round figures (selected,
   accepted, rejected, accuracy, loss, wall time, bytes up) and the final model.
@@ -21,8 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Final
 
-import msgspec
-from fastapi import APIRouter, HTTPException, Path, Request
+from fastapi import APIRouter, Body, HTTPException, Path
 
 from coordinator.federated.admission import JobPolicy
 from coordinator.federated.job import FLJob, JobError
@@ -31,8 +31,6 @@ from coordinator.federated.store import FLStore, JobRecord, RoundRecord
 
 log = logging.getLogger(__name__)
 
-#: A job spec is a few hundred bytes; anything near this is not one.
-MAX_BODY_BYTES: Final = 64 << 10
 _KNOWN_KEYS: Final = frozenset(FLJob.__dataclass_fields__) | {"job", "body"}
 
 JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
@@ -56,23 +54,6 @@ def _refuse(ctx: JobsContext, status: int, key: str, msg: str) -> HTTPException:
         status_code=status,
         detail=[{"loc": ["body", *key.split(".")], "msg": msg, "type": "value_error"}],
     )
-
-
-async def _read_spec(ctx: JobsContext, request: Request) -> Any:
-    """The request body as JSON, bounded in size before parsing and in depth while parsing
-    (msgspec stops at its own depth limit with an error instead of exhausting the stack)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise _refuse(ctx, 413, "body", f"body of {declared} bytes > limit {MAX_BODY_BYTES}")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise _refuse(ctx, 413, "body", f"body over {MAX_BODY_BYTES} bytes")
-    try:
-        return msgspec.json.decode(bytes(body))
-    except (msgspec.DecodeError, RecursionError, ValueError) as exc:
-        raise _refuse(ctx, 400, "body", f"not a JSON job: {exc}") from None
 
 
 def new_job_id(name: str) -> str:
@@ -151,9 +132,9 @@ def make_jobs_router(ctx: JobsContext) -> APIRouter:
         return job_view(job, views)
 
     @router.post("/v1/fl/jobs", status_code=201)
-    async def start_job(request: Request) -> dict[str, Any]:
-        """Start a federated job (the body holds what a job file holds)."""
-        body = await _read_spec(ctx, request)
+    async def start_job(body: Annotated[Any, Body()]) -> dict[str, Any]:
+        """Start a federated job (the body holds what a job file holds). The app's body guard
+        has bounded its size, depth and numbers before it gets here."""
         if not isinstance(body, dict):
             raise _refuse(ctx, 400, "body", "the job must be a JSON object")
         try:

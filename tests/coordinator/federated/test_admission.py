@@ -83,9 +83,7 @@ async def test_hostile_job_bodies_get_a_reason(api: httpx.AsyncClient) -> None:
     deep = '{"name": "x", "model": "models.digits:DigitsCNN", "data": "d", "strategy": '
     deep += '{"a": ' * 5000 + "1" + "}" * 5000 + "}"
     r = await api.post("/v1/fl/jobs", content=deep, headers={"content-type": "application/json"})
-    status, _loc, msg = refusal(r)
-    assert status == 400
-    assert "recursion" in msg or "depth" in msg
+    assert (r.status_code, r.json()["reason"]) == (400, "too_deep")
     # Parseable, but deeper than any job spec is.
     nested: Any = 1
     for _ in range(10):
@@ -97,12 +95,14 @@ async def test_hostile_job_bodies_get_a_reason(api: httpx.AsyncClient) -> None:
     # Too big, too many values, not an object.
     big = json.dumps({**BASE, "pad": "x" * (1 << 20)})
     r = await api.post("/v1/fl/jobs", content=big, headers={"content-type": "application/json"})
-    assert r.status_code == 413
+    assert (r.status_code, r.json()["reason"]) == (413, "too_large")
     wide = {**BASE, "strategy": {"name": "fedavg", "xs": list(range(5000))}}
     assert refusal(await api.post("/v1/fl/jobs", json=wide))[0] == 422
     assert refusal(await api.post("/v1/fl/jobs", json=[1, 2]))[:2] == (400, ["body", "body"])
     # The coordinator is still answering, and counted each refusal.
     metrics = (await api.get("/metrics")).text
-    assert 'lepton_fl_job_refusals_total{key="body"} 3.0' in metrics
+    assert 'lepton_http_rejects_total{reason="too_deep"} 1.0' in metrics
+    assert 'lepton_http_rejects_total{reason="too_large"} 1.0' in metrics
+    assert 'lepton_fl_job_refusals_total{key="body"} 1.0' in metrics
     assert 'lepton_fl_job_refusals_total{key="strategy"} 1.0' in metrics
     assert 'lepton_fl_job_refusals_total{key="job"} 1.0' in metrics
