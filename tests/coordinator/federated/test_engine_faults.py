@@ -332,9 +332,7 @@ async def test_a_forged_example_count_is_bounded_by_the_size_the_device_reported
     forged = 10**9
     fleet = sim_fleet(4, adversarial=1, attack="none", forged_examples=forged)
     [liar] = [i for i, d in fleet.devices.items() if d.claim_examples is not None]
-    sizes = {
-        i: len(np.load(fleet.state_root / i / "data" / "digits.npz")["y"]) for i in fleet.ids
-    }
+    sizes = {i: len(np.load(fleet.state_root / i / "data" / "digits.npz")["y"]) for i in fleet.ids}
     async with make_coordinator() as c:
         assert c.api_url is not None
         await wait_for_devices(c.api_url, 4)
