@@ -14,8 +14,8 @@ hardening review). Before the strategy sees them:
 3. an update whose L2 norm is above ``norm_ratio`` times the round's median norm is refused
    (with at least three updates, so the median is one an attacker does not set alone).
 
-Clamped counts and refusals are reported (the round's ``rejected_updates`` and the
-``lepton_fl_updates_screened_total`` counter). Byzantine-robust strategies (median,
+Refusals and clamped counts are reported (the round's ``rejected_updates`` and
+``clamped_examples``, and the ``lepton_fl_updates_screened_total`` counter by reason). Byzantine-robust strategies (median,
 trimmed mean, Krum, clipping) remain the defence against updates that pass these bounds.
 """
 
