@@ -15,8 +15,9 @@ hardening review). Before the strategy sees them:
    (with at least three updates, so the median is one an attacker does not set alone).
 
 Refusals and clamped counts are reported (the round's ``rejected_updates`` and
-``clamped_examples``, and the ``lepton_fl_updates_screened_total`` counter by reason). Byzantine-robust strategies (median,
-trimmed mean, Krum, clipping) remain the defence against updates that pass these bounds.
+``clamped_examples``, and the ``lepton_fl_updates_screened_total`` counter by reason).
+Byzantine-robust strategies (median, trimmed mean, Krum, clipping) remain the defence
+against updates that pass these bounds.
 """
 
 from __future__ import annotations
