@@ -84,6 +84,21 @@ def _accelerators_change(prev: CapacityReport, new: CapacityReport) -> str | Non
     return _set_change("accelerators", prev.accelerators, new.accelerators)
 
 
+def _data_sizes_change(prev: CapacityReport, new: CapacityReport) -> str | None:
+    # A federated round bounds what a device may claim by the size it reported before the
+    # round, so a size learned (or changed) should reach the coordinator before the next one.
+    changed = sorted(
+        name
+        for name in {*prev.data_sizes, *new.data_sizes}
+        if prev.data_sizes.get(name) != new.data_sizes.get(name)
+    )
+    if not changed:
+        return None
+    return "data sizes changed: " + " ".join(
+        f"{n} {prev.data_sizes.get(n, '?')} -> {new.data_sizes.get(n, '?')}" for n in changed
+    )
+
+
 _CHANGE_RULES: Final[tuple[Callable[[CapacityReport, CapacityReport], str | None], ...]] = (
     _slots_change,
     _throttle_change,
@@ -92,6 +107,7 @@ _CHANGE_RULES: Final[tuple[Callable[[CapacityReport, CapacityReport], str | None
     _temperature_change,
     _runtimes_change,
     _accelerators_change,
+    _data_sizes_change,
 )
 
 
@@ -101,8 +117,9 @@ def significant_change(prev: CapacityReport, new: CapacityReport) -> str | None:
     Reasons: free slots going to or from zero, throttling starting or ending, the battery
     crossing 20 % or 10 % (or power being plugged/unplugged), available memory moving by more
     than 20 %, the die temperature crossing 70/80/90 C (2 C hysteresis on the way down), and
-    the runtimes or accelerators changing. ``prev`` should be the last report *sent*, so slow
-    drifts add up until they count and the hysteresis works. The caller rate-limits.
+    the runtimes, accelerators or data source sizes changing. ``prev`` should be the last
+    report *sent*, so slow drifts add up until they count and the hysteresis works. The
+    caller rate-limits.
     """
     for rule in _CHANGE_RULES:
         reason = rule(prev, new)

@@ -253,8 +253,14 @@ class Agent:
             interval_s=self.config.agent_capacity_interval,
         )
         if self.config.data_sources:
+            names = sorted(self.config.data_source_map)
+            # Sizes are known once a task loaded the source: the agent never reads its data
+            # just to report on it (numpy stays unloaded until a task needs it).
+            known = self.data_sources.sizes()
             report = msgspec.structs.replace(
-                report, data_sources=sorted(self.config.data_source_map)
+                report,
+                data_sources=names,
+                data_sizes={n: known[n] for n in names if n in known},
             )
         return report
 

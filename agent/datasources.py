@@ -13,12 +13,17 @@ is one of:
   task's limit) and stacked into arrays.
 
 Nothing is unpickled: ``.npz``/``.npy`` files are read with ``allow_pickle=False``.
+
+:class:`DataSources` remembers the sample count of each source it loaded (the full count,
+also when a task's ``limit`` read fewer), so capacity reports can say how much data a device
+holds without loading anything at start-up.
 """
 
 from __future__ import annotations
 
 import abc
 import re
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,22 +44,31 @@ class DataSourceError(LeptonError):
 
 @dataclass(frozen=True, slots=True)
 class Dataset:
-    """Samples ``x`` (first axis: samples) and optional labels ``y`` (class ids or one-hot)."""
+    """Samples ``x`` (first axis: samples) and optional labels ``y`` (class ids or one-hot).
+
+    ``total``: the samples the source holds, before a ``limit`` cut it to ``len(x)``; None
+    when a cut load cannot tell (labels and samples not known to be as many).
+    """
 
     x: Array
     y: Array | None = None
     classes: tuple[str, ...] = field(default=())
+    total: int | None = None
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
 
-def _checked(x: Any, y: Any, where: str, limit: int | None) -> Dataset:
+def _checked(x: Any, y: Any, where: str, limit: int | None, total: int | None = None) -> Dataset:
+    """Validated arrays, cut to ``limit`` samples. ``total``: the source's sample count when
+    the caller cut ``x`` already (else it is read from ``x`` and ``y`` before the cut)."""
     import numpy as np
 
     x = np.asarray(x)
     if x.ndim < 1 or x.dtype.kind not in "biuf":
         raise DataSourceError(f"{where}: x must be a numeric array with a sample axis")
+    if total is None and (y is None or len(y) == len(x)):
+        total = len(x)  # a length mismatch past the cut is never read, so nothing is known
     if limit is not None:
         x = x[:limit]
     x = np.ascontiguousarray(x)
@@ -67,7 +81,7 @@ def _checked(x: Any, y: Any, where: str, limit: int | None) -> Dataset:
         if len(y) != len(x):
             raise DataSourceError(f"{where}: {len(x)} samples but {len(y)} labels")
         y = np.ascontiguousarray(y)
-    return Dataset(x=x, y=y)
+    return Dataset(x=x, y=y, total=total)
 
 
 class DataSource(abc.ABC):
@@ -175,6 +189,7 @@ class ImageFolderSource(DataSource):
         files, classes = self._files()
         if not files:
             raise DataSourceError(f"{self.root}: no images found")
+        total = len(files)
         if limit is not None:
             files = files[:limit]
         images: list[Array] = []
@@ -190,8 +205,8 @@ class ImageFolderSource(DataSource):
                 )
             images.append(arr)
         y = np.array([label for _, label in files], dtype=np.int64) if classes else None
-        data = _checked(np.stack(images), y, str(self.root), None)
-        return Dataset(x=data.x, y=data.y, classes=classes)
+        data = _checked(np.stack(images), y, str(self.root), None, total)
+        return Dataset(x=data.x, y=data.y, classes=classes, total=total)
 
     @property
     def description(self) -> str:
@@ -261,15 +276,17 @@ class PluginSource(DataSource):
             raise DataSourceError(
                 f"plugin {self.target} failed: {type(exc).__name__}: {exc}"
             ) from exc
+        total: int | None = None
         if _is_map_dataset(value):
             x, y = _stacked(value, f"plugin {self.target}", limit)
+            total = len(value)
         elif isinstance(value, tuple):
             if len(value) != 2:
                 raise DataSourceError(f"plugin {self.target}: must return (x, y) or x")
             x, y = value
         else:
             x, y = value, None
-        return _checked(x, y, f"plugin {self.target}", limit)
+        return _checked(x, y, f"plugin {self.target}", limit, total)
 
     @property
     def description(self) -> str:
@@ -296,14 +313,21 @@ def source_for(spec: str) -> DataSource:
 
 
 class DataSources:
-    """The device's named sources, from ``[data]``; extra sources can be added in code."""
+    """The device's named sources, from ``[data]``; extra sources can be added in code.
+
+    Loads through :meth:`load` record each source's sample count (:meth:`sizes`).
+    """
 
     def __init__(self, specs: Mapping[str, str] | None = None) -> None:
         self._specs = dict(specs or {})
         self._extra: dict[str, DataSource] = {}
+        self._sizes: dict[str, int] = {}
+        self._lock = threading.Lock()  # loads run in worker threads; reports read sizes
 
     def add(self, name: str, source: DataSource) -> None:
         self._extra[name] = source
+        with self._lock:
+            self._sizes.pop(name, None)  # another source under the name: size unknown
 
     def names(self) -> list[str]:
         return sorted({*self._specs, *self._extra})
@@ -316,3 +340,24 @@ class DataSources:
             known = ", ".join(self.names()) or "none configured"
             raise DataSourceError(f"unknown data source {name!r} (known: {known})")
         return source_for(spec)
+
+    def load(self, name: str, limit: int | None = None) -> Dataset:
+        """Load the source ``name`` (at most ``limit`` samples) and remember how many
+        samples it holds; a source that fails to load has no known size any more."""
+        try:
+            data = self.get(name).load(limit)
+        except DataSourceError:
+            with self._lock:
+                self._sizes.pop(name, None)
+            raise
+        with self._lock:
+            if data.total is not None:
+                self._sizes[name] = data.total
+            elif limit is None or len(data) < limit:
+                self._sizes[name] = len(data)  # nothing was cut: all of it is here
+        return data
+
+    def sizes(self) -> dict[str, int]:
+        """Sample count of each source loaded so far (its latest load), by name."""
+        with self._lock:
+            return dict(self._sizes)

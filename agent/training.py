@@ -197,7 +197,7 @@ async def _load_data(ctx: TaskContext, name: str, limit: int | None) -> Dataset:
         known = ", ".join(sources.names()) or "none"
         raise TaskError(f"no_data: this device has no data source {name!r} (it has: {known})")
     try:
-        data = await asyncio.to_thread(sources.get(name).load, limit)
+        data = await asyncio.to_thread(sources.load, name, limit)
     except DataSourceError as exc:
         raise TaskError(f"no_data: {exc}") from exc
     if data.y is None:

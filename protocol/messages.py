@@ -142,6 +142,12 @@ class CapacityReport(_Msg, frozen=True, kw_only=True, tag="capacity"):
     tags: Labels = msgspec.field(default_factory=list)
     # Names of the local data sources this device holds (data locality for training tasks).
     data_sources: Labels = msgspec.field(default_factory=list)
+    # Samples in each local data source whose size the agent knows (it learns a size when
+    # the source is first loaded for a task). A federated round bounds the example count a
+    # device claims by the size it reported for the job's data source before the round.
+    data_sizes: Annotated[dict[Name, Count], Meta(max_length=64)] = msgspec.field(
+        default_factory=dict
+    )
 
 
 TaskStatus = Literal["succeeded", "failed", "rejected", "expired"]

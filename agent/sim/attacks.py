@@ -1,8 +1,9 @@
 """Adversarial clients for federated-learning experiments on a simulated fleet.
 
 An attack is an ``update_transform`` (see :mod:`agent.training`): a function from the
-honest update a device computed to the update it sends. Byzantine-robust aggregation is
-measured against these.
+honest update a device computed to the update it sends (``none``: the honest update, for a
+device whose only lie is its example count, see :func:`forge_examples`). Byzantine-robust
+aggregation and the coordinator's update screening are measured against these.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ if TYPE_CHECKING:
 
     Arrays = dict[str, npt.NDArray[np.generic]]
 
-ATTACKS: Final = ("sign_flip",)
+ATTACKS: Final = ("sign_flip", "none")
 
 
 def sign_flip(scale: float = 10.0) -> Callable[[Arrays], Arrays]:
@@ -36,8 +37,17 @@ def sign_flip(scale: float = 10.0) -> Callable[[Arrays], Arrays]:
     return attack
 
 
-def make(name: str, scale: float) -> Callable[[Arrays], Arrays]:
-    """The attack ``name`` (one of :data:`ATTACKS`); ``ValueError`` for an unknown one."""
+def make(name: str, scale: float) -> Callable[[Arrays], Arrays] | None:
+    """The attack ``name`` (one of :data:`ATTACKS`; None for ``none``); ``ValueError`` for
+    an unknown one."""
     if name == "sign_flip":
         return sign_flip(scale)
+    if name == "none":
+        return None
     raise ValueError(f"unknown attack {name!r} (known: {', '.join(ATTACKS)})")
+
+
+def forge_examples(output: dict[str, Any], claim: int) -> dict[str, Any]:
+    """A successful ``train`` result's output claiming ``claim`` local examples (the
+    update it names is unchanged): a weight the device's data does not back."""
+    return {**output, "examples": claim} if "examples" in output else output

@@ -26,6 +26,7 @@ from agent.config import AgentConfig
 from agent.daemon import Agent
 from agent.handlers import Handler, HandlerRegistry, TaskContext, default_registry
 from agent.probe import ProbeResult
+from agent.sim.attacks import forge_examples
 from agent.sim.profiles import Profile
 from agent.training import PACE_KEY
 from protocol.messages import (
@@ -161,9 +162,11 @@ def scaled_registry(
     state: SimState,
     host_gflops: float,
     extras: Mapping[str, Any] | None = None,
+    claim_examples: int | None = None,
 ) -> HandlerRegistry:
     """The default handlers, with compute stretched to the profile's speed; ``extras`` are
-    added to every task's context (an adversarial device's ``update_transform``, say)."""
+    added to every task's context (an adversarial device's ``update_transform``, say);
+    ``claim_examples``: train results claim this many examples (a forged count)."""
     base = default_registry()
     registry = HandlerRegistry()
     added = dict(extras or {})
@@ -197,6 +200,8 @@ def scaled_registry(
                 await stretch(task)
             finally:
                 marks.pop(task.id, None)
+            if kind == "train" and claim_examples is not None:
+                output = forge_examples(output, claim_examples)
             return output
 
         return run
@@ -231,10 +236,12 @@ class VirtualDevice:
         crash_per_min: float = 0.0,
         rng: random.Random | None = None,
         extras: Mapping[str, Any] | None = None,
+        claim_examples: int | None = None,
     ) -> None:
         self.config = config
         self.profile = profile
         self.extras = dict(extras or {})
+        self.claim_examples = claim_examples
         self.state = SimState(
             battery=(rng or random).uniform(60, 100) if profile.battery else 100.0
         )
@@ -250,7 +257,9 @@ class VirtualDevice:
     def _make_agent(self) -> Agent:
         return Agent(
             self.config,
-            registry=scaled_registry(self.profile, self.state, self.host_gflops, self.extras),
+            registry=scaled_registry(
+                self.profile, self.state, self.host_gflops, self.extras, self.claim_examples
+            ),
             sampler=ProfileSampler(self.profile, self.state, tags=self.config.device_tags),
             outbox_executor=self.executor,
         )

@@ -4,7 +4,8 @@ Each device gets its own state directory (outbox, model cache) and, with ``data=
 own partition of sklearn's digits dataset (Dirichlet label skew), registered as the data
 source ``digits``; a shared held-out test set is registered as ``digits-test``. With
 ``adversarial=n``, ``n`` devices (chosen by the seed) send poisoned federated updates
-(:mod:`agent.sim.attacks`) instead of honest ones.
+(:mod:`agent.sim.attacks`) instead of honest ones, and with ``forged_examples`` their train
+results claim that many examples.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class FleetSpec:
     adversarial: int = 0
     attack: str = "sign_flip"
     attack_scale: float = 10.0
+    forged_examples: int | None = None
 
 
 def _raise_fd_limit(needed: int) -> None:
@@ -124,11 +126,15 @@ def build_devices(spec: FleetSpec) -> list[VirtualDevice]:
         config: AgentConfig = load_config(None, env={}, overrides=overrides)
         # Many devices train on one host: one thread each, so they do not oversubscribe it.
         extras: dict[str, Any] = {"train_threads": 1}
+        claim: int | None = None
         if device_id in hostile:
             from agent.sim.attacks import make
             from agent.training import TRANSFORM_KEY
 
-            extras[TRANSFORM_KEY] = make(spec.attack, spec.attack_scale)
+            transform = make(spec.attack, spec.attack_scale)
+            if transform is not None:
+                extras[TRANSFORM_KEY] = transform
+            claim = spec.forged_examples
         devices.append(
             VirtualDevice(
                 config,
@@ -139,6 +145,7 @@ def build_devices(spec: FleetSpec) -> list[VirtualDevice]:
                 crash_per_min=spec.crash_per_min,
                 rng=random.Random(rng.random()),
                 extras=extras,
+                claim_examples=claim,
             )
         )
     return devices

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,7 @@ import numpy as np
 from coordinator.errors import NotFoundError
 from coordinator.federated import modelio
 from coordinator.federated.jobstate import MAX_DECODE_BYTES, JobState
-from coordinator.federated.screening import screen
+from coordinator.federated.screening import Screened, screen
 from coordinator.federated.store import RoundRecord, UpdateRecord
 from coordinator.federated.strategies import AggregationError, ClientUpdate
 from coordinator.federated.strategies.dp import CentralDP
@@ -48,6 +48,19 @@ class RoundClosing(JobState):
         unreadable: dict[str, str] = {}
         entries = [(u.device_id, u, 1.0) for u in counted]
         entries += [(f"{u.device_id}@{r}", u, self.job.late.weight(rnd.round - r)) for r, u in late]
+        reported = {
+            u.device_id: rnd.reported_sizes[u.device_id]
+            for u in counted
+            if u.device_id in rnd.reported_sizes
+        }
+        if late:  # a late update is bounded by what its device reported before its own round
+            sizes = {
+                r.round: r.reported_sizes
+                for r in await asyncio.to_thread(self.fl.list_rounds, self.job_id)
+            }
+            for r, u in late:
+                if u.device_id in sizes.get(r, {}):
+                    reported[f"{u.device_id}@{r}"] = sizes[r][u.device_id]
         for name, u, weight in entries:
             try:
                 data = await asyncio.to_thread(self.registry.read_blob, u.digest)
@@ -67,7 +80,13 @@ class RoundClosing(JobState):
                     weight=weight,
                 )
             )
-        clients = self._screen(rnd.round, clients, unreadable)
+        screened = self._screen(rnd.round, clients, unreadable, reported)
+        clients = screened.kept
+        # The round's figures show each clamp: what was claimed, what was used, and why.
+        clamped = {
+            name: {"claimed": claimed, "used": used, "reason": screened.reasons[name]}
+            for name, (claimed, used) in screened.clamped.items()
+        }
         before = self.strategy.state()
         try:
             result = await asyncio.to_thread(self.strategy.aggregate, self.global_weights, clients)
@@ -75,16 +94,21 @@ class RoundClosing(JobState):
             log.warning("fl job %s round %d: %s", self.job_id, rnd.round, exc)
             return False
         try:
-            return await self._commit(rnd, result, counted, unreadable, late)
+            return await self._commit(rnd, result, counted, unreadable, late, clamped=clamped)
         except BaseException:
             self.strategy.load_state(before)  # not committed: the round is aggregated again
             raise
 
     def _screen(
-        self, round_no: int, clients: list[ClientUpdate], refused: dict[str, str]
-    ) -> list[ClientUpdate]:
-        """The updates screening keeps (:mod:`.screening`); refusals are added to
-        ``refused``, and every refusal and clamped count is logged and counted."""
+        self,
+        round_no: int,
+        clients: list[ClientUpdate],
+        refused: dict[str, str],
+        reported: Mapping[str, int],
+    ) -> Screened:
+        """What screening keeps and clamps (:mod:`.screening`); refusals are added to
+        ``refused``, and every refusal and clamped count is logged and counted (by reason).
+        ``reported``: update name -> the data size its device reported before its round."""
         job = self.job
         cap = job.max_examples_per_update or self.engine.policy.max_examples_per_update
         if job.max_examples is not None:
@@ -94,6 +118,7 @@ class RoundClosing(JobState):
             max_examples=cap,
             examples_ratio=job.examples_ratio,
             norm_ratio=job.norm_ratio,
+            reported=reported,
         )
         metrics = self.engine.metrics.screened
         for name, why in screened.refused.items():
@@ -103,16 +128,20 @@ class RoundClosing(JobState):
                 "fl job %s round %d: update of %s refused: %s", self.job_id, round_no, name, why
             )
         for name, (claimed, used) in screened.clamped.items():
-            metrics.labels("examples_clamped").inc()
+            reason = screened.reasons[name]
+            metrics.labels(reason).inc()
             log.warning(
-                "fl job %s round %d: %s claimed %d examples; weighted as %d",
+                "fl job %s round %d: %s claimed %d examples (reported data size %s); "
+                "weighted as %d (%s)",
                 self.job_id,
                 round_no,
                 name,
                 claimed,
+                reported.get(name, "unknown"),
                 used,
+                reason,
             )
-        return screened.kept
+        return screened
 
     def _late_updates(self, round_no: int) -> list[tuple[int, UpdateRecord]]:
         """(round, update) of the late updates this round folds in (worker thread)."""
@@ -165,6 +194,8 @@ class RoundClosing(JobState):
         counted: Sequence[Any],
         unreadable: dict[str, str],
         late: Sequence[tuple[int, UpdateRecord]] = (),
+        *,
+        clamped: Mapping[str, Any] | None = None,
     ) -> bool:
         job = self.job
         blob = encode_weights(result.weights, kind="weights", round=rnd.round, job=self.job_id)
@@ -179,6 +210,7 @@ class RoundClosing(JobState):
             "accepted": len(counted),
             "contributors": len(result.contributors),
             "rejected_updates": {**result.rejected, **unreadable},
+            "clamped_examples": dict(clamped or {}),
             "upload_rejects": dict(rnd.rejects),
             "rejected": sum(rnd.rejects.values()) + len(result.rejected) + len(unreadable),
             "examples": result.num_examples,

@@ -34,7 +34,7 @@ class RoundOpening(JobState):
         chosen = await self._select(record, want=self.job.clients_per_round, exclude=frozenset())
         if chosen is None:
             return None
-        devices, info = chosen
+        devices, info, sizes = chosen
         now = time.time()
         tokens = dict.fromkeys(devices, SCHEME)  # no secret: credentials are derived
         tasks = {d: planning.task_id(self.job_id, round_no, d) for d in devices}
@@ -50,6 +50,7 @@ class RoundOpening(JobState):
             base_digest=record.global_digest,
             started_at=now,
             deadline=now + self.job.deadline_s,
+            reported_sizes=sizes,
             lease=self.lease,
         )
         log.info(
@@ -65,8 +66,9 @@ class RoundOpening(JobState):
 
     async def _select(
         self, record: JobRecord, *, want: int, exclude: frozenset[str], attempt: int = 1
-    ) -> tuple[list[str], dict[str, Any]] | None:
-        """Devices for the round (None while too few are eligible, re-checked on a timer)."""
+    ) -> tuple[list[str], dict[str, Any], dict[str, int]] | None:
+        """Devices for the round, how they were chosen, and the size each reported for the
+        job's data source (None while too few are eligible, re-checked on a timer)."""
         job = self.job
         shape = planning.RoundShape(
             weights_bytes=self.global_size,
@@ -74,8 +76,11 @@ class RoundOpening(JobState):
             flops_per_example=record.flops_per_example or 1.0,
         )
 
-        def gather() -> tuple[list[Any], dict[str, str], int]:
+        def gather() -> tuple[list[Any], dict[str, str], int, dict[str, int]]:
             rows = self.store.list_devices(state="online", limit=1_000_000)
+            # Read with the selection, before the round: what a device reports once it has
+            # its task cannot raise the bound on its own update.
+            sizes = planning.reported_sizes(rows, job.data)
             states = planning.device_states(rows, self.store.inflight_by_device())
             rounds = [r for r in self.fl.list_rounds(self.job_id) if r.round < record.round]
             backlog = planning.backlog_s(self._working(rounds), time.time())
@@ -93,9 +98,9 @@ class RoundOpening(JobState):
                 exclude=exclude,
                 backlog=backlog,
             )
-            return cands, why, len(states)
+            return cands, why, len(states), sizes
 
-        cands, why, online = await asyncio.to_thread(gather)
+        cands, why, online, sizes = await asyncio.to_thread(gather)
         need = 1 if exclude else job.needed
         if len(cands) < need:
             log.info(
@@ -124,7 +129,7 @@ class RoundOpening(JobState):
             "forced": picked.forced,
             "ineligible": why,
         }
-        return picked.devices, info
+        return picked.devices, info, {d: sizes[d] for d in picked.devices if d in sizes}
 
     def _working(self, rounds: list[RoundRecord]) -> dict[str, list[tuple[float, float | None]]]:
         """device -> (round start, expected seconds) of each train task of an earlier round
@@ -234,6 +239,7 @@ class RoundOpening(JobState):
             self.record, want=want, exclude=frozenset(rnd.tokens), attempt=rnd.attempt + 1
         )
         devices: list[str] = chosen[0] if chosen else []
+        sizes = chosen[2] if chosen else {}
         tokens = dict.fromkeys(devices, SCHEME)
         tasks = {d: planning.task_id(self.job_id, rnd.round, d) for d in devices}
         extended = await asyncio.to_thread(
@@ -244,6 +250,7 @@ class RoundOpening(JobState):
             tokens=tokens,
             tasks=tasks,
             deadline=time.time() + job.deadline_s,
+            reported_sizes=sizes,
             lease=self.lease,
         )
         self.engine.metrics.rounds.labels("extended").inc()

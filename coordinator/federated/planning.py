@@ -91,6 +91,19 @@ def device_states(rows: Sequence[DeviceRecord], inflight: Mapping[str, int]) -> 
     return out
 
 
+def reported_sizes(rows: Sequence[DeviceRecord], data: str) -> dict[str, int]:
+    """device -> samples its latest capacity report gives for the data source ``data``;
+    devices that give none are left out (their updates keep the other bounds only)."""
+    out: dict[str, int] = {}
+    for row in rows:
+        sizes = (row.report or {}).get("data_sizes")
+        n = sizes.get(data) if isinstance(sizes, dict) else None
+        # Reports were validated at ingest; a row written otherwise is skipped, not trusted.
+        if isinstance(n, int) and not isinstance(n, bool) and n >= 0:
+            out[row.id] = n
+    return out
+
+
 def candidates(
     job: FLJob,
     shape: RoundShape,

@@ -71,11 +71,14 @@ class RoundRecord:
     contributors: list[str] | None
     rejects: dict[str, int] = field(default_factory=dict)
     metrics: dict[str, Any] | None = None
+    #: device -> samples it reported for the job's data source before it was selected.
+    reported_sizes: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def of(cls, row: RowMapping) -> RoundRecord:
         data = {k: row[k] for k in cls.__slots__}
         data["rejects"] = data["rejects"] or {}
+        data["reported_sizes"] = data["reported_sizes"] or {}
         return cls(**data)
 
 
@@ -215,9 +218,11 @@ class FLStore:
         base_digest: str,
         started_at: float,
         deadline: float,
+        reported_sizes: Mapping[str, int] | None = None,
         lease: Lease | None = None,
     ) -> RoundRecord:
-        """Record a new open round (its selection, tokens, task ids and deadline)."""
+        """Record a new open round (its selection, tokens, task ids, the data sizes its
+        devices reported, and its deadline)."""
         with self._write(lease) as s:
             s.execute(
                 insert(t.rounds).values(
@@ -233,6 +238,7 @@ class FLStore:
                     started_at=started_at,
                     deadline=deadline,
                     rejects={},
+                    reported_sizes=dict(reported_sizes or {}),
                 )
             )
             s.execute(
@@ -253,9 +259,11 @@ class FLStore:
         tokens: Mapping[str, str],
         tasks: Mapping[str, str],
         deadline: float,
+        reported_sizes: Mapping[str, int] | None = None,
         lease: Lease | None = None,
     ) -> RoundRecord:
-        """Add devices to an open round and move its deadline (a round short of results)."""
+        """Add devices to an open round and move its deadline (a round short of results).
+        A device already in the round keeps the data size recorded when it was selected."""
         with self._write(lease) as s:
             row = (
                 s.execute(
@@ -276,6 +284,14 @@ class FLStore:
                     selected=[*row["selected"], *[d for d in selected if d not in row["tokens"]]],
                     tokens={**row["tokens"], **tokens},
                     tasks={**row["tasks"], **tasks},
+                    reported_sizes={
+                        **{
+                            d: n
+                            for d, n in (reported_sizes or {}).items()
+                            if d not in row["tokens"]
+                        },
+                        **(row["reported_sizes"] or {}),
+                    },
                     deadline=deadline,
                 )
             )

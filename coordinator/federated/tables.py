@@ -3,9 +3,10 @@
 - ``fl_jobs``: one row per job: its spec, state, the round it is at and the current global
   weights (a blob digest), the tensor layout updates must match, the final model.
 - ``fl_rounds``: one row per (job, round): the devices selected (their update slots) and
-  task ids, the deadline as an absolute time, the global weights the round trains from,
-  upload rejects by reason, and once closed the new weights, the strategy's state after the
-  round (a blob digest) and the round's figures.
+  task ids, the sample count each selected device had reported for the job's data source
+  when it was selected, the deadline as an absolute time, the global weights the round
+  trains from, upload rejects by reason, and once closed the new weights, the strategy's
+  state after the round (a blob digest) and the round's figures.
 - ``fl_updates``: one row per accepted upload, unique on (job, round, device): a device's
   update is recorded once however often it is sent. ``result_id`` and ``examples`` are set
   when the device's train result has been applied too; only then does the update count.
@@ -77,6 +78,10 @@ rounds = Table(
     # secret: the credential is derived from the slot (coordinator.federated.credentials).
     Column("tokens", Json, nullable=False),
     Column("tasks", Json, nullable=False),  # {device id: task id}
+    # {device id: samples in the job's data source}, from the device's last capacity report
+    # before it was selected; devices that reported none are absent. The count its update
+    # is weighted by is clamped to it (coordinator.federated.screening).
+    Column("reported_sizes", Json),
     Column("selection", Json),  # how they were chosen: expected times, forced...
     Column("base_digest", String(DIGEST), nullable=False),
     Column("started_at", Float, nullable=False),

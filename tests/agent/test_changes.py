@@ -42,6 +42,7 @@ def test_no_change() -> None:
         ({"thermal": Thermal(temperature_c=70.5)}, "rose past 70 C"),
         ({"runtimes": ["onnxruntime", "tflite"]}, "runtimes changed: +tflite"),
         ({"accelerators": ["cpu", "edgetpu"]}, "accelerators changed: +edgetpu"),
+        ({"data_sizes": {"digits": 180}}, "data sizes changed: digits ? -> 180"),
     ],
 )
 def test_change_reasons(change: dict[str, object], reason: str) -> None:
@@ -78,3 +79,10 @@ def test_temperature_hysteresis() -> None:
 def test_memory_from_zero() -> None:
     prev = _report(memory=Memory(total=4 << 30, available=0))
     assert significant_change(prev, _report()) is not None
+
+
+def test_a_data_source_size_change_is_news_once() -> None:
+    known = _report(data_sizes={"digits": 180})
+    assert significant_change(known, _report(data_sizes={"digits": 180})) is None
+    got = significant_change(known, _report(data_sizes={"digits": 200, "cam": 5}))
+    assert got == "data sizes changed: cam ? -> 5 digits 180 -> 200"

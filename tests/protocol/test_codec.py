@@ -614,3 +614,26 @@ def test_decode_error_without_detail() -> None:
     assert str(err) == "empty"
     assert err.detail == ""
     assert err.message_id is None
+
+
+def test_data_sizes_are_bounded_counts_per_source_name() -> None:
+    # A federated round bounds a device's claimed example count by the size it reported for
+    # the data source (finding 4 of the hardening review): the map is small and well formed.
+    wire = as_dict(EXAMPLES[CapacityReport])
+    assert wire["data_sizes"] == {}
+    wire["data_sizes"] = {"digits": 1437, "cam/frames": 0}
+    assert decode(pack(wire), CapacityReport).data_sizes == {"digits": 1437, "cam/frames": 0}
+    for bad in (
+        {"digits": -1},
+        {"digits": 2**63},
+        {"digits": 1.5},
+        {"bad name": 3},
+        {f"s{i}": 1 for i in range(65)},
+    ):
+        wire["data_sizes"] = bad
+        err = refusal(pack(wire))
+        assert err.reason == "invalid", bad
+        assert "data_sizes" in err.detail
+    # A sender that predates the field: an empty map.
+    del wire["data_sizes"]
+    assert decode(pack(wire), CapacityReport).data_sizes == {}

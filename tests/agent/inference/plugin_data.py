@@ -58,3 +58,8 @@ def ragged_samples() -> Any:
 
 def not_pairs() -> Any:
     return _Samples([np.zeros(3)])
+
+
+def short_labels() -> tuple[Any, Any]:
+    """Six samples, four labels: a load cut to three cannot tell how many pairs there are."""
+    return np.zeros((6, 2), dtype=np.float32), np.zeros(4)

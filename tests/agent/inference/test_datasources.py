@@ -131,6 +131,54 @@ def test_image_folder_with_class_subfolders(tmp_path: Path) -> None:
     assert data.y.tolist() == [0, 0, 0, 1, 1, 1]
 
 
+# ---------------------------------------------------------------- sizes
+
+
+def test_sources_remember_full_sizes_of_what_tasks_loaded(tmp_path: Path) -> None:
+    """A capacity report carries these sizes; a federated round bounds a device's claimed
+    example count by them (finding 4 of the hardening review), so a load that a task's
+    limit cut short still records the whole source, and an unprovable size is not made up."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(30, 3)), y=np.arange(30) % 3)
+    np.save(tmp_path / "x.npy", np.ones((12, 2), dtype=np.float32))
+    sources = DataSources(
+        {
+            "npz": str(tmp_path / "d.npz"),
+            "npy": str(tmp_path / "x.npy"),
+            "map": f"{PLUGIN}:samples",
+            "arrays": f"{PLUGIN}:pairs",
+            "short": f"{PLUGIN}:short_labels",
+        }
+    )
+    assert sources.sizes() == {}  # nothing is read before a task asks
+    assert len(sources.load("npz", limit=4)) == 4
+    assert len(sources.load("npy", limit=5)) == 5
+    assert len(sources.load("map", limit=2)) == 2
+    assert len(sources.load("arrays")) == 6
+    assert len(sources.load("short", limit=3)) == 3
+    assert sources.sizes() == {"npz": 30, "npy": 12, "map": 5, "arrays": 6}
+    # A source that no longer loads has no known size.
+    (tmp_path / "d.npz").write_bytes(b"not a zip")
+    with pytest.raises(DataSourceError, match="cannot read"):
+        sources.load("npz")
+    assert "npz" not in sources.sizes()
+    # Another source under a known name: its size is unknown until it is loaded.
+    sources.add("arrays", ArraySource(np.zeros((3, 2)), np.zeros(3)))
+    assert "arrays" not in sources.sizes()
+    sources.load("arrays", limit=100)
+    assert sources.sizes()["arrays"] == 3
+
+
+def test_an_image_folder_counts_its_files_when_cut(tmp_path: Path) -> None:
+    image_mod = pytest.importorskip("PIL.Image", reason="Pillow is not installed")
+    (tmp_path / "cat").mkdir()
+    for i in range(4):
+        image_mod.fromarray(np.full((2, 2), i, dtype=np.uint8)).save(tmp_path / "cat" / f"{i}.png")
+    sources = DataSources({"img": str(tmp_path)})
+    assert len(sources.load("img", limit=1)) == 1
+    assert sources.sizes() == {"img": 4}
+
+
 # ---------------------------------------------------------------- configuration
 
 

@@ -10,6 +10,7 @@ import typing
 import numpy as np
 import pytest
 
+from agent.datasources import DataSources
 from agent.handlers import TaskContext, TaskError, default_registry
 from agent.training import Compression, evaluate, train
 from protocol.weights import COMPRESSIONS, decode_weights
@@ -143,7 +144,11 @@ async def test_same_seed_same_update(ctx: TaskContext, servers: Servers) -> None
     assert two["weights_cached"] is True  # fetched once, then served from the cache
 
 
-async def test_adam_max_examples_and_buffers(ctx: TaskContext, servers: Servers) -> None:
+async def test_adam_max_examples_and_buffers(
+    ctx: TaskContext, servers: Servers, partition: Partition
+) -> None:
+    sources: DataSources = ctx.extras["data_sources"]
+    assert "digits" not in sources.sizes()
     out, up = await run_train(
         ctx,
         servers,
@@ -154,6 +159,8 @@ async def test_adam_max_examples_and_buffers(ctx: TaskContext, servers: Servers)
         compression="int8",
     )
     assert out["examples"] == 100
+    # The source's size is learned from the load, whole although the task read 100.
+    assert sources.sizes() == {"digits": len(partition.y)} != {"digits": 100}
     assert out["loss_after"] < out["loss_before"]
     counter = up["delta"]["2.num_batches_tracked"]
     assert counter.dtype == np.int64

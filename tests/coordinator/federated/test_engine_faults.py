@@ -320,3 +320,47 @@ async def _tensors(c: Coordinator, job_id: str) -> dict[str, list[int]]:
     assert c.fl is not None
     job = await asyncio.to_thread(c.fl.fl.get_job, job_id)
     return dict(job.tensors or {})
+
+
+async def test_a_forged_example_count_is_bounded_by_the_size_the_device_reported(
+    make_coordinator: MakeCoordinator, sim_fleet: Callable[..., SimFleet]
+) -> None:
+    """Finding 4 of the hardening review, on real agents: a device whose train results claim
+    10^9 examples. Round 1 opens before any device has loaded its data, so no size is known
+    and the per-update cap holds the claim; the agents then report their data sizes, and
+    round 2 weights the liar by the size it reported before the round."""
+    forged = 10**9
+    fleet = sim_fleet(4, adversarial=1, attack="none", forged_examples=forged)
+    [liar] = [i for i, d in fleet.devices.items() if d.claim_examples is not None]
+    sizes = {i: len(np.load(fleet.state_root / i / "data" / "digits.npz")["y"]) for i in fleet.ids}
+    async with make_coordinator() as c:
+        assert c.api_url is not None
+        await wait_for_devices(c.api_url, 4)
+        # The count clamps alone: no median bound, no norm screen.
+        body = digits_job(
+            fleet.eval_path, rounds=2, examples_ratio=None, norm_ratio=None, final_check=False
+        )
+        async with httpx.AsyncClient(base_url=c.api_url) as api:
+            r = await api.post("/v1/fl/jobs", json=body)
+            assert r.status_code == 201, r.text
+            job = await wait_job(c.api_url, r.json()["id"], ended, timeout=120)
+            metrics = (await api.get("/metrics")).text
+        assert c.fl is not None
+        rounds = await asyncio.to_thread(c.fl.fl.list_rounds, job["id"])
+    assert job["state"] == "done", job.get("error")
+    first, second = job["history"]
+    assert first["accepted"] == second["accepted"] == 4
+    assert rounds[0].reported_sizes == {}
+    assert rounds[1].reported_sizes == sizes
+    cap = 100_000  # fl.max_examples_per_update
+    honest = sum(n for i, n in sizes.items() if i != liar)
+    assert first["metrics"]["clamped_examples"] == {
+        liar: {"claimed": forged, "used": cap, "reason": "examples_clamped"}
+    }
+    assert first["metrics"]["examples"] == honest + cap
+    assert second["metrics"]["clamped_examples"] == {
+        liar: {"claimed": forged, "used": sizes[liar], "reason": "above_reported_size"}
+    }
+    assert second["metrics"]["examples"] == honest + sizes[liar]
+    assert 'lepton_fl_updates_screened_total{reason="examples_clamped"} 1.0' in metrics
+    assert 'lepton_fl_updates_screened_total{reason="above_reported_size"} 1.0' in metrics

@@ -195,3 +195,18 @@ def test_a_job_folding_late_updates_does_not_ask_devices_it_could_not_count() ->
     assert planning.past_the_job(folds, cands, 2, round_no=16) == {"pi-slow"}  # 4 left: 5 s
     assert planning.past_the_job(job(rounds=20), cands, 2, round_no=17) == set()  # drops late
     assert planning.past_the_job(folds, cands[:2], 2, round_no=20) == set()  # want stay
+
+
+def test_reported_sizes_are_read_for_the_jobs_data_source_only() -> None:
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    rows = [
+        SimpleNamespace(id="a", report={"data_sizes": {"digits": 180, "cam": 9}}),
+        SimpleNamespace(id="b", report={"data_sizes": {"cam": 9}}),  # not for this source
+        SimpleNamespace(id="c", report={"data_sources": ["digits"]}),  # an older agent
+        SimpleNamespace(id="d", report=None),
+        SimpleNamespace(id="e", report={"data_sizes": {"digits": True}}),  # not a count
+        SimpleNamespace(id="f", report={"data_sizes": {"digits": 0}}),
+    ]
+    assert planning.reported_sizes(cast(Any, rows), "digits") == {"a": 180, "f": 0}

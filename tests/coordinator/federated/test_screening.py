@@ -134,3 +134,30 @@ def test_screening_clamps_counts_and_refuses_norm_outliers() -> None:
     )
     assert two.refused == {}
     assert two.clamped == {"loud": (10**6, 1000)}
+
+
+def test_a_claim_is_clamped_to_the_data_size_its_device_reported() -> None:
+    def update(name: str, n: int) -> ClientUpdate:
+        return ClientUpdate(device_id=name, delta={"w": np.array([1.0])}, num_examples=n)
+
+    ups = [
+        update("a", 100),
+        update("b", 200),  # claims what it reported: untouched
+        update("liar", 10**9),  # reported 250 samples before the round
+        update("new", 5_000),  # reported no size: the other bounds only
+        update("empty", 40),  # reported an empty source: weighs one example, never zero
+    ]
+    reported = {"b": 200, "liar": 250, "empty": 0}
+    out = screen(ups, max_examples=10_000, examples_ratio=None, norm_ratio=None, reported=reported)
+    assert out.clamped == {"liar": (10**9, 250), "empty": (40, 1)}
+    assert out.reasons == {"liar": "above_reported_size", "empty": "above_reported_size"}
+    assert [u.num_examples for u in out.kept] == [100, 200, 250, 5_000, 1]
+    # Then the round's median bound (3 x 200 here) applies to what is left; a count it
+    # lowers without the device having contradicted its report keeps the generic reason.
+    out = screen(ups, max_examples=10_000, examples_ratio=3.0, norm_ratio=None, reported=reported)
+    assert out.clamped == {"liar": (10**9, 250), "new": (5_000, 600), "empty": (40, 1)}
+    assert out.reasons["new"] == "examples_clamped"
+    # Without reported sizes the liar is only held to the cap and the median bound.
+    out = screen(ups, max_examples=10_000, examples_ratio=None, norm_ratio=None)
+    assert out.clamped == {"liar": (10**9, 10_000)}
+    assert out.reasons == {"liar": "examples_clamped"}

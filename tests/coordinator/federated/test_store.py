@@ -119,3 +119,40 @@ def test_leader_writes_are_fenced(fl: FLStore, store: Store) -> None:
     with pytest.raises(LeaseLostError):
         fl.update_job(job_id, error="y", lease=lease)
     assert fl.get_job(job_id).error == "x"
+
+
+def test_a_round_keeps_the_data_sizes_its_devices_reported_when_selected(fl: FLStore) -> None:
+    """Finding 4 of the hardening review: a device's claimed example count is bounded by the
+    size it reported before the round, so the round keeps it, extensions included."""
+    job_id = open_job(fl)
+    rnd = fl.get_round(job_id, 1)
+    assert rnd is not None
+    assert rnd.reported_sizes == {}  # devices that reported no size: nothing recorded
+    now = time.time()
+    fl.create_job(f"{job_id}-2", "digits", {"name": "digits"}, now)
+    opened = fl.open_round(
+        f"{job_id}-2",
+        1,
+        selected=["d1", "d2"],
+        tokens={"d1": "t1", "d2": "t2"},
+        tasks={"d1": "task1", "d2": "task2"},
+        selection={},
+        base_digest="a" * 64,
+        started_at=now,
+        deadline=now + 30,
+        reported_sizes={"d1": 180},
+    )
+    assert opened.reported_sizes == {"d1": 180}
+    # More devices for a short round: theirs are added; d1's, from before the round, stays
+    # whatever d1 reports now.
+    extended = fl.extend_round(
+        f"{job_id}-2",
+        1,
+        selected=["d3"],
+        tokens={"d3": "t3"},
+        tasks={"d3": "task3"},
+        deadline=now + 60,
+        reported_sizes={"d3": 7, "d1": 10**9},
+    )
+    assert extended.reported_sizes == {"d1": 180, "d3": 7}
+    assert fl.list_rounds(f"{job_id}-2")[0].reported_sizes == {"d1": 180, "d3": 7}
