@@ -7,7 +7,9 @@ worker threads so the event loop never waits on the database.
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, MetaData, inspect, text
+import logging
+
+from sqlalchemy import Connection, Engine, MetaData, inspect, text
 
 from coordinator.store.devices import DeviceOps
 from coordinator.store.engine import make_engines
@@ -17,6 +19,8 @@ from coordinator.store.records import RetryPolicy
 from coordinator.store.results import ResultOps
 from coordinator.store.schema import Base
 from coordinator.store.tasks import TaskOps
+
+log = logging.getLogger(__name__)
 
 
 class Store(DeviceOps, TaskOps, ResultOps, EstimateOps, LeaseOps):
@@ -44,17 +48,16 @@ class Store(DeviceOps, TaskOps, ResultOps, EstimateOps, LeaseOps):
         return store
 
     def create_schema(self, metadata: MetaData | None = None) -> None:
-        """Create missing tables of ``metadata`` (default: the store's own); idempotent and
-        safe when several replicas start at once."""
+        """Create missing tables of ``metadata`` (default: the store's own) and add missing
+        nullable columns to existing ones; idempotent and safe when several replicas start
+        at once."""
         meta = Base.metadata if metadata is None else metadata
-        engine = self._engines.write
-        if self.dialect == "postgresql":
-            # Serialise concurrent start-ups: CREATE TABLE IF NOT EXISTS races in PostgreSQL.
-            with engine.begin() as conn:
+        with self._engines.write.begin() as conn:
+            if self.dialect == "postgresql":
+                # Serialise concurrent start-ups: CREATE TABLE IF NOT EXISTS races in PostgreSQL.
                 conn.execute(text("SELECT pg_advisory_xact_lock(74201)"))
-                meta.create_all(conn)
-        else:
-            meta.create_all(engine)
+            meta.create_all(conn)
+            _add_missing_columns(conn, meta)
 
     def drop_schema(self) -> None:
         """Drop every table (tests, and ``lepton coordinator reset``)."""
@@ -80,3 +83,26 @@ class Store(DeviceOps, TaskOps, ResultOps, EstimateOps, LeaseOps):
 
     def close(self) -> None:
         self._engines.dispose()
+
+
+def _add_missing_columns(conn: Connection, meta: MetaData) -> None:
+    """Add the nullable columns a newer release declares to tables an older one created.
+
+    Only additive, nullable columns: anything else (a new constraint, a changed type) needs
+    a real migration. This keeps a database from the previous release readable after an
+    upgrade until the schema is managed by migrations.
+    """
+    existing = inspect(conn)
+    for table in meta.sorted_tables:
+        have = {c["name"] for c in existing.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in have:
+                continue
+            if not column.nullable or column.primary_key:
+                raise RuntimeError(
+                    f"table {table.name} lacks column {column.name}, which is not nullable:"
+                    " the database needs a migration"
+                )
+            kind = column.type.compile(dialect=conn.dialect)
+            log.info("adding column %s.%s (%s)", table.name, column.name, kind)
+            conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
