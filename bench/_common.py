@@ -30,3 +30,17 @@ def private_broker(extra_config: str = "") -> Iterator[Broker]:
 def table(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+
+
+def write_section(title: str, section: str, path: Path) -> None:
+    """Replace the section headed ``title`` (a ``## `` line) in the markdown file ``path`` with
+    ``section``, or append it; the rest of the file is kept."""
+    text = path.read_text()  # read right before writing: others edit this file too
+    section = section.rstrip("\n") + "\n"
+    start = text.find(title + "\n")
+    if start < 0:
+        new = text.rstrip("\n") + "\n\n" + section
+    else:
+        nxt = text.find("\n## ", start + len(title))
+        new = text[:start] + section + ("\n" + text[nxt + 1 :] if nxt >= 0 else "")
+    path.write_text(new)

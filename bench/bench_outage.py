@@ -198,16 +198,8 @@ def markdown(table: list[tuple[str, ...]], command: str) -> str:
 
 
 def write_docs(section: str, path: Path) -> None:
-    """Replace (or append) the ``## Broker outage`` section; the rest of the file is kept."""
-    text = path.read_text()  # read right before writing: others edit this file too
-    section = section.rstrip("\n") + "\n"
-    start = text.find(SECTION + "\n")
-    if start < 0:
-        new = text.rstrip("\n") + "\n\n" + section
-    else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        new = text[:start] + section + ("\n" + text[nxt + 1 :] if nxt >= 0 else "")
-    path.write_text(new)
+    """Replace (or append) the ``## Broker outage`` section of ``path``."""
+    _common.write_section(SECTION, section, path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
