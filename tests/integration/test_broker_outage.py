@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -19,8 +18,8 @@ import pytest
 
 from coordinator.service import Coordinator
 from tests.coordinator.conftest import eventually
+from tests.integration.conftest import StartAgent
 from tests.support.broker import Broker
-from tests.support.fleet import AgentProcess, write_agent_config
 
 pytestmark = pytest.mark.slow
 
@@ -28,39 +27,16 @@ DEVICES = ("pi-a", "pi-b", "pi-c")
 TASKS = 90
 
 
-@pytest.fixture
-def agents(tmp_path: Path) -> Iterator[Callable[[int, str], AgentProcess]]:
-    started: list[AgentProcess] = []
-
-    def start(port: int, device_id: str) -> AgentProcess:
-        cfg = write_agent_config(
-            tmp_path / f"{device_id}.toml",
-            device_id=device_id,
-            port=port,
-            state_dir=tmp_path / device_id,
-            agent={"slots": 2},
-            outbox={"resend_after": 2.0},
-        )
-        proc = AgentProcess(config_path=cfg, log_path=tmp_path / f"{device_id}.log")
-        proc.start()
-        started.append(proc)
-        return proc
-
-    yield start
-    for p in started:
-        p.kill()
-
-
 @pytest.mark.timeout(240)
 async def test_broker_sigkill_fails_no_queued_work(
     make_coordinator: Callable[..., contextlib.AbstractAsyncContextManager[Coordinator]],
-    agents: Callable[[int, str], AgentProcess],
+    agents: StartAgent,
     broker: Broker,
 ) -> None:
     async with make_coordinator(tasks__ack_timeout_s=5.0) as coord:
         store = coord.store
         for d in DEVICES:
-            agents(broker.port, d)
+            agents(broker.port, d, outbox={"resend_after": 2.0})
 
         def reporting() -> bool:
             return all(store.device_exists(d) and store.get_device(d).report for d in DEVICES)

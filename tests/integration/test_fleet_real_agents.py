@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -14,36 +13,14 @@ import pytest
 
 from coordinator.service import Coordinator
 from tests.coordinator.conftest import eventually
-from tests.support.fleet import AgentProcess, write_agent_config
+from tests.integration.conftest import StartAgent
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def agents(tmp_path: Path) -> Iterator[Callable[[int, str], AgentProcess]]:
-    started: list[AgentProcess] = []
-
-    def start(port: int, device_id: str) -> AgentProcess:
-        cfg = write_agent_config(
-            tmp_path / f"{device_id}.toml",
-            device_id=device_id,
-            port=port,
-            state_dir=tmp_path / device_id,
-            agent={"slots": 2},
-        )
-        proc = AgentProcess(config_path=cfg, log_path=tmp_path / f"{device_id}.log")
-        proc.start()
-        started.append(proc)
-        return proc
-
-    yield start
-    for p in started:
-        p.kill()
-
-
 async def test_devices_tasks_offline_and_reassignment(
     make_coordinator: Callable[..., contextlib.AbstractAsyncContextManager[Coordinator]],
-    agents: Callable[[int, str], AgentProcess],
+    agents: StartAgent,
 ) -> None:
     async with make_coordinator() as coord:
         port = coord.config.mqtt.port
