@@ -117,7 +117,11 @@ class RoundClosing(JobState):
             clients,
             max_examples=cap,
             examples_ratio=job.examples_ratio,
-            norm_ratio=job.norm_ratio,
+            # The norm screen guards rules that weight updates by their size; a rule that
+            # bounds each update's influence itself needs no refusals, which would only cost
+            # it honest updates its minimum may need (a big device's honest update can be
+            # several times the median).
+            norm_ratio=None if self.strategy.bounds_influence() else job.norm_ratio,
             reported=reported,
         )
         metrics = self.engine.metrics.screened

@@ -167,11 +167,19 @@ class Strategy(abc.ABC):
     """An aggregation rule (:meth:`combine`) plus a server update (:meth:`step`).
 
     ``by_mean`` is True for strategies whose rule is the example-weighted mean of the
-    updates; central differential privacy can only wrap those.
+    updates; central differential privacy can only wrap those. ``robust`` is True for rules
+    that bound what one update can do to the aggregate by themselves (median, trimmed mean,
+    Krum, centered clipping).
     """
 
     name: ClassVar[str]
     by_mean: ClassVar[bool] = False
+    robust: ClassVar[bool] = False
+
+    def bounds_influence(self) -> bool:
+        """Whether this strategy bounds each update's influence itself (a robust rule, or
+        clipping around any rule), so the coordinator's norm screen is left to it."""
+        return self.robust
 
     def min_updates(self) -> int:
         """The fewest usable updates this strategy aggregates."""

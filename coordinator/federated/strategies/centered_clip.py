@@ -41,6 +41,7 @@ _PREFIX = "center."
 class CenteredClipping(Strategy):
     """New weights = global + the centred-clipping aggregate (see module doc)."""
 
+    robust = True
     name: ClassVar[str] = "centered_clipping"
 
     def __init__(

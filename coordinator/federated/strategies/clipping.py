@@ -42,6 +42,9 @@ class Clipping(Strategy):
         self.max_norm = max_norm
         self.median_multiplier = median_multiplier
 
+    def bounds_influence(self) -> bool:
+        return True
+
     def min_updates(self) -> int:
         return self.inner.min_updates()
 

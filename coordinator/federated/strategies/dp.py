@@ -69,6 +69,9 @@ class CentralDP(Strategy):
         self.rng = rng if rng is not None else np.random.default_rng()
         self.rounds = 0
 
+    def bounds_influence(self) -> bool:
+        return True
+
     def min_updates(self) -> int:
         return self.inner.min_updates()
 

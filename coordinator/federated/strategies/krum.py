@@ -29,6 +29,7 @@ from coordinator.federated.strategies.base import (
 class Krum(Strategy):
     """Apply the update(s) closest to their neighbours; ``keep`` > 1 is Multi-Krum."""
 
+    robust = True
     name: ClassVar[str] = "krum"
 
     def __init__(self, *, num_byzantine: int, keep: int | None = 1) -> None:

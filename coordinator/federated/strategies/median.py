@@ -23,6 +23,7 @@ from coordinator.federated.strategies.base import (
 class Median(Strategy):
     """New weights = global + coordinate-wise median of the updates."""
 
+    robust = True
     name: ClassVar[str] = "median"
 
     def combine(self, global_weights: Weights, updates: Sequence[ClientUpdate]) -> Combined:

@@ -77,6 +77,9 @@ class ServerMomentum(Strategy):
         self.momentum = self._step.momentum
         self.server_lr = self._step.server_lr
 
+    def bounds_influence(self) -> bool:
+        return self.inner.bounds_influence()
+
     def min_updates(self) -> int:
         return self.inner.min_updates()
 

@@ -24,6 +24,7 @@ from coordinator.federated.strategies.base import (
 class TrimmedMean(Strategy):
     """New weights = global + coordinate-wise ``beta``-trimmed mean of the updates."""
 
+    robust = True
     name: ClassVar[str] = "trimmed_mean"
 
     def __init__(self, *, beta: float = 0.2) -> None:

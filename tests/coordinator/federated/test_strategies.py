@@ -350,3 +350,28 @@ def test_build_by_name() -> None:
         build("fedavg", dp_noise_multiplier=1.0)
     with pytest.raises(ValueError, match="mean-based"):
         build("krum", num_byzantine=1, clip_norm=1.0, dp_noise_multiplier=1.0)
+
+
+@pytest.mark.parametrize(
+    ("name", "knobs", "bounds"),
+    [
+        ("fedavg", {}, False),
+        ("fedprox", {"mu": 0.01}, False),
+        ("fedavgm", {}, False),
+        ("fedadam", {}, False),
+        ("fedavg", {"server_momentum": 0.9}, False),
+        ("median", {}, True),
+        ("trimmed_mean", {"beta": 0.2}, True),
+        ("multikrum", {"num_byzantine": 2}, True),
+        ("multikrum", {"num_byzantine": 2, "server_momentum": 0.9}, True),
+        ("centered_clipping", {}, True),
+        ("fedavg", {"clip_norm": 1.0}, True),
+        ("fedavg", {"clip_norm": 1.0, "dp_noise_multiplier": 0.5}, True),
+    ],
+)
+def test_which_strategies_bound_each_updates_influence(
+    name: str, knobs: dict[str, object], bounds: bool
+) -> None:
+    # The coordinator's norm screen is applied only where this is False (closing.py): a
+    # robust rule losing honest big updates to it could fall below its minimum.
+    assert build(name, **knobs).bounds_influence() is bounds
