@@ -194,6 +194,11 @@ class Scheduler:
         model = CostModel(self.weights, self.estimator)
         failures = 0
         while True:
+            if not self.link.connected:
+                # Nothing can be sent, and ack deadlines would only run out on work the
+                # devices never saw: wait for the link instead of planning into it.
+                log.info("broker link down: scheduling waits until it is back")
+                await self.link.wait_connected()
             self._wake.clear()
             wait = self.cfg.scheduler.batch_interval_s
             try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from pathlib import Path
 
@@ -22,6 +24,22 @@ class RecordingLink:
     def __init__(self) -> None:
         self.sent: list[tuple[str, Task]] = []
         self.down = False
+        self._up = asyncio.Event()
+        self._up.set()
+
+    @property
+    def connected(self) -> bool:
+        return self._up.is_set()
+
+    async def wait_connected(self) -> bool:
+        await self._up.wait()
+        return True
+
+    def set_connected(self, up: bool) -> None:
+        if up:
+            self._up.set()
+        else:
+            self._up.clear()
 
     async def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
@@ -84,6 +102,27 @@ async def test_unsent_tasks_are_resent_as_the_same_message(store: Store) -> None
     ((_, msg),) = link.sent
     assert msg.id == store.get_task("t1").dispatch_id
     assert store.get_task("t1").dispatched_at is not None
+
+
+async def test_no_cycle_runs_while_the_broker_link_is_down(store: Store) -> None:
+    store.record_capacity([sample("a")])
+    store.submit(new_task("t1"))
+    s, link = make(store, **{"scheduler.batch_interval_s": 0.01})
+    link.set_connected(False)
+    leading = asyncio.create_task(s.lead(None))  # type: ignore[arg-type]
+    try:
+        await asyncio.sleep(0.3)  # some thirty batch intervals
+        assert (s.cycles, link.sent) == (0, [])
+        assert store.get_task("t1").state == "pending"
+        link.set_connected(True)
+        async with asyncio.timeout(10):
+            while not link.sent:
+                await asyncio.sleep(0.01)
+        assert link.sent[0][1].task_id == "t1"
+    finally:
+        leading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await leading
 
 
 async def test_large_batches_keep_only_the_chosen_terms(store: Store) -> None:
