@@ -2,17 +2,15 @@
 
     python -m models.train_digits --out DIR
 
-writes ``DIR/digits_cnn.pt`` (the state dict) and prints the test accuracy. With
-``--artifacts`` it also runs the coordinator's quantization pipeline and writes the shipped
-artifacts: ``digits_fp32.onnx``, ``digits_int8.onnx``, ``digits_test.npz`` and
-``digits_quantization.json`` (the pipeline's report). Needs the ``train`` extra (torch and
-scikit-learn); ``--artifacts`` needs the ``coordinator`` extra too.
+writes ``DIR/digits_cnn.pt`` (the state dict) and prints the test accuracy. Needs the
+``train`` extra (torch and scikit-learn). The shipped artifacts are built from it by
+``scripts/build_artifacts.py``, which also needs the coordinator's quantization pipeline
+(``models`` depends on nothing above it).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from dataclasses import dataclass
@@ -21,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.data import DigitsSplits, Split, digits_splits, save_npz
+from models.data import DigitsSplits, Split, digits_splits
 from models.digits import DigitsCNN, build_digits_cnn
 
 log = logging.getLogger(__name__)
@@ -84,37 +82,11 @@ def train_digits(
         torch.set_num_threads(threads)
 
 
-def build_artifacts(result: TrainResult, splits: DigitsSplits, out: Path) -> dict[str, object]:
-    """Export, quantize (accuracy-gated) and write the shipped digits artifacts into ``out``."""
-    from coordinator.models.quantize import QuantizationConfig, quantize_model
-
-    save_npz(out / "digits_test.npz", splits.test.x, splits.test.y)
-    qr = quantize_model(
-        result.model,
-        sample_input=splits.test.x[:1],
-        calibration=splits.calibration.batches(32),
-        evaluation=(splits.test.x, splits.test.y),
-        out_dir=out,
-        stem="digits",
-        config=QuantizationConfig(),
-    )
-    report = qr.report.to_dict()
-    # File names, not this machine's paths: the report ships next to the files.
-    report["fp32_path"], report["int8_path"] = qr.fp32_path.name, qr.int8_path.name
-    (out / "digits_quantization.json").write_text(json.dumps(report, indent=2) + "\n")
-    return report
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m models.train_digits", description=__doc__)
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--artifacts",
-        action="store_true",
-        help="also export and quantize (FP32/INT8 ONNX, test set, quantization report)",
-    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     splits = digits_splits()
@@ -125,9 +97,6 @@ def main(argv: list[str] | None = None) -> int:
         f"test accuracy: {result.test_accuracy * 100:.2f} % "
         f"({len(splits.test)} samples, {result.epochs} epochs)"
     )
-    if args.artifacts:
-        report = build_artifacts(result, splits, args.out)
-        print(json.dumps(report, indent=2))
     return 0
 
 

@@ -4,7 +4,7 @@
 
 Needs the ``convert`` extra (``pip install -e '.[convert]'``: tensorflow-cpu, onnx,
 onnxruntime, scikit-learn); nothing on a device does. Run it once after
-``python -m models.train_digits --out models/artifacts --artifacts``; it writes
+``python scripts/build_artifacts.py``; it writes
 ``digits_fp32.tflite`` and ``digits_int8.tflite`` and ``digits_tflite.json`` (accuracies,
 sizes) next to the ONNX files.
 

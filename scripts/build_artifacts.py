@@ -1,0 +1,68 @@
+"""Train the digits CNN and build the shipped artifacts in ``models/artifacts``.
+
+    python scripts/build_artifacts.py [--out models/artifacts] [--epochs 30] [--seed 0]
+
+Trains as ``python -m models.train_digits`` does (``digits_cnn.pt``), then runs the
+coordinator's quantization pipeline (``coordinator.models.quantize.quantize_model`` with the
+default ``QuantizationConfig``) and writes ``digits_fp32.onnx``, ``digits_int8.onnx``,
+``digits_test.npz`` and ``digits_quantization.json`` (the pipeline's report). Needs the
+``train`` and ``coordinator`` extras. It lives here, not in ``models/``, because ``models``
+depends on nothing above it. ``scripts/build_tflite.py`` then makes the TFLite pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from coordinator.models.quantize import QuantizationConfig, quantize_model  # noqa: E402
+from models.data import DigitsSplits, digits_splits, save_npz  # noqa: E402
+from models.train_digits import TrainResult, train_digits  # noqa: E402
+
+
+def build_artifacts(result: TrainResult, splits: DigitsSplits, out: Path) -> dict[str, object]:
+    """Export, quantize (accuracy-gated) and write the shipped digits artifacts into ``out``."""
+    save_npz(out / "digits_test.npz", splits.test.x, splits.test.y)
+    qr = quantize_model(
+        result.model,
+        sample_input=splits.test.x[:1],
+        calibration=splits.calibration.batches(32),
+        evaluation=(splits.test.x, splits.test.y),
+        out_dir=out,
+        stem="digits",
+        config=QuantizationConfig(),
+    )
+    report = qr.report.to_dict()
+    # File names, not this machine's paths: the report ships next to the files.
+    report["fp32_path"], report["int8_path"] = qr.fp32_path.name, qr.int8_path.name
+    (out / "digits_quantization.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=REPO / "models" / "artifacts")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    splits = digits_splits()
+    result = train_digits(splits, epochs=args.epochs, seed=args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.save(result.model.state_dict(), args.out / "digits_cnn.pt")
+    print(f"test accuracy: {result.test_accuracy * 100:.2f} %")
+    print(json.dumps(build_artifacts(result, splits, args.out), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
