@@ -13,12 +13,13 @@ from typing import Any, Final
 import msgspec
 
 from agent.runtimes.base import Array, TensorSpec
+from protocol.errors import LeptonError
 
 #: numpy's own limit on an array's dimensions.
 MAX_DIMS: Final = 32
 
 
-class HttpError(Exception):
+class HttpError(LeptonError):
     """An error answer: status, a stable code and a message for the caller."""
 
     def __init__(self, status: int, code: str, message: str, *, allow: str | None = None) -> None:

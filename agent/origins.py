@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from typing import Final
 from urllib.parse import urlsplit
 
+from protocol.errors import LeptonError
+
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 
 
-class OriginError(ValueError):
+class OriginError(LeptonError, ValueError):
     """A URL or origin that is not ``http(s)://host[:port]`` shaped."""
 
 

@@ -16,14 +16,14 @@ import msgspec
 from coordinator.config import Config
 from coordinator.store import NewTask
 from protocol import codec
-from protocol.errors import DecodeError
+from protocol.errors import DecodeError, LeptonError
 from protocol.messages import Task, new_id
 
 # Leave headroom under the codec limit for the attempt counter and fields added later.
 MAX_TASK_BYTES: Final = codec.MAX_MESSAGE_BYTES - 4096
 
 
-class SubmissionError(ValueError):
+class SubmissionError(LeptonError, ValueError):
     """The submission cannot become a task; ``field`` names the offending field."""
 
     def __init__(self, field: str, message: str) -> None:

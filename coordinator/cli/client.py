@@ -7,6 +7,8 @@ from typing import Any, Final
 
 import httpx
 
+from protocol.errors import LeptonError
+
 DEFAULT_API: Final = "http://127.0.0.1:8080"
 
 EXIT_OK: Final = 0
@@ -17,7 +19,7 @@ EXIT_UNREACHABLE: Final = 4
 EXIT_TASK_FAILED: Final = 5
 
 
-class CliError(Exception):
+class CliError(LeptonError):
     """An error to print (one line) and exit with ``code``."""
 
     def __init__(self, message: str, code: int = EXIT_ERROR) -> None:

@@ -8,10 +8,12 @@ from typing import Any, Final
 
 import httpx
 
+from protocol.errors import LeptonError
+
 TERMINAL: Final = frozenset({"succeeded", "failed", "expired"})
 
 
-class DemoError(RuntimeError):
+class DemoError(LeptonError, RuntimeError):
     """A stage of the demo could not go on; the message says why."""
 
 

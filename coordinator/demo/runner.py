@@ -32,13 +32,14 @@ from coordinator.demo.broker import (
     free_port,
     start_broker,
 )
+from protocol.errors import LeptonError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MIX = "rpi4=0.4,rpi5=0.3,jetson-orin-nano=0.1,x86-gateway=0.2"
 
 
-class StackError(RuntimeError):
+class StackError(LeptonError, RuntimeError):
     """A process of the stack failed to start or died."""
 
 

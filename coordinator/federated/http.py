@@ -57,7 +57,7 @@ from coordinator.federated.job import LateSpec
 from coordinator.federated.metrics import FLMetrics
 from coordinator.federated.store import FLStore
 from coordinator.models.registry import ModelRegistry
-from protocol.errors import DecodeError
+from protocol.errors import DecodeError, LeptonError
 from protocol.weights import decode_weights
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ DEFAULT_MAX_BYTES: Final = 64 << 20
 Ident = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:/-]+$")]
 
 
-class UploadRefusedError(Exception):
+class UploadRefusedError(LeptonError):
     """An upload refused: HTTP ``status`` and a reason token."""
 
     def __init__(self, status: int, reason: str, detail: str) -> None:

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, Final, Literal, get_args
 
 from coordinator.federated.strategies import STRATEGIES, Strategy, build
+from protocol.errors import LeptonError
 
 Selection = Literal["cost", "random"]
 Optimizer = Literal["sgd", "adam"]
@@ -70,7 +71,7 @@ MAX_SHAPE_DIMS: Final = 8
 MAX_SAMPLE_ELEMENTS: Final = 1 << 24
 
 
-class JobError(ValueError):
+class JobError(LeptonError, ValueError):
     """A job spec is invalid; ``key`` names the offending key (dotted for tables)."""
 
     def __init__(self, key: str, message: str) -> None:

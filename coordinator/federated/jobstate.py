@@ -27,6 +27,7 @@ from coordinator.federated.store import (
 )
 from coordinator.federated.strategies import Strategy
 from coordinator.store import Lease
+from protocol.errors import LeptonError
 from protocol.weights import decode_weights
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ CRASHED_LOADER: Final = "crashed_loader"
 T = TypeVar("T")
 
 
-class JobFailedError(Exception):
+class JobFailedError(LeptonError):
     """The job cannot go on (its model does not load, a round never got enough updates)."""
 
 

@@ -22,6 +22,7 @@ import numpy.typing as npt
 
 from coordinator.federated.job import JobError
 from protocol import imports
+from protocol.errors import LeptonError
 
 if TYPE_CHECKING:
     import torch
@@ -35,7 +36,7 @@ Arrays = dict[str, npt.NDArray[np.generic]]
 TRAIN_FLOPS_PER_FORWARD = 3.0
 
 
-class ModelError(ValueError):
+class ModelError(LeptonError, ValueError):
     """The job's model factory or evaluation set cannot be used."""
 
 
