@@ -7,16 +7,11 @@ from typing import Any, Final
 
 import httpx
 
+from coordinator.cli.exitcodes import EXIT_ERROR, EXIT_NOT_FOUND, EXIT_UNREACHABLE
 from protocol.errors import LeptonError
 
 DEFAULT_API: Final = "http://127.0.0.1:8080"
 
-EXIT_OK: Final = 0
-EXIT_ERROR: Final = 1
-EXIT_USAGE: Final = 2
-EXIT_NOT_FOUND: Final = 3
-EXIT_UNREACHABLE: Final = 4
-EXIT_TASK_FAILED: Final = 5
 
 
 class CliError(LeptonError):

@@ -20,15 +20,8 @@ from typing import Any
 from rich.console import Console
 
 from coordinator.cli import render
-from coordinator.cli.client import (
-    EXIT_ERROR,
-    EXIT_OK,
-    EXIT_TASK_FAILED,
-    EXIT_USAGE,
-    ApiClient,
-    CliError,
-    api_url,
-)
+from coordinator.cli.client import ApiClient, CliError, api_url
+from coordinator.cli.exitcodes import EXIT_ERROR, EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE
 
 TERMINAL = ("succeeded", "failed", "expired")
 

@@ -16,8 +16,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from coordinator.cli.exitcodes import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+
 MARKER = ".lepton-demo"
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def add_demo_command(subparsers: Any) -> argparse.ArgumentParser:
@@ -141,7 +142,7 @@ def _run(demo: Any, reporter: Any, console: Any, *, keep: bool) -> int:
         with reporter:
             figures = demo.run()
     except DemoError as exc:
-        code = EXIT_FAILED
+        code = EXIT_ERROR
         figures = demo.figures
         console.print(f"[red]The demo stopped:[/] {exc}\nLogs: {workdir / 'logs'}")
     json_path = write_json(figures, workdir / "report" / "figures.json")
@@ -158,5 +159,5 @@ def _run(demo: Any, reporter: Any, console: Any, *, keep: bool) -> int:
             demo.stack.check_alive()
         except RuntimeError as exc:
             console.print(f"[red]{exc}[/]")
-            return EXIT_FAILED
+            return EXIT_ERROR
         time.sleep(1.0)

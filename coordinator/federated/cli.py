@@ -21,7 +21,8 @@ from typing import Any, Final
 from rich.console import Console
 from rich.table import Table
 
-from coordinator.cli.client import EXIT_OK, EXIT_USAGE, ApiClient, CliError, api_url
+from coordinator.cli.client import ApiClient, CliError, api_url
+from coordinator.cli.exitcodes import EXIT_OK, EXIT_USAGE
 
 JOBS: Final = "/v1/fl/jobs"
 ENDED: Final = ("done", "failed", "stopped")

@@ -7,7 +7,8 @@ directory and a database URL: ``--data-dir`` (``$LEPTON_DATA_DIR``, default
 ``var/coordinator``) and ``--database-url`` (``$LEPTON_DATABASE_URL``, default the SQLite
 file ``coordinator.db`` in the data directory), the coordinator's own settings.
 
-Exit codes: 0 done, 1 not found or invalid input, 3 the INT8 model failed the accuracy gate.
+Exit codes (coordinator/cli/exitcodes.py): 0 done, 1 not found or invalid input, 6 the INT8
+model failed the accuracy gate.
 """
 
 from __future__ import annotations
@@ -21,11 +22,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from coordinator.cli.exitcodes import EXIT_ERROR, EXIT_GATE_FAILED
 from coordinator.models.errors import AccuracyGateError
 from protocol.errors import LeptonError
 
-EXIT_ERROR = 1
-EXIT_GATE = 3
 DEFAULT_DATA_DIR = "var/coordinator"
 _SUFFIX_FORMATS = {".onnx": "onnx", ".tflite": "tflite", ".pt": "torch", ".pth": "torch"}
 
@@ -274,7 +274,7 @@ def run_models_command(args: argparse.Namespace) -> int:
     except AccuracyGateError as exc:
         print(f"refused: {exc}", file=sys.stderr)
         print(json.dumps(exc.report.to_dict(), indent=2), file=sys.stderr)
-        return EXIT_GATE
+        return EXIT_GATE_FAILED
     except (LeptonError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR

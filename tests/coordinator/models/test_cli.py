@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.models.cli import EXIT_ERROR, EXIT_GATE, main
+from coordinator.cli.exitcodes import EXIT_ERROR, EXIT_GATE_FAILED
+from coordinator.models.cli import main
 from models.data import DigitsSplits, digits_splits, save_npz
 
 ARTIFACTS = Path(__file__).resolve().parents[3] / "models" / "artifacts"
@@ -104,7 +105,7 @@ def test_gate_failure_and_errors_become_exit_codes(
         str(ARTIFACTS / "digits_test.npz"),
         *where,
     )
-    assert code == EXIT_GATE
+    assert code == EXIT_GATE_FAILED
     assert "refused" in err
     assert '"drop_points"' in err
     code, _, err = _run(capsys, "models", "show", "nothing", *where)

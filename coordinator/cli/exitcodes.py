@@ -1,0 +1,14 @@
+"""The exit codes of every ``lepton`` command, in one table (scripts branch on them)."""
+
+from __future__ import annotations
+
+from typing import Final
+
+EXIT_OK: Final = 0
+EXIT_ERROR: Final = 1  # anything else that went wrong
+EXIT_USAGE: Final = 2  # bad arguments or configuration
+EXIT_NOT_FOUND: Final = 3  # the device, task, job or model does not exist
+EXIT_UNREACHABLE: Final = 4  # the coordinator did not answer
+EXIT_TASK_FAILED: Final = 5  # a --wait'ed task ended failed or expired
+EXIT_GATE_FAILED: Final = 6  # a quantized model missed its accuracy gate
+EXIT_INTERRUPTED: Final = 130  # Ctrl-C (128 + SIGINT), as shells report it
