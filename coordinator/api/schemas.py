@@ -10,7 +10,9 @@ from coordinator.store import AttemptRecord, DeviceRecord, ResultRecord, TaskRec
 
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:/-]+$")]
 Ident = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
-TaskStateName = Literal["pending", "assigned", "running", "succeeded", "failed", "expired"]
+TaskStateName = Literal[
+    "pending", "assigned", "running", "succeeded", "failed", "expired", "cancelled"
+]
 
 
 class TaskSubmit(BaseModel):
