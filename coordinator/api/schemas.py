@@ -42,6 +42,21 @@ class TaskSubmit(BaseModel):
     )
 
 
+class TaskCancelIn(BaseModel):
+    """An optional body of a cancel: why (kept with the task and sent to its device)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(
+        default="requested",
+        min_length=1,
+        max_length=200,
+        # One line of printable text: it is logged, stored and sent on.
+        pattern=r"^[^\x00-\x1f\x7f]+$",
+        description="Why the task is cancelled.",
+    )
+
+
 class CapacitySummary(BaseModel):
     cpu_count: int | None = None
     cpu_percent: float | None = None
@@ -164,6 +179,10 @@ class TaskOut(BaseModel):
     last_error: str | None
     result_id: str | None
     output: dict[str, Any] | None
+    cancel_requested_at: float | None = Field(
+        default=None, description="When a cancel was asked for (the task ends when it took)."
+    )
+    cancel_reason: str | None = None
 
     @classmethod
     def of(cls, t: TaskRecord) -> TaskOut:
@@ -196,6 +215,8 @@ class TaskOut(BaseModel):
             last_error=t.last_error,
             result_id=t.result_id,
             output=t.output,
+            cancel_requested_at=t.cancel_requested_at,
+            cancel_reason=t.cancel_reason,
         )
 
 

@@ -54,6 +54,7 @@ class CancelOps(StoreBase):
                 if row is None:
                     out.append(CancelOutcome(task_id=task_id, outcome="unknown"))
                     continue
+                before = (row.state, row.cancel_requested_at)
                 outcome = request_cancel(session, row, reason, now)
                 out.append(
                     CancelOutcome(
@@ -61,6 +62,7 @@ class CancelOps(StoreBase):
                         outcome=outcome,
                         state=row.state,  # type: ignore[arg-type]
                         device_id=row.device_id,
+                        changed=before != (row.state, row.cancel_requested_at),
                     )
                 )
             return out

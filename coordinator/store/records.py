@@ -268,6 +268,7 @@ class CancelOutcome:
     outcome: CancelOutcomeName
     state: TaskState | None = None
     device_id: str | None = None
+    changed: bool = False  # this request changed the task (a repeat changes nothing)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -42,7 +42,7 @@ def _result(status: str, *, rid: str = "r1", task_id: str = "t1", attempt: int =
 def test_a_pending_task_is_cancelled_at_once_and_never_placed(fleet: Store) -> None:
     fleet.submit(new_task("t1", now=T0))
     out = fleet.cancel_task("t1", "not needed", T0 + 1)
-    assert (out.outcome, out.state) == ("cancelled", "cancelled")
+    assert (out.outcome, out.state, out.changed) == ("cancelled", "cancelled", True)
     task = fleet.get_task("t1")
     assert (task.state, task.finished_at, task.cancel_reason) == ("cancelled", T0 + 1, "not needed")
     assert task.last_error == "cancelled: not needed"
@@ -51,7 +51,7 @@ def test_a_pending_task_is_cancelled_at_once_and_never_placed(fleet: Store) -> N
     assert fleet.count_tasks()["cancelled"] == 1
     # Idempotent: a second cancel answers the same and changes nothing.
     again = fleet.cancel_task("t1", "other reason", T0 + 3)
-    assert (again.outcome, again.state) == ("cancelled", "cancelled")
+    assert (again.outcome, again.state, again.changed) == ("cancelled", "cancelled", False)
     assert fleet.get_task("t1").cancel_reason == "not needed"
     assert fleet.cancels_due(T0 + 4, resend_after_s=1.0) == []
 
