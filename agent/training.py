@@ -74,7 +74,6 @@ import asyncio
 import hashlib
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -335,7 +334,7 @@ async def train(task: Task, ctx: TaskContext) -> dict[str, Any]:
     _check_origins(ctx, weights=params.weights.url, upload=params.upload.url)
     data = await _load_data(ctx, params.data, params.max_examples)
     fetched = await _fetch_weights(ctx, params.weights)
-    stop = threading.Event()
+    stop = ctx.cancel.event  # set by a cancel, or below by a shutdown
     try:
         trained = await asyncio.to_thread(
             torchtrain.train_local,
