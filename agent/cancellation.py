@@ -12,7 +12,10 @@ import asyncio
 import contextlib
 import threading
 from collections import OrderedDict
-from typing import Final
+from collections.abc import Awaitable
+from typing import Final, TypeVar
+
+T = TypeVar("T")
 
 #: Task ids remembered as cancelled before their task arrived (see :class:`EarlyCancels`).
 EARLY_CANCELS: Final = 4096
@@ -47,6 +50,22 @@ class CancelToken:
             async with asyncio.timeout(seconds):
                 await self._waiter.wait()
         return self.is_set()
+
+
+    async def interrupt(self, aw: Awaitable[T]) -> T | None:
+        """Await ``aw`` unless the task is asked to stop first: then ``aw`` is cancelled and
+        None returned (a wait that only paces the work, say)."""
+        job = asyncio.ensure_future(aw)
+        stop = asyncio.ensure_future(self._waiter.wait())
+        try:
+            await asyncio.wait({job, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not job.done():
+                job.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await job
+        return None if job.cancelled() else job.result()
 
 
 class EarlyCancels:

@@ -368,7 +368,9 @@ async def train(task: Task, ctx: TaskContext) -> dict[str, Any]:
     digest = hashlib.sha256(body).hexdigest()
     pace = ctx.extras.get(PACE_KEY)
     if pace is not None:
-        await pace(task)
+        await ctx.cancel.interrupt(pace(task))
+    if ctx.cancel.is_set():  # the update of a cancelled task is not sent
+        raise TaskError(f"cancelled: {ctx.cancel.reason}")
     store = _weights_store(ctx)
     started = time.perf_counter()
     await upload(
