@@ -8,7 +8,7 @@ from typing import Any, Final
 
 import httpx
 
-TERMINAL: Final = frozenset({"succeeded", "failed", "expired"})
+TERMINAL: Final = frozenset({"succeeded", "failed", "expired", "cancelled"})
 
 
 class DemoError(RuntimeError):

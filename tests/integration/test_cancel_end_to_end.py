@@ -171,3 +171,29 @@ async def test_a_success_after_the_cancel_is_kept_but_not_applied(
         assert task["result_id"] == result["id"]
         await eventually(lambda: result["id"] in sim.acked, timeout=10)
         assert sim.executions[task_id] == 1
+
+
+async def test_an_unanswered_cancel_is_resent_then_given_up_on(
+    make_coordinator: MakeCoordinator,
+) -> None:
+    """A device that takes the task and then stays silent gets the cancel three times, one
+    ``tasks.ack_timeout_s`` apart; then the task is cancelled without its answer."""
+    async with make_coordinator(tasks__ack_timeout_s=0.5) as coord:
+        store = coord.store
+        async with (
+            SimDevice(coord.config.mqtt.port, "mute-1", interval_s=0.2, behaviour="ack_only"),
+            httpx.AsyncClient(base_url=coord.api_url or "", timeout=10) as api,
+        ):
+            await eventually(
+                lambda: store.device_exists("mute-1") and store.get_device("mute-1").report
+            )
+            r = await api.post("/v1/tasks", json={"kind": "echo", "params": {"payload": 1}})
+            task_id = r.json()["id"]
+            await eventually(lambda: state_of(api, task_id, "running"), timeout=10, interval=0.05)
+            assert (await api.post(f"/v1/tasks/{task_id}/cancel")).status_code == 202
+            task = await eventually(
+                lambda: state_of(api, task_id, "cancelled"), timeout=10, interval=0.05
+            )
+            assert task["attempts"][0]["outcome"] == "cancel_unanswered"
+            assert task["results"] == []
+        assert coord.metrics.value("lepton_task_cancels_sent_total") == 3
