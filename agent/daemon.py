@@ -37,7 +37,7 @@ from protocol.aio import cancel_and_wait
 from protocol.codec import decode, encode
 from protocol.errors import DecodeError
 from protocol.imports import Allowlist
-from protocol.messages import CapacityReport, ResultAck, State, TaskAck
+from protocol.messages import CapacityReport, ResultAck, State, TaskAck, TaskCancel
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +220,13 @@ class Agent:
             self.counters.inc("results.acked", removed)
             if removed < len(ack.ids):
                 self.counters.inc("results.ack_unknown", len(ack.ids) - removed)
+        elif channel == topics.CANCEL:
+            try:
+                cancel = decode(payload, TaskCancel)
+            except DecodeError as exc:
+                self.counters.reject(log, exc.reason, exc.detail, topic=topic)
+                return
+            await self.runner.cancel(cancel.task_ids, cancel.reason)
         else:
             self.counters.reject(log, "unknown_channel", channel, topic=topic)
 

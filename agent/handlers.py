@@ -2,19 +2,22 @@
 
 A handler receives the validated :class:`~protocol.messages.Task` and a :class:`TaskContext`
 and returns the result's ``output`` mapping; raising :class:`TaskError` (or any exception)
-turns into a ``failed`` result with the error text. Heavy dependencies (onnxruntime, torch)
-are imported inside the handlers that need them, never at agent start-up.
+turns into a ``failed`` result with the error text. A handler that can take long checks its
+context's ``cancel`` token where it can stop cleanly (:mod:`agent.cancellation`); once the
+token is set, the task's result is ``cancelled`` however the handler ends. Heavy
+dependencies (onnxruntime, torch) are imported inside the handlers that need them, never at
+agent start-up.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.cancellation import CancelToken
 from protocol.errors import LeptonError
 from protocol.messages import Task
 
@@ -25,12 +28,14 @@ class TaskError(LeptonError):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TaskContext:
-    """What a handler may use: the device's identity, its state directory, shared services."""
+    """What a handler may use: the device's identity, its state directory, shared services,
+    and its task's cancel token (the runner gives each task its own)."""
 
     device_id: str
     state_dir: Path
     agent_version: str
     extras: dict[str, Any] = field(default_factory=dict)
+    cancel: CancelToken = field(default_factory=CancelToken)
 
 
 Handler = Callable[[Task, TaskContext], Awaitable[dict[str, Any]]]
@@ -59,6 +64,7 @@ async def echo(task: Task, ctx: TaskContext) -> dict[str, Any]:
     """Return ``params["payload"]`` after ``params["sleep_s"]`` seconds (a liveness probe).
 
     ``params["fail"]`` makes it fail on purpose, for exercising the failure path end to end.
+    A cancel ends the sleep at once.
     """
     sleep_s = task.params.get("sleep_s", 0.0)
     if (
@@ -67,8 +73,8 @@ async def echo(task: Task, ctx: TaskContext) -> dict[str, Any]:
         or not (0.0 <= sleep_s <= MAX_ECHO_SLEEP_S)
     ):
         raise TaskError(f"sleep_s must be a number in [0, {MAX_ECHO_SLEEP_S}]")
-    if sleep_s:
-        await asyncio.sleep(sleep_s)
+    if sleep_s and await ctx.cancel.sleep(sleep_s):
+        raise TaskError(f"cancelled: {ctx.cancel.reason}")
     if task.params.get("fail"):
         raise TaskError(str(task.params.get("fail")))
     return {"echo": task.params.get("payload"), "device_id": ctx.device_id}

@@ -261,7 +261,7 @@ async def infer(task: Task, ctx: TaskContext) -> dict[str, Any]:
         if model is None:
             why = manager.unavailable(params.model) or "is not deployed here"
             raise TaskError(f"unknown_model: model {params.model!r} {why}")
-        stop = threading.Event()
+        stop = ctx.cancel.event  # set by a cancel, or below by a shutdown
         try:
             ev = await asyncio.to_thread(
                 evaluate,

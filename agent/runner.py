@@ -9,18 +9,26 @@ times when the agent died (a handler that aborts the process, exhausts its memor
 native crash) is not run again at the next start: it is retired with a ``failed`` result
 whose error begins with ``crashed_agent``, so one poison task cannot crash-loop a device
 until it expires.
+
+A cancel (:meth:`Runner.cancel`) retires a queued task at once: its ``cancelled`` result
+enters the outbox in the transaction that takes it out of the inbox, so the cancel holds
+across a restart. A running task's cancel token is set; the handler stops at its next check
+and the task ends ``cancelled``. A cancel for a task this agent does not hold is remembered
+for a while, so the task is refused if it arrives after its cancel.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import msgspec
 
+from agent.cancellation import CancelToken, EarlyCancels
 from agent.handlers import HandlerRegistry, TaskContext
 from agent.metrics import Counters
 from agent.outbox import Outbox
@@ -63,6 +71,12 @@ class Runner:
         self._on_result = on_result
         self._on_change = on_change
         self._queue: asyncio.Queue[Task] = asyncio.Queue()
+        # Tasks in the queue by id, and the ones a cancel retired while still in it (the
+        # queue cannot drop an item; a worker skips them).
+        self._queued: dict[str, Task] = {}
+        self._retired: set[tuple[str, int]] = set()
+        self._running: dict[str, CancelToken] = {}
+        self._early_cancels = EarlyCancels()
         self._busy = 0
         self._accepting = True
         self._draining = False
@@ -77,13 +91,13 @@ class Runner:
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize()
+        return self._queue.qsize() - len(self._retired)
 
     def in_hand(self) -> int:
-        return self._busy + self._queue.qsize()
+        return self._busy + self.queued
 
     def slots_report(self) -> Slots:
-        return Slots(total=self.slots, busy=self._busy, queued=self._queue.qsize())
+        return Slots(total=self.slots, busy=self._busy, queued=self.queued)
 
     def stop_accepting(self) -> None:
         self._accepting = False
@@ -112,20 +126,23 @@ class Runner:
         self._enqueue(task)
         return task, None
 
-    def _refusal(self, task: Task, now: float) -> str | None:
+    def _refusal(self, task: Task, now: float) -> str | None:  # noqa: PLR0911
         if not self._accepting:
             return "shutting_down"
+        if task.task_id in self._early_cancels:
+            return "cancelled"
         if task.expires_at <= now:
             return "expired"
         if self._registry.get(task.kind) is None:
             return "unknown_kind"
-        if self._queue.qsize() >= self.queue_limit:
+        if self.queued >= self.queue_limit:
             return "queue_full"
         if len(self._outbox) + self.in_hand() >= self._outbox.max_entries:
             return "outbox_full"
         return None
 
     def _enqueue(self, task: Task) -> None:
+        self._queued[task.task_id] = task
         self._queue.put_nowait(task)
         self._counters.inc("tasks.accepted")
         self._on_change()
@@ -172,10 +189,17 @@ class Runner:
         """One execution slot; run as a named task in the agent's TaskGroup."""
         while True:
             task = await self._queue.get()
+            key = (task.task_id, task.attempt)
+            if key in self._retired:  # cancelled while queued: its result is written
+                self._retired.discard(key)
+                self._queue.task_done()
+                continue
             if self._draining:  # stays in the inbox and resumes on the next start
                 self._queue.put_nowait(task)
                 self._queue.task_done()
                 return
+            if self._queued.get(task.task_id) is task:
+                del self._queued[task.task_id]
             self._busy += 1
             self._no_busy.clear()
             self._on_change()
@@ -203,27 +227,71 @@ class Runner:
             return
         timeout = task.params.get("timeout_s")
         timeout = float(timeout) if isinstance(timeout, (int, float)) and timeout > 0 else None
+        token = CancelToken()
+        self._running[task.task_id] = token
+        try:
+            await self._run_handler(task, handler, token, timeout, started)
+        finally:
+            self._running.pop(task.task_id, None)
+
+    async def _run_handler(
+        self, task: Task, handler: Any, token: CancelToken, timeout: float | None, started: float
+    ) -> None:
         # Committed before the handler runs: a handler that takes the process down leaves
         # the count behind for resume() to see.
         await self._outbox.started(task.task_id, task.attempt)
+        ctx = dataclasses.replace(self._ctx, cancel=token)
+        status: TaskStatus = "succeeded"
+        output: dict[str, Any] | None = None
+        error: str | None = None
         try:
             async with asyncio.timeout(timeout):
-                output = await handler(task, self._ctx)
+                output = await handler(task, ctx)
         except TimeoutError:
-            await self._finish(
-                task, "failed", error=f"timed out after {timeout} s", started=started
-            )
+            status, error = "failed", f"timed out after {timeout} s"
         except asyncio.CancelledError:
             # Stopped by a shutdown, not a crash: this start must not count towards quarantine.
             self._outbox.unstart(task.task_id, task.attempt)
             raise
         except Exception as exc:  # any handler error is a failed result, never a dead worker
             log.info("task %s (%s) failed: %s", task.task_id, task.kind, exc)
-            await self._finish(
-                task, "failed", error=f"{type(exc).__name__}: {exc}", started=started
+            status, error = "failed", f"{type(exc).__name__}: {exc}"
+        if token.is_set():  # asked to stop: whatever the handler made of it, not a result
+            log.info("task %s (%s) cancelled while running", task.task_id, task.kind)
+            status, output, error = "cancelled", None, f"cancelled: {token.reason}"
+        await self._finish(task, status, output=output, error=error, started=started)
+
+    async def cancel(self, task_ids: Sequence[str], reason: str) -> dict[str, int]:
+        """Cancel these tasks (idempotent): a queued one ends at once, a running one at its
+        handler's next check, each with a ``cancelled`` result; an id this agent does not
+        hold (unknown, or finished) is remembered and otherwise ignored. Returns how many
+        were ``queued``, ``running`` and ``ignored``."""
+        counts = dict.fromkeys(("queued", "running", "ignored"), 0)
+        for task_id in dict.fromkeys(task_ids):
+            token = self._running.get(task_id)
+            if token is not None:
+                token.set(reason)
+                counts["running"] += 1
+                continue
+            task = self._queued.pop(task_id, None)
+            if task is None:
+                self._early_cancels.add(task_id)
+                counts["ignored"] += 1
+                continue
+            self._retired.add((task.task_id, task.attempt))
+            counts["queued"] += 1
+            await self._finish(task, "cancelled", error=f"cancelled: {reason}")
+            self._on_change()
+        for what, n in counts.items():
+            if n:
+                self._counters.inc(f"tasks.cancel.{what}", n)
+        if counts["ignored"]:
+            log.info(
+                "cancel (%s) ignored for %d tasks this agent does not hold",
+                reason,
+                counts["ignored"],
             )
-        else:
-            await self._finish(task, "succeeded", output=output, started=started)
+        return counts
 
     async def _finish(
         self,

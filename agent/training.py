@@ -74,7 +74,6 @@ import asyncio
 import hashlib
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -335,7 +334,7 @@ async def train(task: Task, ctx: TaskContext) -> dict[str, Any]:
     _check_origins(ctx, weights=params.weights.url, upload=params.upload.url)
     data = await _load_data(ctx, params.data, params.max_examples)
     fetched = await _fetch_weights(ctx, params.weights)
-    stop = threading.Event()
+    stop = ctx.cancel.event  # set by a cancel, or below by a shutdown
     try:
         trained = await asyncio.to_thread(
             torchtrain.train_local,
@@ -369,7 +368,9 @@ async def train(task: Task, ctx: TaskContext) -> dict[str, Any]:
     digest = hashlib.sha256(body).hexdigest()
     pace = ctx.extras.get(PACE_KEY)
     if pace is not None:
-        await pace(task)
+        await ctx.cancel.interrupt(pace(task))
+    if ctx.cancel.is_set():  # the update of a cancelled task is not sent
+        raise TaskError(f"cancelled: {ctx.cancel.reason}")
     store = _weights_store(ctx)
     started = time.perf_counter()
     await upload(

@@ -155,11 +155,11 @@ class Control:
                         o.device_id,
                         o.outcome,
                     )
-            elif o.outcome == "applied" and o.task_state is not None:
+            elif o.outcome in ("applied", "cancelled") and o.task_state is not None:
                 self.metrics.task_transitions.labels(o.task_state).inc()
         if any(o.outcome == "applied" and o.task_state == "pending" for o in out):
             self.on_requeue()
-        if any(o.outcome == "applied" for o in out):
+        if any(o.outcome in ("applied", "cancelled") for o in out):
             self.on_results(out)
         return out
 

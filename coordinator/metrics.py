@@ -93,6 +93,19 @@ class Metrics:
             ["state"],
             registry=r,
         )
+        self.task_cancels = Counter(
+            "lepton_task_cancels",
+            "Cancel requests by what they did: cancelled (a pending task, at once), requested"
+            " (an assigned or running task: its device is told), finished (it had ended),"
+            " unknown (no such task)",
+            ["outcome"],
+            registry=r,
+        )
+        self.cancels_sent = Counter(
+            "lepton_task_cancels_sent",
+            "Task cancels the broker accepted for devices (re-sends included)",
+            registry=r,
+        )
         self.scheduler_solve_seconds = Histogram(
             "lepton_scheduler_solve_seconds",
             "Time plan() took for one batch",

@@ -3,7 +3,9 @@
 Every ``batch_interval_s`` (sooner after a submission or a requeue) the leader:
 
 1. expires pending tasks past their expiry and handles ack/run timeouts;
-2. re-sends assignments whose Task message was not confirmed sent;
+2. re-sends assignments whose Task message was not confirmed sent, and sends the cancels
+   of assigned or running tasks that their devices have not answered yet (each
+   ``tasks.ack_timeout_s``, up to three times, after which the task ends ``cancelled``);
 3. folds finished tasks' measured durations into the throughput estimator and persists it;
 4. plans the due pending tasks over the online devices (:func:`coordinator.scheduler.plan`),
    commits the assignments with their explanations (fenced by the lease), and publishes each
@@ -40,9 +42,17 @@ from coordinator.scheduler import (
     ThroughputEstimator,
     plan,
 )
-from coordinator.store import Assignment, DeviceRecord, Dispatch, Lease, Store, TaskRecord
+from coordinator.store import (
+    Assignment,
+    CancelSend,
+    DeviceRecord,
+    Dispatch,
+    Lease,
+    Store,
+    TaskRecord,
+)
 from protocol import codec, topics
-from protocol.messages import CapacityReport
+from protocol.messages import MAX_CANCEL_IDS, CapacityReport, TaskCancel
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +248,7 @@ class Scheduler:
         if resend:
             log.info("re-sending %d task messages not confirmed sent", len(resend))
             await self._publish(resend)
+        await self._cancel(now)
         await self._learn(lease)
         tasks = await asyncio.to_thread(store.due_pending, now, limit=cfg.scheduler.max_batch)
         self.cycles += 1
@@ -355,6 +366,39 @@ class Scheduler:
         sent = [s for s in await asyncio.gather(*(send(d) for d in dispatches)) if s is not None]
         if sent:
             await asyncio.to_thread(self.store.mark_dispatched, sent, time.time())
+
+    async def _cancel(self, now: float) -> None:
+        """Give up on cancels no device answered; send the ones due (one message per device
+        and reason); record those the broker accepted."""
+        wait = self.cfg.tasks.ack_timeout_s
+        ended = await asyncio.to_thread(self.store.sweep_cancels, now, resend_after_s=wait)
+        if ended:
+            self.metrics.task_transitions.labels("cancelled").inc(len(ended))
+            log.warning("%d tasks cancelled without an answer from their devices", len(ended))
+        due = await asyncio.to_thread(self.store.cancels_due, now, resend_after_s=wait)
+        if not due:
+            return
+        groups: dict[tuple[str, str], list[CancelSend]] = {}
+        for c in due:
+            groups.setdefault((c.device_id, c.reason), []).append(c)
+        sent: list[str] = []
+        for (device_id, reason), items in groups.items():
+            ids = [c.task_id for c in items]
+            topic = topics.cmd_topic(self.cfg.fleet, device_id, topics.CANCEL)
+            for i in range(0, len(ids), MAX_CANCEL_IDS):
+                chunk = ids[i : i + MAX_CANCEL_IDS]
+                message = TaskCancel(task_ids=chunk, reason=reason[:200])
+                try:
+                    await self.link.publish(topic, codec.encode(message), qos=1)
+                except Exception as exc:
+                    self.metrics.dispatch_failures.inc()
+                    log.warning("cancel of %d tasks not sent to %s: %s", len(chunk), device_id, exc)
+                    continue
+                self.metrics.cancels_sent.inc(len(chunk))
+                sent.extend(chunk)
+        if sent:
+            log.info("sent cancels of %d tasks", len(sent))
+            await asyncio.to_thread(self.store.mark_cancels_sent, sent, time.time())
 
     async def _learn(self, lease: Lease | None) -> None:
         """Fold measured task durations into the estimator and persist it (exactly once)."""

@@ -6,6 +6,12 @@ message ``id`` (stable across re-sends, so a receiver applies each message once)
 fields may be added within a schema version; receivers ignore fields they do not know, so a
 newer sender still talks to an older receiver. A change that breaks old receivers bumps
 :data:`SCHEMA_VERSION`, and receivers refuse versions they do not speak.
+
+New message types and new values of a literal field stay within a version when only a
+receiver that asked for them can get them: :class:`TaskCancel` travels on the ``cancel``
+channel, which an older agent ignores (it counts the message as on an unknown channel and
+runs the task to its end), and a ``cancelled`` :class:`Result` answers only a cancel, so an
+older coordinator, which sends none, never receives one.
 """
 
 from __future__ import annotations
@@ -150,7 +156,9 @@ class CapacityReport(_Msg, frozen=True, kw_only=True, tag="capacity"):
     )
 
 
-TaskStatus = Literal["succeeded", "failed", "rejected", "expired"]
+#: ``cancelled``: the task was stopped by a :class:`TaskCancel` (before it started or between
+#: the steps of its handler); the coordinator records such a result and applies none.
+TaskStatus = Literal["succeeded", "failed", "rejected", "expired", "cancelled"]
 #: Machine-readable causes of a failed result after which the task is run nowhere again:
 #: ``crashed_agent`` (the task was running each time its agent died, up to the agent's crash
 #: limit) would crash every device it went to next.
@@ -199,7 +207,21 @@ class ResultAck(_Msg, frozen=True, kw_only=True, tag="result-ack"):
     ids: Annotated[list[MsgId], Meta(min_length=1, max_length=1_000)]
 
 
-Message = State | CapacityReport | TaskAck | Result | Task | ResultAck
+#: Most task ids one :class:`TaskCancel` names (a round's stragglers, a stopped job's tasks
+#: on one device, are far fewer).
+MAX_CANCEL_IDS: Final = 1_000
+
+
+class TaskCancel(_Msg, frozen=True, kw_only=True, tag="task-cancel"):
+    """Stop these tasks (on ``cmd/{device}/cancel``, QoS 1): a queued one at once, a running
+    one at its handler's next check; each ends with a ``cancelled`` result. Ids the device
+    does not hold (unknown, or finished already) are ignored, so a re-send is harmless."""
+
+    task_ids: Annotated[list[MsgId], Meta(min_length=1, max_length=MAX_CANCEL_IDS)]
+    reason: ShortText = ""
+
+
+Message = State | CapacityReport | TaskAck | Result | Task | ResultAck | TaskCancel
 MESSAGE_TYPES: Final[tuple[type[Message], ...]] = (
     State,
     CapacityReport,
@@ -207,4 +229,5 @@ MESSAGE_TYPES: Final[tuple[type[Message], ...]] = (
     Result,
     Task,
     ResultAck,
+    TaskCancel,
 )

@@ -32,9 +32,10 @@ TASK_ACK: Final = "task-ack"
 # Cloud -> device.
 TASK: Final = "task"
 RESULT_ACK: Final = "result-ack"
+CANCEL: Final = "cancel"
 
 DEVICE_CHANNELS: Final = frozenset({STATE, CAPACITY, RESULT, TASK_ACK, "chunk-req", "update"})
-CMD_CHANNELS: Final = frozenset({TASK, RESULT_ACK, "cancel", "config"})
+CMD_CHANNELS: Final = frozenset({TASK, RESULT_ACK, CANCEL, "config"})
 
 
 def validate_id(value: str, *, what: str = "device id") -> str:

@@ -197,7 +197,7 @@ def scaled_registry(
             marks[task.id] = time.perf_counter()
             try:
                 output = await handler(task, ctx)
-                await stretch(task)
+                await ctx.cancel.interrupt(stretch(task))
             finally:
                 marks.pop(task.id, None)
             if kind == "train" and claim_examples is not None:

@@ -2,7 +2,8 @@
 
 Handlers are plain functions (FastAPI runs them in its thread pool), so store calls never
 block the event loop. Errors use FastAPI's ``{"detail": ...}`` shape: 404 for an unknown id,
-409 for a taken task id, 422 for an invalid request, 503 when the database is unreachable.
+409 for a taken task id or a cancel of a task that had ended (:mod:`coordinator.api.cancel`),
+422 for an invalid request, 503 when the database is unreachable.
 Bodies are bounded before any route sees them (:mod:`coordinator.api.limits`: 408, 413, 415,
 400/422 for JSON too deep or not finite), and no client error becomes a 500
 (:mod:`coordinator.api.errors`).
@@ -21,6 +22,7 @@ from fastapi import APIRouter, FastAPI, HTTPException, Query, Response
 from starlette.routing import Route
 
 from coordinator.api import errors
+from coordinator.api.cancel import add_cancel_route
 from coordinator.api.limits import BodyGuard
 from coordinator.api.schemas import (
     AttemptOut,
@@ -193,6 +195,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
             attempts=[AttemptOut.of(a) for a in store.attempts(task_id)],
             results=[ResultOut.of(r) for r in store.results_for(task_id)],
         )
+
+    add_cancel_route(app, ctx)
 
     @app.get("/v1/tasks/{task_id}/explain", tags=["tasks"])
     def explain_task(task_id: str) -> ExplainOut:

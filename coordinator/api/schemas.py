@@ -10,7 +10,9 @@ from coordinator.store import AttemptRecord, DeviceRecord, ResultRecord, TaskRec
 
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:/-]+$")]
 Ident = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
-TaskStateName = Literal["pending", "assigned", "running", "succeeded", "failed", "expired"]
+TaskStateName = Literal[
+    "pending", "assigned", "running", "succeeded", "failed", "expired", "cancelled"
+]
 
 
 class TaskSubmit(BaseModel):
@@ -37,6 +39,21 @@ class TaskSubmit(BaseModel):
     max_attempts: int | None = Field(default=None, ge=1, le=100)
     expires_in_s: float | None = Field(
         default=None, gt=0, le=30 * 86400, description="Start deadline, seconds from now."
+    )
+
+
+class TaskCancelIn(BaseModel):
+    """An optional body of a cancel: why (kept with the task and sent to its device)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(
+        default="requested",
+        min_length=1,
+        max_length=200,
+        # One line of printable text: it is logged, stored and sent on.
+        pattern=r"^[^\x00-\x1f\x7f]+$",
+        description="Why the task is cancelled.",
     )
 
 
@@ -162,6 +179,10 @@ class TaskOut(BaseModel):
     last_error: str | None
     result_id: str | None
     output: dict[str, Any] | None
+    cancel_requested_at: float | None = Field(
+        default=None, description="When a cancel was asked for (the task ends when it took)."
+    )
+    cancel_reason: str | None = None
 
     @classmethod
     def of(cls, t: TaskRecord) -> TaskOut:
@@ -194,6 +215,8 @@ class TaskOut(BaseModel):
             last_error=t.last_error,
             result_id=t.result_id,
             output=t.output,
+            cancel_requested_at=t.cancel_requested_at,
+            cancel_reason=t.cancel_reason,
         )
 
 

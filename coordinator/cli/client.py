@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any, Final
 
 import httpx
@@ -39,7 +40,11 @@ class ApiClient:
     def __exit__(self, *_exc: object) -> None:
         self._http.close()
 
-    def request(self, method: str, path: str, **kw: Any) -> Any:
+    def request(
+        self, method: str, path: str, *, codes: Mapping[int, int] | None = None, **kw: Any
+    ) -> Any:
+        """The decoded JSON answer; an error status raises :class:`CliError` with the exit
+        code ``codes`` maps it to (default: 3 for 404, else 1)."""
         try:
             r = self._http.request(method, path, **kw)
         except httpx.TimeoutException as exc:
@@ -53,14 +58,17 @@ class ApiClient:
                 EXIT_UNREACHABLE,
             ) from exc
         if r.status_code >= 400:
-            raise CliError(_error_text(r), EXIT_NOT_FOUND if r.status_code == 404 else EXIT_ERROR)
+            default = EXIT_NOT_FOUND if r.status_code == 404 else EXIT_ERROR
+            raise CliError(_error_text(r), (codes or {}).get(r.status_code, default))
         return r.json()
 
     def get(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params={k: v for k, v in params.items() if v is not None})
 
-    def post(self, path: str, body: dict[str, Any]) -> Any:
-        return self.request("POST", path, json=body)
+    def post(
+        self, path: str, body: dict[str, Any], *, codes: Mapping[int, int] | None = None
+    ) -> Any:
+        return self.request("POST", path, json=body, codes=codes)
 
 
 def _error_text(r: httpx.Response) -> str:

@@ -3,7 +3,7 @@
 Human tables by default, ``--json`` for scripts. The API address is ``--api URL`` or
 ``$LEPTON_API`` (default http://127.0.0.1:8080). Exit codes: 0 done, 1 error, 2 usage or
 configuration error, 3 not found, 4 coordinator unreachable, 5 ``tasks submit --wait``: the
-task failed or expired.
+task failed, expired or was cancelled, 6 ``tasks cancel``: the task had already ended.
 """
 
 from __future__ import annotations
@@ -21,9 +21,15 @@ from rich.console import Console
 
 from coordinator.cli import render
 from coordinator.cli.client import ApiClient, CliError, api_url
-from coordinator.cli.exitcodes import EXIT_ERROR, EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE
+from coordinator.cli.exitcodes import (
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_TASK_FAILED,
+    EXIT_TASK_FINISHED,
+    EXIT_USAGE,
+)
 
-TERMINAL = ("succeeded", "failed", "expired")
+TERMINAL = ("succeeded", "failed", "expired", "cancelled")
 
 # `coordinator run` flags -> config keys (every other key: --set KEY=VALUE).
 RUN_FLAGS = {
@@ -148,6 +154,16 @@ def _task_commands(top: Any) -> None:
     tls.add_argument("--limit", type=int, default=50)
     _client_options(tls)
     tls.set_defaults(handler=cmd_tasks_ls)
+    cancel = tsub.add_parser(
+        "cancel",
+        help="cancel a task: a pending one at once, a running one on its device",
+        description="Exit codes: 0 cancelled or cancel requested, 3 no such task,"
+        " 6 the task had already ended.",
+    )
+    cancel.add_argument("task_id", metavar="ID")
+    cancel.add_argument("--reason", help="why (kept with the task, sent to its device)")
+    _client_options(cancel)
+    cancel.set_defaults(handler=cmd_tasks_cancel)
     for name, handler, help_text in (
         ("show", cmd_tasks_show, "one task with its attempts"),
         ("explain", cmd_tasks_explain, "why the task went where it went"),
@@ -309,6 +325,21 @@ def cmd_tasks_show(args: argparse.Namespace) -> int:
     with _client(args) as api:
         task = api.get(f"/v1/tasks/{args.task_id}")
     _out(args, task, lambda: render.print_task(_console(), task))
+    return EXIT_OK
+
+
+def cmd_tasks_cancel(args: argparse.Namespace) -> int:
+    body = {} if args.reason is None else {"reason": args.reason}
+    with _client(args) as api:
+        task = api.post(f"/v1/tasks/{args.task_id}/cancel", body, codes={409: EXIT_TASK_FINISHED})
+
+    def human() -> None:
+        if task["state"] == "cancelled":
+            print(f"{task['id']} cancelled")
+        else:
+            print(f"{task['id']} {task['state']} on {task['device_id']}: cancel sent to it")
+
+    _out(args, task, human)
     return EXIT_OK
 
 

@@ -18,6 +18,7 @@ STATE_STYLE = {
     "succeeded": "green",
     "failed": "red",
     "expired": "magenta",
+    "cancelled": "dim",
 }
 
 

@@ -10,7 +10,7 @@ import httpx
 
 from protocol.errors import LeptonError
 
-TERMINAL: Final = frozenset({"succeeded", "failed", "expired"})
+TERMINAL: Final = frozenset({"succeeded", "failed", "expired", "cancelled"})
 
 
 class DemoError(LeptonError, RuntimeError):

@@ -9,6 +9,10 @@ window's last round closed but the device's result only after), each named
 :meth:`~.job.LateSpec.weight`. Which updates a round aggregated is recorded with it
 (``aggregated`` in its metrics), in the same transaction, so a late update is folded once
 even across a coordinator restart.
+
+Without ``fold``, a closed round cancels the train tasks of its stragglers (reason
+``round_closed``): nothing would take their updates. With it they run on, since a later
+round may fold what they send; the job's end cancels whatever is left.
 """
 
 from __future__ import annotations
@@ -265,6 +269,9 @@ class RoundClosing(JobState):
         )
         if not closed:
             return True  # closed already (an earlier term): the main loop reloads
+        if self.job.late.policy != "fold":
+            # Nothing will take a straggler's update now: stop its training.
+            await self._cancel_tasks([rnd], "round_closed")
         self.global_weights, self.global_size = dict(result.weights), len(blob)
         self.engine.metrics.rounds.labels("closed").inc()
         self.engine.metrics.round_seconds.observe(metrics["wall_s"])

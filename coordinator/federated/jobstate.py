@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -123,6 +123,25 @@ class JobState:
             raise
         await asyncio.to_thread(self.fl.end_load, self.job_id)
         return result
+
+    async def _cancel_tasks(self, rounds: Sequence[RoundRecord], reason: str) -> int:
+        """Cancel the train tasks of these rounds that have not ended (pending ones at once,
+        assigned or running ones through their devices); returns how many this changed."""
+        ids = sorted({tid for r in rounds for tid in r.tasks.values()})
+        if not ids:
+            return 0
+        outcomes = await asyncio.to_thread(self.store.cancel_tasks, ids, reason, time.time())
+        changed = sum(o.changed for o in outcomes)
+        if changed:
+            self.engine.metrics.tasks_cancelled.labels(reason).inc(changed)
+            self.engine.on_submit()  # the scheduling leader sends the cancels
+            log.info("fl job %s: %d train tasks cancelled (%s)", self.job_id, changed, reason)
+        return changed
+
+    async def _cancel_job_tasks(self, reason: str) -> int:
+        """Cancel every train task of the job that has not ended."""
+        rounds = await asyncio.to_thread(self.fl.list_rounds, self.job_id)
+        return await self._cancel_tasks(rounds, reason)
 
     async def _load_weights(self, digest: str) -> tuple[dict[str, Any], int]:
         data = await asyncio.to_thread(self.registry.read_blob, digest)

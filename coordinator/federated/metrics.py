@@ -49,6 +49,13 @@ class FLMetrics:
             ["key"],
             registry=registry,
         )
+        self.tasks_cancelled = Counter(
+            "lepton_fl_tasks_cancelled",
+            "Train tasks cancelled by their job, by reason (round_closed: a straggler of a"
+            " closed round; round_failed; job_stopped, job_done, job_failed: the job ended)",
+            ["reason"],
+            registry=registry,
+        )
         self.round_seconds = Histogram(
             "lepton_fl_round_seconds",
             "Wall time of a closed round, from its start to its aggregation",

@@ -229,6 +229,7 @@ class RoundOpening(JobState):
                 lease=self.lease,
             )
             self.engine.metrics.rounds.labels("failed").inc()
+            await self._cancel_tasks([rnd], "round_failed")
             raise JobFailedError(
                 f"round {rnd.round}: {progress.complete} of {job.needed} updates after "
                 f"{rnd.attempt} attempts"

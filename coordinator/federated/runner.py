@@ -49,6 +49,7 @@ class JobRunner(RoundOpening, RoundClosing):
                     finished_at=time.time(),
                     lease=self.lease,
                 )
+                await self._cancel_job_tasks("job_failed")
                 return
             except Exception:
                 failures += 1
@@ -221,7 +222,9 @@ class JobRunner(RoundOpening, RoundClosing):
         await self._finish(record, state="stopped", register=record.round > 1)
 
     async def _finish(self, record: JobRecord, *, state: str, register: bool = True) -> None:
-        """Register the final model (when asked) and end the job."""
+        """Cancel the job's train tasks still going, register the final model (when asked)
+        and end the job."""
+        await self._cancel_job_tasks(f"job_{state}")
         final: dict[str, Any] | None = record.final_model
         if register and final is None:
             final = await self._register(record)

@@ -11,7 +11,7 @@ import msgspec
 
 from protocol.messages import CapacityReport, Task
 
-TaskState = Literal["pending", "assigned", "running", "succeeded", "failed", "expired"]
+TaskState = Literal["pending", "assigned", "running", "succeeded", "failed", "expired", "cancelled"]
 TASK_STATES: Final[tuple[TaskState, ...]] = (
     "pending",
     "assigned",
@@ -19,8 +19,9 @@ TASK_STATES: Final[tuple[TaskState, ...]] = (
     "succeeded",
     "failed",
     "expired",
+    "cancelled",
 )
-TERMINAL: Final = frozenset({"succeeded", "failed", "expired"})
+TERMINAL: Final = frozenset({"succeeded", "failed", "expired", "cancelled"})
 IN_FLIGHT: Final = ("assigned", "running")
 DeviceStateName = Literal["online", "offline"]
 
@@ -162,6 +163,10 @@ class TaskRecord:
     result_id: str | None
     output: dict[str, Any] | None
     explanation: dict[str, Any] | None
+    # Set when a cancel was asked for; an assigned or running task stays so until its device
+    # answers (any result, or a refusal), then it is ``cancelled``.
+    cancel_requested_at: float | None
+    cancel_reason: str | None
 
     @property
     def terminal(self) -> bool:
@@ -214,8 +219,10 @@ class Dispatch:
     message: Task
 
 
+#: ``cancelled``: the answer of a device to a cancel (a result of the attempt it held, of
+#: any status): stored, not applied, and the task ends ``cancelled``.
 ResultOutcomeName = Literal[
-    "applied", "stale", "replayed", "spoofed", "unknown_task", "unknown_device"
+    "applied", "stale", "replayed", "spoofed", "unknown_task", "unknown_device", "cancelled"
 ]
 
 
@@ -232,11 +239,11 @@ class ResultOutcome:
     @property
     def ack(self) -> bool:
         # Only what is durably recorded is acknowledged: the agent drops acknowledged results.
-        return self.outcome in ("applied", "stale", "replayed")
+        return self.outcome in ("applied", "stale", "replayed", "cancelled")
 
 
 AckOutcomeName = Literal[
-    "running", "retry", "failed", "expired", "ignored", "spoofed", "unknown_task"
+    "running", "retry", "failed", "expired", "cancelled", "ignored", "spoofed", "unknown_task"
 ]
 
 
@@ -245,6 +252,32 @@ class AckOutcome:
     task_id: str
     outcome: AckOutcomeName
     task_state: str | None = None
+
+
+CancelOutcomeName = Literal["cancelled", "requested", "finished", "unknown"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CancelOutcome:
+    """What a cancel did to one task: ``cancelled`` (it was pending, or cancelled already:
+    now ``cancelled``), ``requested`` (assigned or running: its device is told, and the task
+    ends ``cancelled`` when the device answers), ``finished`` (it had ended otherwise; its
+    ``state`` says how) or ``unknown`` (no such task)."""
+
+    task_id: str
+    outcome: CancelOutcomeName
+    state: TaskState | None = None
+    device_id: str | None = None
+    changed: bool = False  # this request changed the task (a repeat changes nothing)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CancelSend:
+    """A cancel to send to the device holding a task whose cancel it has not answered."""
+
+    task_id: str
+    device_id: str
+    reason: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -9,7 +9,10 @@ Checks, in order, for each result that ``device_id`` (the topic's device) sent:
 4. the device never held that attempt of the task: ``spoofed``;
 5. otherwise the result is stored and, if it still matters, moves the task: the first
    success of any legitimate attempt wins; a failure of the current attempt retries or ends
-   the task; anything else is ``stale`` (kept, acknowledged, not applied).
+   the task; anything else is ``stale`` (kept, acknowledged, not applied);
+6. a task whose cancel was requested applies no result, a success included: a result of
+   the attempt its device held is the device's answer to the cancel (``cancelled``: kept,
+   acknowledged, the task ends ``cancelled``); a result of a cancelled task is ``stale``.
 
 Rejected results are not acknowledged, so a misdirected agent keeps them.
 """
@@ -32,7 +35,7 @@ from coordinator.store.records import (
     from_row,
 )
 from coordinator.store.schema import AttemptRow, DeviceRow, ObservationRow, ResultRow, TaskRow
-from coordinator.store.transitions import end_task, fail_attempt, finish_attempt
+from coordinator.store.transitions import end_cancelled, end_task, fail_attempt, finish_attempt
 from protocol.messages import FINAL_FAILURES, Result
 
 _results = cast(Table, ResultRow.__table__)
@@ -83,7 +86,10 @@ class ResultOps(StoreBase):
         if held is None or held.device_id != device_id:
             return out("spoofed", task.state)
         current = r.attempt == task.attempt and task.state in IN_FLIGHT
-        apply = task.state not in TERMINAL and (r.status == "succeeded" or current)
+        cancelling = task.cancel_requested_at is not None
+        apply = (
+            not cancelling and task.state not in TERMINAL and (r.status == "succeeded" or current)
+        )
         # RETURNING, not rowcount: drivers report -1 rows for INSERT ... ON CONFLICT.
         inserted = session.scalar(
             self._insert(_results)
@@ -105,6 +111,11 @@ class ResultOps(StoreBase):
         )
         if inserted is None:  # a replica stored it between our read and our insert
             return out("replayed", task.state)
+        if cancelling and current:
+            finish_attempt(session, task.id, r.attempt, now, outcome=r.status, error=r.error)
+            end_cancelled(session, task, now, outcome=r.status)
+            task.result_id = r.id
+            return out("cancelled", task.state)
         if not apply:
             return out("stale", task.state)
         if r.status == "succeeded":

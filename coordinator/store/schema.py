@@ -108,6 +108,13 @@ class TaskRow(Base):
     result_id: Mapped[str | None] = mapped_column(String(ID))
     output: Mapped[dict[str, Any] | None] = mapped_column(Json)
     explanation: Mapped[dict[str, Any] | None] = mapped_column(Json)
+    # Cancellation of an assigned or running task: asked for at ``cancel_requested_at``;
+    # the cancel was last sent at ``cancel_sent_at``, ``cancel_sends`` times. Nullable, so
+    # start-up adds them to a database an older release created.
+    cancel_requested_at: Mapped[float | None] = mapped_column(Float)
+    cancel_reason: Mapped[str | None] = mapped_column(String(256))
+    cancel_sent_at: Mapped[float | None] = mapped_column(Float)
+    cancel_sends: Mapped[int | None] = mapped_column(Integer)
 
     __table_args__ = (
         Index("ix_tasks_state_next", "state", "next_attempt_at"),

@@ -11,6 +11,7 @@ import logging
 
 from sqlalchemy import Connection, Engine, MetaData, inspect, text
 
+from coordinator.store.cancels import CancelOps
 from coordinator.store.devices import DeviceOps
 from coordinator.store.engine import make_engines
 from coordinator.store.estimates import EstimateOps
@@ -23,8 +24,9 @@ from coordinator.store.tasks import TaskOps
 log = logging.getLogger(__name__)
 
 
-class Store(DeviceOps, TaskOps, ResultOps, EstimateOps, LeaseOps):
-    """Devices, capacity history, tasks, attempts, results, throughput estimates, leases."""
+class Store(DeviceOps, TaskOps, CancelOps, ResultOps, EstimateOps, LeaseOps):
+    """Devices, capacity history, tasks and their cancels, attempts, results, throughput
+    estimates, leases."""
 
     @classmethod
     def open(

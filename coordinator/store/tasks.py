@@ -190,6 +190,8 @@ class TaskOps(StoreBase):
                     TaskRow.state == "assigned",
                     TaskRow.dispatched_at.is_(None),
                     (TaskRow.assigned_at <= now - older_than_s) | (TaskRow.sends > 0),
+                    # A task being cancelled is not sent again; its cancel is.
+                    TaskRow.cancel_requested_at.is_(None),
                 )
                 .order_by(TaskRow.assigned_at)
                 .limit(limit)
@@ -246,6 +248,9 @@ class TaskOps(StoreBase):
                 self._locked(
                     select(TaskRow)
                     .where(
+                        # A task being cancelled ends by its cancel's own deadline instead
+                        # (CancelOps.sweep_cancels).
+                        TaskRow.cancel_requested_at.is_(None),
                         (
                             (TaskRow.state == "assigned")
                             & TaskRow.dispatched_at.is_not(None)
@@ -254,7 +259,7 @@ class TaskOps(StoreBase):
                         | (
                             (TaskRow.state == "running")
                             & (TaskRow.started_at <= now - run_timeout_s)
-                        )
+                        ),
                     )
                     .order_by(TaskRow.id)
                 )
@@ -285,7 +290,9 @@ class TaskOps(StoreBase):
         with self._write() as session:
             return [self._apply_ack(session, device_id, ack, now) for device_id, ack, now in items]
 
-    def _apply_ack(self, session: Any, device_id: str, ack: TaskAck, now: float) -> AckOutcome:
+    def _apply_ack(  # noqa: PLR0911
+        self, session: Any, device_id: str, ack: TaskAck, now: float
+    ) -> AckOutcome:
         row = session.scalar(self._locked(select(TaskRow).where(TaskRow.id == ack.task_id)))
         if row is None:
             return AckOutcome(task_id=ack.task_id, outcome="unknown_task")
@@ -314,6 +321,10 @@ class TaskOps(StoreBase):
             )
             return AckOutcome(task_id=row.id, outcome="running", task_state="running")
         reason = f"refused by {device_id}: {ack.reason or 'no reason given'}"
+        if row.cancel_requested_at is not None:
+            # The device's answer to the cancel: it will not run the task.
+            fail_attempt(session, row, reason, now, self.retry, outcome="refused")
+            return AckOutcome(task_id=row.id, outcome="cancelled", task_state="cancelled")
         if ack.reason == "expired":
             end_task(session, row, "expired", now, outcome="refused", error=reason)
             return AckOutcome(task_id=row.id, outcome="expired", task_state="expired")

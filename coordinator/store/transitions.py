@@ -6,9 +6,13 @@ The lifecycle::
        ^                   |                          |
        +---- retry (backoff, attempt < max) ----------+   (refusal, failure, device offline,
                                                           ack or run timeout)
+    pending --cancel--> cancelled
+    assigned | running --cancel--> (cancel requested) --device answers, or gives up--> cancelled
 
 A pending task past ``expires_at`` becomes ``expired``; a failed attempt of a task out of
-attempts (or past its expiry) ends the task.
+attempts (or past its expiry) ends the task. A task whose cancel was requested is never
+tried again: whatever ends its attempt (a result of any status, a refusal, the device going
+offline, a timeout) ends it ``cancelled``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from coordinator.store.records import IN_FLIGHT, RetryPolicy, TaskState
+from coordinator.store.records import IN_FLIGHT, TERMINAL, CancelOutcomeName, RetryPolicy, TaskState
 from coordinator.store.schema import AttemptRow, TaskRow
 
 
@@ -62,7 +66,9 @@ def fail_attempt(
     finish_attempt(session, row.id, row.attempt, now, outcome=outcome, error=reason)
     row.last_error = reason
     row.updated_at = now
-    if now >= row.expires_at:
+    if row.cancel_requested_at is not None:
+        end_cancelled(session, row, now, outcome=outcome)
+    elif now >= row.expires_at:
         row.state = "expired"
         row.finished_at = now
         row.device_id = None
@@ -117,3 +123,30 @@ def requeue_device(
     for row in rows:
         fail_attempt(session, row, reason, now, retry, outcome="device_offline", backoff=False)
     return [row.id for row in rows]
+
+
+def end_cancelled(session: Session, row: TaskRow, now: float, *, outcome: str) -> None:
+    """End a task ``cancelled`` (its cancel was requested; the reason is kept with it)."""
+    end_task(
+        session, row, "cancelled", now, outcome=outcome, error=f"cancelled: {row.cancel_reason}"
+    )
+
+
+def request_cancel(session: Session, row: TaskRow, reason: str, now: float) -> CancelOutcomeName:
+    """Cancel a task (idempotent): a pending one ends at once; an assigned or running one is
+    marked so its device is told (:class:`~coordinator.store.records.CancelSend`), and ends
+    when the device answers. The first request's reason is the one kept."""
+    if row.state == "cancelled":
+        return "cancelled"
+    if row.state in TERMINAL:
+        return "finished"
+    if row.cancel_requested_at is None:
+        row.cancel_requested_at = now
+        row.cancel_reason = reason
+        row.cancel_sent_at = None
+        row.cancel_sends = 0
+        row.updated_at = now
+    if row.state == "pending":
+        end_cancelled(session, row, now, outcome="cancelled")
+        return "cancelled"
+    return "requested"

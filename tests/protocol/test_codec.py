@@ -31,6 +31,7 @@ from protocol.messages import (
     State,
     Task,
     TaskAck,
+    TaskCancel,
 )
 from tests.protocol.strategies import any_values, messages
 
@@ -61,6 +62,7 @@ EXAMPLES: dict[type[Message], Message] = {
     Result: Result(id="r-1", ts=4.0, task_id="t-1", status="succeeded", output={"y": [1, 2]}),
     Task: Task(id="t-1", ts=5.0, task_id="t-1", kind="infer", params={"k": 1}, expires_at=9.0),
     ResultAck: ResultAck(id="ra-1", ts=6.0, ids=["r-1", "r-2"]),
+    TaskCancel: TaskCancel(id="x-1", ts=7.0, task_ids=["t-1", "t-2"], reason="round_closed"),
 }
 WIRES = [encode(msg) for msg in EXAMPLES.values()]
 TYPES = pytest.mark.parametrize("cls", MESSAGE_TYPES, ids=lambda c: c.__name__)

@@ -19,7 +19,15 @@ import aiomqtt
 from protocol import topics
 from protocol.codec import decode, encode
 from protocol.errors import DecodeError
-from protocol.messages import CapacityReport, Result, ResultAck, State, Task, TaskAck
+from protocol.messages import (
+    CapacityReport,
+    Result,
+    ResultAck,
+    State,
+    Task,
+    TaskAck,
+    TaskCancel,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -134,6 +142,20 @@ class Sink:
         assert self._client is not None, "sink not connected"
         await self._client.publish(
             topics.cmd_topic(self.fleet, device_id, topics.TASK), payload, qos=1
+        )
+
+    async def send_raw(self, topic: str, payload: bytes) -> None:
+        """Publish any bytes on any topic (hostile input)."""
+        assert self._client is not None, "sink not connected"
+        await self._client.publish(topic, payload, qos=1)
+
+    async def send_cancel(self, device_id: str, task_ids: list[str], reason: str = "test") -> None:
+        """Publish a TaskCancel for these tasks on the device's cancel channel."""
+        assert self._client is not None, "sink not connected"
+        await self._client.publish(
+            topics.cmd_topic(self.fleet, device_id, topics.CANCEL),
+            encode(TaskCancel(task_ids=task_ids, reason=reason)),
+            qos=1,
         )
 
     async def send_task(

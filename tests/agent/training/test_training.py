@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import subprocess
 import sys
+import time
 import typing
 
 import numpy as np
@@ -348,3 +350,15 @@ async def test_the_upload_credential_is_a_header_and_nowhere_else(
         await run_train(ctx, servers, upload=upload)
     assert secret not in str(refused.value)
     assert secret not in caplog.text
+
+
+async def test_a_cancel_stops_training_between_batches(ctx: TaskContext, servers: Servers) -> None:
+    """The task's cancel token stops the loop at its next batch: no update is uploaded."""
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.5, ctx.cancel.set, "round_closed")
+    started = time.monotonic()
+    with pytest.raises(TaskError, match="cancelled"):
+        # 1000 epochs of 10 batches of the CNN: minutes of work if nothing stopped it.
+        await train(task("train", **train_params(servers, CNN, epochs=1000)), ctx)
+    assert time.monotonic() - started < 10
+    assert servers.uploads.requests == []
