@@ -7,12 +7,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from coordinator.store import AttemptRecord, DeviceRecord, ResultRecord, TaskRecord
+from coordinator.tasks.states import TaskState
 
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:/-]+$")]
 Ident = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
-TaskStateName = Literal[
-    "pending", "assigned", "running", "succeeded", "failed", "expired", "cancelled"
-]
+TaskStateName = TaskState  # the API's name for the store's task states
 
 
 class TaskSubmit(BaseModel):

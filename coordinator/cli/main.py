@@ -28,8 +28,7 @@ from coordinator.cli.exitcodes import (
     EXIT_TASK_FINISHED,
     EXIT_USAGE,
 )
-
-TERMINAL = ("succeeded", "failed", "expired", "cancelled")
+from coordinator.tasks.states import TASK_STATES, TERMINAL
 
 # `coordinator run` flags -> config keys (every other key: --set KEY=VALUE).
 RUN_FLAGS = {
@@ -148,7 +147,7 @@ def _task_commands(top: Any) -> None:
     _client_options(sub)
     sub.set_defaults(handler=cmd_tasks_submit)
     tls = tsub.add_parser("ls", help="list tasks, newest first")
-    tls.add_argument("--state", choices=("pending", "assigned", "running", *TERMINAL))
+    tls.add_argument("--state", choices=TASK_STATES)
     tls.add_argument("--device")
     tls.add_argument("--kind")
     tls.add_argument("--limit", type=int, default=50)

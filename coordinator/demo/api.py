@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, Final
+from typing import Any
 
 import httpx
 
+from coordinator.tasks.states import TERMINAL
 from protocol.errors import LeptonError
-
-TERMINAL: Final = frozenset({"succeeded", "failed", "expired", "cancelled"})
 
 
 class DemoError(LeptonError, RuntimeError):

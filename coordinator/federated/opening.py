@@ -18,8 +18,8 @@ from coordinator.federated.store import (
     JobRecord,
     RoundRecord,
 )
-from coordinator.store.records import IN_FLIGHT
 from coordinator.submit import build_task
+from coordinator.tasks.states import IN_FLIGHT
 
 log = logging.getLogger(__name__)
 

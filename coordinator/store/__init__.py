@@ -2,9 +2,6 @@
 
 from coordinator.store.devices import StateUpdate
 from coordinator.store.records import (
-    IN_FLIGHT,
-    TASK_STATES,
-    TERMINAL,
     AckOutcome,
     Assignment,
     AttemptRecord,
@@ -21,9 +18,9 @@ from coordinator.store.records import (
     ResultRecord,
     RetryPolicy,
     TaskRecord,
-    TaskState,
 )
 from coordinator.store.store import Store
+from coordinator.tasks.states import IN_FLIGHT, TASK_STATES, TERMINAL, TaskState
 
 __all__ = [
     "IN_FLIGHT",

@@ -18,9 +18,10 @@ from sqlalchemy import Table, bindparam, select, update
 
 from coordinator.errors import NotFoundError
 from coordinator.store.base import StoreBase
-from coordinator.store.records import IN_FLIGHT, CancelOutcome, CancelSend
+from coordinator.store.records import CancelOutcome, CancelSend
 from coordinator.store.schema import TaskRow
 from coordinator.store.transitions import end_cancelled, request_cancel
+from coordinator.tasks.states import IN_FLIGHT
 
 _tasks = cast(Table, TaskRow.__table__)
 

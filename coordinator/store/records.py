@@ -5,24 +5,13 @@ from __future__ import annotations
 import dataclasses
 import random
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
+from coordinator.tasks.states import TERMINAL, TaskState
 from protocol.messages import CapacityReport, Task
 
-TaskState = Literal["pending", "assigned", "running", "succeeded", "failed", "expired", "cancelled"]
-TASK_STATES: Final[tuple[TaskState, ...]] = (
-    "pending",
-    "assigned",
-    "running",
-    "succeeded",
-    "failed",
-    "expired",
-    "cancelled",
-)
-TERMINAL: Final = frozenset({"succeeded", "failed", "expired", "cancelled"})
-IN_FLIGHT: Final = ("assigned", "running")
 DeviceStateName = Literal["online", "offline"]
 
 R = TypeVar("R")

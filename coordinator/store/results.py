@@ -26,16 +26,10 @@ from sqlalchemy import Table, select
 from sqlalchemy.orm import Session
 
 from coordinator.store.base import StoreBase
-from coordinator.store.records import (
-    IN_FLIGHT,
-    TERMINAL,
-    ResultOutcome,
-    ResultOutcomeName,
-    ResultRecord,
-    from_row,
-)
+from coordinator.store.records import ResultOutcome, ResultOutcomeName, ResultRecord, from_row
 from coordinator.store.schema import AttemptRow, DeviceRow, ObservationRow, ResultRow, TaskRow
 from coordinator.store.transitions import end_cancelled, end_task, fail_attempt, finish_attempt
+from coordinator.tasks.states import IN_FLIGHT, TERMINAL
 from protocol.messages import FINAL_FAILURES, Result
 
 _results = cast(Table, ResultRow.__table__)
@@ -144,9 +138,7 @@ class ResultOps(StoreBase):
         elif r.reason in FINAL_FAILURES:
             # The task took its agent down each time it ran there: sending it to another
             # device would take that one down too.
-            end_task(
-                session, task, "failed", now, outcome=r.reason, error=r.error or r.reason
-            )
+            end_task(session, task, "failed", now, outcome=r.reason, error=r.error or r.reason)
             task.last_error = r.error or r.reason
             task.result_id = r.id
         else:

@@ -13,8 +13,6 @@ from coordinator.errors import ConflictError, NotFoundError
 from coordinator.store.base import StoreBase
 from coordinator.store.lease import check_fence
 from coordinator.store.records import (
-    IN_FLIGHT,
-    TASK_STATES,
     AckOutcome,
     Assignment,
     AttemptRecord,
@@ -22,11 +20,11 @@ from coordinator.store.records import (
     Lease,
     NewTask,
     TaskRecord,
-    TaskState,
     from_row,
 )
 from coordinator.store.schema import AttemptRow, TaskRow
 from coordinator.store.transitions import end_task, fail_attempt
+from coordinator.tasks.states import IN_FLIGHT, TASK_STATES, TaskState
 from protocol.messages import Task, TaskAck, new_id
 
 _tasks = cast(Table, TaskRow.__table__)

@@ -20,8 +20,9 @@ from __future__ import annotations
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from coordinator.store.records import IN_FLIGHT, TERMINAL, CancelOutcomeName, RetryPolicy, TaskState
+from coordinator.store.records import CancelOutcomeName, RetryPolicy
 from coordinator.store.schema import AttemptRow, TaskRow
+from coordinator.tasks.states import IN_FLIGHT, TERMINAL, TaskState
 
 
 def finish_attempt(

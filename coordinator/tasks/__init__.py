@@ -1,0 +1,1 @@
+"""Tasks as the coordinator's API, CLI and store all speak of them (light: the CLI imports it)."""
