@@ -295,7 +295,7 @@ NOTES = """\
 - The all-threads column is timed with ORT's intra-op workers not spinning between runs. On
   2026-11-29 it was timed with ORT's default (spinning) while the sessions took turns: the
   workers of the session that had just run kept spinning on the 2 cores while the next one
-  ran, and that column showed 2-thread runs 2-3x slower than 1-thread ones. It measured the
+  ran, and that column showed 2-thread runs 3-5x slower than 1-thread ones. It measured the
   benchmark's own spinning workers (`bench.bench_spinning` shows the same timing done both
   ways), not the models and not other work on the machine.
 - Earlier host (2026-11-29, AMD EPYC, 2 CPUs with AVX2 but no AVX-512 or VNNI, the same
