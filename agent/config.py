@@ -87,6 +87,10 @@ class AgentConfig:
     # [inference]
     inference_threads: int = 0  # intra-op threads per model; 0: the cores this process may use
     inference_providers: tuple[str, ...] = ()  # ONNX Runtime providers; empty: best available
+    # ONNX Runtime's intra-op workers spin on a core for a while after each run, waiting for
+    # the next one; on a device whose cores the application shares that burns CPU between
+    # requests (docs/BENCHMARKS.md, thread-pool spinning), so it is off unless asked for.
+    inference_allow_spinning: bool = False
     inference_max_model_bytes: int = 512 * 1024 * 1024
     # Past these, the least recently used model is unloaded (and its files trimmed).
     inference_max_models: int = 8

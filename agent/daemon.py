@@ -71,6 +71,7 @@ class Agent:
             config.state_dir / "models",
             threads=config.inference_threads,
             providers=config.inference_providers,
+            allow_spinning=config.inference_allow_spinning,
             max_bytes=config.inference_max_model_bytes,
             retries=config.inference_download_retries,
             timeout=config.inference_download_timeout,

@@ -70,6 +70,7 @@ class ModelManager:
         *,
         threads: int = 0,
         providers: tuple[str, ...] = (),
+        allow_spinning: bool = False,
         max_bytes: int = 512 * 1024 * 1024,
         retries: int = 5,
         timeout: float = 30.0,
@@ -81,6 +82,7 @@ class ModelManager:
         self.caps = caps or Caps()
         self.threads = threads
         self.providers = providers
+        self.allow_spinning = allow_spinning
         self.max_bytes = max_bytes
         self.retries = retries
         self.timeout = timeout
@@ -299,7 +301,9 @@ class ModelManager:
         return any(m.digest == digest for m in self._served.values())
 
     def _load(self, spec: DeploySpec, path: Path) -> ServedModel:
-        runtime = runtime_for(spec.format, providers=self.providers)
+        runtime = runtime_for(
+            spec.format, providers=self.providers, allow_spinning=self.allow_spinning
+        )
         started = time.perf_counter()
         runtime.load(path, threads=self.threads or None)
         return ServedModel(

@@ -38,6 +38,7 @@ from agent.datasources import Dataset
 from agent.endpoint import Endpoint
 from agent.inference import evaluate
 from agent.models import ModelManager
+from agent.runtimes.onnx import ALLOW_SPINNING
 from agent.served import DeploySpec
 from bench import _common
 from tests.support.blobserver import BlobServer
@@ -121,6 +122,7 @@ def bare_session(path: Path, threads: int) -> Any:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.add_session_config_entry(ALLOW_SPINNING, "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -138,10 +138,13 @@ class Runtime(abc.ABC):
         """Release the model; the runtime is unusable afterwards."""
 
 
-def runtime_for(fmt: str, *, providers: tuple[str, ...] = ()) -> Runtime:
+def runtime_for(
+    fmt: str, *, providers: tuple[str, ...] = (), allow_spinning: bool = False
+) -> Runtime:
     """An unloaded runtime for ``fmt``; :class:`RuntimeUnavailableError` when it is not installed.
 
-    ``providers`` restricts ONNX Runtime's execution providers (empty: the best available).
+    ``providers`` restricts ONNX Runtime's execution providers (empty: the best available);
+    ``allow_spinning`` lets its intra-op workers spin between runs (ORT's own default).
     """
     if fmt == "onnx":
         if importlib.util.find_spec("onnxruntime") is None:
@@ -150,7 +153,7 @@ def runtime_for(fmt: str, *, providers: tuple[str, ...] = ()) -> Runtime:
             )
         from agent.runtimes.onnx import OnnxRuntime
 
-        return OnnxRuntime(providers=providers)
+        return OnnxRuntime(providers=providers, allow_spinning=allow_spinning)
     if fmt == "tflite":
         from agent.runtimes.tflite import TFLiteRuntime, interpreter_module
 

@@ -30,10 +30,13 @@ def make_session(
     *,
     threads: int = 0,
     optimization: str = "all",
+    allow_spinning: bool = True,
 ) -> Any:
     """An ONNX Runtime CPU session; ``threads`` 0 lets ORT use every core.
 
     ``optimization`` is one of ``disable``, ``basic``, ``extended``, ``all``.
+    ``allow_spinning`` false makes the intra-op workers sleep as soon as a run ends (ORT's
+    default spins them for the next run, which takes the cores from any other session).
     """
     import onnxruntime as ort
 
@@ -49,6 +52,7 @@ def make_session(
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 3
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 

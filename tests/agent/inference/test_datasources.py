@@ -187,7 +187,7 @@ def test_data_table_env_and_flags(tmp_path: Path) -> None:
     cfg.write_text(
         '[data]\ndigits = "/srv/digits.npz"\ncam = "plugins.cam:frames"\n'
         "[endpoint]\nport = 8780\n"
-        '[inference]\nthreads = 2\nproviders = ["cuda", "cpu"]\n'
+        '[inference]\nthreads = 2\nproviders = ["cuda", "cpu"]\nallow_spinning = true\n'
     )
     config = load_config(
         cfg, env={"LEPTON_DATA_DIGITS": "/data/digits.npz", "LEPTON_DATA_EXTRA": "/x.npy"}
@@ -201,6 +201,10 @@ def test_data_table_env_and_flags(tmp_path: Path) -> None:
     assert config.endpoint_enabled
     assert config.inference_threads == 2
     assert config.inference_providers == ("cuda", "cpu")
+    assert config.inference_allow_spinning
+    assert not load_config(None, env={}).inference_allow_spinning
+    env = {"LEPTON_INFERENCE_ALLOW_SPINNING": "false"}
+    assert not load_config(cfg, env=env).inference_allow_spinning
     flags = load_config(cfg, env={}, overrides={"data_sources": "a=/a.npz,b=m:f"})
     assert flags.data_source_map == {"a": "/a.npz", "b": "m:f"}
     assert not load_config(None, env={}).endpoint_enabled

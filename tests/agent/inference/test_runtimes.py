@@ -48,6 +48,37 @@ def test_onnx_threads_default_to_the_cores_we_may_use(tmp_path: Path, linear: Li
     assert rt.threads == default_threads() >= 1
 
 
+def test_onnx_workers_do_not_spin_unless_asked(tmp_path: Path, linear: Linear) -> None:
+    from agent.runtimes.onnx import ALLOW_SPINNING
+
+    path = _write(tmp_path, "m.onnx", linear.onnx)
+    for asked, entry in ((None, "0"), (False, "0"), (True, "1")):
+        rt = runtime_for("onnx") if asked is None else runtime_for("onnx", allow_spinning=asked)
+        rt.load(path, threads=2)
+        assert rt.session.get_session_options().get_session_config_entry(ALLOW_SPINNING) == entry
+
+
+def test_onnx_idle_model_leaves_the_cores_alone() -> None:
+    """After a run, a two-thread session burns no CPU while no request comes.
+
+    With ORT's default (spinning) its worker kept a core busy for 40-50 ms after every run
+    on the development machine, which a device's application pays between requests.
+    """
+    import time
+
+    rt = runtime_for("onnx")
+    rt.load(artifact("digits_int8.onnx"), threads=2)
+    spec = rt.inputs[0]
+    x = np.zeros([d or 1 for d in spec.shape], dtype=spec.dtype)
+    for _ in range(20):
+        rt.run({spec.name: x})
+    time.sleep(0.2)
+    rt.run({spec.name: x})
+    c0 = time.process_time()
+    time.sleep(0.2)
+    assert time.process_time() - c0 < 0.010
+
+
 def test_onnx_int8_model_from_dynamic_quantization(tmp_path: Path, linear: Linear) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
