@@ -40,6 +40,7 @@ from coordinator.config import Config
 from coordinator.metrics import Metrics
 from coordinator.store import Store
 from coordinator.submit import SubmissionError, build_task
+from protocol import routes
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     def deadline(interval: float | None) -> float:
         return cfg.heartbeat_deadline_s(interval)
 
-    @app.get("/v1/health", tags=["service"])
+    @app.get(routes.HEALTH, tags=["service"])
     def health(response: Response) -> Health:
         """Liveness of this process and its dependencies, and fleet counts."""
         database = store.ping()
@@ -111,7 +112,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
             },
         )
 
-    @app.get("/v1/devices", tags=["devices"])
+    @app.get(routes.DEVICES, tags=["devices"])
     def list_devices(
         state: Annotated[str | None, Query(pattern="^(online|offline)$")] = None,
         limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
@@ -125,7 +126,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         )
         return [DeviceOut.of(d, deadline(d.report_interval_s)) for d in rows]
 
-    @app.get("/v1/devices/{device_id}", tags=["devices"])
+    @app.get(routes.DEVICE, tags=["devices"])
     def get_device(device_id: str) -> DeviceDetail:
         """One device: identity, liveness, latest capacity report and its current tasks."""
         d = store.get_device(device_id)
@@ -137,7 +138,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         base = DeviceOut.of(d, deadline(d.report_interval_s))
         return DeviceDetail(**base.model_dump(), report=d.report, tasks=tasks)
 
-    @app.get("/v1/tasks", tags=["tasks"])
+    @app.get(routes.TASKS, tags=["tasks"])
     def list_tasks(
         state: TaskStateName | None = None,
         device: str | None = None,
@@ -151,7 +152,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         )
         return [TaskOut.of(t) for t in rows]
 
-    @app.post("/v1/tasks", status_code=201, tags=["tasks"])
+    @app.post(routes.TASKS, status_code=201, tags=["tasks"])
     def submit_task(body: TaskSubmit) -> TaskOut:
         """Submit a task; the scheduler places it in its next batch."""
         try:
@@ -185,7 +186,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         ctx.on_submit()
         return TaskOut.of(task)
 
-    @app.get("/v1/tasks/{task_id}", tags=["tasks"])
+    @app.get(routes.TASK, tags=["tasks"])
     def get_task(task_id: str) -> TaskDetail:
         """One task with its attempts (which device, how each ended) and results received."""
         t = store.get_task(task_id)
@@ -198,7 +199,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
     add_cancel_route(app, ctx)
 
-    @app.get("/v1/tasks/{task_id}/explain", tags=["tasks"])
+    @app.get(routes.TASK_EXPLAIN, tags=["tasks"])
     def explain_task(task_id: str) -> ExplainOut:
         """Why the task went where it went (or why it could not be placed)."""
         t = store.get_task(task_id)

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse
 
 from coordinator.api.schemas import TaskCancelIn, TaskOut
 from coordinator.errors import NotFoundError
+from protocol import routes
 
 if TYPE_CHECKING:
     from coordinator.api.app import ApiContext
@@ -38,7 +39,7 @@ def add_cancel_route(app: FastAPI, ctx: ApiContext) -> None:
     store = ctx.store
 
     @app.post(
-        "/v1/tasks/{task_id}/cancel",
+        routes.TASK_CANCEL,
         tags=["tasks"],
         response_model=TaskOut,
         responses={

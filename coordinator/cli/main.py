@@ -29,6 +29,7 @@ from coordinator.cli.exitcodes import (
     EXIT_USAGE,
 )
 from coordinator.tasks.states import TASK_STATES, TERMINAL
+from protocol import routes
 
 # `coordinator run` flags -> config keys (every other key: --set KEY=VALUE).
 RUN_FLAGS = {
@@ -246,14 +247,14 @@ def cmd_coordinator_run(args: argparse.Namespace) -> int:
 
 def cmd_devices_ls(args: argparse.Namespace) -> int:
     with _client(args) as api:
-        devices = api.get("/v1/devices", state=args.state, limit=args.limit)
+        devices = api.get(routes.DEVICES, state=args.state, limit=args.limit)
     _out(args, devices, lambda: _console().print(render.devices_table(devices)))
     return EXIT_OK
 
 
 def cmd_devices_show(args: argparse.Namespace) -> int:
     with _client(args) as api:
-        device = api.get(f"/v1/devices/{args.device_id}")
+        device = api.get(routes.path(routes.DEVICE, device_id=args.device_id))
     _out(args, device, lambda: render.print_device(_console(), device))
     return EXIT_OK
 
@@ -292,7 +293,7 @@ def _submission(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_tasks_submit(args: argparse.Namespace) -> int:
     body = _submission(args)
     with _client(args) as api:
-        task = api.post("/v1/tasks", body)
+        task = api.post(routes.TASKS, body)
         if args.wait:
             deadline = time.monotonic() + args.wait_timeout
             delay = 0.1
@@ -303,7 +304,7 @@ def cmd_tasks_submit(args: argparse.Namespace) -> int:
                     )
                 time.sleep(delay)
                 delay = min(delay * 1.5, 2.0)
-                task = api.get(f"/v1/tasks/{task['id']}")
+                task = api.get(routes.path(routes.TASK, task_id=task["id"]))
     if args.wait:
         _out(args, task, lambda: render.print_task(_console(), task))
         return EXIT_OK if task["state"] == "succeeded" else EXIT_TASK_FAILED
@@ -314,7 +315,7 @@ def cmd_tasks_submit(args: argparse.Namespace) -> int:
 def cmd_tasks_ls(args: argparse.Namespace) -> int:
     with _client(args) as api:
         tasks = api.get(
-            "/v1/tasks", state=args.state, device=args.device, kind=args.kind, limit=args.limit
+            routes.TASKS, state=args.state, device=args.device, kind=args.kind, limit=args.limit
         )
     _out(args, tasks, lambda: _console().print(render.tasks_table(tasks)))
     return EXIT_OK
@@ -322,7 +323,7 @@ def cmd_tasks_ls(args: argparse.Namespace) -> int:
 
 def cmd_tasks_show(args: argparse.Namespace) -> int:
     with _client(args) as api:
-        task = api.get(f"/v1/tasks/{args.task_id}")
+        task = api.get(routes.path(routes.TASK, task_id=args.task_id))
     _out(args, task, lambda: render.print_task(_console(), task))
     return EXIT_OK
 
@@ -330,7 +331,11 @@ def cmd_tasks_show(args: argparse.Namespace) -> int:
 def cmd_tasks_cancel(args: argparse.Namespace) -> int:
     body = {} if args.reason is None else {"reason": args.reason}
     with _client(args) as api:
-        task = api.post(f"/v1/tasks/{args.task_id}/cancel", body, codes={409: EXIT_TASK_FINISHED})
+        task = api.post(
+            routes.path(routes.TASK_CANCEL, task_id=args.task_id),
+            body,
+            codes={409: EXIT_TASK_FINISHED},
+        )
 
     def human() -> None:
         if task["state"] == "cancelled":
@@ -344,7 +349,7 @@ def cmd_tasks_cancel(args: argparse.Namespace) -> int:
 
 def cmd_tasks_explain(args: argparse.Namespace) -> int:
     with _client(args) as api:
-        body = api.get(f"/v1/tasks/{args.task_id}/explain")
+        body = api.get(routes.path(routes.TASK_EXPLAIN, task_id=args.task_id))
     _out(args, body, lambda: render.print_explanation(_console(), body))
     return EXIT_OK
 

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 
 from coordinator.tasks.states import TERMINAL
+from protocol import routes
 from protocol.errors import LeptonError
 
 
@@ -53,19 +54,19 @@ class Api:
     # ------------------------------------------------------------------ views
 
     def devices(self) -> list[dict[str, Any]]:
-        return list(self.get("/v1/devices", limit=10_000))
+        return list(self.get(routes.DEVICES, limit=10_000))
 
     def tasks(self, kind: str) -> list[dict[str, Any]]:
-        return list(self.get("/v1/tasks", kind=kind, limit=10_000))
+        return list(self.get(routes.TASKS, kind=kind, limit=10_000))
 
     def task(self, task_id: str) -> dict[str, Any]:
-        return dict(self.get(f"/v1/tasks/{task_id}"))
+        return dict(self.get(routes.path(routes.TASK, task_id=task_id)))
 
     def explain(self, task_id: str) -> dict[str, Any]:
-        return dict(self.get(f"/v1/tasks/{task_id}/explain"))
+        return dict(self.get(routes.path(routes.TASK_EXPLAIN, task_id=task_id)))
 
     def submit(self, body: dict[str, Any]) -> dict[str, Any]:
-        return dict(self.post("/v1/tasks", body))
+        return dict(self.post(routes.TASKS, body))
 
     # ------------------------------------------------------------------ waiting
 

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, Final
 
 from coordinator.demo.api import Api, DemoError
+from protocol import routes
 
-JOBS_PATH: Final = "/v1/fl/jobs"
+JOBS_PATH: Final = routes.FL_JOBS
 DONE_STATES: Final = frozenset({"done"})
 FAILED_STATES: Final = frozenset({"failed", "stopped"})
 

@@ -32,6 +32,7 @@ from coordinator.demo.broker import (
     free_port,
     start_broker,
 )
+from protocol import routes
 from protocol.errors import LeptonError
 
 log = logging.getLogger(__name__)
@@ -177,7 +178,7 @@ class Stack:
             while time.monotonic() < deadline:
                 self.check_alive()
                 try:
-                    r = http.get("/v1/health")
+                    r = http.get(routes.HEALTH)
                     body = r.json()
                     if r.status_code == 200 and body.get("mqtt_connected"):
                         return dict(body)

@@ -28,6 +28,7 @@ from coordinator.federated.admission import JobPolicy
 from coordinator.federated.job import FLJob, JobError
 from coordinator.federated.metrics import FLMetrics
 from coordinator.federated.store import FLStore, JobRecord, RoundRecord
+from protocol import routes
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def make_jobs_router(ctx: JobsContext) -> APIRouter:
             views.append(round_view(r, live))
         return job_view(job, views)
 
-    @router.post("/v1/fl/jobs", status_code=201)
+    @router.post(routes.FL_JOBS, status_code=201)
     async def start_job(body: Annotated[Any, Body()]) -> dict[str, Any]:
         """Start a federated job (the body holds what a job file holds). The app's body guard
         has bounded its size, depth and numbers before it gets here."""
@@ -148,7 +149,7 @@ def make_jobs_router(ctx: JobsContext) -> APIRouter:
         ctx.on_change()
         return await asyncio.to_thread(detail, record)
 
-    @router.get("/v1/fl/jobs")
+    @router.get(routes.FL_JOBS)
     def list_jobs() -> list[dict[str, Any]]:
         out = []
         for job in store.list_jobs():
@@ -158,11 +159,11 @@ def make_jobs_router(ctx: JobsContext) -> APIRouter:
             out.append(view)
         return out
 
-    @router.get("/v1/fl/jobs/{job_id}")
+    @router.get(routes.FL_JOB)
     def get_job(job_id: JobId) -> dict[str, Any]:
         return detail(store.get_job(job_id))
 
-    @router.post("/v1/fl/jobs/{job_id}/stop")
+    @router.post(routes.FL_JOB_STOP)
     def stop_job(job_id: JobId) -> dict[str, Any]:
         record = store.request_stop(job_id)
         ctx.on_change()

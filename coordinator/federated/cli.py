@@ -23,8 +23,9 @@ from rich.table import Table
 
 from coordinator.cli.client import ApiClient, CliError, api_url
 from coordinator.cli.exitcodes import EXIT_OK, EXIT_USAGE
+from protocol import routes
 
-JOBS: Final = "/v1/fl/jobs"
+JOBS: Final = routes.FL_JOBS
 ENDED: Final = ("done", "failed", "stopped")
 
 

@@ -57,6 +57,7 @@ from coordinator.federated.job import LateSpec
 from coordinator.federated.metrics import FLMetrics
 from coordinator.federated.store import FLStore
 from coordinator.models.registry import ModelRegistry
+from protocol import routes
 from protocol.errors import DecodeError, LeptonError
 from protocol.weights import decode_weights
 
@@ -96,7 +97,7 @@ class UploadContext:
 def make_upload_router(ctx: UploadContext) -> APIRouter:
     router = APIRouter(tags=["federated"])
 
-    @router.put("/v1/fl/uploads/{job_id}/{round_no}/{device_id}")
+    @router.put(routes.FL_UPLOAD)
     async def put_update(
         job_id: Ident,
         round_no: Annotated[int, Path(ge=0, le=2**31 - 1)],

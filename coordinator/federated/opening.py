@@ -20,6 +20,7 @@ from coordinator.federated.store import (
 )
 from coordinator.submit import build_task
 from coordinator.tasks.states import IN_FLIGHT
+from protocol import routes
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +175,12 @@ class RoundOpening(JobState):
                 weights={
                     "digest": digest,
                     "size": self.global_size,
-                    "url": f"{base}/v1/blobs/{digest}",
+                    "url": base + routes.path(routes.BLOB, digest=digest),
                 },
-                upload_url=f"{base}/v1/fl/uploads/{self.job_id}/{rnd.round}/{device}",
+                upload_url=base
+                + routes.path(
+                    routes.FL_UPLOAD, job_id=self.job_id, round_no=rnd.round, device_id=device
+                ),
                 strategy_knobs=knobs,
             )
             spec = planning.task_spec(

@@ -20,6 +20,7 @@ from fastapi.responses import FileResponse
 from coordinator.errors import NotFoundError
 from coordinator.models.blobstore import DIGEST_PATTERN
 from coordinator.models.registry import NAME_PATTERN, ModelRegistry
+from protocol import routes
 
 Digest = Annotated[str, Path(pattern=DIGEST_PATTERN, description="sha256, lowercase hex")]
 ModelName = Annotated[str, Path(pattern=NAME_PATTERN, max_length=128)]
@@ -32,8 +33,8 @@ def make_router(registry: ModelRegistry) -> APIRouter:
 
     # Two routes, not one with methods=["GET", "HEAD"]: that would give both operations the
     # same OpenAPI operation id.
-    @router.head("/v1/blobs/{digest}", response_class=FileResponse, operation_id="head_blob")
-    @router.get("/v1/blobs/{digest}", response_class=FileResponse, operation_id="get_blob")
+    @router.head(routes.BLOB, response_class=FileResponse, operation_id="head_blob")
+    @router.get(routes.BLOB, response_class=FileResponse, operation_id="get_blob")
     def get_blob(digest: Digest) -> FileResponse:
         try:
             path = registry.blob_path(digest)
@@ -46,13 +47,13 @@ def make_router(registry: ModelRegistry) -> APIRouter:
             headers={"ETag": f'"{digest}"', "Cache-Control": CACHE_CONTROL},
         )
 
-    @router.get("/v1/models")
+    @router.get(routes.MODELS)
     def list_models(
         name: Annotated[str | None, Query(pattern=NAME_PATTERN, max_length=128)] = None,
     ) -> dict[str, Any]:
         return {"models": [r.to_dict() for r in registry.list(name)]}
 
-    @router.get("/v1/models/{name}")
+    @router.get(routes.MODEL)
     def get_model(name: ModelName) -> dict[str, Any]:
         versions = registry.list(name)
         if not versions:
@@ -63,7 +64,7 @@ def make_router(registry: ModelRegistry) -> APIRouter:
             "versions": [r.to_dict() for r in versions],
         }
 
-    @router.get("/v1/models/{name}/{version}")
+    @router.get(routes.MODEL_VERSION)
     def get_model_version(
         name: ModelName,
         version: Annotated[int, Path(ge=1, le=2**31 - 1)],

@@ -1,0 +1,33 @@
+"""The coordinator's HTTP paths, defined once: the route templates its API serves and the
+function that fills one in, for its own clients and for the URLs it hands to devices.
+
+Templates use FastAPI's ``{name}`` placeholders; :func:`path` quotes every value, so an id
+can never reach another route (``..``, ``/`` and ``?`` are escaped).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+from urllib.parse import quote
+
+HEALTH: Final = "/v1/health"
+DEVICES: Final = "/v1/devices"
+DEVICE: Final = "/v1/devices/{device_id}"
+TASKS: Final = "/v1/tasks"
+TASK: Final = "/v1/tasks/{task_id}"
+TASK_EXPLAIN: Final = "/v1/tasks/{task_id}/explain"
+TASK_CANCEL: Final = "/v1/tasks/{task_id}/cancel"
+BLOB: Final = "/v1/blobs/{digest}"
+MODELS: Final = "/v1/models"
+MODEL: Final = "/v1/models/{name}"
+MODEL_VERSION: Final = "/v1/models/{name}/{version}"
+FL_JOBS: Final = "/v1/fl/jobs"
+FL_JOB: Final = "/v1/fl/jobs/{job_id}"
+FL_JOB_STOP: Final = "/v1/fl/jobs/{job_id}/stop"
+FL_UPLOAD: Final = "/v1/fl/uploads/{job_id}/{round_no}/{device_id}"
+
+
+def path(template: str, **values: str | int) -> str:
+    """``template`` with each ``{name}`` replaced by its quoted value (``KeyError`` for a
+    placeholder without one)."""
+    return template.format_map({k: quote(str(v), safe="") for k, v in values.items()})
