@@ -27,6 +27,7 @@ from coordinator.federated.store import (
 )
 from coordinator.federated.strategies import Strategy
 from coordinator.store import Lease
+from coordinator.tasks.states import DEVICE_OFFLINE
 from protocol.errors import LeptonError
 from protocol.weights import decode_weights
 
@@ -175,8 +176,12 @@ class JobState:
                 task = self.store.get_task(tid)
             except NotFoundError:
                 return False, False
-            gone = (task.last_error or "").startswith("device offline")
-            return False, task.terminal and not (gone and task.result_id is None)
+            if not task.terminal or task.result_id is not None:
+                return False, task.terminal
+            # Ended without a result: done, unless its device went away (then it may still
+            # come back with the update it was training).
+            attempts = self.store.attempts(tid)
+            return False, not (attempts and attempts[-1].outcome == DEVICE_OFFLINE)
 
         def check() -> Progress:
             updates = {u.device_id: u for u in self.fl.updates_for(self.job_id, rnd.round)}

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from coordinator.store.records import CancelOutcomeName, RetryPolicy
 from coordinator.store.schema import AttemptRow, TaskRow
-from coordinator.tasks.states import IN_FLIGHT, TERMINAL, TaskState
+from coordinator.tasks.states import DEVICE_OFFLINE, IN_FLIGHT, TERMINAL, TaskState
 
 
 def finish_attempt(
@@ -93,7 +93,7 @@ def used_attempts(session: Session, row: TaskRow) -> int:
         .select_from(AttemptRow)
         .where(
             AttemptRow.task_id == row.id,
-            AttemptRow.outcome == "device_offline",
+            AttemptRow.outcome == DEVICE_OFFLINE,
             AttemptRow.acked_at.is_(None),
         )
     )
@@ -122,7 +122,7 @@ def requeue_device(
         stmt = stmt.with_for_update()
     rows = session.scalars(stmt.order_by(TaskRow.id)).all()
     for row in rows:
-        fail_attempt(session, row, reason, now, retry, outcome="device_offline", backoff=False)
+        fail_attempt(session, row, reason, now, retry, outcome=DEVICE_OFFLINE, backoff=False)
     return [row.id for row in rows]
 
 

@@ -16,3 +16,5 @@ TASK_STATES: Final[tuple[TaskState, ...]] = get_args(TaskState)
 TERMINAL: Final[frozenset[TaskState]] = frozenset({"succeeded", "failed", "expired", "cancelled"})
 #: States in which a device holds the task.
 IN_FLIGHT: Final[tuple[TaskState, ...]] = ("assigned", "running")
+#: The outcome of an attempt taken back because its device went offline.
+DEVICE_OFFLINE: Final = "device_offline"
