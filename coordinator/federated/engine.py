@@ -43,6 +43,7 @@ from collections.abc import Callable, Sequence
 
 from coordinator.config import Config
 from coordinator.errors import LeaseLostError
+from coordinator.federated import planning
 from coordinator.federated.admission import JobPolicy
 from coordinator.federated.credentials import UploadSigner
 from coordinator.federated.job import JobError
@@ -118,7 +119,7 @@ class FLEngine:
 
     def on_results(self, outcomes: Sequence[ResultOutcome]) -> None:
         """Results were applied (worker thread): wake the rounds waiting on train tasks."""
-        if any(o.outcome == "applied" and o.task_id.startswith("fl-") for o in outcomes):
+        if any(o.outcome == "applied" and o.task_kind == planning.KIND for o in outcomes):
             self.wake_threadsafe()
 
     def cost_model(self) -> CostModel:

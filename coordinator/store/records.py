@@ -224,6 +224,7 @@ class ResultOutcome:
     device_id: str
     outcome: ResultOutcomeName
     task_state: str | None = None
+    task_kind: str | None = None
 
     @property
     def ack(self) -> bool:

@@ -59,6 +59,8 @@ class ResultOps(StoreBase):
     def _apply(  # noqa: PLR0911
         self, session: Session, device_id: str, known: bool, r: Result, now: float
     ) -> ResultOutcome:
+        kind: str | None = None  # known once the task is
+
         def out(outcome: ResultOutcomeName, state: str | None = None) -> ResultOutcome:
             return ResultOutcome(
                 result_id=r.id,
@@ -66,6 +68,7 @@ class ResultOps(StoreBase):
                 device_id=device_id,
                 outcome=outcome,
                 task_state=state,
+                task_kind=kind,
             )
 
         stored = session.get(ResultRow, r.id)
@@ -76,6 +79,7 @@ class ResultOps(StoreBase):
         task = session.scalar(self._locked(select(TaskRow).where(TaskRow.id == r.task_id)))
         if task is None:
             return out("unknown_task")
+        kind = task.kind
         held = session.get(AttemptRow, (r.task_id, r.attempt))
         if held is None or held.device_id != device_id:
             return out("spoofed", task.state)

@@ -38,6 +38,7 @@ def ok(task_id: str = "t1", *, rid: str = "r1", attempt: int = 1) -> Result:
 def test_success_is_applied_once_and_replays_are_acked(fleet: Store) -> None:
     (out,) = fleet.apply_results("a", [ok()], T0 + 5)
     assert (out.outcome, out.ack, out.task_state) == ("applied", True, "succeeded")
+    assert out.task_kind == fleet.get_task("t1").kind  # what a feature reacts on, not the id
     task = fleet.get_task("t1")
     assert (task.state, task.output, task.result_id) == ("succeeded", {"echo": "hi"}, "r1")
     # Observed throughput goes to the estimator queue: 4 GOP in 2 s.
