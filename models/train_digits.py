@@ -82,12 +82,17 @@ def train_digits(
         torch.set_num_threads(threads)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m models.train_digits", description=__doc__)
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+def parser(prog: str, description: str, out: Path | None = None) -> argparse.ArgumentParser:
+    """The training command line (``--out`` required unless it has a default)."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--out", type=Path, required=out is None, default=out, help="output directory")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def train_and_save(args: argparse.Namespace) -> tuple[TrainResult, DigitsSplits]:
+    """Train on the digits splits as ``args`` say; write ``digits_cnn.pt`` into ``args.out``."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     splits = digits_splits()
     result = train_digits(splits, epochs=args.epochs, seed=args.seed)
@@ -97,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         f"test accuracy: {result.test_accuracy * 100:.2f} % "
         f"({len(splits.test)} samples, {result.epochs} epochs)"
     )
+    return result, splits
+
+
+def main(argv: list[str] | None = None) -> int:
+    train_and_save(parser("python -m models.train_digits", __doc__ or "").parse_args(argv))
     return 0
 
 

@@ -12,21 +12,17 @@ depends on nothing above it. ``scripts/build_tflite.py`` then makes the TFLite p
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import sys
 from pathlib import Path
-
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from coordinator.models.quantize import QuantizationConfig, quantize_model  # noqa: E402
-from models.data import DigitsSplits, digits_splits, save_npz  # noqa: E402
-from models.train_digits import TrainResult, train_digits  # noqa: E402
+from models.data import DigitsSplits, save_npz  # noqa: E402
+from models.train_digits import TrainResult, parser, train_and_save  # noqa: E402
 
 
 def build_artifacts(result: TrainResult, splits: DigitsSplits, out: Path) -> dict[str, object]:
@@ -49,17 +45,10 @@ def build_artifacts(result: TrainResult, splits: DigitsSplits, out: Path) -> dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=REPO / "models" / "artifacts")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    splits = digits_splits()
-    result = train_digits(splits, epochs=args.epochs, seed=args.seed)
-    args.out.mkdir(parents=True, exist_ok=True)
-    torch.save(result.model.state_dict(), args.out / "digits_cnn.pt")
-    print(f"test accuracy: {result.test_accuracy * 100:.2f} %")
+    args = parser(
+        "scripts/build_artifacts.py", __doc__ or "", out=REPO / "models" / "artifacts"
+    ).parse_args(argv)
+    result, splits = train_and_save(args)
     print(json.dumps(build_artifacts(result, splits, args.out), indent=2))
     return 0
 
