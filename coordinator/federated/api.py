@@ -27,7 +27,8 @@ from fastapi import APIRouter, Body, HTTPException, Path
 from coordinator.federated.admission import JobPolicy
 from coordinator.federated.job import FLJob, JobError
 from coordinator.federated.metrics import FLMetrics
-from coordinator.federated.store import FLStore, JobRecord, RoundRecord
+from coordinator.federated.records import JobRecord, RoundRecord
+from coordinator.federated.store import FLStore
 from protocol import routes
 
 log = logging.getLogger(__name__)

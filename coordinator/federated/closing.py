@@ -29,8 +29,8 @@ import numpy as np
 from coordinator.errors import NotFoundError
 from coordinator.federated import modelio
 from coordinator.federated.jobstate import MAX_DECODE_BYTES, JobState
+from coordinator.federated.records import RoundRecord, UpdateRecord
 from coordinator.federated.screening import Screened, screen
-from coordinator.federated.store import RoundRecord, UpdateRecord
 from coordinator.federated.strategies import AggregationError, ClientUpdate
 from coordinator.federated.strategies.dp import CentralDP
 from protocol.errors import DecodeError

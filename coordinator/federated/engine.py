@@ -49,11 +49,9 @@ from coordinator.federated.credentials import UploadSigner
 from coordinator.federated.job import JobError
 from coordinator.federated.jobstate import JobFailedError
 from coordinator.federated.metrics import FLMetrics
+from coordinator.federated.records import ACTIVE_STATES
 from coordinator.federated.runner import JobRunner
-from coordinator.federated.store import (
-    ACTIVE_STATES,
-    FLStore,
-)
+from coordinator.federated.store import FLStore
 from coordinator.models.registry import ModelRegistry
 from coordinator.scheduler import CostModel, CostWeights, ThroughputEstimator
 from coordinator.store import Lease, ResultOutcome, Store

@@ -20,11 +20,7 @@ import numpy as np
 from coordinator.errors import NotFoundError
 from coordinator.federated import modelio
 from coordinator.federated.job import FLJob
-from coordinator.federated.store import (
-    JobRecord,
-    RoundRecord,
-    UpdateRecord,
-)
+from coordinator.federated.records import JobRecord, RoundRecord, UpdateRecord
 from coordinator.federated.strategies import Strategy
 from coordinator.store import Lease
 from coordinator.tasks.states import DEVICE_OFFLINE

@@ -14,10 +14,7 @@ from coordinator.errors import ConflictError, NotFoundError
 from coordinator.federated import planning
 from coordinator.federated.credentials import SCHEME
 from coordinator.federated.jobstate import JobFailedError, JobState
-from coordinator.federated.store import (
-    JobRecord,
-    RoundRecord,
-)
+from coordinator.federated.records import JobRecord, RoundRecord
 from coordinator.submit import build_task
 from coordinator.tasks.states import IN_FLIGHT
 from protocol import routes

@@ -14,10 +14,7 @@ from coordinator.federated import modelio
 from coordinator.federated.closing import RoundClosing
 from coordinator.federated.jobstate import JobFailedError
 from coordinator.federated.opening import RoundOpening
-from coordinator.federated.store import (
-    JobRecord,
-    RoundRecord,
-)
+from coordinator.federated.records import JobRecord, RoundRecord
 from protocol.errors import DecodeError
 from protocol.weights import encode_weights
 

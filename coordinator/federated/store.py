@@ -1,9 +1,9 @@
 """Federated jobs, rounds and updates in SQL: every method is one transaction.
 
-Plain values in and out (the records below); SQLAlchemy Core over the coordinator store's
-engine, on the tables of :mod:`coordinator.federated.tables`. Methods are synchronous and
-are called from worker threads. Leader-only writes take the scheduling lease and check it
-in their own transaction (fencing), like the store's own leader writes.
+Plain values in and out (:mod:`coordinator.federated.records`); SQLAlchemy Core over the
+coordinator store's engine, on the tables of :mod:`coordinator.federated.tables`. Methods
+are synchronous and are called from worker threads. Leader-only writes take the scheduling
+lease and check it in their own transaction (fencing), like the store's own leader writes.
 """
 
 from __future__ import annotations
@@ -11,98 +11,23 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sqlalchemy import Engine, RowMapping, delete, insert, select, update
+from sqlalchemy import Engine, delete, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from coordinator.errors import ConflictError, NotFoundError
 from coordinator.federated import tables as t
+from coordinator.federated.records import (
+    JobRecord,
+    RecordOutcome,
+    RoundRecord,
+    UpdateRecord,
+)
 from coordinator.store import Lease
 from coordinator.store.base import rowcount
 from coordinator.store.lease import check_fence
-
-JobState = Literal["pending", "running", "stopping", "stopped", "done", "failed"]
-ACTIVE_STATES = ("pending", "running", "stopping")
-FINISHED_STATES = ("stopped", "done", "failed")
-RecordOutcome = Literal["accepted", "duplicate", "conflict", "closed", "not_selected", "unknown"]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class JobRecord:
-    id: str
-    name: str
-    spec: dict[str, Any]
-    state: str
-    round: int
-    global_digest: str | None
-    tensors: dict[str, list[int]] | None
-    max_update_bytes: int | None
-    flops_per_example: float | None
-    final_model: dict[str, Any] | None
-    error: str | None
-    created_at: float
-    updated_at: float
-    finished_at: float | None
-
-    @classmethod
-    def of(cls, row: RowMapping) -> JobRecord:
-        return cls(**{k: row[k] for k in cls.__slots__})
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RoundRecord:
-    job_id: str
-    round: int
-    state: str
-    attempt: int
-    selected: list[str]
-    tokens: dict[str, str]
-    tasks: dict[str, str]
-    selection: dict[str, Any] | None
-    base_digest: str
-    started_at: float
-    deadline: float
-    closed_at: float | None
-    new_digest: str | None
-    strategy_state: dict[str, Any] | None
-    contributors: list[str] | None
-    rejects: dict[str, int] = field(default_factory=dict)
-    metrics: dict[str, Any] | None = None
-    #: device -> samples it reported for the job's data source before it was selected.
-    reported_sizes: dict[str, int] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, row: RowMapping) -> RoundRecord:
-        data = {k: row[k] for k in cls.__slots__}
-        data["rejects"] = data["rejects"] or {}
-        data["reported_sizes"] = data["reported_sizes"] or {}
-        return cls(**data)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class UpdateRecord:
-    job_id: str
-    round: int
-    device_id: str
-    digest: str
-    size: int
-    compression: str
-    accepted_at: float
-    result_id: str | None
-    examples: int | None
-    metrics: dict[str, Any] | None
-
-    @property
-    def complete(self) -> bool:
-        """Both the upload and the device's result are recorded: the update counts."""
-        return self.result_id is not None and self.examples is not None
-
-    @classmethod
-    def of(cls, row: RowMapping) -> UpdateRecord:
-        return cls(**{k: row[k] for k in cls.__slots__})
 
 
 class FLStore:
