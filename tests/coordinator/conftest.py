@@ -11,10 +11,13 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
+from coordinator.api import ApiContext, create_app
 from coordinator.config import Config
 from coordinator.config import load as load_config
+from coordinator.metrics import Metrics
 from coordinator.service import Coordinator
 from coordinator.store import RetryPolicy, Store
 from coordinator.store.schema import Base
@@ -129,6 +132,36 @@ def store(db_url: str) -> Iterator[Store]:
     )
     yield s
     s.close()
+
+
+# ---------------------------------------------------------------- the HTTP app in-process
+
+
+@contextlib.asynccontextmanager
+async def in_process_api(
+    store: Store,
+    metrics: Metrics | None = None,
+    *,
+    overrides: dict[str, Any] | None = None,
+    raise_app_exceptions: bool = False,
+    **context: Any,
+) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the coordinator's HTTP app over ``store``, served in-process (no socket).
+    ``overrides``: config keys; ``context``: further :class:`ApiContext` fields. By default a
+    500 is an answer to compare, not an exception."""
+    cfg = load_config(env={}, overrides={"instance_id": "api-test", **(overrides or {})})
+    app = create_app(
+        ApiContext(
+            config=cfg,
+            store=store,
+            metrics=metrics if metrics is not None else Metrics(),
+            started_at=time.time(),
+            **context,
+        )
+    )
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        yield client
 
 
 # ---------------------------------------------------------------- a running coordinator

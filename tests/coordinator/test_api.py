@@ -9,10 +9,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from coordinator.api import ApiContext, create_app
-from coordinator.config import load
 from coordinator.metrics import Metrics
 from coordinator.store import Assignment, RetryPolicy, Store
+from tests.coordinator.conftest import in_process_api
 from tests.coordinator.factories import sample
 
 
@@ -25,23 +24,18 @@ def store(tmp_path: Path) -> Store:
 
 @pytest.fixture
 async def api(store: Store) -> AsyncIterator[httpx.AsyncClient]:
-    cfg = load(env={}, overrides={"fleet": "default", "instance_id": "api-test"})
     metrics = Metrics()
     metrics.watch_store(store.count_devices, store.count_tasks)
     submitted: list[int] = []
-    app = create_app(
-        ApiContext(
-            config=cfg,
-            store=store,
-            metrics=metrics,
-            started_at=time.time(),
-            is_leader=lambda: True,
-            mqtt_connected=lambda: True,
-            on_submit=lambda: submitted.append(1),
-        )
-    )
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+    async with in_process_api(
+        store,
+        metrics,
+        overrides={"fleet": "default"},
+        raise_app_exceptions=True,
+        is_leader=lambda: True,
+        mqtt_connected=lambda: True,
+        on_submit=lambda: submitted.append(1),
+    ) as client:
         client.submitted = submitted  # type: ignore[attr-defined]
         yield client
 

@@ -12,10 +12,9 @@ import httpx
 import pytest
 from fastapi import APIRouter, Request
 
-from coordinator.api import ApiContext, create_app
-from coordinator.config import load
 from coordinator.metrics import Metrics
 from coordinator.store import RetryPolicy, Store
+from tests.coordinator.conftest import in_process_api
 
 CAP = 1024
 
@@ -38,27 +37,15 @@ async def api(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Metrics]
     store = Store.open(
         f"sqlite:///{tmp_path / 'api.db'}", retry=RetryPolicy(), sqlite_synchronous="normal"
     )
-    cfg = load(
-        env={},
-        overrides={
-            "instance_id": "api-test",
-            "http.max_body_bytes": CAP,
-            "http.body_timeout_s": 0.5,
-            "http.upload_min_bytes_per_s": 1000,
-        },
-    )
     metrics = Metrics()
-    app = create_app(
-        ApiContext(
-            config=cfg,
-            store=store,
-            metrics=metrics,
-            started_at=time.time(),
-            routers=[upload_router()],
-        )
-    )
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+    overrides = {
+        "http.max_body_bytes": CAP,
+        "http.body_timeout_s": 0.5,
+        "http.upload_min_bytes_per_s": 1000,
+    }
+    async with in_process_api(
+        store, metrics, overrides=overrides, routers=[upload_router()]
+    ) as client:
         yield client, metrics
     store.close()
 

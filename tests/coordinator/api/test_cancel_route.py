@@ -10,11 +10,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from coordinator.api import ApiContext, create_app
-from coordinator.config import load
 from coordinator.metrics import Metrics
 from coordinator.store import Assignment, RetryPolicy, Store
 from protocol.messages import Result, TaskAck
+from tests.coordinator.conftest import in_process_api
 from tests.coordinator.factories import new_task, sample
 
 CAP = 2048
@@ -29,20 +28,14 @@ def store(tmp_path: Path) -> Store:
 
 @pytest.fixture
 async def api(store: Store) -> AsyncIterator[tuple[httpx.AsyncClient, Metrics, list[int]]]:
-    cfg = load(env={}, overrides={"instance_id": "api-test", "http.max_body_bytes": CAP})
     metrics = Metrics()
     woken: list[int] = []
-    app = create_app(
-        ApiContext(
-            config=cfg,
-            store=store,
-            metrics=metrics,
-            started_at=time.time(),
-            on_submit=lambda: woken.append(1),
-        )
-    )
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+    async with in_process_api(
+        store,
+        metrics,
+        overrides={"http.max_body_bytes": CAP},
+        on_submit=lambda: woken.append(1),
+    ) as client:
         yield client, metrics, woken
     store.close()
 

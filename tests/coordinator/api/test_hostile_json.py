@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,13 +17,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coordinator.api import ApiContext, create_app
-from coordinator.config import Config, load
+from coordinator.config import Config
 from coordinator.metrics import Metrics
 from coordinator.store import RetryPolicy, Store
 from coordinator.submit import SubmissionError, build_task
 from protocol import codec
 from protocol.messages import Task
+from tests.coordinator.conftest import in_process_api
 
 
 def nested(depth: int, leaf: Any = 1) -> Any:
@@ -53,11 +52,8 @@ def metrics() -> Metrics:
 
 @pytest.fixture
 async def api(store: Store, metrics: Metrics) -> AsyncIterator[httpx.AsyncClient]:
-    cfg = load(env={}, overrides={"fleet": "default", "instance_id": "api-test"})
-    app = create_app(ApiContext(config=cfg, store=store, metrics=metrics, started_at=time.time()))
-    # raise_app_exceptions=False: a 500 is an answer here, compared like any other.
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+    # A 500 is an answer here, compared like any other.
+    async with in_process_api(store, metrics, overrides={"fleet": "default"}) as client:
         yield client
 
 
