@@ -44,3 +44,9 @@ def write_section(title: str, section: str, path: Path) -> None:
         nxt = text.find("\n## ", start + len(title))
         new = text[:start] + section + ("\n" + text[nxt + 1 :] if nxt >= 0 else "")
     path.write_text(new)
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """How a benchmark was run, for its BENCHMARKS.md section (without ``--write-docs``)."""
+    args = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--write-docs"]
+    return " ".join(["python -m", module, *args])

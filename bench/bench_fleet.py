@@ -38,7 +38,6 @@ import os
 import platform
 import resource
 import sqlite3
-import sys
 import tempfile
 import time
 from multiprocessing.synchronize import Event as MpEvent
@@ -410,13 +409,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(_common.table(rows(figures)))
     print(json.dumps(figures, indent=2, sort_keys=True, default=str))
     if args.write_docs:
-        command = "python -m bench.bench_fleet " + " ".join(
-            argv if argv is not None else sys.argv[1:]
-        )
-        write_docs(
-            markdown(figures, command.replace(" --write-docs", "").strip()),
-            _common.REPO / "docs" / "BENCHMARKS.md",
-        )
+        command = _common.command_line("bench.bench_fleet", argv)
+        write_docs(markdown(figures, command), _common.REPO / "docs" / "BENCHMARKS.md")
     return figures
 
 

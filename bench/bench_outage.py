@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import sqlite3
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -226,13 +225,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     figures = {"baseline": base, "outages": runs}
     print(json.dumps(figures, indent=2, sort_keys=True))
     if args.write_docs:
-        command = "python -m bench.bench_outage " + " ".join(
-            argv if argv is not None else sys.argv[1:]
-        )
-        write_docs(
-            markdown(table, command.replace(" --write-docs", "").strip()),
-            _common.REPO / "docs" / "BENCHMARKS.md",
-        )
+        command = _common.command_line("bench.bench_outage", argv)
+        write_docs(markdown(table, command), _common.REPO / "docs" / "BENCHMARKS.md")
     return figures
 
 
