@@ -179,7 +179,9 @@ async def test_an_unanswered_cancel_is_resent_then_given_up_on(
 ) -> None:
     """A device that takes the task and then stays silent gets the cancel three times, one
     ``tasks.ack_timeout_s`` apart; then the task is cancelled without its answer."""
-    async with make_coordinator(tasks__ack_timeout_s=0.5) as coord:
+    # Liveness gets 20 report intervals (4 s): on a loaded host a 0.6 s gap between reports
+    # would take the device offline before the third send, ending the task another way.
+    async with make_coordinator(tasks__ack_timeout_s=0.5, liveness__missed_reports=20) as coord:
         store = coord.store
         async with (
             SimDevice(coord.config.mqtt.port, "mute-1", interval_s=0.2, behaviour="ack_only"),
