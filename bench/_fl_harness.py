@@ -109,8 +109,8 @@ class Harness:
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Harness]:
-        from coordinator.config import load as load_config
-        from coordinator.service import Coordinator
+        from lepton.coordinator.config import load as load_config
+        from lepton.coordinator.service import Coordinator
 
         with private_broker() as broker:
             self.broker_port = broker.port
@@ -140,7 +140,7 @@ class Harness:
         self, label: str, mix: dict[str, float], *, adversarial: int = 0
     ) -> AsyncIterator[list[Any]]:
         """Start ``--devices`` virtual devices; stop them (gracefully) at the end."""
-        from agent.sim.fleet import FleetSpec, build_devices, run_fleet
+        from lepton.agent.sim.fleet import FleetSpec, build_devices, run_fleet
 
         self._fleets += 1
         spec = FleetSpec(
@@ -189,7 +189,7 @@ class Harness:
         s = self.s
         body: dict[str, Any] = {
             "name": f"bench-{label}",
-            "model": "models.digits:DigitsCNN",
+            "model": "lepton.models.digits:DigitsCNN",
             "data": "digits",
             "rounds": s.rounds,
             "clients_per_round": s.devices,
@@ -249,8 +249,8 @@ def central_reference(s: Settings, eval_path: Path | None = None) -> dict[str, A
     import torch
     from torch.nn import functional
 
-    from models.data import digits_splits
-    from models.digits import DigitsCNN
+    from lepton.models.data import digits_splits
+    from lepton.models.digits import DigitsCNN
 
     splits = digits_splits(seed=s.seed)
     x, y = torch.from_numpy(splits.train.x), torch.from_numpy(splits.train.y)

@@ -34,16 +34,16 @@ from typing import Any
 
 import numpy as np
 
-from agent.datasources import Dataset
-from agent.endpoint import Endpoint
-from agent.inference import evaluate
-from agent.models import ModelManager
-from agent.runtimes.onnx import ALLOW_SPINNING
-from agent.served import DeploySpec
 from bench import _common
+from lepton.agent.datasources import Dataset
+from lepton.agent.endpoint import Endpoint
+from lepton.agent.inference import evaluate
+from lepton.agent.models import ModelManager
+from lepton.agent.runtimes.onnx import ALLOW_SPINNING
+from lepton.agent.served import DeploySpec
 from tests.support.blobserver import BlobServer
 
-ARTIFACT = _common.REPO / "models" / "artifacts" / "digits_int8.onnx"
+ARTIFACT = _common.REPO / "lepton" / "models" / "artifacts" / "digits_int8.onnx"
 
 CLIENT = textwrap.dedent(
     """
@@ -234,7 +234,7 @@ async def endpoint_rps(
 async def main_async(samples: int, requests: int, threads: int, rounds: int) -> dict[str, float]:
     import msgspec
 
-    from protocol.tensors import to_payload
+    from lepton.protocol.tensors import to_payload
 
     with tempfile.TemporaryDirectory(prefix="lepton-bench-") as tmpdir:
         tmp = Path(tmpdir)

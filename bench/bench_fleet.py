@@ -49,7 +49,7 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import _common
-from coordinator.demo.runner import Stack, StackSpec
+from lepton.coordinator.demo.runner import Stack, StackSpec
 
 SECTION = "## Fleet scale"
 
@@ -62,8 +62,8 @@ def bare_watcher(port: int, ready: MpEvent, stop: MpEvent, out: Any) -> None:
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from protocol import codec
-    from protocol.messages import CapacityReport, State
+    from lepton.protocol import codec
+    from lepton.protocol.messages import CapacityReport, State
 
     online_at: dict[str, float] = {}
     lags: list[tuple[float, float]] = []
@@ -148,10 +148,10 @@ def insert_echo_tasks(database_url: str, n: int) -> float:
 
     from sqlalchemy.orm import Session
 
-    from coordinator.config import load
-    from coordinator.store.engine import make_engines
-    from coordinator.store.schema import TaskRow
-    from coordinator.submit import build_task
+    from lepton.coordinator.config import load
+    from lepton.coordinator.store.engine import make_engines
+    from lepton.coordinator.store.schema import TaskRow
+    from lepton.coordinator.submit import build_task
 
     cfg = load(env={}, overrides={})
     now = time.time()

@@ -38,8 +38,8 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bench import _common
-from protocol import codec, topics
-from protocol.messages import (
+from lepton.protocol import codec, topics
+from lepton.protocol.messages import (
     Bench,
     CapacityReport,
     Cpu,
@@ -207,7 +207,7 @@ def fleet_publisher(
 def coordinator_config(tmp: Path, port: int, db_url: str | None) -> Any:
     # Imported here, not at the top: the publisher and subscriber processes (spawned) import
     # this module too and need none of it.
-    from coordinator.config import load as load_config
+    from lepton.coordinator.config import load as load_config
 
     overrides: dict[str, Any] = {
         "instance_id": "bench",
@@ -228,7 +228,7 @@ async def throughput(port: int, n: int, tmp: Path, db_url: str | None) -> dict[s
     pub = ctx.Process(target=burst_publisher, args=(port, n, go, out))
     sub.start()
     pub.start()
-    from coordinator.service import Coordinator
+    from lepton.coordinator.service import Coordinator
 
     seen = {"n": 0, "t0": 0.0, "t1": 0.0}
     done = threading.Event()
@@ -307,7 +307,7 @@ async def fleet(
         target=fleet_publisher, args=(port, devices, interval, duration, ready, go, out)
     )
     pub.start()
-    from coordinator.service import Coordinator
+    from lepton.coordinator.service import Coordinator
 
     async with Coordinator(coordinator_config(tmp, port, db_url), on_flush=on_flush) as c:
         assert await c.link.wait_connected(20)

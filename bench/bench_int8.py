@@ -40,7 +40,7 @@ import numpy as np
 from bench import _common
 
 REPO = _common.REPO
-ARTIFACTS = REPO / "models" / "artifacts"
+ARTIFACTS = REPO / "lepton" / "models" / "artifacts"
 BENCHMARKS_MD = REPO / "docs" / "BENCHMARKS.md"
 SECTION = "## INT8 inference"
 
@@ -99,7 +99,7 @@ def interleaved_p50(
     optimization: dict[str, str] | None = None,
 ) -> dict[str, float]:
     """p50 latency (ms) of each model, timing the sessions round-robin, workers not spinning."""
-    from coordinator.models.evaluation import make_session
+    from lepton.coordinator.models.evaluation import make_session
 
     optimization = optimization or {}
     sessions = {
@@ -122,9 +122,9 @@ def interleaved_p50(
 
 
 def mobilenet_section(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    from coordinator.models.export import export_onnx
-    from coordinator.models.quantize import QuantizationConfig, quantize_onnx
-    from models.mobilenet import build_mobilenet_v2
+    from lepton.coordinator.models.export import export_onnx
+    from lepton.coordinator.models.quantize import QuantizationConfig, quantize_onnx
+    from lepton.models.mobilenet import build_mobilenet_v2
 
     rng = np.random.default_rng(0)
     res = args.resolution
@@ -168,10 +168,10 @@ def mobilenet_section(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
 
 def digits_section(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    from coordinator.models.evaluation import evaluate
-    from coordinator.models.quantize import QuantizationConfig, quantize_model
-    from models.data import digits_splits, load_npz
-    from models.train_digits import train_digits
+    from lepton.coordinator.models.evaluation import evaluate
+    from lepton.coordinator.models.quantize import QuantizationConfig, quantize_model
+    from lepton.models.data import digits_splits, load_npz
+    from lepton.models.train_digits import train_digits
 
     test = load_npz(ARTIFACTS / "digits_test.npz")
     shipped = {
@@ -200,7 +200,7 @@ def tflite_section(args: argparse.Namespace) -> dict[str, Any] | str:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
         return "skipped: ai-edge-litert (the tflite extra) is not installed"
-    from models.data import load_npz
+    from lepton.models.data import load_npz
 
     test = load_npz(ARTIFACTS / "digits_test.npz")
     x = np.ascontiguousarray(np.transpose(test.x, (0, 2, 3, 1)))

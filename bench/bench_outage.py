@@ -38,8 +38,8 @@ import httpx
 
 from bench import _common
 from bench.bench_fleet import wait_until
-from coordinator.demo.broker import MosquittoBroker
-from coordinator.demo.runner import Stack, StackSpec
+from lepton.coordinator.demo.broker import MosquittoBroker
+from lepton.coordinator.demo.runner import Stack, StackSpec
 
 SECTION = "## Broker outage"
 SETTLED = ("succeeded", "failed", "expired")
@@ -51,10 +51,10 @@ def insert_tasks(database_url: str, n: int, sleep_s: float) -> float:
 
     from sqlalchemy.orm import Session
 
-    from coordinator.config import load
-    from coordinator.store.engine import make_engines
-    from coordinator.store.schema import TaskRow
-    from coordinator.submit import build_task
+    from lepton.coordinator.config import load
+    from lepton.coordinator.store.engine import make_engines
+    from lepton.coordinator.store.schema import TaskRow
+    from lepton.coordinator.submit import build_task
 
     cfg = load(env={}, overrides={})
     now = time.time()

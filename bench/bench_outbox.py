@@ -14,14 +14,14 @@ from pathlib import Path
 
 import aiomqtt
 
-from agent.config import load_config
-from agent.link import PUBLISH_BATCH, Link
-from agent.metrics import Counters
-from agent.outbox import Outbox
 from bench import _common
-from protocol import topics
-from protocol.codec import encode
-from protocol.messages import Result, State
+from lepton.agent.config import load_config
+from lepton.agent.link import PUBLISH_BATCH, Link
+from lepton.agent.metrics import Counters
+from lepton.agent.outbox import Outbox
+from lepton.protocol import topics
+from lepton.protocol.codec import encode
+from lepton.protocol.messages import Result, State
 
 
 def _payloads(n: int) -> list[tuple[str, bytes]]:

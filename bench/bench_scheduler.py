@@ -46,7 +46,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from coordinator.scheduler import (
+from lepton.coordinator.scheduler import (
     CostModel,
     CostWeights,
     DeviceState,
@@ -54,7 +54,7 @@ from coordinator.scheduler import (
     ThroughputEstimator,
     plan,
 )
-from coordinator.scheduler.bounds import lp_makespan_bound
+from lepton.coordinator.scheduler.bounds import lp_makespan_bound
 
 GIB = 1 << 30
 

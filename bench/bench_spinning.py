@@ -34,10 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from agent.runtimes import Runtime, default_threads, runtime_for
 from bench import _common
+from lepton.agent.runtimes import Runtime, default_threads, runtime_for
 
-DIGITS = _common.REPO / "models" / "artifacts" / "digits_int8.onnx"
+DIGITS = _common.REPO / "lepton" / "models" / "artifacts" / "digits_int8.onnx"
 # Longer than a worker spins after a run (under 50 ms on the development machine).
 PAUSE_S = 0.3
 
@@ -46,9 +46,9 @@ Call = Callable[[], Any]
 
 def build_mobilenet(tmp: Path, resolution: int, width: float) -> tuple[Path, Path]:
     """FP32 and default-INT8 ONNX files of the MobileNetV2-shaped network (random weights)."""
-    from coordinator.models.export import export_onnx
-    from coordinator.models.quantize import QuantizationConfig, quantize_onnx
-    from models.mobilenet import build_mobilenet_v2
+    from lepton.coordinator.models.export import export_onnx
+    from lepton.coordinator.models.quantize import QuantizationConfig, quantize_onnx
+    from lepton.models.mobilenet import build_mobilenet_v2
 
     rng = np.random.default_rng(0)
     fp32, int8 = tmp / "mobilenet_fp32.onnx", tmp / "mobilenet_int8.onnx"

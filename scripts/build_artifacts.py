@@ -1,6 +1,6 @@
-"""Train the digits CNN and build the shipped artifacts in ``models/artifacts``.
+"""Train the digits CNN and build the shipped artifacts in ``lepton/models/artifacts``.
 
-    python scripts/build_artifacts.py [--out models/artifacts] [--epochs 30] [--seed 0]
+    python scripts/build_artifacts.py [--out lepton/models/artifacts] [--epochs 30] [--seed 0]
 
 Trains as ``python -m models.train_digits`` does (``digits_cnn.pt``), then runs the
 coordinator's quantization pipeline (``coordinator.models.quantize.quantize_model`` with the
@@ -20,9 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from coordinator.models.quantize import QuantizationConfig, quantize_model  # noqa: E402
-from models.data import DigitsSplits, save_npz  # noqa: E402
-from models.train_digits import TrainResult, parser, train_and_save  # noqa: E402
+from lepton.coordinator.models.quantize import QuantizationConfig, quantize_model  # noqa: E402
+from lepton.models.data import DigitsSplits, save_npz  # noqa: E402
+from lepton.models.train_digits import TrainResult, parser, train_and_save  # noqa: E402
 
 
 def build_artifacts(result: TrainResult, splits: DigitsSplits, out: Path) -> dict[str, object]:
@@ -46,7 +46,7 @@ def build_artifacts(result: TrainResult, splits: DigitsSplits, out: Path) -> dic
 
 def main(argv: list[str] | None = None) -> int:
     args = parser(
-        "scripts/build_artifacts.py", __doc__ or "", out=REPO / "models" / "artifacts"
+        "scripts/build_artifacts.py", __doc__ or "", out=REPO / "lepton" / "models" / "artifacts"
     ).parse_args(argv)
     result, splits = train_and_save(args)
     print(json.dumps(build_artifacts(result, splits, args.out), indent=2))

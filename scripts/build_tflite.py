@@ -1,6 +1,6 @@
 """Build the full-integer TFLite digits model from the shipped FP32 ONNX model.
 
-    python scripts/build_tflite.py [--artifacts models/artifacts]
+    python scripts/build_tflite.py [--artifacts lepton/models/artifacts]
 
 Needs the ``convert`` extra (``pip install -e '.[convert]'``: tensorflow-cpu, onnx,
 onnxruntime, scikit-learn); nothing on a device does. Run it once after
@@ -8,7 +8,7 @@ onnxruntime, scikit-learn); nothing on a device does. Run it once after
 ``digits_fp32.tflite`` and ``digits_int8.tflite`` and ``digits_tflite.json`` (accuracies,
 sizes) next to the ONNX files.
 
-How: the CNN of ``models/digits.py`` is re-expressed in Keras (NHWC), the weights are copied
+How: the CNN of ``lepton/models/digits.py`` is re-expressed in Keras (NHWC), the weights are copied
 from ``digits_fp32.onnx`` (conv kernels OIHW -> HWIO; the classifier's rows re-ordered from
 torch's CHW flattening to Keras' HWC), and the Keras model is checked against ONNX Runtime on
 the test set before conversion. ``TFLiteConverter`` then makes an FP32 model and a
@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from models.data import digits_splits  # noqa: E402
+from lepton.models.data import digits_splits  # noqa: E402
 
 MAX_LOGIT_DIFF = 1e-4
 
@@ -129,7 +129,7 @@ def build_mobilenet(out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--artifacts", type=Path, default=REPO / "models" / "artifacts")
+    parser.add_argument("--artifacts", type=Path, default=REPO / "lepton" / "models" / "artifacts")
     parser.add_argument("--mobilenet", type=Path, help="also build MobileNetV2 models here")
     args = parser.parse_args(argv)
 

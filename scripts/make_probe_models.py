@@ -33,7 +33,7 @@ PERIOD = 7
 # IR version 8 / opset 13 load in every onnxruntime release the agent supports (>= 1.17).
 IR_VERSION = 8
 OPSET = 13
-ASSETS = Path(__file__).resolve().parent.parent / "agent" / "assets"
+ASSETS = Path(__file__).resolve().parent.parent / "lepton" / "agent" / "assets"
 
 
 def _const(name: str, value: np.ndarray) -> onnx.NodeProto:

@@ -6,20 +6,13 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from protocol.errors import LeptonError
-
-PACKAGES = ("protocol", "agent", "coordinator", "models")
-
+from lepton.protocol.errors import LeptonError
 
 def _modules() -> list[str]:
-    names = []
-    for package in PACKAGES:
-        root = importlib.import_module(package)
-        names.append(package)
-        found = pkgutil.walk_packages(root.__path__, prefix=f"{package}.")
-        # __main__ modules run their command line when imported.
-        names += [m.name for m in found if not m.name.endswith(".__main__")]
-    return names
+    root = importlib.import_module("lepton")
+    found = pkgutil.walk_packages(root.__path__, prefix="lepton.")
+    # __main__ modules run their command line when imported.
+    return ["lepton"] + [m.name for m in found if not m.name.endswith(".__main__")]
 
 
 def test_every_public_exception_has_the_one_root() -> None:

@@ -3,6 +3,7 @@ this tree, and break on a copy of it that crosses a layer."""
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("protocol", "agent", "coordinator", "models")
+OLD_TOP_LEVEL = {"protocol", "agent", "coordinator", "models"}
 LINT = Path(sys.executable).with_name("lint-imports")
 
 pytestmark = pytest.mark.skipif(not LINT.exists(), reason="import-linter is not installed")
@@ -32,8 +33,7 @@ def lint(root: Path) -> subprocess.CompletedProcess[str]:
 
 
 def copy_tree(dest: Path) -> Path:
-    for name in PACKAGES:
-        shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "lepton", dest / "lepton", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "pyproject.toml", dest / "pyproject.toml")
     return dest
 
@@ -47,17 +47,29 @@ def test_the_tree_keeps_every_contract() -> None:
 @pytest.mark.parametrize(
     ("module", "line", "contract"),
     [
-        ("protocol/codec.py", "import agent.config", "the protocol imports neither side"),
         (
-            "agent/outbox.py",
-            "from coordinator.store import Store",
+            "lepton/protocol/codec.py",
+            "import lepton.agent.config",
+            "the protocol imports neither side",
+        ),
+        (
+            "lepton/agent/outbox.py",
+            "from lepton.coordinator.store import Store",
             "the agent and the coordinator never import each other",
         ),
-        ("models/data.py", "import coordinator.config", "models depends on nothing above it"),
-        ("agent/fetch.py", "import sqlalchemy", "the agent installs without the coordinator"),
         (
-            "coordinator/federated/kernels.py",
-            "from coordinator.store import Store",
+            "lepton/models/data.py",
+            "import lepton.coordinator.config",
+            "models depends on nothing above it",
+        ),
+        (
+            "lepton/agent/fetch.py",
+            "import sqlalchemy",
+            "the agent installs without the coordinator",
+        ),
+        (
+            "lepton/coordinator/federated/kernels.py",
+            "from lepton.coordinator.store import Store",
             "scheduling and aggregation kernels do no I/O",
         ),
     ],
@@ -75,3 +87,23 @@ def test_a_crossed_layer_breaks_its_contract(
     # One crossing can break more than its own contract (protocol -> agent also joins the
     # coordinator to the agent through the protocol); its own must be among them.
     assert any(ln.startswith(contract) for ln in broken), out.stdout
+
+
+def test_nothing_imports_the_old_top_level_names() -> None:
+    """Everything lives under one namespace; an import of a bare `agent`, `coordinator`,
+    `protocol` or `models` would load a second copy of a module from the source tree."""
+    tracked = subprocess.run(
+        ["git", "ls-files", "*.py"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    offenders = []
+    for name in tracked:
+        tree = ast.parse((REPO / name).read_text(), filename=name)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                tops = [alias.name.split(".")[0] for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                tops = [node.module.split(".")[0]]
+            else:
+                continue
+            offenders += [f"{name}:{node.lineno} {t}" for t in tops if t in OLD_TOP_LEVEL]
+    assert not offenders, offenders

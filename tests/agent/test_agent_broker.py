@@ -13,10 +13,10 @@ import aiomqtt
 import msgspec
 import pytest
 
-from agent.config import AgentConfig, load_config
-from agent.daemon import Agent
-from protocol.codec import MAX_MESSAGE_BYTES, encode
-from protocol.messages import Result, Task
+from lepton.agent.config import AgentConfig, load_config
+from lepton.agent.daemon import Agent
+from lepton.protocol.codec import MAX_MESSAGE_BYTES, encode
+from lepton.protocol.messages import Result, Task
 from tests.support.broker import Broker
 from tests.support.fleet import Sink
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from protocol import topics
-from protocol.codec import encode
-from protocol.messages import Task
+from lepton.protocol import topics
+from lepton.protocol.codec import encode
+from lepton.protocol.messages import Task
 from tests.support.broker import Broker
 from tests.support.fleet import AgentProcess, Sink, write_agent_config
 

@@ -7,17 +7,17 @@ from typing import Any
 import psutil
 import pytest
 
-from agent.board import (
+from lepton.agent.board import (
     VcgencmdReader,
     device_class_for,
     parse_throttled,
     read_device_model,
     throttled_now,
 )
-from agent.capacity import CapacitySampler
-from agent.probe import ProbeResult
-from protocol.codec import decode, encode
-from protocol.messages import (
+from lepton.agent.capacity import CapacitySampler
+from lepton.agent.probe import ProbeResult
+from lepton.protocol.codec import decode, encode
+from lepton.protocol.messages import (
     Bench,
     CapacityReport,
     Slots,

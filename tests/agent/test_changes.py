@@ -3,8 +3,8 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from agent.changes import significant_change
-from protocol.messages import Battery, CapacityReport, Cpu, Memory, Slots, Thermal
+from lepton.agent.changes import significant_change
+from lepton.protocol.messages import Battery, CapacityReport, Cpu, Memory, Slots, Thermal
 
 
 def _report(**kw: object) -> CapacityReport:

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import load_config
-from protocol.errors import ConfigError
+from lepton.agent.config import load_config
+from lepton.protocol.errors import ConfigError
 
 
 def test_layers_defaults_toml_env_flags(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from protocol.messages import Result
+from lepton.protocol.messages import Result
 from tests.support.broker import Broker
 from tests.support.fleet import AgentProcess, Sink, write_agent_config
 

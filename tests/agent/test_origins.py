@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from agent.config import load_config
-from agent.origins import OriginError, Origins, origin_of
-from protocol.errors import ConfigError
+from lepton.agent.config import load_config
+from lepton.agent.origins import OriginError, Origins, origin_of
+from lepton.protocol.errors import ConfigError
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from agent.outbox import Outbox
+from lepton.agent.outbox import Outbox
 
 
 async def test_put_survives_reopen_and_ack_removes(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.sdnotify import Notifier
+from lepton.agent.sdnotify import Notifier
 
 
 @pytest.fixture
@@ -75,7 +75,7 @@ def test_send_failure_is_logged_once_and_never_raises(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "nobody-listens.sock")})
-    with caplog.at_level(logging.DEBUG, logger="agent.sdnotify"):
+    with caplog.at_level(logging.DEBUG, logger="lepton.agent.sdnotify"):
         assert not notifier.ready()
         assert not notifier.watchdog()
         assert not notifier.status("x")
@@ -85,7 +85,7 @@ def test_send_failure_is_logged_once_and_never_raises(
 
 
 def test_unsupported_address_disables(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="agent.sdnotify"):
+    with caplog.at_level(logging.WARNING, logger="lepton.agent.sdnotify"):
         notifier = Notifier({"NOTIFY_SOCKET": "vsock:2:1234"})
     assert not notifier.enabled
     assert not notifier.ready()

@@ -14,13 +14,13 @@ from typing import Any
 import httpx
 import pytest
 
-from coordinator.api import ApiContext, create_app
-from coordinator.config import Config
-from coordinator.config import load as load_config
-from coordinator.metrics import Metrics
-from coordinator.service import Coordinator
-from coordinator.store import RetryPolicy, Store
-from coordinator.store.schema import Base
+from lepton.coordinator.api import ApiContext, create_app
+from lepton.coordinator.config import Config
+from lepton.coordinator.config import load as load_config
+from lepton.coordinator.metrics import Metrics
+from lepton.coordinator.service import Coordinator
+from lepton.coordinator.store import RetryPolicy, Store
+from lepton.coordinator.store.schema import Base
 from tests.support.broker import Broker
 
 PG_DSN = os.environ.get("LEPTON_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from coordinator.store import CapacitySample, NewTask
-from protocol.messages import Bench, CapacityReport, Cpu, Memory, Slots, new_id
+from lepton.coordinator.store import CapacitySample, NewTask
+from lepton.protocol.messages import Bench, CapacityReport, Cpu, Memory, Slots, new_id
 
 
 def report(

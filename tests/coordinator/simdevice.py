@@ -18,8 +18,8 @@ from typing import Any, Literal
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from protocol import codec, topics
-from protocol.messages import Result, ResultAck, State, Task, TaskAck
+from lepton.protocol import codec, topics
+from lepton.protocol.messages import Result, ResultAck, State, Task, TaskAck
 from tests.coordinator.factories import report
 
 Behaviour = Literal["run", "refuse", "fail", "ignore", "ack_only"]

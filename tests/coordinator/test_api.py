@@ -9,8 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from coordinator.metrics import Metrics
-from coordinator.store import Assignment, RetryPolicy, Store
+from lepton.coordinator.metrics import Metrics
+from lepton.coordinator.store import Assignment, RetryPolicy, Store
 from tests.coordinator.conftest import in_process_api
 from tests.coordinator.factories import sample
 

@@ -14,15 +14,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from coordinator.cli import main
-from coordinator.cli.main import parse_param
-from coordinator.service import Coordinator
+from lepton.coordinator.cli import main
+from lepton.coordinator.cli.main import parse_param
+from lepton.coordinator.service import Coordinator
 from tests.coordinator.conftest import eventually
 from tests.coordinator.simdevice import SimDevice
 from tests.support.broker import Broker, free_port
 
 REPO = Path(__file__).resolve().parents[2]
-LEPTON = [sys.executable, "-m", "coordinator.cli"]
+LEPTON = [sys.executable, "-m", "lepton.coordinator.cli"]
 
 
 async def lepton(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

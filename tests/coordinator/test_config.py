@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import config
-from coordinator.config import Config, env_name, known_keys, load
-from protocol.errors import ConfigError
+from lepton.coordinator import config
+from lepton.coordinator.config import Config, env_name, known_keys, load
+from lepton.protocol.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -134,7 +134,7 @@ def test_example_file_documents_every_key_and_loads() -> None:
         name = key.rpartition(".")[2]
         assert f"\n{name} =" in text or f"\n# {name} =" in text, f"{key} is not documented"
         assert env_name(key) in text, env_name(key)
-    from coordinator.scheduler.weights import CostWeights
+    from lepton.coordinator.scheduler.weights import CostWeights
 
     for name in CostWeights.__dataclass_fields__:
         assert f"{name} =" in text or f"[scheduler.weights.{name}]" in text, name

@@ -11,9 +11,9 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from coordinator.service import Coordinator
-from protocol import codec, topics
-from protocol.messages import Result, ResultAck
+from lepton.coordinator.service import Coordinator
+from lepton.protocol import codec, topics
+from lepton.protocol.messages import Result, ResultAck
 from tests.coordinator.conftest import eventually
 from tests.coordinator.simdevice import SimDevice
 from tests.coordinator.test_service import online, submit, task_in
@@ -136,7 +136,7 @@ async def test_spoofed_task_ack_changes_nothing(coordinator: Coordinator, broker
         await online(coordinator, "slow", "other")
         tid = await submit(coordinator, device_id="slow")
         await task_in(coordinator, tid, "assigned")
-        from protocol.messages import TaskAck
+        from lepton.protocol.messages import TaskAck
 
         other.publish(
             topics.TASK_ACK, codec.encode(TaskAck(task_id=tid, accepted=False, reason="x"))

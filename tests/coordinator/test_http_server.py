@@ -6,8 +6,8 @@ import asyncio
 
 from fastapi import FastAPI
 
-from coordinator.api.server import HttpServer
-from coordinator.config import HttpConfig
+from lepton.coordinator.api.server import HttpServer
+from lepton.coordinator.config import HttpConfig
 
 
 async def _request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.leader import LEASE_NAME, Leadership
-from coordinator.metrics import Metrics
-from coordinator.store import Lease, Store
+from lepton.coordinator.leader import LEASE_NAME, Leadership
+from lepton.coordinator.metrics import Metrics
+from lepton.coordinator.store import Lease, Store
 from tests.coordinator.conftest import eventually
 
 

@@ -6,10 +6,10 @@ import asyncio
 import time
 from collections.abc import Sequence
 
-from coordinator.config import RegistryConfig
-from coordinator.metrics import Metrics
-from coordinator.registry import Registry
-from coordinator.store import CapacitySample
+from lepton.coordinator.config import RegistryConfig
+from lepton.coordinator.metrics import Metrics
+from lepton.coordinator.registry import Registry
+from lepton.coordinator.store import CapacitySample
 from tests.coordinator.factories import report
 
 

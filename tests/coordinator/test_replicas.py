@@ -51,7 +51,7 @@ def start_replica(name: str, db_url: str, broker_port: int, workdir: Path) -> Re
     cmd = [
         sys.executable,
         "-m",
-        "coordinator.cli",
+        "lepton.coordinator.cli",
         "coordinator",
         "run",
         "--instance-id",

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.config import load
-from coordinator.errors import UnavailableError
-from coordinator.metrics import Metrics
-from coordinator.scheduler import CostModel, ThroughputEstimator
-from coordinator.scheduling import DeviceViews, Scheduler, jsonable, unplaced_retry_s
-from coordinator.store import RetryPolicy, Store
-from protocol import codec
-from protocol.messages import Result, Task, TaskAck
+from lepton.coordinator.config import load
+from lepton.coordinator.errors import UnavailableError
+from lepton.coordinator.metrics import Metrics
+from lepton.coordinator.scheduler import CostModel, ThroughputEstimator
+from lepton.coordinator.scheduling import DeviceViews, Scheduler, jsonable, unplaced_retry_s
+from lepton.coordinator.store import RetryPolicy, Store
+from lepton.protocol import codec
+from lepton.protocol.messages import Result, Task, TaskAck
 from tests.coordinator.factories import new_task, sample
 
 
@@ -161,7 +161,7 @@ async def test_measured_durations_reach_the_estimator(store: Store) -> None:
 
 def test_device_views_count_placed_load() -> None:
     rec = sample("a", slots=2, busy=0)
-    from coordinator.store import DeviceRecord
+    from lepton.coordinator.store import DeviceRecord
 
     row = DeviceRecord(
         id="a",

@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 import httpx
 
-from coordinator.service import Coordinator
-from coordinator.store import TaskRecord
+from lepton.coordinator.service import Coordinator
+from lepton.coordinator.store import TaskRecord
 from tests.coordinator.conftest import eventually
 from tests.coordinator.simdevice import SimDevice
 from tests.support.broker import Broker

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.errors import NotFoundError
-from coordinator.store import Assignment, StateUpdate, Store
-from protocol.messages import Result, State, TaskAck
+from lepton.coordinator.errors import NotFoundError
+from lepton.coordinator.store import Assignment, StateUpdate, Store
+from lepton.protocol.messages import Result, State, TaskAck
 from tests.coordinator.factories import new_task, sample
 
 T0 = 1_700_000_000.0

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.errors import NotFoundError
-from coordinator.store import Assignment, Store
-from protocol.messages import State, TaskAck
+from lepton.coordinator.errors import NotFoundError
+from lepton.coordinator.store import Assignment, Store
+from lepton.protocol.messages import State, TaskAck
 from tests.coordinator.factories import new_task, sample
 
 T0 = 1_700_000_000.0

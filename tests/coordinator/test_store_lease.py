@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from coordinator.store import Store
+from lepton.coordinator.store import Store
 
 T0 = 1_700_000_000.0
 

@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from coordinator.store import Assignment, Store
-from protocol.messages import Result, State, TaskAck
+from lepton.coordinator.store import Assignment, Store
+from lepton.protocol.messages import Result, State, TaskAck
 from tests.coordinator.factories import new_task, sample
 
 T0 = 1_700_000_000.0

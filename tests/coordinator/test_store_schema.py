@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, inspect, text
 
-from coordinator.federated import tables as fl_tables
-from coordinator.store import Store
+from lepton.coordinator.federated import tables as fl_tables
+from lepton.coordinator.store import Store
 
 
 def _columns(store: Store, table: str) -> set[str]:

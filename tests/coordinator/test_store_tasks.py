@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.errors import ConflictError, LeaseLostError, NotFoundError
-from coordinator.store import Assignment, Store
-from protocol.messages import TaskAck
+from lepton.coordinator.errors import ConflictError, LeaseLostError, NotFoundError
+from lepton.coordinator.store import Assignment, Store
+from lepton.protocol.messages import TaskAck
 from tests.coordinator.factories import new_task, sample
 
 T0 = 1_700_000_000.0

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from coordinator.demo.procs import pid_alive
+from lepton.coordinator.demo.procs import pid_alive
 
 REPO = Path(__file__).resolve().parents[2]
 DEVICES, ROUNDS = 8, 2  # what --quick runs
@@ -130,7 +130,7 @@ def test_quick_demo_reports_what_the_system_recorded(tmp_path: Path) -> None:
     workdir = tmp_path / "demo"
     env = {**os.environ, "PATH": os.environ.get("PATH", "") + ":/usr/sbin"}
     argv = [
-        *(sys.executable, "-m", "coordinator.cli", "demo", "--quick", "--keep"),
+        *(sys.executable, "-m", "lepton.coordinator.cli", "demo", "--quick", "--keep"),
         *("--workdir", str(workdir)),
     ]
     started = time.monotonic()

@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from coordinator.demo.broker import EmbeddedBroker, mosquitto_binary
-from coordinator.demo.procs import pid_alive
-from coordinator.demo.runner import Stack, StackSpec
+from lepton.coordinator.demo.broker import EmbeddedBroker, mosquitto_binary
+from lepton.coordinator.demo.procs import pid_alive
+from lepton.coordinator.demo.runner import Stack, StackSpec
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -82,7 +82,7 @@ def start_demo(workdir: Path, *extra: str) -> subprocess.Popen[bytes]:
         [
             sys.executable,
             "-m",
-            "coordinator.cli",
+            "lepton.coordinator.cli",
             "demo",
             "--quick",
             "--devices",

@@ -13,7 +13,7 @@ import contextlib
 import aiomqtt
 import pytest
 
-from protocol import topics
+from lepton.protocol import topics
 from tests.deploy.conftest import ShippedBroker, ShippedFactory
 
 USERS = {u: f"pw-{u}" for u in ("dev-a", "dev-b", "coordinator", "observer")}

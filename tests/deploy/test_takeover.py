@@ -16,7 +16,7 @@ import aiomqtt
 import httpx
 import pytest
 
-from coordinator.service import Coordinator
+from lepton.coordinator.service import Coordinator
 from tests.coordinator.conftest import coordinator_config, eventually
 from tests.deploy.conftest import ShippedFactory
 from tests.support.fleet import AgentProcess, write_agent_config

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from coordinator.service import Coordinator
+from lepton.coordinator.service import Coordinator
 from tests.coordinator.conftest import eventually
 from tests.integration.conftest import StartAgent
 from tests.support.broker import Broker

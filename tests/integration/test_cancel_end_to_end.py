@@ -15,9 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
-from coordinator.cli import main
-from coordinator.cli.exitcodes import EXIT_TASK_FINISHED
-from coordinator.service import Coordinator
+from lepton.coordinator.cli import main
+from lepton.coordinator.cli.exitcodes import EXIT_TASK_FINISHED
+from lepton.coordinator.service import Coordinator
 from tests.coordinator.conftest import eventually
 from tests.coordinator.simdevice import SimDevice
 from tests.integration.conftest import StartAgent

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from coordinator.service import Coordinator
+from lepton.coordinator.service import Coordinator
 from tests.coordinator.conftest import eventually
 from tests.integration.conftest import StartAgent
 

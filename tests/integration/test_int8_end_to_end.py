@@ -17,17 +17,17 @@ from typing import Any
 import httpx
 import pytest
 
-from agent.config import load_config
-from agent.daemon import Agent
-from coordinator.models.calibration import load_eval_set
-from coordinator.models.quantize import quantize_and_publish
-from coordinator.models.registry import ModelRegistry
-from coordinator.service import Coordinator
-from models.data import digits_splits
+from lepton.agent.config import load_config
+from lepton.agent.daemon import Agent
+from lepton.coordinator.models.calibration import load_eval_set
+from lepton.coordinator.models.quantize import quantize_and_publish
+from lepton.coordinator.models.registry import ModelRegistry
+from lepton.coordinator.service import Coordinator
+from lepton.models.data import digits_splits
 from tests.coordinator.conftest import eventually
 
 REPO = Path(__file__).resolve().parents[2]
-ARTIFACTS = REPO / "models" / "artifacts"
+ARTIFACTS = REPO / "lepton" / "models" / "artifacts"
 TEST_SET = ARTIFACTS / "digits_test.npz"
 
 pytestmark = pytest.mark.slow

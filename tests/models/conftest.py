@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from models.data import DigitsSplits, digits_splits
-from models.train_digits import TrainResult, train_digits
+from lepton.models.data import DigitsSplits, digits_splits
+from lepton.models.train_digits import TrainResult, train_digits
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.data import (
+from lepton.models.data import (
     N_CLASSES,
     DigitsSplits,
     digits_splits,

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from models.data import DigitsSplits, load_npz
-from models.digits import INPUT_NAME, OUTPUT_NAME, build_digits_cnn
-from models.train_digits import TrainResult, main
+from lepton.models.data import DigitsSplits, load_npz
+from lepton.models.digits import INPUT_NAME, OUTPUT_NAME, build_digits_cnn
+from lepton.models.train_digits import TrainResult, main
 
-ARTIFACTS = Path(__file__).resolve().parents[2] / "models" / "artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "lepton" / "models" / "artifacts"
 MIN_ACCURACY = 0.95  # the default recipe reaches about 97.8 % on the 450 test digits
 
 
@@ -45,7 +45,7 @@ def test_shipped_test_set_matches_the_split(splits: DigitsSplits) -> None:
 
 @pytest.mark.parametrize("name", ["digits_fp32.onnx", "digits_int8.onnx"])
 def test_shipped_onnx_models_meet_their_report(name: str) -> None:
-    from coordinator.models.evaluation import evaluate, make_session
+    from lepton.coordinator.models.evaluation import evaluate, make_session
 
     path = ARTIFACTS / name
     assert path.stat().st_size < 64 * 1024

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from models.mobilenet import build_mobilenet_v2
+from lepton.models.mobilenet import build_mobilenet_v2
 
 
 def test_mobilenet_v2_shape_and_size() -> None:

@@ -14,7 +14,7 @@ import msgspec
 import msgspec.inspect as mi
 from hypothesis import strategies as st
 
-from protocol.messages import MESSAGE_TYPES, Message
+from lepton.protocol.messages import MESSAGE_TYPES, Message
 
 # Collections are capped well below their schema limits so examples stay fast; the limits
 # themselves are tested separately.

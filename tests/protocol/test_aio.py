@@ -1,11 +1,11 @@
-"""protocol.aio.cancel_and_wait: tasks that lose a cancel still end."""
+"""lepton.protocol.aio.cancel_and_wait: tasks that lose a cancel still end."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 
-from protocol.aio import cancel_and_wait
+from lepton.protocol.aio import cancel_and_wait
 
 
 async def _loses_one_cancel() -> None:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from protocol import topics
-from protocol.codec import decode, encode
-from protocol.errors import DecodeError
-from protocol.messages import MAX_CANCEL_IDS, Result, Task, TaskCancel
+from lepton.protocol import topics
+from lepton.protocol.codec import decode, encode
+from lepton.protocol.errors import DecodeError
+from lepton.protocol.messages import MAX_CANCEL_IDS, Result, Task, TaskCancel
 
 
 def test_a_cancel_round_trips_on_its_own_channel() -> None:

@@ -13,10 +13,10 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from protocol import codec
-from protocol.codec import MAX_DEPTH, MAX_MESSAGE_BYTES, decode, encode
-from protocol.errors import DecodeError, LeptonError
-from protocol.messages import (
+from lepton.protocol import codec
+from lepton.protocol.codec import MAX_DEPTH, MAX_MESSAGE_BYTES, decode, encode
+from lepton.protocol.errors import DecodeError, LeptonError
+from lepton.protocol.messages import (
     MAX_BENCH_GOPS,
     MESSAGE_TYPES,
     SCHEMA_VERSION,
@@ -555,8 +555,8 @@ def test_deep_nesting_cannot_crash_with_a_raised_recursion_limit() -> None:
     script = textwrap.dedent(
         """
         import sys
-        from protocol.codec import decode
-        from protocol.errors import DecodeError
+        from lepton.protocol.codec import decode
+        from lepton.protocol.errors import DecodeError
         sys.setrecursionlimit(10**7)
         try:
             decode(b"\\x91" * 250_000 + b"\\xc0")

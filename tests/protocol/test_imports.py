@@ -4,16 +4,16 @@ import collections
 
 import pytest
 
-from protocol.imports import Allowlist, ImportPathError, resolve
+from lepton.protocol.imports import Allowlist, ImportPathError, resolve
 
 ANY = Allowlist.anything()
-MODELS = Allowlist(("models.*",))
+MODELS = Allowlist(("lepton.models.*",))
 
 
 def test_resolves_functions_classes_and_dotted_attributes() -> None:
     assert resolve("collections:OrderedDict", allow=ANY) is collections.OrderedDict
     assert resolve("collections:OrderedDict.fromkeys", allow=ANY)(["a"]) == {"a": None}
-    assert resolve("models.digits:DigitsCNN", allow=MODELS).__name__ == "DigitsCNN"
+    assert resolve("lepton.models.digits:DigitsCNN", allow=MODELS).__name__ == "DigitsCNN"
 
 
 @pytest.mark.parametrize(
@@ -41,8 +41,8 @@ def test_refuses_with_a_reason(path: str, reason: str) -> None:
     [
         "os:abort",  # not in the list: refused before the module is imported
         "tests.protocol.raises_on_import:f",
-        "models.digits:torch.load",  # a walk through a module the allowed one imports
-        "models.digits:nn.Module",
+        "lepton.models.digits:torch.load",  # a walk through a module the allowed one imports
+        "lepton.models.digits:nn.Module",
         "modelsx.digits:DigitsCNN",  # a prefix of the pattern is not the package
     ],
 )
@@ -55,23 +55,23 @@ def test_the_allowlist_refuses_before_importing(path: str) -> None:
 def test_a_callable_re_exported_from_an_allowed_module_is_refused() -> None:
     # models.data imports names from other modules; allowing models.data must allow only
     # what it defines itself.
-    import models.data
+    import lepton.models.data
 
-    assert hasattr(models.data, "dataclass")
+    assert hasattr(lepton.models.data, "dataclass")
     with pytest.raises(ImportPathError, match="defined in 'dataclasses'"):
-        resolve("models.data:dataclass", allow=Allowlist(("models.data:*",)))
+        resolve("lepton.models.data:dataclass", allow=Allowlist(("lepton.models.data:*",)))
 
 
 @pytest.mark.parametrize(
     ("patterns", "path", "ok"),
     [
-        (("models.digits:DigitsCNN",), "models.digits:DigitsCNN", True),
-        (("models.digits:DigitsCNN",), "models.digits:build_digits_cnn", False),
-        (("models.digits:*",), "models.digits:build_digits_cnn", True),
-        (("models.digits",), "models.digits:build_digits_cnn", True),
-        (("models.digits",), "models.data:digits_splits", False),
-        (("models.*",), "models:anything", True),
-        ((), "models.digits:DigitsCNN", False),
+        (("lepton.models.digits:DigitsCNN",), "lepton.models.digits:DigitsCNN", True),
+        (("lepton.models.digits:DigitsCNN",), "lepton.models.digits:build_digits_cnn", False),
+        (("lepton.models.digits:*",), "lepton.models.digits:build_digits_cnn", True),
+        (("lepton.models.digits",), "lepton.models.digits:build_digits_cnn", True),
+        (("lepton.models.digits",), "lepton.models.data:digits_splits", False),
+        (("lepton.models.*",), "lepton.models:anything", True),
+        ((), "lepton.models.digits:DigitsCNN", False),
     ],
 )
 def test_patterns(patterns: tuple[str, ...], path: str, ok: bool) -> None:

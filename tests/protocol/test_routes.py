@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from protocol import routes
+from lepton.protocol import routes
 
 
 def test_values_are_quoted_into_their_segment() -> None:

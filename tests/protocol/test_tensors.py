@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from protocol.errors import DecodeError
-from protocol.tensors import (
+from lepton.protocol.errors import DecodeError
+from lepton.protocol.tensors import (
     ALLOWED_DTYPES,
     MAX_ELEMENTS,
     MAX_RANK,

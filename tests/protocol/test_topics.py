@@ -4,9 +4,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import topics
-from protocol.errors import LeptonError, TopicError
-from protocol.topics import (
+from lepton.protocol import topics
+from lepton.protocol.errors import LeptonError, TopicError
+from lepton.protocol.topics import (
     CMD_CHANNELS,
     DEVICE_CHANNELS,
     MAX_ID_LENGTH,

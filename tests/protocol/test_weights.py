@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from protocol.errors import DecodeError
-from protocol.tensors import TensorPayload, quantize_int8, to_payload
-from protocol.weights import (
+from lepton.protocol.errors import DecodeError
+from lepton.protocol.tensors import TensorPayload, quantize_int8, to_payload
+from lepton.protocol.weights import (
     FORMAT,
     FORMAT_VERSION,
     INT8_MIN_ELEMENTS,

@@ -5,7 +5,7 @@ The launcher lives in :mod:`coordinator.demo.broker` (``lepton demo`` uses it to
 
 from __future__ import annotations
 
-from coordinator.demo.broker import MosquittoBroker as Broker
-from coordinator.demo.broker import free_port, mosquitto_binary
+from lepton.coordinator.demo.broker import MosquittoBroker as Broker
+from lepton.coordinator.demo.broker import free_port, mosquitto_binary
 
 __all__ = ["Broker", "free_port", "mosquitto_binary"]

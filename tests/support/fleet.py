@@ -16,10 +16,10 @@ from typing import Any
 
 import aiomqtt
 
-from protocol import topics
-from protocol.codec import decode, encode
-from protocol.errors import DecodeError
-from protocol.messages import (
+from lepton.protocol import topics
+from lepton.protocol.codec import decode, encode
+from lepton.protocol.errors import DecodeError
+from lepton.protocol.messages import (
     CapacityReport,
     Result,
     ResultAck,

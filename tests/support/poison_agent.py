@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agent.config import load_config
-from agent.daemon import Agent
-from agent.handlers import TaskContext, default_registry
-from protocol.messages import Task
+from lepton.agent.config import load_config
+from lepton.agent.daemon import Agent
+from lepton.agent.handlers import TaskContext, default_registry
+from lepton.protocol.messages import Task
 
 
 async def abort(task: Task, ctx: TaskContext) -> dict[str, Any]:

@@ -10,12 +10,12 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from agent.models import ModelManager
-from agent.served import DeploySpec
+from lepton.agent.models import ModelManager
+from lepton.agent.served import DeploySpec
 from tests.support.blobserver import BlobServer
 
 REPO = Path(__file__).resolve().parents[3]
-ARTIFACTS = REPO / "models" / "artifacts"
+ARTIFACTS = REPO / "lepton" / "models" / "artifacts"
 
 
 def linear_onnx(

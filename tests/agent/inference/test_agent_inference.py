@@ -11,9 +11,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from agent.config import load_config
-from agent.daemon import Agent
-from protocol.messages import Result
+from lepton.agent.config import load_config
+from lepton.agent.daemon import Agent
+from lepton.protocol.messages import Result
 from tests.agent.inference.conftest import Linear
 from tests.support.blobserver import BlobServer, Fault
 from tests.support.broker import Broker

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.config import load_config
-from agent.datasources import (
+from lepton.agent.config import load_config
+from lepton.agent.datasources import (
     ArraySource,
     DataSourceError,
     DataSources,
@@ -19,7 +19,7 @@ from agent.datasources import (
     PluginSource,
     source_for,
 )
-from protocol.errors import ConfigError
+from lepton.protocol.errors import ConfigError
 
 PLUGIN = "tests.agent.inference.plugin_data"
 

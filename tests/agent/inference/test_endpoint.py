@@ -15,10 +15,10 @@ import msgspec
 import numpy as np
 import pytest
 
-from agent.endpoint import Endpoint
-from agent.metrics import Counters
-from agent.models import ModelManager
-from protocol.tensors import TensorPayload, from_payload, to_payload
+from lepton.agent.endpoint import Endpoint
+from lepton.agent.metrics import Counters
+from lepton.agent.models import ModelManager
+from lepton.protocol.tensors import TensorPayload, from_payload, to_payload
 from tests.agent.inference.conftest import Linear, spec_for
 from tests.support.blobserver import BlobServer
 

@@ -9,12 +9,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.datasources import ArraySource, DataSources
-from agent.handlers import TaskContext, TaskError, default_registry
-from agent.inference import deploy, infer, predicted_labels
-from agent.models import ModelManager
-from agent.runtimes.tflite import interpreter_module
-from protocol.messages import Task
+from lepton.agent.datasources import ArraySource, DataSources
+from lepton.agent.handlers import TaskContext, TaskError, default_registry
+from lepton.agent.inference import deploy, infer, predicted_labels
+from lepton.agent.models import ModelManager
+from lepton.agent.runtimes.tflite import interpreter_module
+from lepton.protocol.messages import Task
 from tests.agent.inference.conftest import Linear, artifact
 from tests.support.blobserver import BlobServer, Fault
 

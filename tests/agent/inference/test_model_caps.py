@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.eviction import Caps, Loaded, cache_excess, to_evict
-from agent.handlers import TaskContext, TaskError, default_registry
-from agent.inference import deploy, undeploy
-from agent.models import ModelManager
-from agent.served import ModelError
-from protocol.messages import Task
+from lepton.agent.eviction import Caps, Loaded, cache_excess, to_evict
+from lepton.agent.handlers import TaskContext, TaskError, default_registry
+from lepton.agent.inference import deploy, undeploy
+from lepton.agent.models import ModelManager
+from lepton.agent.served import ModelError
+from lepton.protocol.messages import Task
 from tests.agent.inference.conftest import Linear, make_linear, spec_for
 from tests.support.blobserver import BlobServer
 

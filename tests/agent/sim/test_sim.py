@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent import handlers
-from agent.handlers import HandlerRegistry, TaskContext
-from agent.sim import device as sim_device
-from agent.sim.device import SimState, scaled_registry, stretch_factor
-from agent.sim.fleet import FleetSpec, build_devices, run_fleet
-from agent.sim.profiles import PROFILES, assign_profiles, parse_mix
-from agent.training import PACE_KEY
-from protocol.messages import Task
+from lepton.agent import handlers
+from lepton.agent.handlers import HandlerRegistry, TaskContext
+from lepton.agent.sim import device as sim_device
+from lepton.agent.sim.device import SimState, scaled_registry, stretch_factor
+from lepton.agent.sim.fleet import FleetSpec, build_devices, run_fleet
+from lepton.agent.sim.profiles import PROFILES, assign_profiles, parse_mix
+from lepton.agent.training import PACE_KEY
+from lepton.protocol.messages import Task
 from tests.support.broker import Broker
 from tests.support.fleet import Sink
 

@@ -11,20 +11,20 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.datasources import ArraySource, DataSources
-from agent.handlers import TaskContext
-from agent.models import ModelManager
-from protocol.imports import Allowlist
-from protocol.messages import Task
-from protocol.weights import encode_weights
+from lepton.agent.datasources import ArraySource, DataSources
+from lepton.agent.handlers import TaskContext
+from lepton.agent.models import ModelManager
+from lepton.protocol.imports import Allowlist
+from lepton.protocol.messages import Task
+from lepton.protocol.weights import encode_weights
 from tests.support.blobserver import BlobServer
 from tests.support.uploadserver import UploadServer
 
-CNN = "models.digits:DigitsCNN"
+CNN = "lepton.models.digits:DigitsCNN"
 MLP = "tests.agent.training.nets:digits_mlp"
 #: What these tests' agent allows as model factories: the reference models, the test nets
 #: and one module that does not exist (to see an import fail).
-ALLOWED = Allowlist(("models.*", "tests.agent.training.nets", "no.such.module"))
+ALLOWED = Allowlist(("lepton.models.*", "tests.agent.training.nets", "no.such.module"))
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class Partition:
 @pytest.fixture(scope="session")
 def partition() -> Partition:
     """One device's label-skewed share of the digits training split (~300 samples)."""
-    from models.data import digits_splits, dirichlet_partition
+    from lepton.models.data import digits_splits, dirichlet_partition
 
     train = digits_splits().train
     parts = dirichlet_partition(train.y, 4, alpha=1.0, seed=0, min_size=200)
@@ -47,7 +47,7 @@ def partition() -> Partition:
 def initial_weights(factory: str, seed: int = 0) -> dict[str, np.ndarray]:
     import torch
 
-    from agent import torchtrain
+    from lepton.agent import torchtrain
 
     torch.manual_seed(seed)
     model = torchtrain.factory(factory, allow=ALLOWED)()

@@ -7,10 +7,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.handlers import TaskContext, TaskError
-from agent.sim.attacks import sign_flip
-from agent.training import TRANSFORM_KEY, train
-from protocol.weights import decode_weights
+from lepton.agent.handlers import TaskContext, TaskError
+from lepton.agent.sim.attacks import sign_flip
+from lepton.agent.training import TRANSFORM_KEY, train
+from lepton.protocol.weights import decode_weights
 from tests.agent.training.conftest import Servers, task, train_params
 
 

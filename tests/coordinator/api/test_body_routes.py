@@ -12,8 +12,8 @@ import httpx
 import pytest
 from fastapi import APIRouter, Request
 
-from coordinator.metrics import Metrics
-from coordinator.store import RetryPolicy, Store
+from lepton.coordinator.metrics import Metrics
+from lepton.coordinator.store import RetryPolicy, Store
 from tests.coordinator.conftest import in_process_api
 
 CAP = 1024

@@ -10,9 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from coordinator.metrics import Metrics
-from coordinator.store import Assignment, RetryPolicy, Store
-from protocol.messages import Result, TaskAck
+from lepton.coordinator.metrics import Metrics
+from lepton.coordinator.store import Assignment, RetryPolicy, Store
+from lepton.protocol.messages import Result, TaskAck
 from tests.coordinator.conftest import in_process_api
 from tests.coordinator.factories import new_task, sample
 

@@ -17,12 +17,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coordinator.config import Config
-from coordinator.metrics import Metrics
-from coordinator.store import RetryPolicy, Store
-from coordinator.submit import SubmissionError, build_task
-from protocol import codec
-from protocol.messages import Task
+from lepton.coordinator.config import Config
+from lepton.coordinator.metrics import Metrics
+from lepton.coordinator.store import RetryPolicy, Store
+from lepton.coordinator.submit import SubmissionError, build_task
+from lepton.protocol import codec
+from lepton.protocol.messages import Task
 from tests.coordinator.conftest import in_process_api
 
 

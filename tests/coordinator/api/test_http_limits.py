@@ -59,7 +59,7 @@ def coordinator_proc(broker: Broker, tmp_path: Path) -> Iterator[Proc]:
     port = free_port()
     log = tmp_path / "coordinator.log"
     cmd = [
-        sys.executable, "-m", "coordinator.cli", "coordinator", "run",
+        sys.executable, "-m", "lepton.coordinator.cli", "coordinator", "run",
         "--instance-id", "limits",
         "--mqtt-port", str(broker.port),
         "--http-port", str(port),

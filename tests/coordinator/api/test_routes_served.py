@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import httpx
 
-from coordinator.service import Coordinator
-from protocol import routes
+from lepton.coordinator.service import Coordinator
+from lepton.protocol import routes
 
 
 async def test_the_coordinator_serves_every_route_defined_once(coordinator: Coordinator) -> None:

@@ -13,8 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from agent.sim.device import VirtualDevice
-from agent.sim.fleet import FleetSpec, build_devices
+from lepton.agent.sim.device import VirtualDevice
+from lepton.agent.sim.fleet import FleetSpec, build_devices
 from tests.support.broker import Broker
 
 FAST_MIX: dict[str, float] = {"x86-gateway": 1.0, "jetson-orin-nano": 1.0}
@@ -100,7 +100,7 @@ def digits_job(eval_path: Path, **overrides: Any) -> dict[str, Any]:
     """A short digits job that converges in a few rounds on a handful of devices."""
     job: dict[str, Any] = {
         "name": "digits",
-        "model": "models.digits:DigitsCNN",
+        "model": "lepton.models.digits:DigitsCNN",
         "data": "digits",
         "rounds": 3,
         "clients_per_round": 4,

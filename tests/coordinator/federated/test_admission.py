@@ -13,12 +13,16 @@ import httpx
 import numpy as np
 import pytest
 
-from coordinator.federated.admission import JobPolicy
-from coordinator.federated.job import FLJob, JobError
-from coordinator.service import Coordinator
-from protocol.imports import Allowlist
+from lepton.coordinator.federated.admission import JobPolicy
+from lepton.coordinator.federated.job import FLJob, JobError
+from lepton.coordinator.service import Coordinator
+from lepton.protocol.imports import Allowlist
 
-BASE: dict[str, Any] = {"name": "digits", "model": "models.digits:DigitsCNN", "data": "digits"}
+BASE: dict[str, Any] = {
+    "name": "digits",
+    "model": "lepton.models.digits:DigitsCNN",
+    "data": "digits",
+}
 OUTSIDE = "a .npz evaluation set must be a file in the coordinator's evaluation directory"
 
 
@@ -36,7 +40,7 @@ def refusal(r: httpx.Response) -> tuple[int, list[str], str]:
 
 
 def test_policy_reads_strings_only_and_keeps_files_to_its_directory(tmp_path: Path) -> None:
-    policy = JobPolicy(allow=Allowlist(("models.*",)), eval_dir=tmp_path)
+    policy = JobPolicy(allow=Allowlist(("lepton.models.*",)), eval_dir=tmp_path)
     policy.admit(FLJob.from_mapping({**BASE, "eval": "digits-test.npz"}))
     policy.admit(FLJob.from_mapping({**BASE, "eval": str(tmp_path / "sub" / "t.npz")}))
     (tmp_path / "link.npz").symlink_to("/etc/hostname")
@@ -80,7 +84,7 @@ async def test_input_shape_is_bounded(api: httpx.AsyncClient, shape: list[int], 
 
 async def test_hostile_job_bodies_get_a_reason(api: httpx.AsyncClient) -> None:
     # A strategy nested 5,000 deep reset the connection: now a 400 naming the problem.
-    deep = '{"name": "x", "model": "models.digits:DigitsCNN", "data": "d", "strategy": '
+    deep = '{"name": "x", "model": "lepton.models.digits:DigitsCNN", "data": "d", "strategy": '
     deep += '{"a": ' * 5000 + "1" + "}" * 5000 + "}"
     r = await api.post("/v1/fl/jobs", content=deep, headers={"content-type": "application/json"})
     assert (r.status_code, r.json()["reason"]) == (400, "too_deep")

@@ -10,9 +10,9 @@ from typing import Any
 
 import httpx
 
-from coordinator.federated.store import FLStore
-from coordinator.service import Coordinator
-from coordinator.store import IN_FLIGHT, TaskRecord
+from lepton.coordinator.federated.store import FLStore
+from lepton.coordinator.service import Coordinator
+from lepton.coordinator.store import IN_FLIGHT, TaskRecord
 from tests.coordinator.conftest import eventually
 from tests.coordinator.federated.conftest import (
     SimFleet,

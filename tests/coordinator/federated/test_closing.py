@@ -9,15 +9,15 @@ from typing import Any
 
 import pytest
 
-from coordinator.federated import tables
-from coordinator.federated.closing import RoundClosing
-from coordinator.federated.store import FLStore
-from coordinator.store import Store
+from lepton.coordinator.federated import tables
+from lepton.coordinator.federated.closing import RoundClosing
+from lepton.coordinator.federated.store import FLStore
+from lepton.coordinator.store import Store
 
 JOB = "digits-0000abcd"
 SPEC: dict[str, Any] = {
     "name": "digits",
-    "model": "models.digits:DigitsCNN",
+    "model": "lepton.models.digits:DigitsCNN",
     "data": "digits",
     "late": {"policy": "fold", "max_rounds": 2},
 }

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy import integrate, stats
 
-from coordinator.federated import accountant
-from coordinator.federated.strategies import CentralDP, ClientUpdate, FedAdam, FedAvg, Median
+from lepton.coordinator.federated import accountant
+from lepton.coordinator.federated.strategies import CentralDP, ClientUpdate, FedAdam, FedAvg, Median
 
 
 def updates(vectors: list[list[float]], n: int = 1) -> list[ClientUpdate]:

@@ -14,11 +14,11 @@ from typing import Any
 import httpx
 import pytest
 
-from coordinator.federated.store import FLStore
-from coordinator.models.quantize import QuantizationConfig, quantize_and_publish
-from coordinator.models.registry import ModelRegistry
-from coordinator.service import Coordinator
-from models.data import digits_splits
+from lepton.coordinator.federated.store import FLStore
+from lepton.coordinator.models.quantize import QuantizationConfig, quantize_and_publish
+from lepton.coordinator.models.registry import ModelRegistry
+from lepton.coordinator.service import Coordinator
+from lepton.models.data import digits_splits
 from tests.coordinator.federated.conftest import (
     SimFleet,
     digits_job,
@@ -213,7 +213,7 @@ async def test_cli_start_status_stop(
             "\n".join(
                 [
                     'name = "digits-cli"',
-                    'model = "models.digits:DigitsCNN"',
+                    'model = "lepton.models.digits:DigitsCNN"',
                     'data = "digits"',
                     "rounds = 50",
                     "clients_per_round = 3",
@@ -272,7 +272,7 @@ async def lepton(api: str, *args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "coordinator.cli",
+        "lepton.coordinator.cli",
         "--api",
         api,
         *args,

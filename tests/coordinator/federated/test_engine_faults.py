@@ -19,11 +19,11 @@ import httpx
 import numpy as np
 import pytest
 
-from coordinator.federated import planning
-from coordinator.federated.store import FLStore
-from coordinator.service import Coordinator
-from coordinator.store import Store
-from protocol.weights import encode_weights
+from lepton.coordinator.federated import planning
+from lepton.coordinator.federated.store import FLStore
+from lepton.coordinator.service import Coordinator
+from lepton.coordinator.store import Store
+from lepton.protocol.weights import encode_weights
 from tests.coordinator.federated.conftest import (
     SimFleet,
     digits_job,
@@ -74,7 +74,7 @@ class CoordinatorProcess:
         cmd = [
             sys.executable,
             "-m",
-            "coordinator.cli",
+            "lepton.coordinator.cli",
             "coordinator",
             "run",
             "--instance-id",

@@ -20,20 +20,20 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from coordinator.errors import NotFoundError
-from coordinator.federated import tables
-from coordinator.federated.admission import JobPolicy
-from coordinator.federated.engine import FLEngine
-from coordinator.federated.metrics import FLMetrics
-from coordinator.federated.runner import JobRunner
-from coordinator.federated.store import FLStore
-from coordinator.models.registry import ModelRegistry
-from coordinator.scheduler import CostWeights, ThroughputEstimator
-from coordinator.store import Store
-from protocol.weights import encode_weights
+from lepton.coordinator.errors import NotFoundError
+from lepton.coordinator.federated import tables
+from lepton.coordinator.federated.admission import JobPolicy
+from lepton.coordinator.federated.engine import FLEngine
+from lepton.coordinator.federated.metrics import FLMetrics
+from lepton.coordinator.federated.runner import JobRunner
+from lepton.coordinator.federated.store import FLStore
+from lepton.coordinator.models.registry import ModelRegistry
+from lepton.coordinator.scheduler import CostWeights, ThroughputEstimator
+from lepton.coordinator.store import Store
+from lepton.protocol.weights import encode_weights
 from tests.coordinator.conftest import coordinator_config
 
-MODEL = "models.digits:DigitsCNN"
+MODEL = "lepton.models.digits:DigitsCNN"
 EVAL = "digits-test.npz"
 Arrays = dict[str, np.ndarray[Any, Any]]
 
@@ -45,8 +45,8 @@ def weights() -> dict[str, Arrays]:
     import torch
     from torch.nn import functional
 
-    from models.data import digits_splits
-    from models.digits import build_digits_cnn
+    from lepton.models.data import digits_splits
+    from lepton.models.digits import build_digits_cnn
 
     train = digits_splits(seed=0).train
     model = build_digits_cnn(0)
@@ -128,7 +128,7 @@ class Env:
 
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[Env]:
-    from models.data import digits_splits
+    from lepton.models.data import digits_splits
 
     test = digits_splits(seed=0).test
     np.savez(tmp_path / EVAL, x=test.x, y=test.y)

@@ -7,11 +7,15 @@ from typing import Any
 
 import pytest
 
-from coordinator.federated.job import FLJob, JobError
-from coordinator.federated.strategies import CentralDP, Clipping, FedProx
+from lepton.coordinator.federated.job import FLJob, JobError
+from lepton.coordinator.federated.strategies import CentralDP, Clipping, FedProx
 
 REPO = Path(__file__).resolve().parents[3]
-BASE: dict[str, Any] = {"name": "digits", "model": "models.digits:DigitsCNN", "data": "digits"}
+BASE: dict[str, Any] = {
+    "name": "digits",
+    "model": "lepton.models.digits:DigitsCNN",
+    "data": "digits",
+}
 
 
 def test_example_file_loads_and_round_trips() -> None:

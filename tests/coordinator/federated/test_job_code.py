@@ -42,7 +42,9 @@ async def exited(c: CoordinatorProcess, timeout: float = 60.0) -> int:
 async def test_a_job_whose_factory_kills_the_coordinator_is_failed_not_resumed(
     broker: Broker, tmp_path: Path
 ) -> None:
-    c = CoordinatorProcess(tmp_path, broker.port, {"fl.allowed_imports": f"models.*,{CODE}:*"})
+    c = CoordinatorProcess(
+        tmp_path, broker.port, {"fl.allowed_imports": f"lepton.models.*,{CODE}:*"}
+    )
     c.start()
     try:
         await c.healthy()

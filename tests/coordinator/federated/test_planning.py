@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coordinator.federated import planning
-from coordinator.federated.job import FLJob
-from coordinator.federated.selection import Candidate
-from coordinator.scheduler import CostModel, CostWeights, DeviceState, ThroughputEstimator
+from lepton.coordinator.federated import planning
+from lepton.coordinator.federated.job import FLJob
+from lepton.coordinator.federated.selection import Candidate
+from lepton.coordinator.scheduler import CostModel, CostWeights, DeviceState, ThroughputEstimator
 
 SHAPE = planning.RoundShape(weights_bytes=30_000, update_bytes=8_000, flops_per_example=1e8)
 
@@ -17,7 +17,7 @@ SHAPE = planning.RoundShape(weights_bytes=30_000, update_bytes=8_000, flops_per_
 def job(**kw: object) -> FLJob:
     base: dict[str, object] = {
         "name": "digits",
-        "model": "models.digits:DigitsCNN",
+        "model": "lepton.models.digits:DigitsCNN",
         "data": "digits",
         "clients_per_round": 2,
         "over_select": 0.5,
@@ -128,7 +128,7 @@ def test_a_device_still_training_for_the_job_is_not_forced_in_again() -> None:
 def test_train_params_are_what_the_agent_takes() -> None:
     import msgspec
 
-    from agent.training import TrainParams
+    from lepton.agent.training import TrainParams
 
     j = job(max_examples=50, strategy={"name": "fedprox", "mu": 0.1})
     params = planning.train_params(

@@ -9,15 +9,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from coordinator.federated.admission import JobPolicy
-from coordinator.federated.job import FLJob
-from coordinator.federated.modelio import EvalSet, evaluate
-from coordinator.federated.screening import screen
-from coordinator.federated.strategies import ClientUpdate, FedAvg
-from protocol.imports import Allowlist
+from lepton.coordinator.federated.admission import JobPolicy
+from lepton.coordinator.federated.job import FLJob
+from lepton.coordinator.federated.modelio import EvalSet, evaluate
+from lepton.coordinator.federated.screening import screen
+from lepton.coordinator.federated.strategies import ClientUpdate, FedAvg
+from lepton.protocol.imports import Allowlist
 
-MODEL = "models.digits:DigitsCNN"
-POLICY = JobPolicy(allow=Allowlist(("models.*",)), eval_dir=__import__("pathlib").Path("/"))
+MODEL = "lepton.models.digits:DigitsCNN"
+POLICY = JobPolicy(allow=Allowlist(("lepton.models.*",)), eval_dir=__import__("pathlib").Path("/"))
 HONEST = 8
 FORGED_EXAMPLES = 10**9
 
@@ -28,7 +28,7 @@ def _train(weights: Arrays, x: np.ndarray, y: np.ndarray, epochs: int, seed: int
     import torch
     from torch.nn import functional
 
-    from coordinator.federated.modelio import build_model
+    from lepton.coordinator.federated.modelio import build_model
 
     torch.manual_seed(seed)
     model = build_model(MODEL, POLICY, weights)
@@ -46,8 +46,8 @@ def _train(weights: Arrays, x: np.ndarray, y: np.ndarray, epochs: int, seed: int
 @cache
 def scenario() -> tuple[Arrays, EvalSet, list[ClientUpdate]]:
     """A centrally trained start, the test set, and eight honest devices' updates."""
-    from models.data import digits_splits, dirichlet_partition
-    from models.digits import build_digits_cnn
+    from lepton.models.data import digits_splits, dirichlet_partition
+    from lepton.models.digits import build_digits_cnn
 
     splits = digits_splits(seed=0)
     init = {k: v.detach().numpy().copy() for k, v in build_digits_cnn(0).state_dict().items()}

@@ -7,10 +7,10 @@ import uuid
 
 import pytest
 
-from coordinator.errors import ConflictError, LeaseLostError, NotFoundError
-from coordinator.federated import tables
-from coordinator.federated.store import FLStore
-from coordinator.store import Store
+from lepton.coordinator.errors import ConflictError, LeaseLostError, NotFoundError
+from lepton.coordinator.federated import tables
+from lepton.coordinator.federated.store import FLStore
+from lepton.coordinator.store import Store
 
 
 @pytest.fixture

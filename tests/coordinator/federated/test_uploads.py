@@ -18,15 +18,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from coordinator.federated import tables
-from coordinator.federated.credentials import SCHEME, UploadSigner
-from coordinator.federated.http import UploadContext, make_upload_router
-from coordinator.federated.metrics import FLMetrics
-from coordinator.federated.store import FLStore
-from coordinator.models import tables as model_tables
-from coordinator.models.registry import ModelRegistry
-from coordinator.store import Store
-from protocol.weights import encode_weights
+from lepton.coordinator.federated import tables
+from lepton.coordinator.federated.credentials import SCHEME, UploadSigner
+from lepton.coordinator.federated.http import UploadContext, make_upload_router
+from lepton.coordinator.federated.metrics import FLMetrics
+from lepton.coordinator.federated.store import FLStore
+from lepton.coordinator.models import tables as model_tables
+from lepton.coordinator.models.registry import ModelRegistry
+from lepton.coordinator.store import Store
+from lepton.protocol.weights import encode_weights
 
 JOB = "digits-0000abcd"
 WEIGHTS: dict[str, np.ndarray[Any, Any]] = {

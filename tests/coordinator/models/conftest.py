@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, create_engine
 
-from coordinator.models.registry import ModelRegistry
-from models.data import Split, load_npz
+from lepton.coordinator.models.registry import ModelRegistry
+from lepton.models.data import Split, load_npz
 
-ARTIFACTS = Path(__file__).resolve().parents[3] / "models" / "artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[3] / "lepton" / "models" / "artifacts"
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])

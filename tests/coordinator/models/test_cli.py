@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.cli.exitcodes import EXIT_ERROR, EXIT_GATE_FAILED
-from coordinator.models.cli import main
-from models.data import DigitsSplits, digits_splits, save_npz
+from lepton.coordinator.cli.exitcodes import EXIT_ERROR, EXIT_GATE_FAILED
+from lepton.coordinator.models.cli import main
+from lepton.models.data import DigitsSplits, digits_splits, save_npz
 
-ARTIFACTS = Path(__file__).resolve().parents[3] / "models" / "artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[3] / "lepton" / "models" / "artifacts"
 
 
 @pytest.fixture(scope="module")

@@ -8,17 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.models.calibration import SourceReader, load_source
-from coordinator.models.errors import AccuracyGateError, QuantizationError
-from coordinator.models.quantize import (
+from lepton.coordinator.models.calibration import SourceReader, load_source
+from lepton.coordinator.models.errors import AccuracyGateError, QuantizationError
+from lepton.coordinator.models.quantize import (
     CalibrationName,
     QuantizationConfig,
     publish,
     quantize_and_publish,
     quantize_model,
 )
-from coordinator.models.registry import ModelRegistry
-from models.data import DigitsSplits, Split, digits_splits
+from lepton.coordinator.models.registry import ModelRegistry
+from lepton.models.data import DigitsSplits, Split, digits_splits
 
 RUNS = 3  # latency runs: the figure is not checked here
 
@@ -147,7 +147,7 @@ def test_torch_source_is_exported_with_named_dynamic_io(
     import onnx
     import torch
 
-    from models.digits import build_digits_cnn
+    from lepton.models.digits import build_digits_cnn
 
     model = build_digits_cnn(1)
     result = quantize_model(
@@ -167,7 +167,7 @@ def test_torch_source_is_exported_with_named_dynamic_io(
     assert not any(n.metadata_props for n in proto.graph.node)
     int8 = onnx.load(str(result.int8_path))
     assert {o.domain for o in int8.opset_import} <= {"", "ai.onnx"}
-    from coordinator.models.evaluation import make_session, predict
+    from lepton.coordinator.models.evaluation import make_session, predict
 
     x = digits_test.x[:7]
     with torch.no_grad():
@@ -203,12 +203,12 @@ def test_empty_calibration_and_bad_inputs(
 
 
 def test_data_sources(tmp_path: Path, splits: DigitsSplits) -> None:
-    from models.data import save_npz
+    from lepton.models.data import save_npz
 
     path = save_npz(tmp_path / "calib.npz", splits.calibration.x, splits.calibration.y)
     batches = load_source(str(path), batch_size=100)
     assert [len(b) for b in batches] == [100, 100, 56]  # type: ignore[union-attr]
-    plugin = load_source("models.data:digits_splits")
+    plugin = load_source("lepton.models.data:digits_splits")
     assert callable(plugin)
     with pytest.raises(ValueError, match="module:attr"):
         load_source("nothing")

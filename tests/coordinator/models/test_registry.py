@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine
 
-from coordinator.errors import ConflictError, NotFoundError
-from coordinator.models import tables
-from coordinator.models.errors import BlobIntegrityError
-from coordinator.models.introspect import TensorSpec
-from coordinator.models.registry import ModelRegistry
+from lepton.coordinator.errors import ConflictError, NotFoundError
+from lepton.coordinator.models import tables
+from lepton.coordinator.models.errors import BlobIntegrityError
+from lepton.coordinator.models.introspect import TensorSpec
+from lepton.coordinator.models.registry import ModelRegistry
 
 
 def test_import_reads_specs_and_round_trips(registry: ModelRegistry, digits_fp32: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.scheduler import CostModel, CostWeights, ThroughputEstimator
+from lepton.coordinator.scheduler import CostModel, CostWeights, ThroughputEstimator
 
 
 @pytest.fixture

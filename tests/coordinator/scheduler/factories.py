@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from coordinator.scheduler import DeviceState, TaskSpec
+from lepton.coordinator.scheduler import DeviceState, TaskSpec
 
 GIB = 1 << 30
 

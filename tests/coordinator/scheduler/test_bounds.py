@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coordinator.scheduler import (
+from lepton.coordinator.scheduler import (
     CostModel,
     CostWeights,
     DeviceState,
@@ -12,7 +12,7 @@ from coordinator.scheduler import (
     makespan_lower_bound,
     plan,
 )
-from coordinator.scheduler.bounds import lp_bound, lp_makespan_bound, simple_makespan_bound
+from lepton.coordinator.scheduler.bounds import lp_bound, lp_makespan_bound, simple_makespan_bound
 from tests.coordinator.scheduler.factories import random_fleet, random_tasks
 
 

@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from coordinator.scheduler import (
+from lepton.coordinator.scheduler import (
     ClaimLimits,
     CostModel,
     CostWeights,

@@ -11,10 +11,10 @@ from collections.abc import Callable
 
 import pytest
 
-from coordinator.service import Coordinator
-from coordinator.store import TaskRecord
-from protocol import codec, topics
-from protocol.messages import MAX_BENCH_GOPS
+from lepton.coordinator.service import Coordinator
+from lepton.coordinator.store import TaskRecord
+from lepton.protocol import codec, topics
+from lepton.protocol.messages import MAX_BENCH_GOPS
 from tests.coordinator.conftest import eventually
 from tests.coordinator.factories import new_task, report
 from tests.coordinator.simdevice import SimDevice

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from coordinator.scheduler import (
+from lepton.coordinator.scheduler import (
     REASONS,
     CostModel,
     CostWeights,
@@ -13,7 +13,7 @@ from coordinator.scheduler import (
     TaskSpec,
     ThroughputEstimator,
 )
-from protocol.messages import Battery, Bench, CapacityReport, Cpu, Memory, Slots, Thermal
+from lepton.protocol.messages import Battery, Bench, CapacityReport, Cpu, Memory, Slots, Thermal
 from tests.coordinator.scheduler.factories import GIB, random_fleet, random_tasks
 
 DEV = DeviceState(

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from coordinator.scheduler import DeviceState, ThroughputEstimator
+from lepton.coordinator.scheduler import DeviceState, ThroughputEstimator
 
 PI = DeviceState(device_id="pi-1", device_class="rpi4", fp32_gflops=12.0, int8_gops=24.0)
 

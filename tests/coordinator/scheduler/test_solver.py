@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from coordinator.scheduler import (
+from lepton.coordinator.scheduler import (
     METHODS,
     CostModel,
     CostWeights,
@@ -17,8 +17,8 @@ from coordinator.scheduler import (
     fast,
     plan,
 )
-from coordinator.scheduler.costmodel import CostComponents
-from coordinator.scheduler.schedule import evaluate, positional_cost
+from lepton.coordinator.scheduler.costmodel import CostComponents
+from lepton.coordinator.scheduler.schedule import evaluate, positional_cost
 from tests.coordinator.scheduler.factories import random_fleet, random_tasks
 
 

@@ -1,5 +1,0 @@
-"""The coordinator's HTTP API (FastAPI) and the server that runs it."""
-
-from coordinator.api.app import ApiContext, create_app
-
-__all__ = ["ApiContext", "create_app"]

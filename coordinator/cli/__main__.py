@@ -1,7 +1,0 @@
-"""``python -m coordinator.cli``."""
-
-import sys
-
-from coordinator.cli.main import main
-
-sys.exit(main())

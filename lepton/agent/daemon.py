@@ -1,0 +1,360 @@
+"""The agent daemon: ties link, runner, outbox, capacity reporting and systemd together.
+
+``async with Agent(config) as agent: await agent.run()`` runs one TaskGroup of named tasks
+(link, workers, capacity, watchdog, housekeeping) until :meth:`Agent.stop` is called (SIGTERM).
+Shutdown drains running tasks, hands finished results to the broker, publishes the retained
+offline state and disconnects cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from concurrent.futures import Executor
+from typing import Any
+
+import msgspec
+
+from lepton.agent import __version__
+from lepton.agent.capacity import CapacitySampler, Sampler
+from lepton.agent.changes import significant_change
+from lepton.agent.config import AgentConfig
+from lepton.agent.datasources import DataSources
+from lepton.agent.eviction import Caps
+from lepton.agent.handlers import HandlerRegistry, TaskContext, default_registry
+from lepton.agent.link import Link
+from lepton.agent.metrics import Counters
+from lepton.agent.models import ModelManager
+from lepton.agent.outbox import Outbox
+from lepton.agent.probe import ProbeResult, load_probe
+from lepton.agent.runner import Runner
+from lepton.agent.sdnotify import Notifier
+from lepton.protocol import topics
+from lepton.protocol.aio import cancel_and_wait
+from lepton.protocol.codec import decode, encode
+from lepton.protocol.errors import DecodeError
+from lepton.protocol.imports import Allowlist
+from lepton.protocol.messages import CapacityReport, ResultAck, State, TaskAck, TaskCancel
+
+log = logging.getLogger(__name__)
+
+# Sample the device this often between reports, to catch thermal, battery and memory changes.
+SAMPLE_PERIOD_S = 5.0
+
+
+class Agent:
+    """One device agent."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        registry: HandlerRegistry | None = None,
+        sampler: Sampler | None = None,
+        outbox_executor: Executor | None = None,
+    ) -> None:
+        self.config = config
+        self.counters = Counters()
+        self.started_at = time.time()
+        self.outbox = Outbox(
+            config.state_dir / "agent.db",
+            max_entries=config.outbox_max_entries,
+            sync=config.outbox_sync,
+            executor=outbox_executor,
+        )
+        self.notifier = Notifier()
+        self.probe: ProbeResult | None = None
+        self.models = ModelManager(
+            config.state_dir / "models",
+            threads=config.inference_threads,
+            providers=config.inference_providers,
+            allow_spinning=config.inference_allow_spinning,
+            max_bytes=config.inference_max_model_bytes,
+            retries=config.inference_download_retries,
+            timeout=config.inference_download_timeout,
+            origins=config.origins,
+            caps=Caps(
+                max_models=config.inference_max_models,
+                max_loaded_bytes=config.inference_max_loaded_bytes,
+                max_cache_bytes=config.inference_max_cache_bytes,
+            ),
+        )
+        self.data_sources = DataSources(config.data_source_map)
+        self.endpoint_port: int | None = None  # the bound TCP port once the endpoint listens
+        self._registry = registry or default_registry()
+        self._stop = asyncio.Event()
+        self._report_now = asyncio.Event()
+        self._last_report: CapacityReport | None = None
+        self._last_report_at = 0.0
+        self._heartbeat = time.monotonic()
+        self._ready_sent = False
+        self.link = Link(
+            config,
+            outbox=self.outbox,
+            counters=self.counters,
+            birth=self._birth,
+            on_message=self._on_message,
+            on_connect=self._on_connect,
+        )
+        self.runner = Runner(
+            slots=config.agent_slots,
+            queue_limit=config.agent_queue_limit,
+            registry=self._registry,
+            outbox=self.outbox,
+            context=TaskContext(
+                device_id=config.device_id,
+                state_dir=config.state_dir,
+                agent_version=__version__,
+                extras={
+                    "models": self.models,
+                    "data_sources": self.data_sources,
+                    # Only what this device's own config allows, never what a task names.
+                    "model_imports": Allowlist(config.agent_model_imports).with_plugins(),
+                },
+            ),
+            result_topic=self.link.result_topic,
+            counters=self.counters,
+            crash_limit=config.agent_crash_limit,
+            on_result=self.link.wake,
+            on_change=self._report_now.set,
+        )
+        self.sampler: Sampler = sampler or CapacitySampler(
+            state_dir=config.state_dir,
+            probe=None,
+            device_class=config.device_class,
+            tags=config.device_tags,
+        )
+
+    async def __aenter__(self) -> Agent:
+        self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        await self.outbox.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.models.close()
+        await self.outbox.close()
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown (idempotent; safe from a signal handler)."""
+        self._stop.set()
+
+    # ------------------------------------------------------------ main
+
+    async def run(self, *, install_signal_handlers: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        if install_signal_handlers:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop)
+        self.notifier.status("starting")
+        await self.runner.resume()
+        async with asyncio.TaskGroup() as tg:
+            loops = [
+                tg.create_task(self.link.run(), name="link"),
+                tg.create_task(self._capacity_loop(), name="capacity"),
+                tg.create_task(self._housekeeping(), name="housekeeping"),
+                tg.create_task(self._watchdog(), name="watchdog"),
+                tg.create_task(self.models.restore(), name="models"),
+            ]
+            if self.config.endpoint_enabled:
+                loops.append(tg.create_task(self._endpoint(), name="endpoint"))
+            workers = [
+                tg.create_task(self.runner.worker(), name=f"worker-{i}")
+                for i in range(self.config.agent_slots)
+            ]
+            if self.config.agent_probe:
+                loops.append(tg.create_task(self._load_probe(), name="probe"))
+            try:
+                await self._stop.wait()
+                await self._shutdown()
+            finally:
+                # Also when this task is cancelled: the TaskGroup would cancel its children
+                # only once, and a cancel one of them loses would leave it waiting for good.
+                await cancel_and_wait(loops + workers)
+        log.info("agent stopped")
+
+    async def _shutdown(self) -> None:
+        self.notifier.stopping()
+        log.info(
+            "shutting down: draining running tasks (up to %.0f s)", self.config.agent_drain_timeout
+        )
+        if not await self.runner.drain(self.config.agent_drain_timeout):
+            log.warning("drain timed out with %d tasks still running", self.runner.busy)
+        if self.link.connected.is_set():
+            if not await self.link.flush(timeout=5.0):
+                log.warning(
+                    "%d results not yet handed to the broker; kept for next start", len(self.outbox)
+                )
+            await self.link.say_goodbye()
+
+    # ------------------------------------------------------------ messages
+
+    def _birth(self) -> State:
+        probe = self.probe
+        return State(
+            state="online",
+            agent_version=__version__,
+            device_class=self.sampler.device_class,
+            runtimes=list(probe.runtimes) if probe else [],
+            started_at=self.started_at,
+        )
+
+    def _on_connect(self) -> None:
+        self._report_now.set()
+        if not self._ready_sent:
+            self._ready_sent = True
+            self.notifier.ready()
+        self.notifier.status(f"connected to {self.config.broker_host}:{self.config.broker_port}")
+
+    async def _on_message(self, topic: str, channel: str, payload: bytes) -> None:
+        if channel == topics.TASK:
+            await self._on_task(topic, payload)
+        elif channel == topics.RESULT_ACK:
+            try:
+                ack = decode(payload, ResultAck)
+            except DecodeError as exc:
+                self.counters.reject(log, exc.reason, exc.detail, topic=topic)
+                return
+            removed = await self.outbox.ack(ack.ids)
+            self.counters.inc("results.acked", removed)
+            if removed < len(ack.ids):
+                self.counters.inc("results.ack_unknown", len(ack.ids) - removed)
+        elif channel == topics.CANCEL:
+            try:
+                cancel = decode(payload, TaskCancel)
+            except DecodeError as exc:
+                self.counters.reject(log, exc.reason, exc.detail, topic=topic)
+                return
+            await self.runner.cancel(cancel.task_ids, cancel.reason)
+        else:
+            self.counters.reject(log, "unknown_channel", channel, topic=topic)
+
+    async def _on_task(self, topic: str, payload: bytes) -> None:
+        try:
+            task, reason = await self.runner.submit(payload)
+        except DecodeError as exc:
+            self.counters.reject(log, exc.reason, exc.detail, topic=topic)
+            return
+        if reason is not None and reason != "duplicate":
+            self.counters.reject(log, reason, f"task {task.task_id} ({task.kind})", topic=topic)
+        ack = TaskAck(task_id=task.task_id, accepted=reason is None, reason=reason)
+        await self.link.publish(self.link.task_ack_topic, encode(ack), qos=1)
+
+    # ------------------------------------------------------------ capacity
+
+    async def _load_probe(self) -> None:
+        try:
+            self.probe = await load_probe(self.config.state_dir, agent_version=__version__)
+        except Exception:  # the agent runs without figures rather than not at all
+            log.exception("device probe failed")
+            return
+        self.sampler.probe = self.probe
+        self._report_now.set()
+
+    def _sample(self) -> CapacityReport:
+        report = self.sampler.sample(
+            slots=self.runner.slots_report(),
+            outbox_pending=len(self.outbox),
+            counters=self.counters.snapshot(),
+            interval_s=self.config.agent_capacity_interval,
+        )
+        if self.config.data_sources:
+            names = sorted(self.config.data_source_map)
+            # Sizes are known once a task loaded the source: the agent never reads its data
+            # just to report on it (numpy stays unloaded until a task needs it).
+            known = self.data_sources.sizes()
+            report = msgspec.structs.replace(
+                report,
+                data_sources=names,
+                data_sizes={n: known[n] for n in names if n in known},
+            )
+        return report
+
+    async def _capacity_loop(self) -> None:
+        interval = self.config.agent_capacity_interval
+        min_gap = self.config.agent_capacity_min_interval
+        while True:
+            self._heartbeat = time.monotonic()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(interval, SAMPLE_PERIOD_S)):
+                    await self._report_now.wait()
+            forced = self._report_now.is_set()
+            self._report_now.clear()
+            if not self.link.connected.is_set():
+                continue
+            now = time.monotonic()
+            since = now - self._last_report_at
+            if since < min_gap:
+                # Rate limit: report at most every min_gap seconds, but do not lose the change.
+                await asyncio.sleep(min_gap - since)
+            report = self._sample()
+            due = self._last_report is None or time.monotonic() - self._last_report_at >= interval
+            reason = (
+                None if self._last_report is None else significant_change(self._last_report, report)
+            )
+            if not (due or reason or forced):
+                continue
+            if await self.link.publish(self.link.capacity_topic, encode(report), qos=0):
+                self._last_report = report
+                self._last_report_at = time.monotonic()
+                self.counters.inc("capacity.reports")
+
+    # ------------------------------------------------------------ local endpoint
+
+    async def _endpoint(self) -> None:
+        from lepton.agent.endpoint import Endpoint
+
+        cfg = self.config
+        endpoint = Endpoint(
+            self.models,
+            host=cfg.endpoint_host,
+            port=cfg.endpoint_port,
+            socket_path=cfg.endpoint_socket,
+            max_body=cfg.endpoint_max_body,
+            concurrency=cfg.endpoint_concurrency,
+            max_connections=cfg.endpoint_max_connections,
+            request_timeout=cfg.endpoint_request_timeout,
+            counters=self.counters,
+        )
+        try:
+            async with endpoint:
+                self.endpoint_port = endpoint.port
+                await asyncio.Event().wait()  # until shutdown cancels this task
+        except OSError as exc:  # the agent's fleet work goes on without the local API
+            log.error("inference endpoint not started: %s", exc)  # noqa: TRY400
+
+    # ------------------------------------------------------------ housekeeping
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(600)
+            pruned = await self.outbox.prune_done()
+            if pruned:
+                log.debug("pruned %d expired task ids", pruned)
+
+    async def _watchdog(self) -> None:
+        interval = self.notifier.watchdog_interval()
+        if interval is None:
+            return
+        period = max(interval / 2, 0.5)
+        while True:
+            # Ping only while the main loop is alive: the capacity loop beats every few seconds.
+            if time.monotonic() - self._heartbeat < 3 * SAMPLE_PERIOD_S + period:
+                self.notifier.watchdog()
+            else:
+                log.error("capacity loop stalled; withholding the watchdog ping")
+            await asyncio.sleep(period)
+
+
+def describe(agent: Agent) -> dict[str, Any]:
+    """A JSON-friendly status of the agent (for `lepton-agent status` and tests)."""
+    return {
+        "device_id": agent.config.device_id,
+        "connected": agent.link.connected.is_set(),
+        "outbox": len(agent.outbox),
+        "busy": agent.runner.busy,
+        "queued": agent.runner.queued,
+        "counters": agent.counters.snapshot(),
+    }

@@ -1,0 +1,112 @@
+"""Task handlers: one async function per task kind, looked up in a registry.
+
+A handler receives the validated :class:`~protocol.messages.Task` and a :class:`TaskContext`
+and returns the result's ``output`` mapping; raising :class:`TaskError` (or any exception)
+turns into a ``failed`` result with the error text. A handler that can take long checks its
+context's ``cancel`` token where it can stop cleanly (:mod:`agent.cancellation`); once the
+token is set, the task's result is ``cancelled`` however the handler ends. Heavy
+dependencies (onnxruntime, torch) are imported inside the handlers that need them, never at
+agent start-up.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lepton.agent.cancellation import CancelToken
+from lepton.protocol.errors import LeptonError
+from lepton.protocol.messages import Task
+
+
+class TaskError(LeptonError):
+    """A handler could not complete its task; the message becomes the result's error."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskContext:
+    """What a handler may use: the device's identity, its state directory, shared services,
+    and its task's cancel token (the runner gives each task its own)."""
+
+    device_id: str
+    state_dir: Path
+    agent_version: str
+    extras: dict[str, Any] = field(default_factory=dict)
+    cancel: CancelToken = field(default_factory=CancelToken)
+
+
+Handler = Callable[[Task, TaskContext], Awaitable[dict[str, Any]]]
+
+
+class HandlerRegistry:
+    """Maps task kinds to handlers."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, Handler] = {}
+
+    def register(self, kind: str, handler: Handler) -> None:
+        self._handlers[kind] = handler
+
+    def get(self, kind: str) -> Handler | None:
+        return self._handlers.get(kind)
+
+    def kinds(self) -> list[str]:
+        return sorted(self._handlers)
+
+
+MAX_ECHO_SLEEP_S = 3600.0
+
+
+async def echo(task: Task, ctx: TaskContext) -> dict[str, Any]:
+    """Return ``params["payload"]`` after ``params["sleep_s"]`` seconds (a liveness probe).
+
+    ``params["fail"]`` makes it fail on purpose, for exercising the failure path end to end.
+    A cancel ends the sleep at once.
+    """
+    sleep_s = task.params.get("sleep_s", 0.0)
+    if (
+        not isinstance(sleep_s, (int, float))
+        or isinstance(sleep_s, bool)
+        or not (0.0 <= sleep_s <= MAX_ECHO_SLEEP_S)
+    ):
+        raise TaskError(f"sleep_s must be a number in [0, {MAX_ECHO_SLEEP_S}]")
+    if sleep_s and await ctx.cancel.sleep(sleep_s):
+        raise TaskError(f"cancelled: {ctx.cancel.reason}")
+    if task.params.get("fail"):
+        raise TaskError(str(task.params.get("fail")))
+    return {"echo": task.params.get("payload"), "device_id": ctx.device_id}
+
+
+async def benchmark(task: Task, ctx: TaskContext) -> dict[str, Any]:
+    """Re-run the device micro-benchmark and return fresh throughput figures."""
+    from lepton.agent.probe import load_probe
+
+    started = time.perf_counter()
+    result = await load_probe(ctx.state_dir, agent_version=ctx.agent_version, refresh=True)
+    if result.bench is None:
+        raise TaskError(f"benchmark failed: {result.details.get('error', 'unknown error')}")
+    return {
+        "fp32_gflops": result.bench.fp32_gflops,
+        "int8_gops": result.bench.int8_gops,
+        "runtime": result.bench.runtime,
+        "wall_s": time.perf_counter() - started,
+    }
+
+
+def default_registry() -> HandlerRegistry:
+    # Imported here: agent.inference and agent.training import this module. They load
+    # numpy, the runtimes and torch only when a task of theirs runs.
+    from lepton.agent import inference, training
+
+    registry = HandlerRegistry()
+    registry.register("echo", echo)
+    registry.register("benchmark", benchmark)
+    registry.register("deploy", inference.deploy)
+    registry.register("undeploy", inference.undeploy)
+    registry.register("infer", inference.infer)
+    registry.register("train", training.train)
+    registry.register("evaluate", training.evaluate)
+    return registry

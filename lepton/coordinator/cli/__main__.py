@@ -1,0 +1,7 @@
+"""``python -m coordinator.cli``."""
+
+import sys
+
+from lepton.coordinator.cli.main import main
+
+sys.exit(main())

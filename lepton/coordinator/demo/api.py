@@ -1,0 +1,106 @@
+"""The coordinator's HTTP API as the demo uses it: devices, tasks, explanations, FL jobs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import httpx
+
+from lepton.coordinator.tasks.states import TERMINAL
+from lepton.protocol import routes
+from lepton.protocol.errors import LeptonError
+
+
+class DemoError(LeptonError, RuntimeError):
+    """A stage of the demo could not go on; the message says why."""
+
+
+class Api:
+    """JSON over HTTP to one coordinator; errors become :class:`DemoError`."""
+
+    def __init__(self, base_url: str, *, timeout: float = 30.0) -> None:
+        self.base_url = base_url
+        self._http = httpx.Client(base_url=base_url, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Api:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def request(self, method: str, path: str, *, ok404: bool = False, **kw: Any) -> Any:
+        """The decoded JSON body; None for a 404 when ``ok404``."""
+        try:
+            r = self._http.request(method, path, **kw)
+        except httpx.TransportError as exc:
+            raise DemoError(f"{method} {path}: the coordinator did not answer ({exc})") from exc
+        if r.status_code == 404 and ok404:
+            return None
+        if r.status_code >= 400:
+            raise DemoError(f"{method} {path}: {r.status_code} {r.text[:300]}")
+        return r.json()
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self.request("GET", path, params={k: v for k, v in params.items() if v is not None})
+
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        return self.request("POST", path, json=body)
+
+    # ------------------------------------------------------------------ views
+
+    def devices(self) -> list[dict[str, Any]]:
+        return list(self.get(routes.DEVICES, limit=10_000))
+
+    def tasks(self, kind: str) -> list[dict[str, Any]]:
+        return list(self.get(routes.TASKS, kind=kind, limit=10_000))
+
+    def task(self, task_id: str) -> dict[str, Any]:
+        return dict(self.get(routes.path(routes.TASK, task_id=task_id)))
+
+    def explain(self, task_id: str) -> dict[str, Any]:
+        return dict(self.get(routes.path(routes.TASK_EXPLAIN, task_id=task_id)))
+
+    def submit(self, body: dict[str, Any]) -> dict[str, Any]:
+        return dict(self.post(routes.TASKS, body))
+
+    # ------------------------------------------------------------------ waiting
+
+    def wait_tasks(
+        self,
+        kind: str,
+        ids: Iterable[str],
+        *,
+        timeout: float,
+        on_progress: Callable[[int, int], None] | None = None,
+        check: Callable[[], None] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Until every task in ``ids`` is finished; their records, in the order of ``ids``.
+
+        ``on_progress(finished, total)`` after each look; ``check`` raises to give up early
+        (a process of the stack died).
+        """
+        wanted = list(ids)
+        deadline = time.monotonic() + timeout
+        while True:
+            by_id = {t["id"]: t for t in self.tasks(kind)}
+            missing = [i for i in wanted if i not in by_id]
+            if missing:
+                raise DemoError(f"{len(missing)} {kind} tasks are not known to the coordinator")
+            done = sum(by_id[i]["state"] in TERMINAL for i in wanted)
+            if on_progress is not None:
+                on_progress(done, len(wanted))
+            if done == len(wanted):
+                return [by_id[i] for i in wanted]
+            if time.monotonic() > deadline:
+                raise DemoError(
+                    f"{len(wanted) - done} of {len(wanted)} {kind} tasks unfinished after "
+                    f"{timeout:g}s"
+                )
+            if check is not None:
+                check()
+            time.sleep(0.25)

@@ -1,0 +1,290 @@
+"""The coordinator service: an ``async with`` daemon running one task group.
+
+Named tasks: ``registry`` (batched capacity writes), ``ingest`` (births, wills, task acks and
+results), ``lease`` (leader election), ``scheduler`` and ``liveness`` (leader only) and
+``http`` (API and metrics). The MQTT network thread feeds ``registry`` and ``ingest``.
+
+:meth:`Coordinator.stop` (SIGTERM, SIGINT) drains in order: stop HTTP and the leader loops,
+give the lease up, stop taking device messages, apply what was already received, write the
+last capacity batch, then disconnect. Anything not applied by then is re-sent by the agents,
+which keep every unacknowledged result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Final
+
+from fastapi import APIRouter, FastAPI
+
+from lepton.coordinator.api import ApiContext, create_app
+from lepton.coordinator.api.server import HttpServer
+from lepton.coordinator.config import Config
+from lepton.coordinator.control import Control
+from lepton.coordinator.ingest import Inbox, Ingest, subscriptions
+from lepton.coordinator.leader import Leadership
+from lepton.coordinator.liveness import Liveness
+from lepton.coordinator.metrics import Metrics
+from lepton.coordinator.mqtt import MqttLink
+from lepton.coordinator.registry import OnFlush, Registry
+from lepton.coordinator.scheduling import Scheduler
+from lepton.coordinator.store import ResultOutcome, RetryPolicy, Store
+from lepton.protocol.aio import cancel_and_wait
+
+if TYPE_CHECKING:
+    from lepton.coordinator.federated.engine import FLEngine
+    from lepton.coordinator.models.registry import ModelRegistry
+
+log = logging.getLogger(__name__)
+
+DRAIN_TIMEOUT_S: Final = 10.0
+
+
+class Coordinator:
+    """One coordinator process. ``async with Coordinator(cfg) as c: await c.wait()``."""
+
+    def __init__(self, config: Config, *, on_flush: OnFlush | None = None) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.inbox = Inbox()
+        self._on_flush = on_flush
+        self._stop = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._main: asyncio.Task[None] | None = None
+        self._ready: asyncio.Future[None] | None = None
+        self.started_at = time.time()
+        self.http: HttpServer | None = None
+        self.fl: FLEngine | None = None  # federated jobs (with the model registry)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Coordinator:
+        cfg = self.config
+        t = cfg.tasks
+        self.store = await asyncio.to_thread(
+            Store.open,
+            cfg.database_url,
+            retry=RetryPolicy(base_s=t.retry_backoff_s, max_s=t.retry_backoff_max_s),
+            capacity_history=cfg.database.capacity_history,
+            sqlite_synchronous=cfg.database.sqlite_synchronous,
+            echo=cfg.database.echo,
+        )
+        try:
+            self._build()
+            loop = self._loop = asyncio.get_running_loop()
+            self.inbox.bind(loop)
+            self.registry.bind(loop)
+            if cfg.http.enabled:
+                self.http = HttpServer(
+                    self._app(loop),
+                    cfg.http.host,
+                    cfg.http.port,
+                    limits=cfg.http,
+                    on_head_timeout=self.metrics.http_rejects.labels("head_timeout").inc,
+                )
+            self._ready = loop.create_future()
+            self._main = asyncio.create_task(self._run(), name="coordinator")
+            await asyncio.wait({self._ready, self._main}, return_when=asyncio.FIRST_COMPLETED)
+            if self._main.done():
+                self._main.result()  # start-up failed: raise why
+        except BaseException:
+            await asyncio.to_thread(self.store.close)
+            raise
+        log.info(
+            "coordinator %s up: fleet %s, database %s, broker %s:%d, api %s",
+            cfg.instance_id,
+            cfg.fleet,
+            self.store.dialect,
+            cfg.mqtt.host,
+            cfg.mqtt.port,
+            self.http.url if self.http else "disabled",
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+        if self._main is not None:
+            try:
+                await self._main
+            finally:
+                await asyncio.to_thread(self.store.close)
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown (idempotent, event loop thread)."""
+        self._stop.set()
+
+    async def wait(self) -> None:
+        """Until the service has stopped (after :meth:`stop`, or a task failed)."""
+        assert self._main is not None
+        await asyncio.shield(self._main)
+
+    @property
+    def api_url(self) -> str | None:
+        return self.http.url if self.http is not None else None
+
+    # ------------------------------------------------------------------ wiring
+
+    def _build(self) -> None:
+        cfg = self.config
+        store, metrics = self.store, self.metrics
+        self.registry = Registry(
+            store, metrics, cfg.registry, fleet=cfg.fleet, on_flush=self._on_flush
+        )
+        self.ingest = Ingest(cfg.fleet, metrics, on_capacity=self.registry.offer, inbox=self.inbox)
+        shared = cfg.mqtt.shared_group if cfg.mqtt.shared_subscriptions else None
+        self.link = MqttLink(
+            cfg.mqtt,
+            client_id=cfg.mqtt_client_id,
+            subscriptions=subscriptions(cfg.fleet, shared_group=shared),
+            on_message=self.ingest.handle,
+            on_connection=self._link_changed,
+        )
+        self.leadership = Leadership(store, cfg.instance_id, cfg.replica.lease_s, metrics)
+        self.scheduler = Scheduler(cfg, store, self.link, metrics)
+        self.liveness = Liveness(cfg.liveness, store, metrics, on_requeue=self.scheduler.wake)
+        self.control = Control(
+            store,
+            self.link,
+            metrics,
+            self.inbox,
+            fleet=cfg.fleet,
+            on_requeue=self._wake_scheduler_threadsafe,
+            on_results=self._on_results,
+        )
+        metrics.watch_store(store.count_devices, store.count_tasks)
+
+    def _app(self, loop: asyncio.AbstractEventLoop) -> FastAPI:
+        def wake() -> None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self.scheduler.wake)
+
+        return create_app(
+            ApiContext(
+                routers=self._model_routes(),
+                config=self.config,
+                store=self.store,
+                metrics=self.metrics,
+                started_at=self.started_at,
+                is_leader=lambda: self.leadership.is_leader,
+                mqtt_connected=lambda: self.link.connected,
+                on_submit=wake,
+            )
+        )
+
+    def _model_routes(self) -> list[APIRouter]:
+        """The model registry's routes (blobs by content address, model metadata), on the
+        coordinator's database and data directory."""
+        try:
+            from lepton.coordinator.models import tables
+            from lepton.coordinator.models.http import make_router
+            from lepton.coordinator.models.registry import ModelRegistry
+        except ImportError:  # pragma: no cover - the registry is optional
+            return []
+        # Created under the store's start-up lock: replicas may start at the same moment.
+        self.store.create_schema(tables.metadata)
+        registry = ModelRegistry(
+            self.store.engine, Path(self.config.data_dir).expanduser(), create_tables=False
+        )
+        return [make_router(registry), *self._fl_routes(registry)]
+
+    def _fl_routes(self, registry: ModelRegistry) -> list[APIRouter]:
+        """Federated jobs: their tables, the round engine (run by the leader) and routes."""
+        from lepton.coordinator.federated.service import build_fl
+
+        self.fl, routes = build_fl(self, registry)
+        return routes
+
+    def _on_results(self, outcomes: Sequence[ResultOutcome]) -> None:
+        if self.fl is not None:
+            self.fl.on_results(outcomes)
+
+    def _link_changed(self, up: bool) -> None:  # event loop
+        self.metrics.mqtt_connected.set(1 if up else 0)
+        self.liveness.link_changed(up)
+
+    def _wake_scheduler_threadsafe(self) -> None:
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self.scheduler.wake)
+
+    # ------------------------------------------------------------------ running
+
+    async def _run(self) -> None:
+        assert self._ready is not None
+        async with self.link, asyncio.TaskGroup() as tg:
+            tasks = {
+                "registry": tg.create_task(self.registry.run(), name="registry"),
+                "ingest": tg.create_task(self.control.run(), name="ingest"),
+                "lease": tg.create_task(self.leadership.run(), name="lease"),
+                "scheduler": tg.create_task(
+                    self.leadership.lead(self.scheduler.lead, name="scheduler"), name="scheduler"
+                ),
+                "liveness": tg.create_task(
+                    self.leadership.lead(self.liveness.lead, name="liveness"), name="liveness"
+                ),
+            }
+            if self.fl is not None:
+                self.fl.bind(asyncio.get_running_loop())
+                tasks["fl"] = tg.create_task(
+                    self.leadership.lead(self.fl.lead, name="fl"), name="fl"
+                )
+            if self.http is not None:
+                tasks["http"] = tg.create_task(self.http.serve(), name="http")
+            self._ready.set_result(None)
+            await self._stop.wait()
+            log.info("coordinator %s draining", self.config.instance_id)
+            try:
+                async with asyncio.timeout(DRAIN_TIMEOUT_S):
+                    await self._drain(tasks)
+            except TimeoutError:
+                log.warning("drain took longer than %.0fs; stopping anyway", DRAIN_TIMEOUT_S)
+            await cancel_and_wait(tasks.values())
+        self._stopped.set()
+        log.info("coordinator %s stopped", self.config.instance_id)
+
+    async def _drain(self, tasks: dict[str, asyncio.Task[None]]) -> None:
+        if self.http is not None:
+            self.http.stop()
+        leading = [n for n in ("scheduler", "liveness", "fl", "lease") if n in tasks]
+        for name in leading:
+            tasks[name].cancel()
+        await asyncio.gather(*(tasks[n] for n in leading), return_exceptions=True)
+        await self.leadership.release()
+        self.ingest.accepting = False
+        if self.control.request_stop():
+            tasks["ingest"].cancel()
+        await asyncio.gather(tasks["ingest"], return_exceptions=True)
+        await self.control.drain()
+        if self.registry.request_stop():
+            tasks["registry"].cancel()
+        await asyncio.gather(tasks["registry"], return_exceptions=True)
+        await self.registry.flush()
+        if "http" in tasks:
+            await asyncio.gather(tasks["http"], return_exceptions=True)
+
+
+async def serve(config: Config) -> None:
+    """Run a coordinator until SIGTERM or SIGINT (``lepton coordinator run``)."""
+    loop = asyncio.get_running_loop()
+    async with Coordinator(config) as coordinator:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, coordinator.stop)
+        try:
+            await coordinator.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)

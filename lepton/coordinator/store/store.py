@@ -1,0 +1,110 @@
+"""The coordinator's store: one class over SQLite or PostgreSQL.
+
+Every public method is one transaction and takes and returns plain values
+(:mod:`coordinator.store.records`). Methods are synchronous; the service calls them from
+worker threads so the event loop never waits on the database.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import Connection, Engine, MetaData, inspect, text
+
+from lepton.coordinator.store.cancels import CancelOps
+from lepton.coordinator.store.devices import DeviceOps
+from lepton.coordinator.store.engine import make_engines
+from lepton.coordinator.store.estimates import EstimateOps
+from lepton.coordinator.store.lease import LeaseOps
+from lepton.coordinator.store.records import RetryPolicy
+from lepton.coordinator.store.results import ResultOps
+from lepton.coordinator.store.schema import Base
+from lepton.coordinator.store.tasks import TaskOps
+
+log = logging.getLogger(__name__)
+
+
+class Store(DeviceOps, TaskOps, CancelOps, ResultOps, EstimateOps, LeaseOps):
+    """Devices, capacity history, tasks and their cancels, attempts, results, throughput
+    estimates, leases."""
+
+    @classmethod
+    def open(
+        cls,
+        url: str,
+        *,
+        retry: RetryPolicy | None = None,
+        capacity_history: int = 100,
+        create: bool = True,
+        echo: bool = False,
+        sqlite_synchronous: str = "full",
+    ) -> Store:
+        """Connect to ``url`` and (by default) create missing tables."""
+        store = cls(
+            make_engines(url, echo=echo, sqlite_synchronous=sqlite_synchronous),
+            retry=retry or RetryPolicy(),
+            history_limit=capacity_history,
+        )
+        if create:
+            store.create_schema()
+        return store
+
+    def create_schema(self, metadata: MetaData | None = None) -> None:
+        """Create missing tables of ``metadata`` (default: the store's own) and add missing
+        nullable columns to existing ones; idempotent and safe when several replicas start
+        at once."""
+        meta = Base.metadata if metadata is None else metadata
+        with self._engines.write.begin() as conn:
+            if self.dialect == "postgresql":
+                # Serialise concurrent start-ups: CREATE TABLE IF NOT EXISTS races in PostgreSQL.
+                conn.execute(text("SELECT pg_advisory_xact_lock(74201)"))
+            meta.create_all(conn)
+            _add_missing_columns(conn, meta)
+
+    def drop_schema(self) -> None:
+        """Drop every table (tests, and ``lepton coordinator reset``)."""
+        Base.metadata.drop_all(self._engines.write)
+
+    def table_names(self) -> list[str]:
+        return sorted(inspect(self._engines.read).get_table_names())
+
+    def ping(self) -> bool:
+        """True when the database answers."""
+        try:
+            with self._engines.read.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except Exception:
+            return False
+        return True
+
+    @property
+    def engine(self) -> Engine:
+        """The engine writes go through, for components that keep their own tables next to
+        the store's (the model registry)."""
+        return self._engines.write
+
+    def close(self) -> None:
+        self._engines.dispose()
+
+
+def _add_missing_columns(conn: Connection, meta: MetaData) -> None:
+    """Add the nullable columns a newer release declares to tables an older one created.
+
+    Only additive, nullable columns: anything else (a new constraint, a changed type) needs
+    a real migration. This keeps a database from the previous release readable after an
+    upgrade until the schema is managed by migrations.
+    """
+    existing = inspect(conn)
+    for table in meta.sorted_tables:
+        have = {c["name"] for c in existing.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in have:
+                continue
+            if not column.nullable or column.primary_key:
+                raise RuntimeError(
+                    f"table {table.name} lacks column {column.name}, which is not nullable:"
+                    " the database needs a migration"
+                )
+            kind = column.type.compile(dialect=conn.dialect)
+            log.info("adding column %s.%s (%s)", table.name, column.name, kind)
+            conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
