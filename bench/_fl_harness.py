@@ -140,7 +140,7 @@ class Harness:
         self, label: str, mix: dict[str, float], *, adversarial: int = 0
     ) -> AsyncIterator[list[Any]]:
         """Start ``--devices`` virtual devices; stop them (gracefully) at the end."""
-        from lepton.agent.sim.fleet import FleetSpec, build_devices, run_fleet
+        from lepton.sim.fleet import FleetSpec, build_devices, run_fleet
 
         self._fleets += 1
         spec = FleetSpec(

@@ -1,6 +1,7 @@
 """The agent's inference path against bare ``InferenceSession.run`` on the same inputs, one run.
 
-1. The ``infer`` handler's inner loop (:func:`agent.inference.evaluate`, the model deployed
+1. The ``infer`` handler's inner loop (:func:`lepton.agent.inference.tasks.evaluate`, the model
+deployed
    through the model manager) against a bare loop of ``session.run`` over the same batches,
    with the same session options (threads, graph optimizations). Target: at most 1.05x.
 2. The local endpoint's requests per second over one keep-alive connection (a blocking
@@ -35,12 +36,12 @@ from typing import Any
 import numpy as np
 
 from bench import _common
-from lepton.agent.datasources import Dataset
-from lepton.agent.endpoint import Endpoint
-from lepton.agent.inference import evaluate
-from lepton.agent.models import ModelManager
-from lepton.agent.runtimes.onnx import ALLOW_SPINNING
-from lepton.agent.served import DeploySpec
+from lepton.agent.inference.endpoint import Endpoint
+from lepton.agent.inference.manager import ModelManager
+from lepton.agent.inference.runtimes.onnx import ALLOW_SPINNING
+from lepton.agent.inference.served import DeploySpec
+from lepton.agent.inference.tasks import evaluate
+from lepton.agent.training.datasources import Dataset
 from tests.support.blobserver import BlobServer
 
 ARTIFACT = _common.REPO / "lepton" / "models" / "artifacts" / "digits_int8.onnx"

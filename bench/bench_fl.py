@@ -5,10 +5,10 @@
     .venv/bin/python -m bench.bench_fl --only accuracy,byzantine --json out.json
 
 One coordinator (in this process) and simulated fleets of ``--devices`` virtual devices
-(``agent.sim``: each a real agent with its own MQTT session, outbox and HTTP transfers,
+(``lepton.sim``: each a real agent with its own MQTT session, outbox and HTTP transfers,
 training torch models on the host, its compute time stretched to its profile's speed).
 sklearn's digits are split across the devices with Dirichlet label skew (``--alpha 0.5``);
-the model is ``models.digits:DigitsCNN`` (7k parameters); every round is scored centrally on
+the model is ``lepton.models.digits:DigitsCNN`` (7k parameters); every round is scored centrally on
 the held-out test split (450 images). Phases, all in one run:
 
 (a) **reference**: the same model trained centrally on the union of the devices' data, for

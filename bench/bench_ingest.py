@@ -6,8 +6,8 @@ the same stream, and registry lag with a simulated fleet, in one run.
 
 1. Throughput. One publisher process sends ``--reports`` capacity reports (QoS 0, 200
    device topics) as fast as it can. Two subscribers receive the same stream at once: the
-   coordinator's ingest (a real :class:`~coordinator.service.Coordinator` in this process:
-   paho network thread, validation through ``protocol.codec``, registry buffer, batched
+   coordinator's ingest (a real :class:`~lepton.coordinator.service.Coordinator` in this process:
+   paho network thread, validation through ``lepton.protocol.codec``, registry buffer, batched
    SQLite writes) and a bare paho subscriber in its own process that only counts. Rates are
    messages over the time from each subscriber's first to last message. Target: >= 0.5x.
 2. The decision evidence: a bare aiomqtt subscriber (``async for message in

@@ -99,7 +99,7 @@ def interleaved_p50(
     optimization: dict[str, str] | None = None,
 ) -> dict[str, float]:
     """p50 latency (ms) of each model, timing the sessions round-robin, workers not spinning."""
-    from lepton.coordinator.models.evaluation import make_session
+    from lepton.coordinator.model_registry.evaluation import make_session
 
     optimization = optimization or {}
     sessions = {
@@ -122,8 +122,8 @@ def interleaved_p50(
 
 
 def mobilenet_section(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    from lepton.coordinator.models.export import export_onnx
-    from lepton.coordinator.models.quantize import QuantizationConfig, quantize_onnx
+    from lepton.coordinator.model_registry.export import export_onnx
+    from lepton.coordinator.model_registry.quantize import QuantizationConfig, quantize_onnx
     from lepton.models.mobilenet import build_mobilenet_v2
 
     rng = np.random.default_rng(0)
@@ -168,8 +168,8 @@ def mobilenet_section(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
 
 def digits_section(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    from lepton.coordinator.models.evaluation import evaluate
-    from lepton.coordinator.models.quantize import QuantizationConfig, quantize_model
+    from lepton.coordinator.model_registry.evaluation import evaluate
+    from lepton.coordinator.model_registry.quantize import QuantizationConfig, quantize_model
     from lepton.models.data import digits_splits, load_npz
     from lepton.models.train_digits import train_digits
 

@@ -38,8 +38,8 @@ import httpx
 
 from bench import _common
 from bench.bench_fleet import wait_until
-from lepton.coordinator.demo.broker import MosquittoBroker
-from lepton.coordinator.demo.runner import Stack, StackSpec
+from lepton.demo.broker import MosquittoBroker
+from lepton.demo.runner import Stack, StackSpec
 
 SECTION = "## Broker outage"
 SETTLED = ("succeeded", "failed", "expired")
@@ -54,7 +54,7 @@ def insert_tasks(database_url: str, n: int, sleep_s: float) -> float:
     from lepton.coordinator.config import load
     from lepton.coordinator.store.engine import make_engines
     from lepton.coordinator.store.schema import TaskRow
-    from lepton.coordinator.submit import build_task
+    from lepton.coordinator.tasks.submit import build_task
 
     cfg = load(env={}, overrides={})
     now = time.time()

@@ -11,7 +11,8 @@ intra-op threads (default: every core this process may use), on the same models:
    QDQ, 7-bit weights), timed round-robin (one run of each session in turn, as
    ``bench.bench_int8`` does) and one session at a time, each with spinning on and off: the
    p50 latencies and the INT8 speed-up each method reports.
-2. The agent's runtime (:mod:`agent.runtimes.onnx`), spinning off (its default) against on,
+2. The agent's runtime (:mod:`lepton.agent.inference.runtimes.onnx`), spinning off (its default)
+against on,
    for the shipped digits INT8 CNN and the MobileNetV2 INT8: back-to-back p50 latency, and
    requests that arrive ``--gap-ms`` after the previous answer (a sensor's pace): p50
    latency and the process's CPU time per request, every thread counted (a spinning
@@ -35,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from bench import _common
-from lepton.agent.runtimes import Runtime, default_threads, runtime_for
+from lepton.agent.inference.runtimes import Runtime, default_threads, runtime_for
 
 DIGITS = _common.REPO / "lepton" / "models" / "artifacts" / "digits_int8.onnx"
 # Longer than a worker spins after a run (under 50 ms on the development machine).
@@ -46,8 +47,8 @@ Call = Callable[[], Any]
 
 def build_mobilenet(tmp: Path, resolution: int, width: float) -> tuple[Path, Path]:
     """FP32 and default-INT8 ONNX files of the MobileNetV2-shaped network (random weights)."""
-    from lepton.coordinator.models.export import export_onnx
-    from lepton.coordinator.models.quantize import QuantizationConfig, quantize_onnx
+    from lepton.coordinator.model_registry.export import export_onnx
+    from lepton.coordinator.model_registry.quantize import QuantizationConfig, quantize_onnx
     from lepton.models.mobilenet import build_mobilenet_v2
 
     rng = np.random.default_rng(0)

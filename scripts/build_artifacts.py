@@ -2,12 +2,12 @@
 
     python scripts/build_artifacts.py [--out lepton/models/artifacts] [--epochs 30] [--seed 0]
 
-Trains as ``python -m models.train_digits`` does (``digits_cnn.pt``), then runs the
-coordinator's quantization pipeline (``coordinator.models.quantize.quantize_model`` with the
-default ``QuantizationConfig``) and writes ``digits_fp32.onnx``, ``digits_int8.onnx``,
-``digits_test.npz`` and ``digits_quantization.json`` (the pipeline's report). Needs the
-``train`` and ``coordinator`` extras. It lives here, not in ``models/``, because ``models``
-depends on nothing above it. ``scripts/build_tflite.py`` then makes the TFLite pair.
+Trains as ``python -m lepton.models.train_digits`` does (``digits_cnn.pt``), then runs the
+coordinator's quantization pipeline (``lepton.coordinator.model_registry.quantize.quantize_model``
+with the default ``QuantizationConfig``) and writes ``digits_fp32.onnx``, ``digits_int8.onnx``,
+``digits_test.npz`` and ``digits_quantization.json`` (the pipeline's report). Needs the ``train``
+and ``coordinator`` extras. It lives here, not in ``models/``, because ``models`` depends on nothing
+above it. ``scripts/build_tflite.py`` then makes the TFLite pair.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from lepton.coordinator.models.quantize import QuantizationConfig, quantize_model  # noqa: E402
+from lepton.coordinator.model_registry.quantize import QuantizationConfig, quantize_model  # noqa: E402
 from lepton.models.data import DigitsSplits, save_npz  # noqa: E402
 from lepton.models.train_digits import TrainResult, parser, train_and_save  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Write the two tiny ONNX models that ``agent.measure`` times at agent start-up.
+"""Write the two tiny ONNX models that ``lepton.agent.telemetry.measure`` times at agent start-up.
 
 Run from the repository root after changing a shape or an operator::
 

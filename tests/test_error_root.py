@@ -8,6 +8,7 @@ import pkgutil
 
 from lepton.protocol.errors import LeptonError
 
+
 def _modules() -> list[str]:
     root = importlib.import_module("lepton")
     found = pkgutil.walk_packages(root.__path__, prefix="lepton.")

@@ -68,7 +68,7 @@ def test_the_tree_keeps_every_contract() -> None:
             "the agent installs without the coordinator",
         ),
         (
-            "lepton/coordinator/federated/kernels.py",
+            "lepton/coordinator/fl/kernels/aggregate.py",
             "from lepton.coordinator.store import Store",
             "scheduling and aggregation kernels do no I/O",
         ),

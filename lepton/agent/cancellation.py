@@ -1,7 +1,7 @@
 """Cooperative cancellation of a running task, and the memory of cancels that came early.
 
 A handler gets its task's :class:`CancelToken` as ``TaskContext.cancel``. The runner sets it
-when a :class:`~protocol.messages.TaskCancel` names the task; the handler checks it where it
+when a :class:`~lepton.protocol.messages.TaskCancel` names the task; the handler checks it where it
 can stop cleanly (between training batches, between inference batches, while it sleeps) and
 returns or raises. Whatever the handler then does, the task's result is ``cancelled``.
 """

@@ -59,7 +59,7 @@ async def _run(config: AgentConfig) -> None:
 
 
 async def _probe(state_dir: Path, refresh: bool) -> dict[str, Any]:
-    from lepton.agent.probe import load_probe
+    from lepton.agent.telemetry.probe import load_probe
 
     result = await load_probe(state_dir, agent_version=__version__, refresh=refresh)
     import msgspec
@@ -75,12 +75,12 @@ async def _probe(state_dir: Path, refresh: bool) -> dict[str, Any]:
 async def _sim(ns: argparse.Namespace) -> None:
     import signal
 
-    from lepton.agent.sim.fleet import FleetSpec, build_devices, run_fleet
-    from lepton.agent.sim.profiles import parse_mix
+    from lepton.sim.fleet import FleetSpec, build_devices, run_fleet
+    from lepton.sim.profiles import parse_mix
 
     host = ns.host_gflops
     if host is None:
-        from lepton.agent.probe import load_probe
+        from lepton.agent.telemetry.probe import load_probe
 
         probe = await load_probe(ns.state_root, agent_version=__version__)
         host = probe.bench.fp32_gflops if probe.bench else 50.0

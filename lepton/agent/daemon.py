@@ -19,19 +19,19 @@ from typing import Any
 import msgspec
 
 from lepton.agent import __version__
-from lepton.agent.capacity import CapacitySampler, Sampler
-from lepton.agent.changes import significant_change
 from lepton.agent.config import AgentConfig
-from lepton.agent.datasources import DataSources
-from lepton.agent.eviction import Caps
 from lepton.agent.handlers import HandlerRegistry, TaskContext, default_registry
+from lepton.agent.inference.eviction import Caps
+from lepton.agent.inference.manager import ModelManager
 from lepton.agent.link import Link
 from lepton.agent.metrics import Counters
-from lepton.agent.models import ModelManager
 from lepton.agent.outbox import Outbox
-from lepton.agent.probe import ProbeResult, load_probe
 from lepton.agent.runner import Runner
 from lepton.agent.sdnotify import Notifier
+from lepton.agent.telemetry.capacity import CapacitySampler, Sampler
+from lepton.agent.telemetry.changes import significant_change
+from lepton.agent.telemetry.probe import ProbeResult, load_probe
+from lepton.agent.training.datasources import DataSources
 from lepton.protocol import topics
 from lepton.protocol.aio import cancel_and_wait
 from lepton.protocol.codec import decode, encode
@@ -304,7 +304,7 @@ class Agent:
     # ------------------------------------------------------------ local endpoint
 
     async def _endpoint(self) -> None:
-        from lepton.agent.endpoint import Endpoint
+        from lepton.agent.inference.endpoint import Endpoint
 
         cfg = self.config
         endpoint = Endpoint(

@@ -7,7 +7,7 @@ a ``Range`` request after an interruption (retried with capped exponential backo
 file is kept between attempts and between fetches of the same digest), and moved into the
 cache only once its sha256 matches. Models and federated weights both come through here.
 
-Only URLs at an allowed origin (:class:`~agent.origins.Origins`) are fetched, checked before
+Only URLs at an allowed origin (:class:`~lepton.agent.origins.Origins`) are fetched, checked before
 any connection; redirects are not followed. A refusal is a :class:`FetchError` whose
 ``reason`` comes from a fixed vocabulary (``refused_origin``, ``http_<status>``,
 ``connect_failed``, ``timeout``, ``download_failed``, ``too_large``, ``digest_mismatch``,

@@ -1,9 +1,9 @@
 """Task handlers: one async function per task kind, looked up in a registry.
 
-A handler receives the validated :class:`~protocol.messages.Task` and a :class:`TaskContext`
+A handler receives the validated :class:`~lepton.protocol.messages.Task` and a :class:`TaskContext`
 and returns the result's ``output`` mapping; raising :class:`TaskError` (or any exception)
 turns into a ``failed`` result with the error text. A handler that can take long checks its
-context's ``cancel`` token where it can stop cleanly (:mod:`agent.cancellation`); once the
+context's ``cancel`` token where it can stop cleanly (:mod:`lepton.agent.cancellation`); once the
 token is set, the task's result is ``cancelled`` however the handler ends. Heavy
 dependencies (onnxruntime, torch) are imported inside the handlers that need them, never at
 agent start-up.
@@ -82,7 +82,7 @@ async def echo(task: Task, ctx: TaskContext) -> dict[str, Any]:
 
 async def benchmark(task: Task, ctx: TaskContext) -> dict[str, Any]:
     """Re-run the device micro-benchmark and return fresh throughput figures."""
-    from lepton.agent.probe import load_probe
+    from lepton.agent.telemetry.probe import load_probe
 
     started = time.perf_counter()
     result = await load_probe(ctx.state_dir, agent_version=ctx.agent_version, refresh=True)
@@ -99,7 +99,8 @@ async def benchmark(task: Task, ctx: TaskContext) -> dict[str, Any]:
 def default_registry() -> HandlerRegistry:
     # Imported here: agent.inference and agent.training import this module. They load
     # numpy, the runtimes and torch only when a task of theirs runs.
-    from lepton.agent import inference, training
+    from lepton.agent.inference import tasks as inference
+    from lepton.agent.training import tasks as training
 
     registry = HandlerRegistry()
     registry.register("echo", echo)

@@ -27,20 +27,20 @@ from fastapi import APIRouter, FastAPI
 from lepton.coordinator.api import ApiContext, create_app
 from lepton.coordinator.api.server import HttpServer
 from lepton.coordinator.config import Config
-from lepton.coordinator.control import Control
-from lepton.coordinator.ingest import Inbox, Ingest, subscriptions
-from lepton.coordinator.leader import Leadership
-from lepton.coordinator.liveness import Liveness
 from lepton.coordinator.metrics import Metrics
-from lepton.coordinator.mqtt import MqttLink
-from lepton.coordinator.registry import OnFlush, Registry
-from lepton.coordinator.scheduling import Scheduler
+from lepton.coordinator.runtime.capacity_writer import OnFlush, Registry
+from lepton.coordinator.runtime.control import Control
+from lepton.coordinator.runtime.dispatcher import Scheduler
+from lepton.coordinator.runtime.ingest import Inbox, Ingest, subscriptions
+from lepton.coordinator.runtime.leadership import Leadership
+from lepton.coordinator.runtime.liveness import Liveness
+from lepton.coordinator.runtime.mqtt import MqttLink
 from lepton.coordinator.store import ResultOutcome, RetryPolicy, Store
 from lepton.protocol.aio import cancel_and_wait
 
 if TYPE_CHECKING:
-    from lepton.coordinator.federated.engine import FLEngine
-    from lepton.coordinator.models.registry import ModelRegistry
+    from lepton.coordinator.fl.jobs.engine import FLEngine
+    from lepton.coordinator.model_registry.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -188,9 +188,9 @@ class Coordinator:
         """The model registry's routes (blobs by content address, model metadata), on the
         coordinator's database and data directory."""
         try:
-            from lepton.coordinator.models import tables
-            from lepton.coordinator.models.http import make_router
-            from lepton.coordinator.models.registry import ModelRegistry
+            from lepton.coordinator.model_registry import tables
+            from lepton.coordinator.model_registry.registry import ModelRegistry
+            from lepton.coordinator.model_registry.routes import make_router
         except ImportError:  # pragma: no cover - the registry is optional
             return []
         # Created under the store's start-up lock: replicas may start at the same moment.
@@ -202,7 +202,7 @@ class Coordinator:
 
     def _fl_routes(self, registry: ModelRegistry) -> list[APIRouter]:
         """Federated jobs: their tables, the round engine (run by the leader) and routes."""
-        from lepton.coordinator.federated.service import build_fl
+        from lepton.coordinator.fl.service import build_fl
 
         self.fl, routes = build_fl(self, registry)
         return routes

@@ -1,6 +1,6 @@
 """Train the digits CNN on CPU (a few seconds) and report its test accuracy.
 
-    python -m models.train_digits --out DIR
+    python -m lepton.models.train_digits --out DIR
 
 writes ``DIR/digits_cnn.pt`` (the state dict) and prints the test accuracy. Needs the
 ``train`` extra (torch and scikit-learn). The shipped artifacts are built from it by
@@ -106,7 +106,7 @@ def train_and_save(args: argparse.Namespace) -> tuple[TrainResult, DigitsSplits]
 
 
 def main(argv: list[str] | None = None) -> int:
-    train_and_save(parser("python -m models.train_digits", __doc__ or "").parse_args(argv))
+    train_and_save(parser("python -m lepton.models.train_digits", __doc__ or "").parse_args(argv))
     return 0
 
 

@@ -2,7 +2,7 @@
 
 Anything wrong with a payload (too large, nested too deeply, not MessagePack, wrong shape,
 unknown type or version, a value out of range, a message of a type not expected on that
-channel) raises :class:`~protocol.errors.DecodeError` with a stable ``reason`` token; nothing
+channel) raises :class:`~lepton.protocol.errors.DecodeError` with a stable ``reason`` token; nothing
 else escapes.
 """
 

@@ -2,7 +2,7 @@
 
 Never pickle: a payload is validated (dtype allow-list, shape bounds, byte length) before a
 single byte is interpreted, and decoding returns a read-only array over a copy of the data.
-Every inconsistency in a received payload raises :class:`~protocol.errors.DecodeError`;
+Every inconsistency in a received payload raises :class:`~lepton.protocol.errors.DecodeError`;
 ``ValueError`` is kept for bad arguments on the sending side.
 """
 

@@ -11,7 +11,7 @@ as BatchNorm's ``num_batches_tracked``) always travel exactly as dense tensors.
 
 - ``fp32``: dense float32.
 - ``fp16``: dense float16 (about half the bytes); values beyond float16's range are refused.
-- ``int8``: affine INT8 (:func:`~protocol.tensors.quantize_int8`, about a quarter of the
+- ``int8``: affine INT8 (:func:`~lepton.protocol.tensors.quantize_int8`, about a quarter of the
   bytes). Tensors of rank >= 2 (conv and linear weights) are quantized per output channel
   (axis 0) when each channel holds at least ``per_channel_min`` elements, so the per-channel
   scales cost a few percent of the data at most; other tensors are quantized per tensor.
@@ -21,7 +21,7 @@ as BatchNorm's ``num_batches_tracked``) always travel exactly as dense tensors.
 
 :func:`decode_weights` restores float tensors as float32 whatever the compression. It
 enforces a size cap, validates every field and tensor, refuses non-finite values, and
-raises :class:`~protocol.errors.DecodeError` (and nothing else) for anything malformed.
+raises :class:`~lepton.protocol.errors.DecodeError` (and nothing else) for anything malformed.
 Nothing is ever unpickled. Pure code, no I/O.
 """
 

@@ -7,15 +7,15 @@ from typing import Any
 import psutil
 import pytest
 
-from lepton.agent.board import (
+from lepton.agent.telemetry.board import (
     VcgencmdReader,
     device_class_for,
     parse_throttled,
     read_device_model,
     throttled_now,
 )
-from lepton.agent.capacity import CapacitySampler
-from lepton.agent.probe import ProbeResult
+from lepton.agent.telemetry.capacity import CapacitySampler
+from lepton.agent.telemetry.probe import ProbeResult
 from lepton.protocol.codec import decode, encode
 from lepton.protocol.messages import (
     Bench,

@@ -3,7 +3,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from lepton.agent.changes import significant_change
+from lepton.agent.telemetry.changes import significant_change
 from lepton.protocol.messages import Battery, CapacityReport, Cpu, Memory, Slots, Thermal
 
 

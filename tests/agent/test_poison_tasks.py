@@ -1,7 +1,7 @@
 """Finding 2 of the hardening review: one task crash-looped an agent.
 
 A task whose handler takes the process down is counted at each start; after
-``agent.crash_limit`` deaths it is failed as ``crashed_agent`` instead of being run again,
+``lepton.agent.crash_limit`` deaths it is failed as ``crashed_agent`` instead of being run again,
 and the agent stays up. A model factory the device does not allow is refused without
 being imported. Real agent processes against a real broker.
 """

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-import lepton.agent.measure as measure_mod
-import lepton.agent.probe as probe_mod
-from lepton.agent.board import device_accelerators
-from lepton.agent.measure import available_runtimes, provider_label, run_probe
-from lepton.agent.probe import CACHE_FILE, ProbeResult, cache_key, load_probe
+import lepton.agent.telemetry.measure as measure_mod
+import lepton.agent.telemetry.probe as probe_mod
+from lepton.agent.telemetry.board import device_accelerators
+from lepton.agent.telemetry.measure import available_runtimes, provider_label, run_probe
+from lepton.agent.telemetry.probe import CACHE_FILE, ProbeResult, cache_key, load_probe
 
 pytestmark = pytest.mark.skipif(
     not Path("/proc/sys/kernel/random/boot_id").exists(),
@@ -103,7 +103,7 @@ async def test_broken_cache_is_ignored(
         bad = {**CANNED, "bench": {"fp32_gflops": -1.0}}
         content = json.dumps({"key": cache_key("1.0"), "result": bad}).encode()
     (tmp_path / CACHE_FILE).write_bytes(content)
-    with caplog.at_level(logging.INFO, logger="lepton.agent.probe"):
+    with caplog.at_level(logging.INFO, logger="lepton.agent.telemetry.probe"):
         result = await load_probe(tmp_path, agent_version="1.0")
     assert not result.from_cache
     assert result.bench is not None
@@ -140,7 +140,7 @@ async def test_failing_probe_does_not_raise(
 ) -> None:
     monkeypatch.setattr(probe_mod.sys, "executable", _stub_python(tmp_path, body))
     state = tmp_path / "state"
-    with caplog.at_level(logging.ERROR, logger="lepton.agent.probe"):
+    with caplog.at_level(logging.ERROR, logger="lepton.agent.telemetry.probe"):
         result = await load_probe(state, agent_version="1.0", timeout=timeout)
     assert isinstance(result, ProbeResult)
     assert result.bench is None

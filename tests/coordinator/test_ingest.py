@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lepton.coordinator.ingest import Inbox, Ingest, subscriptions
 from lepton.coordinator.metrics import Metrics
+from lepton.coordinator.runtime.ingest import Inbox, Ingest, subscriptions
 from lepton.protocol import codec, topics
 from lepton.protocol.messages import CapacityReport, Result, State, TaskAck
 from tests.coordinator.factories import report
@@ -161,7 +161,7 @@ async def test_inbox_batches_in_order() -> None:
     inbox = Inbox()
     inbox.bind(asyncio.get_running_loop())
     acks = [TaskAck(task_id=f"t{i}", accepted=True) for i in range(5)]
-    from lepton.coordinator.ingest import Inbound
+    from lepton.coordinator.runtime.ingest import Inbound
 
     for a in acks:
         inbox.push(Inbound("d", a, 0.0))

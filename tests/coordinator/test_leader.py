@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lepton.coordinator.leader import LEASE_NAME, Leadership
 from lepton.coordinator.metrics import Metrics
+from lepton.coordinator.runtime.leadership import LEASE_NAME, Leadership
 from lepton.coordinator.store import Lease, Store
 from tests.coordinator.conftest import eventually
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from lepton.coordinator.config import RegistryConfig
 from lepton.coordinator.metrics import Metrics
-from lepton.coordinator.registry import Registry
+from lepton.coordinator.runtime.capacity_writer import Registry
 from lepton.coordinator.store import CapacitySample
 from tests.coordinator.factories import report
 

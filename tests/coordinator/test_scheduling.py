@@ -12,8 +12,8 @@ import pytest
 from lepton.coordinator.config import load
 from lepton.coordinator.errors import UnavailableError
 from lepton.coordinator.metrics import Metrics
+from lepton.coordinator.runtime.dispatcher import DeviceViews, Scheduler, jsonable, unplaced_retry_s
 from lepton.coordinator.scheduler import CostModel, ThroughputEstimator
-from lepton.coordinator.scheduling import DeviceViews, Scheduler, jsonable, unplaced_retry_s
 from lepton.coordinator.store import RetryPolicy, Store
 from lepton.protocol import codec
 from lepton.protocol.messages import Result, Task, TaskAck

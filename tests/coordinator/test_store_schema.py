@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, inspect, text
 
-from lepton.coordinator.federated import tables as fl_tables
+from lepton.coordinator.fl import tables as fl_tables
 from lepton.coordinator.store import Store
 
 

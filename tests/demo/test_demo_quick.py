@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from lepton.coordinator.demo.procs import pid_alive
+from lepton.demo.procs import pid_alive
 
 REPO = Path(__file__).resolve().parents[2]
 DEVICES, ROUNDS = 8, 2  # what --quick runs

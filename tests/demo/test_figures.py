@@ -8,15 +8,15 @@ from typing import Any
 
 import pytest
 
-from lepton.coordinator.demo import svg
-from lepton.coordinator.demo.figures import (
+from lepton.demo import svg
+from lepton.demo.figures import (
     inference_figures,
     percentile,
     placement_figures,
     training_figures,
 )
-from lepton.coordinator.demo.html import write_html
-from lepton.coordinator.demo.report import accuracy_steps, class_summary, explain_text
+from lepton.demo.html import write_html
+from lepton.demo.report import accuracy_steps, class_summary, explain_text
 
 CLASSES = {"pi-1": "rpi4", "pi-2": "rpi4", "jet-1": "jetson-orin-nano"}
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import httpx
 
-from lepton.coordinator.demo import fl
-from lepton.coordinator.demo.api import Api
+from lepton.demo import fl
+from lepton.demo.api import Api
 
 REQUEST = fl.JobRequest(
     rounds=2,

@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lepton.coordinator.demo.broker import EmbeddedBroker, mosquitto_binary
-from lepton.coordinator.demo.procs import pid_alive
-from lepton.coordinator.demo.runner import Stack, StackSpec
+from lepton.demo.broker import EmbeddedBroker, mosquitto_binary
+from lepton.demo.procs import pid_alive
+from lepton.demo.runner import Stack, StackSpec
 
 REPO = Path(__file__).resolve().parents[2]
 

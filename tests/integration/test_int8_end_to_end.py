@@ -19,9 +19,9 @@ import pytest
 
 from lepton.agent.config import load_config
 from lepton.agent.daemon import Agent
-from lepton.coordinator.models.calibration import load_eval_set
-from lepton.coordinator.models.quantize import quantize_and_publish
-from lepton.coordinator.models.registry import ModelRegistry
+from lepton.coordinator.model_registry.calibration import load_eval_set
+from lepton.coordinator.model_registry.quantize import quantize_and_publish
+from lepton.coordinator.model_registry.registry import ModelRegistry
 from lepton.coordinator.service import Coordinator
 from lepton.models.data import digits_splits
 from tests.coordinator.conftest import eventually

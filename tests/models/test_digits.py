@@ -45,7 +45,7 @@ def test_shipped_test_set_matches_the_split(splits: DigitsSplits) -> None:
 
 @pytest.mark.parametrize("name", ["digits_fp32.onnx", "digits_int8.onnx"])
 def test_shipped_onnx_models_meet_their_report(name: str) -> None:
-    from lepton.coordinator.models.evaluation import evaluate, make_session
+    from lepton.coordinator.model_registry.evaluation import evaluate, make_session
 
     path = ARTIFACTS / name
     assert path.stat().st_size < 64 * 1024

@@ -2,11 +2,11 @@
 
 Handlers are plain functions (FastAPI runs them in its thread pool), so store calls never
 block the event loop. Errors use FastAPI's ``{"detail": ...}`` shape: 404 for an unknown id,
-409 for a taken task id or a cancel of a task that had ended (:mod:`coordinator.api.cancel`),
+409 for a taken task id or a cancel of a task that had ended (:mod:`lepton.coordinator.api.cancel`),
 422 for an invalid request, 503 when the database is unreachable.
-Bodies are bounded before any route sees them (:mod:`coordinator.api.limits`: 408, 413, 415,
+Bodies are bounded before any route sees them (:mod:`lepton.coordinator.api.limits`: 408, 413, 415,
 400/422 for JSON too deep or not finite), and no client error becomes a 500
-(:mod:`coordinator.api.errors`).
+(:mod:`lepton.coordinator.api.errors`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from lepton.coordinator.api.schemas import (
 from lepton.coordinator.config import Config
 from lepton.coordinator.metrics import Metrics
 from lepton.coordinator.store import Store
-from lepton.coordinator.submit import SubmissionError, build_task
+from lepton.coordinator.tasks.submit import SubmissionError, build_task
 from lepton.protocol import routes
 
 log = logging.getLogger(__name__)

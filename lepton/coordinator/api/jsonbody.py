@@ -1,7 +1,7 @@
 """What a JSON request body must be before FastAPI and pydantic see it.
 
 Standard JSON (RFC 8259: no ``NaN`` or ``Infinity``, no number too large for a float) nested
-no deeper than the wire codec allows (:data:`protocol.codec.MAX_DEPTH`), so a body the API
+no deeper than the wire codec allows (:data:`lepton.protocol.codec.MAX_DEPTH`), so a body the API
 accepts can always travel in a message, and a hostile one is refused with its reason instead
 of exhausting the interpreter's recursion limit somewhere further in.
 """

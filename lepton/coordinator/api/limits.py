@@ -8,7 +8,7 @@ dispatch cannot disagree about which route a path is:
 - a route that parses a JSON body (a FastAPI route with a body model): ``Content-Length``
   over ``max_body_bytes`` is refused with 413 before a byte is read; the body is read here,
   counted (413 at the cap) within ``body_timeout_s`` (408), checked by
-  :func:`~coordinator.api.jsonbody.check_json` (400/422) after a 415 for any media type but
+  :func:`~lepton.coordinator.api.jsonbody.check_json` (400/422) after a 415 for any media type but
   JSON, and handed on;
 - a route that reads its own body (update uploads: they enforce a cap per job): streamed
   through, within ``body_timeout_s`` plus one second per ``upload_min_bytes_per_s`` bytes

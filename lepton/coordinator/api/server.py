@@ -3,9 +3,9 @@
 Binding first means ``port = 0`` works (the bound port is known before serving) and a port
 conflict fails start-up instead of a background task. Signals belong to the coordinator, not
 to uvicorn. The ``[http]`` limits bound what a connection may hold: its head's size and time
-(:mod:`coordinator.api.protocol`), and how many connections and requests are served at once
+(:mod:`lepton.coordinator.api.protocol`), and how many connections and requests are served at once
 (uvicorn's ``limit_concurrency``: 503 above it). Bodies are bounded in the app
-(:mod:`coordinator.api.limits`).
+(:mod:`lepton.coordinator.api.limits`).
 """
 
 from __future__ import annotations

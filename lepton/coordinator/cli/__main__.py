@@ -1,4 +1,4 @@
-"""``python -m coordinator.cli``."""
+"""``python -m lepton.coordinator.cli``."""
 
 import sys
 

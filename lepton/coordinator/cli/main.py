@@ -65,17 +65,17 @@ def build_parser(*, models: bool = True) -> argparse.ArgumentParser:
     _coordinator_commands(top)
     _device_commands(top)
     _task_commands(top)
-    from lepton.coordinator.federated.cli import add_fl_commands
+    from lepton.coordinator.fl.cli import add_fl_commands
 
     add_fl_commands(top)
-    from lepton.coordinator.demo.cli import add_demo_command
+    from lepton.demo.cli import add_demo_command
 
     add_demo_command(top)
     if not models:
         top.add_parser("models", help="model registry and INT8 quantization")
         return p
     try:
-        from lepton.coordinator.models.cli import add_models_commands
+        from lepton.coordinator.model_registry.cli import add_models_commands
     except ImportError:  # the model registry's extra dependencies are not installed
         pass
     else:
@@ -363,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(models="models" in argv)
     args = parser.parse_args(argv)
     if getattr(args, "command", None) == "models":
-        from lepton.coordinator.models.cli import run_models_command
+        from lepton.coordinator.model_registry.cli import run_models_command
 
         return run_models_command(args)
     try:

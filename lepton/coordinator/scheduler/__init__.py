@@ -11,8 +11,8 @@ from lepton.coordinator.scheduler.costmodel import CostComponents, CostModel, Co
 from lepton.coordinator.scheduler.estimator import ThroughputEstimator
 from lepton.coordinator.scheduler.explain import Candidate, Explanation
 from lepton.coordinator.scheduler.filters import REASONS, FilterReasons
-from lepton.coordinator.scheduler.model import DeviceState, TaskSpec
 from lepton.coordinator.scheduler.solver import METHODS, Method, Plan, plan
+from lepton.coordinator.scheduler.types import DeviceState, TaskSpec
 from lepton.coordinator.scheduler.weights import CostWeights
 
 __all__ = [

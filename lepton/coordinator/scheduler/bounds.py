@@ -33,7 +33,7 @@ from scipy import sparse
 from scipy.optimize import linprog
 
 from lepton.coordinator.scheduler.costmodel import CostComponents, CostModel
-from lepton.coordinator.scheduler.model import DeviceState, TaskSpec
+from lepton.coordinator.scheduler.types import DeviceState, TaskSpec
 
 log = logging.getLogger(__name__)
 

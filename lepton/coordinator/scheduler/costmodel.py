@@ -37,7 +37,7 @@ from lepton.coordinator.scheduler.filters import (
     reason,
     thermal_ok,
 )
-from lepton.coordinator.scheduler.model import DeviceState, TaskSpec
+from lepton.coordinator.scheduler.types import DeviceState, TaskSpec
 from lepton.coordinator.scheduler.weights import CostWeights
 
 __all__ = [

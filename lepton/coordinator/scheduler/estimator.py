@@ -7,7 +7,7 @@ estimator starts from the bench figure and moves toward every observed task
 task twice as fast and one twice as slow should leave the estimate where it was.
 
 The bench figure is the device's own claim, so it is believed only within bounds
-(:mod:`coordinator.scheduler.claims`: its class's plausible maximum and the median claim of
+(:mod:`lepton.coordinator.scheduler.claims`: its class's plausible maximum and the median claim of
 its peers), and observations outweigh it fast: the claim counts as ``prior_weight``
 observations, and that weight falls fourfold with every finished task after the first. A device
 that claims far more than it delivers is scheduled at the speed it delivers after two or
@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from lepton.coordinator.scheduler.claims import ClaimLimits
-from lepton.coordinator.scheduler.model import DeviceState, Precision
+from lepton.coordinator.scheduler.types import DeviceState, Precision
 
 SNAPSHOT_VERSION: Final = 2
 

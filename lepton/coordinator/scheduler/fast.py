@@ -8,7 +8,7 @@
    shortest first, which can only lower the total).
 2. **Large-neighbourhood search.** Until the time budget runs out or a full round brings no
    gain, pick a random group of devices and re-solve the tasks on them exactly
-   (:func:`coordinator.scheduler.exact.solve` on the sub-problem). Each step can only lower
+   (:func:`lepton.coordinator.scheduler.exact.solve` on the sub-problem). Each step can only lower
    the total, and random groups mix fast and slow devices so work moves between them.
 """
 

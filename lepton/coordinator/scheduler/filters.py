@@ -16,7 +16,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from lepton.coordinator.scheduler.model import DeviceState, TaskSpec
+from lepton.coordinator.scheduler.types import DeviceState, TaskSpec
 from lepton.coordinator.scheduler.weights import CostWeights
 
 BoolArray = npt.NDArray[np.bool_]

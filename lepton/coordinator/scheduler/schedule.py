@@ -5,7 +5,7 @@ order), which minimises their total completion time on identical lanes. Sorted l
 first, the t-th task of a device with L lanes sits on lane ``t mod L`` at position
 ``k = t // L + 1`` from the end, and adds ``k * proc`` to the total completion time: every
 task that runs after it on its lane waits for it. This is the column structure of the exact
-assignment formulation (see :mod:`coordinator.scheduler.exact`).
+assignment formulation (see :mod:`lepton.coordinator.scheduler.exact`).
 """
 
 from __future__ import annotations

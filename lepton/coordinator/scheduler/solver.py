@@ -4,12 +4,12 @@ With the default weights the cost is the total expected completion time of the b
 (R||sum C_j with lanes). ``method``:
 
 * ``exact``: the positional assignment problem solved optimally
-  (:mod:`coordinator.scheduler.exact`), whatever it costs;
+  (:mod:`lepton.coordinator.scheduler.exact`), whatever it costs;
 * ``fast``: backward greedy, then exact re-solves of random device groups until the time
-  budget runs out (:mod:`coordinator.scheduler.fast`);
+  budget runs out (:mod:`lepton.coordinator.scheduler.fast`);
 * ``auto``: ``exact`` when the pruned problem is small enough to solve within the budget,
   else ``fast``;
-* ``random``, ``round_robin``: the baselines of :mod:`coordinator.scheduler.baselines`.
+* ``random``, ``round_robin``: the baselines of :mod:`lepton.coordinator.scheduler.baselines`.
 
 Every method chooses only among feasible devices; a task with none is reported in
 ``Plan.unassigned`` with the filters that removed each device.
@@ -31,8 +31,8 @@ from lepton.coordinator.scheduler.baselines import random_assign, round_robin
 from lepton.coordinator.scheduler.costmodel import CostComponents, CostModel
 from lepton.coordinator.scheduler.explain import Candidate, Explanation
 from lepton.coordinator.scheduler.filters import summarize
-from lepton.coordinator.scheduler.model import DeviceState, TaskSpec
 from lepton.coordinator.scheduler.schedule import Schedule, evaluate
+from lepton.coordinator.scheduler.types import DeviceState, TaskSpec
 
 log = logging.getLogger(__name__)
 

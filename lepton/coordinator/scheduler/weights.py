@@ -26,7 +26,7 @@ class CostWeights:
 
     A device's bench claims are believed up to ``max_fp32_gflops_by_class[device_class]``
     and ``max_int8_gops_by_class[device_class]`` (merged over the built-in table of
-    :mod:`coordinator.scheduler.claims`), else ``max_fp32_gflops`` / ``max_int8_gops``.
+    :mod:`lepton.coordinator.scheduler.claims`), else ``max_fp32_gflops`` / ``max_int8_gops``.
     """
 
     time: float = 1.0

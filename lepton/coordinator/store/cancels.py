@@ -1,7 +1,7 @@
 """Cancelling tasks: at once while pending, through the device while assigned or running.
 
 A cancel is recorded on the task (``cancel_requested_at``, its reason) in the transaction
-that asks for it. The scheduling leader sends a :class:`~protocol.messages.TaskCancel` to
+that asks for it. The scheduling leader sends a :class:`~lepton.protocol.messages.TaskCancel` to
 the device of each cancel-requested task (:meth:`CancelOps.cancels_due`), again every
 ``resend_after_s`` until the device answers, like task messages are sent; the answer is any
 result of the attempt it held, or a refusal of the task. A device that does not answer

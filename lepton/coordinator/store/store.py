@@ -1,7 +1,7 @@
 """The coordinator's store: one class over SQLite or PostgreSQL.
 
 Every public method is one transaction and takes and returns plain values
-(:mod:`coordinator.store.records`). Methods are synchronous; the service calls them from
+(:mod:`lepton.coordinator.store.records`). Methods are synchronous; the service calls them from
 worker threads so the event loop never waits on the database.
 """
 

@@ -135,7 +135,7 @@ def end_cancelled(session: Session, row: TaskRow, now: float, *, outcome: str) -
 
 def request_cancel(session: Session, row: TaskRow, reason: str, now: float) -> CancelOutcomeName:
     """Cancel a task (idempotent): a pending one ends at once; an assigned or running one is
-    marked so its device is told (:class:`~coordinator.store.records.CancelSend`), and ends
+    marked so its device is told (:class:`~lepton.coordinator.store.records.CancelSend`), and ends
     when the device answers. The first request's reason is the one kept."""
     if row.state == "cancelled":
         return "cancelled"

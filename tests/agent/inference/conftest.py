@@ -10,8 +10,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from lepton.agent.models import ModelManager
-from lepton.agent.served import DeploySpec
+from lepton.agent.inference.manager import ModelManager
+from lepton.agent.inference.served import DeploySpec
 from tests.support.blobserver import BlobServer
 
 REPO = Path(__file__).resolve().parents[3]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lepton.agent.config import load_config
-from lepton.agent.datasources import (
+from lepton.agent.training.datasources import (
     ArraySource,
     DataSourceError,
     DataSources,

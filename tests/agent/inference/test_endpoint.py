@@ -15,9 +15,9 @@ import msgspec
 import numpy as np
 import pytest
 
-from lepton.agent.endpoint import Endpoint
+from lepton.agent.inference.endpoint import Endpoint
+from lepton.agent.inference.manager import ModelManager
 from lepton.agent.metrics import Counters
-from lepton.agent.models import ModelManager
 from lepton.protocol.tensors import TensorPayload, from_payload, to_payload
 from tests.agent.inference.conftest import Linear, spec_for
 from tests.support.blobserver import BlobServer

@@ -9,11 +9,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from lepton.agent.datasources import ArraySource, DataSources
 from lepton.agent.handlers import TaskContext, TaskError, default_registry
-from lepton.agent.inference import deploy, infer, predicted_labels
-from lepton.agent.models import ModelManager
-from lepton.agent.runtimes.tflite import interpreter_module
+from lepton.agent.inference.manager import ModelManager
+from lepton.agent.inference.runtimes.tflite import interpreter_module
+from lepton.agent.inference.tasks import deploy, infer, predicted_labels
+from lepton.agent.training.datasources import ArraySource, DataSources
 from lepton.protocol.messages import Task
 from tests.agent.inference.conftest import Linear, artifact
 from tests.support.blobserver import BlobServer, Fault

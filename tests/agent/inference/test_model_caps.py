@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lepton.agent.eviction import Caps, Loaded, cache_excess, to_evict
 from lepton.agent.handlers import TaskContext, TaskError, default_registry
-from lepton.agent.inference import deploy, undeploy
-from lepton.agent.models import ModelManager
-from lepton.agent.served import ModelError
+from lepton.agent.inference.eviction import Caps, Loaded, cache_excess, to_evict
+from lepton.agent.inference.manager import ModelManager
+from lepton.agent.inference.served import ModelError
+from lepton.agent.inference.tasks import deploy, undeploy
 from lepton.protocol.messages import Task
 from tests.agent.inference.conftest import Linear, make_linear, spec_for
 from tests.support.blobserver import BlobServer

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lepton.agent.models import KEEP_UNREFERENCED, ModelManager
-from lepton.agent.served import DeploySpec, ModelError
+from lepton.agent.inference.manager import KEEP_UNREFERENCED, ModelManager
+from lepton.agent.inference.served import DeploySpec, ModelError
 from tests.agent.inference.conftest import Linear, make_linear, spec_for
 from tests.support.blobserver import BlobServer, Fault
 

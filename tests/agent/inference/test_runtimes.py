@@ -9,9 +9,19 @@ from typing import Any
 import numpy as np
 import pytest
 
-from lepton.agent.runtimes import ModelLoadError, RuntimeUnavailableError, TensorSpec, runtime_for
-from lepton.agent.runtimes.onnx import choose_providers
-from lepton.agent.runtimes.tflite import TFLiteRuntime, dequantize, interpreter_module, quantize
+from lepton.agent.inference.runtimes import (
+    ModelLoadError,
+    RuntimeUnavailableError,
+    TensorSpec,
+    runtime_for,
+)
+from lepton.agent.inference.runtimes.onnx import choose_providers
+from lepton.agent.inference.runtimes.tflite import (
+    TFLiteRuntime,
+    dequantize,
+    interpreter_module,
+    quantize,
+)
 from tests.agent.inference.conftest import Linear, artifact
 
 needs_litert = pytest.mark.skipif(
@@ -41,7 +51,7 @@ def test_onnx_runs_and_describes_the_model(tmp_path: Path, linear: Linear) -> No
 
 
 def test_onnx_threads_default_to_the_cores_we_may_use(tmp_path: Path, linear: Linear) -> None:
-    from lepton.agent.runtimes import default_threads
+    from lepton.agent.inference.runtimes import default_threads
 
     rt = runtime_for("onnx")
     rt.load(_write(tmp_path, "m.onnx", linear.onnx))
@@ -49,7 +59,7 @@ def test_onnx_threads_default_to_the_cores_we_may_use(tmp_path: Path, linear: Li
 
 
 def test_onnx_workers_do_not_spin_unless_asked(tmp_path: Path, linear: Linear) -> None:
-    from lepton.agent.runtimes.onnx import ALLOW_SPINNING
+    from lepton.agent.inference.runtimes.onnx import ALLOW_SPINNING
 
     path = _write(tmp_path, "m.onnx", linear.onnx)
     for asked, entry in ((None, "0"), (False, "0"), (True, "1")):

@@ -10,12 +10,12 @@ import pytest
 
 from lepton.agent import handlers
 from lepton.agent.handlers import HandlerRegistry, TaskContext
-from lepton.agent.sim import device as sim_device
-from lepton.agent.sim.device import SimState, scaled_registry, stretch_factor
-from lepton.agent.sim.fleet import FleetSpec, build_devices, run_fleet
-from lepton.agent.sim.profiles import PROFILES, assign_profiles, parse_mix
-from lepton.agent.training import PACE_KEY
+from lepton.agent.training.tasks import PACE_KEY
 from lepton.protocol.messages import Task
+from lepton.sim import device as sim_device
+from lepton.sim.device import SimState, scaled_registry, stretch_factor
+from lepton.sim.fleet import FleetSpec, build_devices, run_fleet
+from lepton.sim.profiles import PROFILES, assign_profiles, parse_mix
 from tests.support.broker import Broker
 from tests.support.fleet import Sink
 

@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from lepton.agent.sim.attacks import make, sign_flip
-from lepton.agent.sim.fleet import FleetSpec, build_devices
-from lepton.agent.sim.profiles import PROFILES
-from lepton.agent.training import TRANSFORM_KEY
+from lepton.agent.training.tasks import TRANSFORM_KEY
+from lepton.sim.attacks import make, sign_flip
+from lepton.sim.fleet import FleetSpec, build_devices
+from lepton.sim.profiles import PROFILES
 
 
 def test_profiles_advertise_torch_when_it_is_installed() -> None:

@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from lepton.agent.datasources import ArraySource, DataSources
 from lepton.agent.handlers import TaskContext
-from lepton.agent.models import ModelManager
+from lepton.agent.inference.manager import ModelManager
+from lepton.agent.training.datasources import ArraySource, DataSources
 from lepton.protocol.imports import Allowlist
 from lepton.protocol.messages import Task
 from lepton.protocol.weights import encode_weights
@@ -47,7 +47,7 @@ def partition() -> Partition:
 def initial_weights(factory: str, seed: int = 0) -> dict[str, np.ndarray]:
     import torch
 
-    from lepton.agent import torchtrain
+    from lepton.agent.training import trainer as torchtrain
 
     torch.manual_seed(seed)
     model = torchtrain.factory(factory, allow=ALLOWED)()

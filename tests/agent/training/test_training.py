@@ -12,9 +12,9 @@ import typing
 import numpy as np
 import pytest
 
-from lepton.agent.datasources import DataSources
 from lepton.agent.handlers import TaskContext, TaskError, default_registry
-from lepton.agent.training import Compression, evaluate, train
+from lepton.agent.training.datasources import DataSources
+from lepton.agent.training.tasks import Compression, evaluate, train
 from lepton.protocol.weights import COMPRESSIONS, decode_weights
 from tests.agent.training.conftest import (
     ALLOWED,
@@ -34,7 +34,7 @@ def local_loss(factory: str, weights: dict[str, np.ndarray], partition: Partitio
     import torch
     from torch.nn import functional
 
-    from lepton.agent.torchtrain import build_model
+    from lepton.agent.training.trainer import build_model
 
     model = build_model(factory, weights, allow=ALLOWED)
     model.eval()
@@ -300,8 +300,8 @@ def test_optimizers_follow_torch_update_rules() -> None:
     import msgspec
     import torch
 
-    from lepton.agent.torchtrain import Optimizer
-    from lepton.agent.training import TrainParams
+    from lepton.agent.training.tasks import TrainParams
+    from lepton.agent.training.trainer import Optimizer
 
     def params(**kw: object) -> TrainParams:
         base = {

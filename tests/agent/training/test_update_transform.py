@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from lepton.agent.handlers import TaskContext, TaskError
-from lepton.agent.sim.attacks import sign_flip
-from lepton.agent.training import TRANSFORM_KEY, train
+from lepton.agent.training.tasks import TRANSFORM_KEY, train
 from lepton.protocol.weights import decode_weights
+from lepton.sim.attacks import sign_flip
 from tests.agent.training.conftest import Servers, task, train_params
 
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from lepton.coordinator.config import Config
 from lepton.coordinator.metrics import Metrics
 from lepton.coordinator.store import RetryPolicy, Store
-from lepton.coordinator.submit import SubmissionError, build_task
+from lepton.coordinator.tasks.submit import SubmissionError, build_task
 from lepton.protocol import codec
 from lepton.protocol.messages import Task
 from tests.coordinator.conftest import in_process_api

@@ -13,8 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from lepton.agent.sim.device import VirtualDevice
-from lepton.agent.sim.fleet import FleetSpec, build_devices
+from lepton.sim.device import VirtualDevice
+from lepton.sim.fleet import FleetSpec, build_devices
 from tests.support.broker import Broker
 
 FAST_MIX: dict[str, float] = {"x86-gateway": 1.0, "jetson-orin-nano": 1.0}

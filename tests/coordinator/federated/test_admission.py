@@ -13,8 +13,8 @@ import httpx
 import numpy as np
 import pytest
 
-from lepton.coordinator.federated.admission import JobPolicy
-from lepton.coordinator.federated.job import FLJob, JobError
+from lepton.coordinator.fl.jobs.admission import JobPolicy
+from lepton.coordinator.fl.jobs.spec import FLJob, JobError
 from lepton.coordinator.service import Coordinator
 from lepton.protocol.imports import Allowlist
 

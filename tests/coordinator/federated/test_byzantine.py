@@ -12,8 +12,8 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from lepton.coordinator.federated.kernels import global_norm
-from lepton.coordinator.federated.strategies import (
+from lepton.coordinator.fl.kernels.aggregate import global_norm
+from lepton.coordinator.fl.kernels.strategies import (
     CenteredClipping,
     CentralDP,
     ClientUpdate,

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from lepton.coordinator.federated.store import FLStore
+from lepton.coordinator.fl.store import FLStore
 from lepton.coordinator.service import Coordinator
 from lepton.coordinator.store import IN_FLIGHT, TaskRecord
 from tests.coordinator.conftest import eventually

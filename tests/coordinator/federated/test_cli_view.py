@@ -6,7 +6,7 @@ from typing import Any
 
 from rich.console import Console
 
-from lepton.coordinator.federated.cli import rounds_table
+from lepton.coordinator.fl.cli import rounds_table
 
 
 def _round(n: int, state: str, **kw: Any) -> dict[str, Any]:

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from lepton.coordinator.federated import tables
-from lepton.coordinator.federated.closing import RoundClosing
-from lepton.coordinator.federated.store import FLStore
+from lepton.coordinator.fl import tables
+from lepton.coordinator.fl.jobs.closing import RoundClosing
+from lepton.coordinator.fl.store import FLStore
 from lepton.coordinator.store import Store
 
 JOB = "digits-0000abcd"

@@ -8,8 +8,14 @@ import numpy as np
 import pytest
 from scipy import integrate, stats
 
-from lepton.coordinator.federated import accountant
-from lepton.coordinator.federated.strategies import CentralDP, ClientUpdate, FedAdam, FedAvg, Median
+from lepton.coordinator.fl.kernels import accountant
+from lepton.coordinator.fl.kernels.strategies import (
+    CentralDP,
+    ClientUpdate,
+    FedAdam,
+    FedAvg,
+    Median,
+)
 
 
 def updates(vectors: list[list[float]], n: int = 1) -> list[ClientUpdate]:

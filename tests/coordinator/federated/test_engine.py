@@ -14,9 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
-from lepton.coordinator.federated.store import FLStore
-from lepton.coordinator.models.quantize import QuantizationConfig, quantize_and_publish
-from lepton.coordinator.models.registry import ModelRegistry
+from lepton.coordinator.fl.store import FLStore
+from lepton.coordinator.model_registry.quantize import QuantizationConfig, quantize_and_publish
+from lepton.coordinator.model_registry.registry import ModelRegistry
 from lepton.coordinator.service import Coordinator
 from lepton.models.data import digits_splits
 from tests.coordinator.federated.conftest import (

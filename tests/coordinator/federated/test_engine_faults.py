@@ -19,8 +19,8 @@ import httpx
 import numpy as np
 import pytest
 
-from lepton.coordinator.federated import planning
-from lepton.coordinator.federated.store import FLStore
+from lepton.coordinator.fl.jobs import planning
+from lepton.coordinator.fl.store import FLStore
 from lepton.coordinator.service import Coordinator
 from lepton.coordinator.store import Store
 from lepton.protocol.weights import encode_weights

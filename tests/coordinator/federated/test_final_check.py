@@ -21,13 +21,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from lepton.coordinator.errors import NotFoundError
-from lepton.coordinator.federated import tables
-from lepton.coordinator.federated.admission import JobPolicy
-from lepton.coordinator.federated.engine import FLEngine
-from lepton.coordinator.federated.metrics import FLMetrics
-from lepton.coordinator.federated.runner import JobRunner
-from lepton.coordinator.federated.store import FLStore
-from lepton.coordinator.models.registry import ModelRegistry
+from lepton.coordinator.fl import tables
+from lepton.coordinator.fl.jobs.admission import JobPolicy
+from lepton.coordinator.fl.jobs.engine import FLEngine
+from lepton.coordinator.fl.jobs.runner import JobRunner
+from lepton.coordinator.fl.metrics import FLMetrics
+from lepton.coordinator.fl.store import FLStore
+from lepton.coordinator.model_registry.registry import ModelRegistry
 from lepton.coordinator.scheduler import CostWeights, ThroughputEstimator
 from lepton.coordinator.store import Store
 from lepton.protocol.weights import encode_weights

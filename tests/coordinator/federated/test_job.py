@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from lepton.coordinator.federated.job import FLJob, JobError
-from lepton.coordinator.federated.strategies import CentralDP, Clipping, FedProx
+from lepton.coordinator.fl.jobs.spec import FLJob, JobError
+from lepton.coordinator.fl.kernels.strategies import CentralDP, Clipping, FedProx
 
 REPO = Path(__file__).resolve().parents[3]
 BASE: dict[str, Any] = {

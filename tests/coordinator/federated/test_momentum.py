@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lepton.coordinator.federated.strategies import (
+from lepton.coordinator.fl.kernels.strategies import (
     ClientUpdate,
     Clipping,
     MultiKrum,

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lepton.coordinator.federated import planning
-from lepton.coordinator.federated.job import FLJob
-from lepton.coordinator.federated.selection import Candidate
+from lepton.coordinator.fl.jobs import planning
+from lepton.coordinator.fl.jobs.spec import FLJob
+from lepton.coordinator.fl.kernels.selection import Candidate
 from lepton.coordinator.scheduler import CostModel, CostWeights, DeviceState, ThroughputEstimator
 
 SHAPE = planning.RoundShape(weights_bytes=30_000, update_bytes=8_000, flops_per_example=1e8)
@@ -128,7 +128,7 @@ def test_a_device_still_training_for_the_job_is_not_forced_in_again() -> None:
 def test_train_params_are_what_the_agent_takes() -> None:
     import msgspec
 
-    from lepton.agent.training import TrainParams
+    from lepton.agent.training.tasks import TrainParams
 
     j = job(max_examples=50, strategy={"name": "fedprox", "mu": 0.1})
     params = planning.train_params(

@@ -9,11 +9,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from lepton.coordinator.federated.admission import JobPolicy
-from lepton.coordinator.federated.job import FLJob
-from lepton.coordinator.federated.modelio import EvalSet, evaluate
-from lepton.coordinator.federated.screening import screen
-from lepton.coordinator.federated.strategies import ClientUpdate, FedAvg
+from lepton.coordinator.fl.jobs.admission import JobPolicy
+from lepton.coordinator.fl.jobs.spec import FLJob
+from lepton.coordinator.fl.kernels.screening import screen
+from lepton.coordinator.fl.kernels.strategies import ClientUpdate, FedAvg
+from lepton.coordinator.fl.modelio import EvalSet, evaluate
 from lepton.protocol.imports import Allowlist
 
 MODEL = "lepton.models.digits:DigitsCNN"
@@ -28,7 +28,7 @@ def _train(weights: Arrays, x: np.ndarray, y: np.ndarray, epochs: int, seed: int
     import torch
     from torch.nn import functional
 
-    from lepton.coordinator.federated.modelio import build_model
+    from lepton.coordinator.fl.modelio import build_model
 
     torch.manual_seed(seed)
     model = build_model(MODEL, POLICY, weights)

@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from lepton.coordinator.federated.selection import (
+from lepton.coordinator.fl.kernels.selection import (
     Candidate,
     Fairness,
     Selection,

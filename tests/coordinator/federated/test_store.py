@@ -8,8 +8,8 @@ import uuid
 import pytest
 
 from lepton.coordinator.errors import ConflictError, LeaseLostError, NotFoundError
-from lepton.coordinator.federated import tables
-from lepton.coordinator.federated.store import FLStore
+from lepton.coordinator.fl import tables
+from lepton.coordinator.fl.store import FLStore
 from lepton.coordinator.store import Store
 
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from lepton.coordinator.federated.strategies import (
+from lepton.coordinator.fl.kernels.strategies import (
     STRATEGIES,
     AggregationError,
     CenteredClipping,

@@ -18,13 +18,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from lepton.coordinator.federated import tables
-from lepton.coordinator.federated.credentials import SCHEME, UploadSigner
-from lepton.coordinator.federated.http import UploadContext, make_upload_router
-from lepton.coordinator.federated.metrics import FLMetrics
-from lepton.coordinator.federated.store import FLStore
-from lepton.coordinator.models import tables as model_tables
-from lepton.coordinator.models.registry import ModelRegistry
+from lepton.coordinator.fl import tables
+from lepton.coordinator.fl.credentials import SCHEME, UploadSigner
+from lepton.coordinator.fl.metrics import FLMetrics
+from lepton.coordinator.fl.routes_uploads import UploadContext, make_upload_router
+from lepton.coordinator.fl.store import FLStore
+from lepton.coordinator.model_registry import tables as model_tables
+from lepton.coordinator.model_registry.registry import ModelRegistry
 from lepton.coordinator.store import Store
 from lepton.protocol.weights import encode_weights
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, create_engine
 
-from lepton.coordinator.models.registry import ModelRegistry
+from lepton.coordinator.model_registry.registry import ModelRegistry
 from lepton.models.data import Split, load_npz
 
 ARTIFACTS = Path(__file__).resolve().parents[3] / "lepton" / "models" / "artifacts"

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from lepton.coordinator.cli.exitcodes import EXIT_ERROR, EXIT_GATE_FAILED
-from lepton.coordinator.models.cli import main
+from lepton.coordinator.model_registry.cli import main
 from lepton.models.data import DigitsSplits, digits_splits, save_npz
 
 ARTIFACTS = Path(__file__).resolve().parents[3] / "lepton" / "models" / "artifacts"

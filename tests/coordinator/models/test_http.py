@@ -7,8 +7,8 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from lepton.coordinator.models.http import make_router
-from lepton.coordinator.models.registry import ModelRegistry
+from lepton.coordinator.model_registry.registry import ModelRegistry
+from lepton.coordinator.model_registry.routes import make_router
 
 DATA = bytes(range(256)) * 40  # 10,240 bytes
 DIGEST = hashlib.sha256(DATA).hexdigest()

@@ -8,16 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lepton.coordinator.models.calibration import SourceReader, load_source
-from lepton.coordinator.models.errors import AccuracyGateError, QuantizationError
-from lepton.coordinator.models.quantize import (
+from lepton.coordinator.model_registry.calibration import SourceReader, load_source
+from lepton.coordinator.model_registry.errors import AccuracyGateError, QuantizationError
+from lepton.coordinator.model_registry.quantize import (
     CalibrationName,
     QuantizationConfig,
     publish,
     quantize_and_publish,
     quantize_model,
 )
-from lepton.coordinator.models.registry import ModelRegistry
+from lepton.coordinator.model_registry.registry import ModelRegistry
 from lepton.models.data import DigitsSplits, Split, digits_splits
 
 RUNS = 3  # latency runs: the figure is not checked here
@@ -167,7 +167,7 @@ def test_torch_source_is_exported_with_named_dynamic_io(
     assert not any(n.metadata_props for n in proto.graph.node)
     int8 = onnx.load(str(result.int8_path))
     assert {o.domain for o in int8.opset_import} <= {"", "ai.onnx"}
-    from lepton.coordinator.models.evaluation import make_session, predict
+    from lepton.coordinator.model_registry.evaluation import make_session, predict
 
     x = digits_test.x[:7]
     with torch.no_grad():

@@ -9,10 +9,10 @@ import pytest
 from sqlalchemy import create_engine
 
 from lepton.coordinator.errors import ConflictError, NotFoundError
-from lepton.coordinator.models import tables
-from lepton.coordinator.models.errors import BlobIntegrityError
-from lepton.coordinator.models.introspect import TensorSpec
-from lepton.coordinator.models.registry import ModelRegistry
+from lepton.coordinator.model_registry import tables
+from lepton.coordinator.model_registry.errors import BlobIntegrityError
+from lepton.coordinator.model_registry.introspect import TensorSpec
+from lepton.coordinator.model_registry.registry import ModelRegistry
 
 
 def test_import_reads_specs_and_round_trips(registry: ModelRegistry, digits_fp32: Path) -> None:

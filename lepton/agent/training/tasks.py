@@ -1,0 +1,439 @@
+"""The ``train`` and ``evaluate`` task handlers: federated learning on the device's own data.
+
+The device's data never leaves it. A ``train`` task fetches the round's global weights by
+content address, trains the job's torch model on a named local data source, and uploads only
+the update (local weights minus global weights), encoded with :mod:`lepton.protocol.weights`, over
+HTTP; the result carries the update's digest, size and a few figures. torch is imported
+only when one of these tasks runs, never at agent start-up. The torch loop itself is in
+:mod:`lepton.agent.training.trainer`, the retried upload in :mod:`lepton.agent.training.upload`.
+
+``train`` params (the coordinator sends exactly these; other keys, such as ``timeout_s``,
+are ignored):
+
+- ``job`` (str, 1-64 chars ``[A-Za-z0-9._:/-]``): the federated job, echoed and written into
+  the update blob.
+- ``round`` (int >= 0): the round, likewise.
+- ``model`` (str ``package.module:factory``): import path of a callable taking no
+  arguments and returning a ``torch.nn.Module`` (e.g. ``lepton.models.digits:DigitsCNN``). Its
+  ``state_dict()`` must have exactly the tensors of the global weights. Only a path the
+  agent's ``lepton.agent.model_imports`` allowlist permits is resolved (``model_imports`` in the
+  context's extras), checked before any data, download or import.
+- ``weights`` ({``digest``: sha256 hex, ``size``: bytes, ``url``: http(s)}): the global
+  weights, a ``kind="weights"`` blob, at an origin the agent allows (as ``upload.url``).
+  Fetched with the model manager's verified, resumable download into ``<state>/weights``
+  and cached there by digest.
+- ``data`` (str): the name of a local data source (the agent's ``[data]`` table) holding
+  samples ``x`` and class labels ``y`` (class ids, or one-hot). Samples are fed to the model
+  as float32, as stored (normalising is the model's job). A device without this source
+  refuses the task before downloading anything.
+- ``epochs`` (int 1-1000, default 1), ``batch_size`` (int 1-65536, default 32),
+  ``lr`` (float > 0, default 0.01), ``optimizer`` (``"sgd"`` | ``"adam"``, default sgd),
+  ``momentum`` (float in [0, 1), default 0; SGD only).
+- ``prox_mu`` (float >= 0, default 0): FedProx proximal term; the local loss becomes
+  ``cross_entropy + prox_mu / 2 * ||w - w_global||^2`` over trainable parameters.
+- ``compression`` (``"fp32"`` | ``"fp16"`` | ``"int8"``, default fp32): of the update.
+- ``upload`` ({``url``: http(s), ``token``: str, optional}): where the update is ``PUT``,
+  with headers ``X-Lepton-Digest: sha256:<hex>``, ``Content-Length``,
+  ``Content-Type: application/octet-stream`` and, with a ``token`` (the coordinator adds
+  the slot's credential to the task's message), ``Authorization: Bearer <token>``. The
+  token is a secret: it is not logged and not in the result. Connection errors and HTTP
+  408/425/429/5xx are retried with capped exponential backoff; any 2xx is success; other
+  statuses fail.
+- ``seed`` (int >= 0, default 0): seeds shuffling and the model's random layers; the same
+  seed, weights and data give the same update.
+- ``max_examples`` (int >= 1, optional): train on at most this many local samples.
+
+``train`` output: ``update`` ({``digest``, ``size``, ``compression``}), ``examples``,
+``loss_before`` / ``loss_after`` (mean cross-entropy over the local data with the global
+and the trained weights), ``accuracy`` (after training, local data), ``train_s``,
+``upload_s``; and also ``job``, ``round``, ``accuracy_before``, ``steps``, ``fetch_s``,
+``weights_cached`` and ``update_norm`` (L2 norm of the update before compression).
+
+``evaluate`` params: ``model``, ``weights``, ``data`` as above; optional ``batch_size``
+(default 256), ``max_examples``, ``job`` and ``round`` (echoed). Output: ``loss``,
+``accuracy``, ``examples`` (and ``eval_s``, ``job``, ``round``).
+
+Services come through ``TaskContext.extras``: ``data_sources``
+(:class:`~lepton.agent.training.datasources.DataSources`), optionally ``models`` (the
+:class:`~lepton.agent.inference.manager.ModelManager`, whose download settings the weights cache
+copies), ``weights_store`` (a ModelManager used as the weights cache; made on first use) and
+``train_threads`` (torch threads; default: the model manager's thread setting, else the cores this
+process may use) and ``update_transform``: a callable taking the update (``dict[str,
+numpy.ndarray]``, local minus global weights) and returning the update to encode and upload, applied
+after training and before compression. It is the hook for local clipping or local differential
+privacy on the device; the fleet simulator also uses it to play adversarial clients. The output's
+``update_norm`` is the norm of what is sent. ``pace``: an async callable awaited with the task once
+the update is encoded, just before the upload; the fleet simulator sleeps there so that a simulated
+slow device's update arrives when that device's would, not when this host finished computing it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, TypeVar
+
+import msgspec
+from msgspec import Meta
+
+from lepton.agent.fetch import FetchError
+from lepton.agent.handlers import TaskContext, TaskError
+from lepton.agent.inference.manager import ModelManager
+from lepton.agent.inference.served import DeploySpec, ModelError
+from lepton.agent.training import trainer as torchtrain
+from lepton.agent.training.datasources import DataSourceError, DataSources
+from lepton.agent.training.upload import check_url, upload
+from lepton.protocol.errors import DecodeError
+from lepton.protocol.imports import Allowlist, ImportPathError
+from lepton.protocol.messages import Task
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    from lepton.agent.training.datasources import Dataset
+
+    Arrays = dict[str, npt.NDArray[np.generic]]
+
+log = logging.getLogger(__name__)
+P = TypeVar("P", bound=msgspec.Struct)
+
+SOURCES_KEY: Final = "data_sources"
+MODELS_KEY: Final = "models"
+WEIGHTS_KEY: Final = "weights_store"
+THREADS_KEY: Final = "train_threads"
+TRANSFORM_KEY: Final = "update_transform"
+PACE_KEY: Final = "pace"
+IMPORTS_KEY: Final = "model_imports"
+#: The model factories a context without ``model_imports`` allows.
+DEFAULT_MODEL_IMPORTS: Final = ("lepton.models.*",)
+#: Weight blobs kept in the cache besides those used in the last ``KEEP_RECENT_S`` seconds.
+KEEP_WEIGHTS: Final = 3
+KEEP_RECENT_S: Final = 600.0
+MAX_BATCH: Final = 65536
+
+JobName = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"\A[A-Za-z0-9._:/-]+\Z")]
+FactoryPath = Annotated[str, Meta(max_length=256, pattern=r"\A[A-Za-z_][\w.]*:[A-Za-z_][\w.]*\Z")]
+Url = Annotated[str, Meta(min_length=1, max_length=4096)]
+# protocol.weights.Compression, spelled out: importing protocol.weights loads numpy, which the
+# agent does only once a task needs it.
+Compression = Literal["fp32", "fp16", "int8"]
+
+
+class WeightsRef(msgspec.Struct, frozen=True, kw_only=True):
+    """Where the global weights are: content address, declared size, URL."""
+
+    digest: Annotated[str, Meta(pattern=r"\A(sha256:)?[0-9a-fA-F]{64}\Z")]
+    size: Annotated[int, Meta(gt=0)]
+    url: Url
+
+
+class UploadRef(msgspec.Struct, frozen=True, kw_only=True):
+    url: Url
+    # The slot's upload credential; secret: sent only as a header, never logged or returned.
+    token: Annotated[str, Meta(max_length=256)] | None = None
+
+
+class TrainParams(msgspec.Struct, frozen=True, kw_only=True):
+    """The ``train`` task's parameters (see the module docstring)."""
+
+    job: JobName
+    round: Annotated[int, Meta(ge=0, le=2**62)]
+    model: FactoryPath
+    weights: WeightsRef
+    data: Annotated[str, Meta(min_length=1, max_length=64)]
+    upload: UploadRef
+    epochs: Annotated[int, Meta(ge=1, le=1000)] = 1
+    batch_size: Annotated[int, Meta(ge=1, le=MAX_BATCH)] = 32
+    lr: Annotated[float, Meta(gt=0.0, le=1e3)] = 0.01
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.0
+    prox_mu: Annotated[float, Meta(ge=0.0, le=1e6)] = 0.0
+    compression: Compression = "fp32"
+    seed: Annotated[int, Meta(ge=0, le=2**63 - 1)] = 0
+    max_examples: Annotated[int, Meta(ge=1)] | None = None
+
+
+class EvaluateParams(msgspec.Struct, frozen=True, kw_only=True):
+    """The ``evaluate`` task's parameters (see the module docstring)."""
+
+    model: FactoryPath
+    weights: WeightsRef
+    data: Annotated[str, Meta(min_length=1, max_length=64)]
+    batch_size: Annotated[int, Meta(ge=1, le=MAX_BATCH)] = 256
+    max_examples: Annotated[int, Meta(ge=1)] | None = None
+    job: JobName | None = None
+    round: Annotated[int, Meta(ge=0, le=2**62)] | None = None
+
+
+def _params(params: dict[str, Any], cls: type[P]) -> P:
+    try:
+        return msgspec.convert(params, cls, strict=True)
+    except msgspec.ValidationError as exc:
+        raise TaskError(f"bad_params: {exc}") from exc
+
+
+# ---------------------------------------------------------------- services
+
+
+def _sources(ctx: TaskContext) -> DataSources:
+    sources = ctx.extras.get(SOURCES_KEY)
+    if not isinstance(sources, DataSources):
+        raise TaskError("no_data: this agent has no data sources configured")
+    return sources
+
+
+async def _load_data(ctx: TaskContext, name: str, limit: int | None) -> Dataset:
+    """The named local data set, with labels; a clear refusal when the device lacks it."""
+    sources = _sources(ctx)
+    if name not in sources.names():
+        known = ", ".join(sources.names()) or "none"
+        raise TaskError(f"no_data: this device has no data source {name!r} (it has: {known})")
+    try:
+        data = await asyncio.to_thread(sources.load, name, limit)
+    except DataSourceError as exc:
+        raise TaskError(f"no_data: {exc}") from exc
+    if data.y is None:
+        raise TaskError(f"no_labels: data source {name!r} has no labels to train or score on")
+    if len(data) == 0:
+        raise TaskError(f"no_data: data source {name!r} is empty")
+    return data
+
+
+def _weights_store(ctx: TaskContext) -> ModelManager:
+    """The weights cache: a model manager rooted at ``<state>/weights``, made on first use."""
+    store = ctx.extras.get(WEIGHTS_KEY)
+    if isinstance(store, ModelManager):
+        return store
+    models = ctx.extras.get(MODELS_KEY)
+    settings: dict[str, Any] = {}
+    if isinstance(models, ModelManager):
+        settings = {
+            "origins": models.origins,
+            "max_bytes": models.max_bytes,
+            "retries": models.retries,
+            "timeout": models.timeout,
+            "backoff": models.backoff,
+        }
+    store = ModelManager(ctx.state_dir / "weights", **settings)
+    ctx.extras[WEIGHTS_KEY] = store
+    return store
+
+
+def _model_factory_allowed(ctx: TaskContext, path: str) -> Allowlist:
+    """The context's import allowlist, once it permits ``path``; checked on the string,
+    before any data is loaded or anything is imported or downloaded."""
+    allow = ctx.extras.get(IMPORTS_KEY)
+    if not isinstance(allow, Allowlist):
+        allow = Allowlist(DEFAULT_MODEL_IMPORTS).with_plugins()
+        ctx.extras[IMPORTS_KEY] = allow
+    try:
+        allow.check(path)
+    except ImportPathError as exc:
+        raise TaskError(f"model: {exc}") from exc
+    return allow
+
+
+def _check_origins(ctx: TaskContext, **urls: str) -> None:
+    """Each URL is at an origin the agent may reach (checked before any connection)."""
+    fetcher = _weights_store(ctx).fetcher
+    for what, url in urls.items():
+        try:
+            fetcher.check_url(url)
+        except FetchError as exc:
+            raise TaskError(f"{what}: {exc}") from exc
+
+
+def _threads(ctx: TaskContext) -> int:
+    configured = ctx.extras.get(THREADS_KEY)
+    if isinstance(configured, int) and configured > 0:
+        return configured
+    models = ctx.extras.get(MODELS_KEY)
+    if isinstance(models, ModelManager) and models.threads > 0:
+        return models.threads
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True, slots=True)
+class _Fetched:
+    digest: str
+    arrays: Arrays
+    cached: bool
+    fetch_s: float
+
+
+async def _fetch_weights(ctx: TaskContext, ref: WeightsRef) -> _Fetched:
+    """Fetch (or find in the cache), verify and decode the global weights."""
+    store = _weights_store(ctx)
+    digest = ref.digest.lower().removeprefix("sha256:")
+    started = time.perf_counter()
+    try:
+        spec = DeploySpec.from_params(
+            # The manager's downloader only reads name, digest, size and url.
+            {
+                "name": "weights",
+                "digest": digest,
+                "size": ref.size,
+                "url": ref.url,
+                "format": "onnx",
+            },
+            max_bytes=store.max_bytes,
+        )
+        # The manager's verified, resumable downloader, with its cache and digest locks.
+        path, downloaded = await store._fetch(spec)
+        data = await asyncio.to_thread(path.read_bytes)
+    except ModelError as exc:
+        raise TaskError(f"weights: {exc}") from exc
+    except OSError as exc:
+        raise TaskError(f"weights: cannot read the cached blob: {exc}") from exc
+    await asyncio.to_thread(_prune_weights, store.cache_dir, digest)
+    from lepton.protocol.weights import decode_weights
+
+    try:
+        meta, arrays = await asyncio.to_thread(decode_weights, data, max_bytes=store.max_bytes)
+    except DecodeError as exc:
+        raise TaskError(f"weights: not a weights blob: {exc}") from exc
+    if meta.kind != "weights":
+        raise TaskError(f"weights: blob {digest[:12]} holds an {meta.kind}, not weights")
+    return _Fetched(digest, arrays, downloaded == 0, time.perf_counter() - started)
+
+
+def _prune_weights(cache_dir: Path, in_use: str) -> None:
+    """Keep the newest few blobs and any used recently (another task may be reading it)."""
+    try:
+        files = sorted(cache_dir.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+    except FileNotFoundError:
+        return
+    now = time.time()
+    for path in files[KEEP_WEIGHTS:]:
+        try:
+            if path.name != in_use and now - path.stat().st_mtime > KEEP_RECENT_S:
+                path.unlink()
+        except FileNotFoundError:
+            continue
+
+
+# ---------------------------------------------------------------- handlers
+
+
+async def train(task: Task, ctx: TaskContext) -> dict[str, Any]:
+    """Train the job's model on local data and upload the update (see the module docstring)."""
+    params = _params(task.params, TrainParams)
+    allow = _model_factory_allowed(ctx, params.model)
+    check_url(params.weights.url, "weights.url")
+    check_url(params.upload.url, "upload.url")
+    _check_origins(ctx, weights=params.weights.url, upload=params.upload.url)
+    data = await _load_data(ctx, params.data, params.max_examples)
+    fetched = await _fetch_weights(ctx, params.weights)
+    stop = ctx.cancel.event  # set by a cancel, or below by a shutdown
+    try:
+        trained = await asyncio.to_thread(
+            torchtrain.train_local,
+            params,
+            fetched.arrays,
+            data,
+            _threads(ctx),
+            stop,
+            allow=allow,
+        )
+    except asyncio.CancelledError:
+        stop.set()  # the worker thread stops at its next batch
+        raise
+    from lepton.protocol.weights import encode_weights
+
+    transform = ctx.extras.get(TRANSFORM_KEY)
+    if transform is not None:
+        trained = await asyncio.to_thread(torchtrain.transformed, trained, transform)
+    try:
+        body = await asyncio.to_thread(
+            encode_weights,
+            trained.delta,
+            kind="update",
+            compression=params.compression,
+            round=params.round,
+            base=fetched.digest,
+            job=params.job,
+        )
+    except ValueError as exc:
+        raise TaskError(f"encode: {exc}") from exc
+    digest = hashlib.sha256(body).hexdigest()
+    pace = ctx.extras.get(PACE_KEY)
+    if pace is not None:
+        await ctx.cancel.interrupt(pace(task))
+    if ctx.cancel.is_set():  # the update of a cancelled task is not sent
+        raise TaskError(f"cancelled: {ctx.cancel.reason}")
+    store = _weights_store(ctx)
+    started = time.perf_counter()
+    await upload(
+        params.upload.url,
+        body,
+        digest=digest,
+        token=params.upload.token,
+        retries=store.retries,
+        timeout=store.timeout,
+        backoff=store.backoff,
+    )
+    upload_s = time.perf_counter() - started
+    log.info(
+        "job %s round %d: trained on %d examples, loss %.4f -> %.4f, update %s (%d bytes, %s)",
+        params.job,
+        params.round,
+        trained.examples,
+        trained.loss_before,
+        trained.loss_after,
+        digest[:12],
+        len(body),
+        params.compression,
+    )
+    return {
+        "job": params.job,
+        "round": params.round,
+        "update": {"digest": digest, "size": len(body), "compression": params.compression},
+        "examples": trained.examples,
+        "steps": trained.steps,
+        "loss_before": trained.loss_before,
+        "loss_after": trained.loss_after,
+        "accuracy_before": trained.accuracy_before,
+        "accuracy": trained.accuracy,
+        "update_norm": trained.update_norm,
+        "train_s": trained.train_s,
+        "upload_s": upload_s,
+        "fetch_s": fetched.fetch_s,
+        "weights_cached": fetched.cached,
+    }
+
+
+async def evaluate(task: Task, ctx: TaskContext) -> dict[str, Any]:
+    """Score the given weights on local data: mean cross-entropy and accuracy."""
+    params = _params(task.params, EvaluateParams)
+    allow = _model_factory_allowed(ctx, params.model)
+    check_url(params.weights.url, "weights.url")
+    _check_origins(ctx, weights=params.weights.url)
+    data = await _load_data(ctx, params.data, params.max_examples)
+    fetched = await _fetch_weights(ctx, params.weights)
+    started = time.perf_counter()
+    loss, accuracy = await asyncio.to_thread(
+        torchtrain.evaluate_local,
+        params.model,
+        fetched.arrays,
+        data,
+        params.batch_size,
+        _threads(ctx),
+        allow=allow,
+    )
+    return {
+        "job": params.job,
+        "round": params.round,
+        "loss": loss,
+        "accuracy": accuracy,
+        "examples": len(data),
+        "eval_s": time.perf_counter() - started,
+    }

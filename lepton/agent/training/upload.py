@@ -1,0 +1,76 @@
+"""Uploading a blob to the coordinator: ``PUT`` with its digest and length, retried.
+
+The ``train`` handler sends model updates this way (see :mod:`lepton.agent.training.tasks`); the
+coordinator's upload endpoint checks the digest header against the body it stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import Final
+
+from lepton.agent.handlers import TaskError
+
+log = logging.getLogger(__name__)
+
+DIGEST_HEADER: Final = "X-Lepton-Digest"
+
+
+def check_url(url: str, what: str) -> None:
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme not in ("http", "https"):
+        raise TaskError(f"bad_params: {what} must be an http(s) URL, got {url[:80]!r}")
+
+
+async def upload(
+    url: str,
+    body: bytes,
+    *,
+    digest: str,
+    token: str | None = None,
+    retries: int = 5,
+    timeout: float = 30.0,
+    backoff: tuple[float, float] = (0.5, 10.0),
+) -> int:
+    """``PUT`` ``body`` to ``url`` with its digest and length (and ``token`` as a bearer
+    credential: a header, so it stays out of URLs, logs and errors); returns the attempts
+    made.
+
+    Retries connection errors and HTTP 408/425/429/5xx up to ``retries`` times with capped,
+    jittered exponential backoff; raises :class:`TaskError` when it gives up or on any
+    other non-2xx answer.
+    """
+    import httpx
+
+    headers = {
+        DIGEST_HEADER: f"sha256:{digest}",
+        "Content-Type": "application/octet-stream",
+        "Content-Length": str(len(body)),
+    }
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    attempts = 0
+    # No redirects: the caller checked this URL's origin, not wherever it points on to.
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout), follow_redirects=False) as client:
+        while True:
+            attempts += 1
+            try:
+                resp = await client.put(url, content=body, headers=headers)
+            except httpx.TransportError as exc:
+                problem = type(exc).__name__
+            else:
+                status = resp.status_code
+                if 200 <= status < 300:
+                    return attempts
+                # The answer's body is not echoed: results carry only what the agent knows.
+                if status not in (408, 425, 429) and status < 500:
+                    raise TaskError(f"upload_refused: PUT {url}: HTTP {status}")
+                problem = f"HTTP {status}"
+            if attempts > retries:
+                raise TaskError(f"upload_failed: PUT {url}: {problem} (gave up after {attempts})")
+            low, high = backoff
+            delay = random.uniform(low, min(high, low * 2 ** (attempts - 1)))
+            log.info("upload to %s failed (%s); retry %d in %.2f s", url, problem, attempts, delay)
+            await asyncio.sleep(delay)

@@ -1,0 +1,280 @@
+"""The demo's processes: a broker, a coordinator and a simulated fleet, each on its own.
+
+:class:`Stack` starts them in order (broker, coordinator on SQLite in the work directory,
+``lepton-agent sim``), waits until each is ready, and :meth:`Stack.close` stops them in the
+reverse order: fleet first (agents publish their offline state), then the coordinator
+(drains what it received), then the broker. Every child runs in its own process group and
+dies with the demo (see :mod:`lepton.demo.procs`); their PIDs are written to
+``pids.json`` in the work directory and their output to ``logs/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from lepton.demo import procs
+from lepton.demo.broker import (
+    BrokerChoice,
+    EmbeddedBroker,
+    MosquittoBroker,
+    free_port,
+    start_broker,
+)
+from lepton.protocol import routes
+from lepton.protocol.errors import LeptonError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MIX = "rpi4=0.4,rpi5=0.3,jetson-orin-nano=0.1,x86-gateway=0.2"
+
+
+class StackError(LeptonError, RuntimeError):
+    """A process of the stack failed to start or died."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StackSpec:
+    """What to start. ``host_gflops`` None: the simulator measures this host once."""
+
+    workdir: Path
+    devices: int = 20
+    broker: BrokerChoice = "auto"
+    profile_mix: str = DEFAULT_MIX
+    seed: int = 0
+    capacity_interval_s: float = 2.0
+    host_gflops: float | None = None
+    data: str | None = "digits"  # what every device holds (None: nothing)
+    fleet_processes: int = 1  # simulator processes the devices are split across
+    tuned: bool = True  # DEMO_SETTINGS on top of the coordinator's defaults
+    coordinator_settings: dict[str, Any] = field(default_factory=dict)
+
+
+# Settings that make a small local fleet feel immediate (the defaults suit a real fleet).
+DEMO_SETTINGS: dict[str, Any] = {
+    "database.sqlite_synchronous": "normal",
+    "registry.flush_interval_s": 0.1,
+    "scheduler.batch_interval_s": 0.2,
+    "scheduler.time_budget_s": 0.5,
+    "tasks.retry_backoff_s": 0.5,
+    "tasks.retry_backoff_max_s": 5.0,
+    "liveness.max_check_s": 1.0,
+}
+
+
+class Stack:
+    """Broker, coordinator and fleet processes. ``with Stack(spec) as s: s.start()``."""
+
+    def __init__(self, spec: StackSpec) -> None:
+        self.spec = spec
+        self.workdir = spec.workdir.resolve()
+        self.logs = self.workdir / "logs"
+        self.broker: MosquittoBroker | EmbeddedBroker | None = None
+        self.coordinator: subprocess.Popen[bytes] | None = None
+        self.fleets: list[subprocess.Popen[bytes]] = []
+        self.http_port = 0
+        self.closed = False
+
+    # ------------------------------------------------------------------ paths
+
+    @property
+    def data_dir(self) -> Path:
+        return self.workdir / "coordinator"
+
+    @property
+    def database_url(self) -> str:
+        return f"sqlite:///{self.data_dir / 'coordinator.db'}"
+
+    @property
+    def fleet_root(self) -> Path:
+        return self.workdir / "fleet"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def pids(self) -> dict[str, int]:
+        """PIDs of the processes started so far (broker, coordinator, fleet)."""
+        out: dict[str, int] = {}
+        if self.broker is not None and self.broker.pid is not None:
+            out["broker"] = self.broker.pid
+        if self.coordinator is not None:
+            out["coordinator"] = self.coordinator.pid
+        for i, proc in enumerate(self.fleets):
+            out["fleet" if i == 0 else f"fleet-{i + 1}"] = proc.pid
+        return out
+
+    def _write_pids(self) -> None:
+        (self.workdir / "pids.json").write_text(
+            json.dumps({"demo": os.getpid(), **self.pids()}, indent=2) + "\n"
+        )
+
+    # ------------------------------------------------------------------ start
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def start_broker(self) -> str:
+        """Start the broker; returns what runs (``mosquitto on 127.0.0.1:P``...)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(exist_ok=True)
+        self.broker = start_broker(self.workdir / "broker", self.spec.broker)
+        self._write_pids()
+        return self.broker.describe()
+
+    def start_coordinator(self, timeout: float = 60.0) -> dict[str, Any]:
+        """Start ``lepton coordinator run`` and wait until its health says ok."""
+        assert self.broker is not None, "start the broker first"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.http_port = free_port()
+        settings = {
+            **(DEMO_SETTINGS if self.spec.tuned else {}),
+            "mqtt.protocol": self.broker.mqtt_protocol,
+            # The simulated fleet writes the federated stage's evaluation set there.
+            "fl.eval_dir": self.fleet_root,
+            **self.spec.coordinator_settings,
+        }
+        flags = {
+            "--instance-id": "demo",
+            "--data-dir": self.data_dir,
+            "--mqtt-port": self.broker.port,
+            "--http-port": self.http_port,
+        }
+        argv = [
+            *(sys.executable, "-m", "lepton.coordinator.cli", "coordinator", "run"),
+            *_flags(flags),
+            *(arg for k, v in settings.items() for arg in ("--set", f"{k}={v}")),
+        ]
+        self.coordinator = procs.spawn(
+            argv, log_path=self.logs / "coordinator.log", env=_child_env()
+        )
+        self._write_pids()
+        return self._wait_healthy(timeout)
+
+    def _wait_healthy(self, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        delay = 0.05
+        last = "no answer"
+        with httpx.Client(base_url=self.api_url, timeout=2.0) as http:
+            while time.monotonic() < deadline:
+                self.check_alive()
+                try:
+                    r = http.get(routes.HEALTH)
+                    body = r.json()
+                    if r.status_code == 200 and body.get("mqtt_connected"):
+                        return dict(body)
+                    last = f"{r.status_code} {body.get('status')}"
+                except (httpx.TransportError, ValueError) as exc:
+                    last = type(exc).__name__
+                time.sleep(delay)
+                delay = min(delay * 1.5, 0.5)
+        raise StackError(f"the coordinator was not healthy within {timeout:g}s ({last})")
+
+    def start_fleet(self, host_gflops: float | None = None) -> None:
+        """Start ``lepton-agent sim``: ``devices`` virtual devices over ``fleet_processes``
+        processes (ids numbered across them), holding ``data``.
+
+        ``host_gflops``: this host's speed the simulator stretches work against (default:
+        the spec's, else the simulator's own probe)."""
+        assert self.broker is not None, "start the broker first"
+        s = self.spec
+        host = host_gflops if host_gflops is not None else s.host_gflops
+        n = max(1, min(s.fleet_processes, s.devices))
+        first = 0
+        for i in range(n):
+            count = s.devices // n + (1 if i < s.devices % n else 0)
+            flags: dict[str, object] = {
+                "--devices": count,
+                "--first-index": first,
+                "--profile-mix": s.profile_mix,
+                "--broker-port": self.broker.port,
+                "--state-root": self.fleet_root,
+                "--seed": s.seed + i,
+                "--capacity-interval": s.capacity_interval_s,
+                "--log-level": "WARNING",
+            }
+            if s.data is not None:
+                flags["--data"] = s.data
+            if host is not None:
+                flags["--host-gflops"] = round(host, 3)
+            argv = [sys.executable, "-m", "agent", "sim", *_flags(flags)]
+            log_path = self.logs / _fleet_log(i)
+            self.fleets.append(procs.spawn(argv, log_path=log_path, env=_child_env()))
+            first += count
+        self._write_pids()
+
+    def check_alive(self) -> None:
+        """StackError naming the process (and its last log lines) if one has exited."""
+        for name, proc, log_name in (
+            ("coordinator", self.coordinator, "coordinator.log"),
+            *(
+                (f"fleet simulator {i + 1}", proc, _fleet_log(i))
+                for i, proc in enumerate(self.fleets)
+            ),
+        ):
+            if proc is not None and proc.poll() is not None:
+                raise StackError(
+                    f"the {name} exited with {proc.returncode}:\n{self.log_tail(log_name)}"
+                )
+        broker = self.broker
+        if broker is not None and broker.proc is not None and broker.proc.poll() is not None:
+            raise StackError(f"the broker exited with {broker.proc.returncode}")
+
+    def log_tail(self, name: str, n: int = 15) -> str:
+        try:
+            return "\n".join((self.logs / name).read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    # ------------------------------------------------------------------ stop
+
+    def close(self) -> None:
+        """Stop fleet, coordinator and broker (in that order); safe to call twice."""
+        if self.closed:
+            return
+        self.closed = True
+        for proc in self.fleets:  # all at once: each drains its devices in parallel
+            procs.signal_group(proc, signal.SIGTERM)
+        for i, proc in enumerate(self.fleets):
+            procs.stop_group(proc, timeout=60, name=f"fleet simulator {i + 1}")
+        if self.coordinator is not None:
+            procs.stop_group(self.coordinator, timeout=20, name="coordinator")
+        if self.broker is not None:
+            self.broker.stop()
+
+
+def _fleet_log(i: int) -> str:
+    return "fleet.log" if i == 0 else f"fleet-{i + 1}.log"
+
+
+def _flags(flags: dict[str, object]) -> list[str]:
+    return [str(x) for pair in flags.items() for x in pair]
+
+
+def _child_env() -> dict[str, str]:
+    """This environment without ``LEPTON_*`` settings meant for other processes."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEPTON_")}
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    # Two cores shared by many processes: one math thread each keeps them from fighting.
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env.setdefault(var, "1")
+    return env

@@ -1,0 +1,318 @@
+"""One virtual device: a real :class:`~lepton.agent.daemon.Agent` whose reports and work follow a
+profile.
+
+What is simulated: the figures the device reports (model, cores, memory, throughput, battery,
+temperature) and how long its work takes. Work itself is real: handlers run on this host, and
+the measured time is stretched by ``host speed / profile speed`` (doubled while thermally
+throttled). A host cannot make work faster than it is, so devices faster than the host take the
+host's time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import random
+import socket
+import sys
+import time
+from collections.abc import Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+from lepton.agent.config import AgentConfig
+from lepton.agent.daemon import Agent
+from lepton.agent.handlers import Handler, HandlerRegistry, TaskContext, default_registry
+from lepton.agent.telemetry.probe import ProbeResult
+from lepton.agent.training.tasks import PACE_KEY
+from lepton.protocol.messages import (
+    Battery,
+    Bench,
+    CapacityReport,
+    Cpu,
+    Disk,
+    Memory,
+    Slots,
+    Task,
+    Thermal,
+)
+from lepton.sim.attacks import forge_examples
+from lepton.sim.profiles import Profile
+
+log = logging.getLogger(__name__)
+
+AMBIENT_C = 40.0
+THROTTLE_AT_C = 80.0
+# Work whose duration the task itself fixes is not stretched.
+UNSCALED_KINDS = frozenset({"echo"})
+MAX_STRETCH_S = 600.0
+# Libraries a handler imports on first use. Importing them is this host's one-time cost, not
+# the device's compute, so it happens before the clock starts (torch takes seconds, which
+# stretched 10x would make a Pi's first training round look a minute long).
+FIRST_USE_IMPORTS: dict[str, tuple[str, ...]] = {
+    "train": ("torch",),
+    "evaluate": ("torch",),
+    "deploy": ("numpy", "onnxruntime"),
+    "infer": ("numpy", "onnxruntime"),
+}
+
+
+@dataclass
+class SimState:
+    """The physical state a profile evolves: battery, temperature, load."""
+
+    battery: float = 100.0
+    temperature: float = AMBIENT_C
+    busy_fraction: float = 0.0
+    last: float = field(default_factory=time.monotonic)
+
+    def advance(self, profile: Profile, busy: int, slots: int) -> None:
+        now = time.monotonic()
+        minutes = (now - self.last) / 60.0
+        self.last = now
+        load = busy / max(1, slots)
+        self.busy_fraction = load
+        if profile.battery:
+            drain = profile.drain_busy if busy else profile.drain_idle
+            self.battery = max(0.0, self.battery - drain * minutes)
+        target = AMBIENT_C + profile.heat_rise_c * load
+        # First-order thermal response with a ~1 minute time constant.
+        alpha = min(1.0, minutes / 1.0)
+        self.temperature += (target - self.temperature) * alpha
+
+    @property
+    def throttled(self) -> bool:
+        return self.temperature >= THROTTLE_AT_C
+
+
+class ProfileSampler:
+    """Capacity reports shaped by a profile (implements
+    :class:`lepton.agent.telemetry.capacity.Sampler`)."""
+
+    def __init__(self, profile: Profile, state: SimState, *, tags: tuple[str, ...] = ()) -> None:
+        self.profile = profile
+        self.state = state
+        self.tags = tags
+        self.started = time.time()
+        self._probe: ProbeResult | None = None
+
+    @property
+    def probe(self) -> ProbeResult | None:
+        return self._probe
+
+    @probe.setter
+    def probe(self, probe: ProbeResult | None) -> None:
+        self._probe = probe
+
+    @property
+    def device_class(self) -> str | None:
+        return self.profile.name
+
+    def sample(
+        self, *, slots: Slots, outbox_pending: int, counters: Mapping[str, int], interval_s: float
+    ) -> CapacityReport:
+        p, st = self.profile, self.state
+        st.advance(p, slots.busy, slots.total)
+        slow = 0.5 if st.throttled else 1.0
+        used = int(p.memory_bytes * (0.25 + 0.25 * st.busy_fraction))
+        return CapacityReport(
+            device_model=p.device_model,
+            device_class=p.name,
+            cpu=Cpu(
+                count=p.cores,
+                percent=min(100.0, 100.0 * st.busy_fraction),
+                load1=p.cores * st.busy_fraction,
+                arch="aarch64" if p.name != "x86-gateway" else "x86_64",
+            ),
+            memory=Memory(total=p.memory_bytes, available=p.memory_bytes - used),
+            disk=Disk(total=32 << 30, free=20 << 30),
+            thermal=Thermal(
+                temperature_c=round(st.temperature, 1), throttled=st.throttled, source="sim"
+            ),
+            battery=Battery(percent=round(st.battery, 2), plugged=False) if p.battery else None,
+            accelerators=list(p.accelerators),
+            runtimes=list(p.runtimes),
+            bench=Bench(
+                fp32_gflops=p.fp32_gflops * slow,
+                int8_gops=p.int8_gops * slow,
+                runtime="profile",
+                measured_at=self.started,
+            ),
+            slots=slots,
+            outbox_pending=outbox_pending,
+            interval_s=interval_s,
+            uptime_s=time.time() - self.started,
+            counters=dict(counters),
+            tags=["sim", *self.tags],
+        )
+
+
+def stretch_factor(profile: Profile, state: SimState, host_gflops: float, task: Task) -> float:
+    """How much longer ``task`` takes on ``profile`` than on this host."""
+    precision = str(task.params.get("precision", "fp32"))
+    speed = profile.int8_gops if precision == "int8" else profile.fp32_gflops
+    if state.throttled:
+        speed *= 0.5
+    return max(1.0, host_gflops / max(speed, 1e-9))
+
+
+def scaled_registry(
+    profile: Profile,
+    state: SimState,
+    host_gflops: float,
+    extras: Mapping[str, Any] | None = None,
+    claim_examples: int | None = None,
+) -> HandlerRegistry:
+    """The default handlers, with compute stretched to the profile's speed; ``extras`` are
+    added to every task's context (an adversarial device's ``update_transform``, say);
+    ``claim_examples``: train results claim this many examples (a forged count)."""
+    base = default_registry()
+    registry = HandlerRegistry()
+    added = dict(extras or {})
+    # Task id -> start of the part of its work not stretched yet. A handler's ``pace``
+    # point (a training task's upload) stretches the work before it and the handler's end
+    # the rest, so the upload leaves when the simulated device would send it.
+    marks: dict[str, float] = {}
+
+    async def stretch(task: Task) -> None:
+        started = marks.get(task.id)
+        if started is None:
+            return
+        extra = (time.perf_counter() - started) * (
+            stretch_factor(profile, state, host_gflops, task) - 1.0
+        )
+        if extra > 0:
+            await asyncio.sleep(min(extra, MAX_STRETCH_S))
+        marks[task.id] = time.perf_counter()
+
+    added[PACE_KEY] = stretch
+
+    def wrap(kind: str, handler: Handler) -> Handler:
+        async def run(task: Task, ctx: TaskContext) -> dict[str, Any]:
+            ctx.extras.update(added)
+            for module in FIRST_USE_IMPORTS.get(kind, ()):
+                if module not in sys.modules:
+                    await asyncio.to_thread(importlib.import_module, module)
+            marks[task.id] = time.perf_counter()
+            try:
+                output = await handler(task, ctx)
+                await ctx.cancel.interrupt(stretch(task))
+            finally:
+                marks.pop(task.id, None)
+            if kind == "train" and claim_examples is not None:
+                output = forge_examples(output, claim_examples)
+            return output
+
+        return run
+
+    async def benchmark(task: Task, ctx: TaskContext) -> dict[str, Any]:
+        slow = 0.5 if state.throttled else 1.0
+        return {
+            "fp32_gflops": profile.fp32_gflops * slow,
+            "int8_gops": profile.int8_gops * slow,
+            "runtime": "profile",
+        }
+
+    for kind in base.kinds():
+        handler = base.get(kind)
+        assert handler is not None
+        registry.register(kind, handler if kind in UNSCALED_KINDS else wrap(kind, handler))
+    registry.register("benchmark", benchmark)
+    return registry
+
+
+class VirtualDevice:
+    """Runs one profile-shaped agent, with optional link flaps and crashes."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        profile: Profile,
+        *,
+        host_gflops: float,
+        executor: Executor | None = None,
+        flaky_per_min: float = 0.0,
+        crash_per_min: float = 0.0,
+        rng: random.Random | None = None,
+        extras: Mapping[str, Any] | None = None,
+        claim_examples: int | None = None,
+    ) -> None:
+        self.config = config
+        self.profile = profile
+        self.extras = dict(extras or {})
+        self.claim_examples = claim_examples
+        self.state = SimState(
+            battery=(rng or random).uniform(60, 100) if profile.battery else 100.0
+        )
+        self.host_gflops = host_gflops
+        self.executor = executor
+        self.flaky_per_min = flaky_per_min
+        self.crash_per_min = crash_per_min
+        self.rng = rng or random.Random()
+        self.agent: Agent | None = None
+        self.crashes = 0
+        self.flaps = 0
+
+    def _make_agent(self) -> Agent:
+        return Agent(
+            self.config,
+            registry=scaled_registry(
+                self.profile, self.state, self.host_gflops, self.extras, self.claim_examples
+            ),
+            sampler=ProfileSampler(self.profile, self.state, tags=self.config.device_tags),
+            outbox_executor=self.executor,
+        )
+
+    async def run(self) -> None:
+        """Run until cancelled; crashes restart the agent on the same state directory."""
+        while True:
+            agent = self._make_agent()
+            self.agent = agent
+            async with agent:
+                runner = asyncio.create_task(agent.run(), name=f"agent-{self.config.device_id}")
+                crashed = await self._chaos(runner)
+                if not crashed:
+                    return
+            await asyncio.sleep(self.rng.uniform(1.0, 5.0))
+
+    def stop(self) -> None:
+        if self.agent is not None:
+            self.agent.stop()
+
+    async def _chaos(self, runner: asyncio.Task[None]) -> bool:
+        """Wait for the agent; inject link flaps and crashes. True if it crashed."""
+        rate = self.flaky_per_min + self.crash_per_min
+        try:
+            while True:
+                wait = self.rng.expovariate(rate / 60.0) if rate > 0 else None
+                done, _ = await asyncio.wait({runner}, timeout=wait)
+                if done:
+                    runner.result()
+                    return False
+                if self.rng.random() < self.crash_per_min / rate:
+                    self._drop_link()
+                    runner.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await runner
+                    self.crashes += 1
+                    log.info("sim: %s crashed", self.config.device_id)
+                    return True
+                self._drop_link()
+                self.flaps += 1
+        except asyncio.CancelledError:
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+            raise
+
+    def _drop_link(self) -> None:
+        """Cut the TCP connection under the MQTT client, as a failing network would."""
+        agent = self.agent
+        client = getattr(agent.link, "_client", None) if agent else None
+        sock = client._client.socket() if client is not None else None
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)

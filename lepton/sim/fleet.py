@@ -1,0 +1,175 @@
+"""A simulated fleet: N virtual devices against any broker/coordinator, in one process.
+
+Each device gets its own state directory (outbox, model cache) and, with ``data="digits"``, its
+own partition of sklearn's digits dataset (Dirichlet label skew), registered as the data
+source ``digits``; a shared held-out test set is registered as ``digits-test``. With
+``adversarial=n``, ``n`` devices (chosen by the seed) send poisoned federated updates
+(:mod:`lepton.sim.attacks`) instead of honest ones, and with ``forged_examples`` their train
+results claim that many examples.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import resource
+from collections import Counter
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lepton.agent.config import AgentConfig, load_config
+from lepton.sim.device import VirtualDevice
+from lepton.sim.profiles import DEFAULT_MIX, Profile, assign_profiles
+
+log = logging.getLogger(__name__)
+
+# The host speed work is measured at (fp32 GFLOP/s); the start-up probe replaces it when it runs.
+DEFAULT_HOST_GFLOPS = 50.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FleetSpec:
+    """Everything needed to build a simulated fleet."""
+
+    devices: int
+    state_root: Path
+    mix: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_MIX))
+    broker_host: str = "127.0.0.1"
+    broker_port: int = 1883
+    fleet: str = "default"
+    seed: int = 0
+    data: str | None = None
+    alpha: float = 0.5
+    capacity_interval: float = 5.0
+    keepalive: int = 30
+    flaky_per_min: float = 0.0
+    crash_per_min: float = 0.0
+    host_gflops: float = DEFAULT_HOST_GFLOPS
+    id_prefix: str = "sim"
+    first_index: int = 0
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    # Virtual devices fetch from the coordinator on this host, whichever port it listens on.
+    fetch_origins: tuple[str, ...] = ("http://127.0.0.1:*", "http://localhost:*")
+    adversarial: int = 0
+    attack: str = "sign_flip"
+    attack_scale: float = 10.0
+    forged_examples: int | None = None
+
+
+def _raise_fd_limit(needed: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def write_digits_partitions(spec: FleetSpec, device_ids: list[str]) -> dict[str, dict[str, str]]:
+    """Per device: data source name -> path of its partition (and the shared test set)."""
+    from lepton.models.data import digits_splits, dirichlet_partition, write_partition
+
+    splits = digits_splits(seed=spec.seed)
+    parts = dirichlet_partition(splits.train.y, len(device_ids), spec.alpha, spec.seed, min_size=8)
+    test_path = write_partition(
+        spec.state_root / "digits-test.npz", splits.test, range(len(splits.test))
+    )
+    out: dict[str, dict[str, str]] = {}
+    for device_id, idx in zip(device_ids, parts, strict=True):
+        path = write_partition(
+            spec.state_root / device_id / "data" / "digits.npz", splits.train, idx
+        )
+        out[device_id] = {"digits": str(path), "digits-test": str(test_path)}
+    return out
+
+
+def build_devices(spec: FleetSpec) -> list[VirtualDevice]:
+    """Configs, data and profiles for every device of the fleet."""
+    profiles: list[Profile] = assign_profiles(spec.devices, spec.mix, spec.seed)
+    ids = [f"{spec.id_prefix}-{p.name}-{spec.first_index + i:04d}" for i, p in enumerate(profiles)]
+    data = write_digits_partitions(spec, ids) if spec.data == "digits" else {}
+    if spec.data not in (None, "digits"):
+        raise ValueError(f"unknown simulated data set {spec.data!r} (known: digits)")
+    _raise_fd_limit(8 * spec.devices + 256)
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sim-outbox")
+    rng = random.Random(spec.seed)
+    if not 0 <= spec.adversarial <= len(ids):
+        raise ValueError(f"adversarial must be in [0, {len(ids)}]")
+    hostile = set(random.Random(spec.seed + 7919).sample(ids, spec.adversarial))
+    devices = []
+    for device_id, profile in zip(ids, profiles, strict=True):
+        overrides: dict[str, Any] = {
+            "device_id": device_id,
+            "device_fleet": spec.fleet,
+            "device_class": profile.name,
+            "device_tags": (profile.name,),
+            "broker_host": spec.broker_host,
+            "broker_port": spec.broker_port,
+            "broker_keepalive": spec.keepalive,
+            "broker_reconnect_min": 0.2,
+            "broker_reconnect_max": 5.0,
+            "agent_state_dir": spec.state_root / device_id,
+            "agent_slots": profile.slots,
+            "agent_capacity_interval": spec.capacity_interval,
+            "agent_capacity_min_interval": min(1.0, spec.capacity_interval),
+            "agent_probe": False,
+            "agent_drain_timeout": 5.0,
+            # Many agents share one disk here; a simulated device need not survive power loss.
+            "outbox_sync": "normal",
+            "fetch_origins": spec.fetch_origins,
+            **spec.extra,
+        }
+        if device_id in data:
+            overrides["data_sources"] = data[device_id]
+        config: AgentConfig = load_config(None, env={}, overrides=overrides)
+        # Many devices train on one host: one thread each, so they do not oversubscribe it.
+        extras: dict[str, Any] = {"train_threads": 1}
+        claim: int | None = None
+        if device_id in hostile:
+            from lepton.agent.training.tasks import TRANSFORM_KEY
+            from lepton.sim.attacks import make
+
+            transform = make(spec.attack, spec.attack_scale)
+            if transform is not None:
+                extras[TRANSFORM_KEY] = transform
+            claim = spec.forged_examples
+        devices.append(
+            VirtualDevice(
+                config,
+                profile,
+                host_gflops=spec.host_gflops,
+                executor=executor,
+                flaky_per_min=spec.flaky_per_min,
+                crash_per_min=spec.crash_per_min,
+                rng=random.Random(rng.random()),
+                extras=extras,
+                claim_examples=claim,
+            )
+        )
+    return devices
+
+
+async def run_fleet(devices: list[VirtualDevice], stop: asyncio.Event) -> None:
+    """Run every device until ``stop`` is set, then shut them all down gracefully."""
+    counts = Counter(d.profile.name for d in devices)
+    log.info(
+        "sim: starting %d devices (%s)",
+        len(devices),
+        ", ".join(f"{n} {k}" for k, n in sorted(counts.items())),
+    )
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(d.run(), name=d.config.device_id) for d in devices]
+        await stop.wait()
+        for d in devices:
+            d.stop()
+        _done, pending = await asyncio.wait(tasks, timeout=30)
+        for t in pending:
+            t.cancel()
+    log.info(
+        "sim: %d devices stopped (%d crashes, %d link flaps injected)",
+        len(devices),
+        sum(d.crashes for d in devices),
+        sum(d.flaps for d in devices),
+    )
