@@ -49,7 +49,7 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import _common
-from lepton.demo.runner import Stack, StackSpec
+from lepton.demo.stack import Stack, StackSpec
 
 SECTION = "## Fleet scale"
 
@@ -149,7 +149,7 @@ def insert_echo_tasks(database_url: str, n: int) -> float:
     from sqlalchemy.orm import Session
 
     from lepton.coordinator.config import load
-    from lepton.coordinator.store.engine import make_engines
+    from lepton.coordinator.store.connection import make_engines
     from lepton.coordinator.store.schema import TaskRow
     from lepton.coordinator.tasks.submit import build_task
 

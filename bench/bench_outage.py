@@ -39,7 +39,7 @@ import httpx
 from bench import _common
 from bench.bench_fleet import wait_until
 from lepton.demo.broker import MosquittoBroker
-from lepton.demo.runner import Stack, StackSpec
+from lepton.demo.stack import Stack, StackSpec
 
 SECTION = "## Broker outage"
 SETTLED = ("succeeded", "failed", "expired")
@@ -52,7 +52,7 @@ def insert_tasks(database_url: str, n: int, sleep_s: float) -> float:
     from sqlalchemy.orm import Session
 
     from lepton.coordinator.config import load
-    from lepton.coordinator.store.engine import make_engines
+    from lepton.coordinator.store.connection import make_engines
     from lepton.coordinator.store.schema import TaskRow
     from lepton.coordinator.tasks.submit import build_task
 

@@ -24,7 +24,7 @@ from lepton.demo.figures import (
     placement_figures,
     training_figures,
 )
-from lepton.demo.runner import Stack, StackSpec
+from lepton.demo.stack import Stack, StackSpec
 from lepton.protocol.errors import LeptonError
 
 log = logging.getLogger(__name__)

@@ -71,7 +71,7 @@ def host_gflops(batch: int = 32, runs: int = 200) -> float | None:
 def open_registry(database_url: str, data_dir: Path) -> ModelRegistry:
     """The coordinator's model registry, opened from this process (same database and files)."""
     from lepton.coordinator.model_registry.registry import ModelRegistry
-    from lepton.coordinator.store.engine import make_engines
+    from lepton.coordinator.store.connection import make_engines
 
     engine = make_engines(database_url, sqlite_synchronous="normal").write
     return ModelRegistry(engine, data_dir, create_tables=False)

@@ -17,7 +17,7 @@ import pytest
 
 from lepton.demo.broker import EmbeddedBroker, mosquitto_binary
 from lepton.demo.procs import pid_alive
-from lepton.demo.runner import Stack, StackSpec
+from lepton.demo.stack import Stack, StackSpec
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -5,7 +5,7 @@ model file. torch is imported here only, when a job needs it, never at service s
 Every function is blocking; the engine runs them in worker threads. Code and files a job
 names are resolved through the operator's :class:`~.admission.JobPolicy` (import paths
 against its allowlist, ``.npz`` files inside its evaluation directory), and whatever the
-job's code raises comes back as :class:`ModelError` with the reason, so a job whose model
+job's code raises comes back as :class:`JobCodeError` with the reason, so a job whose model
 does not load fails instead of being retried.
 """
 
@@ -36,7 +36,7 @@ Arrays = dict[str, npt.NDArray[np.generic]]
 TRAIN_FLOPS_PER_FORWARD = 3.0
 
 
-class ModelError(LeptonError, ValueError):
+class JobCodeError(LeptonError, ValueError):
     """The job's model factory or evaluation set cannot be used."""
 
 
@@ -52,21 +52,21 @@ class EvalSet:
 
 
 def resolve(path: str, policy: JobPolicy) -> Callable[..., Any]:
-    """The callable at ``package.module:attr``, if the policy allows it (``ModelError``
+    """The callable at ``package.module:attr``, if the policy allows it (``JobCodeError``
     if it is not allowed, does not import or is not a callable)."""
     try:
         return imports.resolve(path, allow=policy.allow)
     except imports.ImportPathError as exc:
-        raise ModelError(f"{exc.reason}: {exc}") from exc
+        raise JobCodeError(f"{exc.reason}: {exc}") from exc
 
 
 def _call(path: str, policy: JobPolicy) -> Any:
-    """Call the job's zero-argument callable; what it raises is a :class:`ModelError`."""
+    """Call the job's zero-argument callable; what it raises is a :class:`JobCodeError`."""
     target = resolve(path, policy)
     try:
         return target()
     except Exception as exc:  # the job's code: any error is the job's failure
-        raise ModelError(f"{path}() raised {type(exc).__name__}: {exc}") from exc
+        raise JobCodeError(f"{path}() raised {type(exc).__name__}: {exc}") from exc
 
 
 def build_model(path: str, policy: JobPolicy, weights: Arrays | None = None) -> torch.nn.Module:
@@ -75,18 +75,18 @@ def build_model(path: str, policy: JobPolicy, weights: Arrays | None = None) -> 
 
     model = _call(path, policy)
     if not isinstance(model, torch.nn.Module):
-        raise ModelError(f"{path} returned {type(model).__name__}, not a torch.nn.Module")
+        raise JobCodeError(f"{path} returned {type(model).__name__}, not a torch.nn.Module")
     if weights is not None:
         own = model.state_dict()
         if set(own) != set(weights):
-            raise ModelError(f"the weights do not fit {path}")
+            raise JobCodeError(f"the weights do not fit {path}")
         try:
             model.load_state_dict(
                 {k: torch.from_numpy(np.array(weights[k])).to(v.dtype) for k, v in own.items()},
                 strict=True,
             )
         except RuntimeError as exc:  # shapes that do not fit
-            raise ModelError(f"the weights do not fit {path}: {exc}") from exc
+            raise JobCodeError(f"the weights do not fit {path}: {exc}") from exc
     model.eval()
     return model
 
@@ -109,12 +109,12 @@ def load_eval_set(spec: str, policy: JobPolicy) -> EvalSet:
         try:
             path: Path = policy.eval_path(spec)
         except JobError as exc:
-            raise ModelError(str(exc)) from exc
+            raise JobCodeError(str(exc)) from exc
         try:
             with np.load(path, allow_pickle=False) as data:
                 x, y = np.asarray(data["x"]), np.asarray(data["y"])
         except (OSError, KeyError, ValueError) as exc:
-            raise ModelError(f"eval set {spec}: {type(exc).__name__}: {exc}") from exc
+            raise JobCodeError(f"eval set {spec}: {type(exc).__name__}: {exc}") from exc
     else:
         got = _call(spec, policy)
         try:
@@ -123,11 +123,11 @@ def load_eval_set(spec: str, policy: JobPolicy) -> EvalSet:
             else:
                 x, y = np.asarray(got.x), np.asarray(got.y)
         except (AttributeError, TypeError, ValueError) as exc:
-            raise ModelError(f"eval set {spec}: no x and y: {exc}") from exc
+            raise JobCodeError(f"eval set {spec}: no x and y: {exc}") from exc
     if y.ndim == 2:
         y = y.argmax(axis=1)
     if len(x) != len(y) or len(y) == 0:
-        raise ModelError(f"eval set {spec}: x and y must be non-empty and the same length")
+        raise JobCodeError(f"eval set {spec}: x and y must be non-empty and the same length")
     return EvalSet(np.ascontiguousarray(x, dtype=np.float32), y.astype(np.int64))
 
 

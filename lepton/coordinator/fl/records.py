@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from sqlalchemy import RowMapping
 
-JobState = Literal["pending", "running", "stopping", "stopped", "done", "failed"]
+JobStatus = Literal["pending", "running", "stopping", "stopped", "done", "failed"]
 ACTIVE_STATES = ("pending", "running", "stopping")
 FINISHED_STATES = ("stopped", "done", "failed")
 RecordOutcome = Literal["accepted", "duplicate", "conflict", "closed", "not_selected", "unknown"]

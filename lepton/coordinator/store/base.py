@@ -11,7 +11,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
-from lepton.coordinator.store.engine import Engines
+from lepton.coordinator.store.connection import Engines
 from lepton.coordinator.store.records import RetryPolicy
 from lepton.protocol.messages import Task
 

@@ -12,8 +12,8 @@ import logging
 from sqlalchemy import Connection, Engine, MetaData, inspect, text
 
 from lepton.coordinator.store.cancels import CancelOps
+from lepton.coordinator.store.connection import make_engines
 from lepton.coordinator.store.devices import DeviceOps
-from lepton.coordinator.store.engine import make_engines
 from lepton.coordinator.store.estimates import EstimateOps
 from lepton.coordinator.store.lease import LeaseOps
 from lepton.coordinator.store.records import RetryPolicy

@@ -111,7 +111,7 @@ class JobState:
         except asyncio.CancelledError:
             self.fl.end_load(self.job_id)  # a shutdown, not a crash: no awaiting once cancelled
             raise
-        except modelio.ModelError as exc:
+        except modelio.JobCodeError as exc:
             await asyncio.to_thread(self.fl.end_load, self.job_id)
             self.engine.metrics.job_failures.labels("model_error").inc()
             raise JobFailedError(str(exc)) from exc
