@@ -1,13 +1,19 @@
 """The coordinator service: an ``async with`` daemon running one task group.
 
 Named tasks: ``registry`` (batched capacity writes), ``ingest`` (births, wills, task acks and
-results), ``lease`` (leader election), ``scheduler`` and ``liveness`` (leader only) and
-``http`` (API and metrics). The MQTT network thread feeds ``registry`` and ``ingest``.
+results), ``lease`` (leader election), the features' leader-only loops (``scheduler`` and
+``liveness`` of tasks, ``fl`` of federated jobs) and ``http`` (API and metrics). The MQTT
+network thread feeds ``registry`` and ``ingest``.
+
+Features (tasks, the model registry, federated jobs) plug in through
+:class:`~lepton.coordinator.feature.Feature`: they are built whether or not HTTP is enabled,
+their tables are created in one place (:meth:`Coordinator._create_tables`), and ``_run`` and
+``_drain`` loop over them.
 
 :meth:`Coordinator.stop` (SIGTERM, SIGINT) drains in order: stop HTTP and the leader loops,
-give the lease up, stop taking device messages, apply what was already received, write the
-last capacity batch, then disconnect. Anything not applied by then is re-sent by the agents,
-which keep every unacknowledged result.
+drain the features, give the lease up, stop taking device messages, apply what was already
+received, write the last capacity batch, then disconnect. Anything not applied by then is
+re-sent by the agents, which keep every unacknowledged result.
 """
 
 from __future__ import annotations
@@ -20,13 +26,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
-from fastapi import APIRouter, FastAPI
+from fastapi import FastAPI
 
 from lepton.coordinator.api import ApiContext, create_app
 from lepton.coordinator.api.server import HttpServer
 from lepton.coordinator.config import Config
+from lepton.coordinator.feature import Feature
 from lepton.coordinator.metrics import Metrics
 from lepton.coordinator.runtime.capacity_writer import OnFlush, Registry
 from lepton.coordinator.runtime.control import Control
@@ -36,11 +43,8 @@ from lepton.coordinator.runtime.leadership import Leadership
 from lepton.coordinator.runtime.liveness import Liveness
 from lepton.coordinator.runtime.mqtt import MqttLink
 from lepton.coordinator.store import ResultOutcome, RetryPolicy, Store
+from lepton.coordinator.tasks.feature import TasksFeature
 from lepton.protocol.aio import cancel_and_wait
-
-if TYPE_CHECKING:
-    from lepton.coordinator.fl.jobs.engine import FLEngine
-    from lepton.coordinator.model_registry.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +65,8 @@ class Coordinator:
         self._ready: asyncio.Future[None] | None = None
         self.started_at = time.time()
         self.http: HttpServer | None = None
-        self.fl: FLEngine | None = None  # federated jobs (with the model registry)
+        #: In build order (a feature may use an earlier one's objects); see :meth:`_features`.
+        self.features: list[Feature] = []
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -76,12 +81,16 @@ class Coordinator:
             capacity_history=cfg.database.capacity_history,
             sqlite_synchronous=cfg.database.sqlite_synchronous,
             echo=cfg.database.echo,
+            create=False,
         )
         try:
             self._build()
+            await asyncio.to_thread(self._create_tables)
             loop = self._loop = asyncio.get_running_loop()
             self.inbox.bind(loop)
             self.registry.bind(loop)
+            for feature in self.features:
+                feature.start(loop)
             if cfg.http.enabled:
                 self.http = HttpServer(
                     self._app(loop),
@@ -165,6 +174,47 @@ class Coordinator:
             on_results=self._on_results,
         )
         metrics.watch_store(store.count_devices, store.count_tasks)
+        self.features = self._features()
+
+    def _features(self) -> list[Feature]:
+        """Tasks, the model registry and federated jobs, each given what it uses."""
+        cfg = self.config
+        features: list[Feature] = [TasksFeature(self.scheduler, self.liveness)]
+        try:
+            from lepton.coordinator.fl.feature import FLFeature
+            from lepton.coordinator.model_registry.feature import ModelRegistryFeature
+        except ImportError:  # pragma: no cover - the registry and FL are optional
+            return features
+        models = ModelRegistryFeature(self.store.engine, Path(cfg.data_dir).expanduser())
+        if not cfg.http.enabled and not cfg.http.public_url:
+            log.warning(
+                "http is disabled and http.public_url unset: federated rounds cannot start here"
+            )
+        fl = FLFeature(
+            cfg,
+            self.store,
+            models.registry,
+            self.metrics.registry,
+            base_url=self._base_url,
+            estimator=lambda: self.scheduler.estimator,
+            weights=self.scheduler.weights,
+            on_submit=self._wake_scheduler,
+        )
+        return [*features, models, fl]
+
+    def _create_tables(self) -> None:
+        """Every feature's tables, in one transaction under the store's start-up lock
+        (replicas may start at the same moment)."""
+        self.store.create_schema(*(f.metadata for f in self.features if f.metadata is not None))
+
+    def _base_url(self) -> str:
+        """Where devices reach this coordinator's HTTP API: ``http.public_url``, or the
+        server of this process."""
+        if self.config.http.public_url:
+            return self.config.http.public_url
+        if self.http is None:
+            raise RuntimeError("http is disabled: set http.public_url to a replica's API")
+        return self.http.url
 
     def _app(self, loop: asyncio.AbstractEventLoop) -> FastAPI:
         def wake() -> None:
@@ -173,7 +223,7 @@ class Coordinator:
 
         return create_app(
             ApiContext(
-                routers=self._model_routes(),
+                routers=[r for f in self.features for r in f.routers()],
                 config=self.config,
                 store=self.store,
                 metrics=self.metrics,
@@ -184,36 +234,17 @@ class Coordinator:
             )
         )
 
-    def _model_routes(self) -> list[APIRouter]:
-        """The model registry's routes (blobs by content address, model metadata), on the
-        coordinator's database and data directory."""
-        try:
-            from lepton.coordinator.model_registry import tables
-            from lepton.coordinator.model_registry.registry import ModelRegistry
-            from lepton.coordinator.model_registry.routes import make_router
-        except ImportError:  # pragma: no cover - the registry is optional
-            return []
-        # Created under the store's start-up lock: replicas may start at the same moment.
-        self.store.create_schema(tables.metadata)
-        registry = ModelRegistry(
-            self.store.engine, Path(self.config.data_dir).expanduser(), create_tables=False
-        )
-        return [make_router(registry), *self._fl_routes(registry)]
-
-    def _fl_routes(self, registry: ModelRegistry) -> list[APIRouter]:
-        """Federated jobs: their tables, the round engine (run by the leader) and routes."""
-        from lepton.coordinator.fl.service import build_fl
-
-        self.fl, routes = build_fl(self, registry)
-        return routes
-
     def _on_results(self, outcomes: Sequence[ResultOutcome]) -> None:
-        if self.fl is not None:
-            self.fl.on_results(outcomes)
+        for feature in self.features:
+            feature.on_results(outcomes)
 
     def _link_changed(self, up: bool) -> None:  # event loop
         self.metrics.mqtt_connected.set(1 if up else 0)
         self.liveness.link_changed(up)
+
+    def _wake_scheduler(self) -> None:  # event loop
+        with contextlib.suppress(RuntimeError):
+            self.scheduler.wake()
 
     def _wake_scheduler_threadsafe(self) -> None:
         loop = self._loop
@@ -230,18 +261,11 @@ class Coordinator:
                 "registry": tg.create_task(self.registry.run(), name="registry"),
                 "ingest": tg.create_task(self.control.run(), name="ingest"),
                 "lease": tg.create_task(self.leadership.run(), name="lease"),
-                "scheduler": tg.create_task(
-                    self.leadership.lead(self.scheduler.lead, name="scheduler"), name="scheduler"
-                ),
-                "liveness": tg.create_task(
-                    self.leadership.lead(self.liveness.lead, name="liveness"), name="liveness"
-                ),
             }
-            if self.fl is not None:
-                self.fl.bind(asyncio.get_running_loop())
-                tasks["fl"] = tg.create_task(
-                    self.leadership.lead(self.fl.lead, name="fl"), name="fl"
-                )
+            for feature in self.features:
+                for name, loop in feature.leader_loops().items():
+                    assert name not in tasks, f"feature {feature.name}: task {name} is taken"
+                    tasks[name] = tg.create_task(self.leadership.lead(loop, name=name), name=name)
             if self.http is not None:
                 tasks["http"] = tg.create_task(self.http.serve(), name="http")
             self._ready.set_result(None)
@@ -259,10 +283,15 @@ class Coordinator:
     async def _drain(self, tasks: dict[str, asyncio.Task[None]]) -> None:
         if self.http is not None:
             self.http.stop()
-        leading = [n for n in ("scheduler", "liveness", "fl", "lease") if n in tasks]
+        leading = [n for f in self.features for n in f.leader_loops()] + ["lease"]
         for name in leading:
             tasks[name].cancel()
         await asyncio.gather(*(tasks[n] for n in leading), return_exceptions=True)
+        for feature in self.features:
+            try:
+                await feature.drain()
+            except Exception:
+                log.exception("feature %s: drain failed", feature.name)
         await self.leadership.release()
         self.ingest.accepting = False
         if self.control.request_stop():

@@ -49,17 +49,21 @@ class Store(DeviceOps, TaskOps, CancelOps, ResultOps, EstimateOps, LeaseOps):
             store.create_schema()
         return store
 
-    def create_schema(self, metadata: MetaData | None = None) -> None:
-        """Create missing tables of ``metadata`` (default: the store's own) and add missing
-        nullable columns to existing ones; idempotent and safe when several replicas start
-        at once."""
-        meta = Base.metadata if metadata is None else metadata
+    def create_schema(self, *metadata: MetaData) -> None:
+        """Create missing tables of each ``metadata`` (default: the store's own) and add
+        missing nullable columns to existing ones, in one transaction; idempotent and safe
+        when several replicas start at once.
+
+        The coordinator calls this once at start-up with every feature's tables
+        (``Coordinator._create_tables``): the one place the schema is made."""
+        metas = metadata or (Base.metadata,)
         with self._engines.write.begin() as conn:
             if self.dialect == "postgresql":
                 # Serialise concurrent start-ups: CREATE TABLE IF NOT EXISTS races in PostgreSQL.
                 conn.execute(text("SELECT pg_advisory_xact_lock(74201)"))
-            meta.create_all(conn)
-            _add_missing_columns(conn, meta)
+            for meta in metas:
+                meta.create_all(conn)
+                _add_missing_columns(conn, meta)
 
     def drop_schema(self) -> None:
         """Drop every table (tests, and ``lepton coordinator reset``)."""
