@@ -150,7 +150,7 @@ class Coordinator:
         cfg = self.config
         store, metrics = self.store, self.metrics
         self.registry = Registry(
-            store, metrics, cfg.registry, fleet=cfg.fleet, on_flush=self._on_flush
+            store.devices, metrics, cfg.registry, fleet=cfg.fleet, on_flush=self._on_flush
         )
         self.ingest = Ingest(cfg.fleet, metrics, on_capacity=self.registry.offer, inbox=self.inbox)
         shared = cfg.mqtt.shared_group if cfg.mqtt.shared_subscriptions else None
@@ -161,9 +161,11 @@ class Coordinator:
             on_message=self.ingest.handle,
             on_connection=self._link_changed,
         )
-        self.leadership = Leadership(store, cfg.instance_id, cfg.replica.lease_s, metrics)
+        self.leadership = Leadership(store.leases, cfg.instance_id, cfg.replica.lease_s, metrics)
         self.scheduler = Scheduler(cfg, store, self.link, metrics)
-        self.liveness = Liveness(cfg.liveness, store, metrics, on_requeue=self.scheduler.wake)
+        self.liveness = Liveness(
+            cfg.liveness, store.devices, metrics, on_requeue=self.scheduler.wake
+        )
         self.control = Control(
             store,
             self.link,
@@ -173,7 +175,7 @@ class Coordinator:
             on_requeue=self._wake_scheduler_threadsafe,
             on_results=self._on_results,
         )
-        metrics.watch_store(store.count_devices, store.count_tasks)
+        metrics.watch_store(store.devices.count_devices, store.tasks.count_tasks)
         self.features = self._features()
 
     def _features(self) -> list[Feature]:

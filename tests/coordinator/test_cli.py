@@ -37,8 +37,8 @@ async def test_devices_and_tasks_commands(
 ) -> None:
     api = coordinator.api_url or ""
     async with SimDevice(broker.port, "pi-7", interval_s=0.2):
-        await eventually(lambda: coordinator.store.device_exists("pi-7"))
-        await eventually(lambda: coordinator.store.get_device("pi-7").report is not None)
+        await eventually(lambda: coordinator.store.devices.device_exists("pi-7"))
+        await eventually(lambda: coordinator.store.devices.get_device("pi-7").report is not None)
         code, out, _ = await lepton(capsys, "--api", api, "devices", "ls")
         assert code == 0
         assert "pi-7" in out

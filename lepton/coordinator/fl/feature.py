@@ -82,7 +82,7 @@ class FLFeature(BaseFeature):
         )
         self.engine.signer = signer
         # Train tasks get their upload credential as they are sent, never in stored params.
-        self.store.add_sealer(planning.KIND, signer.seal)
+        self.store.tasks.add_sealer(planning.KIND, signer.seal)
         self.engine.bind(loop)
         self._routers = [
             make_upload_router(

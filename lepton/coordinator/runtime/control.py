@@ -119,7 +119,7 @@ class Control:
 
     def _apply_states(self, states: Sequence[StateUpdate]) -> None:
         requeued = 0
-        for u, ids in zip(states, self.store.apply_states(states), strict=True):
+        for u, ids in zip(states, self.store.devices.apply_states(states), strict=True):
             if u.message.state == "offline":
                 self.metrics.devices_offline.labels("will").inc()
                 if ids:
@@ -131,7 +131,9 @@ class Control:
 
     def _apply_acks(self, acks: Sequence[tuple[str, TaskAck, float]]) -> None:
         retried = False
-        for (device_id, _ack, _t), o in zip(acks, self.store.apply_ack_batch(acks), strict=True):
+        for (device_id, _ack, _t), o in zip(
+            acks, self.store.tasks.apply_ack_batch(acks), strict=True
+        ):
             if o.outcome in ("spoofed", "unknown_task"):
                 self.metrics.reject(f"{o.outcome}_ack")
                 log.warning("task ack for %s from %s: %s", o.task_id, device_id, o.outcome)
@@ -142,7 +144,7 @@ class Control:
             self.on_requeue()
 
     def _apply_results(self, results: Sequence[tuple[str, Result, float]]) -> list[ResultOutcome]:
-        out = self.store.apply_result_batch(results)
+        out = self.store.results.apply_result_batch(results)
         for o in out:
             self.metrics.results.labels(o.outcome).inc()
             if o.outcome in REJECTED_RESULTS:

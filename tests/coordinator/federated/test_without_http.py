@@ -26,7 +26,8 @@ async def test_a_leader_without_http_runs_a_job_to_the_end(
     async with make_coordinator(
         instance_id="headless", http__enabled=False, http__public_url=api, **shared
     ) as headless:
-        assert headless.http is None and headless.api_url is None
+        assert headless.http is None
+        assert headless.api_url is None
         assert any(isinstance(f, FLFeature) for f in headless.features)
         await eventually(lambda: headless.leadership.is_leader, timeout=10)
         async with make_coordinator(instance_id="web", http__port=port, **shared) as web:
