@@ -26,7 +26,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Final
+from typing import Final, TypeVar
 
 from fastapi import FastAPI
 
@@ -49,6 +49,7 @@ from lepton.protocol.aio import cancel_and_wait
 log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S: Final = 10.0
+F = TypeVar("F")
 
 
 class Coordinator:
@@ -86,6 +87,7 @@ class Coordinator:
         try:
             self._build()
             await asyncio.to_thread(self._create_tables)
+            self.metrics.watch_store(self.store.devices.count_devices, self.store.tasks.count_tasks)
             loop = self._loop = asyncio.get_running_loop()
             self.inbox.bind(loop)
             self.registry.bind(loop)
@@ -144,6 +146,13 @@ class Coordinator:
     def api_url(self) -> str | None:
         return self.http.url if self.http is not None else None
 
+    def feature(self, kind: type[F]) -> F:
+        """The feature of class ``kind`` (``LookupError`` if this coordinator has none)."""
+        for feature in self.features:
+            if isinstance(feature, kind):
+                return feature
+        raise LookupError(f"no {kind.__name__} feature")
+
     # ------------------------------------------------------------------ wiring
 
     def _build(self) -> None:
@@ -167,15 +176,16 @@ class Coordinator:
             cfg.liveness, store.devices, metrics, on_requeue=self.scheduler.wake
         )
         self.control = Control(
-            store,
+            store.devices,
+            store.tasks,
+            store.results,
             self.link,
             metrics,
-            self.inbox,
+            inbox=self.inbox,
             fleet=cfg.fleet,
             on_requeue=self._wake_scheduler_threadsafe,
             on_results=self._on_results,
         )
-        metrics.watch_store(store.devices.count_devices, store.tasks.count_tasks)
         self.features = self._features()
 
     def _features(self) -> list[Feature]:
@@ -188,10 +198,11 @@ class Coordinator:
         except ImportError:  # pragma: no cover - the registry and FL are optional
             return features
         models = ModelRegistryFeature(self.store.engine, Path(cfg.data_dir).expanduser())
-        if not cfg.http.enabled and not cfg.http.public_url:
-            log.warning(
-                "http is disabled and http.public_url unset: federated rounds cannot start here"
-            )
+        # Train tasks name where devices fetch weights and upload: without HTTP here, that
+        # is another replica's API (http.public_url).
+        lead_fl = cfg.http.enabled or bool(cfg.http.public_url)
+        if not lead_fl:
+            log.warning("http is disabled and http.public_url unset: no federated rounds here")
         fl = FLFeature(
             cfg,
             self.store,
@@ -201,6 +212,7 @@ class Coordinator:
             estimator=lambda: self.scheduler.estimator,
             weights=self.scheduler.weights,
             on_submit=self._wake_scheduler,
+            lead=lead_fl,
         )
         return [*features, models, fl]
 

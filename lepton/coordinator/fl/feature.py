@@ -6,7 +6,8 @@ weights and updates as registry blobs and registers final models there). Its tab
 created with every feature's, under the store's start-up lock; the upload key is read (or
 made) in :meth:`FLFeature.start`, once they exist. Nothing here needs the HTTP server of
 this process: train tasks name ``base_url()`` (``http.public_url``, or this process's
-server), so a coordinator with HTTP off runs jobs whose uploads another replica serves.
+server), so a coordinator with HTTP off runs jobs whose uploads another replica serves
+(with neither HTTP nor ``public_url`` it runs no rounds: ``lead=False``).
 """
 
 from __future__ import annotations
@@ -52,7 +53,10 @@ class FLFeature(BaseFeature):
         estimator: Callable[[], ThroughputEstimator],
         weights: CostWeights,
         on_submit: Callable[[], None],
+        lead: bool = True,
     ) -> None:
+        #: Whether this process runs the round engine when it leads (not without a base URL).
+        self.lead = lead
         self.store = store
         self.fl = FLStore(store.engine)
         self.metrics = FLMetrics(metrics)
@@ -108,7 +112,7 @@ class FLFeature(BaseFeature):
         return self._routers
 
     def leader_loops(self) -> Mapping[str, LeaderLoop]:
-        return {"fl": self.engine.lead}
+        return {"fl": self.engine.lead} if self.lead else {}
 
     def on_results(self, outcomes: Sequence[ResultOutcome]) -> None:
         self.engine.on_results(outcomes)
