@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             agent={"capacity_interval": args.interval, "probe": True, "log_level": "WARNING"},
         )
         agent = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--config", str(cfg)],
+            [sys.executable, "-m", "lepton.agent", "run", "--config", str(cfg)],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -216,7 +216,7 @@ class Stack:
                 flags["--data"] = s.data
             if host is not None:
                 flags["--host-gflops"] = round(host, 3)
-            argv = [sys.executable, "-m", "agent", "sim", *_flags(flags)]
+            argv = [sys.executable, "-m", "lepton.agent", "sim", *_flags(flags)]
             log_path = self.logs / _fleet_log(i)
             self.fleets.append(procs.spawn(argv, log_path=log_path, env=_child_env()))
             first += count

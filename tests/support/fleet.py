@@ -232,7 +232,7 @@ class AgentProcess:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     env: dict[str, str] = field(default_factory=dict)
-    module: str = "agent"
+    module: str = "lepton.agent"
 
     def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("LEPTON_")}
