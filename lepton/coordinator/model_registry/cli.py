@@ -5,7 +5,7 @@ The main CLI mounts these with :func:`add_models_commands` and calls
 coordinator.models.cli`` runs them on their own. Every command works directly on a data
 directory and a database URL: ``--data-dir`` (``$LEPTON_DATA_DIR``, default
 ``var/coordinator``) and ``--database-url`` (``$LEPTON_DATABASE_URL``, default the SQLite
-file ``lepton.coordinator.db`` in the data directory), the coordinator's own settings.
+file ``coordinator.db`` in the data directory), the coordinator's own settings.
 
 Exit codes (coordinator/cli/exitcodes.py): 0 done, 1 not found or invalid input, 6 the INT8
 model failed the accuracy gate.

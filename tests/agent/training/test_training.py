@@ -62,7 +62,7 @@ def test_handlers_are_registered() -> None:
 
 def test_registering_loads_neither_numpy_nor_torch() -> None:
     code = (
-        "import sys; from agent.handlers import default_registry; default_registry(); "
+        "import sys; from lepton.agent.handlers import default_registry; default_registry(); "
         "print(sorted(m for m in ('numpy', 'torch') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
