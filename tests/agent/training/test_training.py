@@ -255,7 +255,9 @@ async def test_a_model_outside_the_allowlist_is_refused_before_anything_is_loade
     params = {**train_params(servers), "model": model}  # the CNN's weights, a hostile model
     if kind == "evaluate":
         params = {k: params[k] for k in ("model", "weights", "data")}
-    with pytest.raises(TaskError, match=r"model: .* is not in the allowed imports \(models\.\*"):
+    with pytest.raises(
+        TaskError, match=r"model: .* is not in the allowed imports \(lepton\.models\.\*"
+    ):
         await (train if kind == "train" else evaluate)(task(kind, **params), ctx)
     assert servers.blobs.requests == []  # refused before the weights were fetched
     assert servers.uploads.requests == []
