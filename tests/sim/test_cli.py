@@ -12,7 +12,7 @@ import pytest
 from lepton.agent.cli import build_parser as agent_parser
 from lepton.sim.cli import build_parser, main
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_the_simulator_has_its_own_console_script() -> None:

@@ -21,7 +21,7 @@ from tests.coordinator.conftest import eventually
 from tests.coordinator.simdevice import SimDevice
 from tests.support.broker import Broker, free_port
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 LEPTON = [sys.executable, "-m", "lepton.coordinator.cli"]
 
 
