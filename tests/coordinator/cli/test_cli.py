@@ -132,6 +132,7 @@ async def test_models_deploy_through_the_running_coordinator(
     four = SimDevice(broker.port, "pi-4", interval_s=0.2, device_class="rpi4")
     async with five, four:
         for device in ("pi-5", "pi-4"):
+            await eventually(lambda d=device: coordinator.store.device_exists(d))
             await eventually(lambda d=device: coordinator.store.get_device(d).report is not None)
         code, out, err = await lepton(
             capsys, "--api", api, "--json", "models", "deploy", "digits:1", "--class", "rpi5"
