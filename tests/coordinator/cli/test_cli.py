@@ -18,8 +18,8 @@ from lepton.coordinator.cli import main
 from lepton.coordinator.cli.main import parse_param
 from lepton.coordinator.service import Coordinator
 from tests.coordinator.conftest import eventually
-from tests.coordinator.simdevice import SimDevice
 from tests.support.broker import Broker, free_port
+from tests.support.device import FakeDevice
 
 REPO = Path(__file__).resolve().parents[3]
 LEPTON = [sys.executable, "-m", "lepton.coordinator.cli"]
@@ -36,7 +36,7 @@ async def test_devices_and_tasks_commands(
     coordinator: Coordinator, broker: Broker, capsys: pytest.CaptureFixture[str]
 ) -> None:
     api = coordinator.api_url or ""
-    async with SimDevice(broker.port, "pi-7", interval_s=0.2):
+    async with FakeDevice(broker.port, "pi-7", interval_s=0.2):
         await eventually(lambda: coordinator.store.device_exists("pi-7"))
         await eventually(lambda: coordinator.store.get_device("pi-7").report is not None)
         code, out, _ = await lepton(capsys, "--api", api, "devices", "ls")
@@ -128,8 +128,8 @@ async def test_models_deploy_through_the_running_coordinator(
     registry = ModelRegistry(coordinator.store.engine, Path(coordinator.config.data_dir))
     artifact = REPO / "lepton" / "models" / "artifacts" / "digits_fp32.onnx"
     record = registry.import_file(artifact, name="digits", format="onnx", precision="fp32")
-    five = SimDevice(broker.port, "pi-5", interval_s=0.2, device_class="rpi5")
-    four = SimDevice(broker.port, "pi-4", interval_s=0.2, device_class="rpi4")
+    five = FakeDevice(broker.port, "pi-5", interval_s=0.2, device_class="rpi5")
+    four = FakeDevice(broker.port, "pi-4", interval_s=0.2, device_class="rpi4")
     async with five, four:
         for device in ("pi-5", "pi-4"):
             await eventually(lambda d=device: coordinator.store.device_exists(d))
