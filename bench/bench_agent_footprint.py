@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 
 from bench import _common
-from tests.support.fleet import write_agent_config
+from tests.support.agents import write_agent_config
 
 BARE_CLIENT = textwrap.dedent(
     """

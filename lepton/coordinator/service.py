@@ -17,7 +17,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Final
@@ -171,9 +171,13 @@ class Coordinator:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(self.scheduler.wake)
 
+        def submitted(n: int) -> None:
+            self.metrics.task_transitions.labels("pending").inc(n)
+            wake()
+
         return create_app(
             ApiContext(
-                routers=self._model_routes(),
+                routers=self._model_routes(submitted),
                 config=self.config,
                 store=self.store,
                 metrics=self.metrics,
@@ -184,11 +188,12 @@ class Coordinator:
             )
         )
 
-    def _model_routes(self) -> list[APIRouter]:
-        """The model registry's routes (blobs by content address, model metadata), on the
-        coordinator's database and data directory."""
+    def _model_routes(self, on_submit: Callable[[int], None]) -> list[APIRouter]:
+        """The model registry's routes (blobs by content address, model metadata, deploying a
+        model), on the coordinator's database and data directory."""
         try:
             from lepton.coordinator.model_registry import tables
+            from lepton.coordinator.model_registry.deploy import Deployer
             from lepton.coordinator.model_registry.registry import ModelRegistry
             from lepton.coordinator.model_registry.routes import make_router
         except ImportError:  # pragma: no cover - the registry is optional
@@ -198,7 +203,15 @@ class Coordinator:
         registry = ModelRegistry(
             self.store.engine, Path(self.config.data_dir).expanduser(), create_tables=False
         )
-        return [make_router(registry), *self._fl_routes(registry)]
+        deployer = Deployer(self.config, self.store, registry, self.base_url, on_submit)
+        return [make_router(registry, deployer), *self._fl_routes(registry)]
+
+    def base_url(self) -> str:
+        """Where devices fetch from this coordinator: ``http.public_url``, else its API."""
+        if self.config.http.public_url:
+            return self.config.http.public_url
+        assert self.http is not None, "serving blobs to devices needs the HTTP API"
+        return self.http.url
 
     def _fl_routes(self, registry: ModelRegistry) -> list[APIRouter]:
         """Federated jobs: their tables, the round engine (run by the leader) and routes."""

@@ -68,9 +68,6 @@ def build_parser(*, models: bool = True) -> argparse.ArgumentParser:
     from lepton.coordinator.fl.cli import add_fl_commands
 
     add_fl_commands(top)
-    from lepton.demo.cli import add_demo_command
-
-    add_demo_command(top)
     if not models:
         top.add_parser("models", help="model registry and INT8 quantization")
         return p

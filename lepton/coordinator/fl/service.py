@@ -41,12 +41,6 @@ def build_fl(c: Coordinator, registry: ModelRegistry) -> tuple[FLEngine, list[AP
     # Train tasks get their upload credential as they are sent, never in stored params.
     c.store.add_sealer(planning.KIND, signer.seal)
 
-    def base_url() -> str:
-        if c.config.http.public_url:
-            return c.config.http.public_url
-        assert c.http is not None, "federated jobs need the HTTP API"
-        return c.http.url
-
     def wake_scheduler() -> None:
         with contextlib.suppress(RuntimeError):
             c.scheduler.wake()
@@ -57,7 +51,7 @@ def build_fl(c: Coordinator, registry: ModelRegistry) -> tuple[FLEngine, list[AP
         fl,
         registry,
         metrics,
-        base_url=base_url,
+        base_url=c.base_url,
         estimator=lambda: c.scheduler.estimator,
         weights=c.scheduler.weights,
         on_submit=wake_scheduler,

@@ -18,7 +18,7 @@ from lepton.coordinator.fl.modelio import EvalSet, evaluate
 from lepton.protocol.imports import Allowlist
 
 MODEL = "lepton.models.digits:DigitsCNN"
-ARTIFACTS = Path(__file__).resolve().parents[3] / "lepton" / "models" / "artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[4] / "lepton" / "models" / "artifacts"
 POLICY = JobPolicy(allow=Allowlist(("lepton.models.*",)), eval_dir=Path("/"))
 HONEST = 8
 FORGED_EXAMPLES = 10**9
