@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import inspect, text
+from sqlalchemy import Column, MetaData, String, inspect, text
 
 from lepton.coordinator.cli import main
 from lepton.coordinator.cli.exitcodes import EXIT_OK, EXIT_SCHEMA
@@ -182,3 +182,28 @@ def test_replicas_starting_together_upgrade_once(pg_url: str) -> None:
         t.join(timeout=60)
     assert errors == []
     assert _recorded(pg_url) == [migrations.head()]
+
+
+def test_a_model_change_gets_a_revision_that_makes_the_database_match(
+    newer_release: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """new_revision writes the next revision from the models; upgrading to it leaves no
+    difference between the database and the models."""
+    changed = MetaData()
+    for table in migrations.target_metadata().tables.values():
+        table.to_metadata(changed)
+    changed.tables["devices"].append_column(Column("site", String(64)))
+    monkeypatch.setattr(migrations, "target_metadata", lambda: changed)
+    # The fixture's 0002 adds probe_note; the models here do not have it.
+    (migrations.SCRIPT_LOCATION / "versions" / "0002_probe.py").unlink()
+    migrations.scripts.cache_clear()
+    path = migrations.new_revision("devices: a site")
+    assert path.name == "0002_devices_a_site.py"
+    assert "add_column(sa.Column('site'" in path.read_text()
+    engines = make_engines(f"sqlite:///{tmp_path / 'c.db'}")
+    try:
+        _, after = migrations.upgrade(engines.write)
+        assert after.revision == "0002"
+        assert schema_differences(engines.write) == []
+    finally:
+        engines.dispose()

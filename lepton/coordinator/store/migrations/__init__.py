@@ -34,7 +34,7 @@ from typing import Literal
 from alembic import command
 from alembic.config import Config
 from alembic.migration import MigrationContext
-from alembic.script import ScriptDirectory
+from alembic.script import Script, ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import Connection, Engine, MetaData, inspect, text
 
@@ -180,6 +180,32 @@ def drop_all(engine: Engine) -> None:
     with locked(engine) as conn:
         target_metadata().drop_all(conn)
         conn.execute(text(f"DROP TABLE IF EXISTS {VERSION_TABLE}"))
+
+
+def new_revision(message: str) -> Path:
+    """Write the revision that takes the schema at head to what the models now declare
+    (Alembic's autogenerate, against a scratch SQLite database brought to head), numbered
+    after the head; returns its file, to review and commit. For developers changing a
+    model: ``python -c "from lepton.coordinator.store.migrations import new_revision;
+    new_revision('tasks: a priority column')"``."""
+    import tempfile
+
+    from lepton.coordinator.store.connection import make_engines
+
+    rev_id = f"{int(head()) + 1:04d}"
+    with tempfile.TemporaryDirectory() as tmp:
+        engines = make_engines(f"sqlite:///{Path(tmp) / 'head.db'}")
+        try:
+            upgrade(engines.write)
+            with engines.write.begin() as conn:
+                script = command.revision(
+                    alembic_config(conn), message, autogenerate=True, rev_id=rev_id
+                )
+        finally:
+            engines.dispose()
+    scripts.cache_clear()
+    assert isinstance(script, Script), script
+    return Path(script.path)
 
 
 def upgrade_command(engine: Engine) -> str:
