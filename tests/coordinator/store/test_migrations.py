@@ -207,3 +207,31 @@ def test_a_model_change_gets_a_revision_that_makes_the_database_match(
         assert schema_differences(engines.write) == []
     finally:
         engines.dispose()
+
+
+def test_an_unversioned_database_is_adopted_with_its_rows(
+    empty_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Tables as a release before migrations made them (create_all; one without the cancel
+    columns start-up used to add): `lepton db upgrade` adds what is missing, records the
+    revision and keeps the rows."""
+    engines = make_engines(empty_url)
+    try:
+        migrations.target_metadata().create_all(engines.write)
+        with engines.write.begin() as conn:
+            conn.execute(text("ALTER TABLE tasks DROP COLUMN cancel_reason"))
+        old = Store.open(empty_url, create=False)
+        old.record_capacity([sample("pi-01"), sample("pi-02")])
+        old.close()
+        assert migrations.current(engines.write).state == "unversioned"
+        assert main(["db", "upgrade", "--database", empty_url]) == EXIT_OK
+        assert "upgraded from unversioned" in capsys.readouterr().out
+        assert _recorded(empty_url) == [migrations.head()]
+        assert schema_differences(engines.write) == []
+        store = Store.open(empty_url)
+        try:
+            assert sorted(d.id for d in store.list_devices()) == ["pi-01", "pi-02"]
+        finally:
+            store.close()
+    finally:
+        engines.dispose()
