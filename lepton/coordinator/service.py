@@ -74,6 +74,7 @@ class Coordinator:
             cfg.database_url,
             retry=RetryPolicy(base_s=t.retry_backoff_s, max_s=t.retry_backoff_max_s),
             capacity_history=cfg.database.capacity_history,
+            auto_upgrade=cfg.database.auto_upgrade,
             sqlite_synchronous=cfg.database.sqlite_synchronous,
             echo=cfg.database.echo,
         )
@@ -198,7 +199,7 @@ class Coordinator:
             from lepton.coordinator.model_registry.routes import make_router
         except ImportError:  # pragma: no cover - the registry is optional
             return []
-        # Created under the store's start-up lock: replicas may start at the same moment.
+        # The registry's tables: created with the rest by the store's migrations.
         self.store.create_schema(tables.metadata)
         registry = ModelRegistry(
             self.store.engine, Path(self.config.data_dir).expanduser(), create_tables=False

@@ -3,7 +3,8 @@
 Human tables by default, ``--json`` for scripts. The API address is ``--api URL`` or
 ``$LEPTON_API`` (default http://127.0.0.1:8080). Exit codes: 0 done, 1 error, 2 usage or
 configuration error, 3 not found, 4 coordinator unreachable, 5 ``tasks submit --wait``: the
-task failed, expired or was cancelled, 6 ``tasks cancel``: the task had already ended.
+task failed, expired or was cancelled, 6 ``tasks cancel``: the task had already ended, 8 the
+database is at another schema revision (``lepton db upgrade``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from lepton.coordinator.cli.client import ApiClient, CliError, api_url
 from lepton.coordinator.cli.exitcodes import (
     EXIT_ERROR,
     EXIT_OK,
+    EXIT_SCHEMA,
     EXIT_TASK_FAILED,
     EXIT_TASK_FINISHED,
     EXIT_USAGE,
@@ -65,6 +67,9 @@ def build_parser(*, models: bool = True) -> argparse.ArgumentParser:
     _coordinator_commands(top)
     _device_commands(top)
     _task_commands(top)
+    from lepton.coordinator.cli.db import add_db_commands
+
+    add_db_commands(top)
     from lepton.coordinator.fl.cli import add_fl_commands
 
     add_fl_commands(top)
@@ -381,8 +386,12 @@ def _known_failure(exc: Exception) -> int | None:
     """Print a one-line message for failures an operator can fix; None for bugs."""
     from sqlalchemy.exc import SQLAlchemyError
 
+    from lepton.coordinator.store.migrations import SchemaError
     from lepton.protocol.errors import ConfigError
 
+    if isinstance(exc, SchemaError):
+        sys.stderr.write(f"error: {exc}\n")
+        return EXIT_SCHEMA
     if isinstance(exc, ConfigError):
         sys.stderr.write(f"configuration error: {exc}\n")
         return EXIT_USAGE

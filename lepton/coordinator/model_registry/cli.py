@@ -161,12 +161,18 @@ def open_registry(args: argparse.Namespace) -> Any:
     """The :class:`ModelRegistry` the command's ``--data-dir``/``--database-url`` name."""
     from sqlalchemy import create_engine
 
+    from lepton.coordinator.model_registry import tables
     from lepton.coordinator.model_registry.registry import ModelRegistry
+    from lepton.coordinator.store import migrations
 
     data_dir = Path(args.data_dir).expanduser()
     data_dir.mkdir(parents=True, exist_ok=True)
     url = args.database_url or f"sqlite:///{data_dir.resolve() / 'coordinator.db'}"
-    return ModelRegistry(create_engine(url), data_dir)
+    engine = create_engine(url)
+    # The coordinator's database: an empty one gets the whole schema, at head, as the
+    # coordinator's start-up would make it; one at another revision is refused.
+    migrations.prepare(engine, require=tables.metadata)
+    return ModelRegistry(engine, data_dir, create_tables=False)
 
 
 def _short(n: int | None) -> str:
