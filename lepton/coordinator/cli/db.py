@@ -15,7 +15,8 @@ from typing import Any
 from lepton.coordinator.cli.exitcodes import EXIT_OK, EXIT_SCHEMA
 
 
-def add_db_commands(top: Any) -> None:
+def add_commands(top: Any) -> None:
+    """Mount ``db upgrade|current`` on the ``lepton`` parser's subcommands."""
     db = top.add_parser("db", help="the database's schema revision; upgrade it")
     sub = db.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
     for name, handler, help_text in (

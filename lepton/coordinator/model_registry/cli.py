@@ -1,11 +1,11 @@
 """``lepton models ls|show|import|quantize|deploy``: the model registry from the command line.
 
-The main CLI mounts these with :func:`add_models_commands` and calls
-:func:`run_models_command` for a parsed ``models`` command; ``python -m
-coordinator.models.cli`` runs them on their own. Every command works directly on a data
-directory and a database URL: ``--data-dir`` (``$LEPTON_DATA_DIR``, default
-``var/coordinator``) and ``--database-url`` (``$LEPTON_DATABASE_URL``, default the SQLite
-file ``coordinator.db`` in the data directory), the coordinator's own settings.
+The main CLI mounts these with :func:`add_commands` (which makes
+:func:`run_models_command` the handler of every ``models`` command); ``python -m
+lepton.coordinator.model_registry.cli`` runs them on their own. Every command works directly on a
+data directory and a database URL: ``--data-dir`` (``$LEPTON_DATA_DIR``, default
+``var/coordinator``) and ``--database-url`` (``$LEPTON_DATABASE_URL``, default the SQLite file
+``coordinator.db`` in the data directory), the coordinator's own settings.
 
 ``deploy`` is the exception: deploying needs the running coordinator (it submits tasks that
 its scheduler places), so it asks its HTTP API (``--api URL`` or ``$LEPTON_API``, as the
@@ -52,7 +52,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_models_commands(subparsers: Any) -> argparse.ArgumentParser:
+def add_commands(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``models`` with its sub-commands to an ``add_subparsers()`` object."""
     from lepton.coordinator.model_registry.quantize import CALIBRATION_METHODS
     from lepton.coordinator.model_registry.registry import FORMATS, PRECISIONS
@@ -60,6 +60,7 @@ def add_models_commands(subparsers: Any) -> argparse.ArgumentParser:
     models: argparse.ArgumentParser = subparsers.add_parser(
         "models", help="model registry and INT8 quantization"
     )
+    models.set_defaults(handler=run_models_command)
     sub = models.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
 
     ls = sub.add_parser("ls", help="list registered model versions")
@@ -371,7 +372,7 @@ def run_models_command(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lepton")
-    add_models_commands(parser.add_subparsers(dest="command", required=True))
+    add_commands(parser.add_subparsers(dest="command", required=True))
     return run_models_command(parser.parse_args(argv))
 
 
