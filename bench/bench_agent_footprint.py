@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 
 from bench import _common
-from tests.support.fleet import write_agent_config
+from tests.support.agents import write_agent_config
 
 BARE_CLIENT = textwrap.dedent(
     """
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             agent={"capacity_interval": args.interval, "probe": True, "log_level": "WARNING"},
         )
         agent = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--config", str(cfg)],
+            [sys.executable, "-m", "lepton.agent", "run", "--config", str(cfg)],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -42,7 +42,7 @@ from lepton.agent.inference.runtimes.onnx import ALLOW_SPINNING
 from lepton.agent.inference.served import DeploySpec
 from lepton.agent.inference.tasks import evaluate
 from lepton.agent.training.datasources import Dataset
-from tests.support.blobserver import BlobServer
+from tests.support.httpserver import HttpServer
 
 ARTIFACT = _common.REPO / "lepton" / "models" / "artifacts" / "digits_int8.onnx"
 
@@ -154,7 +154,7 @@ def bare_calls(session: Any, name: str, xb: np.ndarray, n: int, rounds: int) -> 
 async def deploy(path: Path, state: Path, threads: int) -> ModelManager:
     manager = ModelManager(state / "models", threads=threads)
     data = await asyncio.to_thread(path.read_bytes)
-    with BlobServer() as blobs:
+    with HttpServer() as blobs:
         digest = blobs.add(data)
         spec = DeploySpec.from_params(
             {

@@ -6,7 +6,7 @@
 
 Everything runs as it would in production, each in its own process: mosquitto, the
 coordinator (``lepton coordinator run``, SQLite with its default settings) and the fleet
-(``lepton-agent sim``, split over ``--processes`` processes with ``--first-index``). Beside
+(``lepton-sim``, split over ``--processes`` processes with ``--first-index``). Beside
 them, a bare paho subscriber that only timestamps what the broker delivers: the baseline
 for what the coordinator adds.
 

@@ -5,7 +5,7 @@
 
 Each scenario runs a fresh stack, every part in its own process as in production:
 mosquitto (persistence saved every second), the coordinator (``lepton coordinator run``,
-SQLite) and ``--devices`` simulated devices (``lepton-agent sim``: real agents) reporting
+SQLite) and ``--devices`` simulated devices (``lepton-sim``: real agents) reporting
 every ``--interval`` seconds, so a device's liveness deadline is 3 intervals. ``--tasks``
 ``echo`` tasks (``--sleep`` seconds each, the default 3 attempts) are committed at once; a
 third of the baseline's run time later the broker is killed with SIGKILL and restarted

@@ -72,6 +72,21 @@ def test_the_tree_keeps_every_contract() -> None:
             "from lepton.coordinator.store import Store",
             "scheduling and aggregation kernels do no I/O",
         ),
+        (
+            "lepton/coordinator/service.py",
+            "import lepton.demo.stack",
+            "the agent and the coordinator never import the demo or the simulator",
+        ),
+        (
+            "lepton/agent/daemon.py",
+            "from lepton.sim.profiles import Profile",
+            "the agent and the coordinator never import the demo or the simulator",
+        ),
+        (
+            "lepton/sim/fleet.py",
+            "import lepton.coordinator.config",
+            "the simulator drives real agents and never imports the coordinator",
+        ),
     ],
 )
 def test_a_crossed_layer_breaks_its_contract(

@@ -38,6 +38,7 @@ class DatabaseConfig:
     capacity_history: int = 100
     sqlite_synchronous: Literal["full", "normal"] = "full"
     echo: bool = False
+    auto_upgrade: bool = False  # migrate an older database at start-up (docs: Upgrading)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -11,10 +11,14 @@ integrations:
    passing each exactly what it uses (repositories, the blob store, the config, a base URL
    callable, wake-up callbacks) and never the coordinator itself. A constructor does no
    I/O: the feature's tables may not exist yet;
-2. it **creates the tables** of every feature's :attr:`~Feature.metadata` in one call
-   (``Store.create_schema``, under the store's start-up lock, so replicas may start at the
-   same moment), then calls :meth:`~Feature.start` on each, in order, on the event loop;
-   this is where a feature reads its database state (a shared secret, say);
+2. it **makes the schema** in one place (``Coordinator._create_tables`` calls
+   ``Store.create_schema``): the store's Alembic migrations bring the database to head
+   under their start-up lock (replicas may start at the same moment), and every feature's
+   :attr:`~Feature.metadata` is checked to exist. A feature's tables are declared in its
+   ``tables.py`` and created by a migration revision
+   (:mod:`lepton.coordinator.store.migrations`), like the store's own. Then it calls
+   :meth:`~Feature.start` on each feature, in order, on the event loop: this is where a
+   feature reads its database state (a shared secret, say);
 3. it mounts every feature's :meth:`~Feature.routers` on the HTTP app (when HTTP is on);
 4. it runs each of :meth:`~Feature.leader_loops` through ``Leadership.lead``: the loop
    gets the lease of each term of leadership and is cancelled when the term ends (fence

@@ -197,7 +197,13 @@ class Coordinator:
             from lepton.coordinator.model_registry.feature import ModelRegistryFeature
         except ImportError:  # pragma: no cover - the registry and FL are optional
             return features
-        models = ModelRegistryFeature(self.store.engine, Path(cfg.data_dir).expanduser())
+        models = ModelRegistryFeature(
+            cfg,
+            self.store,
+            Path(cfg.data_dir).expanduser(),
+            base_url=self.base_url,
+            on_submit=self._submitted,
+        )
         # Train tasks name where devices fetch weights and upload: without HTTP here, that
         # is another replica's API (http.public_url).
         lead_fl = cfg.http.enabled or bool(cfg.http.public_url)
@@ -208,7 +214,7 @@ class Coordinator:
             self.store,
             models.registry,
             self.metrics.registry,
-            base_url=self._base_url,
+            base_url=self.base_url,
             estimator=lambda: self.scheduler.estimator,
             weights=self.scheduler.weights,
             on_submit=self._wake_scheduler,
@@ -217,13 +223,18 @@ class Coordinator:
         return [*features, models, fl]
 
     def _create_tables(self) -> None:
-        """Every feature's tables, in one transaction under the store's start-up lock
-        (replicas may start at the same moment)."""
-        self.store.create_schema(*(f.metadata for f in self.features if f.metadata is not None))
+        """The one place start-up makes the schema: the store's migrations bring an empty
+        database to head (or refuse one at another revision, unless ``auto_upgrade``), under
+        the store's start-up lock (replicas may start at the same moment); every feature's
+        tables are then checked to exist."""
+        self.store.create_schema(
+            *(f.metadata for f in self.features if f.metadata is not None),
+            auto_upgrade=self.config.database.auto_upgrade,
+        )
 
-    def _base_url(self) -> str:
-        """Where devices reach this coordinator's HTTP API: ``http.public_url``, or the
-        server of this process."""
+    def base_url(self) -> str:
+        """Where devices reach this coordinator's HTTP API (to fetch blobs, to upload):
+        ``http.public_url``, or the server of this process."""
         if self.config.http.public_url:
             return self.config.http.public_url
         if self.http is None:
@@ -255,6 +266,10 @@ class Coordinator:
     def _link_changed(self, up: bool) -> None:  # event loop
         self.metrics.mqtt_connected.set(1 if up else 0)
         self.liveness.link_changed(up)
+
+    def _submitted(self, n: int) -> None:  # any thread: tasks were submitted (a deployment)
+        self.metrics.task_transitions.labels("pending").inc(n)
+        self._wake_scheduler_threadsafe()
 
     def _wake_scheduler(self) -> None:  # event loop
         with contextlib.suppress(RuntimeError):

@@ -1,4 +1,5 @@
-"""The coordinator's HTTP API as the demo uses it: devices, tasks, explanations, FL jobs."""
+"""The coordinator's HTTP API as the demo uses it: devices, tasks, deploys, explanations, FL
+jobs."""
 
 from __future__ import annotations
 
@@ -67,6 +68,11 @@ class Api:
 
     def submit(self, body: dict[str, Any]) -> dict[str, Any]:
         return dict(self.post(routes.TASKS, body))
+
+    def deploy(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        """The coordinator's deploy of model ``name`` (``lepton models deploy``): the model
+        version and one deploy task per device."""
+        return dict(self.post(routes.path(routes.MODEL_DEPLOY, name=name), body))
 
     # ------------------------------------------------------------------ waiting
 

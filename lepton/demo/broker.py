@@ -3,7 +3,7 @@
 :class:`MosquittoBroker` runs the ``mosquitto`` binary with a config written into its own
 directory (port, persistence, log); the test suite and the benchmarks use it too
 (``tests/support/broker.py`` re-exports it). :class:`EmbeddedBroker` runs amqtt
-(``python -m lepton.demo.embedded_broker``) as its own process, so ``lepton demo``
+(``python -m lepton.demo.embedded_broker``) as its own process, so ``lepton-demo``
 works on a machine without Mosquitto; it speaks MQTT 3.1.1 only. :func:`start_broker`
 picks one.
 """

@@ -1,4 +1,4 @@
-"""``lepton demo``: broker, coordinator and a simulated fleet on this machine, and the whole
+"""``lepton-demo``: broker, coordinator and a simulated fleet on this machine, and the whole
 loop on them (train, INT8 through the gate, deploy, inference placed by the cost model,
 federated rounds, redeploy), with live progress and an HTML + JSON report.
 
@@ -12,6 +12,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -21,11 +22,10 @@ from lepton.coordinator.cli.exitcodes import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_
 MARKER = ".lepton-demo"
 
 
-def add_demo_command(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``demo`` to an ``add_subparsers()`` object (the ``lepton`` CLI's)."""
-    demo: argparse.ArgumentParser = subparsers.add_parser(
-        "demo",
-        help="run the whole loop locally: broker, coordinator, a simulated fleet",
+def build_parser() -> argparse.ArgumentParser:
+    """The ``lepton-demo`` argument parser."""
+    demo = argparse.ArgumentParser(
+        prog="lepton-demo",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -54,8 +54,12 @@ def add_demo_command(subparsers: Any) -> argparse.ArgumentParser:
         help="auto: mosquitto if installed, else the embedded Python broker",
     )
     demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(handler=cmd_demo)
     return demo
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``lepton-demo``; returns the exit code."""
+    return cmd_demo(build_parser().parse_args(argv))
 
 
 def _prepare_workdir(path: Path) -> Path:
@@ -68,7 +72,7 @@ def _prepare_workdir(path: Path) -> Path:
             )
         shutil.rmtree(path)
     path.mkdir(parents=True)
-    (path / MARKER).write_text("lepton demo work directory: replaced on the next run\n")
+    (path / MARKER).write_text("lepton-demo work directory: replaced on the next run\n")
     return path
 
 

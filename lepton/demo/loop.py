@@ -258,21 +258,17 @@ class Demo:
     def _deploy(self, stage: str, record: Any, *, wave: int) -> None:
         ids = list(self.device_class)
         self._begin(stage, len(ids), f"{record.name} v{record.version} ({record.size:,} bytes)")
-        params = model.deploy_params(record, self.stack.api_url)
-        task_ids = []
-        for device_id in ids:
-            task = self.api.submit(
-                {
-                    "kind": "deploy",
-                    "params": params,
-                    "device_id": device_id,
-                    "input_bytes": record.size,
-                    "demand_gops": 0.01,
-                    "max_attempts": 3,
-                    "expires_in_s": 600,
-                }
-            )
-            task_ids.append(task["id"])
+        # The coordinator's own deploy (`lepton models deploy`): one pinned task per device.
+        deployed = self.api.deploy(
+            record.name,
+            {
+                "version": record.version,
+                "device_ids": ids,
+                "max_attempts": 3,
+                "expires_in_s": 600,
+            },
+        )
+        task_ids = [task["id"] for task in deployed["tasks"]]
         tasks = self.api.wait_tasks(
             "deploy",
             task_ids,

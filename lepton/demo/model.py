@@ -172,15 +172,3 @@ def quantization_figures(published: Published, seconds: float) -> dict[str, Any]
         "latency_int8_ms": r.latency_int8.p50_ms,
         "seconds": seconds,
     }
-
-
-def deploy_params(record: ModelRecord, api_url: str) -> dict[str, Any]:
-    """The ``deploy`` task's params for ``record``, fetched from the coordinator's blob route."""
-    return {
-        "name": record.name,
-        "digest": record.digest,
-        "size": record.size,
-        "url": f"{api_url}/v1/blobs/{record.digest}",
-        "format": record.format,
-        "precision": record.precision,
-    }

@@ -1,4 +1,4 @@
-"""Live progress of ``lepton demo`` with rich: one row per stage, updated as it runs.
+"""Live progress of ``lepton-demo`` with rich: one row per stage, updated as it runs.
 
 On a terminal the table redraws in place; elsewhere (a pipe, a CI log) each stage prints
 one line when it ends, so the output stays readable.

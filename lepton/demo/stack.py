@@ -1,7 +1,7 @@
 """The demo's processes: a broker, a coordinator and a simulated fleet, each on its own.
 
 :class:`Stack` starts them in order (broker, coordinator on SQLite in the work directory,
-``lepton-agent sim``), waits until each is ready, and :meth:`Stack.close` stops them in the
+``lepton-sim``), waits until each is ready, and :meth:`Stack.close` stops them in the
 reverse order: fleet first (agents publish their offline state), then the coordinator
 (drains what it received), then the broker. Every child runs in its own process group and
 dies with the demo (see :mod:`lepton.demo.procs`); their PIDs are written to
@@ -190,7 +190,7 @@ class Stack:
         raise StackError(f"the coordinator was not healthy within {timeout:g}s ({last})")
 
     def start_fleet(self, host_gflops: float | None = None) -> None:
-        """Start ``lepton-agent sim``: ``devices`` virtual devices over ``fleet_processes``
+        """Start ``lepton-sim``: ``devices`` virtual devices over ``fleet_processes``
         processes (ids numbered across them), holding ``data``.
 
         ``host_gflops``: this host's speed the simulator stretches work against (default:
@@ -216,7 +216,7 @@ class Stack:
                 flags["--data"] = s.data
             if host is not None:
                 flags["--host-gflops"] = round(host, 3)
-            argv = [sys.executable, "-m", "agent", "sim", *_flags(flags)]
+            argv = [sys.executable, "-m", "lepton.sim", *_flags(flags)]
             log_path = self.logs / _fleet_log(i)
             self.fleets.append(procs.spawn(argv, log_path=log_path, env=_child_env()))
             first += count

@@ -5,7 +5,7 @@ Importing a module runs its code, so a path that arrives over the network (a fed
 a train task) is resolved only against an :class:`Allowlist` the operator configured, and the
 check is made on the string **before** anything is imported. The target must also be defined
 in an allowed module (a re-exported ``os.system`` or a walk through an imported module is
-refused), so allowing ``models.*`` allows the reference models and nothing they import.
+refused), so allowing ``lepton.models.*`` allows the reference models and nothing they import.
 """
 
 from __future__ import annotations

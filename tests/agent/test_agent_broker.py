@@ -17,8 +17,8 @@ from lepton.agent.config import AgentConfig, load_config
 from lepton.agent.daemon import Agent
 from lepton.protocol.codec import MAX_MESSAGE_BYTES, encode
 from lepton.protocol.messages import Result, Task
+from tests.support.agents import Sink
 from tests.support.broker import Broker
-from tests.support.fleet import Sink
 
 
 @contextlib.asynccontextmanager

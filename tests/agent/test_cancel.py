@@ -17,8 +17,8 @@ import pytest
 from lepton.protocol import topics
 from lepton.protocol.codec import encode
 from lepton.protocol.messages import Task
+from tests.support.agents import AgentProcess, Sink, write_agent_config
 from tests.support.broker import Broker
-from tests.support.fleet import AgentProcess, Sink, write_agent_config
 
 pytestmark = pytest.mark.slow
 

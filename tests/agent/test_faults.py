@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from lepton.protocol.messages import Result
+from tests.support.agents import AgentProcess, Sink, write_agent_config
 from tests.support.broker import Broker
-from tests.support.fleet import AgentProcess, Sink, write_agent_config
 
 pytestmark = pytest.mark.slow
 

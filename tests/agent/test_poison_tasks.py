@@ -1,7 +1,7 @@
 """Finding 2 of the hardening review: one task crash-looped an agent.
 
 A task whose handler takes the process down is counted at each start; after
-``lepton.agent.crash_limit`` deaths it is failed as ``crashed_agent`` instead of being run again,
+``agent.crash_limit`` deaths it is failed as ``crashed_agent`` instead of being run again,
 and the agent stays up. A model factory the device does not allow is refused without
 being imported. Real agent processes against a real broker.
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.agents import AgentProcess, Sink, write_agent_config
 from tests.support.broker import Broker
-from tests.support.fleet import AgentProcess, Sink, write_agent_config
 
 pytestmark = pytest.mark.slow
 
@@ -133,6 +133,6 @@ async def test_an_os_abort_model_is_refused_by_the_allowlist(
         result = sink.results_for({task.task_id})[task.task_id]
         assert result.status == "failed"
         assert result.error is not None
-        assert "'os:abort' is not in the allowed imports (models.*" in result.error
+        assert "'os:abort' is not in the allowed imports (lepton.models.*" in result.error
         assert agent.proc is not None
         assert agent.proc.poll() is None

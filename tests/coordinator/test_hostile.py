@@ -15,9 +15,9 @@ from lepton.coordinator.service import Coordinator
 from lepton.protocol import codec, topics
 from lepton.protocol.messages import Result, ResultAck
 from tests.coordinator.conftest import eventually
-from tests.coordinator.simdevice import SimDevice
 from tests.coordinator.test_service import online, submit, task_in
 from tests.support.broker import Broker
+from tests.support.device import FakeDevice
 
 
 class Raw:
@@ -86,8 +86,8 @@ async def test_spoofed_replayed_and_unknown_task_results(
     coordinator: Coordinator, broker: Broker, raw: Raw
 ) -> None:
     async with (
-        SimDevice(broker.port, "honest", interval_s=0.2, behaviour="ack_only") as honest,
-        SimDevice(broker.port, "mallory", interval_s=0.2, behaviour="refuse") as mallory,
+        FakeDevice(broker.port, "honest", interval_s=0.2, behaviour="ack_only") as honest,
+        FakeDevice(broker.port, "mallory", interval_s=0.2, behaviour="refuse") as mallory,
     ):
         await online(coordinator, "honest", "mallory")
         tid = await submit(coordinator, device_id="honest")
@@ -130,8 +130,8 @@ async def test_spoofed_replayed_and_unknown_task_results(
 
 async def test_spoofed_task_ack_changes_nothing(coordinator: Coordinator, broker: Broker) -> None:
     async with (
-        SimDevice(broker.port, "slow", interval_s=0.2, behaviour="ignore"),
-        SimDevice(broker.port, "other", interval_s=0.2, behaviour="ignore") as other,
+        FakeDevice(broker.port, "slow", interval_s=0.2, behaviour="ignore"),
+        FakeDevice(broker.port, "other", interval_s=0.2, behaviour="ignore") as other,
     ):
         await online(coordinator, "slow", "other")
         tid = await submit(coordinator, device_id="slow")
@@ -165,7 +165,7 @@ async def test_flood_of_garbage_does_not_stop_service(
         with contextlib.suppress(Exception):
             client.disconnect()
         client.loop_stop()
-    async with SimDevice(broker.port, "after", interval_s=0.2):
+    async with FakeDevice(broker.port, "after", interval_s=0.2):
         await online(coordinator, "after")
         tid = await submit(coordinator)
         await task_in(coordinator, tid, "succeeded")

@@ -17,8 +17,8 @@ import httpx
 import pytest
 
 from tests.coordinator.conftest import eventually
-from tests.coordinator.simdevice import SimDevice
 from tests.support.broker import Broker, free_port
+from tests.support.device import FakeDevice
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -129,7 +129,9 @@ async def test_leader_killed_mid_stream_nothing_lost_or_run_twice(
     follower = next(r for r in replicas if r is not leader)
 
     devices = [
-        SimDevice(broker.port, f"edge-{i}", slots=2, interval_s=0.5, run_s=0.25, resend_after_s=0.5)
+        FakeDevice(
+            broker.port, f"edge-{i}", slots=2, interval_s=0.5, run_s=0.25, resend_after_s=0.5
+        )
         for i in range(3)
     ]
     for d in devices:

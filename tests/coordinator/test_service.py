@@ -12,8 +12,8 @@ import httpx
 from lepton.coordinator.service import Coordinator
 from lepton.coordinator.store import TaskRecord
 from tests.coordinator.conftest import eventually
-from tests.coordinator.simdevice import SimDevice
 from tests.support.broker import Broker
+from tests.support.device import FakeDevice
 
 MakeCoordinator = Callable[..., contextlib.AbstractAsyncContextManager[Coordinator]]
 
@@ -46,7 +46,7 @@ async def online(c: Coordinator, *device_ids: str) -> None:
 
 
 async def test_device_appears_with_its_capacity(coordinator: Coordinator, broker: Broker) -> None:
-    async with SimDevice(broker.port, "pi-1", slots=3, interval_s=0.2):
+    async with FakeDevice(broker.port, "pi-1", slots=3, interval_s=0.2):
         await online(coordinator, "pi-1")
         dev = coordinator.store.devices.get_device("pi-1")
         assert dev.agent_version == "sim-1"
@@ -59,7 +59,7 @@ async def test_device_appears_with_its_capacity(coordinator: Coordinator, broker
 
 
 async def test_echo_task_end_to_end(coordinator: Coordinator, broker: Broker) -> None:
-    async with SimDevice(broker.port, "pi-1", interval_s=0.2) as dev:
+    async with FakeDevice(broker.port, "pi-1", interval_s=0.2) as dev:
         await online(coordinator, "pi-1")
         tid = await submit(coordinator, params={"payload": {"x": [1, 2]}}, demand_gops=2.0)
         task = await task_in(coordinator, tid, "succeeded")
@@ -90,8 +90,8 @@ async def test_echo_task_end_to_end(coordinator: Coordinator, broker: Broker) ->
 
 async def test_tasks_spread_over_devices(coordinator: Coordinator, broker: Broker) -> None:
     async with (
-        SimDevice(broker.port, "a", slots=1, interval_s=0.2, run_s=0.3) as a,
-        SimDevice(broker.port, "b", slots=1, interval_s=0.2, run_s=0.3) as b,
+        FakeDevice(broker.port, "a", slots=1, interval_s=0.2, run_s=0.3) as a,
+        FakeDevice(broker.port, "b", slots=1, interval_s=0.2, run_s=0.3) as b,
     ):
         await online(coordinator, "a", "b")
         ids = [await submit(coordinator) for _ in range(6)]
@@ -106,7 +106,7 @@ async def test_last_will_requeues_to_another_device(
     coordinator: Coordinator, broker: Broker
 ) -> None:
     # A long report interval: the will, not the report deadline, must take it offline.
-    stuck = SimDevice(broker.port, "stuck", interval_s=5.0, behaviour="ack_only")
+    stuck = FakeDevice(broker.port, "stuck", interval_s=5.0, behaviour="ack_only")
     await stuck.__aenter__()
     try:
         await online(coordinator, "stuck")
@@ -116,7 +116,7 @@ async def test_last_will_requeues_to_another_device(
         await stuck.close(graceful=False)  # the broker publishes the Last Will
     await eventually(lambda: coordinator.store.devices.get_device("stuck").state == "offline")
     assert coordinator.store.devices.get_device("stuck").offline_reason == "last will"
-    async with SimDevice(broker.port, "healthy", interval_s=0.2):
+    async with FakeDevice(broker.port, "healthy", interval_s=0.2):
         task = await task_in(coordinator, tid, "succeeded")
     assert task.device_id == "healthy"
     assert task.attempt == 2
@@ -129,7 +129,7 @@ async def test_last_will_requeues_to_another_device(
 async def test_missed_reports_mark_offline_and_requeue(
     coordinator: Coordinator, broker: Broker
 ) -> None:
-    async with SimDevice(broker.port, "quiet", interval_s=0.2, behaviour="ack_only") as dev:
+    async with FakeDevice(broker.port, "quiet", interval_s=0.2, behaviour="ack_only") as dev:
         await online(coordinator, "quiet")
         tid = await submit(coordinator)
         await task_in(coordinator, tid, "running")
@@ -148,7 +148,7 @@ async def test_missed_reports_mark_offline_and_requeue(
 async def test_refusals_retry_with_backoff_then_fail(
     coordinator: Coordinator, broker: Broker
 ) -> None:
-    async with SimDevice(broker.port, "busy", interval_s=0.2, behaviour="refuse"):
+    async with FakeDevice(broker.port, "busy", interval_s=0.2, behaviour="refuse"):
         await online(coordinator, "busy")
         tid = await submit(coordinator, max_attempts=3)
         task = await task_in(coordinator, tid, "failed")
@@ -163,7 +163,7 @@ async def test_refusals_retry_with_backoff_then_fail(
 
 
 async def test_failed_results_retry_then_fail(coordinator: Coordinator, broker: Broker) -> None:
-    async with SimDevice(broker.port, "flaky", interval_s=0.2, behaviour="fail") as dev:
+    async with FakeDevice(broker.port, "flaky", interval_s=0.2, behaviour="fail") as dev:
         await online(coordinator, "flaky")
         tid = await submit(coordinator, max_attempts=2)
         task = await task_in(coordinator, tid, "failed")
@@ -179,7 +179,7 @@ async def test_pending_task_expires(coordinator: Coordinator) -> None:
 
 
 async def test_unplaceable_task_says_why(coordinator: Coordinator, broker: Broker) -> None:
-    async with SimDevice(broker.port, "pi-1", interval_s=0.2):
+    async with FakeDevice(broker.port, "pi-1", interval_s=0.2):
         await online(coordinator, "pi-1")
         tid = await submit(coordinator, runtime="tflite")
         await eventually(lambda: coordinator.store.tasks.get_task(tid).explanation is not None)
@@ -193,13 +193,13 @@ async def test_unplaceable_task_says_why(coordinator: Coordinator, broker: Broke
 
 
 async def test_survives_broker_restart(coordinator: Coordinator, broker: Broker) -> None:
-    async with SimDevice(broker.port, "pi-1", interval_s=0.2):
+    async with FakeDevice(broker.port, "pi-1", interval_s=0.2):
         await online(coordinator, "pi-1")
     broker.stop()
     await eventually(lambda: not coordinator.link.connected)
     broker.start()
     assert await coordinator.link.wait_connected(15)
-    async with SimDevice(broker.port, "pi-2", interval_s=0.2):
+    async with FakeDevice(broker.port, "pi-2", interval_s=0.2):
         await online(coordinator, "pi-2")
         tid = await submit(coordinator, device_id="pi-2")
         await task_in(coordinator, tid, "succeeded")
@@ -211,7 +211,7 @@ async def test_stop_drains_and_releases_the_lease(
     async with make_coordinator() as c:
         await eventually(lambda: c.leadership.is_leader)
         store = c.store
-        async with SimDevice(broker.port, "pi-1", interval_s=0.2):
+        async with FakeDevice(broker.port, "pi-1", interval_s=0.2):
             await online(c, "pi-1")
     lease = store.leases.lease_holder("scheduler")
     assert lease is not None

@@ -1,4 +1,4 @@
-"""``lepton demo --quick`` end to end, as a newcomer runs it: the figures it reports are
+"""``lepton-demo --quick`` end to end, as a newcomer runs it: the figures it reports are
 checked against what the coordinator recorded, the HTML report holds its plots, and every
 process is gone after Ctrl-C (SIGTERM here)."""
 
@@ -130,7 +130,7 @@ def test_quick_demo_reports_what_the_system_recorded(tmp_path: Path) -> None:
     workdir = tmp_path / "demo"
     env = {**os.environ, "PATH": os.environ.get("PATH", "") + ":/usr/sbin"}
     argv = [
-        *(sys.executable, "-m", "lepton.coordinator.cli", "demo", "--quick", "--keep"),
+        *(sys.executable, "-m", "lepton.demo", "--quick", "--keep"),
         *("--workdir", str(workdir)),
     ]
     started = time.monotonic()

@@ -82,8 +82,7 @@ def start_demo(workdir: Path, *extra: str) -> subprocess.Popen[bytes]:
         [
             sys.executable,
             "-m",
-            "lepton.coordinator.cli",
-            "demo",
+            "lepton.demo",
             "--quick",
             "--devices",
             "2",

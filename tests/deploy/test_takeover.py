@@ -19,7 +19,7 @@ import pytest
 from lepton.coordinator.service import Coordinator
 from tests.coordinator.conftest import coordinator_config, eventually
 from tests.deploy.conftest import ShippedFactory
-from tests.support.fleet import AgentProcess, write_agent_config
+from tests.support.agents import AgentProcess, write_agent_config
 
 pytestmark = pytest.mark.slow
 

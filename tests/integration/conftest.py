@@ -8,7 +8,7 @@ import pytest
 
 # The coordinator fixtures (a running service on a real broker) are shared with these tests.
 from tests.coordinator.conftest import coordinator, make_coordinator
-from tests.support.fleet import AgentProcess, write_agent_config
+from tests.support.agents import AgentProcess, write_agent_config
 
 __all__ = ["agents", "coordinator", "make_coordinator"]
 

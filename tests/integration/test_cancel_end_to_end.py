@@ -19,8 +19,8 @@ from lepton.coordinator.cli import main
 from lepton.coordinator.cli.exitcodes import EXIT_TASK_FINISHED
 from lepton.coordinator.service import Coordinator
 from tests.coordinator.conftest import eventually
-from tests.coordinator.simdevice import SimDevice
 from tests.integration.conftest import StartAgent
+from tests.support.device import FakeDevice
 
 pytestmark = pytest.mark.slow
 
@@ -149,7 +149,7 @@ async def test_a_success_after_the_cancel_is_kept_but_not_applied(
     the task: its success is stored and acknowledged, the task stays cancelled."""
     port = coordinator.config.mqtt.port
     async with (
-        SimDevice(port, "old-1", interval_s=0.2) as sim,
+        FakeDevice(port, "old-1", interval_s=0.2) as sim,
         httpx.AsyncClient(base_url=coordinator.api_url or "", timeout=10) as api,
     ):
         store = coordinator.store
@@ -187,7 +187,7 @@ async def test_an_unanswered_cancel_is_resent_then_given_up_on(
     async with make_coordinator(tasks__ack_timeout_s=0.5, liveness__missed_reports=20) as coord:
         store = coord.store
         async with (
-            SimDevice(coord.config.mqtt.port, "mute-1", interval_s=0.2, behaviour="ack_only"),
+            FakeDevice(coord.config.mqtt.port, "mute-1", interval_s=0.2, behaviour="ack_only"),
             httpx.AsyncClient(base_url=coord.api_url or "", timeout=10) as api,
         ):
             await eventually(

@@ -1,6 +1,6 @@
 """A real Mosquitto broker for tests: own port, own config, own persistence directory.
 
-The launcher lives in :mod:`lepton.demo.broker` (``lepton demo`` uses it too).
+The launcher lives in :mod:`lepton.demo.broker` (``lepton-demo`` uses it too).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ are ignored):
 - ``model`` (str ``package.module:factory``): import path of a callable taking no
   arguments and returning a ``torch.nn.Module`` (e.g. ``lepton.models.digits:DigitsCNN``). Its
   ``state_dict()`` must have exactly the tensors of the global weights. Only a path the
-  agent's ``lepton.agent.model_imports`` allowlist permits is resolved (``model_imports`` in the
+  agent's ``agent.model_imports`` allowlist permits is resolved (``model_imports`` in the
   context's extras), checked before any data, download or import.
 - ``weights`` ({``digest``: sha256 hex, ``size``: bytes, ``url``: http(s)}): the global
   weights, a ``kind="weights"`` blob, at an origin the agent allows (as ``upload.url``).

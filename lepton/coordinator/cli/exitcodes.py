@@ -12,4 +12,5 @@ EXIT_UNREACHABLE: Final = 4  # the coordinator did not answer
 EXIT_TASK_FAILED: Final = 5  # a --wait'ed task ended failed, expired or cancelled
 EXIT_GATE_FAILED: Final = 6  # a quantized model missed its accuracy gate
 EXIT_TASK_FINISHED: Final = 7  # `tasks cancel`: the task had already ended
+EXIT_SCHEMA: Final = 8  # the database is at another schema revision (`lepton db upgrade`)
 EXIT_INTERRUPTED: Final = 130  # Ctrl-C (128 + SIGINT), as shells report it

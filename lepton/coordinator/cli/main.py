@@ -3,18 +3,20 @@
 Human tables by default, ``--json`` for scripts. The API address is ``--api URL`` or
 ``$LEPTON_API`` (default http://127.0.0.1:8080). Exit codes: 0 done, 1 error, 2 usage or
 configuration error, 3 not found, 4 coordinator unreachable, 5 ``tasks submit --wait``: the
-task failed, expired or was cancelled, 6 ``tasks cancel``: the task had already ended.
+task failed, expired or was cancelled, 6 ``tasks cancel``: the task had already ended, 8 the
+database is at another schema revision (``lepton db upgrade``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from rich.console import Console
@@ -24,6 +26,7 @@ from lepton.coordinator.cli.client import ApiClient, CliError, api_url
 from lepton.coordinator.cli.exitcodes import (
     EXIT_ERROR,
     EXIT_OK,
+    EXIT_SCHEMA,
     EXIT_TASK_FAILED,
     EXIT_TASK_FINISHED,
     EXIT_USAGE,
@@ -54,9 +57,23 @@ def _client_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser(*, models: bool = True) -> argparse.ArgumentParser:
-    """The argument parser. ``models=False`` lists the ``models`` command without loading
-    the model registry (it imports onnxruntime, which takes seconds)."""
+#: Command groups that live with their feature: name -> (module, help). Each module has
+#: ``add_commands(top)``, which mounts the group and sets a ``handler`` on every command. A
+#: group is imported only when it is named on the command line (the model registry loads
+#: onnxruntime, which takes seconds); otherwise it is listed by name and help only.
+COMMAND_GROUPS: dict[str, tuple[str, str]] = {
+    "db": ("lepton.coordinator.cli.db", "the database's schema revision; upgrade it"),
+    "fl": ("lepton.coordinator.fl.cli", "federated learning jobs"),
+    "models": (
+        "lepton.coordinator.model_registry.cli",
+        "model registry: register, INT8 quantization through the gate, deploy",
+    ),
+}
+
+
+def build_parser(load: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser, with the command groups in ``load`` (default: all) mounted in
+    full and the others listed by name."""
     p = argparse.ArgumentParser(prog="lepton", description="Lepton edge-AI fleet: coordinator CLI.")
     p.add_argument("--api", default=None, help="coordinator API URL (env LEPTON_API)")
     p.add_argument("--json", action="store_true", help="JSON output for scripts")
@@ -65,21 +82,15 @@ def build_parser(*, models: bool = True) -> argparse.ArgumentParser:
     _coordinator_commands(top)
     _device_commands(top)
     _task_commands(top)
-    from lepton.coordinator.fl.cli import add_fl_commands
-
-    add_fl_commands(top)
-    from lepton.demo.cli import add_demo_command
-
-    add_demo_command(top)
-    if not models:
-        top.add_parser("models", help="model registry and INT8 quantization")
-        return p
-    try:
-        from lepton.coordinator.model_registry.cli import add_models_commands
-    except ImportError:  # the model registry's extra dependencies are not installed
-        pass
-    else:
-        add_models_commands(top)
+    wanted = set(COMMAND_GROUPS if load is None else load)
+    for name, (module, help_text) in COMMAND_GROUPS.items():
+        if name in wanted:
+            try:
+                importlib.import_module(module).add_commands(top)
+                continue
+            except ImportError:  # the group's extra dependencies are not installed
+                pass
+        top.add_parser(name, help=help_text)
     return p
 
 
@@ -360,12 +371,12 @@ def cmd_tasks_explain(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``lepton``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(models="models" in argv)
+    parser = build_parser(load=[a for a in argv if a in COMMAND_GROUPS])
     args = parser.parse_args(argv)
-    if getattr(args, "command", None) == "models":
-        from lepton.coordinator.model_registry.cli import run_models_command
-
-        return run_models_command(args)
+    if not hasattr(args, "handler"):  # a group whose dependencies are not installed
+        parser.error(
+            f"'{args.command}' needs the coordinator extra: pip install 'lepton-fleet[coordinator]'"
+        )
     try:
         return int(args.handler(args))
     except CliError as exc:
@@ -384,8 +395,12 @@ def _known_failure(exc: Exception) -> int | None:
     """Print a one-line message for failures an operator can fix; None for bugs."""
     from sqlalchemy.exc import SQLAlchemyError
 
+    from lepton.coordinator.store.migrations import SchemaError
     from lepton.protocol.errors import ConfigError
 
+    if isinstance(exc, SchemaError):
+        sys.stderr.write(f"error: {exc}\n")
+        return EXIT_SCHEMA
     if isinstance(exc, ConfigError):
         sys.stderr.write(f"configuration error: {exc}\n")
         return EXIT_USAGE

@@ -29,7 +29,7 @@ JOBS: Final = routes.FL_JOBS
 ENDED: Final = ("done", "failed", "stopped")
 
 
-def add_fl_commands(top: Any) -> None:
+def add_commands(top: Any) -> None:
     """Mount ``fl start|status|stop`` on the ``lepton`` parser's subcommands."""
     fl = top.add_parser("fl", help="federated learning jobs")
     sub = fl.add_subparsers(dest="fl_command", required=True, metavar="COMMAND")

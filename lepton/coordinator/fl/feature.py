@@ -2,9 +2,9 @@
 and routes (see :mod:`lepton.coordinator.feature`).
 
 The service builds :class:`FLFeature` after the model registry (the engine stores
-weights and updates as registry blobs and registers final models there). Its tables are
-created with every feature's, under the store's start-up lock; the upload key is read (or
-made) in :meth:`FLFeature.start`, once they exist. Nothing here needs the HTTP server of
+weights and updates as registry blobs and registers final models there). Its tables come
+with every feature's from the store's migrations, checked at start-up; the upload key is
+read (or made) in :meth:`FLFeature.start`, once they exist. Nothing here needs the HTTP server of
 this process: train tasks name ``base_url()`` (``http.public_url``, or this process's
 server), so a coordinator with HTTP off runs jobs whose uploads another replica serves
 (with neither HTTP nor ``public_url`` it runs no rounds: ``lead=False``).

@@ -1,4 +1,5 @@
-"""SQL tables of federated jobs, on their own ``MetaData`` (created next to the store's).
+"""SQL tables of federated jobs, on their own ``MetaData`` (created next to the store's by the
+schema migrations, :mod:`lepton.coordinator.store.migrations`).
 
 - ``fl_jobs``: one row per job: its spec, state, the round it is at and the current global
   weights (a blob digest), the tensor layout updates must match, the final model.

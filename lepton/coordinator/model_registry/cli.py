@@ -1,14 +1,20 @@
-"""``lepton models ls|show|import|quantize``: the model registry from the command line.
+"""``lepton models ls|show|import|quantize|deploy``: the model registry from the command line.
 
-The main CLI mounts these with :func:`add_models_commands` and calls
-:func:`run_models_command` for a parsed ``models`` command; ``python -m
-coordinator.models.cli`` runs them on their own. Every command works directly on a data
-directory and a database URL: ``--data-dir`` (``$LEPTON_DATA_DIR``, default
-``var/coordinator``) and ``--database-url`` (``$LEPTON_DATABASE_URL``, default the SQLite
-file ``lepton.coordinator.db`` in the data directory), the coordinator's own settings.
+The main CLI mounts these with :func:`add_commands` (which makes
+:func:`run_models_command` the handler of every ``models`` command); ``python -m
+lepton.coordinator.model_registry.cli`` runs them on their own. Every command works directly on a
+data directory and a database URL: ``--data-dir`` (``$LEPTON_DATA_DIR``, default
+``var/coordinator``) and ``--database-url`` (``$LEPTON_DATABASE_URL``, default the SQLite file
+``coordinator.db`` in the data directory), the coordinator's own settings.
+
+``deploy`` is the exception: deploying needs the running coordinator (it submits tasks that
+its scheduler places), so it asks its HTTP API (``--api URL`` or ``$LEPTON_API``, as the
+other ``lepton`` commands do) to deploy a version to the chosen devices
+(:mod:`lepton.coordinator.model_registry.deploy`).
 
 Exit codes (coordinator/cli/exitcodes.py): 0 done, 1 not found or invalid input, 6 the INT8
-model failed the accuracy gate.
+model failed the accuracy gate; ``deploy``: 2 usage, 3 no such model version or device, 4
+the coordinator did not answer.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lepton.coordinator.cli.exitcodes import EXIT_ERROR, EXIT_GATE_FAILED
+from lepton.coordinator.cli.client import CliError
+from lepton.coordinator.cli.exitcodes import EXIT_ERROR, EXIT_GATE_FAILED, EXIT_OK, EXIT_USAGE
 from lepton.coordinator.model_registry.errors import AccuracyGateError
 from lepton.protocol.errors import LeptonError
 
@@ -45,7 +52,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_models_commands(subparsers: Any) -> argparse.ArgumentParser:
+def add_commands(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``models`` with its sub-commands to an ``add_subparsers()`` object."""
     from lepton.coordinator.model_registry.quantize import CALIBRATION_METHODS
     from lepton.coordinator.model_registry.registry import FORMATS, PRECISIONS
@@ -53,6 +60,7 @@ def add_models_commands(subparsers: Any) -> argparse.ArgumentParser:
     models: argparse.ArgumentParser = subparsers.add_parser(
         "models", help="model registry and INT8 quantization"
     )
+    models.set_defaults(handler=run_models_command)
     sub = models.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
 
     ls = sub.add_parser("ls", help="list registered model versions")
@@ -118,19 +126,54 @@ def add_models_commands(subparsers: Any) -> argparse.ArgumentParser:
     q.add_argument("--max-batches", type=int, help="read at most this many calibration batches")
     q.add_argument("--json", action="store_true", help="print the full report as JSON")
     q.set_defaults(models_handler=cmd_quantize)
+    _add_deploy(sub, PRECISIONS)
     return models
+
+
+def _add_deploy(sub: Any, precisions: Sequence[str]) -> None:
+    dep = sub.add_parser(
+        "deploy",
+        help="deploy a model version to devices (through the running coordinator)",
+        description="One deploy task per chosen device, placed and retried like any task. "
+        "Every given criterion must hold; without --device, the online devices are chosen.",
+    )
+    dep.add_argument("model", metavar="NAME[:VERSION]", help="default: the latest servable")
+    dep.add_argument("--precision", choices=precisions, help="the latest of this precision")
+    dep.add_argument("--class", dest="device_class", metavar="C", help="devices of this class")
+    dep.add_argument("--tag", metavar="T", help="devices with this tag")
+    dep.add_argument(
+        "--device",
+        dest="device_ids",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="this device (repeatable; taken whatever its state)",
+    )
+    dep.add_argument("--max-attempts", type=int)
+    dep.add_argument("--expires-in", type=float, help="start deadline, seconds from now")
+    dep.add_argument("--api", default=argparse.SUPPRESS, help="API URL (env LEPTON_API)")
+    dep.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="JSON output for scripts"
+    )
+    dep.set_defaults(models_handler=cmd_deploy)
 
 
 def open_registry(args: argparse.Namespace) -> Any:
     """The :class:`ModelRegistry` the command's ``--data-dir``/``--database-url`` name."""
     from sqlalchemy import create_engine
 
+    from lepton.coordinator.model_registry import tables
     from lepton.coordinator.model_registry.registry import ModelRegistry
+    from lepton.coordinator.store import migrations
 
     data_dir = Path(args.data_dir).expanduser()
     data_dir.mkdir(parents=True, exist_ok=True)
     url = args.database_url or f"sqlite:///{data_dir.resolve() / 'coordinator.db'}"
-    return ModelRegistry(create_engine(url), data_dir)
+    engine = create_engine(url)
+    # The coordinator's database: an empty one gets the whole schema, at head, as the
+    # coordinator's start-up would make it; one at another revision is refused.
+    migrations.prepare(engine, require=tables.metadata)
+    return ModelRegistry(engine, data_dir, create_tables=False)
 
 
 def _short(n: int | None) -> str:
@@ -270,6 +313,46 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_model_ref(text: str) -> tuple[str, int | None]:
+    """``NAME`` or ``NAME:VERSION`` (names never hold a colon)."""
+    name, sep, version = text.partition(":")
+    if not name or (sep and not version.isdigit()) or (sep and int(version) < 1):
+        raise CliError(f"want NAME or NAME:VERSION (VERSION >= 1), got {text!r}", EXIT_USAGE)
+    return name, int(version) if sep else None
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from lepton.coordinator.cli.client import ApiClient, api_url
+    from lepton.protocol import routes
+
+    name, version = parse_model_ref(args.model)
+    optional = {
+        "version": version,
+        "precision": args.precision,
+        "device_class": args.device_class,
+        "tag": args.tag,
+        "max_attempts": args.max_attempts,
+        "expires_in_s": args.expires_in,
+    }
+    body: dict[str, Any] = {k: v for k, v in optional.items() if v is not None}
+    if args.device_ids:
+        body["device_ids"] = args.device_ids
+    api = ApiClient(api_url(getattr(args, "api", None)), timeout=getattr(args, "timeout", 10.0))
+    with api:
+        done = api.post(routes.path(routes.MODEL_DEPLOY, name=name), body)
+    if getattr(args, "json", False):
+        print(json.dumps(done, indent=2, sort_keys=True))
+        return EXIT_OK
+    m = done["model"]
+    print(
+        f"{m['name']} v{m['version']} {m['format']}/{m['precision']} "
+        f"({m['size']} bytes): {len(done['tasks'])} deploy tasks"
+    )
+    for task in done["tasks"]:
+        print(f"{task['id']}  {task['pinned_device']}")
+    return EXIT_OK
+
+
 def run_models_command(args: argparse.Namespace) -> int:
     """Run a parsed ``models`` command; errors are reported on stderr as an exit code."""
     handler: Handler = args.models_handler
@@ -279,6 +362,9 @@ def run_models_command(args: argparse.Namespace) -> int:
         print(f"refused: {exc}", file=sys.stderr)
         print(json.dumps(exc.report.to_dict(), indent=2), file=sys.stderr)
         return EXIT_GATE_FAILED
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.code
     except (LeptonError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -286,7 +372,7 @@ def run_models_command(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lepton")
-    add_models_commands(parser.add_subparsers(dest="command", required=True))
+    add_commands(parser.add_subparsers(dest="command", required=True))
     return run_models_command(parser.parse_args(argv))
 
 

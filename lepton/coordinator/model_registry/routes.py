@@ -7,7 +7,12 @@ cache policy (the content of a digest never changes). A single ``Range`` gives 2
 ``If-Range`` that does not match the ETag gives the whole blob. Range handling is
 Starlette's ``FileResponse``. A malformed digest is a 422, an unknown one a 404.
 
-Mount with ``app.include_router(make_router(registry))``.
+``POST /v1/models/{name}/deploy`` (mounted when a :class:`~.deploy.Deployer` is given)
+submits one ``deploy`` task per chosen device (:mod:`.deploy`) and answers 201 with the model
+version and the tasks; 404 for an unknown model version or device id, 422 for an invalid
+body, a version devices cannot serve or a selection that matches no device.
+
+Mount with ``app.include_router(make_router(registry, deployer))``.
 """
 
 from __future__ import annotations
@@ -16,10 +21,19 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query
 from fastapi.responses import FileResponse
+from pydantic import BaseModel, ConfigDict, Field
 
+from lepton.coordinator.api.schemas import Ident, Name, TaskOut
 from lepton.coordinator.errors import NotFoundError
 from lepton.coordinator.model_registry.blobstore import DIGEST_PATTERN
-from lepton.coordinator.model_registry.registry import NAME_PATTERN, ModelRegistry
+from lepton.coordinator.model_registry.deploy import (
+    MAX_DEVICE_IDS,
+    Deployer,
+    DeployError,
+    DeviceSelector,
+)
+from lepton.coordinator.model_registry.registry import NAME_PATTERN, ModelRegistry, Precision
+from lepton.coordinator.tasks.submit import SubmissionError
 from lepton.protocol import routes
 
 Digest = Annotated[str, Path(pattern=DIGEST_PATTERN, description="sha256, lowercase hex")]
@@ -27,8 +41,34 @@ ModelName = Annotated[str, Path(pattern=NAME_PATTERN, max_length=128)]
 CACHE_CONTROL = "public, max-age=31536000, immutable"
 
 
-def make_router(registry: ModelRegistry) -> APIRouter:
-    """Routes serving ``registry``'s blobs and metadata (handlers run in the thread pool)."""
+class DeployIn(BaseModel):
+    """Which version goes to which devices; every given device criterion must hold."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    version: int | None = Field(
+        default=None, ge=1, le=2**31 - 1, description="default: the latest servable version"
+    )
+    precision: Precision | None = Field(default=None, description="latest of this precision")
+    device_class: Name | None = Field(default=None, description="only devices of this class")
+    tag: Name | None = Field(default=None, description="only devices with this tag")
+    device_ids: list[Ident] = Field(
+        default_factory=list,
+        max_length=MAX_DEVICE_IDS,
+        description="only these devices (whatever their state); default: the online ones",
+    )
+    max_attempts: int | None = Field(default=None, ge=1, le=100)
+    expires_in_s: float | None = Field(default=None, gt=0, le=30 * 86400)
+
+
+class DeployOut(BaseModel):
+    model: dict[str, Any]
+    tasks: list[TaskOut]
+
+
+def make_router(registry: ModelRegistry, deployer: Deployer | None = None) -> APIRouter:
+    """Routes serving ``registry``'s blobs and metadata, and deploying its models when
+    ``deployer`` is given (handlers run in the thread pool)."""
     router = APIRouter(tags=["models"])
 
     # Two routes, not one with methods=["GET", "HEAD"]: that would give both operations the
@@ -73,5 +113,30 @@ def make_router(registry: ModelRegistry) -> APIRouter:
             return registry.get(name, version).to_dict()
         except NotFoundError as exc:
             raise HTTPException(status_code=404, detail=str(exc)) from exc
+
+    if deployer is not None:
+
+        @router.post(routes.MODEL_DEPLOY, status_code=201)
+        def deploy_model(name: ModelName, body: DeployIn) -> DeployOut:
+            """Deploy a version of ``name`` to the chosen devices: one pinned ``deploy`` task
+            each, placed and retried like any task."""
+            selector = DeviceSelector(
+                device_class=body.device_class, tag=body.tag, device_ids=tuple(body.device_ids)
+            )
+            try:
+                done = deployer.deploy(
+                    name,
+                    body.version,
+                    selector,
+                    precision=body.precision,
+                    max_attempts=body.max_attempts,
+                    expires_in_s=body.expires_in_s,
+                )
+            except (DeployError, SubmissionError) as exc:
+                raise HTTPException(
+                    status_code=422,
+                    detail=[{"loc": ["body"], "msg": str(exc), "type": "value_error"}],
+                ) from exc
+            return DeployOut(model=done.model.to_dict(), tasks=[TaskOut.of(t) for t in done.tasks])
 
     return router

@@ -1,8 +1,8 @@
 """SQL tables of the model registry, on their own ``MetaData``.
 
-The coordinator's store creates them with ``tables.metadata.create_all(engine)`` next to its
-own; nothing here imports the store. Times are UNIX seconds as floats (as in the store and
-the wire protocol); JSON columns are JSONB on PostgreSQL.
+The coordinator's schema migrations (:mod:`lepton.coordinator.store.migrations`) create them
+next to the store's own; nothing here imports the store. Times are UNIX seconds as floats (as
+in the store and the wire protocol); JSON columns are JSONB on PostgreSQL.
 """
 
 from __future__ import annotations

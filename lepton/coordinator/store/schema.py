@@ -1,8 +1,8 @@
 """Tables of the coordinator's database (SQLAlchemy 2 typed declarative models).
 
 Times are UNIX seconds as floats, like the wire protocol's timestamps. JSON columns hold
-plain data (JSONB on PostgreSQL). The schema is created with ``create_all``; Alembic
-migrations come once it settles.
+plain data (JSONB on PostgreSQL). The database is made and changed by the Alembic revisions
+in :mod:`lepton.coordinator.store.migrations`: a change here needs a revision there.
 """
 
 from __future__ import annotations
@@ -109,8 +109,8 @@ class TaskRow(Base):
     output: Mapped[dict[str, Any] | None] = mapped_column(Json)
     explanation: Mapped[dict[str, Any] | None] = mapped_column(Json)
     # Cancellation of an assigned or running task: asked for at ``cancel_requested_at``;
-    # the cancel was last sent at ``cancel_sent_at``, ``cancel_sends`` times. Nullable, so
-    # start-up adds them to a database an older release created.
+    # the cancel was last sent at ``cancel_sent_at``, ``cancel_sends`` times. Nullable: the
+    # baseline revision adds them to a database a release before them created.
     cancel_requested_at: Mapped[float | None] = mapped_column(Float)
     cancel_reason: Mapped[str | None] = mapped_column(String(256))
     cancel_sent_at: Mapped[float | None] = mapped_column(Float)

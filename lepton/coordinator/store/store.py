@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy import Connection, MetaData, inspect, text
+from sqlalchemy import MetaData, inspect, text
 
+from lepton.coordinator.store import migrations
 from lepton.coordinator.store.base import StoreBase
 from lepton.coordinator.store.cancels import CancelRepo
 from lepton.coordinator.store.connection import Engines, make_engines
@@ -23,7 +24,6 @@ from lepton.coordinator.store.estimates import EstimateRepo
 from lepton.coordinator.store.lease import LeaseRepo
 from lepton.coordinator.store.records import RetryPolicy
 from lepton.coordinator.store.results import ResultRepo
-from lepton.coordinator.store.schema import Base
 from lepton.coordinator.store.tasks import TaskRepo
 
 log = logging.getLogger(__name__)
@@ -53,38 +53,34 @@ class Store(StoreBase):
         retry: RetryPolicy | None = None,
         capacity_history: int = 100,
         create: bool = True,
+        auto_upgrade: bool = False,
         echo: bool = False,
         sqlite_synchronous: str = "full",
     ) -> Store:
-        """Connect to ``url`` and (by default) create missing tables."""
+        """Connect to ``url`` and (by default) check its schema (:meth:`create_schema`)."""
         store = cls(
             make_engines(url, echo=echo, sqlite_synchronous=sqlite_synchronous),
             retry=retry,
             history_limit=capacity_history,
         )
         if create:
-            store.create_schema()
+            store.create_schema(auto_upgrade=auto_upgrade)
         return store
 
-    def create_schema(self, *metadata: MetaData) -> None:
-        """Create missing tables of each ``metadata`` (default: the store's own) and add
-        missing nullable columns to existing ones, in one transaction; idempotent and safe
-        when several replicas start at once.
+    def create_schema(self, *metadata: MetaData, auto_upgrade: bool = False) -> None:
+        """Bring an empty database to the schema this release runs, through the migrations;
+        refuse one at another revision (:class:`~lepton.coordinator.store.migrations.SchemaError`)
+        unless ``auto_upgrade`` and it is older. ``metadata``: tables the caller needs,
+        checked to exist. Idempotent, and safe when several replicas start at once.
 
         The coordinator calls this once at start-up with every feature's tables
-        (``Coordinator._create_tables``): the one place the schema is made."""
-        metas = metadata or (Base.metadata,)
-        with self._engines.write.begin() as conn:
-            if self.dialect == "postgresql":
-                # Serialise concurrent start-ups: CREATE TABLE IF NOT EXISTS races in PostgreSQL.
-                conn.execute(text("SELECT pg_advisory_xact_lock(74201)"))
-            for meta in metas:
-                meta.create_all(conn)
-                _add_missing_columns(conn, meta)
+        (``Coordinator._create_tables``): the one place its schema is made."""
+        for meta in metadata or (None,):
+            migrations.prepare(self._engines.write, auto_upgrade=auto_upgrade, require=meta)
 
     def drop_schema(self) -> None:
-        """Drop every table (tests, and ``lepton coordinator reset``)."""
-        Base.metadata.drop_all(self._engines.write)
+        """Drop every table and the recorded schema revision (tests)."""
+        migrations.drop_all(self._engines.write)
 
     def table_names(self) -> list[str]:
         return sorted(inspect(self._engines.read).get_table_names())
@@ -100,26 +96,3 @@ class Store(StoreBase):
 
     def close(self) -> None:
         self._engines.dispose()
-
-
-def _add_missing_columns(conn: Connection, meta: MetaData) -> None:
-    """Add the nullable columns a newer release declares to tables an older one created.
-
-    Only additive, nullable columns: anything else (a new constraint, a changed type) needs
-    a real migration. This keeps a database from the previous release readable after an
-    upgrade until the schema is managed by migrations.
-    """
-    existing = inspect(conn)
-    for table in meta.sorted_tables:
-        have = {c["name"] for c in existing.get_columns(table.name)}
-        for column in table.columns:
-            if column.name in have:
-                continue
-            if not column.nullable or column.primary_key:
-                raise RuntimeError(
-                    f"table {table.name} lacks column {column.name}, which is not nullable:"
-                    " the database needs a migration"
-                )
-            kind = column.type.compile(dialect=conn.dialect)
-            log.info("adding column %s.%s (%s)", table.name, column.name, kind)
-            conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))

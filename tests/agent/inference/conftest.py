@@ -12,7 +12,7 @@ import pytest
 
 from lepton.agent.inference.manager import ModelManager
 from lepton.agent.inference.served import DeploySpec
-from tests.support.blobserver import BlobServer
+from tests.support.httpserver import HttpServer
 
 REPO = Path(__file__).resolve().parents[3]
 ARTIFACTS = REPO / "lepton" / "models" / "artifacts"
@@ -86,8 +86,8 @@ def other_linear() -> Linear:
 
 
 @pytest.fixture
-def blobs() -> Iterator[BlobServer]:
-    with BlobServer() as server:
+def blobs() -> Iterator[HttpServer]:
+    with HttpServer() as server:
         yield server
 
 
@@ -99,7 +99,7 @@ def manager(tmp_path: Path) -> ModelManager:
 
 
 def spec_for(
-    blobs: BlobServer, data: bytes, name: str = "clf", fmt: str = "onnx", **extra: object
+    blobs: HttpServer, data: bytes, name: str = "clf", fmt: str = "onnx", **extra: object
 ) -> DeploySpec:
     digest = blobs.add(data)
     params = {"name": name, "digest": digest, "size": len(data), "url": blobs.url(digest)}

@@ -15,9 +15,9 @@ from lepton.agent.config import load_config
 from lepton.agent.daemon import Agent
 from lepton.protocol.messages import Result
 from tests.agent.inference.conftest import Linear
-from tests.support.blobserver import BlobServer, Fault
+from tests.support.agents import Sink
 from tests.support.broker import Broker
-from tests.support.fleet import Sink
+from tests.support.httpserver import Fault, HttpServer
 
 
 @contextlib.asynccontextmanager
@@ -60,7 +60,7 @@ async def _run(sink: Sink, kind: str, timeout: float = 20, **params: object) -> 
     return sink.results_for({task.task_id})[task.task_id]
 
 
-def _deploy(blobs: BlobServer, data: bytes, digest: str | None = None) -> dict[str, object]:
+def _deploy(blobs: HttpServer, data: bytes, digest: str | None = None) -> dict[str, object]:
     digest = digest or blobs.add(data)
     return {
         "name": "digits",
@@ -82,7 +82,7 @@ async def _endpoint_port(agent: Agent) -> int:
 async def test_deploy_infer_refuse_and_restart(
     broker: Broker,
     tmp_path: Path,
-    blobs: BlobServer,
+    blobs: HttpServer,
     linear: Linear,
     other_linear: Linear,
 ) -> None:
@@ -145,11 +145,11 @@ async def test_deploy_infer_refuse_and_restart(
 
 
 async def test_deploys_fetch_only_from_allowed_origins(
-    broker: Broker, tmp_path: Path, blobs: BlobServer, linear: Linear
+    broker: Broker, tmp_path: Path, blobs: HttpServer, linear: Linear
 ) -> None:
     """Finding 7 of the hardening review: a deploy's URL could point anywhere (redirects
     followed, remote error text returned in results: a port scanner inside the network)."""
-    with BlobServer() as elsewhere:
+    with HttpServer() as elsewhere:
         inside = elsewhere.add(linear.onnx)
         coordinator = f"http://127.0.0.1:{blobs.port}"
         async with (
@@ -190,7 +190,7 @@ async def test_deploys_fetch_only_from_allowed_origins(
 
 
 async def test_an_agent_told_no_origin_fetches_nothing(
-    broker: Broker, tmp_path: Path, blobs: BlobServer, linear: Linear
+    broker: Broker, tmp_path: Path, blobs: HttpServer, linear: Linear
 ) -> None:
     async with Sink(broker.port) as sink, running_agent(broker, tmp_path / "state"):
         refused = await _run(sink, "deploy", **_deploy(blobs, linear.onnx))

@@ -20,7 +20,7 @@ from lepton.agent.inference.manager import ModelManager
 from lepton.agent.metrics import Counters
 from lepton.protocol.tensors import TensorPayload, from_payload, to_payload
 from tests.agent.inference.conftest import Linear, spec_for
-from tests.support.blobserver import BlobServer
+from tests.support.httpserver import HttpServer
 
 MSGPACK = {"content-type": "application/msgpack"}
 
@@ -34,7 +34,7 @@ def short_dir() -> Iterator[Path]:
 
 
 @pytest.fixture
-async def served(manager: ModelManager, blobs: BlobServer, linear: Linear) -> ModelManager:
+async def served(manager: ModelManager, blobs: HttpServer, linear: Linear) -> ModelManager:
     await manager.deploy(spec_for(blobs, linear.onnx))
     return manager
 
@@ -253,7 +253,7 @@ async def test_concurrent_requests_all_succeed(endpoint: Endpoint, linear: Linea
 async def test_a_swap_is_seen_by_the_next_request(
     tcp: httpx.AsyncClient,
     served: ModelManager,
-    blobs: BlobServer,
+    blobs: HttpServer,
     linear: Linear,
     other_linear: Linear,
 ) -> None:
@@ -288,7 +288,7 @@ async def test_socket_path_handling(served: ModelManager, short_dir: Path) -> No
 
 
 async def test_models_that_failed_to_restore_are_503(
-    tmp_path: Path, blobs: BlobServer, linear: Linear
+    tmp_path: Path, blobs: HttpServer, linear: Linear
 ) -> None:
     first = ModelManager(tmp_path / "models", threads=1)
     spec = spec_for(blobs, linear.onnx)

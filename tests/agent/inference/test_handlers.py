@@ -16,14 +16,14 @@ from lepton.agent.inference.tasks import deploy, infer, predicted_labels
 from lepton.agent.training.datasources import ArraySource, DataSources
 from lepton.protocol.messages import Task
 from tests.agent.inference.conftest import Linear, artifact
-from tests.support.blobserver import BlobServer, Fault
+from tests.support.httpserver import Fault, HttpServer
 
 
 def _task(kind: str, **params: Any) -> Task:
     return Task(task_id=f"t-{kind}", kind=kind, params=params, expires_at=time.time() + 60)
 
 
-def _deploy_params(blobs: BlobServer, data: bytes, name: str = "clf", **extra: Any) -> dict:
+def _deploy_params(blobs: HttpServer, data: bytes, name: str = "clf", **extra: Any) -> dict:
     digest = blobs.add(data)
     return {
         "name": name,
@@ -54,7 +54,7 @@ def test_handlers_are_registered() -> None:
 
 
 async def test_deploy_then_infer_reports_accuracy_and_latency(
-    ctx: TaskContext, blobs: BlobServer, linear: Linear
+    ctx: TaskContext, blobs: HttpServer, linear: Linear
 ) -> None:
     params = _deploy_params(blobs, linear.onnx)
     out = await deploy(_task("deploy", **params), ctx)
@@ -87,7 +87,7 @@ async def test_deploy_then_infer_reports_accuracy_and_latency(
 
 
 async def test_redeploy_of_the_same_model_is_free(
-    ctx: TaskContext, blobs: BlobServer, linear: Linear
+    ctx: TaskContext, blobs: HttpServer, linear: Linear
 ) -> None:
     params = _deploy_params(blobs, linear.onnx)
     await deploy(_task("deploy", **params), ctx)
@@ -97,7 +97,7 @@ async def test_redeploy_of_the_same_model_is_free(
 
 
 async def test_refused_deploy_is_a_task_error_with_the_reason(
-    ctx: TaskContext, blobs: BlobServer, linear: Linear
+    ctx: TaskContext, blobs: HttpServer, linear: Linear
 ) -> None:
     params = _deploy_params(blobs, linear.onnx)
     blobs.fault(params["digest"], Fault("wrong_bytes"))
@@ -107,7 +107,7 @@ async def test_refused_deploy_is_a_task_error_with_the_reason(
         await deploy(_task("deploy", **{**params, "url": "file:///etc/passwd"}), ctx)
 
 
-async def test_infer_refusals(ctx: TaskContext, blobs: BlobServer, linear: Linear) -> None:
+async def test_infer_refusals(ctx: TaskContext, blobs: HttpServer, linear: Linear) -> None:
     with pytest.raises(TaskError, match="unknown_model: model 'clf' is not deployed here"):
         await infer(_task("infer", model="clf", source="val"), ctx)
     await deploy(_task("deploy", **_deploy_params(blobs, linear.onnx)), ctx)
@@ -120,7 +120,7 @@ async def test_infer_refusals(ctx: TaskContext, blobs: BlobServer, linear: Linea
 
 
 async def test_infer_adapts_samples_to_the_model(
-    ctx: TaskContext, blobs: BlobServer, linear: Linear
+    ctx: TaskContext, blobs: HttpServer, linear: Linear
 ) -> None:
     sources: DataSources = ctx.extras["data_sources"]
     # 4x4 "images" for a 16-feature model, as float64, with one-hot labels.
@@ -143,7 +143,7 @@ async def test_infer_adapts_samples_to_the_model(
 
 
 async def test_declared_normalisation_is_applied(
-    ctx: TaskContext, blobs: BlobServer, linear: Linear
+    ctx: TaskContext, blobs: HttpServer, linear: Linear
 ) -> None:
     sources: DataSources = ctx.extras["data_sources"]
     # Raw data = 10 * x + 5; the deploy declares how to undo it.
@@ -161,7 +161,7 @@ def test_predicted_labels() -> None:
 
 
 async def test_layouts_are_never_silently_reinterpreted(
-    ctx: TaskContext, blobs: BlobServer, linear: Linear
+    ctx: TaskContext, blobs: HttpServer, linear: Linear
 ) -> None:
     sources: DataSources = ctx.extras["data_sources"]
     # 16 features as 2x8 would "fit" by size, but it is not a flattening: refused.
@@ -179,7 +179,7 @@ async def test_layouts_are_never_silently_reinterpreted(
     [("digits_int8.onnx", "onnx"), ("digits_int8.tflite", "tflite")],
 )
 async def test_shipped_int8_digits_model_accuracy(
-    tmp_path: Path, manager: ModelManager, blobs: BlobServer, artifact_name: str, fmt: str
+    tmp_path: Path, manager: ModelManager, blobs: HttpServer, artifact_name: str, fmt: str
 ) -> None:
     model_path = artifact(artifact_name)
     test_set = artifact("digits_test.npz")

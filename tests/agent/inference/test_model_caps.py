@@ -18,7 +18,7 @@ from lepton.agent.inference.served import ModelError
 from lepton.agent.inference.tasks import deploy, undeploy
 from lepton.protocol.messages import Task
 from tests.agent.inference.conftest import Linear, make_linear, spec_for
-from tests.support.blobserver import BlobServer
+from tests.support.httpserver import HttpServer
 
 MODELS = [make_linear(seed) for seed in range(10, 15)]
 
@@ -43,7 +43,7 @@ def _cached(manager: ModelManager) -> dict[str, int]:
 
 
 async def test_past_the_count_cap_the_least_recently_used_model_goes(
-    tmp_path: Path, blobs: BlobServer
+    tmp_path: Path, blobs: HttpServer
 ) -> None:
     manager = _manager(tmp_path, max_models=2)
     a, b, c = (spec_for(blobs, m.onnx, name=n) for m, n in zip(MODELS, "abc", strict=False))
@@ -59,7 +59,7 @@ async def test_past_the_count_cap_the_least_recently_used_model_goes(
 
 
 async def test_a_model_in_use_is_not_evicted_under_its_request(
-    tmp_path: Path, blobs: BlobServer
+    tmp_path: Path, blobs: HttpServer
 ) -> None:
     manager = _manager(tmp_path, max_models=2)
     specs = [spec_for(blobs, m.onnx, name=n) for m, n in zip(MODELS, "abc", strict=False)]
@@ -74,7 +74,7 @@ async def test_a_model_in_use_is_not_evicted_under_its_request(
         np.testing.assert_allclose(out, MODELS[0].logits(MODELS[0].x[:2]), atol=1e-5)
 
 
-async def test_byte_caps_bound_memory_and_disk(tmp_path: Path, blobs: BlobServer) -> None:
+async def test_byte_caps_bound_memory_and_disk(tmp_path: Path, blobs: HttpServer) -> None:
     size = len(MODELS[0].onnx)
     manager = _manager(
         tmp_path, max_models=10, max_loaded_bytes=3 * size + 10, max_cache_bytes=4 * size + 10
@@ -92,7 +92,7 @@ async def test_byte_caps_bound_memory_and_disk(tmp_path: Path, blobs: BlobServer
 
 
 async def test_undeploy_unloads_and_removes_after_requests_in_flight(
-    tmp_path: Path, blobs: BlobServer, linear: Linear
+    tmp_path: Path, blobs: HttpServer, linear: Linear
 ) -> None:
     manager = _manager(tmp_path)
     spec = spec_for(blobs, linear.onnx, name="clf")
@@ -116,7 +116,7 @@ async def test_undeploy_unloads_and_removes_after_requests_in_flight(
     assert again.served() == []
 
 
-async def test_undeploy_is_a_task_kind(tmp_path: Path, blobs: BlobServer, linear: Linear) -> None:
+async def test_undeploy_is_a_task_kind(tmp_path: Path, blobs: HttpServer, linear: Linear) -> None:
     manager = _manager(tmp_path)
     ctx = TaskContext(
         device_id="dev", state_dir=tmp_path, agent_version="t", extras={"models": manager}
@@ -134,7 +134,7 @@ async def test_undeploy_is_a_task_kind(tmp_path: Path, blobs: BlobServer, linear
 
 
 async def test_a_restart_with_smaller_caps_unloads_the_least_recent(
-    tmp_path: Path, blobs: BlobServer
+    tmp_path: Path, blobs: HttpServer
 ) -> None:
     first = _manager(tmp_path, max_models=3)
     for model, name in zip(MODELS, "abc", strict=False):

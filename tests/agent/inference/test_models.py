@@ -13,7 +13,7 @@ import pytest
 from lepton.agent.inference.manager import KEEP_UNREFERENCED, ModelManager
 from lepton.agent.inference.served import DeploySpec, ModelError
 from tests.agent.inference.conftest import Linear, make_linear, spec_for
-from tests.support.blobserver import BlobServer, Fault
+from tests.support.httpserver import Fault, HttpServer
 
 
 def _predict(manager: ModelManager, name: str, x: np.ndarray) -> np.ndarray:
@@ -23,7 +23,7 @@ def _predict(manager: ModelManager, name: str, x: np.ndarray) -> np.ndarray:
 
 
 async def test_deploy_downloads_verifies_caches_and_serves(
-    manager: ModelManager, blobs: BlobServer, linear: Linear
+    manager: ModelManager, blobs: HttpServer, linear: Linear
 ) -> None:
     spec = spec_for(blobs, linear.onnx)
     outcome = await manager.deploy(spec)
@@ -43,7 +43,7 @@ async def test_deploy_downloads_verifies_caches_and_serves(
 
 
 async def test_cached_model_costs_no_download(
-    tmp_path: Path, blobs: BlobServer, linear: Linear
+    tmp_path: Path, blobs: HttpServer, linear: Linear
 ) -> None:
     spec = spec_for(blobs, linear.onnx)
     first = ModelManager(tmp_path / "models", threads=1)
@@ -73,7 +73,7 @@ def _params(spec: DeploySpec) -> dict[str, object]:
 
 
 async def test_drop_mid_body_resumes_with_range(
-    manager: ModelManager, blobs: BlobServer, big: Linear
+    manager: ModelManager, blobs: HttpServer, big: Linear
 ) -> None:
     spec = spec_for(blobs, big.onnx)
     cut = spec.size // 3
@@ -86,7 +86,7 @@ async def test_drop_mid_body_resumes_with_range(
 
 
 async def test_partial_file_survives_a_failed_deploy_and_is_resumed(
-    tmp_path: Path, blobs: BlobServer, big: Linear
+    tmp_path: Path, blobs: HttpServer, big: Linear
 ) -> None:
     manager = ModelManager(tmp_path / "models", threads=1, retries=0)
     spec = spec_for(blobs, big.onnx)
@@ -103,7 +103,7 @@ async def test_partial_file_survives_a_failed_deploy_and_is_resumed(
 
 
 async def test_server_ignoring_range_restarts_cleanly(
-    manager: ModelManager, blobs: BlobServer, big: Linear
+    manager: ModelManager, blobs: HttpServer, big: Linear
 ) -> None:
     spec = spec_for(blobs, big.onnx)
     blobs.fault(spec.digest, Fault("drop", at=100))
@@ -114,7 +114,7 @@ async def test_server_ignoring_range_restarts_cleanly(
 
 
 async def test_stalled_transfer_times_out_and_resumes(
-    tmp_path: Path, blobs: BlobServer, big: Linear
+    tmp_path: Path, blobs: HttpServer, big: Linear
 ) -> None:
     manager = ModelManager(
         tmp_path / "models", threads=1, retries=4, timeout=0.3, backoff=(0.01, 0.02)
@@ -129,7 +129,7 @@ async def test_stalled_transfer_times_out_and_resumes(
 
 
 async def test_transient_http_errors_are_retried_permanent_ones_are_not(
-    manager: ModelManager, blobs: BlobServer, linear: Linear
+    manager: ModelManager, blobs: HttpServer, linear: Linear
 ) -> None:
     spec = spec_for(blobs, linear.onnx)
     blobs.fault(spec.digest, Fault("status", status=503))
@@ -147,7 +147,7 @@ async def test_transient_http_errors_are_retried_permanent_ones_are_not(
 
 @pytest.mark.parametrize("kind", ["oversize", "oversize_chunked"])
 async def test_declared_length_is_a_hard_cap(
-    manager: ModelManager, blobs: BlobServer, big: Linear, kind: str
+    manager: ModelManager, blobs: HttpServer, big: Linear, kind: str
 ) -> None:
     spec = spec_for(blobs, big.onnx)
     blobs.fault(spec.digest, Fault(kind, extra=50_000))  # type: ignore[arg-type]
@@ -161,7 +161,7 @@ async def test_declared_length_is_a_hard_cap(
 
 
 async def test_refusals_keep_the_served_model(
-    manager: ModelManager, blobs: BlobServer, linear: Linear, other_linear: Linear
+    manager: ModelManager, blobs: HttpServer, linear: Linear, other_linear: Linear
 ) -> None:
     await manager.deploy(spec_for(blobs, linear.onnx))
     served = manager.get("clf")
@@ -201,7 +201,7 @@ async def test_refusals_keep_the_served_model(
 
 
 async def test_declared_input_must_match_the_model(
-    manager: ModelManager, blobs: BlobServer, linear: Linear
+    manager: ModelManager, blobs: HttpServer, linear: Linear
 ) -> None:
     spec = spec_for(blobs, linear.onnx, input={"shape": [None, 8], "dtype": "float32"})
     with pytest.raises(ModelError, match="dimension 1 is 16, declared 8") as info:
@@ -241,7 +241,7 @@ def test_bad_deploy_params_are_refused(params: dict[str, object], reason: str) -
 
 
 async def test_restart_serves_the_same_models(
-    tmp_path: Path, blobs: BlobServer, linear: Linear
+    tmp_path: Path, blobs: HttpServer, linear: Linear
 ) -> None:
     first = ModelManager(tmp_path / "models", threads=1)
     spec = spec_for(blobs, linear.onnx)
@@ -258,7 +258,7 @@ async def test_restart_serves_the_same_models(
 
 
 async def test_restore_skips_what_it_cannot_load(
-    tmp_path: Path, blobs: BlobServer, linear: Linear, other_linear: Linear
+    tmp_path: Path, blobs: HttpServer, linear: Linear, other_linear: Linear
 ) -> None:
     first = ModelManager(tmp_path / "models", threads=1)
     a = spec_for(blobs, linear.onnx, name="a")
@@ -273,7 +273,7 @@ async def test_restore_skips_what_it_cannot_load(
 
 
 async def test_swap_is_atomic_and_in_flight_users_finish_on_the_old_model(
-    manager: ModelManager, blobs: BlobServer, linear: Linear, other_linear: Linear
+    manager: ModelManager, blobs: HttpServer, linear: Linear, other_linear: Linear
 ) -> None:
     await manager.deploy(spec_for(blobs, linear.onnx))
     with manager.lease("clf") as old:
@@ -293,7 +293,7 @@ async def test_swap_is_atomic_and_in_flight_users_finish_on_the_old_model(
 
 
 async def test_concurrent_deploys_of_one_digest_download_once(
-    manager: ModelManager, blobs: BlobServer, linear: Linear
+    manager: ModelManager, blobs: HttpServer, linear: Linear
 ) -> None:
     spec = spec_for(blobs, linear.onnx, name="a")
     twin = DeploySpec.from_params({**_params(spec), "name": "b"}, max_bytes=1 << 30)
@@ -303,7 +303,7 @@ async def test_concurrent_deploys_of_one_digest_download_once(
 
 
 async def test_cache_keeps_served_models_and_a_few_previous_ones(
-    manager: ModelManager, blobs: BlobServer
+    manager: ModelManager, blobs: HttpServer
 ) -> None:
     digests = []
     for seed in range(10, 15):
@@ -316,7 +316,7 @@ async def test_cache_keeps_served_models_and_a_few_previous_ones(
 
 
 async def test_deploys_during_restore_keep_every_model(
-    tmp_path: Path, blobs: BlobServer, linear: Linear, other_linear: Linear
+    tmp_path: Path, blobs: HttpServer, linear: Linear, other_linear: Linear
 ) -> None:
     first = ModelManager(tmp_path / "models", threads=1)
     await first.deploy(spec_for(blobs, linear.onnx, name="a"))

@@ -17,8 +17,7 @@ from lepton.agent.training.datasources import ArraySource, DataSources
 from lepton.protocol.imports import Allowlist
 from lepton.protocol.messages import Task
 from lepton.protocol.weights import encode_weights
-from tests.support.blobserver import BlobServer
-from tests.support.uploadserver import UploadServer
+from tests.support.httpserver import HttpServer
 
 CNN = "lepton.models.digits:DigitsCNN"
 MLP = "tests.agent.training.nets:digits_mlp"
@@ -56,8 +55,8 @@ def initial_weights(factory: str, seed: int = 0) -> dict[str, np.ndarray]:
 
 @dataclass
 class Servers:
-    blobs: BlobServer
-    uploads: UploadServer
+    blobs: HttpServer
+    uploads: HttpServer
 
     def weights(self, factory: str, seed: int = 0) -> dict[str, Any]:
         """Serve ``factory``'s initial weights; the ``weights`` param pointing at them."""
@@ -69,18 +68,15 @@ class Servers:
 @pytest.fixture(scope="module")
 def _servers() -> Iterator[Servers]:
     # Shared by a module's tests: stopping a server waits out its 0.5 s poll interval.
-    with BlobServer() as blobs, UploadServer() as uploads:
+    with HttpServer() as blobs, HttpServer() as uploads:
         yield Servers(blobs, uploads)
 
 
 @pytest.fixture
 def servers(_servers: Servers) -> Servers:
     """The module's servers with no faults queued and no requests recorded."""
-    for state in (_servers.blobs.state, _servers.uploads.state):
-        with state.lock:
-            state.faults.clear()
-            state.requests.clear()
-    _servers.uploads.state.bodies.clear()
+    _servers.blobs.reset()
+    _servers.uploads.reset()
     return _servers
 
 
@@ -122,7 +118,7 @@ def train_params(servers: Servers, factory: str = CNN, **overrides: Any) -> dict
         "momentum": 0.9,
         "prox_mu": 0.0,
         "compression": "fp32",
-        "upload": {"url": servers.uploads.url("digits-fl/3/dev1")},
+        "upload": {"url": servers.uploads.upload_url("digits-fl/3/dev1")},
         "seed": 1,
     }
     params.update(overrides)

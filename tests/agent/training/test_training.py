@@ -26,8 +26,7 @@ from tests.agent.training.conftest import (
     task,
     train_params,
 )
-from tests.support.blobserver import Fault
-from tests.support.uploadserver import UploadFault
+from tests.support.httpserver import Fault
 
 
 def local_loss(factory: str, weights: dict[str, np.ndarray], partition: Partition) -> float:
@@ -62,7 +61,7 @@ def test_handlers_are_registered() -> None:
 
 def test_registering_loads_neither_numpy_nor_torch() -> None:
     code = (
-        "import sys; from agent.handlers import default_registry; default_registry(); "
+        "import sys; from lepton.agent.handlers import default_registry; default_registry(); "
         "print(sorted(m for m in ('numpy', 'torch') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -112,7 +111,7 @@ async def test_train_uploads_an_update_that_lowers_the_loss(
 async def test_compressed_updates_are_smaller(ctx: TaskContext, servers: Servers) -> None:
     sizes, deltas = {}, {}
     for compression in ("fp32", "fp16", "int8"):
-        url = servers.uploads.url(f"mlp/{compression}")
+        url = servers.uploads.upload_url(f"mlp/{compression}")
         out, up = await run_train(
             ctx, servers, model=MLP, epochs=1, compression=compression, upload={"url": url}
         )
@@ -129,17 +128,25 @@ async def test_compressed_updates_are_smaller(ctx: TaskContext, servers: Servers
 
 
 async def test_fedprox_term_keeps_the_update_closer(ctx: TaskContext, servers: Servers) -> None:
-    free, _ = await run_train(ctx, servers, prox_mu=0.0, upload={"url": servers.uploads.url("a")})
-    prox, _ = await run_train(ctx, servers, prox_mu=5.0, upload={"url": servers.uploads.url("b")})
+    free, _ = await run_train(
+        ctx, servers, prox_mu=0.0, upload={"url": servers.uploads.upload_url("a")}
+    )
+    prox, _ = await run_train(
+        ctx, servers, prox_mu=5.0, upload={"url": servers.uploads.upload_url("b")}
+    )
     assert prox["update_norm"] < 0.9 * free["update_norm"]
     assert prox["examples"] == free["examples"]
 
 
 async def test_same_seed_same_update(ctx: TaskContext, servers: Servers) -> None:
-    one, _ = await run_train(ctx, servers, epochs=1, upload={"url": servers.uploads.url("1")})
-    two, _ = await run_train(ctx, servers, epochs=1, upload={"url": servers.uploads.url("2")})
+    one, _ = await run_train(
+        ctx, servers, epochs=1, upload={"url": servers.uploads.upload_url("1")}
+    )
+    two, _ = await run_train(
+        ctx, servers, epochs=1, upload={"url": servers.uploads.upload_url("2")}
+    )
     three, _ = await run_train(
-        ctx, servers, epochs=1, seed=2, upload={"url": servers.uploads.url("3")}
+        ctx, servers, epochs=1, seed=2, upload={"url": servers.uploads.upload_url("3")}
     )
     assert one["update"]["digest"] == two["update"]["digest"]
     assert three["update"]["digest"] != one["update"]["digest"]
@@ -170,8 +177,8 @@ async def test_adam_max_examples_and_buffers(
 
 
 async def test_upload_is_retried(ctx: TaskContext, servers: Servers) -> None:
-    servers.uploads.fault(UploadFault(kind="status", status=503))
-    servers.uploads.fault(UploadFault(kind="drop"))
+    servers.uploads.fault_puts(Fault(kind="status", status=503))
+    servers.uploads.fault_puts(Fault(kind="drop"))
     out, up = await run_train(ctx, servers, epochs=1)
     statuses = [r.status for r in servers.uploads.requests]
     assert statuses == [503, 0, 201]
@@ -179,14 +186,14 @@ async def test_upload_is_retried(ctx: TaskContext, servers: Servers) -> None:
 
 
 async def test_upload_refused_fails_the_task(ctx: TaskContext, servers: Servers) -> None:
-    servers.uploads.fault(UploadFault(kind="status", status=403))
+    servers.uploads.fault_puts(Fault(kind="status", status=403))
     with pytest.raises(TaskError, match=r"upload_refused.*403"):
         await train(task("train", **train_params(servers, epochs=1)), ctx)
     assert len(servers.uploads.requests) == 1
 
 
 async def test_upload_gives_up_after_the_retries(ctx: TaskContext, servers: Servers) -> None:
-    servers.uploads.fault(UploadFault(kind="status", status=500, times=10))
+    servers.uploads.fault_puts(Fault(kind="status", status=500, times=10))
     with pytest.raises(TaskError, match=r"upload_failed.*gave up after 4"):
         await train(task("train", **train_params(servers, epochs=1)), ctx)
 
@@ -255,7 +262,9 @@ async def test_a_model_outside_the_allowlist_is_refused_before_anything_is_loade
     params = {**train_params(servers), "model": model}  # the CNN's weights, a hostile model
     if kind == "evaluate":
         params = {k: params[k] for k in ("model", "weights", "data")}
-    with pytest.raises(TaskError, match=r"model: .* is not in the allowed imports \(models\.\*"):
+    with pytest.raises(
+        TaskError, match=r"model: .* is not in the allowed imports \(lepton\.models\.\*"
+    ):
         await (train if kind == "train" else evaluate)(task(kind, **params), ctx)
     assert servers.blobs.requests == []  # refused before the weights were fetched
     assert servers.uploads.requests == []
@@ -338,14 +347,14 @@ async def test_the_upload_credential_is_a_header_and_nowhere_else(
     """Finding 3 of the hardening review: the slot's credential the coordinator adds to the
     task message goes out as a bearer header only: not in the URL, the output or errors."""
     secret = "slot-credential-0123456789abcdef"
-    upload = {"url": servers.uploads.url("digits-fl/3/dev1"), "token": secret}
+    upload = {"url": servers.uploads.upload_url("digits-fl/3/dev1"), "token": secret}
     caplog.set_level("DEBUG")
     out, _ = await run_train(ctx, servers, upload=upload)
     (put,) = servers.uploads.requests
     assert put.headers["Authorization"] == f"Bearer {secret}"
     assert secret not in put.path
     assert secret not in repr(out)
-    servers.uploads.fault(UploadFault(kind="status", status=403))
+    servers.uploads.fault_puts(Fault(kind="status", status=403))
     with pytest.raises(TaskError) as refused:
         await run_train(ctx, servers, upload=upload)
     assert secret not in str(refused.value)

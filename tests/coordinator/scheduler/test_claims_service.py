@@ -17,9 +17,9 @@ from lepton.protocol import codec, topics
 from lepton.protocol.messages import MAX_BENCH_GOPS
 from tests.coordinator.conftest import eventually
 from tests.coordinator.factories import new_task, report
-from tests.coordinator.simdevice import SimDevice
 from tests.coordinator.test_service import online
 from tests.support.broker import Broker
+from tests.support.device import FakeDevice
 
 HONEST_GFLOPS = 10.0
 TASKS = 16
@@ -58,10 +58,10 @@ async def test_lying_device_is_held_to_its_peers(
 ) -> None:
     # All four devices really take the same time per task; "liar" claims 80,000x more.
     devices = [
-        SimDevice(broker.port, f"pi-{i}", slots=1, gflops=HONEST_GFLOPS, device_class="rpi5")
+        FakeDevice(broker.port, f"pi-{i}", slots=1, gflops=HONEST_GFLOPS, device_class="rpi5")
         for i in range(3)
     ]
-    devices.append(SimDevice(broker.port, "liar", slots=1, gflops=800_000.0, device_class="rpi5"))
+    devices.append(FakeDevice(broker.port, "liar", slots=1, gflops=800_000.0, device_class="rpi5"))
     async with (
         make_coordinator(scheduler__batch_interval_s=1.0) as c,
         contextlib.AsyncExitStack() as stack,

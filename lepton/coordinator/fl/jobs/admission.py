@@ -5,7 +5,7 @@ evaluation set) and files it reads (a ``.npz`` evaluation set). Neither may come
 request alone: the operator's configuration (``[fl]``) decides.
 
 - Import paths must match ``fl.allowed_imports`` (:class:`lepton.protocol.imports.Allowlist`
-  patterns; default ``models.*``) or an entry point installed under ``lepton.plugins`` (when
+  patterns; default ``lepton.models.*``) or an entry point installed under ``lepton.plugins`` (when
   ``fl.plugins`` is on). The check reads the string only: nothing is imported to check it.
 - A ``.npz`` evaluation set is read only from ``fl.eval_dir``: a name relative to it, or an
   absolute path inside it (symbolic links resolved). A path outside is refused with the same

@@ -18,10 +18,10 @@ from lepton.coordinator.cli import main
 from lepton.coordinator.cli.main import parse_param
 from lepton.coordinator.service import Coordinator
 from tests.coordinator.conftest import eventually
-from tests.coordinator.simdevice import SimDevice
 from tests.support.broker import Broker, free_port
+from tests.support.device import FakeDevice
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 LEPTON = [sys.executable, "-m", "lepton.coordinator.cli"]
 
 
@@ -36,7 +36,7 @@ async def test_devices_and_tasks_commands(
     coordinator: Coordinator, broker: Broker, capsys: pytest.CaptureFixture[str]
 ) -> None:
     api = coordinator.api_url or ""
-    async with SimDevice(broker.port, "pi-7", interval_s=0.2):
+    async with FakeDevice(broker.port, "pi-7", interval_s=0.2):
         await eventually(lambda: coordinator.store.devices.device_exists("pi-7"))
         await eventually(lambda: coordinator.store.devices.get_device("pi-7").report is not None)
         code, out, _ = await lepton(capsys, "--api", api, "devices", "ls")
@@ -115,6 +115,59 @@ async def test_errors_and_exit_codes(
         "10",
     )
     assert code == 5  # no device: it expired
+
+
+async def test_models_deploy_through_the_running_coordinator(
+    coordinator: Coordinator, broker: Broker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``lepton models deploy``: the coordinator sends each chosen device a deploy task whose
+    URL serves the registered artifact; the other devices get nothing."""
+    from lepton.coordinator.model_registry.registry import ModelRegistry
+
+    api = coordinator.api_url or ""
+    registry = ModelRegistry(coordinator.store.engine, Path(coordinator.config.data_dir))
+    artifact = REPO / "lepton" / "models" / "artifacts" / "digits_fp32.onnx"
+    record = registry.import_file(artifact, name="digits", format="onnx", precision="fp32")
+    five = FakeDevice(broker.port, "pi-5", interval_s=0.2, device_class="rpi5")
+    four = FakeDevice(broker.port, "pi-4", interval_s=0.2, device_class="rpi4")
+    async with five, four:
+        for device in ("pi-5", "pi-4"):
+            await eventually(lambda d=device: coordinator.store.devices.device_exists(d))
+            await eventually(
+                lambda d=device: coordinator.store.devices.get_device(d).report is not None
+            )
+        code, out, err = await lepton(
+            capsys, "--api", api, "--json", "models", "deploy", "digits:1", "--class", "rpi5"
+        )
+        assert code == 0, err
+        done = json.loads(out)
+        assert done["model"]["digest"] == record.digest
+        assert [t["pinned_device"] for t in done["tasks"]] == ["pi-5"]
+        await five.wait_until(lambda: any(t.kind == "deploy" for t in five.tasks))
+        task = next(t for t in five.tasks if t.kind == "deploy")
+        assert task.task_id == done["tasks"][0]["id"]
+        assert (task.params["digest"], task.params["size"]) == (record.digest, record.size)
+        async with httpx.AsyncClient() as http:
+            blob = (await http.get(task.params["url"])).content
+        assert blob == artifact.read_bytes()
+        await eventually(
+            lambda: coordinator.store.tasks.get_task(task.task_id).state == "succeeded"
+        )
+        assert not [t for t in four.tasks if t.kind == "deploy"]
+        code, out, _ = await lepton(capsys, "--api", api, "models", "deploy", "digits")
+        assert code == 0
+        assert out.startswith("digits v1 onnx/fp32")
+        assert {ln.split()[1] for ln in out.splitlines()[1:]} == {"pi-4", "pi-5"}
+    for argv, want in (
+        (("digits:9",), 3),  # no such version
+        (("ghost",), 3),
+        (("digits", "--device", "nope"), 3),
+        (("digits", "--class", "toaster", "--device", "pi-5"), 1),  # matches no device
+        (("digits:x",), 2),
+    ):
+        code, _, err = await lepton(capsys, "--api", api, "models", "deploy", *argv)
+        assert code == want, (argv, err)
+        assert err.startswith("error: ")
 
 
 def test_parse_param() -> None:

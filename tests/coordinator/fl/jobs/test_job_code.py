@@ -13,13 +13,13 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.coordinator.federated.conftest import ended, wait_job
-from tests.coordinator.federated.test_engine_faults import CoordinatorProcess
+from tests.coordinator.fl.conftest import ended, wait_job
+from tests.coordinator.fl.jobs.test_engine_faults import CoordinatorProcess
 from tests.support.broker import Broker
 
 pytestmark = pytest.mark.slow
 
-CODE = "tests.coordinator.federated.job_code"
+CODE = "tests.coordinator.fl.job_code"
 
 
 def job(model: str, **extra: Any) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from contextlib import AbstractAsyncContextManager
 from lepton.coordinator.fl.feature import FLFeature
 from lepton.coordinator.service import Coordinator
 from tests.coordinator.conftest import eventually
-from tests.coordinator.federated.conftest import SimFleet, digits_job, run_job, wait_for_devices
+from tests.coordinator.fl.conftest import SimFleet, digits_job, run_job, wait_for_devices
 from tests.support.broker import free_port
 
 MakeCoordinator = Callable[..., AbstractAsyncContextManager[Coordinator]]

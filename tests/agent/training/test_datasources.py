@@ -21,7 +21,7 @@ from lepton.agent.training.datasources import (
 )
 from lepton.protocol.errors import ConfigError
 
-PLUGIN = "tests.agent.inference.plugin_data"
+PLUGIN = "tests.agent.training.plugin_data"
 
 
 def test_npz_with_and_without_labels(tmp_path: Path) -> None:

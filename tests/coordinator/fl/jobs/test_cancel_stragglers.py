@@ -14,7 +14,7 @@ from lepton.coordinator.fl.store import FLStore
 from lepton.coordinator.service import Coordinator
 from lepton.coordinator.store import IN_FLIGHT, TaskRecord
 from tests.coordinator.conftest import eventually
-from tests.coordinator.federated.conftest import (
+from tests.coordinator.fl.conftest import (
     SimFleet,
     digits_job,
     ended,

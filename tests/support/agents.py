@@ -1,4 +1,7 @@
-"""Test peers for the agent: a result sink playing the coordinator's part, agent processes."""
+"""Real agents under test and their peer: ``lepton-agent run`` processes
+(:class:`AgentProcess`, configs from :func:`write_agent_config`) and a result sink playing the
+coordinator's part (:class:`Sink`). The fake device for coordinator tests is
+:mod:`tests.support.device`; fleets of real agents in one process are :mod:`lepton.sim`."""
 
 from __future__ import annotations
 
@@ -232,7 +235,7 @@ class AgentProcess:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     env: dict[str, str] = field(default_factory=dict)
-    module: str = "agent"
+    module: str = "lepton.agent"
 
     def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("LEPTON_")}

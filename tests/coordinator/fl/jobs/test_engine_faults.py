@@ -25,7 +25,7 @@ from lepton.coordinator.fl.store import FLStore
 from lepton.coordinator.service import Coordinator
 from lepton.coordinator.store import Store
 from lepton.protocol.weights import encode_weights
-from tests.coordinator.federated.conftest import (
+from tests.coordinator.fl.conftest import (
     SimFleet,
     digits_job,
     ended,
@@ -36,7 +36,7 @@ from tests.support.broker import Broker, free_port
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[4]
 MakeCoordinator = Callable[..., AbstractAsyncContextManager[Coordinator]]
 
 

@@ -16,8 +16,8 @@ from lepton.sim import device as sim_device
 from lepton.sim.device import SimState, scaled_registry, stretch_factor
 from lepton.sim.fleet import FleetSpec, build_devices, run_fleet
 from lepton.sim.profiles import PROFILES, assign_profiles, parse_mix
+from tests.support.agents import Sink
 from tests.support.broker import Broker
-from tests.support.fleet import Sink
 
 
 def test_profile_mix_proportions_are_exact() -> None:

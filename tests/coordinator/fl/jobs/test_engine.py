@@ -19,7 +19,7 @@ from lepton.coordinator.model_registry.quantize import QuantizationConfig, quant
 from lepton.coordinator.model_registry.registry import ModelRegistry
 from lepton.coordinator.service import Coordinator
 from lepton.models.data import digits_splits
-from tests.coordinator.federated.conftest import (
+from tests.coordinator.fl.conftest import (
     SimFleet,
     digits_job,
     ended,

@@ -1,6 +1,10 @@
-"""A simulated device that speaks the agent's side of the protocol (until the real agent's
-end-to-end tests take over): Last Will, retained birth, periodic capacity reports, task acks,
-results re-sent until acknowledged, and refusal of a second copy of the same attempt.
+"""The fake device of the tests: an in-process MQTT client that speaks the agent's side of
+the protocol for coordinator tests: Last Will, retained birth, periodic capacity reports,
+task acks, results re-sent until acknowledged, and refusal of a second copy of the same
+attempt. Its ``behaviour`` makes it run, refuse, fail, ignore or only acknowledge tasks.
+
+Tests that need real agents use :mod:`lepton.sim` (virtual devices that are real agents) or
+real agent processes (:mod:`tests.support.agents`).
 
 Built on paho's network thread; protocol logic runs on the test's event loop.
 """
@@ -19,14 +23,51 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from lepton.protocol import codec, topics
-from lepton.protocol.messages import Result, ResultAck, State, Task, TaskAck
-from tests.coordinator.factories import report
+from lepton.protocol.messages import (
+    Bench,
+    CapacityReport,
+    Cpu,
+    Memory,
+    Result,
+    ResultAck,
+    Slots,
+    State,
+    Task,
+    TaskAck,
+)
+
+
+def report(
+    *,
+    slots: int = 2,
+    busy: int = 0,
+    interval_s: float = 5.0,
+    gflops: float = 10.0,
+    ts: float | None = None,
+    mem_available: int = 2 << 30,
+    runtimes: tuple[str, ...] = ("onnxruntime",),
+    device_class: str | None = "rpi5",
+    **extra: Any,
+) -> CapacityReport:
+    return CapacityReport(
+        ts=time.time() if ts is None else ts,
+        device_class=device_class,
+        device_model="Raspberry Pi 5",
+        cpu=Cpu(count=4, percent=10.0),
+        memory=Memory(total=4 << 30, available=mem_available),
+        runtimes=list(runtimes),
+        bench=Bench(fp32_gflops=gflops),
+        slots=Slots(total=slots, busy=busy),
+        interval_s=interval_s,
+        **extra,
+    )
+
 
 Behaviour = Literal["run", "refuse", "fail", "ignore", "ack_only"]
 
 
 @dataclass
-class SimDevice:
+class FakeDevice:
     port: int
     device_id: str
     fleet: str = "default"
@@ -69,7 +110,7 @@ class SimDevice:
     def _topic(self, channel: str) -> str:
         return topics.device_topic(self.fleet, self.device_id, channel)
 
-    async def __aenter__(self) -> SimDevice:
+    async def __aenter__(self) -> FakeDevice:
         self._loop = asyncio.get_running_loop()
         self.client.connect("127.0.0.1", self.port, keepalive=10)
         self.client.loop_start()

@@ -1,4 +1,4 @@
-"""Data source plugins used by the tests (``tests.agent.inference.plugin_data:pairs``)."""
+"""Data source plugins used by the tests (``tests.agent.training.plugin_data:pairs``)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import pytest
 from lepton.coordinator.fl.jobs.spec import FLJob, JobError
 from lepton.coordinator.fl.kernels.strategies import CentralDP, Clipping, FedProx
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[4]
 BASE: dict[str, Any] = {
     "name": "digits",
     "model": "lepton.models.digits:DigitsCNN",
