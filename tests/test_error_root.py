@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from lepton.protocol.errors import LeptonError
+from lepton.common.errors import LeptonError
 
 
 def _modules() -> list[str]:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from lepton.common.errors import ConfigError
 from lepton.coordinator import config
 from lepton.coordinator.config import Config, env_name, known_keys, load
-from lepton.protocol.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 

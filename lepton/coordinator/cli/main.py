@@ -395,8 +395,8 @@ def _known_failure(exc: Exception) -> int | None:
     """Print a one-line message for failures an operator can fix; None for bugs."""
     from sqlalchemy.exc import SQLAlchemyError
 
+    from lepton.common.errors import ConfigError
     from lepton.coordinator.store.migrations import SchemaError
-    from lepton.protocol.errors import ConfigError
 
     if isinstance(exc, SchemaError):
         sys.stderr.write(f"error: {exc}\n")

@@ -47,8 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, get_args
 
+from lepton.common.errors import LeptonError
 from lepton.coordinator.fl.kernels.strategies import STRATEGIES, Strategy, build
-from lepton.protocol.errors import LeptonError
 
 Selection = Literal["cost", "random"]
 Optimizer = Literal["sgd", "adam"]
