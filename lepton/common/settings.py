@@ -18,9 +18,10 @@ Layers, each winning over the one before:
    key is refused; other ``LEPTON_*`` variables belong to other programs and are ignored;
 4. overrides by dotted key (CLI flags: ``--broker-port``, or ``--set broker.port=1884``).
 
-Every value goes through one coercion (:func:`coerce`): a string becomes the declared type
-(``"true"``/``"yes"``/``"on"``, ``"12"``, ``"a,b"`` for a list, ``""``/``"none"`` for
-``None``), then msgspec checks the type and its bounds. Unknown sections and keys are refused
+Every value goes through one coercion (:func:`coerce`): a string from the environment or a
+flag becomes the declared type (``"true"``/``"yes"``/``"on"``, ``"12"``, ``"a,b"`` for a
+list, ``""``/``"none"`` for ``None``; a file's values are typed already), then msgspec
+checks the type and its bounds. Unknown sections and keys are refused
 by name. Every failure is one :class:`ConfigError` naming the key and where its value came
 from (the file's path, ``env LEPTON_BROKER_PORT``, ``flag --broker-port``).
 """
@@ -219,7 +220,7 @@ def _literal(inner: Any, value: Any) -> Any:
     return value
 
 
-def _convert(hint: Any, value: Any) -> Any:
+def _convert(hint: Any, value: Any, text: bool) -> Any:
     inner, metas, optional = _unwrap(hint)
     if value is None or (optional and isinstance(value, str) and value.strip().lower() in _NONE):
         if optional:
@@ -233,7 +234,7 @@ def _convert(hint: Any, value: Any) -> Any:
         if isinstance(value, Path):
             return value
         return Path(msgspec.convert(value, Annotated[(str, *metas)] if metas else str))
-    if isinstance(value, str) and inner is not str:
+    if text and isinstance(value, str) and inner is not str:
         try:
             value = _from_text(inner, value)
         except ValueError as exc:
@@ -242,18 +243,25 @@ def _convert(hint: Any, value: Any) -> Any:
                     "must be " + _KINDS.get(getattr(inner, "__name__", ""), str(inner))
                 ) from None
             raise
-    return msgspec.convert(value, Annotated[(inner, *metas)] if metas else inner)
+    try:
+        return msgspec.convert(value, Annotated[(inner, *metas)] if metas else inner)
+    except msgspec.ValidationError:
+        described = [m.description for m in metas if getattr(m, "description", None)]
+        if described:
+            raise ValueError(f"must be {described[0]}") from None
+        raise
 
 
-def coerce(key: str, hint: Any, value: Any, source: str = "") -> Any:
+def coerce(key: str, hint: Any, value: Any, source: str = "", *, text: bool = True) -> Any:
     """``value`` as the declared type ``hint``, or a :class:`ConfigError` naming the key.
 
-    The one conversion every layer goes through. A string is parsed first when the type is
-    not a string (the environment and flags give only strings); msgspec then checks the type
-    and any ``Meta`` bounds on it.
+    The one conversion every layer goes through. With ``text`` (the environment and flags
+    give only strings), a string is parsed first when the type is not a string; a file's
+    values are typed already (``text=False``). msgspec then checks the type and any ``Meta``
+    bounds on it (a ``Meta`` with a ``description`` explains a refusal in its words).
     """
     try:
-        return _convert(hint, value)
+        return _convert(hint, value, text)
     except (ValueError, TypeError, msgspec.ValidationError) as exc:
         origin = f", from {source}" if source else ""
         raise ConfigError(
@@ -273,18 +281,18 @@ class _Values:
     #: Sections a layer named (an optional section exists once named, even empty).
     named: set[str] = dataclasses.field(default_factory=set)
 
-    def set(self, key: Key, value: Any, source: str) -> None:
+    def set(self, key: Key, value: Any, source: str, *, text: bool = True) -> None:
         """A whole value; for an open table, the whole table (it replaces the one before)."""
         if key.table:
-            self.values[key.name] = (_table_entries(key, value, source), source)
+            self.values[key.name] = (_table_entries(key, value, source, text), source)
         else:
-            self.values[key.name] = (coerce(key.name, key.hint, value, source), source)
+            self.values[key.name] = (coerce(key.name, key.hint, value, source, text=text), source)
         self._name_sections(key.name)
 
     def set_entry(self, key: Key, name: str, value: Any, source: str) -> None:
         """One entry of an open table, added to (or replacing one of) the entries before."""
         old = self.values.get(key.name)
-        entries = _table_entries(key, {name: value}, source)
+        entries = _table_entries(key, {name: value}, source, text=True)
         self.values[key.name] = ({**(old[0] if old else {}), **entries}, source)
         self._name_sections(key.name)
 
@@ -294,9 +302,9 @@ class _Values:
             self.named.add(".".join(parts[:i]))
 
 
-def _table_entries(key: Key, value: Any, source: str) -> dict[str, Any]:
+def _table_entries(key: Key, value: Any, source: str, text: bool) -> dict[str, Any]:
     """An open table's entries: a mapping, or ``name=value,name=value`` text."""
-    if isinstance(value, str):
+    if text and isinstance(value, str):
         pairs: dict[str, Any] = {}
         for part in (p.strip() for p in value.split(",")):
             if not part:
@@ -317,7 +325,7 @@ def _table_entries(key: Key, value: Any, source: str) -> dict[str, Any]:
             source=source,
         )
     return {
-        str(name): coerce(f"{key.name}.{name}", key.entry, item, source)
+        str(name): coerce(f"{key.name}.{name}", key.entry, item, source, text=text)
         for name, item in value.items()
     }
 
@@ -342,7 +350,7 @@ def _from_mapping(into: _Values, data: Mapping[str, Any], source: str) -> None:
                 stack.append((f"{dotted}.", value))
             elif dotted in found:
                 if value is not None or not found[dotted].required:
-                    into.set(found[dotted], value, source)
+                    into.set(found[dotted], value, source, text=False)
             elif not prefix:
                 raise ConfigError(
                     f"{source}: unknown section [{name}]"
