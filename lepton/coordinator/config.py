@@ -16,7 +16,7 @@ import dataclasses
 import os
 import socket
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
@@ -286,9 +286,11 @@ def load(
     *,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    override_label: Callable[[str], str] = lambda key: f"override {key}",
 ) -> Config:
     """Defaults -> TOML file (``path``, else ``$LEPTON_COORDINATOR_CONFIG``) -> environment ->
-    ``overrides`` (dotted keys, from ``--set key=value`` and the run flags)."""
+    ``overrides`` (dotted keys, from ``--set key=value`` and the run flags, which
+    ``override_label`` names in errors)."""
     env = os.environ if env is None else env
     file = path if path is not None else env.get(CONFIG_ENV) or None
     return settings.load(
@@ -296,5 +298,5 @@ def load(
         file=None if file is None else Path(file),
         env=env,
         overrides=overrides,
-        override_label=lambda key: f"flag --set {key}",
+        override_label=override_label,
     )
