@@ -91,16 +91,6 @@ def _strip_optional(hint: Any) -> tuple[Any, bool]:
     return hint, False
 
 
-def _base(hint: Any) -> Any:
-    """The type under ``Annotated`` and ``Optional``."""
-    if get_origin(hint) is Annotated:
-        hint = get_args(hint)[0]
-    hint, _ = _strip_optional(hint)
-    if get_origin(hint) is Annotated:
-        hint = get_args(hint)[0]
-    return hint
-
-
 def _section_type(hint: Any) -> _Section | None:
     inner, optional = _strip_optional(hint)
     if isinstance(inner, type) and dataclasses.is_dataclass(inner):
@@ -108,10 +98,11 @@ def _section_type(hint: Any) -> _Section | None:
     return None
 
 
-def _is_table(hint: Any) -> Any:
-    base = _base(hint)
-    if get_origin(base) in (dict, Mapping) or get_origin(base) is typing.Mapping:
-        return get_args(base)[1] if get_args(base) else Any
+def _table_entry(hint: Any) -> Any:
+    """``V`` of an open table ``dict[str, V]`` (or ``Mapping``); None for any other type."""
+    base = _unwrap(hint)[0]
+    if get_origin(base) in (dict, Mapping):
+        return get_args(base)[1]
     return None
 
 
@@ -143,7 +134,7 @@ def _tree_cached(schema: Any) -> tuple[dict[str, Key], dict[str, _Section]]:
                 walk(f"{name}.", section.cls)
                 continue
             required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-            entry = _is_table(hint)
+            entry = _table_entry(hint)
             found[name] = Key(name, hint, required, entry is not None, entry)
 
     walk("", schema)
@@ -426,11 +417,10 @@ def _build(into: _Values) -> Any:
         for f in dataclasses.fields(cls):
             dotted = f"{prefix}{_key_name(f)}"
             if dotted in sections:
-                sub = sections[dotted]
-                if sub.optional and dotted not in into.named:
-                    kwargs[f.name] = None
-                elif dotted in into.named or sub.optional:
+                if dotted in into.named:
                     kwargs[f.name] = make(dotted)
+                elif sections[dotted].optional:
+                    kwargs[f.name] = None  # else the field's default (factory) builds it
             elif dotted in into.values:
                 kwargs[f.name] = into.values[dotted][0]
             elif found[dotted].required:
