@@ -21,9 +21,11 @@ Layers, each winning over the one before:
 Every value goes through one coercion (:func:`coerce`): a string from the environment or a
 flag becomes the declared type (``"true"``/``"yes"``/``"on"``, ``"12"``, ``"a,b"`` for a
 list, ``""``/``"none"`` for ``None``; a file's values are typed already), then msgspec
-checks the type and its bounds. Unknown sections and keys are refused
-by name. Every failure is one :class:`ConfigError` naming the key and where its value came
-from (the file's path, ``env LEPTON_BROKER_PORT``, ``flag --broker-port``).
+checks the type and its bounds. An open table given whole (a file's table, ``--data
+a=x,b=y``) replaces the one before; a single entry (``LEPTON_DATA_A``, ``data.a``) is added
+to it. Unknown sections and keys are refused by name. Every failure is one
+:class:`ConfigError` naming the key and where its value came from (the file's path,
+``env LEPTON_BROKER_PORT``, ``flag --broker-port``).
 """
 
 from __future__ import annotations
