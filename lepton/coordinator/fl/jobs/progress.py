@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import numpy as np
 
+from lepton.common.errors import LeptonError
 from lepton.coordinator.errors import NotFoundError
 from lepton.coordinator.fl import modelio
 from lepton.coordinator.fl.jobs.spec import FLJob
@@ -24,7 +25,6 @@ from lepton.coordinator.fl.kernels.strategies import Strategy
 from lepton.coordinator.fl.records import JobRecord, RoundRecord, UpdateRecord
 from lepton.coordinator.store import Lease
 from lepton.coordinator.tasks.states import DEVICE_OFFLINE
-from lepton.protocol.errors import LeptonError
 from lepton.protocol.weights import decode_weights
 
 if TYPE_CHECKING:
