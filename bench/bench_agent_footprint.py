@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             device_id="footprint",
             port=broker.port,
             state_dir=Path(tmp) / "state",
-            agent={"capacity_interval": args.interval, "probe": True, "log_level": "WARNING"},
+            agent={"capacity_interval_s": args.interval, "probe": True, "log_level": "WARNING"},
         )
         agent = subprocess.Popen(
             [sys.executable, "-m", "lepton.agent", "run", "--config", str(cfg)],

@@ -58,10 +58,10 @@ async def outbox_publish(
         None,
         env={},
         overrides={
-            "device_id": f"outbox-{sync}",
-            "broker_port": port,
-            "agent_state_dir": state_dir,
-            "outbox_sync": sync,
+            "device.id": f"outbox-{sync}",
+            "broker.port": port,
+            "agent.state_dir": state_dir,
+            "outbox.sync": sync,
         },
     )
     counters = Counters()

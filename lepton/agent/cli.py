@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from lepton.agent import __version__
 from lepton.agent.config import AgentConfig, cli_options, load_config
-from lepton.protocol.errors import ConfigError
+from lepton.common.errors import ConfigError
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -22,16 +22,26 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         "configuration (each also LEPTON_<NAME> and TOML [section] key)"
     )
     for flag, name, hint in cli_options():
-        if isinstance(hint, types.UnionType):
-            hint = next(a for a in typing.get_args(hint) if a is not type(None))  # noqa: PLW2901
+        hint = _base(hint)  # noqa: PLW2901
         kwargs: dict[str, Any] = {"dest": name, "default": None}
         if hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(hint) is Literal:
             kwargs["choices"] = typing.get_args(hint)
         else:
-            kwargs["metavar"] = name.split("_", 1)[1].upper()
+            kwargs["metavar"] = name.rpartition(".")[2].upper()
         group.add_argument(flag, **kwargs)
+
+
+def _base(hint: Any) -> Any:
+    """The type under ``Annotated`` bounds and ``Optional``."""
+    while True:
+        if typing.get_origin(hint) is typing.Annotated:
+            hint = typing.get_args(hint)[0]
+        elif isinstance(hint, types.UnionType):
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        else:
+            return hint
 
 
 def _config(ns: argparse.Namespace) -> AgentConfig:
@@ -85,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     probe.add_argument("--config", type=Path, default=None)
     probe.add_argument("--refresh", action="store_true", help="ignore the cached figures")
-    probe.add_argument("--agent-state-dir", dest="agent_state_dir", default=None)
+    probe.add_argument("--agent-state-dir", dest="agent.state_dir", default=None)
     sub.add_parser("version", help="print the agent version")
     return parser
 
@@ -97,16 +107,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         if ns.command == "probe":
-            overrides = {"agent_state_dir": ns.agent_state_dir} if ns.agent_state_dir else {}
+            overrides = {"agent.state_dir": getattr(ns, "agent.state_dir")}
             config = load_config(ns.config, overrides=overrides)
             _setup_logging("WARNING")
-            print(json.dumps(asyncio.run(_probe(config.state_dir, ns.refresh)), indent=2))
+            print(json.dumps(asyncio.run(_probe(config.agent.state_dir, ns.refresh)), indent=2))
             return 0
         config = _config(ns)
     except ConfigError as exc:
         print(f"lepton-agent: configuration error: {exc}", file=sys.stderr)
         return 2
-    _setup_logging(config.agent_log_level)
+    _setup_logging(config.agent.log_level)
     try:
         asyncio.run(_run(config))
     except KeyboardInterrupt:

@@ -60,29 +60,29 @@ class Agent:
         self.counters = Counters()
         self.started_at = time.time()
         self.outbox = Outbox(
-            config.state_dir / "agent.db",
-            max_entries=config.outbox_max_entries,
-            sync=config.outbox_sync,
+            config.agent.state_dir / "agent.db",
+            max_entries=config.outbox.max_entries,
+            sync=config.outbox.sync,
             executor=outbox_executor,
         )
         self.notifier = Notifier()
         self.probe: ProbeResult | None = None
         self.models = ModelManager(
-            config.state_dir / "models",
-            threads=config.inference_threads,
-            providers=config.inference_providers,
-            allow_spinning=config.inference_allow_spinning,
-            max_bytes=config.inference_max_model_bytes,
-            retries=config.inference_download_retries,
-            timeout=config.inference_download_timeout,
+            config.agent.state_dir / "models",
+            threads=config.inference.threads,
+            providers=config.inference.providers,
+            allow_spinning=config.inference.allow_spinning,
+            max_bytes=config.inference.max_model_bytes,
+            retries=config.inference.download_retries,
+            timeout=config.inference.download_timeout_s,
             origins=config.origins,
             caps=Caps(
-                max_models=config.inference_max_models,
-                max_loaded_bytes=config.inference_max_loaded_bytes,
-                max_cache_bytes=config.inference_max_cache_bytes,
+                max_models=config.inference.max_models,
+                max_loaded_bytes=config.inference.max_loaded_bytes,
+                max_cache_bytes=config.inference.max_cache_bytes,
             ),
         )
-        self.data_sources = DataSources(config.data_source_map)
+        self.data_sources = DataSources(config.data)
         self.endpoint_port: int | None = None  # the bound TCP port once the endpoint listens
         self._registry = registry or default_registry()
         self._stop = asyncio.Event()
@@ -100,36 +100,36 @@ class Agent:
             on_connect=self._on_connect,
         )
         self.runner = Runner(
-            slots=config.agent_slots,
-            queue_limit=config.agent_queue_limit,
+            slots=config.agent.slots,
+            queue_limit=config.agent.queue_limit,
             registry=self._registry,
             outbox=self.outbox,
             context=TaskContext(
-                device_id=config.device_id,
-                state_dir=config.state_dir,
+                device_id=config.device.id,
+                state_dir=config.agent.state_dir,
                 agent_version=__version__,
                 extras={
                     "models": self.models,
                     "data_sources": self.data_sources,
                     # Only what this device's own config allows, never what a task names.
-                    "model_imports": Allowlist(config.agent_model_imports).with_plugins(),
+                    "model_imports": Allowlist(config.agent.model_imports).with_plugins(),
                 },
             ),
             result_topic=self.link.result_topic,
             counters=self.counters,
-            crash_limit=config.agent_crash_limit,
+            crash_limit=config.agent.crash_limit,
             on_result=self.link.wake,
             on_change=self._report_now.set,
         )
         self.sampler: Sampler = sampler or CapacitySampler(
-            state_dir=config.state_dir,
+            state_dir=config.agent.state_dir,
             probe=None,
-            device_class=config.device_class,
-            tags=config.device_tags,
+            device_class=config.device.class_,
+            tags=config.device.tags,
         )
 
     async def __aenter__(self) -> Agent:
-        self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.config.agent.state_dir.mkdir(parents=True, exist_ok=True)
         await self.outbox.__aenter__()
         return self
 
@@ -158,13 +158,13 @@ class Agent:
                 tg.create_task(self._watchdog(), name="watchdog"),
                 tg.create_task(self.models.restore(), name="models"),
             ]
-            if self.config.endpoint_enabled:
+            if self.config.endpoint.enabled:
                 loops.append(tg.create_task(self._endpoint(), name="endpoint"))
             workers = [
                 tg.create_task(self.runner.worker(), name=f"worker-{i}")
-                for i in range(self.config.agent_slots)
+                for i in range(self.config.agent.slots)
             ]
-            if self.config.agent_probe:
+            if self.config.agent.probe:
                 loops.append(tg.create_task(self._load_probe(), name="probe"))
             try:
                 await self._stop.wait()
@@ -178,9 +178,10 @@ class Agent:
     async def _shutdown(self) -> None:
         self.notifier.stopping()
         log.info(
-            "shutting down: draining running tasks (up to %.0f s)", self.config.agent_drain_timeout
+            "shutting down: draining running tasks (up to %.0f s)",
+            self.config.agent.drain_timeout_s,
         )
-        if not await self.runner.drain(self.config.agent_drain_timeout):
+        if not await self.runner.drain(self.config.agent.drain_timeout_s):
             log.warning("drain timed out with %d tasks still running", self.runner.busy)
         if self.link.connected.is_set():
             if not await self.link.flush(timeout=5.0):
@@ -206,7 +207,7 @@ class Agent:
         if not self._ready_sent:
             self._ready_sent = True
             self.notifier.ready()
-        self.notifier.status(f"connected to {self.config.broker_host}:{self.config.broker_port}")
+        self.notifier.status(f"connected to {self.config.broker.host}:{self.config.broker.port}")
 
     async def _on_message(self, topic: str, channel: str, payload: bytes) -> None:
         if channel == topics.TASK:
@@ -246,7 +247,7 @@ class Agent:
 
     async def _load_probe(self) -> None:
         try:
-            self.probe = await load_probe(self.config.state_dir, agent_version=__version__)
+            self.probe = await load_probe(self.config.agent.state_dir, agent_version=__version__)
         except Exception:  # the agent runs without figures rather than not at all
             log.exception("device probe failed")
             return
@@ -258,10 +259,10 @@ class Agent:
             slots=self.runner.slots_report(),
             outbox_pending=len(self.outbox),
             counters=self.counters.snapshot(),
-            interval_s=self.config.agent_capacity_interval,
+            interval_s=self.config.agent.capacity_interval_s,
         )
-        if self.config.data_sources:
-            names = sorted(self.config.data_source_map)
+        if self.config.data:
+            names = sorted(self.config.data)
             # Sizes are known once a task loaded the source: the agent never reads its data
             # just to report on it (numpy stays unloaded until a task needs it).
             known = self.data_sources.sizes()
@@ -273,8 +274,8 @@ class Agent:
         return report
 
     async def _capacity_loop(self) -> None:
-        interval = self.config.agent_capacity_interval
-        min_gap = self.config.agent_capacity_min_interval
+        interval = self.config.agent.capacity_interval_s
+        min_gap = self.config.agent.capacity_min_interval_s
         while True:
             self._heartbeat = time.monotonic()
             with contextlib.suppress(TimeoutError):
@@ -309,13 +310,13 @@ class Agent:
         cfg = self.config
         endpoint = Endpoint(
             self.models,
-            host=cfg.endpoint_host,
-            port=cfg.endpoint_port,
-            socket_path=cfg.endpoint_socket,
-            max_body=cfg.endpoint_max_body,
-            concurrency=cfg.endpoint_concurrency,
-            max_connections=cfg.endpoint_max_connections,
-            request_timeout=cfg.endpoint_request_timeout,
+            host=cfg.endpoint.host,
+            port=cfg.endpoint.port,
+            socket_path=cfg.endpoint.socket,
+            max_body=cfg.endpoint.max_body_bytes,
+            concurrency=cfg.endpoint.concurrency,
+            max_connections=cfg.endpoint.max_connections,
+            request_timeout=cfg.endpoint.request_timeout_s,
             counters=self.counters,
         )
         try:
@@ -351,7 +352,7 @@ class Agent:
 def describe(agent: Agent) -> dict[str, Any]:
     """A JSON-friendly status of the agent (for `lepton-agent status` and tests)."""
     return {
-        "device_id": agent.config.device_id,
+        "device_id": agent.config.device.id,
         "connected": agent.link.connected.is_set(),
         "outbox": len(agent.outbox),
         "busy": agent.runner.busy,

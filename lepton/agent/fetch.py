@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lepton.agent.origins import Origins
-from lepton.protocol.errors import LeptonError
+from lepton.common.errors import LeptonError
 
 if TYPE_CHECKING:
     import httpx

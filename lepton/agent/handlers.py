@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lepton.agent.cancellation import CancelToken
-from lepton.protocol.errors import LeptonError
+from lepton.common.errors import LeptonError
 from lepton.protocol.messages import Task
 
 

@@ -75,10 +75,10 @@ class Link:
         self.connected = asyncio.Event()
         self._wake = asyncio.Event()
         self._all_sent = asyncio.Event()
-        self._backoff = Backoff(config.broker_reconnect_min, config.broker_reconnect_max)
+        self._backoff = Backoff(config.broker.reconnect_min_s, config.broker.reconnect_max_s)
         self._handler_slots = asyncio.Semaphore(256)
         self._handlers: set[asyncio.Task[None]] = set()
-        fleet, dev = config.device_fleet, config.device_id
+        fleet, dev = config.device.fleet, config.device.id
         self.state_topic = topics.device_topic(fleet, dev, topics.STATE)
         self.capacity_topic = topics.device_topic(fleet, dev, topics.CAPACITY)
         self.result_topic = topics.device_topic(fleet, dev, topics.RESULT)
@@ -162,28 +162,28 @@ class Link:
             retain=True,
         )
         tls_params = None
-        if cfg.broker_tls:
+        if cfg.broker.tls:
             tls_params = aiomqtt.TLSParameters(
-                ca_certs=str(cfg.broker_ca_file) if cfg.broker_ca_file else None,
-                certfile=str(cfg.broker_cert_file) if cfg.broker_cert_file else None,
-                keyfile=str(cfg.broker_key_file) if cfg.broker_key_file else None,
+                ca_certs=str(cfg.broker.ca_file) if cfg.broker.ca_file else None,
+                certfile=str(cfg.broker.cert_file) if cfg.broker.cert_file else None,
+                keyfile=str(cfg.broker.key_file) if cfg.broker.key_file else None,
                 cert_reqs=ssl.CERT_REQUIRED,
                 tls_version=ssl.PROTOCOL_TLS_CLIENT,
             )
         client = aiomqtt.Client(
-            cfg.broker_host,
-            cfg.broker_port,
+            cfg.broker.host,
+            cfg.broker.port,
             # The shipped broker config replaces the client id with the username, which the
             # config requires to be the device id: the persistent session stays this one.
-            identifier=cfg.device_id,
-            username=cfg.broker_username,
-            password=cfg.broker_password,
+            identifier=cfg.device.id,
+            username=cfg.broker.username,
+            password=cfg.broker.password,
             clean_session=False,  # queued QoS 1 tasks survive a short disconnect
-            keepalive=cfg.broker_keepalive,
+            keepalive=cfg.broker.keepalive_s,
             will=will,
             tls_params=tls_params,
             max_inflight_messages=100,
-            timeout=max(10.0, cfg.broker_keepalive),
+            timeout=max(10.0, cfg.broker.keepalive_s),
         )
         # The outbox publisher keeps up to PUBLISH_BATCH publishes in flight on purpose.
         client.pending_calls_threshold = 2 * PUBLISH_BATCH
@@ -203,7 +203,7 @@ class Link:
             self.connected.set()
             self._backoff.reset()
             self._counters.inc("link.connects")
-            log.info("connected to %s:%d", self.config.broker_host, self.config.broker_port)
+            log.info("connected to %s:%d", self.config.broker.host, self.config.broker.port)
             self._on_connect()
             # Not a TaskGroup: on Python 3.11 one whose child fails leaves the parent's
             # cancel count raised for good (uncancel runs before the child's cancel), and
@@ -244,7 +244,7 @@ class Link:
 
     async def _drain_outbox(self, client: aiomqtt.Client) -> None:
         await self._outbox.reset_sent()
-        resend_after = self.config.outbox_resend_after
+        resend_after = self.config.outbox.resend_after_s
         while True:
             self._wake.clear()
             entries = await self._outbox.unsent(

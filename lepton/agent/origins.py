@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Final
 from urllib.parse import urlsplit
 
-from lepton.protocol.errors import LeptonError
+from lepton.common.errors import LeptonError
 
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 

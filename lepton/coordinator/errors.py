@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lepton.protocol.errors import ConfigError, LeptonError
+from lepton.common.errors import ConfigError, LeptonError
 
 __all__ = [
     "ConfigError",

@@ -9,9 +9,9 @@ from typing import Any
 
 import httpx
 
+from lepton.common.errors import LeptonError
 from lepton.coordinator.tasks.states import TERMINAL
 from lepton.protocol import routes
-from lepton.protocol.errors import LeptonError
 
 
 class DemoError(LeptonError, RuntimeError):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from lepton.common.errors import LeptonError
 from lepton.demo import fl, model
 from lepton.demo.api import Api, DemoError
 from lepton.demo.broker import BrokerChoice
@@ -25,7 +26,6 @@ from lepton.demo.figures import (
     training_figures,
 )
 from lepton.demo.stack import Stack, StackSpec
-from lepton.protocol.errors import LeptonError
 
 log = logging.getLogger(__name__)
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from lepton.common.errors import LeptonError
 from lepton.demo import procs
 from lepton.demo.broker import (
     BrokerChoice,
@@ -33,7 +34,6 @@ from lepton.demo.broker import (
     start_broker,
 )
 from lepton.protocol import routes
-from lepton.protocol.errors import LeptonError
 
 log = logging.getLogger(__name__)
 

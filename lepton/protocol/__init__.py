@@ -4,14 +4,13 @@ Pure code with no I/O. Neither ``agent`` nor ``coordinator`` is imported from he
 """
 
 from lepton.protocol.codec import MAX_MESSAGE_BYTES, decode, encode
-from lepton.protocol.errors import DecodeError, LeptonError, TopicError
+from lepton.protocol.errors import DecodeError, TopicError
 from lepton.protocol.messages import SCHEMA_VERSION, Message
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
     "SCHEMA_VERSION",
     "DecodeError",
-    "LeptonError",
     "Message",
     "TopicError",
     "decode",

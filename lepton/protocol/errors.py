@@ -1,10 +1,10 @@
-"""One error root for the project, with a few typed subclasses carrying machine-readable fields."""
+"""The wire contract's errors, with machine-readable fields, under the project's one root."""
 
 from __future__ import annotations
 
+from lepton.common.errors import LeptonError
 
-class LeptonError(Exception):
-    """Root of every error Lepton raises on purpose."""
+__all__ = ["DecodeError", "TopicError"]
 
 
 class DecodeError(LeptonError):
@@ -29,11 +29,3 @@ class TopicError(LeptonError):
         self.reason = reason
         self.topic = topic
         super().__init__(f"{reason}: {topic!r}" if topic else reason)
-
-
-class ConfigError(LeptonError):
-    """Configuration is invalid; ``key`` names the offending setting when there is one."""
-
-    def __init__(self, message: str, *, key: str | None = None) -> None:
-        self.key = key
-        super().__init__(message)

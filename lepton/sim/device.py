@@ -262,7 +262,7 @@ class VirtualDevice:
             registry=scaled_registry(
                 self.profile, self.state, self.host_gflops, self.extras, self.claim_examples
             ),
-            sampler=ProfileSampler(self.profile, self.state, tags=self.config.device_tags),
+            sampler=ProfileSampler(self.profile, self.state, tags=self.config.device.tags),
             outbox_executor=self.executor,
         )
 
@@ -272,7 +272,7 @@ class VirtualDevice:
             agent = self._make_agent()
             self.agent = agent
             async with agent:
-                runner = asyncio.create_task(agent.run(), name=f"agent-{self.config.device_id}")
+                runner = asyncio.create_task(agent.run(), name=f"agent-{self.config.device.id}")
                 crashed = await self._chaos(runner)
                 if not crashed:
                     return
@@ -298,7 +298,7 @@ class VirtualDevice:
                     with contextlib.suppress(asyncio.CancelledError):
                         await runner
                     self.crashes += 1
-                    log.info("sim: %s crashed", self.config.device_id)
+                    log.info("sim: %s crashed", self.config.device.id)
                     return True
                 self._drop_link()
                 self.flaps += 1

@@ -101,28 +101,28 @@ def build_devices(spec: FleetSpec) -> list[VirtualDevice]:
     devices = []
     for device_id, profile in zip(ids, profiles, strict=True):
         overrides: dict[str, Any] = {
-            "device_id": device_id,
-            "device_fleet": spec.fleet,
-            "device_class": profile.name,
-            "device_tags": (profile.name,),
-            "broker_host": spec.broker_host,
-            "broker_port": spec.broker_port,
-            "broker_keepalive": spec.keepalive,
-            "broker_reconnect_min": 0.2,
-            "broker_reconnect_max": 5.0,
-            "agent_state_dir": spec.state_root / device_id,
-            "agent_slots": profile.slots,
-            "agent_capacity_interval": spec.capacity_interval,
-            "agent_capacity_min_interval": min(1.0, spec.capacity_interval),
-            "agent_probe": False,
-            "agent_drain_timeout": 5.0,
+            "device.id": device_id,
+            "device.fleet": spec.fleet,
+            "device.class": profile.name,
+            "device.tags": (profile.name,),
+            "broker.host": spec.broker_host,
+            "broker.port": spec.broker_port,
+            "broker.keepalive_s": spec.keepalive,
+            "broker.reconnect_min_s": 0.2,
+            "broker.reconnect_max_s": 5.0,
+            "agent.state_dir": spec.state_root / device_id,
+            "agent.slots": profile.slots,
+            "agent.capacity_interval_s": spec.capacity_interval,
+            "agent.capacity_min_interval_s": min(1.0, spec.capacity_interval),
+            "agent.probe": False,
+            "agent.drain_timeout_s": 5.0,
             # Many agents share one disk here; a simulated device need not survive power loss.
-            "outbox_sync": "normal",
-            "fetch_origins": spec.fetch_origins,
+            "outbox.sync": "normal",
+            "fetch.origins": spec.fetch_origins,
             **spec.extra,
         }
         if device_id in data:
-            overrides["data_sources"] = data[device_id]
+            overrides["data"] = data[device_id]
         config: AgentConfig = load_config(None, env={}, overrides=overrides)
         # Many devices train on one host: one thread each, so they do not oversubscribe it.
         extras: dict[str, Any] = {"train_threads": 1}
@@ -160,7 +160,7 @@ async def run_fleet(devices: list[VirtualDevice], stop: asyncio.Event) -> None:
         ", ".join(f"{n} {k}" for k, n in sorted(counts.items())),
     )
     async with asyncio.TaskGroup() as tg:
-        tasks = [tg.create_task(d.run(), name=d.config.device_id) for d in devices]
+        tasks = [tg.create_task(d.run(), name=d.config.device.id) for d in devices]
         await stop.wait()
         for d in devices:
             d.stop()

@@ -26,17 +26,17 @@ async def running_agent(
     broker: Broker, state_dir: Path, device_id: str = "dev-1", **overrides: object
 ) -> AsyncIterator[Agent]:
     values = {
-        "device_id": device_id,
-        "broker_port": broker.port,
-        "broker_keepalive": 5,
-        "broker_reconnect_min": 0.1,
-        "broker_reconnect_max": 1.0,
-        "agent_state_dir": state_dir,
-        "agent_capacity_interval": 0.5,
-        "agent_capacity_min_interval": 0.1,
-        "agent_probe": False,
+        "device.id": device_id,
+        "broker.port": broker.port,
+        "broker.keepalive_s": 5,
+        "broker.reconnect_min_s": 0.1,
+        "broker.reconnect_max_s": 1.0,
+        "agent.state_dir": state_dir,
+        "agent.capacity_interval_s": 0.5,
+        "agent.capacity_min_interval_s": 0.1,
+        "agent.probe": False,
     }
-    values.update(overrides)
+    values.update({k.replace("__", "."): v for k, v in overrides.items()})  # agent__slots
     config = load_config(None, env={}, overrides=values)
     async with Agent(config) as agent:
         runner = asyncio.create_task(agent.run())
@@ -52,7 +52,7 @@ async def running_agent(
 async def test_tasks_run_and_results_are_acked(broker: Broker, tmp_path: Path) -> None:
     async with (
         Sink(broker.port) as sink,
-        running_agent(broker, tmp_path / "a", agent_slots=2) as agent,
+        running_agent(broker, tmp_path / "a", agent__slots=2) as agent,
     ):
         await sink.wait(lambda: sink.state_of("dev-1") == "online", 10, "birth")
         tasks = [await sink.send_task("dev-1", sleep_s=0.01, payload={"n": i}) for i in range(20)]
@@ -177,12 +177,12 @@ def _fast_reconnect_config(broker: Broker, tmp_path: Path) -> AgentConfig:
         None,
         env={},
         overrides={
-            "device_id": "dev-1",
-            "broker_port": broker.port,
-            "broker_reconnect_min": 0.05,
-            "broker_reconnect_max": 0.1,
-            "agent_state_dir": tmp_path / "a",
-            "agent_probe": False,
+            "device.id": "dev-1",
+            "broker.port": broker.port,
+            "broker.reconnect_min_s": 0.05,
+            "broker.reconnect_max_s": 0.1,
+            "agent.state_dir": tmp_path / "a",
+            "agent.probe": False,
         },
     )
 

@@ -137,7 +137,7 @@ async def test_dead_connection_turns_state_offline_within_keepalive(
     broker: Broker, agent_factory: Callable[..., AgentProcess], how: str
 ) -> None:
     keepalive = 4
-    agent = agent_factory(broker, broker={"keepalive": keepalive})
+    agent = agent_factory(broker, broker={"keepalive_s": keepalive})
     agent.start()
     async with Sink(broker.port) as sink:
         await sink.wait(lambda: sink.state_of("dev-1") == "online", 20, "agent online")

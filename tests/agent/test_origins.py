@@ -7,7 +7,7 @@ import pytest
 
 from lepton.agent.config import load_config
 from lepton.agent.origins import OriginError, Origins, origin_of
-from lepton.protocol.errors import ConfigError
+from lepton.common.errors import ConfigError
 
 
 @pytest.mark.parametrize(
@@ -61,7 +61,7 @@ def test_config_keys() -> None:
     cfg = load_config(
         None,
         env={"LEPTON_FETCH_ORIGINS": "http://mirror.lan:8000"},
-        overrides={"fetch_coordinator_url": "https://coord.example/api"},
+        overrides={"fetch.coordinator_url": "https://coord.example/api"},
     )
     assert cfg.origins.allowed == ("https://coord.example:443", "http://mirror.lan:8000")
     assert load_config(None, env={}).origins.allowed == ()

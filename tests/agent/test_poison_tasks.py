@@ -95,7 +95,7 @@ async def test_a_task_that_kills_the_agent_is_quarantined_after_two_deaths(
 async def test_a_task_interrupted_by_a_shutdown_does_not_count_as_a_crash(
     broker: Broker, poison_agent: Callable[..., AgentProcess], tmp_path: Path
 ) -> None:
-    agent = poison_agent(broker, drain_timeout=0.5)
+    agent = poison_agent(broker, drain_timeout_s=0.5)
     agent.start()
     async with Sink(broker.port) as sink:
         await sink.wait(lambda: sink.state_of("dev-1") == "online", 20, "agent online")

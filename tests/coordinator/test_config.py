@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from lepton.common.errors import ConfigError
 from lepton.coordinator import config
 from lepton.coordinator.config import Config, env_name, known_keys, load
-from lepton.protocol.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -144,3 +144,14 @@ def test_redacted_hides_password() -> None:
     cfg = load(env={}, overrides={"mqtt.password": "s3cret"})
     assert cfg.redacted()["mqtt"]["password"] == "***"
     assert config.SECTIONS["mqtt"] is config.MqttConfig
+
+
+def test_errors_name_where_the_value_came_from(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[http]\nport = 70000\n")
+    with pytest.raises(ConfigError, match=r"http\.port: .*<= 65535 .*c\.toml") as info:
+        load(path, env={})
+    assert info.value.source == str(path)
+    with pytest.raises(ConfigError, match="from env LEPTON_TASKS_MAX_ATTEMPTS") as info:
+        load(env={"LEPTON_TASKS_MAX_ATTEMPTS": "0"})
+    assert info.value.key == "tasks.max_attempts"

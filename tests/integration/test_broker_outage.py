@@ -36,7 +36,7 @@ async def test_broker_sigkill_fails_no_queued_work(
     async with make_coordinator(tasks__ack_timeout_s=5.0) as coord:
         store = coord.store
         for d in DEVICES:
-            agents(broker.port, d, outbox={"resend_after": 2.0})
+            agents(broker.port, d, outbox={"resend_after_s": 2.0})
 
         def reporting() -> bool:
             return all(

@@ -13,9 +13,10 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from lepton.common.errors import LeptonError
 from lepton.protocol import codec
 from lepton.protocol.codec import MAX_DEPTH, MAX_MESSAGE_BYTES, decode, encode
-from lepton.protocol.errors import DecodeError, LeptonError
+from lepton.protocol.errors import DecodeError
 from lepton.protocol.messages import (
     MAX_BENCH_GOPS,
     MESSAGE_TYPES,

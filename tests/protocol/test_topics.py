@@ -4,8 +4,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lepton.common.errors import LeptonError
 from lepton.protocol import topics
-from lepton.protocol.errors import LeptonError, TopicError
+from lepton.protocol.errors import TopicError
 from lepton.protocol.topics import (
     CMD_CHANNELS,
     DEVICE_CHANNELS,

@@ -104,7 +104,7 @@ async def test_fleet_registers_reports_and_runs_tasks(broker: Broker, tmp_path: 
         crash_per_min=0.0,
     )
     devices = build_devices(spec)
-    ids = [d.config.device_id for d in devices]
+    ids = [d.config.device.id for d in devices]
     # Every device got its own partition; together they are the training set, disjoint.
     sizes = [len(np.load(tmp_path / i / "data" / "digits.npz")["y"]) for i in ids]
     assert all(s >= 8 for s in sizes)
@@ -117,7 +117,7 @@ async def test_fleet_registers_reports_and_runs_tasks(broker: Broker, tmp_path: 
             )
             await sink.wait(lambda: set(ids) <= sink.capacity.keys(), 10, "capacity from all")
             for dev in devices:
-                report = sink.capacity[dev.config.device_id]
+                report = sink.capacity[dev.config.device.id]
                 assert report.device_class == dev.profile.name
                 assert report.cpu.count == dev.profile.cores
                 assert report.bench is not None
@@ -137,7 +137,7 @@ async def test_crashed_device_comes_back_and_keeps_its_outbox(
 ) -> None:
     spec = FleetSpec(devices=1, state_root=tmp_path, broker_port=broker.port, capacity_interval=0.5)
     (device,) = build_devices(spec)
-    dev_id = device.config.device_id
+    dev_id = device.config.device.id
     stop = asyncio.Event()
     async with Sink(broker.port, ack=False) as sink:
         fleet = asyncio.create_task(run_fleet([device], stop))

@@ -24,10 +24,10 @@ def test_profiles_advertise_torch_when_it_is_installed() -> None:
 def test_adversarial_devices_are_chosen_by_seed(tmp_path: Path) -> None:
     spec = FleetSpec(devices=6, state_root=tmp_path, adversarial=2, seed=3, data="digits")
     devices = build_devices(spec)
-    bad = [d.config.device_id for d in devices if TRANSFORM_KEY in d.extras]
+    bad = [d.config.device.id for d in devices if TRANSFORM_KEY in d.extras]
     assert len(bad) == 2
     again = build_devices(FleetSpec(devices=6, state_root=tmp_path / "b", adversarial=2, seed=3))
-    assert [d.config.device_id for d in again if TRANSFORM_KEY in d.extras] == bad
+    assert [d.config.device.id for d in again if TRANSFORM_KEY in d.extras] == bad
     assert all(d.extras.get("train_threads") == 1 for d in devices)
     with pytest.raises(ValueError, match="adversarial"):
         build_devices(FleetSpec(devices=2, state_root=tmp_path / "c", adversarial=3))

@@ -197,14 +197,14 @@ def write_agent_config(
         "broker": {
             "host": "127.0.0.1",
             "port": port,
-            "keepalive": 5,
-            "reconnect_min": 0.1,
-            "reconnect_max": 1.0,
+            "keepalive_s": 5,
+            "reconnect_min_s": 0.1,
+            "reconnect_max_s": 1.0,
         },
         "agent": {
             "state_dir": str(state_dir),
-            "capacity_interval": 1.0,
-            "capacity_min_interval": 0.2,
+            "capacity_interval_s": 1.0,
+            "capacity_min_interval_s": 0.2,
             "probe": False,
         },
     }

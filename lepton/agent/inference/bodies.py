@@ -14,7 +14,7 @@ from typing import Any, Final
 import msgspec
 
 from lepton.agent.inference.runtimes.base import Array, TensorSpec
-from lepton.protocol.errors import LeptonError
+from lepton.common.errors import LeptonError
 
 #: numpy's own limit on an array's dimensions.
 MAX_DIMS: Final = 32

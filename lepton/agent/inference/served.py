@@ -12,7 +12,7 @@ import msgspec
 from msgspec import Meta
 
 from lepton.agent.inference.runtimes.base import Runtime, TensorSpec
-from lepton.protocol.errors import LeptonError
+from lepton.common.errors import LeptonError
 
 MODEL_NAME_PATTERN: Final = r"\A[A-Za-z0-9._-]{1,64}\Z"
 DIGEST_PATTERN: Final = r"\A[0-9a-f]{64}\Z"

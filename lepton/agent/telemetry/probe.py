@@ -36,7 +36,7 @@ import msgspec
 
 from lepton.agent.telemetry.board import device_accelerators, read_raw
 from lepton.agent.telemetry.measure import DEFAULT_BUDGET_S, PROBE_VERSION, dist_version
-from lepton.protocol.errors import LeptonError
+from lepton.common.errors import LeptonError
 from lepton.protocol.messages import Bench
 
 logger = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from lepton.agent.inference.runtimes.base import Array
-from lepton.protocol.errors import LeptonError
+from lepton.common.errors import LeptonError
 
 IMAGE_SUFFIXES: Final = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".pgm", ".ppm", ".tif", ".tiff"}

@@ -8,8 +8,8 @@ from typing import Any, Final
 
 import httpx
 
+from lepton.common.errors import LeptonError
 from lepton.coordinator.cli.exitcodes import EXIT_ERROR, EXIT_NOT_FOUND, EXIT_UNREACHABLE
-from lepton.protocol.errors import LeptonError
 
 DEFAULT_API: Final = "http://127.0.0.1:8080"
 

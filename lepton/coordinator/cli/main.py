@@ -221,16 +221,19 @@ def _load_config(args: argparse.Namespace) -> Any:
     from lepton.coordinator.config import load
 
     overrides: dict[str, Any] = {}
+    flags: dict[str, str] = {}  # key -> the flag that set it, for errors
     for item in args.settings:
         key, sep, value = item.partition("=")
         if not sep:
             raise CliError(f"--set wants KEY=VALUE, got {item!r}", EXIT_USAGE)
         overrides[key.strip()] = value
+        flags[key.strip()] = f"flag --set {key.strip()}"
     for flag, key in RUN_FLAGS.items():
         value = getattr(args, flag)
         if value is not None:
             overrides[key] = value
-    return load(args.config, overrides=overrides)
+            flags[key] = f"flag --{flag.replace('_', '-')}"
+    return load(args.config, overrides=overrides, override_label=flags.__getitem__)
 
 
 def cmd_coordinator_config(args: argparse.Namespace) -> int:
@@ -395,8 +398,8 @@ def _known_failure(exc: Exception) -> int | None:
     """Print a one-line message for failures an operator can fix; None for bugs."""
     from sqlalchemy.exc import SQLAlchemyError
 
+    from lepton.common.errors import ConfigError
     from lepton.coordinator.store.migrations import SchemaError
-    from lepton.protocol.errors import ConfigError
 
     if isinstance(exc, SchemaError):
         sys.stderr.write(f"error: {exc}\n")

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from lepton.common.errors import LeptonError
 from lepton.coordinator.fl.jobs.spec import JobError
 from lepton.protocol import imports
-from lepton.protocol.errors import LeptonError
 
 if TYPE_CHECKING:
     import torch

@@ -51,6 +51,7 @@ from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from lepton.common.errors import LeptonError
 from lepton.coordinator.errors import NotFoundError
 from lepton.coordinator.fl.credentials import UploadSigner
 from lepton.coordinator.fl.jobs.spec import LateSpec
@@ -58,7 +59,7 @@ from lepton.coordinator.fl.metrics import FLMetrics
 from lepton.coordinator.fl.store import FLStore
 from lepton.coordinator.model_registry.registry import ModelRegistry
 from lepton.protocol import routes
-from lepton.protocol.errors import DecodeError, LeptonError
+from lepton.protocol.errors import DecodeError
 from lepton.protocol.weights import decode_weights
 
 log = logging.getLogger(__name__)

@@ -28,10 +28,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from lepton.common.errors import LeptonError
 from lepton.coordinator.cli.client import CliError
 from lepton.coordinator.cli.exitcodes import EXIT_ERROR, EXIT_GATE_FAILED, EXIT_OK, EXIT_USAGE
 from lepton.coordinator.model_registry.errors import AccuracyGateError
-from lepton.protocol.errors import LeptonError
 
 DEFAULT_DATA_DIR = "var/coordinator"
 _SUFFIX_FORMATS = {".onnx": "onnx", ".tflite": "tflite", ".pt": "torch", ".pth": "torch"}

@@ -22,13 +22,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from lepton.common.errors import LeptonError
 from lepton.coordinator.config import Config
 from lepton.coordinator.errors import NotFoundError
 from lepton.coordinator.model_registry.registry import ModelRecord, ModelRegistry
 from lepton.coordinator.store import DeviceRecord, NewTask, Store, TaskRecord
 from lepton.coordinator.tasks.submit import build_task
 from lepton.protocol import routes
-from lepton.protocol.errors import LeptonError
 
 KIND: Final = "deploy"
 # What the agent's deploy handler loads (its DeploySpec); a torch checkpoint is not served.

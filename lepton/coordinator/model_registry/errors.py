@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from lepton.protocol.errors import LeptonError
+from lepton.common.errors import LeptonError
 
 if TYPE_CHECKING:
     from lepton.coordinator.model_registry.quantize import QuantizationReport

@@ -14,10 +14,11 @@ from typing import Any, Final, Literal
 
 import msgspec
 
+from lepton.common.errors import LeptonError
 from lepton.coordinator.config import Config
 from lepton.coordinator.store import NewTask
 from lepton.protocol import codec
-from lepton.protocol.errors import DecodeError, LeptonError
+from lepton.protocol.errors import DecodeError
 from lepton.protocol.messages import Task, new_id
 
 # Leave headroom under the codec limit for the attempt counter and fields added later.

@@ -24,16 +24,16 @@ from tests.support.httpserver import Fault, HttpServer
 async def running_agent(broker: Broker, state: Path, **overrides: object) -> AsyncIterator[Agent]:
     """An in-process agent; a shutdown that hangs fails with every task's stack."""
     values = {
-        "device_id": "dev-1",
-        "broker_port": broker.port,
-        "broker_keepalive": 5,
-        "broker_reconnect_min": 0.1,
-        "broker_reconnect_max": 1.0,
-        "agent_state_dir": state,
-        "agent_capacity_interval": 0.5,
-        "agent_capacity_min_interval": 0.1,
-        "agent_probe": False,
-        **overrides,
+        "device.id": "dev-1",
+        "broker.port": broker.port,
+        "broker.keepalive_s": 5,
+        "broker.reconnect_min_s": 0.1,
+        "broker.reconnect_max_s": 1.0,
+        "agent.state_dir": state,
+        "agent.capacity_interval_s": 0.5,
+        "agent.capacity_min_interval_s": 0.1,
+        "agent.probe": False,
+        **{k.replace("__", "."): v for k, v in overrides.items()},  # fetch__coordinator_url
     }
     async with Agent(load_config(None, env={}, overrides=values)) as agent:
         runner = asyncio.create_task(agent.run())
@@ -89,9 +89,9 @@ async def test_deploy_infer_refuse_and_restart(
     np.savez(tmp_path / "val.npz", x=linear.x, y=linear.y)
     state = tmp_path / "state"
     overrides = {
-        "data_sources": {"val": str(tmp_path / "val.npz")},
-        "endpoint_port": 0,
-        "fetch_coordinator_url": f"http://127.0.0.1:{blobs.port}",
+        "data": {"val": str(tmp_path / "val.npz")},
+        "endpoint.port": 0,
+        "fetch.coordinator_url": f"http://127.0.0.1:{blobs.port}",
     }
     good = _deploy(blobs, linear.onnx)
     async with Sink(broker.port) as sink:
@@ -154,7 +154,7 @@ async def test_deploys_fetch_only_from_allowed_origins(
         coordinator = f"http://127.0.0.1:{blobs.port}"
         async with (
             Sink(broker.port) as sink,
-            running_agent(broker, tmp_path / "state", fetch_coordinator_url=coordinator) as agent,
+            running_agent(broker, tmp_path / "state", fetch__coordinator_url=coordinator) as agent,
         ):
             # Another host (here: another port) is refused before any connection.
             other = {**_deploy(elsewhere, linear.onnx), "url": elsewhere.url(inside)}

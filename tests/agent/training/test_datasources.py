@@ -19,7 +19,7 @@ from lepton.agent.training.datasources import (
     PluginSource,
     source_for,
 )
-from lepton.protocol.errors import ConfigError
+from lepton.common.errors import ConfigError
 
 PLUGIN = "tests.agent.training.plugin_data"
 
@@ -192,31 +192,31 @@ def test_data_table_env_and_flags(tmp_path: Path) -> None:
     config = load_config(
         cfg, env={"LEPTON_DATA_DIGITS": "/data/digits.npz", "LEPTON_DATA_EXTRA": "/x.npy"}
     )
-    assert config.data_source_map == {
+    assert config.data == {
         "cam": "plugins.cam:frames",
         "digits": "/data/digits.npz",  # the environment beats the file, entry by entry
         "extra": "/x.npy",
     }
-    assert config.endpoint_port == 8780
-    assert config.endpoint_enabled
-    assert config.inference_threads == 2
-    assert config.inference_providers == ("cuda", "cpu")
-    assert config.inference_allow_spinning
-    assert not load_config(None, env={}).inference_allow_spinning
+    assert config.endpoint.port == 8780
+    assert config.endpoint.enabled
+    assert config.inference.threads == 2
+    assert config.inference.providers == ("cuda", "cpu")
+    assert config.inference.allow_spinning
+    assert not load_config(None, env={}).inference.allow_spinning
     env = {"LEPTON_INFERENCE_ALLOW_SPINNING": "false"}
-    assert not load_config(cfg, env=env).inference_allow_spinning
-    flags = load_config(cfg, env={}, overrides={"data_sources": "a=/a.npz,b=m:f"})
-    assert flags.data_source_map == {"a": "/a.npz", "b": "m:f"}
-    assert not load_config(None, env={}).endpoint_enabled
+    assert not load_config(cfg, env=env).inference.allow_spinning
+    flags = load_config(cfg, env={}, overrides={"data": "a=/a.npz,b=m:f"})
+    assert flags.data == {"a": "/a.npz", "b": "m:f"}
+    assert not load_config(None, env={}).endpoint.enabled
 
 
 @pytest.mark.parametrize(
     ("text", "env", "match"),
     [
-        ("[data]\ndigits = 3\n", {}, "must be a non-empty string"),
+        ("[data]\ndigits = 3\n", {}, r"data\.digits: must be a string"),
         ('[data]\n"bad name" = "/x"\n', {}, "data source name"),
         ("[endpoint]\nprot = 1\n", {}, r"unknown key endpoint\.prot"),
-        ("[inference]\nthreads = -1\n", {}, "must not be negative"),
+        ("[inference]\nthreads = -1\n", {}, r"inference\.threads: must be an integer >= 0"),
         ("[endpoint]\nport = 70000\n", {}, "endpoint.port"),
         ("", {"LEPTON_ENDPOINT_PROT": "1"}, "LEPTON_ENDPOINT_PROT"),
         ("", {"LEPTON_DATA_BAD!": "/x"}, "data source name"),

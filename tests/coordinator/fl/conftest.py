@@ -24,7 +24,7 @@ class SimFleet:
     """Virtual devices run as separate tasks, so one can be killed on its own."""
 
     def __init__(self, devices: list[VirtualDevice], state_root: Path) -> None:
-        self.devices = {d.config.device_id: d for d in devices}
+        self.devices = {d.config.device.id: d for d in devices}
         self.state_root = state_root
         self.tasks: dict[str, asyncio.Task[None]] = {}
 

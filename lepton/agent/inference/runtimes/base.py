@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-from lepton.protocol.errors import LeptonError
+from lepton.common.errors import LeptonError
 
 if TYPE_CHECKING:
     import numpy.typing as npt

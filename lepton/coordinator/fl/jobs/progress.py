@@ -25,6 +25,7 @@ from typing import Any, Final, TypeVar
 
 import numpy as np
 
+from lepton.common.errors import LeptonError
 from lepton.coordinator.errors import NotFoundError
 from lepton.coordinator.fl import modelio
 from lepton.coordinator.fl.jobs.admission import JobPolicy
@@ -39,7 +40,6 @@ from lepton.coordinator.store.cancels import CancelRepo
 from lepton.coordinator.store.results import ResultRepo
 from lepton.coordinator.store.tasks import TaskRepo
 from lepton.coordinator.tasks.states import DEVICE_OFFLINE
-from lepton.protocol.errors import LeptonError
 from lepton.protocol.weights import decode_weights
 
 log = logging.getLogger(__name__)

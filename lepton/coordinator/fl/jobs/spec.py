@@ -31,9 +31,11 @@ optional)::
     policy = "fold"                      # "drop" (default): refused | "fold": see LateSpec
     max_rounds = 2
 
-A key this module does not know is an error naming it (``ValueError``, or
-:class:`JobError` with ``key`` set). Every check that needs no I/O happens here, at the
-edge, including building the strategy once, so a job that validates can run.
+A job is read by :mod:`lepton.common.settings`, as the agent's and the coordinator's configs
+are: types and bounds are written on the fields, and a key this module does not know is an
+error naming it (:class:`JobError`, a ``ConfigError`` and a ``ValueError``, with ``key``
+set). The rules across keys are in :func:`_check`. Every check that needs no I/O happens
+here, at the edge, including building the strategy once, so a job that validates can run.
 """
 
 from __future__ import annotations
@@ -45,10 +47,13 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal, get_args
+from typing import Annotated, Any, Final, Literal
 
+from msgspec import Meta
+
+from lepton.common import settings
+from lepton.common.errors import ConfigError
 from lepton.coordinator.fl.kernels.strategies import STRATEGIES, Strategy, build
-from lepton.protocol.errors import LeptonError
 
 Selection = Literal["cost", "random"]
 Optimizer = Literal["sgd", "adam"]
@@ -71,12 +76,36 @@ MAX_SHAPE_DIMS: Final = 8
 MAX_SAMPLE_ELEMENTS: Final = 1 << 24
 
 
-class JobError(LeptonError, ValueError):
+#: One sample's shape: 1 to MAX_SHAPE_DIMS sizes, each at least 1.
+Shape = Annotated[
+    tuple[Annotated[int, Meta(ge=1)], ...],
+    Meta(
+        min_length=1,
+        max_length=MAX_SHAPE_DIMS,
+        description=f"a list of sizes >= 1, at most {MAX_SHAPE_DIMS} dimensions",
+    ),
+]
+
+
+class JobError(ConfigError, ValueError):
     """A job spec is invalid; ``key`` names the offending key (dotted for tables)."""
 
+    key: str  # always set, unlike a ConfigError's
+
     def __init__(self, key: str, message: str) -> None:
-        self.key = key
-        super().__init__(f"{key}: {message}")
+        super().__init__(f"{key}: {message}", key=key, source=JOB_SOURCE)
+
+    @classmethod
+    def of(cls, exc: ConfigError) -> JobError:
+        """The loader's error, as a job's (``job`` where it names no key)."""
+        key = exc.key or "job"
+        message = str(exc).removeprefix(f"{JOB_SOURCE}: ").removeprefix(f"{key}: ")
+        if message == f"unknown key {key}":
+            message = "unknown key"
+        return cls(key, message)
+
+
+JOB_SOURCE: Final = "job"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -92,9 +121,9 @@ class StrategySpec:
 class FairnessSpec:
     """Fairness rules of cost-model selection (:class:`~.selection.Fairness`)."""
 
-    max_staleness: int | None = 5
-    max_forced_share: float = 0.25
-    penalty: float = 0.0
+    max_staleness: Annotated[int, Meta(ge=1, le=MAX_ROUNDS)] | None = 5
+    max_forced_share: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.25
+    penalty: Annotated[float, Meta(ge=0.0, le=1e6)] = 0.0
     #: Close a round only once the devices the staleness floor forced into it are done (or
     #: at the deadline), so their updates count, not only their selection. Fairer, slower.
     wait_for_forced: bool = False
@@ -116,8 +145,8 @@ class LateSpec:
     """
 
     policy: LatePolicy = "drop"
-    max_rounds: int = 2
-    exponent: float = 0.5
+    max_rounds: Annotated[int, Meta(ge=1, le=100)] = 2
+    exponent: Annotated[float, Meta(ge=0.0, le=10.0)] = 0.5
 
     def takes(self, rounds_late: int) -> bool:
         """Whether an update this many rounds late is folded in (rather than refused)."""
@@ -132,52 +161,73 @@ class DPSpec:
     """Central DP: clip each update to ``clip_norm``, add Gaussian noise of
     ``noise_multiplier * clip_norm``; epsilon is reported for ``delta``."""
 
-    noise_multiplier: float
-    clip_norm: float
-    delta: float = 1e-5
+    noise_multiplier: Annotated[float, Meta(ge=0.0, le=1e3)]
+    clip_norm: Annotated[float, Meta(gt=0.0, le=1e9)]
+    delta: Annotated[float, Meta(gt=0.0, le=1.0)] = 1e-5
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FLJob:
     """A federated training job (see the module docstring for the file layout)."""
 
-    name: str
-    model: str
-    data: str
-    rounds: int = 10
-    clients_per_round: int = 10
-    min_results: int | None = None  # None: the strategy's minimum (at least 1)
-    over_select: float = 0.3
+    name: Annotated[
+        str,
+        Meta(
+            pattern=NAME_RE.pattern,
+            description="1-48 letters, digits and ._- (starting with a letter or digit)",
+        ),
+    ]
+    model: Annotated[
+        str, Meta(pattern=FACTORY_RE.pattern, description="an import path 'package.module:factory'")
+    ]
+    data: Annotated[
+        str, Meta(pattern=DATA_RE.pattern, description="a data source (1-64 of [A-Za-z0-9._:/-])")
+    ]
+    rounds: Annotated[int, Meta(ge=1, le=MAX_ROUNDS)] = 10
+    clients_per_round: Annotated[int, Meta(ge=1, le=MAX_CLIENTS)] = 10
+    # None: the strategy's minimum (at least 1); at most clients_per_round.
+    min_results: Annotated[int, Meta(ge=1, le=MAX_CLIENTS)] | None = None
+    over_select: Annotated[float, Meta(ge=0.0, le=10.0)] = 0.3
     selection: Selection = "cost"
-    deadline_s: float = 120.0
+    deadline_s: Annotated[float, Meta(gt=0.0, le=7 * 86400.0)] = 120.0
     # After the deadline, how long to wait for the result of an update already uploaded.
-    result_grace_s: float = 10.0
+    result_grace_s: Annotated[float, Meta(ge=0.0, le=3600.0)] = 10.0
     # A round short of min_results at its deadline is extended (new devices asked) this many
     # times before the job fails.
-    max_round_attempts: int = 3
-    epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.01
+    max_round_attempts: Annotated[int, Meta(ge=1, le=100)] = 3
+    epochs: Annotated[int, Meta(ge=1, le=1000)] = 1
+    batch_size: Annotated[int, Meta(ge=1, le=65536)] = 32
+    lr: Annotated[float, Meta(gt=0.0, le=1e3)] = 0.01
     optimizer: Optimizer = "sgd"
-    momentum: float = 0.0
+    momentum: Annotated[float, Meta(ge=0.0, le=0.999)] = 0.0
     compression: Compression = "fp32"
-    max_examples: int | None = None
-    seed: int = 0
+    max_examples: Annotated[int, Meta(ge=1, le=2**31)] | None = None
+    seed: Annotated[int, Meta(ge=0, le=2**62)] = 0
     # sha256 of a weights blob (protocol.weights, kind "weights") in the model registry's blob
     # store to start from, e.g. a centrally trained model; None: the model's fresh weights.
-    initial_weights: str | None = None
-    eval: str | None = None  # .npz path with x and y, or "package.module:callable"
-    input_shape: tuple[int, ...] | None = None  # one sample's shape, when there is no eval set
-    examples_hint: int = 100  # local examples assumed for a device not yet heard from
-    max_update_bytes: int | None = None  # None: derived from the model's size
-    min_battery: float | None = None
+    initial_weights: (
+        Annotated[
+            str,
+            Meta(pattern=SHA256_RE.pattern, description="the sha256 (64 hex digits) of a blob"),
+        ]
+        | None
+    ) = None
+    # .npz path with x and y, or "package.module:callable"
+    eval: Annotated[str, Meta(min_length=1, max_length=1024)] | None = None
+    # One sample's shape, when there is no eval set.
+    input_shape: Shape | None = None
+    # Local examples assumed for a device not yet heard from.
+    examples_hint: Annotated[int, Meta(ge=1, le=2**31)] = 100
+    # None: derived from the model's size.
+    max_update_bytes: Annotated[int, Meta(ge=1024, le=1 << 34)] | None = None
+    min_battery: Annotated[float, Meta(ge=0.0, le=100.0)] | None = None
     # Screening of updates (finding 4 of the hardening review): the example count an
     # update is weighted by is clamped to this cap (None: the coordinator's
     # ``fl.max_examples_per_update``) and to ``examples_ratio`` times the round's median;
     # an update whose L2 norm is above ``norm_ratio`` times the round's median is refused.
-    max_examples_per_update: int | None = None
-    examples_ratio: float | None = 3.0
-    norm_ratio: float | None = 3.0
+    max_examples_per_update: Annotated[int, Meta(ge=1, le=2**31)] | None = None
+    examples_ratio: Annotated[float, Meta(ge=1.0, le=1e6)] | None = 3.0
+    norm_ratio: Annotated[float, Meta(ge=1.0, le=1e6)] | None = 3.0
     # Register the final model only if its central evaluation is not worse than the
     # starting weights' and the latest model registered under the job's name.
     final_check: bool = True
@@ -188,7 +238,7 @@ class FLJob:
     dp: DPSpec | None = None
 
     def __post_init__(self) -> None:
-        _validate(self)
+        _check(self)
 
     # ------------------------------------------------------------------ derived
 
@@ -231,28 +281,16 @@ class FLJob:
         if not isinstance(data, Mapping):
             raise JobError("job", "must be a table")
         _check_bounded(data)
-        known = {f.name for f in dataclasses.fields(cls)}
-        kw: dict[str, Any] = {}
-        for key, value in data.items():
-            if key not in known:
-                raise JobError(str(key), "unknown key")
-            if value is None and key in ("dp", "fairness", "late", "strategy"):
-                continue
-            if key == "strategy":
-                kw[key] = _strategy(value)
-            elif key in TABLES:
-                kw[key] = _table(TABLES[key], key, value)
-            elif key == "input_shape" and value is not None:
-                kw[key] = _shape(value)
-            else:
-                kw[key] = value
-        for required in ("name", "model", "data"):
-            if required not in kw:
-                raise JobError(required, "is required")
+        # ``to_dict`` writes null for an absent table; a section is then its defaults.
+        tables = {k: v for k, v in data.items() if v is not None or k not in SECTIONS}
+        if tables.get("strategy") is not None:
+            tables["strategy"] = _strategy(tables["strategy"])
         try:
-            return cls(**kw)
-        except TypeError as exc:  # pragma: no cover - unknown keys are caught above
-            raise JobError("job", str(exc)) from exc
+            return settings.load(cls, data=tables, data_source=JOB_SOURCE)
+        except JobError:
+            raise
+        except ConfigError as exc:
+            raise JobError.of(exc) from exc
 
     @classmethod
     def from_toml(cls, text_or_path: str | Path) -> FLJob:
@@ -273,32 +311,18 @@ class FLJob:
 
 # ---------------------------------------------------------------------- parsing
 
-TABLES: Final[dict[str, type[Any]]] = {"fairness": FairnessSpec, "late": LateSpec, "dp": DPSpec}
+SECTIONS: Final = frozenset({"strategy", "fairness", "late"})
 
 
-def _strategy(value: Any) -> StrategySpec:
+def _strategy(value: Any) -> dict[str, Any]:
+    """``strategy = "fedavg"`` or ``[strategy]`` (``name`` and the strategy's knobs) as the
+    :class:`StrategySpec` table the loader reads."""
     if isinstance(value, str):
-        return StrategySpec(name=value)
+        return {"name": value}
     if not isinstance(value, Mapping):
         raise JobError("strategy", "must be a table with a name and the strategy's knobs")
     knobs = {str(k): v for k, v in value.items() if k != "name"}
-    name = value.get("name", "fedavg")
-    if not isinstance(name, str):
-        raise JobError("strategy.name", "must be a string")
-    return StrategySpec(name=name, knobs=knobs)
-
-
-def _table(cls: type[Any], prefix: str, value: Any) -> Any:
-    if not isinstance(value, Mapping):
-        raise JobError(prefix, "must be a table")
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key in value:
-        if key not in known:
-            raise JobError(f"{prefix}.{key}", "unknown key")
-    try:
-        return cls(**value)
-    except TypeError as exc:
-        raise JobError(prefix, str(exc)) from exc
+    return {"name": value.get("name", "fedavg"), "knobs": knobs}
 
 
 def _check_bounded(data: Mapping[str, Any]) -> None:
@@ -324,109 +348,20 @@ def _check_bounded(data: Mapping[str, Any]) -> None:
             stack.extend((w, v, depth + 1) for w, v in items)
 
 
-def _shape(value: Any) -> tuple[int, ...]:
-    if not isinstance(value, (list, tuple)) or not value:
-        raise JobError("input_shape", "must be a non-empty list of sizes")
-    if len(value) > MAX_SHAPE_DIMS:
-        raise JobError("input_shape", f"at most {MAX_SHAPE_DIMS} dimensions")
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
-        raise JobError("input_shape", "sizes must be integers >= 1")
-    if math.prod(value) > MAX_SAMPLE_ELEMENTS:
+def _check(job: FLJob) -> None:
+    """The rules across keys; types and bounds were checked by the loader."""
+    if job.min_results is not None and job.min_results > job.clients_per_round:
+        raise JobError(
+            "min_results", f"must be at most clients_per_round ({job.clients_per_round})"
+        )
+    if job.input_shape is not None and math.prod(job.input_shape) > MAX_SAMPLE_ELEMENTS:
         raise JobError("input_shape", f"one sample may hold at most {MAX_SAMPLE_ELEMENTS} values")
-    return tuple(value)
-
-
-# ---------------------------------------------------------------------- validation
-
-
-def _int(key: str, value: Any, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise JobError(key, f"must be an integer; got {value!r}")
-    if not lo <= value <= hi:
-        raise JobError(key, f"must be in [{lo}, {hi}]; got {value}")
-
-
-def _num(key: str, value: Any, lo: float, hi: float, *, open_lo: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise JobError(key, f"must be a finite number; got {value!r}")
-    if value < lo or value > hi or (open_lo and value == lo):
-        bracket = "(" if open_lo else "["
-        raise JobError(key, f"must be in {bracket}{lo:g}, {hi:g}]; got {value}")
-
-
-def _choice(key: str, value: Any, literal: Any) -> None:
-    choices = get_args(literal)
-    if value not in choices:
-        raise JobError(key, f"must be one of {', '.join(choices)}; got {value!r}")
-
-
-def _validate(job: FLJob) -> None:  # noqa: PLR0912, PLR0915 - one check per field, in order
-    if not isinstance(job.name, str) or not NAME_RE.match(job.name):
-        raise JobError("name", "use 1-48 letters, digits and ._- (starting with a letter/digit)")
-    if not isinstance(job.model, str) or not FACTORY_RE.match(job.model):
-        raise JobError("model", "must be an import path 'package.module:factory'")
-    if not isinstance(job.data, str) or not DATA_RE.match(job.data):
-        raise JobError("data", "must name a data source (1-64 of [A-Za-z0-9._:/-])")
-    _int("rounds", job.rounds, 1, MAX_ROUNDS)
-    _int("clients_per_round", job.clients_per_round, 1, MAX_CLIENTS)
-    if job.min_results is not None:
-        _int("min_results", job.min_results, 1, job.clients_per_round)
-    _num("over_select", job.over_select, 0.0, 10.0)
-    _choice("selection", job.selection, Selection)
-    _num("deadline_s", job.deadline_s, 0.0, 7 * 86400.0, open_lo=True)
-    _num("result_grace_s", job.result_grace_s, 0.0, 3600.0)
-    _int("max_round_attempts", job.max_round_attempts, 1, 100)
-    _int("epochs", job.epochs, 1, 1000)
-    _int("batch_size", job.batch_size, 1, 65536)
-    _num("lr", job.lr, 0.0, 1e3, open_lo=True)
-    _choice("optimizer", job.optimizer, Optimizer)
-    _num("momentum", job.momentum, 0.0, 0.999)
-    _choice("compression", job.compression, Compression)
-    if job.max_examples is not None:
-        _int("max_examples", job.max_examples, 1, 2**31)
-    _int("seed", job.seed, 0, 2**62)
-    if job.initial_weights is not None and (
-        not isinstance(job.initial_weights, str) or not SHA256_RE.match(job.initial_weights)
-    ):
-        raise JobError("initial_weights", "must be the sha256 (64 hex digits) of a weights blob")
-    if job.eval is not None and (not isinstance(job.eval, str) or not 0 < len(job.eval) <= 1024):
-        raise JobError("eval", "must be a .npz path or an import path 'package.module:callable'")
-    _int("examples_hint", job.examples_hint, 1, 2**31)
-    if job.max_update_bytes is not None:
-        _int("max_update_bytes", job.max_update_bytes, 1024, 1 << 34)
-    if job.min_battery is not None:
-        _num("min_battery", job.min_battery, 0.0, 100.0)
-    if job.input_shape is not None:
-        _shape(job.input_shape)
-    if job.max_examples_per_update is not None:
-        _int("max_examples_per_update", job.max_examples_per_update, 1, 2**31)
-    if job.examples_ratio is not None:
-        _num("examples_ratio", job.examples_ratio, 1.0, 1e6)
-    if job.norm_ratio is not None:
-        _num("norm_ratio", job.norm_ratio, 1.0, 1e6)
-    if not isinstance(job.final_check, bool):
-        raise JobError("final_check", "must be true or false")
-    _choice("final_format", job.final_format, FinalFormat)
-    f = job.fairness
-    if f.max_staleness is not None:
-        _int("fairness.max_staleness", f.max_staleness, 1, MAX_ROUNDS)
-    _num("fairness.max_forced_share", f.max_forced_share, 0.0, 1.0)
-    _num("fairness.penalty", f.penalty, 0.0, 1e6)
-    if not isinstance(f.wait_for_forced, bool):
-        raise JobError("fairness.wait_for_forced", "must be true or false")
-    _choice("late.policy", job.late.policy, LatePolicy)
-    _int("late.max_rounds", job.late.max_rounds, 1, 100)
-    _num("late.exponent", job.late.exponent, 0.0, 10.0)
     if job.late.policy == "fold" and job.dp is not None:
         raise JobError(
             "late.policy",
             "fold cannot be combined with [dp]: the privacy accounting assumes each round "
             "aggregates only the devices sampled for it",
         )
-    if job.dp is not None:
-        _num("dp.noise_multiplier", job.dp.noise_multiplier, 0.0, 1e3)
-        _num("dp.clip_norm", job.dp.clip_norm, 0.0, 1e9, open_lo=True)
-        _num("dp.delta", job.dp.delta, 0.0, 1.0, open_lo=True)
     if job.strategy.name not in STRATEGIES:
         raise JobError(
             "strategy.name",

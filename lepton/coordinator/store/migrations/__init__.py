@@ -38,7 +38,7 @@ from alembic.script import Script, ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import Connection, Engine, MetaData, inspect, text
 
-from lepton.protocol.errors import LeptonError
+from lepton.common.errors import LeptonError
 
 log = logging.getLogger(__name__)
 

@@ -72,7 +72,7 @@ def test_defaults_and_derived_values() -> None:
             {"late": {"policy": "fold"}, "dp": {"noise_multiplier": 1.0, "clip_norm": 1.0}},
             "late.policy",
         ),
-        ({"dp": {"noise_multiplier": 1.0}}, "dp"),
+        ({"dp": {"noise_multiplier": 1.0}}, "dp.clip_norm"),
         ({"dp": {"noise_multiplier": 1.0, "clip_norm": 0}}, "dp.clip_norm"),
         ({"input_shape": [1, 0]}, "input_shape"),
         ({"initial_weights": "ab" * 31}, "initial_weights"),

@@ -32,8 +32,8 @@ from typing import Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 
+from lepton.common.errors import LeptonError
 from lepton.coordinator.fl.kernels.aggregate import F64, apply_delta
-from lepton.protocol.errors import LeptonError
 
 Weights = Mapping[str, npt.NDArray[np.generic]]
 
