@@ -31,9 +31,10 @@ integrations:
 
 A new feature (``coordinator/rollout/``, ``coordinator/automl/``, ``coordinator/auth/``)
 subclasses :class:`BaseFeature`, overrides what it contributes, and is added to the list
-``Coordinator._build()`` builds. Features that need another feature's object (federated
+``Coordinator._features()`` returns. Features that need another feature's object (federated
 jobs need the model registry's blob store) get it as a constructor argument, so the build
-order is the dependency order. A feature's package may not import the service.
+order is the dependency order. A feature's package does not import the service (an
+import-linter contract).
 """
 
 from __future__ import annotations
