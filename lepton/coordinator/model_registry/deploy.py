@@ -31,7 +31,7 @@ from lepton.coordinator.tasks.submit import build_task
 from lepton.protocol import routes
 
 KIND: Final = "deploy"
-# What the agent's deploy handler loads (its DeploySpec); a torch checkpoint is not served.
+# What the agent's deploy handler loads (DeployParams.format); a torch checkpoint is not served.
 DEPLOYABLE_FORMATS: Final = ("onnx", "tflite")
 # A download and a session load: the task is pinned, so its demand only orders the queue.
 DEMAND_GOPS: Final = 0.01
@@ -77,7 +77,7 @@ def deploy_params(record: ModelRecord, base_url: str) -> dict[str, Any]:
     """The ``deploy`` task's params for ``record``, fetched from the coordinator's blob route.
 
     The one place the coordinator spells a deploy task's params (the agent reads them as its
-    ``DeploySpec``)."""
+    ``DeployParams``)."""
     blob = routes.path(routes.BLOB, digest=record.digest)
     return {
         "name": record.name,

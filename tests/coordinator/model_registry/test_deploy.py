@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lepton.agent.inference.served import DeploySpec
+from lepton.agent.inference.served import deploy_spec
 from lepton.coordinator.config import load as load_config
 from lepton.coordinator.errors import NotFoundError
 from lepton.coordinator.model_registry.deploy import (
@@ -102,7 +102,7 @@ def test_the_version_must_be_servable(models: ModelRegistry) -> None:
 
 def test_the_agent_accepts_the_params(models: ModelRegistry) -> None:
     record: ModelRecord = resolve_model(models, "digits")
-    spec = DeploySpec.from_params(deploy_params(record, BASE + "/"), max_bytes=1 << 30)
+    spec = deploy_spec(deploy_params(record, BASE + "/"), max_bytes=1 << 30)
     assert (spec.name, spec.digest, spec.size, spec.format) == (
         "digits",
         record.digest,

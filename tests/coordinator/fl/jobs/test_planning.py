@@ -128,7 +128,7 @@ def test_a_device_still_training_for_the_job_is_not_forced_in_again() -> None:
 def test_train_params_are_what_the_agent_takes() -> None:
     import msgspec
 
-    from lepton.agent.training.tasks import TrainParams
+    from lepton.protocol.tasks import TrainParams
 
     j = job(max_examples=50, strategy={"name": "fedprox", "mu": 0.1})
     params = planning.train_params(
