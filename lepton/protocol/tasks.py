@@ -332,9 +332,14 @@ def _checked(kind: str, value: msgspec.Struct, table: dict[TaskKind, type[msgspe
 
 
 def encode_params(kind: TaskKind, params: msgspec.Struct) -> dict[str, Any]:
-    """The ``Task.params`` mapping of ``params`` (defaults left out)."""
+    """The ``Task.params`` mapping of ``params`` (defaults left out).
+
+    A struct's constructor does not check bounds, so the mapping is decoded once more as the
+    agent will: :class:`msgspec.ValidationError` here, not a refusal on the device.
+    """
     _checked(kind, params, PARAMS)
     out: dict[str, Any] = msgspec.to_builtins(params)
+    decode_params(kind, out)
     return out
 
 
@@ -351,7 +356,7 @@ def decode_params(kind: str, params: dict[str, Any]) -> Any:
 
 
 def encode_output(kind: TaskKind, output: msgspec.Struct) -> dict[str, Any]:
-    """The ``Result.output`` mapping of ``output``."""
+    """The ``Result.output`` mapping of ``output`` (an agent's handler returns it)."""
     _checked(kind, output, OUTPUTS)
     out: dict[str, Any] = msgspec.to_builtins(output)
     return out
