@@ -29,9 +29,7 @@ Ident = Annotated[str, Meta(min_length=1, max_length=64, pattern=IDENT_PATTERN)]
 Bytes = Annotated[int, Meta(ge=0, le=MAX_BYTES)]
 
 
-class TaskRequest(
-    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True
-):
+class TaskRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A task to run somewhere in the fleet. Only ``kind`` is required."""
 
     kind: Annotated[Name, Meta(description='What to run, e.g. "echo" or "benchmark".')]
@@ -60,5 +58,11 @@ class TaskRequest(
         """The JSON body of ``POST /v1/tasks``: ``kind``, ``params`` and the fields that differ
         from their defaults."""
         out: dict[str, Any] = msgspec.to_builtins(self)
-        out.setdefault("params", {})
-        return out
+        return {k: v for k, v in out.items() if k in _ALWAYS or v != _DEFAULTS.get(k, _NONE)}
+
+
+_ALWAYS: Final = ("kind", "params")
+_NONE: Final = object()
+_DEFAULTS: Final[dict[str, Any]] = {
+    f.name: f.default for f in msgspec.structs.fields(TaskRequest) if not f.required
+}

@@ -115,10 +115,12 @@ def build_task(cfg: Config, req: TaskRequest, *, now: float | None = None) -> Ne
 
 
 def _params_field(message: str) -> str:
-    # msgspec says "... - at `$.batch_size`" of the params
+    # msgspec says "... - at `$.batch_size`", or "Object missing required field `round`"
     if "`$." in message:
         name = message.split("`$.", 1)[1].split("`", 1)[0].split(".", 1)[0].split("[", 1)[0]
         return f"params.{name}"
+    if "missing required field `" in message:
+        return "params." + message.split("missing required field `", 1)[1].split("`", 1)[0]
     return "params"
 
 
