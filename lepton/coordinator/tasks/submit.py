@@ -10,6 +10,7 @@ limit included), so it can never be refused at dispatch time or on the device.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping
 from typing import Any, Final
@@ -27,6 +28,16 @@ from lepton.protocol.tasks import decode_params, is_kind
 
 # Leave headroom under the codec limit for the attempt counter and fields added later.
 MAX_TASK_BYTES: Final = codec.MAX_MESSAGE_BYTES - 4096
+
+
+#: The request's fields a stored task keeps as they are (by name): a field added to both
+#: TaskRequest and NewTask needs no line here.
+COPIED: Final = tuple(
+    f.name
+    for f in dataclasses.fields(NewTask)
+    if f.name in TaskRequest.__struct_fields__
+    and f.name not in ("id", "kind", "params", "max_attempts")
+)
 
 
 class SubmissionError(LeptonError, ValueError):
@@ -97,20 +108,11 @@ def build_task(cfg: Config, req: TaskRequest, *, now: float | None = None) -> Ne
         fleet=cfg.fleet,
         kind=req.kind,
         params=message.params,
-        model_class=req.model_class,
-        precision=req.precision,
-        demand_gops=req.demand_gops,
-        input_bytes=req.input_bytes,
-        output_bytes=req.output_bytes,
-        memory_bytes=req.memory_bytes,
-        runtime=req.runtime,
-        accelerator=req.accelerator,
-        data_source=req.data_source,
-        min_battery=req.min_battery,
         pinned_device=req.device_id,
         max_attempts=cfg.tasks.max_attempts if req.max_attempts is None else req.max_attempts,
         expires_at=expires_at,
         created_at=now,
+        **{name: getattr(req, name) for name in COPIED},
     )
 
 

@@ -143,3 +143,10 @@ async def test_a_task_comes_back_as_its_record(api: httpx.AsyncClient, store: St
             assert getattr(out, name) == getattr(record, name), name
     assert out.next_attempt_at == record.next_attempt_at  # pending: its next attempt shows
     assert r.json() == out.model_dump(mode="json")
+
+
+def test_every_request_field_reaches_the_stored_task() -> None:
+    from lepton.coordinator.tasks.submit import COPIED
+
+    mapped = {"id", "kind", "params", "max_attempts", "device_id", "expires_in_s"}
+    assert set(COPIED) | mapped == set(TaskRequest.__struct_fields__)
