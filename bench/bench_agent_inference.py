@@ -39,7 +39,7 @@ from bench import _common
 from lepton.agent.inference.endpoint import Endpoint
 from lepton.agent.inference.manager import ModelManager
 from lepton.agent.inference.runtimes.onnx import ALLOW_SPINNING
-from lepton.agent.inference.served import DeploySpec
+from lepton.agent.inference.served import deploy_spec
 from lepton.agent.inference.tasks import evaluate
 from lepton.agent.training.datasources import Dataset
 from tests.support.httpserver import HttpServer
@@ -156,7 +156,7 @@ async def deploy(path: Path, state: Path, threads: int) -> ModelManager:
     data = await asyncio.to_thread(path.read_bytes)
     with HttpServer() as blobs:
         digest = blobs.add(data)
-        spec = DeploySpec.from_params(
+        spec = deploy_spec(
             {
                 "name": "bench",
                 "digest": digest,

@@ -151,13 +151,16 @@ def insert_echo_tasks(database_url: str, n: int) -> float:
     from lepton.coordinator.config import load
     from lepton.coordinator.store.connection import make_engines
     from lepton.coordinator.store.schema import TaskRow
+    from lepton.coordinator.tasks.request import TaskRequest
     from lepton.coordinator.tasks.submit import build_task
+    from lepton.protocol.tasks import ECHO, EchoParams, encode_params
 
     cfg = load(env={}, overrides={})
     now = time.time()
     rows = []
     for i in range(n):
-        task = build_task(cfg, kind="echo", params={"payload": i}, demand_gops=0.5, now=now)
+        params = encode_params(ECHO, EchoParams(payload=i))
+        task = build_task(cfg, TaskRequest(kind=ECHO, params=params, demand_gops=0.5), now=now)
         rows.append(
             TaskRow(
                 **asdict(task),

@@ -54,14 +54,23 @@ def insert_tasks(database_url: str, n: int, sleep_s: float) -> float:
     from lepton.coordinator.config import load
     from lepton.coordinator.store.connection import make_engines
     from lepton.coordinator.store.schema import TaskRow
+    from lepton.coordinator.tasks.request import TaskRequest
     from lepton.coordinator.tasks.submit import build_task
+    from lepton.protocol.tasks import ECHO, EchoParams, encode_params
 
     cfg = load(env={}, overrides={})
     now = time.time()
     rows = [
         TaskRow(
             **asdict(
-                build_task(cfg, kind="echo", params={"payload": i, "sleep_s": sleep_s}, now=now)
+                build_task(
+                    cfg,
+                    TaskRequest(
+                        kind=ECHO,
+                        params=encode_params(ECHO, EchoParams(payload=i, sleep_s=sleep_s)),
+                    ),
+                    now=now,
+                )
             ),
             state="pending",
             attempt=0,

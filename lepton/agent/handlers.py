@@ -17,9 +17,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from lepton.agent.cancellation import CancelToken
 from lepton.common.errors import LeptonError
 from lepton.protocol.messages import Task
+from lepton.protocol.tasks import (
+    BENCHMARK,
+    DEPLOY,
+    ECHO,
+    EVALUATE,
+    INFER,
+    TRAIN,
+    UNDEPLOY,
+    BenchmarkOutput,
+    EchoOutput,
+    EchoParams,
+    encode_output,
+    params_as,
+)
 
 
 class TaskError(LeptonError):
@@ -57,43 +73,47 @@ class HandlerRegistry:
         return sorted(self._handlers)
 
 
-MAX_ECHO_SLEEP_S = 3600.0
-
-
 async def echo(task: Task, ctx: TaskContext) -> dict[str, Any]:
     """Return ``params["payload"]`` after ``params["sleep_s"]`` seconds (a liveness probe).
 
     ``params["fail"]`` makes it fail on purpose, for exercising the failure path end to end.
     A cancel ends the sleep at once.
     """
-    sleep_s = task.params.get("sleep_s", 0.0)
-    if (
-        not isinstance(sleep_s, (int, float))
-        or isinstance(sleep_s, bool)
-        or not (0.0 <= sleep_s <= MAX_ECHO_SLEEP_S)
-    ):
-        raise TaskError(f"sleep_s must be a number in [0, {MAX_ECHO_SLEEP_S}]")
-    if sleep_s and await ctx.cancel.sleep(sleep_s):
+    try:
+        params = params_as(EchoParams, task.params)
+    except msgspec.ValidationError as exc:
+        raise TaskError(f"bad_params: {exc}") from exc
+    if params.sleep_s and await ctx.cancel.sleep(params.sleep_s):
         raise TaskError(f"cancelled: {ctx.cancel.reason}")
-    if task.params.get("fail"):
-        raise TaskError(str(task.params.get("fail")))
-    return {"echo": task.params.get("payload"), "device_id": ctx.device_id}
+    if params.fail:
+        raise TaskError(str(params.fail))
+    return encode_output(ECHO, EchoOutput(echo=params.payload, device_id=ctx.device_id))
 
 
 async def benchmark(task: Task, ctx: TaskContext) -> dict[str, Any]:
-    """Re-run the device micro-benchmark and return fresh throughput figures."""
+    """Re-run the device micro-benchmark and return fresh throughput figures.
+
+    A cancel ends it before the benchmark starts or, once it runs, as soon as it arrives (the
+    probe's measuring process is killed, nothing is cached)."""
     from lepton.agent.telemetry.probe import load_probe
 
+    if ctx.cancel.is_set():
+        raise TaskError(f"cancelled: {ctx.cancel.reason}")
     started = time.perf_counter()
-    result = await load_probe(ctx.state_dir, agent_version=ctx.agent_version, refresh=True)
+    result = await ctx.cancel.interrupt(
+        load_probe(ctx.state_dir, agent_version=ctx.agent_version, refresh=True)
+    )
+    if result is None:
+        raise TaskError(f"cancelled: {ctx.cancel.reason}")
     if result.bench is None:
         raise TaskError(f"benchmark failed: {result.details.get('error', 'unknown error')}")
-    return {
-        "fp32_gflops": result.bench.fp32_gflops,
-        "int8_gops": result.bench.int8_gops,
-        "runtime": result.bench.runtime,
-        "wall_s": time.perf_counter() - started,
-    }
+    output = BenchmarkOutput(
+        fp32_gflops=result.bench.fp32_gflops,
+        int8_gops=result.bench.int8_gops,
+        runtime=result.bench.runtime,
+        wall_s=time.perf_counter() - started,
+    )
+    return encode_output(BENCHMARK, output)
 
 
 def default_registry() -> HandlerRegistry:
@@ -103,11 +123,11 @@ def default_registry() -> HandlerRegistry:
     from lepton.agent.training import tasks as training
 
     registry = HandlerRegistry()
-    registry.register("echo", echo)
-    registry.register("benchmark", benchmark)
-    registry.register("deploy", inference.deploy)
-    registry.register("undeploy", inference.undeploy)
-    registry.register("infer", inference.infer)
-    registry.register("train", training.train)
-    registry.register("evaluate", training.evaluate)
+    registry.register(ECHO, echo)
+    registry.register(BENCHMARK, benchmark)
+    registry.register(DEPLOY, inference.deploy)
+    registry.register(UNDEPLOY, inference.undeploy)
+    registry.register(INFER, inference.infer)
+    registry.register(TRAIN, training.train)
+    registry.register(EVALUATE, training.evaluate)
     return registry

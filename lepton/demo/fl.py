@@ -14,6 +14,7 @@ from typing import Any, Final
 
 from lepton.demo.api import Api, DemoError
 from lepton.protocol import routes
+from lepton.protocol.tasks import TRAIN
 
 JOBS_PATH: Final = routes.FL_JOBS
 DONE_STATES: Final = frozenset({"done"})
@@ -127,7 +128,7 @@ def run_job(
         check()
         time.sleep(0.5)
     final = job.get("final_model")
-    train = [t for t in api.tasks("train") if (t.get("params") or {}).get("job") == job_id]
+    train = [t for t in api.tasks(TRAIN) if (t.get("params") or {}).get("job") == job_id]
     figures: dict[str, Any] = {
         "status": state,
         "job_id": job_id,

@@ -13,9 +13,10 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from lepton.common.errors import LeptonError
+from lepton.coordinator.tasks.request import TaskRequest
 from lepton.demo import fl, model
 from lepton.demo.api import Api, DemoError
 from lepton.demo.broker import BrokerChoice
@@ -26,6 +27,7 @@ from lepton.demo.figures import (
     training_figures,
 )
 from lepton.demo.stack import Stack, StackSpec
+from lepton.protocol.tasks import DEPLOY, INFER, InferParams, encode_params
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +272,7 @@ class Demo:
         )
         task_ids = [task["id"] for task in deployed["tasks"]]
         tasks = self.api.wait_tasks(
-            "deploy",
+            DEPLOY,
             task_ids,
             timeout=self.config.stage_timeout_s,
             on_progress=lambda done, _n: self.r.update(stage, done),
@@ -289,25 +291,24 @@ class Demo:
         samples = 450
         demand = (record.flops or 200_000) * samples / 1e9
         self._begin(stage, n, f"{n} tasks, not pinned")
-        body = {
-            "kind": "infer",
-            "params": {
-                "model": record.name,
-                "source": "digits-test",
-                "batch_size": 1,
-                "precision": record.precision,
-            },
-            "model_class": "digits-cnn",
-            "precision": record.precision,
-            "demand_gops": demand,
-            "runtime": "onnxruntime",
-            "data_source": "digits-test",
-            "max_attempts": 3,
-            "expires_in_s": 600,
-        }
-        task_ids = [self.api.submit(body)["id"] for _ in range(n)]
+        precision: Literal["fp32", "int8"] = "int8" if record.precision == "int8" else "fp32"
+        params = InferParams(
+            model=record.name, source="digits-test", batch_size=1, precision=record.precision
+        )
+        request = TaskRequest(
+            kind=INFER,
+            params=encode_params(INFER, params),
+            model_class="digits-cnn",
+            precision=precision,
+            demand_gops=demand,
+            runtime="onnxruntime",
+            data_source="digits-test",
+            max_attempts=3,
+            expires_in_s=600,
+        )
+        task_ids = [self.api.submit(request.body())["id"] for _ in range(n)]
         tasks = self.api.wait_tasks(
-            "infer",
+            INFER,
             task_ids,
             timeout=cfg.stage_timeout_s * 2,
             on_progress=lambda done, _n: self.r.update(stage, done),

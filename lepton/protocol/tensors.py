@@ -4,6 +4,9 @@ Never pickle: a payload is validated (dtype allow-list, shape bounds, byte lengt
 single byte is interpreted, and decoding returns a read-only array over a copy of the data.
 Every inconsistency in a received payload raises :class:`~lepton.protocol.errors.DecodeError`;
 ``ValueError`` is kept for bad arguments on the sending side.
+
+Needs numpy (unlike the rest of :mod:`lepton.protocol`, which needs msgspec only): import it only
+where tensors are handled.
 """
 
 from __future__ import annotations

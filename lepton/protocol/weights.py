@@ -23,6 +23,9 @@ as BatchNorm's ``num_batches_tracked``) always travel exactly as dense tensors.
 enforces a size cap, validates every field and tensor, refuses non-finite values, and
 raises :class:`~lepton.protocol.errors.DecodeError` (and nothing else) for anything malformed.
 Nothing is ever unpickled. Pure code, no I/O.
+
+Needs numpy (unlike the rest of :mod:`lepton.protocol`, which needs msgspec only): import it only
+where tensors are handled (the agent does so once a ``train`` or ``evaluate`` task runs).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import numpy.typing as npt
 from msgspec import Meta
 
 from lepton.protocol.errors import DecodeError
+from lepton.protocol.tasks import Compression
 from lepton.protocol.tensors import (
     QuantizedTensor,
     TensorPayload,
@@ -65,7 +69,6 @@ _FLOAT32_MAX: Final = float(np.finfo(np.float32).max)
 _NAME_RE: Final = re.compile(NAME_PATTERN)
 
 Kind = Literal["weights", "update"]
-Compression = Literal["fp32", "fp16", "int8"]
 COMPRESSIONS: Final[tuple[Compression, ...]] = ("fp32", "fp16", "int8")
 
 TensorName = Annotated[str, Meta(min_length=1, max_length=MAX_NAME_LENGTH, pattern=NAME_PATTERN)]

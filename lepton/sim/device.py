@@ -39,6 +39,16 @@ from lepton.protocol.messages import (
     Task,
     Thermal,
 )
+from lepton.protocol.tasks import (
+    BENCHMARK,
+    DEPLOY,
+    ECHO,
+    EVALUATE,
+    INFER,
+    TRAIN,
+    BenchmarkOutput,
+    encode_output,
+)
 from lepton.sim.attacks import forge_examples
 from lepton.sim.profiles import Profile
 
@@ -47,16 +57,16 @@ log = logging.getLogger(__name__)
 AMBIENT_C = 40.0
 THROTTLE_AT_C = 80.0
 # Work whose duration the task itself fixes is not stretched.
-UNSCALED_KINDS = frozenset({"echo"})
+UNSCALED_KINDS = frozenset({ECHO})
 MAX_STRETCH_S = 600.0
 # Libraries a handler imports on first use. Importing them is this host's one-time cost, not
 # the device's compute, so it happens before the clock starts (torch takes seconds, which
 # stretched 10x would make a Pi's first training round look a minute long).
 FIRST_USE_IMPORTS: dict[str, tuple[str, ...]] = {
-    "train": ("torch",),
-    "evaluate": ("torch",),
-    "deploy": ("numpy", "onnxruntime"),
-    "infer": ("numpy", "onnxruntime"),
+    TRAIN: ("torch",),
+    EVALUATE: ("torch",),
+    DEPLOY: ("numpy", "onnxruntime"),
+    INFER: ("numpy", "onnxruntime"),
 }
 
 
@@ -202,7 +212,7 @@ def scaled_registry(
                 await ctx.cancel.interrupt(stretch(task))
             finally:
                 marks.pop(task.id, None)
-            if kind == "train" and claim_examples is not None:
+            if kind == TRAIN and claim_examples is not None:
                 output = forge_examples(output, claim_examples)
             return output
 
@@ -210,17 +220,19 @@ def scaled_registry(
 
     async def benchmark(task: Task, ctx: TaskContext) -> dict[str, Any]:
         slow = 0.5 if state.throttled else 1.0
-        return {
-            "fp32_gflops": profile.fp32_gflops * slow,
-            "int8_gops": profile.int8_gops * slow,
-            "runtime": "profile",
-        }
+        output = BenchmarkOutput(
+            fp32_gflops=profile.fp32_gflops * slow,
+            int8_gops=profile.int8_gops * slow,
+            runtime="profile",
+            wall_s=0.0,
+        )
+        return encode_output(BENCHMARK, output)
 
     for kind in base.kinds():
         handler = base.get(kind)
         assert handler is not None
         registry.register(kind, handler if kind in UNSCALED_KINDS else wrap(kind, handler))
-    registry.register("benchmark", benchmark)
+    registry.register(BENCHMARK, benchmark)
     return registry
 
 

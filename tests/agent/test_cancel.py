@@ -1,11 +1,13 @@
 """Task cancellation on a real agent process over a real broker (the sink plays the
 coordinator): a queued task leaves at once, a running one stops at its handler's next check,
 each with a ``cancelled`` result; a queued task's cancel holds across a restart; an unknown
-id is ignored but remembered, so its task is refused if it comes after the cancel."""
+id is ignored but remembered, so its task is refused if it comes after the cancel. A running
+benchmark stops measuring; a deploy cancelled during its download is not swapped in."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import sqlite3
 import time
@@ -17,8 +19,10 @@ import pytest
 from lepton.protocol import topics
 from lepton.protocol.codec import encode
 from lepton.protocol.messages import Task
+from lepton.protocol.tasks import BENCHMARK, DEPLOY, DeployParams, encode_params
 from tests.support.agents import AgentProcess, Sink, write_agent_config
 from tests.support.broker import Broker
+from tests.support.httpserver import Fault, HttpServer
 
 pytestmark = pytest.mark.slow
 
@@ -162,3 +166,64 @@ async def test_a_queued_tasks_cancel_holds_across_a_restart(
         assert [r.status for r in sink.applied.values() if r.task_id == queued.task_id] == [
             "cancelled"
         ]
+
+
+async def test_a_running_benchmark_is_cancelled_before_it_measures(
+    broker: Broker, agent: Callable[..., AgentProcess], tmp_path: Path
+) -> None:
+    """The benchmark's measuring process is stopped by the cancel: a cancelled result, and
+    no figures cached."""
+    agent()
+    async with Sink(broker.port) as sink:
+        await sink.wait(lambda: sink.state_of("dev-1") == "online", 20, "agent online")
+        bench = await sink.send_task("dev-1", BENCHMARK)
+        await sink.wait(lambda: bench.task_id in sink.task_acks, 10, "the benchmark accepted")
+        await sink.send_cancel("dev-1", [bench.task_id], reason="user")
+        await sink.wait(lambda: bool(sink.results_for({bench.task_id})), 10, "cancelled")
+        result = sink.results_for({bench.task_id})[bench.task_id]
+        assert (result.status, result.error) == ("cancelled", "cancelled: user")
+        assert not (tmp_path / "state" / "probe.json").exists()
+
+
+async def test_a_deploy_cancelled_during_its_download_is_not_served(
+    broker: Broker, agent: Callable[..., AgentProcess], tmp_path: Path
+) -> None:
+    """The model arrives, but the cancel came first: the deploy ends before the swap and the
+    agent's model index does not name it."""
+    from tests.agent.inference.conftest import make_linear
+
+    model = make_linear(3, n_in=512, n_out=64, n=50).onnx  # ~130 kB: 1 KiB pieces, 10 ms apart
+    with HttpServer() as blobs:
+        digest = blobs.add(model)
+        blobs.fault(digest, Fault("slow", delay=0.01))
+        cfg = write_agent_config(
+            tmp_path / "dev-1.toml",
+            device_id="dev-1",
+            port=broker.port,
+            state_dir=tmp_path / "state",
+            agent={"slots": 1},
+            fetch={"origins": [f"http://127.0.0.1:{blobs.port}"]},
+        )
+        proc = AgentProcess(config_path=cfg, log_path=tmp_path / "dev-1.log")
+        proc.start()
+        try:
+            async with Sink(broker.port) as sink:
+                await sink.wait(lambda: sink.state_of("dev-1") == "online", 20, "agent online")
+                params = DeployParams(
+                    name="clf", digest=digest, size=len(model), url=blobs.url(digest), format="onnx"
+                )
+                task = await sink.send_task("dev-1", DEPLOY, **encode_params(DEPLOY, params))
+                await sink.wait(
+                    lambda: any(r.path.endswith(digest) for r in blobs.requests),
+                    10,
+                    "the download started",
+                )
+                await sink.send_cancel("dev-1", [task.task_id], reason="user")
+                await sink.wait(lambda: bool(sink.results_for({task.task_id})), 20, "a result")
+                result = sink.results_for({task.task_id})[task.task_id]
+                assert result.status == "cancelled"
+                assert "cancelled" in (result.error or "")
+                index = tmp_path / "state" / "models" / "index.json"
+                assert not index.exists() or "clf" not in json.loads(index.read_text())
+        finally:
+            proc.kill()

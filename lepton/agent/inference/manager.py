@@ -32,7 +32,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -47,12 +47,12 @@ from lepton.agent.inference.runtimes.base import (
 )
 from lepton.agent.inference.served import (
     DeployOutcome,
-    DeploySpec,
     ModelError,
     ServedModel,
     input_mismatch,
 )
 from lepton.agent.origins import Origins
+from lepton.protocol.tasks import DeployParams
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ class ModelManager:
                     if entry is None or name in self._served:
                         continue
                     try:
-                        spec = msgspec.convert(entry["spec"], DeploySpec)
+                        spec = msgspec.convert(entry["spec"], DeployParams)
                         path = self.cached_path(spec.digest)
                         await asyncio.to_thread(self._verify_cached, path, spec.digest)
                         model = await asyncio.to_thread(self._load, spec, path)
@@ -215,8 +215,20 @@ class ModelManager:
 
     # ------------------------------------------------------------ deploy
 
-    async def deploy(self, spec: DeploySpec) -> DeployOutcome:
-        """Fetch (or find in the cache), verify, load and swap in ``spec``'s model."""
+    async def deploy(
+        self, spec: DeployParams, *, cancelled: Callable[[], bool] = lambda: False
+    ) -> DeployOutcome:
+        """Fetch (or find in the cache), verify, load and swap in ``spec``'s model.
+
+        ``cancelled`` (the task's cancel check) is asked before the download, before the load
+        and before the swap; once true, the deploy ends there (:class:`ModelError`
+        ``cancelled``) and the model served before stays served.
+        """
+
+        def check() -> None:
+            if cancelled():
+                raise ModelError("cancelled", "the deploy was cancelled before the swap")
+
         await self._load_index()  # so the index written below keeps every other model
         cap = min(self.caps.max_loaded_bytes, self.caps.max_cache_bytes)
         if spec.size > cap:
@@ -227,8 +239,15 @@ class ModelManager:
                 return self._outcome(current, downloaded=0, previous=current.digest)
             self._pending[spec.digest] = self._pending.get(spec.digest, 0) + 1
             try:
+                check()
                 path, downloaded = await self._fetch(spec)
+                check()
                 model = await self._load_checked(spec, path)
+                try:
+                    check()
+                except ModelError:
+                    model.retire()
+                    raise
                 entry = {
                     "digest": spec.digest,
                     "spec": msgspec.to_builtins(spec),
@@ -277,7 +296,7 @@ class ModelManager:
             threads=model.runtime.threads,
         )
 
-    async def _load_checked(self, spec: DeploySpec, path: Path) -> ServedModel:
+    async def _load_checked(self, spec: DeployParams, path: Path) -> ServedModel:
         try:
             model = await asyncio.to_thread(self._load, spec, path)
         except (ModelLoadError, RuntimeUnavailableError) as exc:
@@ -300,7 +319,7 @@ class ModelManager:
     def _digest_in_use(self, digest: str) -> bool:
         return any(m.digest == digest for m in self._served.values())
 
-    def _load(self, spec: DeploySpec, path: Path) -> ServedModel:
+    def _load(self, spec: DeployParams, path: Path) -> ServedModel:
         runtime = runtime_for(
             spec.format, providers=self.providers, allow_spinning=self.allow_spinning
         )
@@ -319,7 +338,7 @@ class ModelManager:
 
     # ------------------------------------------------------------ fetch
 
-    async def _fetch(self, spec: DeploySpec) -> tuple[Path, int]:
+    async def _fetch(self, spec: DeployParams) -> tuple[Path, int]:
         """The verified cache path of ``spec``'s content and the bytes downloaded for it."""
         try:
             return await self.fetcher.fetch(

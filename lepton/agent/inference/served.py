@@ -1,21 +1,19 @@
-"""What the agent's model manager deals in: a deploy's parameters, a served model (counted
-in and out by the requests using it), a deploy's outcome, and the manager's error."""
+"""What the agent's model manager deals in: a deploy's parameters
+(:class:`~lepton.protocol.tasks.DeployParams`, checked by :func:`deploy_spec`), a served model
+(counted in and out by the requests using it), a deploy's outcome, and the manager's error."""
 
 from __future__ import annotations
 
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Final, Literal
+from typing import Any
 
 import msgspec
-from msgspec import Meta
 
 from lepton.agent.inference.runtimes.base import Runtime, TensorSpec
 from lepton.common.errors import LeptonError
-
-MODEL_NAME_PATTERN: Final = r"\A[A-Za-z0-9._-]{1,64}\Z"
-DIGEST_PATTERN: Final = r"\A[0-9a-f]{64}\Z"
+from lepton.protocol.tasks import DeployParams, InputSpec, params_as
 
 
 class ModelError(LeptonError):
@@ -29,49 +27,22 @@ class ModelError(LeptonError):
         super().__init__(f"{stage}: {reason}: {detail}" if stage else f"{reason}: {detail}")
 
 
-class InputSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """What the coordinator declares about the model's input, checked against the model.
-
-    ``mean`` and ``std`` (scalars, or one value per element of the last axis) normalise raw
-    data-source samples before inference: ``(x - mean) / std``.
-    """
-
-    name: str | None = None
-    shape: Annotated[list[int | None], Meta(max_length=8)] | None = None
-    dtype: str | None = None
-    mean: float | list[float] | None = None
-    std: float | list[float] | None = None
-
-
-class DeploySpec(msgspec.Struct, frozen=True, kw_only=True):
-    """The parameters of a ``deploy`` task (other keys, such as ``timeout_s``, are ignored)."""
-
-    name: Annotated[str, Meta(pattern=MODEL_NAME_PATTERN)]
-    digest: Annotated[str, Meta(pattern=DIGEST_PATTERN)]
-    size: Annotated[int, Meta(gt=0)]
-    url: Annotated[str, Meta(max_length=4096)]
-    format: Literal["onnx", "tflite"]
-    precision: Annotated[str, Meta(max_length=32)] = ""
-    input: InputSpec | None = None
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any], *, max_bytes: int) -> DeploySpec:
-        """Validate task parameters; :class:`ModelError` (``bad_params``) names the problem."""
-        data = dict(params)
-        if isinstance(data.get("digest"), str):
-            data["digest"] = data["digest"].lower()
-        try:
-            spec = msgspec.convert(data, cls, strict=True)
-        except msgspec.ValidationError as exc:
-            raise ModelError("bad_params", str(exc)) from exc
-        scheme = spec.url.split(":", 1)[0].lower() if ":" in spec.url else ""
-        if scheme not in ("http", "https"):
-            raise ModelError("bad_url", f"url must be http(s), got {spec.url[:80]!r}")
-        if spec.size > max_bytes:
-            raise ModelError(
-                "too_large", f"declared size {spec.size} exceeds this device's cap {max_bytes}"
-            )
-        return spec
+def deploy_spec(params: dict[str, Any], *, max_bytes: int) -> DeployParams:
+    """A ``deploy`` task's params, validated (:class:`~lepton.protocol.tasks.DeployParams`, digest
+    lower-cased) and checked against this device: an http(s) URL, a size within ``max_bytes``.
+    :class:`ModelError` (``bad_params``, ``bad_url``, ``too_large``) names the problem."""
+    try:
+        spec = params_as(DeployParams, params)
+    except msgspec.ValidationError as exc:
+        raise ModelError("bad_params", str(exc)) from exc
+    scheme = spec.url.split(":", 1)[0].lower() if ":" in spec.url else ""
+    if scheme not in ("http", "https"):
+        raise ModelError("bad_url", f"url must be http(s), got {spec.url[:80]!r}")
+    if spec.size > max_bytes:
+        raise ModelError(
+            "too_large", f"declared size {spec.size} exceeds this device's cap {max_bytes}"
+        )
+    return spec
 
 
 @dataclass(slots=True, eq=False)

@@ -8,7 +8,9 @@ their services through ``TaskContext.extras`` (``models``: the
 :class:`~lepton.agent.training.datasources.DataSources`), and their results go through the outbox
 like every handler's.
 
-Parameter contracts (also in docs/agent-inference.md):
+Parameter and output contracts: :mod:`lepton.protocol.tasks` (``DeployParams``/``DeployOutput``,
+``UndeployParams``/``UndeployOutput``, ``InferParams``/``InferOutput``; also in
+docs/agent-inference.md):
 
 - ``deploy``: ``name``, ``digest`` (sha256 hex), ``size`` (bytes), ``url`` (http/https),
   ``format`` (``onnx`` | ``tflite``), optional ``precision`` and ``input``
@@ -18,6 +20,9 @@ Parameter contracts (also in docs/agent-inference.md):
 - ``infer``: ``model``, ``source``, optional ``batch_size`` (default 32), ``limit`` (samples),
   ``warmup`` (untimed batches first, default 1), ``output`` (the output holding predictions;
   default the first).
+
+A cancel ends ``deploy`` before its download, load or swap, ``undeploy`` before it starts and
+``infer`` between batches.
 """
 
 from __future__ import annotations
@@ -27,30 +32,39 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
-from msgspec import Meta
 
 from lepton.agent.handlers import TaskContext, TaskError
 from lepton.agent.inference.manager import ModelManager
 from lepton.agent.inference.runtimes.base import Array, TensorSpec
-from lepton.agent.inference.served import (
-    MODEL_NAME_PATTERN,
-    DeploySpec,
-    InputSpec,
-    ModelError,
-    ServedModel,
-)
+from lepton.agent.inference.served import ModelError, ServedModel, deploy_spec
 from lepton.agent.training.datasources import DataSourceError, DataSources
 from lepton.protocol.messages import Task
+from lepton.protocol.tasks import (
+    DEPLOY,
+    INFER,
+    MAX_INFER_BATCH,
+    UNDEPLOY,
+    DeployOutput,
+    InferLatency,
+    InferOutput,
+    InferParams,
+    InputSpec,
+    LatencySummary,
+    UndeployOutput,
+    UndeployParams,
+    encode_output,
+    params_as,
+)
 
 if TYPE_CHECKING:
     from lepton.agent.training.datasources import Dataset
 
 MODELS_KEY: Final = "models"
 SOURCES_KEY: Final = "data_sources"
-MAX_BATCH: Final = 4096
+MAX_BATCH: Final = MAX_INFER_BATCH
 
 
 def _manager(ctx: TaskContext) -> ModelManager:
@@ -64,55 +78,49 @@ def _manager(ctx: TaskContext) -> ModelManager:
 
 
 async def deploy(task: Task, ctx: TaskContext) -> dict[str, Any]:
-    """Fetch, verify, load and serve a model; refuse with a clear error and keep the old one."""
+    """Fetch, verify, load and serve a model; refuse with a clear error and keep the old one.
+
+    A cancel ends it before the download, before the load or before the swap."""
     manager = _manager(ctx)
     try:
-        spec = DeploySpec.from_params(task.params, max_bytes=manager.max_bytes)
-        outcome = await manager.deploy(spec)
+        spec = deploy_spec(task.params, max_bytes=manager.max_bytes)
+        outcome = await manager.deploy(spec, cancelled=ctx.cancel.is_set)
     except ModelError as exc:
         raise TaskError(str(exc)) from exc
-    return {
-        "name": outcome.name,
-        "digest": outcome.digest,
-        "format": spec.format,
-        "precision": spec.precision,
-        "bytes_downloaded": outcome.downloaded,
-        "cached": outcome.cached,
-        "load_s": outcome.load_s,
-        "previous_digest": outcome.previous,
-        "runtime": outcome.runtime,
-        "threads": outcome.threads,
-        "evicted": list(outcome.evicted),
-    }
-
-
-class UndeployParams(msgspec.Struct, frozen=True, kw_only=True):
-    name: Annotated[str, Meta(pattern=MODEL_NAME_PATTERN)]
+    output = DeployOutput(
+        name=outcome.name,
+        digest=outcome.digest,
+        format=spec.format,
+        precision=spec.precision,
+        bytes_downloaded=outcome.downloaded,
+        cached=outcome.cached,
+        load_s=outcome.load_s,
+        previous_digest=outcome.previous,
+        runtime=outcome.runtime,
+        threads=outcome.threads,
+        evicted=list(outcome.evicted),
+    )
+    return encode_output(DEPLOY, output)
 
 
 async def undeploy(task: Task, ctx: TaskContext) -> dict[str, Any]:
-    """Unload and remove a served model (see the module docstring)."""
+    """Unload and remove a served model (see the module docstring); a cancel that arrives
+    before it starts ends it with the model still served."""
     manager = _manager(ctx)
     try:
-        params = msgspec.convert(task.params, UndeployParams)
+        params = params_as(UndeployParams, task.params)
     except msgspec.ValidationError as exc:
         raise TaskError(f"bad_params: {exc}") from exc
+    if ctx.cancel.is_set():
+        raise TaskError(f"cancelled: {ctx.cancel.reason}")
     try:
-        return await manager.undeploy(params.name)
+        removed = await manager.undeploy(params.name)
     except ModelError as exc:
         raise TaskError(str(exc)) from exc
+    return encode_output(UNDEPLOY, msgspec.convert(removed, UndeployOutput))
 
 
 # ---------------------------------------------------------------- infer
-
-
-class InferParams(msgspec.Struct, frozen=True, kw_only=True):
-    model: Annotated[str, Meta(min_length=1, max_length=64)]
-    source: Annotated[str, Meta(min_length=1, max_length=64)]
-    batch_size: Annotated[int, Meta(ge=1, le=MAX_BATCH)] = 32
-    limit: Annotated[int, Meta(ge=1)] | None = None
-    warmup: Annotated[int, Meta(ge=0, le=100)] = 1
-    output: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,20 +241,16 @@ def evaluate(
     )
 
 
-def latency_summary(seconds: list[float]) -> dict[str, float | None]:
+def latency_summary(seconds: list[float]) -> LatencySummary:
     import numpy as np
 
     if not seconds:
-        return {"p50": None, "p95": None, "p99": None, "mean": None, "max": None}
+        return LatencySummary(p50=None, p95=None, p99=None, mean=None, max=None)
     ms = np.asarray(seconds) * 1000.0
     p50, p95, p99 = np.percentile(ms, [50, 95, 99])
-    return {
-        "p50": float(p50),
-        "p95": float(p95),
-        "p99": float(p99),
-        "mean": float(ms.mean()),
-        "max": float(ms.max()),
-    }
+    return LatencySummary(
+        p50=float(p50), p95=float(p95), p99=float(p99), mean=float(ms.mean()), max=float(ms.max())
+    )
 
 
 async def infer(task: Task, ctx: TaskContext) -> dict[str, Any]:
@@ -256,7 +260,7 @@ async def infer(task: Task, ctx: TaskContext) -> dict[str, Any]:
     if not isinstance(sources, DataSources):
         raise TaskError("this agent has no data sources configured")
     try:
-        params = msgspec.convert(task.params, InferParams, strict=True)
+        params = params_as(InferParams, task.params)
     except msgspec.ValidationError as exc:
         raise TaskError(f"bad_params: {exc}") from exc
     try:
@@ -283,25 +287,25 @@ async def infer(task: Task, ctx: TaskContext) -> dict[str, Any]:
             stop.set()  # the worker thread ends after its current batch
             raise
         per_sample = [s / k for s, k in zip(ev.batch_s, ev.batch_sizes, strict=True)]
-        return {
-            "model": model.name,
-            "digest": model.digest,
-            "format": model.format,
-            "precision": model.precision,
-            "source": params.source,
-            "count": ev.count,
-            "batch_size": ev.batch_size,
-            "batches": len(ev.batch_s),
-            "labelled": ev.correct is not None,
-            "correct": ev.correct,
-            "accuracy": None if ev.correct is None else ev.correct / ev.count,
-            "latency_ms": {
-                "batch": latency_summary(ev.batch_s),
-                "sample": latency_summary(per_sample),
-            },
-            "throughput_sps": ev.count / ev.wall_s if ev.wall_s > 0 else None,
-            "wall_s": ev.wall_s,
-            "runtime": model.runtime.description,
-            "providers": list(model.runtime.providers),
-            "threads": model.runtime.threads,
-        }
+        output = InferOutput(
+            model=model.name,
+            digest=model.digest,
+            format=model.format,
+            precision=model.precision,
+            source=params.source,
+            count=ev.count,
+            batch_size=ev.batch_size,
+            batches=len(ev.batch_s),
+            labelled=ev.correct is not None,
+            correct=ev.correct,
+            accuracy=None if ev.correct is None else ev.correct / ev.count,
+            latency_ms=InferLatency(
+                batch=latency_summary(ev.batch_s), sample=latency_summary(per_sample)
+            ),
+            throughput_sps=ev.count / ev.wall_s if ev.wall_s > 0 else None,
+            wall_s=ev.wall_s,
+            runtime=model.runtime.description,
+            providers=list(model.runtime.providers),
+            threads=model.runtime.threads,
+        )
+        return encode_output(INFER, output)

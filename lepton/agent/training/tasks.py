@@ -7,8 +7,8 @@ HTTP; the result carries the update's digest, size and a few figures. torch is i
 only when one of these tasks runs, never at agent start-up. The torch loop itself is in
 :mod:`lepton.agent.training.trainer`, the retried upload in :mod:`lepton.agent.training.upload`.
 
-``train`` params (the coordinator sends exactly these; other keys, such as ``timeout_s``,
-are ignored):
+``train`` params (:class:`~lepton.protocol.tasks.TrainParams`, which the coordinator encodes and
+this handler decodes; other keys, such as ``timeout_s``, are ignored):
 
 - ``job`` (str, 1-64 chars ``[A-Za-z0-9._:/-]``): the federated job, echoed and written into
   the update blob.
@@ -43,15 +43,17 @@ are ignored):
   seed, weights and data give the same update.
 - ``max_examples`` (int >= 1, optional): train on at most this many local samples.
 
-``train`` output: ``update`` ({``digest``, ``size``, ``compression``}), ``examples``,
-``loss_before`` / ``loss_after`` (mean cross-entropy over the local data with the global
-and the trained weights), ``accuracy`` (after training, local data), ``train_s``,
-``upload_s``; and also ``job``, ``round``, ``accuracy_before``, ``steps``, ``fetch_s``,
-``weights_cached`` and ``update_norm`` (L2 norm of the update before compression).
+``train`` output (:class:`~lepton.protocol.tasks.TrainOutput`): ``update`` ({``digest``,
+``size``, ``compression``}), ``examples``, ``loss_before`` / ``loss_after`` (mean cross-entropy
+over the local data with the global and the trained weights), ``accuracy`` (after training, local
+data), ``train_s``, ``upload_s``; and also ``job``, ``round``, ``accuracy_before``, ``steps``,
+``fetch_s``, ``weights_cached`` and ``update_norm`` (L2 norm of the update before compression).
 
-``evaluate`` params: ``model``, ``weights``, ``data`` as above; optional ``batch_size``
-(default 256), ``max_examples``, ``job`` and ``round`` (echoed). Output: ``loss``,
-``accuracy``, ``examples`` (and ``eval_s``, ``job``, ``round``).
+``evaluate`` params (:class:`~lepton.protocol.tasks.EvaluateParams`): ``model``, ``weights``,
+``data`` as above; optional ``batch_size`` (default 256), ``max_examples``, ``job`` and ``round``
+(echoed). Output (:class:`~lepton.protocol.tasks.EvaluateOutput`): ``loss``, ``accuracy``,
+``examples`` (and ``eval_s``, ``job``, ``round``). A cancel ends ``evaluate`` before its data is
+loaded, before the download, or between batches.
 
 Services come through ``TaskContext.extras``: ``data_sources``
 (:class:`~lepton.agent.training.datasources.DataSources`), optionally ``models`` (the
@@ -76,21 +78,32 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import msgspec
-from msgspec import Meta
 
 from lepton.agent.fetch import FetchError
 from lepton.agent.handlers import TaskContext, TaskError
 from lepton.agent.inference.manager import ModelManager
-from lepton.agent.inference.served import DeploySpec, ModelError
+from lepton.agent.inference.served import ModelError, deploy_spec
 from lepton.agent.training import trainer as torchtrain
 from lepton.agent.training.datasources import DataSourceError, DataSources
 from lepton.agent.training.upload import check_url, upload
 from lepton.protocol.errors import DecodeError
 from lepton.protocol.imports import Allowlist, ImportPathError
 from lepton.protocol.messages import Task
+from lepton.protocol.tasks import (
+    EVALUATE,
+    TRAIN,
+    EvaluateOutput,
+    EvaluateParams,
+    TrainOutput,
+    TrainParams,
+    UpdateRef,
+    WeightsRef,
+    encode_output,
+    params_as,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -115,65 +128,11 @@ DEFAULT_MODEL_IMPORTS: Final = ("lepton.models.*",)
 #: Weight blobs kept in the cache besides those used in the last ``KEEP_RECENT_S`` seconds.
 KEEP_WEIGHTS: Final = 3
 KEEP_RECENT_S: Final = 600.0
-MAX_BATCH: Final = 65536
-
-JobName = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"\A[A-Za-z0-9._:/-]+\Z")]
-FactoryPath = Annotated[str, Meta(max_length=256, pattern=r"\A[A-Za-z_][\w.]*:[A-Za-z_][\w.]*\Z")]
-Url = Annotated[str, Meta(min_length=1, max_length=4096)]
-# protocol.weights.Compression, spelled out: importing protocol.weights loads numpy, which the
-# agent does only once a task needs it.
-Compression = Literal["fp32", "fp16", "int8"]
-
-
-class WeightsRef(msgspec.Struct, frozen=True, kw_only=True):
-    """Where the global weights are: content address, declared size, URL."""
-
-    digest: Annotated[str, Meta(pattern=r"\A(sha256:)?[0-9a-fA-F]{64}\Z")]
-    size: Annotated[int, Meta(gt=0)]
-    url: Url
-
-
-class UploadRef(msgspec.Struct, frozen=True, kw_only=True):
-    url: Url
-    # The slot's upload credential; secret: sent only as a header, never logged or returned.
-    token: Annotated[str, Meta(max_length=256)] | None = None
-
-
-class TrainParams(msgspec.Struct, frozen=True, kw_only=True):
-    """The ``train`` task's parameters (see the module docstring)."""
-
-    job: JobName
-    round: Annotated[int, Meta(ge=0, le=2**62)]
-    model: FactoryPath
-    weights: WeightsRef
-    data: Annotated[str, Meta(min_length=1, max_length=64)]
-    upload: UploadRef
-    epochs: Annotated[int, Meta(ge=1, le=1000)] = 1
-    batch_size: Annotated[int, Meta(ge=1, le=MAX_BATCH)] = 32
-    lr: Annotated[float, Meta(gt=0.0, le=1e3)] = 0.01
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    momentum: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.0
-    prox_mu: Annotated[float, Meta(ge=0.0, le=1e6)] = 0.0
-    compression: Compression = "fp32"
-    seed: Annotated[int, Meta(ge=0, le=2**63 - 1)] = 0
-    max_examples: Annotated[int, Meta(ge=1)] | None = None
-
-
-class EvaluateParams(msgspec.Struct, frozen=True, kw_only=True):
-    """The ``evaluate`` task's parameters (see the module docstring)."""
-
-    model: FactoryPath
-    weights: WeightsRef
-    data: Annotated[str, Meta(min_length=1, max_length=64)]
-    batch_size: Annotated[int, Meta(ge=1, le=MAX_BATCH)] = 256
-    max_examples: Annotated[int, Meta(ge=1)] | None = None
-    job: JobName | None = None
-    round: Annotated[int, Meta(ge=0, le=2**62)] | None = None
 
 
 def _params(params: dict[str, Any], cls: type[P]) -> P:
     try:
-        return msgspec.convert(params, cls, strict=True)
+        return params_as(cls, params)
     except msgspec.ValidationError as exc:
         raise TaskError(f"bad_params: {exc}") from exc
 
@@ -276,7 +235,7 @@ async def _fetch_weights(ctx: TaskContext, ref: WeightsRef) -> _Fetched:
     digest = ref.digest.lower().removeprefix("sha256:")
     started = time.perf_counter()
     try:
-        spec = DeploySpec.from_params(
+        spec = deploy_spec(
             # The manager's downloader only reads name, digest, size and url.
             {
                 "name": "weights",
@@ -322,6 +281,12 @@ def _prune_weights(cache_dir: Path, in_use: str) -> None:
 
 
 # ---------------------------------------------------------------- handlers
+
+
+def _stop_if_cancelled(ctx: TaskContext) -> None:
+    """End the task here, between two steps, once it is cancelled."""
+    if ctx.cancel.is_set():
+        raise TaskError(f"cancelled: {ctx.cancel.reason}")
 
 
 async def train(task: Task, ctx: TaskContext) -> dict[str, Any]:
@@ -393,22 +358,23 @@ async def train(task: Task, ctx: TaskContext) -> dict[str, Any]:
         len(body),
         params.compression,
     )
-    return {
-        "job": params.job,
-        "round": params.round,
-        "update": {"digest": digest, "size": len(body), "compression": params.compression},
-        "examples": trained.examples,
-        "steps": trained.steps,
-        "loss_before": trained.loss_before,
-        "loss_after": trained.loss_after,
-        "accuracy_before": trained.accuracy_before,
-        "accuracy": trained.accuracy,
-        "update_norm": trained.update_norm,
-        "train_s": trained.train_s,
-        "upload_s": upload_s,
-        "fetch_s": fetched.fetch_s,
-        "weights_cached": fetched.cached,
-    }
+    output = TrainOutput(
+        job=params.job,
+        round=params.round,
+        update=UpdateRef(digest=digest, size=len(body), compression=params.compression),
+        examples=trained.examples,
+        steps=trained.steps,
+        loss_before=trained.loss_before,
+        loss_after=trained.loss_after,
+        accuracy_before=trained.accuracy_before,
+        accuracy=trained.accuracy,
+        update_norm=trained.update_norm,
+        train_s=trained.train_s,
+        upload_s=upload_s,
+        fetch_s=fetched.fetch_s,
+        weights_cached=fetched.cached,
+    )
+    return encode_output(TRAIN, output)
 
 
 async def evaluate(task: Task, ctx: TaskContext) -> dict[str, Any]:
@@ -417,23 +383,33 @@ async def evaluate(task: Task, ctx: TaskContext) -> dict[str, Any]:
     allow = _model_factory_allowed(ctx, params.model)
     check_url(params.weights.url, "weights.url")
     _check_origins(ctx, weights=params.weights.url)
+    _stop_if_cancelled(ctx)
     data = await _load_data(ctx, params.data, params.max_examples)
+    _stop_if_cancelled(ctx)  # before the download
     fetched = await _fetch_weights(ctx, params.weights)
+    _stop_if_cancelled(ctx)
+    stop = ctx.cancel.event  # set by a cancel, or below by a shutdown
     started = time.perf_counter()
-    loss, accuracy = await asyncio.to_thread(
-        torchtrain.evaluate_local,
-        params.model,
-        fetched.arrays,
-        data,
-        params.batch_size,
-        _threads(ctx),
-        allow=allow,
+    try:
+        loss, accuracy = await asyncio.to_thread(
+            torchtrain.evaluate_local,
+            params.model,
+            fetched.arrays,
+            data,
+            params.batch_size,
+            _threads(ctx),
+            allow=allow,
+            stop=stop,
+        )
+    except asyncio.CancelledError:
+        stop.set()  # the worker thread stops at its next batch
+        raise
+    output = EvaluateOutput(
+        job=params.job,
+        round=params.round,
+        loss=loss,
+        accuracy=accuracy,
+        examples=len(data),
+        eval_s=time.perf_counter() - started,
     )
-    return {
-        "job": params.job,
-        "round": params.round,
-        "loss": loss,
-        "accuracy": accuracy,
-        "examples": len(data),
-        "eval_s": time.perf_counter() - started,
-    }
+    return encode_output(EVALUATE, output)

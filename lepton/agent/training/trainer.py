@@ -24,8 +24,8 @@ if TYPE_CHECKING:
     import torch
 
     from lepton.agent.training.datasources import Dataset
-    from lepton.agent.training.tasks import TrainParams
     from lepton.protocol.imports import Allowlist
+    from lepton.protocol.tasks import TrainParams
 
     Arrays = dict[str, npt.NDArray[np.generic]]
 
@@ -86,9 +86,14 @@ def tensors(data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def score(
-    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    stop: threading.Event | None = None,
 ) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on ``(x, y)``."""
+    """Mean cross-entropy and accuracy of ``model`` on ``(x, y)``; a set ``stop`` ends it
+    between batches (:class:`TaskError`)."""
     import torch
     from torch.nn import functional
 
@@ -96,6 +101,8 @@ def score(
     loss_sum, correct = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
+            if stop is not None and stop.is_set():
+                raise TaskError("cancelled")
             out = model(x[start : start + batch_size])
             yb = y[start : start + batch_size]
             loss_sum += float(functional.cross_entropy(out, yb, reduction="sum"))
@@ -265,10 +272,11 @@ def evaluate_local(
     threads: int,
     *,
     allow: Allowlist,
+    stop: threading.Event | None = None,
 ) -> tuple[float, float]:
     import torch
 
     torch.set_num_threads(threads)
     model = build_model(model_path, weights, allow=allow)
     x, y = tensors(data)
-    return score(model, x, y, batch_size)
+    return score(model, x, y, batch_size, stop)

@@ -156,30 +156,14 @@ def create_app(ctx: ApiContext) -> FastAPI:
     def submit_task(body: TaskSubmit) -> TaskOut:
         """Submit a task; the scheduler places it in its next batch."""
         try:
-            new = build_task(
-                cfg,
-                kind=body.kind,
-                params=body.params,
-                task_id=body.id,
-                model_class=body.model_class,
-                precision=body.precision,
-                demand_gops=body.demand_gops,
-                input_bytes=body.input_bytes,
-                output_bytes=body.output_bytes,
-                memory_bytes=body.memory_bytes,
-                runtime=body.runtime,
-                accelerator=body.accelerator,
-                data_source=body.data_source,
-                min_battery=body.min_battery,
-                device_id=body.device_id,
-                max_attempts=body.max_attempts,
-                expires_in_s=body.expires_in_s,
-            )
+            new = build_task(cfg, body.request())
         except SubmissionError as exc:
             refused("invalid")
             raise HTTPException(
                 status_code=422,
-                detail=[{"loc": ["body", exc.field], "msg": str(exc), "type": "value_error"}],
+                detail=[
+                    {"loc": ["body", *exc.field.split(".")], "msg": str(exc), "type": "value_error"}
+                ],
             ) from exc
         task = store.tasks.submit(new)
         ctx.metrics.task_transitions.labels("pending").inc()

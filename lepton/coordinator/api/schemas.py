@@ -7,7 +7,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from lepton.coordinator.store import AttemptRecord, DeviceRecord, ResultRecord, TaskRecord
+from lepton.coordinator.tasks.request import TaskRequest
 from lepton.coordinator.tasks.states import TaskState
+from lepton.coordinator.tasks.submit import request_of
 
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:/-]+$")]
 Ident = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
@@ -15,7 +17,12 @@ TaskStateName = TaskState  # the API's name for the store's task states
 
 
 class TaskSubmit(BaseModel):
-    """A task to run somewhere in the fleet. Only ``kind`` is required."""
+    """A task to run somewhere in the fleet. Only ``kind`` is required.
+
+    The body's schema for FastAPI and /openapi.json: the fields and bounds of
+    :class:`~lepton.coordinator.tasks.request.TaskRequest` (a test keeps them alike), which the
+    handler submits (:meth:`request`).
+    """
 
     # NaN and infinities are refused as the JSON body is read; this keeps the model honest
     # for any other caller (and for 1e400, which JSON parses as infinity).
@@ -39,6 +46,11 @@ class TaskSubmit(BaseModel):
     expires_in_s: float | None = Field(
         default=None, gt=0, le=30 * 86400, description="Start deadline, seconds from now."
     )
+
+    def request(self) -> TaskRequest:
+        """The submission as the one task request type (:class:`SubmissionError` if it breaks
+        a bound only the request checks)."""
+        return request_of(self.model_dump())
 
 
 class TaskCancelIn(BaseModel):
@@ -185,38 +197,10 @@ class TaskOut(BaseModel):
 
     @classmethod
     def of(cls, t: TaskRecord) -> TaskOut:
-        return cls(
-            id=t.id,
-            kind=t.kind,
-            state=t.state,
-            device_id=t.device_id,
-            attempt=t.attempt,
-            max_attempts=t.max_attempts,
-            params=t.params,
-            model_class=t.model_class,
-            precision=t.precision,
-            demand_gops=t.demand_gops,
-            input_bytes=t.input_bytes,
-            output_bytes=t.output_bytes,
-            memory_bytes=t.memory_bytes,
-            runtime=t.runtime,
-            accelerator=t.accelerator,
-            data_source=t.data_source,
-            min_battery=t.min_battery,
-            pinned_device=t.pinned_device,
-            created_at=t.created_at,
-            updated_at=t.updated_at,
-            expires_at=t.expires_at,
-            next_attempt_at=t.next_attempt_at if t.state == "pending" else None,
-            assigned_at=t.assigned_at,
-            started_at=t.started_at,
-            finished_at=t.finished_at,
-            last_error=t.last_error,
-            result_id=t.result_id,
-            output=t.output,
-            cancel_requested_at=t.cancel_requested_at,
-            cancel_reason=t.cancel_reason,
-        )
+        out = cls.model_validate(t, from_attributes=True)
+        if t.state != "pending":
+            out.next_attempt_at = None  # only a pending task waits for its next attempt
+        return out
 
 
 class AttemptOut(BaseModel):

@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import msgspec
 from rich.console import Console
 
 from lepton.coordinator.cli import render
@@ -31,6 +32,7 @@ from lepton.coordinator.cli.exitcodes import (
     EXIT_TASK_FINISHED,
     EXIT_USAGE,
 )
+from lepton.coordinator.tasks.request import TaskRequest
 from lepton.coordinator.tasks.states import TASK_STATES, TERMINAL
 from lepton.protocol import routes
 
@@ -276,7 +278,7 @@ def cmd_devices_show(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- tasks
 
 
-def _submission(args: argparse.Namespace) -> dict[str, Any]:
+def _submission(args: argparse.Namespace) -> TaskRequest:
     params: dict[str, Any] = {}
     if args.params_json:
         try:
@@ -287,8 +289,9 @@ def _submission(args: argparse.Namespace) -> dict[str, Any]:
             raise CliError("--params-json must be a JSON object", EXIT_USAGE)
         params.update(loaded)
     params.update(parse_param(p) for p in args.param)
-    body: dict[str, Any] = {"kind": args.kind, "params": params}
-    optional = {
+    given = {
+        "kind": args.kind,
+        "params": params,
         "id": args.task_id,
         "demand_gops": args.demand,
         "model_class": args.model_class,
@@ -300,14 +303,16 @@ def _submission(args: argparse.Namespace) -> dict[str, Any]:
         "max_attempts": args.max_attempts,
         "expires_in_s": args.expires_in,
     }
-    body.update({k: v for k, v in optional.items() if v is not None})
-    return body
+    try:
+        return msgspec.convert({k: v for k, v in given.items() if v is not None}, TaskRequest)
+    except msgspec.ValidationError as exc:
+        raise CliError(f"invalid task: {exc}") from exc
 
 
 def cmd_tasks_submit(args: argparse.Namespace) -> int:
-    body = _submission(args)
+    request = _submission(args)
     with _client(args) as api:
-        task = api.post(routes.TASKS, body)
+        task = api.post(routes.TASKS, request.body())
         if args.wait:
             deadline = time.monotonic() + args.wait_timeout
             delay = 0.1

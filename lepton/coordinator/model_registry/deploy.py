@@ -20,18 +20,20 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final, Literal
 
 from lepton.common.errors import LeptonError
 from lepton.coordinator.config import Config
 from lepton.coordinator.errors import NotFoundError
 from lepton.coordinator.model_registry.registry import ModelRecord, ModelRegistry
 from lepton.coordinator.store import DeviceRecord, NewTask, Store, TaskRecord
+from lepton.coordinator.tasks.request import TaskRequest
 from lepton.coordinator.tasks.submit import build_task
 from lepton.protocol import routes
+from lepton.protocol.tasks import DEPLOY, DeployParams, encode_params
 
-KIND: Final = "deploy"
-# What the agent's deploy handler loads (its DeploySpec); a torch checkpoint is not served.
+KIND: Final = DEPLOY
+# What the agent's deploy handler loads (DeployParams.format); a torch checkpoint is not served.
 DEPLOYABLE_FORMATS: Final = ("onnx", "tflite")
 # A download and a session load: the task is pinned, so its demand only orders the queue.
 DEMAND_GOPS: Final = 0.01
@@ -73,20 +75,21 @@ class Deployment:
     tasks: list[TaskRecord]
 
 
-def deploy_params(record: ModelRecord, base_url: str) -> dict[str, Any]:
-    """The ``deploy`` task's params for ``record``, fetched from the coordinator's blob route.
-
-    The one place the coordinator spells a deploy task's params (the agent reads them as its
-    ``DeploySpec``)."""
+def deploy_params(record: ModelRecord, base_url: str) -> DeployParams:
+    """The ``deploy`` task's params for ``record``, fetched from the coordinator's blob route
+    (:class:`~lepton.protocol.tasks.DeployParams`, which the agent's handler decodes)."""
+    if record.format not in DEPLOYABLE_FORMATS:
+        raise DeployError(f"{record.name} v{record.version} is {record.format}")
+    fmt: Literal["onnx", "tflite"] = "onnx" if record.format == "onnx" else "tflite"
     blob = routes.path(routes.BLOB, digest=record.digest)
-    return {
-        "name": record.name,
-        "digest": record.digest,
-        "size": record.size,
-        "url": f"{base_url.rstrip('/')}{blob}",
-        "format": record.format,
-        "precision": record.precision,
-    }
+    return DeployParams(
+        name=record.name,
+        digest=record.digest,
+        size=record.size,
+        url=f"{base_url.rstrip('/')}{blob}",
+        format=fmt,
+        precision=record.precision,
+    )
 
 
 def resolve_model(
@@ -164,17 +167,19 @@ def plan(
 ) -> list[NewTask]:
     """One validated ``deploy`` task per device, pinned to it."""
     now = time.time() if now is None else now
-    params = deploy_params(record, base_url)
+    params = encode_params(KIND, deploy_params(record, base_url))
     return [
         build_task(
             cfg,
-            kind=KIND,
-            params=params,
-            demand_gops=DEMAND_GOPS,
-            input_bytes=record.size,
-            device_id=device.id,
-            max_attempts=max_attempts,
-            expires_in_s=expires_in_s,
+            TaskRequest(
+                kind=KIND,
+                params=params,
+                demand_gops=DEMAND_GOPS,
+                input_bytes=record.size,
+                device_id=device.id,
+                max_attempts=max_attempts,
+                expires_in_s=expires_in_s,
+            ),
             now=now,
         )
         for device in devices

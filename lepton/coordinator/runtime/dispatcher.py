@@ -64,25 +64,6 @@ UNCLASSIFIED: Final = "unclassified"
 CLAIM_REJECT_REASON: Final = "bench_claim_above_class_limit"
 
 
-def task_spec(t: TaskRecord) -> TaskSpec:
-    """The cost model's view of a stored task."""
-    return TaskSpec(
-        task_id=t.id,
-        kind=t.kind,
-        model_class=t.model_class,
-        precision="int8" if t.precision == "int8" else "fp32",
-        demand_gops=t.demand_gops,
-        input_bytes=t.input_bytes,
-        output_bytes=t.output_bytes,
-        memory_bytes=t.memory_bytes,
-        runtime=t.runtime,
-        accelerator=t.accelerator,
-        data_source=t.data_source,
-        min_battery=t.min_battery,
-        device_id=t.pinned_device,
-    )
-
-
 def unplaced_retry_s(waited_s: float, batch_interval_s: float) -> float:
     """When to plan an unplaceable task again: behind the tasks already due (so it never
     crowds a batch), and less often the longer it has waited (a tenth of its wait, at most
@@ -258,7 +239,7 @@ class Scheduler:
 
     async def _place(self, tasks: list[TaskRecord], lease: Lease | None, model: CostModel) -> int:
         devices = await asyncio.to_thread(self._device_states)
-        specs = [task_spec(t) for t in tasks]
+        specs = [TaskSpec.from_record(t) for t in tasks]
         cfg = self.cfg.scheduler
         result, explanations = await asyncio.to_thread(self._solve, specs, devices, model)
         self.metrics.scheduler_solve_seconds.observe(result.solve_s)

@@ -8,12 +8,43 @@ code over them, with no I/O.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
     from lepton.protocol.messages import CapacityReport
 
 Precision = Literal["fp32", "int8"]
+
+
+class StoredTask(Protocol):
+    """What :meth:`TaskSpec.from_record` reads of a stored task (the store's ``TaskRecord``)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def model_class(self) -> str: ...
+    @property
+    def precision(self) -> str: ...
+    @property
+    def demand_gops(self) -> float: ...
+    @property
+    def input_bytes(self) -> int: ...
+    @property
+    def output_bytes(self) -> int: ...
+    @property
+    def memory_bytes(self) -> int: ...
+    @property
+    def runtime(self) -> str | None: ...
+    @property
+    def accelerator(self) -> str | None: ...
+    @property
+    def data_source(self) -> str | None: ...
+    @property
+    def min_battery(self) -> float | None: ...
+    @property
+    def pinned_device(self) -> str | None: ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -123,6 +154,25 @@ class TaskSpec:
     data_source: str | None = None
     min_battery: float | None = None
     device_id: str | None = None
+
+    @classmethod
+    def from_record(cls, t: StoredTask) -> TaskSpec:
+        """The cost model's view of a stored task."""
+        return cls(
+            task_id=t.id,
+            kind=t.kind,
+            model_class=t.model_class,
+            precision="int8" if t.precision == "int8" else "fp32",
+            demand_gops=t.demand_gops,
+            input_bytes=t.input_bytes,
+            output_bytes=t.output_bytes,
+            memory_bytes=t.memory_bytes,
+            runtime=t.runtime,
+            accelerator=t.accelerator,
+            data_source=t.data_source,
+            min_battery=t.min_battery,
+            device_id=t.pinned_device,
+        )
 
     def __post_init__(self) -> None:
         if not self.demand_gops >= 0:  # also rejects NaN

@@ -1,7 +1,8 @@
-"""Task submission: a request normalised into a :class:`~lepton.coordinator.store.NewTask` at the
-edge.
+"""Task submission: a :class:`~lepton.coordinator.tasks.request.TaskRequest` normalised into a
+:class:`~lepton.coordinator.store.NewTask` at the edge.
 
-Beyond field ranges (checked by the API schema), a task must make a valid wire message: the
+Beyond field ranges (checked as the request is decoded), the params of a kind with a contract
+must decode as its parameter struct, and a task must make a valid wire message: the
 params must be plain data within the protocol's limits, and the encoded Task must fit the
 message size limit with room to spare and decode with the codec the agent runs (its depth
 limit included), so it can never be refused at dispatch time or on the device.
@@ -9,20 +10,34 @@ limit included), so it can never be refused at dispatch time or on the device.
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from typing import Any, Final, Literal
+from collections.abc import Mapping
+from typing import Any, Final
 
 import msgspec
 
 from lepton.common.errors import LeptonError
 from lepton.coordinator.config import Config
 from lepton.coordinator.store import NewTask
+from lepton.coordinator.tasks.request import TaskRequest
 from lepton.protocol import codec
 from lepton.protocol.errors import DecodeError
 from lepton.protocol.messages import Task, new_id
+from lepton.protocol.tasks import decode_params, is_kind
 
 # Leave headroom under the codec limit for the attempt counter and fields added later.
 MAX_TASK_BYTES: Final = codec.MAX_MESSAGE_BYTES - 4096
+
+
+#: The request's fields a stored task keeps as they are (by name): a field added to both
+#: TaskRequest and NewTask needs no line here.
+COPIED: Final = tuple(
+    f.name
+    for f in dataclasses.fields(NewTask)
+    if f.name in TaskRequest.__struct_fields__
+    and f.name not in ("id", "kind", "params", "max_attempts")
+)
 
 
 class SubmissionError(LeptonError, ValueError):
@@ -33,37 +48,38 @@ class SubmissionError(LeptonError, ValueError):
         super().__init__(f"{field}: {message}")
 
 
-def build_task(
-    cfg: Config,
-    *,
-    kind: str,
-    params: dict[str, Any] | None = None,
-    task_id: str | None = None,
-    model_class: str = "generic",
-    precision: Literal["fp32", "int8"] = "fp32",
-    demand_gops: float = 1.0,
-    input_bytes: int = 0,
-    output_bytes: int = 0,
-    memory_bytes: int = 0,
-    runtime: str | None = None,
-    accelerator: str | None = None,
-    data_source: str | None = None,
-    min_battery: float | None = None,
-    device_id: str | None = None,
-    max_attempts: int | None = None,
-    expires_in_s: float | None = None,
-    now: float | None = None,
-) -> NewTask:
-    """Validate a submission against the wire contract and return the task to store."""
+def request_of(data: Mapping[str, Any]) -> TaskRequest:
+    """``data`` (a decoded JSON body, say) as a :class:`TaskRequest`; :class:`SubmissionError`
+    names the field that breaks it."""
+    try:
+        return msgspec.convert(data, TaskRequest)
+    except msgspec.ValidationError as exc:
+        raise SubmissionError(_field_of(str(exc)), str(exc)) from exc
+
+
+def build_task(cfg: Config, req: TaskRequest, *, now: float | None = None) -> NewTask:
+    """Validate a request against the wire contract and return the task to store.
+
+    The params of a kind with a contract (:data:`~lepton.protocol.tasks.TaskKind`) must decode
+    as that kind's parameter struct, as the agent will decode them; a
+    :class:`SubmissionError` names the field (``params.<name>``). They are stored as given.
+    """
     now = time.time() if now is None else now
-    expires_at = now + (cfg.tasks.default_expiry_s if expires_in_s is None else expires_in_s)
-    tid = task_id or new_id()
+    expires_at = now + (
+        cfg.tasks.default_expiry_s if req.expires_in_s is None else req.expires_in_s
+    )
+    tid = req.id or new_id()
+    if is_kind(req.kind):
+        try:
+            decode_params(req.kind, req.params)
+        except msgspec.ValidationError as exc:
+            raise SubmissionError(_params_field(str(exc)), str(exc)) from exc
     try:
         message = msgspec.convert(
             {
                 "task_id": tid,
-                "kind": kind,
-                "params": params or {},
+                "kind": req.kind,
+                "params": req.params,
                 "expires_at": expires_at,
                 "id": new_id(),
             },
@@ -90,23 +106,24 @@ def build_task(
     return NewTask(
         id=tid,
         fleet=cfg.fleet,
-        kind=kind,
+        kind=req.kind,
         params=message.params,
-        model_class=model_class,
-        precision=precision,
-        demand_gops=demand_gops,
-        input_bytes=input_bytes,
-        output_bytes=output_bytes,
-        memory_bytes=memory_bytes,
-        runtime=runtime,
-        accelerator=accelerator,
-        data_source=data_source,
-        min_battery=min_battery,
-        pinned_device=device_id,
-        max_attempts=cfg.tasks.max_attempts if max_attempts is None else max_attempts,
+        pinned_device=req.device_id,
+        max_attempts=cfg.tasks.max_attempts if req.max_attempts is None else req.max_attempts,
         expires_at=expires_at,
         created_at=now,
+        **{name: getattr(req, name) for name in COPIED},
     )
+
+
+def _params_field(message: str) -> str:
+    # msgspec says "... - at `$.batch_size`", or "Object missing required field `round`"
+    if "`$." in message:
+        name = message.split("`$.", 1)[1].split("`", 1)[0].split(".", 1)[0].split("[", 1)[0]
+        return f"params.{name}"
+    if "missing required field `" in message:
+        return "params." + message.split("missing required field `", 1)[1].split("`", 1)[0]
+    return "params"
 
 
 def _field_of(message: str) -> str:

@@ -11,7 +11,8 @@ import numpy.typing as npt
 import pytest
 
 from lepton.agent.inference.manager import ModelManager
-from lepton.agent.inference.served import DeploySpec
+from lepton.agent.inference.served import deploy_spec
+from lepton.protocol.tasks import DeployParams
 from tests.support.httpserver import HttpServer
 
 REPO = Path(__file__).resolve().parents[3]
@@ -100,11 +101,11 @@ def manager(tmp_path: Path) -> ModelManager:
 
 def spec_for(
     blobs: HttpServer, data: bytes, name: str = "clf", fmt: str = "onnx", **extra: object
-) -> DeploySpec:
+) -> DeployParams:
     digest = blobs.add(data)
     params = {"name": name, "digest": digest, "size": len(data), "url": blobs.url(digest)}
     params.update({"format": fmt, "precision": "fp32", **extra})
-    return DeploySpec.from_params(params, max_bytes=1 << 30)
+    return deploy_spec(params, max_bytes=1 << 30)
 
 
 def artifact(pattern: str) -> Path:

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from lepton.agent.inference.manager import KEEP_UNREFERENCED, ModelManager
-from lepton.agent.inference.served import DeploySpec, ModelError
+from lepton.agent.inference.served import ModelError, deploy_spec
+from lepton.protocol.tasks import DeployParams
 from tests.agent.inference.conftest import Linear, make_linear, spec_for
 from tests.support.httpserver import Fault, HttpServer
 
@@ -55,14 +56,12 @@ async def test_cached_model_costs_no_download(
     assert again.cached
     # Another manager over the same cache (another name, say): a cache hit.
     second = ModelManager(tmp_path / "models", threads=1)
-    other = await second.deploy(
-        DeploySpec.from_params({**_params(spec), "name": "clf-b"}, max_bytes=1 << 30)
-    )
+    other = await second.deploy(deploy_spec({**_params(spec), "name": "clf-b"}, max_bytes=1 << 30))
     assert other.downloaded == 0
     assert len(blobs.requests) == 1
 
 
-def _params(spec: DeploySpec) -> dict[str, object]:
+def _params(spec: DeployParams) -> dict[str, object]:
     return {
         "name": spec.name,
         "digest": spec.digest,
@@ -234,9 +233,9 @@ def test_bad_deploy_params_are_refused(params: dict[str, object], reason: str) -
         "url": "https://models.example/m",
         "format": "onnx",
     }
-    assert DeploySpec.from_params(base, max_bytes=1 << 20).digest == "a" * 64
+    assert deploy_spec(base, max_bytes=1 << 20).digest == "a" * 64
     with pytest.raises(ModelError) as info:
-        DeploySpec.from_params({**base, **params}, max_bytes=1 << 20)
+        deploy_spec({**base, **params}, max_bytes=1 << 20)
     assert info.value.reason == reason
 
 
@@ -296,7 +295,7 @@ async def test_concurrent_deploys_of_one_digest_download_once(
     manager: ModelManager, blobs: HttpServer, linear: Linear
 ) -> None:
     spec = spec_for(blobs, linear.onnx, name="a")
-    twin = DeploySpec.from_params({**_params(spec), "name": "b"}, max_bytes=1 << 30)
+    twin = deploy_spec({**_params(spec), "name": "b"}, max_bytes=1 << 30)
     outcomes = await asyncio.gather(manager.deploy(spec), manager.deploy(twin))
     assert sorted(o.downloaded for o in outcomes) == [0, spec.size]
     assert len(blobs.requests) == 1

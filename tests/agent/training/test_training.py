@@ -14,7 +14,8 @@ import pytest
 
 from lepton.agent.handlers import TaskContext, TaskError, default_registry
 from lepton.agent.training.datasources import DataSources
-from lepton.agent.training.tasks import Compression, evaluate, train
+from lepton.agent.training.tasks import evaluate, train
+from lepton.protocol.tasks import Compression
 from lepton.protocol.weights import COMPRESSIONS, decode_weights
 from tests.agent.training.conftest import (
     ALLOWED,
@@ -309,8 +310,8 @@ def test_optimizers_follow_torch_update_rules() -> None:
     import msgspec
     import torch
 
-    from lepton.agent.training.tasks import TrainParams
     from lepton.agent.training.trainer import Optimizer
+    from lepton.protocol.tasks import TrainParams
 
     def params(**kw: object) -> TrainParams:
         base = {

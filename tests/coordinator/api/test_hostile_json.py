@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from lepton.coordinator.config import Config
 from lepton.coordinator.metrics import Metrics
 from lepton.coordinator.store import RetryPolicy, Store
+from lepton.coordinator.tasks.request import TaskRequest
 from lepton.coordinator.tasks.submit import SubmissionError, build_task
 from lepton.protocol import codec
 from lepton.protocol.messages import Task
@@ -127,10 +128,10 @@ async def test_a_validation_error_on_bytes_is_a_422_not_a_500(api: httpx.AsyncCl
 def test_build_task_refuses_what_the_agents_codec_would() -> None:
     """A task nested deeper than the codec allows was stored, then failed three sends."""
     cfg = Config()
-    ok = build_task(cfg, kind="echo", params={"a": nested(codec.MAX_DEPTH - 2)})
+    ok = build_task(cfg, TaskRequest(kind="echo", params={"a": nested(codec.MAX_DEPTH - 2)}))
     assert ok.params["a"] == nested(codec.MAX_DEPTH - 2)
     with pytest.raises(SubmissionError, match="too_deep") as info:
-        build_task(cfg, kind="echo", params={"a": nested(codec.MAX_DEPTH)})
+        build_task(cfg, TaskRequest(kind="echo", params={"a": nested(codec.MAX_DEPTH)}))
     assert info.value.field == "params"
 
 

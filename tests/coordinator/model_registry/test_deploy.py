@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lepton.agent.inference.served import DeploySpec
+from lepton.agent.inference.served import deploy_spec
 from lepton.coordinator.config import load as load_config
 from lepton.coordinator.errors import NotFoundError
 from lepton.coordinator.model_registry.deploy import (
@@ -23,6 +23,7 @@ from lepton.coordinator.model_registry.registry import ModelRecord, ModelRegistr
 from lepton.coordinator.model_registry.routes import make_router
 from lepton.coordinator.store import Store
 from lepton.protocol.messages import State
+from lepton.protocol.tasks import DEPLOY, encode_params
 from tests.coordinator.conftest import in_process_api
 from tests.coordinator.factories import sample
 
@@ -71,7 +72,7 @@ def test_one_pinned_task_per_chosen_device(deployer: Deployer, fleet: Store) -> 
     assert [t.pinned_device for t in done.tasks] == ["a"]
     task = fleet.tasks.get_task(done.tasks[0].id)
     assert (task.kind, task.state, task.input_bytes) == ("deploy", "pending", done.model.size)
-    assert task.params == deploy_params(done.model, BASE)
+    assert task.params == encode_params(DEPLOY, deploy_params(done.model, BASE))
     assert task.params["url"] == f"{BASE}/v1/blobs/{done.model.digest}"
 
 
@@ -102,7 +103,8 @@ def test_the_version_must_be_servable(models: ModelRegistry) -> None:
 
 def test_the_agent_accepts_the_params(models: ModelRegistry) -> None:
     record: ModelRecord = resolve_model(models, "digits")
-    spec = DeploySpec.from_params(deploy_params(record, BASE + "/"), max_bytes=1 << 30)
+    params = encode_params(DEPLOY, deploy_params(record, BASE + "/"))
+    spec = deploy_spec(params, max_bytes=1 << 30)
     assert (spec.name, spec.digest, spec.size, spec.format) == (
         "digits",
         record.digest,

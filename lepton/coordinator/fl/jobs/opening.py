@@ -25,6 +25,7 @@ from lepton.coordinator.store.tasks import TaskRepo
 from lepton.coordinator.tasks.states import IN_FLIGHT
 from lepton.coordinator.tasks.submit import build_task
 from lepton.protocol import routes
+from lepton.protocol.tasks import WeightsRef
 
 log = logging.getLogger(__name__)
 
@@ -215,18 +216,18 @@ class RoundOpener:
                 self.job_id,
                 rnd.round,
                 device,
-                weights={
-                    "digest": digest,
-                    "size": state.global_size,
-                    "url": base + routes.path(routes.BLOB, digest=digest),
-                },
+                weights=WeightsRef(
+                    digest=digest,
+                    size=state.global_size,
+                    url=base + routes.path(routes.BLOB, digest=digest),
+                ),
                 upload_url=base
                 + routes.path(
                     routes.FL_UPLOAD, job_id=self.job_id, round_no=rnd.round, device_id=device
                 ),
                 strategy_knobs=knobs,
             )
-            spec = planning.task_spec(
+            request = planning.train_request(
                 job,
                 planning.RoundShape(
                     weights_bytes=state.global_size,
@@ -234,25 +235,12 @@ class RoundOpener:
                     flops_per_example=flops,
                 ),
                 examples.get(device, job.examples_hint),
-                device,
-            )
-            task = build_task(
-                self.cfg,
-                kind=planning.KIND,
-                params=params,
+                params,
                 task_id=tid,
-                model_class=spec.model_class,
-                demand_gops=spec.demand_gops,
-                input_bytes=spec.input_bytes,
-                output_bytes=spec.output_bytes,
-                runtime=spec.runtime,
-                data_source=spec.data_source,
-                min_battery=spec.min_battery,
                 device_id=device,
-                max_attempts=1,
                 expires_in_s=rnd.deadline - now,
-                now=now,
             )
+            task = build_task(self.cfg, request, now=now)
             try:
                 await asyncio.to_thread(self.tasks.submit, task)
                 submitted += 1

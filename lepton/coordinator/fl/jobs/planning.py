@@ -31,11 +31,20 @@ from lepton.coordinator.fl.kernels.selection import (
 )
 from lepton.coordinator.scheduler import CostModel, DeviceState, TaskSpec
 from lepton.coordinator.store import DeviceRecord
+from lepton.coordinator.tasks.request import TaskRequest
 from lepton.protocol.messages import CapacityReport
+from lepton.protocol.tasks import (
+    TRAIN,
+    TrainOutput,
+    TrainParams,
+    UploadRef,
+    WeightsRef,
+    encode_params,
+)
 
 MODEL_CLASS: Final = "fl-train"
 RUNTIME: Final = "torch"
-KIND: Final = "train"
+KIND: Final = TRAIN
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -72,6 +81,36 @@ def task_spec(job: FLJob, shape: RoundShape, examples: int, device_id: str | Non
         data_source=job.data,
         min_battery=job.min_battery,
         device_id=device_id,
+    )
+
+
+def train_request(
+    job: FLJob,
+    shape: RoundShape,
+    examples: int,
+    params: TrainParams,
+    *,
+    task_id: str,
+    device_id: str,
+    expires_in_s: float,
+) -> TaskRequest:
+    """The request of one device's train task: its params, and the cost model's view of it
+    (:func:`task_spec`) for the scheduler. One attempt: a round does not wait for a retry."""
+    spec = task_spec(job, shape, examples, device_id)
+    return TaskRequest(
+        kind=KIND,
+        params=encode_params(KIND, params),
+        id=task_id,
+        model_class=spec.model_class,
+        demand_gops=spec.demand_gops,
+        input_bytes=spec.input_bytes,
+        output_bytes=spec.output_bytes,
+        runtime=spec.runtime,
+        data_source=spec.data_source,
+        min_battery=spec.min_battery,
+        device_id=device_id,
+        max_attempts=1,
+        expires_in_s=expires_in_s,
     )
 
 
@@ -259,28 +298,45 @@ def train_params(
     round_no: int,
     device_id: str,
     *,
-    weights: Mapping[str, Any],
+    weights: WeightsRef,
     upload_url: str,
     strategy_knobs: Mapping[str, Any],
-) -> dict[str, Any]:
-    """The ``train`` task's params (``lepton.agent.training.tasks`` documents each)."""
-    params: dict[str, Any] = {
-        "job": job_id,
-        "round": round_no,
-        "model": job.model,
-        "weights": dict(weights),
-        "data": job.data,
-        "upload": {"url": upload_url},
-        "epochs": job.epochs,
-        "batch_size": job.batch_size,
-        "lr": job.lr,
-        "optimizer": job.optimizer,
-        "momentum": job.momentum,
-        "compression": job.compression,
-        "seed": seed_for(job, round_no, device_id),
-    }
-    if job.max_examples is not None:
-        params["max_examples"] = job.max_examples
-    if "prox_mu" in strategy_knobs:
-        params["prox_mu"] = float(strategy_knobs["prox_mu"])
-    return params
+) -> TrainParams:
+    """The ``train`` task's params (:class:`~lepton.protocol.tasks.TrainParams` documents each);
+    :func:`~lepton.protocol.tasks.encode_params` makes the task's ``params`` of them."""
+    return TrainParams(
+        job=job_id,
+        round=round_no,
+        model=job.model,
+        weights=weights,
+        data=job.data,
+        upload=UploadRef(url=upload_url),
+        epochs=job.epochs,
+        batch_size=job.batch_size,
+        lr=job.lr,
+        optimizer=job.optimizer,
+        momentum=job.momentum,
+        compression=job.compression,
+        seed=seed_for(job, round_no, device_id),
+        max_examples=job.max_examples,
+        prox_mu=float(strategy_knobs.get("prox_mu", 0.0)),
+    )
+
+
+#: The figures of a train result the job keeps per device and round (its counts and its
+#: identity are kept apart).
+TRAIN_METRICS: Final = (
+    "loss_before",
+    "loss_after",
+    "accuracy_before",
+    "accuracy",
+    "update_norm",
+    "train_s",
+    "upload_s",
+    "fetch_s",
+)
+
+
+def train_metrics(out: TrainOutput) -> dict[str, float]:
+    """A train result's figures (:data:`TRAIN_METRICS`), as floats."""
+    return {name: float(getattr(out, name)) for name in TRAIN_METRICS}

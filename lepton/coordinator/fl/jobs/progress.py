@@ -23,12 +23,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
+import msgspec
 import numpy as np
 
 from lepton.common.errors import LeptonError
 from lepton.coordinator.errors import NotFoundError
 from lepton.coordinator.fl import modelio
 from lepton.coordinator.fl.jobs.admission import JobPolicy
+from lepton.coordinator.fl.jobs.planning import train_metrics
 from lepton.coordinator.fl.jobs.spec import FLJob
 from lepton.coordinator.fl.kernels.strategies import Strategy
 from lepton.coordinator.fl.metrics import FLMetrics
@@ -40,6 +42,7 @@ from lepton.coordinator.store.cancels import CancelRepo
 from lepton.coordinator.store.results import ResultRepo
 from lepton.coordinator.store.tasks import TaskRepo
 from lepton.coordinator.tasks.states import DEVICE_OFFLINE
+from lepton.protocol.tasks import TrainOutput, output_as
 from lepton.protocol.weights import decode_weights
 
 log = logging.getLogger(__name__)
@@ -254,21 +257,16 @@ class RoundProgress:
     def link(self, round_no: int, device: str, task_id: str, up: UpdateRecord) -> bool:
         """Attach the device's successful result naming ``up``'s digest (worker thread)."""
         for result in self.results.results_for(task_id):
-            out = result.output or {}
             if result.device_id != device or result.status != "succeeded":
                 continue
-            if (out.get("update") or {}).get("digest") != up.digest:
+            try:
+                out = output_as(TrainOutput, result.output or {})
+            except msgspec.ValidationError:
                 continue
-            examples = out.get("examples")
-            if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
+            if out.update.digest != up.digest or out.examples < 1:
                 continue
-            metrics = {
-                k: float(v)
-                for k, v in out.items()
-                if isinstance(v, (int, float))
-                and not isinstance(v, bool)
-                and k not in ("round", "examples", "steps")
-            }
+            examples = out.examples
+            metrics = train_metrics(out)
             self.fl.link_result(
                 self.state.job_id,
                 round_no,

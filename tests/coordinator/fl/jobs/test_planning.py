@@ -3,6 +3,7 @@ times, and selection by cost (with fairness) or at random."""
 
 from __future__ import annotations
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -126,9 +127,7 @@ def test_a_device_still_training_for_the_job_is_not_forced_in_again() -> None:
 
 
 def test_train_params_are_what_the_agent_takes() -> None:
-    import msgspec
-
-    from lepton.agent.training.tasks import TrainParams
+    from lepton.protocol.tasks import TrainParams, WeightsRef, params_as
 
     j = job(max_examples=50, strategy={"name": "fedprox", "mu": 0.1})
     params = planning.train_params(
@@ -136,15 +135,62 @@ def test_train_params_are_what_the_agent_takes() -> None:
         "digits-1",
         4,
         "dev",
-        weights={"digest": "a" * 64, "size": 10, "url": "http://c/v1/blobs/" + "a" * 64},
+        weights=WeightsRef(digest="a" * 64, size=10, url="http://c/v1/blobs/" + "a" * 64),
         upload_url="http://c/v1/fl/uploads/digits-1/4/dev?token=t",
         strategy_knobs=j.build_strategy().configure_fit(4),
     )
-    parsed = msgspec.convert(params, TrainParams, strict=True)
-    assert (parsed.round, parsed.prox_mu, parsed.max_examples) == (4, 0.1, 50)
-    assert planning.seed_for(j, 4, "dev") == parsed.seed
+    assert (params.round, params.prox_mu, params.max_examples) == (4, 0.1, 50)
+    assert planning.seed_for(j, 4, "dev") == params.seed
     assert planning.task_id("digits-1", 4, "dev") == planning.task_id("digits-1", 4, "dev")
     assert planning.task_id("digits-1", 4, "dev") != planning.task_id("digits-1", 5, "dev")
+    assert isinstance(params, TrainParams)
+    assert (
+        params_as(
+            TrainParams,
+            planning.train_request(
+                j, SHAPE, 100, params, task_id="t", device_id="dev", expires_in_s=60
+            ).params,
+        )
+        == params
+    )
+
+
+def test_a_coordinator_built_train_task_decodes_on_the_agent() -> None:
+    """From the round's plan to the agent's handler: the request, the stored task, the
+    dispatched message with the slot's credential sealed in, over the codec, into the
+    agent's ``train`` params."""
+    import time
+
+    from lepton.agent.training.tasks import _params
+    from lepton.coordinator.config import load
+    from lepton.coordinator.fl.credentials import UploadSigner
+    from lepton.coordinator.tasks.submit import build_task
+    from lepton.protocol import codec
+    from lepton.protocol.messages import Task
+    from lepton.protocol.tasks import TRAIN, TrainParams, WeightsRef
+
+    j = job(max_examples=50)
+    tid = planning.task_id("digits-1", 4, "dev")
+    params = planning.train_params(
+        j,
+        "digits-1",
+        4,
+        "dev",
+        weights=WeightsRef(digest="b" * 64, size=1000, url="http://c/v1/blobs/" + "b" * 64),
+        upload_url="http://c/v1/fl/uploads/digits-1/4/dev",
+        strategy_knobs={},
+    )
+    request = planning.train_request(
+        j, SHAPE, 100, params, task_id=tid, device_id="dev", expires_in_s=60
+    )
+    stored = build_task(load(env={}, overrides={}), request)
+    assert (stored.kind, stored.pinned_device, stored.max_attempts) == (TRAIN, "dev", 1)
+    message = Task(task_id=tid, kind=stored.kind, params=stored.params, expires_at=time.time() + 60)
+    sealed = UploadSigner(b"k" * 32).seal(message, "dev")
+    received = codec.decode(codec.encode(sealed), Task)
+    on_agent = _params(received.params, TrainParams)
+    assert on_agent.upload.token == UploadSigner(b"k" * 32).token("digits-1", 4, "dev")
+    assert msgspec.structs.replace(on_agent, upload=params.upload) == params
 
 
 def test_a_device_busy_with_the_job_is_expected_to_finish_after_its_backlog() -> None:
