@@ -20,7 +20,7 @@ import msgspec
 
 from lepton.agent import __version__
 from lepton.agent.config import AgentConfig
-from lepton.agent.handlers import HandlerRegistry, TaskContext, default_registry
+from lepton.agent.handlers import HandlerRegistry, TaskContext, TaskServices, default_registry
 from lepton.agent.inference.eviction import Caps
 from lepton.agent.inference.manager import ModelManager
 from lepton.agent.link import Link
@@ -32,6 +32,7 @@ from lepton.agent.telemetry.capacity import CapacitySampler, Sampler
 from lepton.agent.telemetry.changes import significant_change
 from lepton.agent.telemetry.probe import ProbeResult, load_probe
 from lepton.agent.training.datasources import DataSources
+from lepton.agent.training.tasks import weights_cache
 from lepton.protocol import topics
 from lepton.protocol.aio import cancel_and_wait
 from lepton.protocol.codec import decode, encode
@@ -83,6 +84,13 @@ class Agent:
             ),
         )
         self.data_sources = DataSources(config.data)
+        self.services = TaskServices(
+            models=self.models,
+            data_sources=self.data_sources,
+            weights_store=weights_cache(config.agent.state_dir, self.models),
+            # Only what this device's own config allows, never what a task names.
+            model_imports=Allowlist(config.agent.model_imports).with_plugins(),
+        )
         self.endpoint_port: int | None = None  # the bound TCP port once the endpoint listens
         self._registry = registry or default_registry()
         self._stop = asyncio.Event()
@@ -108,12 +116,7 @@ class Agent:
                 device_id=config.device.id,
                 state_dir=config.agent.state_dir,
                 agent_version=__version__,
-                extras={
-                    "models": self.models,
-                    "data_sources": self.data_sources,
-                    # Only what this device's own config allows, never what a task names.
-                    "model_imports": Allowlist(config.agent.model_imports).with_plugins(),
-                },
+                services=self.services,
             ),
             result_topic=self.link.result_topic,
             counters=self.counters,

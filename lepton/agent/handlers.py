@@ -4,9 +4,11 @@ A handler receives the validated :class:`~lepton.protocol.messages.Task` and a :
 and returns the result's ``output`` mapping; raising :class:`TaskError` (or any exception)
 turns into a ``failed`` result with the error text. A handler that can take long checks its
 context's ``cancel`` token where it can stop cleanly (:mod:`lepton.agent.cancellation`); once the
-token is set, the task's result is ``cancelled`` however the handler ends. Heavy
-dependencies (onnxruntime, torch) are imported inside the handlers that need them, never at
-agent start-up.
+token is set, the task's result is ``cancelled`` however the handler ends. The agent's services
+(model manager, data sources, ...) reach a handler as the context's typed
+:class:`TaskServices`. Heavy dependencies (onnxruntime, torch, numpy) are imported inside the
+handlers that need them, never at agent start-up: this module names the services' types for
+the type checker only.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 
 from lepton.agent.cancellation import CancelToken
 from lepton.common.errors import LeptonError
+from lepton.protocol.imports import Allowlist
 from lepton.protocol.messages import Task
 from lepton.protocol.tasks import (
     BENCHMARK,
@@ -37,20 +40,78 @@ from lepton.protocol.tasks import (
     params_as,
 )
 
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    from lepton.agent.inference.manager import ModelManager
+    from lepton.agent.training.datasources import DataSources
+
+    #: Named tensors: a model's weights, or an update (local minus global weights).
+    Arrays = dict[str, npt.NDArray[np.generic]]
+    #: Takes the update a device trained and returns the update it sends.
+    UpdateTransform = Callable[[Arrays], Arrays]
+    #: Awaited with the task at a handler's pace point.
+    Pace = Callable[[Task], Awaitable[None]]
+
+#: The model factories a context allows unless it is given an allowlist (the agent's default
+#: ``agent.model_imports``), plus the installed plugins'.
+DEFAULT_MODEL_IMPORTS: Final = ("lepton.models.*",)
+
+
+def default_model_imports() -> Allowlist:
+    """``lepton.models.*`` plus every installed plugin's model factories."""
+    return Allowlist(DEFAULT_MODEL_IMPORTS).with_plugins()
+
 
 class TaskError(LeptonError):
     """A handler could not complete its task; the message becomes the result's error."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TaskServices:
+    """The agent's services, shared by every task's handler: one typed field per service.
+
+    Frozen: the daemon builds every service once, up front (each is cheap to make and loads no
+    model, runtime, torch or numpy), and no handler replaces one. A service a context lacks is
+    ``None`` and the handlers that need it refuse the task (or, for ``weights_store``, make a
+    private one for the task). The fleet simulator gives its handlers a copy with more set
+    (``dataclasses.replace``): ``pace``, ``train_threads``, ``update_transform``.
+    """
+
+    #: The model manager: deploys, serves and caches this device's models
+    #: (``deploy``, ``undeploy``, ``infer``; its download settings are the weights cache's).
+    models: ModelManager | None = None
+    #: The device's named local data sets (``infer``, ``train``, ``evaluate``).
+    data_sources: DataSources | None = None
+    #: The weights cache of ``train`` and ``evaluate``: a model manager rooted at
+    #: ``<state>/weights`` that fetches global weights by digest
+    #: (:func:`lepton.agent.training.tasks.weights_cache`). ``None``: each task makes its own.
+    weights_store: ModelManager | None = None
+    #: The model factories ``train`` and ``evaluate`` may import: only what the device's own
+    #: ``agent.model_imports`` allows, never what a task names.
+    model_imports: Allowlist = field(default_factory=default_model_imports)
+    #: torch threads for ``train`` and ``evaluate``; ``None``: the model manager's thread
+    #: setting, else the cores this process may use.
+    train_threads: int | None = None
+    #: Applied to a trained update (local minus global weights) before it is encoded and
+    #: uploaded: local clipping or differential privacy on the device, an attack in the
+    #: simulator. The result's ``update_norm`` is the norm of what is sent.
+    update_transform: UpdateTransform | None = None
+    #: Awaited with the task once a ``train`` update is encoded, just before its upload: the
+    #: simulator sleeps there so that a slow device's update leaves when that device's would.
+    pace: Pace | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TaskContext:
-    """What a handler may use: the device's identity, its state directory, shared services,
-    and its task's cancel token (the runner gives each task its own)."""
+    """What a handler may use: the device's identity, its state directory, the agent's
+    services, and its task's cancel token (the runner gives each task its own)."""
 
     device_id: str
     state_dir: Path
     agent_version: str
-    extras: dict[str, Any] = field(default_factory=dict)
+    services: TaskServices = field(default_factory=TaskServices)
     cancel: CancelToken = field(default_factory=CancelToken)
 
 

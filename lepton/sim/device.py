@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib
 import logging
 import random
@@ -21,13 +22,18 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lepton.agent.config import AgentConfig
 from lepton.agent.daemon import Agent
-from lepton.agent.handlers import Handler, HandlerRegistry, TaskContext, default_registry
+from lepton.agent.handlers import (
+    Handler,
+    HandlerRegistry,
+    TaskContext,
+    TaskServices,
+    default_registry,
+)
 from lepton.agent.telemetry.probe import ProbeResult
-from lepton.agent.training.tasks import PACE_KEY
 from lepton.protocol.messages import (
     Battery,
     Bench,
@@ -51,6 +57,9 @@ from lepton.protocol.tasks import (
 )
 from lepton.sim.attacks import forge_examples
 from lepton.sim.profiles import Profile
+
+if TYPE_CHECKING:
+    from lepton.agent.handlers import UpdateTransform
 
 log = logging.getLogger(__name__)
 
@@ -173,15 +182,17 @@ def scaled_registry(
     profile: Profile,
     state: SimState,
     host_gflops: float,
-    extras: Mapping[str, Any] | None = None,
+    *,
+    train_threads: int | None = None,
+    update_transform: UpdateTransform | None = None,
     claim_examples: int | None = None,
 ) -> HandlerRegistry:
-    """The default handlers, with compute stretched to the profile's speed; ``extras`` are
-    added to every task's context (an adversarial device's ``update_transform``, say);
-    ``claim_examples``: train results claim this many examples (a forged count)."""
+    """The default handlers, with compute stretched to the profile's speed. Every task's
+    services get this registry's ``pace`` and, where given, ``train_threads`` and
+    ``update_transform`` (an adversarial device's attack); ``claim_examples``: train results
+    claim this many examples (a forged count)."""
     base = default_registry()
     registry = HandlerRegistry()
-    added = dict(extras or {})
     # Task id -> start of the part of its work not stretched yet. A handler's ``pace``
     # point (a training task's upload) stretches the work before it and the handler's end
     # the rest, so the upload leaves when the simulated device would send it.
@@ -198,11 +209,17 @@ def scaled_registry(
             await asyncio.sleep(min(extra, MAX_STRETCH_S))
         marks[task.id] = time.perf_counter()
 
-    added[PACE_KEY] = stretch
+    def services(base: TaskServices) -> TaskServices:
+        return dataclasses.replace(
+            base,
+            pace=stretch,
+            train_threads=base.train_threads if train_threads is None else train_threads,
+            update_transform=update_transform or base.update_transform,
+        )
 
     def wrap(kind: str, handler: Handler) -> Handler:
         async def run(task: Task, ctx: TaskContext) -> dict[str, Any]:
-            ctx.extras.update(added)
+            ctx = dataclasses.replace(ctx, services=services(ctx.services))
             for module in FIRST_USE_IMPORTS.get(kind, ()):
                 if module not in sys.modules:
                     await asyncio.to_thread(importlib.import_module, module)
@@ -249,12 +266,14 @@ class VirtualDevice:
         flaky_per_min: float = 0.0,
         crash_per_min: float = 0.0,
         rng: random.Random | None = None,
-        extras: Mapping[str, Any] | None = None,
+        train_threads: int | None = None,
+        update_transform: UpdateTransform | None = None,
         claim_examples: int | None = None,
     ) -> None:
         self.config = config
         self.profile = profile
-        self.extras = dict(extras or {})
+        self.train_threads = train_threads
+        self.update_transform = update_transform
         self.claim_examples = claim_examples
         self.state = SimState(
             battery=(rng or random).uniform(60, 100) if profile.battery else 100.0
@@ -272,7 +291,12 @@ class VirtualDevice:
         return Agent(
             self.config,
             registry=scaled_registry(
-                self.profile, self.state, self.host_gflops, self.extras, self.claim_examples
+                self.profile,
+                self.state,
+                self.host_gflops,
+                train_threads=self.train_threads,
+                update_transform=self.update_transform,
+                claim_examples=self.claim_examples,
             ),
             sampler=ProfileSampler(self.profile, self.state, tags=self.config.device.tags),
             outbox_executor=self.executor,

@@ -19,11 +19,14 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lepton.agent.config import AgentConfig, load_config
 from lepton.sim.device import VirtualDevice
 from lepton.sim.profiles import DEFAULT_MIX, Profile, assign_profiles
+
+if TYPE_CHECKING:
+    from lepton.agent.handlers import UpdateTransform
 
 log = logging.getLogger(__name__)
 
@@ -124,16 +127,12 @@ def build_devices(spec: FleetSpec) -> list[VirtualDevice]:
         if device_id in data:
             overrides["data"] = data[device_id]
         config: AgentConfig = load_config(None, env={}, overrides=overrides)
-        # Many devices train on one host: one thread each, so they do not oversubscribe it.
-        extras: dict[str, Any] = {"train_threads": 1}
+        transform: UpdateTransform | None = None
         claim: int | None = None
         if device_id in hostile:
-            from lepton.agent.training.tasks import TRANSFORM_KEY
             from lepton.sim.attacks import make
 
             transform = make(spec.attack, spec.attack_scale)
-            if transform is not None:
-                extras[TRANSFORM_KEY] = transform
             claim = spec.forged_examples
         devices.append(
             VirtualDevice(
@@ -144,7 +143,9 @@ def build_devices(spec: FleetSpec) -> list[VirtualDevice]:
                 flaky_per_min=spec.flaky_per_min,
                 crash_per_min=spec.crash_per_min,
                 rng=random.Random(rng.random()),
-                extras=extras,
+                # Many devices train on one host: one thread each, not to oversubscribe it.
+                train_threads=1,
+                update_transform=transform,
                 claim_examples=claim,
             )
         )

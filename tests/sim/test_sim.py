@@ -10,7 +10,6 @@ import pytest
 
 from lepton.agent import handlers
 from lepton.agent.handlers import HandlerRegistry, TaskContext
-from lepton.agent.training.tasks import PACE_KEY
 from lepton.protocol.messages import Task
 from lepton.sim import device as sim_device
 from lepton.sim.device import SimState, scaled_registry, stretch_factor
@@ -59,7 +58,8 @@ async def test_a_slow_profile_uploads_when_its_work_would_be_done(
     async def work(task: Task, ctx: TaskContext) -> dict[str, object]:
         started = loop.time()
         await asyncio.sleep(0.05)
-        await ctx.extras[PACE_KEY](task)
+        assert ctx.services.pace is not None
+        await ctx.services.pace(task)
         seen["upload"] = loop.time() - started
         await asyncio.sleep(0.02)
         return {}

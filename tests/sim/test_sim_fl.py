@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from lepton.agent.training.tasks import TRANSFORM_KEY
 from lepton.sim.attacks import make, sign_flip
 from lepton.sim.fleet import FleetSpec, build_devices
 from lepton.sim.profiles import PROFILES
@@ -24,11 +23,11 @@ def test_profiles_advertise_torch_when_it_is_installed() -> None:
 def test_adversarial_devices_are_chosen_by_seed(tmp_path: Path) -> None:
     spec = FleetSpec(devices=6, state_root=tmp_path, adversarial=2, seed=3, data="digits")
     devices = build_devices(spec)
-    bad = [d.config.device.id for d in devices if TRANSFORM_KEY in d.extras]
+    bad = [d.config.device.id for d in devices if d.update_transform is not None]
     assert len(bad) == 2
     again = build_devices(FleetSpec(devices=6, state_root=tmp_path / "b", adversarial=2, seed=3))
-    assert [d.config.device.id for d in again if TRANSFORM_KEY in d.extras] == bad
-    assert all(d.extras.get("train_threads") == 1 for d in devices)
+    assert [d.config.device.id for d in again if d.update_transform is not None] == bad
+    assert all(d.train_threads == 1 for d in devices)
     with pytest.raises(ValueError, match="adversarial"):
         build_devices(FleetSpec(devices=2, state_root=tmp_path / "c", adversarial=3))
 

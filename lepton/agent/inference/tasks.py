@@ -3,8 +3,8 @@
 ``deploy`` fetches, verifies and swaps in a model (see :mod:`lepton.agent.inference.manager`).
 ``infer`` runs a served model over a named local data source in batches and reports accuracy (when
 the source has labels), latency percentiles per batch and per sample, and throughput. Both reach
-their services through ``TaskContext.extras`` (``models``: the
-:class:`~lepton.agent.inference.manager.ModelManager`, ``data_sources``: the
+their services through the context's :class:`~lepton.agent.handlers.TaskServices` (``models``:
+the :class:`~lepton.agent.inference.manager.ModelManager`, ``data_sources``: the
 :class:`~lepton.agent.training.datasources.DataSources`), and their results go through the outbox
 like every handler's.
 
@@ -40,7 +40,7 @@ from lepton.agent.handlers import TaskContext, TaskError
 from lepton.agent.inference.manager import ModelManager
 from lepton.agent.inference.runtimes.base import Array, TensorSpec
 from lepton.agent.inference.served import ModelError, ServedModel, deploy_spec
-from lepton.agent.training.datasources import DataSourceError, DataSources
+from lepton.agent.training.datasources import DataSourceError
 from lepton.protocol.messages import Task
 from lepton.protocol.tasks import (
     DEPLOY,
@@ -62,14 +62,12 @@ from lepton.protocol.tasks import (
 if TYPE_CHECKING:
     from lepton.agent.training.datasources import Dataset
 
-MODELS_KEY: Final = "models"
-SOURCES_KEY: Final = "data_sources"
 MAX_BATCH: Final = MAX_INFER_BATCH
 
 
 def _manager(ctx: TaskContext) -> ModelManager:
-    manager = ctx.extras.get(MODELS_KEY)
-    if not isinstance(manager, ModelManager):
+    manager = ctx.services.models
+    if manager is None:
         raise TaskError("this agent has no model manager")
     return manager
 
@@ -256,8 +254,8 @@ def latency_summary(seconds: list[float]) -> LatencySummary:
 async def infer(task: Task, ctx: TaskContext) -> dict[str, Any]:
     """Run a served model over a local data source and report accuracy, latency, throughput."""
     manager = _manager(ctx)
-    sources = ctx.extras.get(SOURCES_KEY)
-    if not isinstance(sources, DataSources):
+    sources = ctx.services.data_sources
+    if sources is None:
         raise TaskError("this agent has no data sources configured")
     try:
         params = params_as(InferParams, task.params)

@@ -16,8 +16,8 @@ this handler decodes; other keys, such as ``timeout_s``, are ignored):
 - ``model`` (str ``package.module:factory``): import path of a callable taking no
   arguments and returning a ``torch.nn.Module`` (e.g. ``lepton.models.digits:DigitsCNN``). Its
   ``state_dict()`` must have exactly the tensors of the global weights. Only a path the
-  agent's ``agent.model_imports`` allowlist permits is resolved (``model_imports`` in the
-  context's extras), checked before any data, download or import.
+  agent's ``agent.model_imports`` allowlist permits is resolved (the context's
+  ``services.model_imports``), checked before any data, download or import.
 - ``weights`` ({``digest``: sha256 hex, ``size``: bytes, ``url``: http(s)}): the global
   weights, a ``kind="weights"`` blob, at an origin the agent allows (as ``upload.url``).
   Fetched with the model manager's verified, resumable download into ``<state>/weights``
@@ -55,18 +55,20 @@ data), ``train_s``, ``upload_s``; and also ``job``, ``round``, ``accuracy_before
 ``examples`` (and ``eval_s``, ``job``, ``round``). A cancel ends ``evaluate`` before its data is
 loaded, before the download, or between batches.
 
-Services come through ``TaskContext.extras``: ``data_sources``
-(:class:`~lepton.agent.training.datasources.DataSources`), optionally ``models`` (the
-:class:`~lepton.agent.inference.manager.ModelManager`, whose download settings the weights cache
-copies), ``weights_store`` (a ModelManager used as the weights cache; made on first use) and
-``train_threads`` (torch threads; default: the model manager's thread setting, else the cores this
-process may use) and ``update_transform``: a callable taking the update (``dict[str,
-numpy.ndarray]``, local minus global weights) and returning the update to encode and upload, applied
-after training and before compression. It is the hook for local clipping or local differential
-privacy on the device; the fleet simulator also uses it to play adversarial clients. The output's
-``update_norm`` is the norm of what is sent. ``pace``: an async callable awaited with the task once
-the update is encoded, just before the upload; the fleet simulator sleeps there so that a simulated
-slow device's update arrives when that device's would, not when this host finished computing it.
+Services come through the context's :class:`~lepton.agent.handlers.TaskServices`:
+``data_sources`` (:class:`~lepton.agent.training.datasources.DataSources`), optionally ``models``
+(the :class:`~lepton.agent.inference.manager.ModelManager`, whose download settings the weights
+cache copies), ``weights_store`` (a ModelManager used as the weights cache, made by
+:func:`weights_cache`; the daemon makes it up front, a context without one gets one per task),
+``model_imports`` (the allowlist above), ``train_threads`` (torch threads; default: the model
+manager's thread setting, else the cores this process may use) and ``update_transform``: a
+callable taking the update (``dict[str, numpy.ndarray]``, local minus global weights) and
+returning the update to encode and upload, applied after training and before compression. It is
+the hook for local clipping or local differential privacy on the device; the fleet simulator also
+uses it to play adversarial clients. The output's ``update_norm`` is the norm of what is sent.
+``pace``: an async callable awaited with the task once the update is encoded, just before the
+upload; the fleet simulator sleeps there so that a simulated slow device's update arrives when
+that device's would, not when this host finished computing it.
 """
 
 from __future__ import annotations
@@ -116,15 +118,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 P = TypeVar("P", bound=msgspec.Struct)
 
-SOURCES_KEY: Final = "data_sources"
-MODELS_KEY: Final = "models"
-WEIGHTS_KEY: Final = "weights_store"
-THREADS_KEY: Final = "train_threads"
-TRANSFORM_KEY: Final = "update_transform"
-PACE_KEY: Final = "pace"
-IMPORTS_KEY: Final = "model_imports"
-#: The model factories a context without ``model_imports`` allows.
-DEFAULT_MODEL_IMPORTS: Final = ("lepton.models.*",)
 #: Weight blobs kept in the cache besides those used in the last ``KEEP_RECENT_S`` seconds.
 KEEP_WEIGHTS: Final = 3
 KEEP_RECENT_S: Final = 600.0
@@ -141,8 +134,8 @@ def _params(params: dict[str, Any], cls: type[P]) -> P:
 
 
 def _sources(ctx: TaskContext) -> DataSources:
-    sources = ctx.extras.get(SOURCES_KEY)
-    if not isinstance(sources, DataSources):
+    sources = ctx.services.data_sources
+    if sources is None:
         raise TaskError("no_data: this agent has no data sources configured")
     return sources
 
@@ -164,14 +157,12 @@ async def _load_data(ctx: TaskContext, name: str, limit: int | None) -> Dataset:
     return data
 
 
-def _weights_store(ctx: TaskContext) -> ModelManager:
-    """The weights cache: a model manager rooted at ``<state>/weights``, made on first use."""
-    store = ctx.extras.get(WEIGHTS_KEY)
-    if isinstance(store, ModelManager):
-        return store
-    models = ctx.extras.get(MODELS_KEY)
+def weights_cache(state_dir: Path, models: ModelManager | None) -> ModelManager:
+    """The weights cache of ``train`` and ``evaluate``: a model manager rooted at
+    ``<state>/weights``, with ``models``' download settings (origins, size cap, retries,
+    timeout, backoff) where there is a model manager. Cheap: it touches no file until used."""
     settings: dict[str, Any] = {}
-    if isinstance(models, ModelManager):
+    if models is not None:
         settings = {
             "origins": models.origins,
             "max_bytes": models.max_bytes,
@@ -179,18 +170,21 @@ def _weights_store(ctx: TaskContext) -> ModelManager:
             "timeout": models.timeout,
             "backoff": models.backoff,
         }
-    store = ModelManager(ctx.state_dir / "weights", **settings)
-    ctx.extras[WEIGHTS_KEY] = store
+    return ModelManager(state_dir / "weights", **settings)
+
+
+def _weights_store(ctx: TaskContext) -> ModelManager:
+    """The context's weights cache; without one (a bare context), one made for this call."""
+    store = ctx.services.weights_store
+    if store is None:
+        store = weights_cache(ctx.state_dir, ctx.services.models)
     return store
 
 
 def _model_factory_allowed(ctx: TaskContext, path: str) -> Allowlist:
     """The context's import allowlist, once it permits ``path``; checked on the string,
     before any data is loaded or anything is imported or downloaded."""
-    allow = ctx.extras.get(IMPORTS_KEY)
-    if not isinstance(allow, Allowlist):
-        allow = Allowlist(DEFAULT_MODEL_IMPORTS).with_plugins()
-        ctx.extras[IMPORTS_KEY] = allow
+    allow = ctx.services.model_imports
     try:
         allow.check(path)
     except ImportPathError as exc:
@@ -198,9 +192,9 @@ def _model_factory_allowed(ctx: TaskContext, path: str) -> Allowlist:
     return allow
 
 
-def _check_origins(ctx: TaskContext, **urls: str) -> None:
+def _check_origins(store: ModelManager, **urls: str) -> None:
     """Each URL is at an origin the agent may reach (checked before any connection)."""
-    fetcher = _weights_store(ctx).fetcher
+    fetcher = store.fetcher
     for what, url in urls.items():
         try:
             fetcher.check_url(url)
@@ -209,11 +203,11 @@ def _check_origins(ctx: TaskContext, **urls: str) -> None:
 
 
 def _threads(ctx: TaskContext) -> int:
-    configured = ctx.extras.get(THREADS_KEY)
-    if isinstance(configured, int) and configured > 0:
+    configured = ctx.services.train_threads
+    if configured is not None and configured > 0:
         return configured
-    models = ctx.extras.get(MODELS_KEY)
-    if isinstance(models, ModelManager) and models.threads > 0:
+    models = ctx.services.models
+    if models is not None and models.threads > 0:
         return models.threads
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -229,9 +223,8 @@ class _Fetched:
     fetch_s: float
 
 
-async def _fetch_weights(ctx: TaskContext, ref: WeightsRef) -> _Fetched:
+async def _fetch_weights(store: ModelManager, ref: WeightsRef) -> _Fetched:
     """Fetch (or find in the cache), verify and decode the global weights."""
-    store = _weights_store(ctx)
     digest = ref.digest.lower().removeprefix("sha256:")
     started = time.perf_counter()
     try:
@@ -295,9 +288,10 @@ async def train(task: Task, ctx: TaskContext) -> dict[str, Any]:
     allow = _model_factory_allowed(ctx, params.model)
     check_url(params.weights.url, "weights.url")
     check_url(params.upload.url, "upload.url")
-    _check_origins(ctx, weights=params.weights.url, upload=params.upload.url)
+    store = _weights_store(ctx)
+    _check_origins(store, weights=params.weights.url, upload=params.upload.url)
     data = await _load_data(ctx, params.data, params.max_examples)
-    fetched = await _fetch_weights(ctx, params.weights)
+    fetched = await _fetch_weights(store, params.weights)
     stop = ctx.cancel.event  # set by a cancel, or below by a shutdown
     try:
         trained = await asyncio.to_thread(
@@ -314,7 +308,7 @@ async def train(task: Task, ctx: TaskContext) -> dict[str, Any]:
         raise
     from lepton.protocol.weights import encode_weights
 
-    transform = ctx.extras.get(TRANSFORM_KEY)
+    transform = ctx.services.update_transform
     if transform is not None:
         trained = await asyncio.to_thread(torchtrain.transformed, trained, transform)
     try:
@@ -330,12 +324,11 @@ async def train(task: Task, ctx: TaskContext) -> dict[str, Any]:
     except ValueError as exc:
         raise TaskError(f"encode: {exc}") from exc
     digest = hashlib.sha256(body).hexdigest()
-    pace = ctx.extras.get(PACE_KEY)
+    pace = ctx.services.pace
     if pace is not None:
         await ctx.cancel.interrupt(pace(task))
     if ctx.cancel.is_set():  # the update of a cancelled task is not sent
         raise TaskError(f"cancelled: {ctx.cancel.reason}")
-    store = _weights_store(ctx)
     started = time.perf_counter()
     await upload(
         params.upload.url,
@@ -382,11 +375,12 @@ async def evaluate(task: Task, ctx: TaskContext) -> dict[str, Any]:
     params = _params(task.params, EvaluateParams)
     allow = _model_factory_allowed(ctx, params.model)
     check_url(params.weights.url, "weights.url")
-    _check_origins(ctx, weights=params.weights.url)
+    store = _weights_store(ctx)
+    _check_origins(store, weights=params.weights.url)
     _stop_if_cancelled(ctx)
     data = await _load_data(ctx, params.data, params.max_examples)
     _stop_if_cancelled(ctx)  # before the download
-    fetched = await _fetch_weights(ctx, params.weights)
+    fetched = await _fetch_weights(store, params.weights)
     _stop_if_cancelled(ctx)
     stop = ctx.cancel.event  # set by a cancel, or below by a shutdown
     started = time.perf_counter()

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from lepton.agent.handlers import TaskContext, TaskError
+from lepton.agent.handlers import TaskContext, TaskError, TaskServices
 from lepton.agent.inference.manager import ModelManager
 from lepton.agent.inference.tasks import deploy, undeploy
 from lepton.protocol.messages import Task
@@ -33,7 +33,10 @@ def _deploy(blobs: HttpServer, data: bytes) -> Task:
 
 def _ctx(tmp_path: Any, manager: ModelManager) -> TaskContext:
     return TaskContext(
-        device_id="dev", state_dir=tmp_path, agent_version="test", extras={"models": manager}
+        device_id="dev",
+        state_dir=tmp_path,
+        agent_version="test",
+        services=TaskServices(models=manager),
     )
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from lepton.agent.handlers import TaskContext, TaskError, default_registry
+from lepton.agent.handlers import TaskContext, TaskError, TaskServices, default_registry
 from lepton.agent.inference.manager import ModelManager
 from lepton.agent.inference.runtimes.tflite import interpreter_module
 from lepton.agent.inference.tasks import deploy, infer, predicted_labels
@@ -43,7 +43,7 @@ def ctx(tmp_path: Path, manager: ModelManager, linear: Linear) -> TaskContext:
         device_id="dev",
         state_dir=tmp_path,
         agent_version="test",
-        extras={"models": manager, "data_sources": sources},
+        services=TaskServices(models=manager, data_sources=sources),
     )
 
 
@@ -122,7 +122,8 @@ async def test_infer_refusals(ctx: TaskContext, blobs: HttpServer, linear: Linea
 async def test_infer_adapts_samples_to_the_model(
     ctx: TaskContext, blobs: HttpServer, linear: Linear
 ) -> None:
-    sources: DataSources = ctx.extras["data_sources"]
+    sources = ctx.services.data_sources
+    assert sources is not None
     # 4x4 "images" for a 16-feature model, as float64, with one-hot labels.
     sources.add(
         "grid", ArraySource(linear.x.reshape(-1, 4, 4).astype(np.float64), np.eye(4)[linear.y])
@@ -145,7 +146,8 @@ async def test_infer_adapts_samples_to_the_model(
 async def test_declared_normalisation_is_applied(
     ctx: TaskContext, blobs: HttpServer, linear: Linear
 ) -> None:
-    sources: DataSources = ctx.extras["data_sources"]
+    sources = ctx.services.data_sources
+    assert sources is not None
     # Raw data = 10 * x + 5; the deploy declares how to undo it.
     sources.add("raw", ArraySource(linear.x * 10 + 5, linear.y))
     params = _deploy_params(blobs, linear.onnx, input={"mean": 5.0, "std": 10.0})
@@ -163,7 +165,8 @@ def test_predicted_labels() -> None:
 async def test_layouts_are_never_silently_reinterpreted(
     ctx: TaskContext, blobs: HttpServer, linear: Linear
 ) -> None:
-    sources: DataSources = ctx.extras["data_sources"]
+    sources = ctx.services.data_sources
+    assert sources is not None
     # 16 features as 2x8 would "fit" by size, but it is not a flattening: refused.
     sources.add("two_by_eight", ArraySource(linear.x.reshape(-1, 2, 8)))
     sources.add("column", ArraySource(linear.x.reshape(-1, 16, 1), linear.y))
@@ -189,7 +192,7 @@ async def test_shipped_int8_digits_model_accuracy(
         device_id="dev",
         state_dir=tmp_path,
         agent_version="test",
-        extras={"models": manager, "data_sources": DataSources({"digits": str(test_set)})},
+        services=TaskServices(models=manager, data_sources=DataSources({"digits": str(test_set)})),
     )
     params = _deploy_params(blobs, model_path.read_bytes(), name="digits", format=fmt)
     params["precision"] = "int8"

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lepton.agent.handlers import TaskContext, TaskError, default_registry
+from lepton.agent.handlers import TaskContext, TaskError, TaskServices, default_registry
 from lepton.agent.inference.eviction import Caps, Loaded, cache_excess, to_evict
 from lepton.agent.inference.manager import ModelManager
 from lepton.agent.inference.served import ModelError
@@ -119,7 +119,10 @@ async def test_undeploy_unloads_and_removes_after_requests_in_flight(
 async def test_undeploy_is_a_task_kind(tmp_path: Path, blobs: HttpServer, linear: Linear) -> None:
     manager = _manager(tmp_path)
     ctx = TaskContext(
-        device_id="dev", state_dir=tmp_path, agent_version="t", extras={"models": manager}
+        device_id="dev",
+        state_dir=tmp_path,
+        agent_version="t",
+        services=TaskServices(models=manager),
     )
     assert default_registry().get("undeploy") is undeploy
     spec = spec_for(blobs, linear.onnx, name="clf")

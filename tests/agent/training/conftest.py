@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from lepton.agent.handlers import TaskContext
+from lepton.agent.handlers import TaskContext, TaskServices
 from lepton.agent.inference.manager import ModelManager
 from lepton.agent.training.datasources import ArraySource, DataSources
 from lepton.protocol.imports import Allowlist
@@ -90,12 +90,9 @@ def ctx(tmp_path: Path, partition: Partition) -> TaskContext:
         device_id="dev1",
         state_dir=tmp_path,
         agent_version="test",
-        extras={
-            "data_sources": sources,
-            "weights_store": store,
-            "train_threads": 1,
-            "model_imports": ALLOWED,
-        },
+        services=TaskServices(
+            data_sources=sources, weights_store=store, train_threads=1, model_imports=ALLOWED
+        ),
     )
 
 

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from lepton.agent.handlers import TaskContext, TaskError, default_registry
-from lepton.agent.training.datasources import DataSources
 from lepton.agent.training.tasks import evaluate, train
 from lepton.protocol.tasks import Compression
 from lepton.protocol.weights import COMPRESSIONS, decode_weights
@@ -157,7 +156,8 @@ async def test_same_seed_same_update(ctx: TaskContext, servers: Servers) -> None
 async def test_adam_max_examples_and_buffers(
     ctx: TaskContext, servers: Servers, partition: Partition
 ) -> None:
-    sources: DataSources = ctx.extras["data_sources"]
+    sources = ctx.services.data_sources
+    assert sources is not None
     assert "digits" not in sources.sizes()
     out, up = await run_train(
         ctx,
