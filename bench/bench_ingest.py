@@ -252,7 +252,7 @@ async def throughput(port: int, n: int, tmp: Path, db_url: str | None) -> dict[s
         go.set()
         await asyncio.to_thread(done.wait, 600)
         await c.registry.flush()
-        written = c.store.count_devices()["online"]
+        written = c.store.devices.count_devices()["online"]
     results = {
         name: (count, rate) for name, count, rate in (out.get(timeout=600) for _ in range(2))
     }
@@ -319,7 +319,7 @@ async def fleet(
         _, sent, publisher_late = await asyncio.to_thread(out.get, True, duration + 120)
         await asyncio.sleep(1.0)
         await c.registry.flush()
-        online = c.store.count_devices()["online"]
+        online = c.store.devices.count_devices()["online"]
         flushes = c.registry.flushes
     pub.join(30)
     lags.sort()

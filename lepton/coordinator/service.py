@@ -1,13 +1,19 @@
 """The coordinator service: an ``async with`` daemon running one task group.
 
 Named tasks: ``registry`` (batched capacity writes), ``ingest`` (births, wills, task acks and
-results), ``lease`` (leader election), ``scheduler`` and ``liveness`` (leader only) and
-``http`` (API and metrics). The MQTT network thread feeds ``registry`` and ``ingest``.
+results), ``lease`` (leader election), the features' leader-only loops (``scheduler`` and
+``liveness`` of tasks, ``fl`` of federated jobs) and ``http`` (API and metrics). The MQTT
+network thread feeds ``registry`` and ``ingest``.
+
+Features (tasks, the model registry, federated jobs) plug in through
+:class:`~lepton.coordinator.feature.Feature`: they are built whether or not HTTP is enabled,
+their tables are created in one place (:meth:`Coordinator._create_tables`), and ``_run`` and
+``_drain`` loop over them.
 
 :meth:`Coordinator.stop` (SIGTERM, SIGINT) drains in order: stop HTTP and the leader loops,
-give the lease up, stop taking device messages, apply what was already received, write the
-last capacity batch, then disconnect. Anything not applied by then is re-sent by the agents,
-which keep every unacknowledged result.
+drain the features, give the lease up, stop taking device messages, apply what was already
+received, write the last capacity batch, then disconnect. Anything not applied by then is
+re-sent by the agents, which keep every unacknowledged result.
 """
 
 from __future__ import annotations
@@ -17,16 +23,17 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Final
+from typing import Final, TypeVar
 
-from fastapi import APIRouter, FastAPI
+from fastapi import FastAPI
 
 from lepton.coordinator.api import ApiContext, create_app
 from lepton.coordinator.api.server import HttpServer
 from lepton.coordinator.config import Config
+from lepton.coordinator.feature import Feature
 from lepton.coordinator.metrics import Metrics
 from lepton.coordinator.runtime.capacity_writer import OnFlush, Registry
 from lepton.coordinator.runtime.control import Control
@@ -36,15 +43,13 @@ from lepton.coordinator.runtime.leadership import Leadership
 from lepton.coordinator.runtime.liveness import Liveness
 from lepton.coordinator.runtime.mqtt import MqttLink
 from lepton.coordinator.store import ResultOutcome, RetryPolicy, Store
+from lepton.coordinator.tasks.feature import TasksFeature
 from lepton.protocol.aio import cancel_and_wait
-
-if TYPE_CHECKING:
-    from lepton.coordinator.fl.jobs.engine import FLEngine
-    from lepton.coordinator.model_registry.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S: Final = 10.0
+F = TypeVar("F")
 
 
 class Coordinator:
@@ -61,7 +66,8 @@ class Coordinator:
         self._ready: asyncio.Future[None] | None = None
         self.started_at = time.time()
         self.http: HttpServer | None = None
-        self.fl: FLEngine | None = None  # federated jobs (with the model registry)
+        #: In build order (a feature may use an earlier one's objects); see :meth:`_features`.
+        self.features: list[Feature] = []
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -74,15 +80,19 @@ class Coordinator:
             cfg.database_url,
             retry=RetryPolicy(base_s=t.retry_backoff_s, max_s=t.retry_backoff_max_s),
             capacity_history=cfg.database.capacity_history,
-            auto_upgrade=cfg.database.auto_upgrade,
             sqlite_synchronous=cfg.database.sqlite_synchronous,
             echo=cfg.database.echo,
+            create=False,
         )
         try:
             self._build()
+            await asyncio.to_thread(self._create_tables)
+            self.metrics.watch_store(self.store.devices.count_devices, self.store.tasks.count_tasks)
             loop = self._loop = asyncio.get_running_loop()
             self.inbox.bind(loop)
             self.registry.bind(loop)
+            for feature in self.features:
+                feature.start(loop)
             if cfg.http.enabled:
                 self.http = HttpServer(
                     self._app(loop),
@@ -136,13 +146,20 @@ class Coordinator:
     def api_url(self) -> str | None:
         return self.http.url if self.http is not None else None
 
+    def feature(self, kind: type[F]) -> F:
+        """The feature of class ``kind`` (``LookupError`` if this coordinator has none)."""
+        for feature in self.features:
+            if isinstance(feature, kind):
+                return feature
+        raise LookupError(f"no {kind.__name__} feature")
+
     # ------------------------------------------------------------------ wiring
 
     def _build(self) -> None:
         cfg = self.config
         store, metrics = self.store, self.metrics
         self.registry = Registry(
-            store, metrics, cfg.registry, fleet=cfg.fleet, on_flush=self._on_flush
+            store.devices, metrics, cfg.registry, fleet=cfg.fleet, on_flush=self._on_flush
         )
         self.ingest = Ingest(cfg.fleet, metrics, on_capacity=self.registry.offer, inbox=self.inbox)
         shared = cfg.mqtt.shared_group if cfg.mqtt.shared_subscriptions else None
@@ -153,32 +170,85 @@ class Coordinator:
             on_message=self.ingest.handle,
             on_connection=self._link_changed,
         )
-        self.leadership = Leadership(store, cfg.instance_id, cfg.replica.lease_s, metrics)
+        self.leadership = Leadership(store.leases, cfg.instance_id, cfg.replica.lease_s, metrics)
         self.scheduler = Scheduler(cfg, store, self.link, metrics)
-        self.liveness = Liveness(cfg.liveness, store, metrics, on_requeue=self.scheduler.wake)
+        self.liveness = Liveness(
+            cfg.liveness, store.devices, metrics, on_requeue=self.scheduler.wake
+        )
         self.control = Control(
-            store,
+            store.devices,
+            store.tasks,
+            store.results,
             self.link,
             metrics,
-            self.inbox,
+            inbox=self.inbox,
             fleet=cfg.fleet,
             on_requeue=self._wake_scheduler_threadsafe,
             on_results=self._on_results,
         )
-        metrics.watch_store(store.count_devices, store.count_tasks)
+        self.features = self._features()
+
+    def _features(self) -> list[Feature]:
+        """Tasks, the model registry and federated jobs, each given what it uses."""
+        cfg = self.config
+        features: list[Feature] = [TasksFeature(self.scheduler, self.liveness)]
+        try:
+            from lepton.coordinator.fl.feature import FLFeature
+            from lepton.coordinator.model_registry.feature import ModelRegistryFeature
+        except ImportError:  # pragma: no cover - the registry and FL are optional
+            return features
+        models = ModelRegistryFeature(
+            cfg,
+            self.store,
+            Path(cfg.data_dir).expanduser(),
+            base_url=self.base_url,
+            on_submit=self._submitted,
+        )
+        # Train tasks name where devices fetch weights and upload: without HTTP here, that
+        # is another replica's API (http.public_url).
+        lead_fl = cfg.http.enabled or bool(cfg.http.public_url)
+        if not lead_fl:
+            log.warning("http is disabled and http.public_url unset: no federated rounds here")
+        fl = FLFeature(
+            cfg,
+            self.store,
+            models.registry,
+            self.metrics.registry,
+            base_url=self.base_url,
+            estimator=lambda: self.scheduler.estimator,
+            weights=self.scheduler.weights,
+            on_submit=self._wake_scheduler,
+            lead=lead_fl,
+        )
+        return [*features, models, fl]
+
+    def _create_tables(self) -> None:
+        """The one place start-up makes the schema: the store's migrations bring an empty
+        database to head (or refuse one at another revision, unless ``auto_upgrade``), under
+        the store's start-up lock (replicas may start at the same moment); every feature's
+        tables are then checked to exist."""
+        self.store.create_schema(
+            *(f.metadata for f in self.features if f.metadata is not None),
+            auto_upgrade=self.config.database.auto_upgrade,
+        )
+
+    def base_url(self) -> str:
+        """Where devices reach this coordinator's HTTP API (to fetch blobs, to upload):
+        ``http.public_url``, or the server of this process."""
+        if self.config.http.public_url:
+            return self.config.http.public_url
+        if self.http is None:
+            raise RuntimeError("http is disabled: set http.public_url to a replica's API")
+        return self.http.url
 
     def _app(self, loop: asyncio.AbstractEventLoop) -> FastAPI:
         def wake() -> None:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(self.scheduler.wake)
 
-        def submitted(n: int) -> None:
-            self.metrics.task_transitions.labels("pending").inc(n)
-            wake()
-
         return create_app(
             ApiContext(
-                routers=self._model_routes(submitted),
+                routers=[r for f in self.features for r in f.routers()],
                 config=self.config,
                 store=self.store,
                 metrics=self.metrics,
@@ -189,45 +259,21 @@ class Coordinator:
             )
         )
 
-    def _model_routes(self, on_submit: Callable[[int], None]) -> list[APIRouter]:
-        """The model registry's routes (blobs by content address, model metadata, deploying a
-        model), on the coordinator's database and data directory."""
-        try:
-            from lepton.coordinator.model_registry import tables
-            from lepton.coordinator.model_registry.deploy import Deployer
-            from lepton.coordinator.model_registry.registry import ModelRegistry
-            from lepton.coordinator.model_registry.routes import make_router
-        except ImportError:  # pragma: no cover - the registry is optional
-            return []
-        # The registry's tables: created with the rest by the store's migrations.
-        self.store.create_schema(tables.metadata)
-        registry = ModelRegistry(
-            self.store.engine, Path(self.config.data_dir).expanduser(), create_tables=False
-        )
-        deployer = Deployer(self.config, self.store, registry, self.base_url, on_submit)
-        return [make_router(registry, deployer), *self._fl_routes(registry)]
-
-    def base_url(self) -> str:
-        """Where devices fetch from this coordinator: ``http.public_url``, else its API."""
-        if self.config.http.public_url:
-            return self.config.http.public_url
-        assert self.http is not None, "serving blobs to devices needs the HTTP API"
-        return self.http.url
-
-    def _fl_routes(self, registry: ModelRegistry) -> list[APIRouter]:
-        """Federated jobs: their tables, the round engine (run by the leader) and routes."""
-        from lepton.coordinator.fl.service import build_fl
-
-        self.fl, routes = build_fl(self, registry)
-        return routes
-
     def _on_results(self, outcomes: Sequence[ResultOutcome]) -> None:
-        if self.fl is not None:
-            self.fl.on_results(outcomes)
+        for feature in self.features:
+            feature.on_results(outcomes)
 
     def _link_changed(self, up: bool) -> None:  # event loop
         self.metrics.mqtt_connected.set(1 if up else 0)
         self.liveness.link_changed(up)
+
+    def _submitted(self, n: int) -> None:  # any thread: tasks were submitted (a deployment)
+        self.metrics.task_transitions.labels("pending").inc(n)
+        self._wake_scheduler_threadsafe()
+
+    def _wake_scheduler(self) -> None:  # event loop
+        with contextlib.suppress(RuntimeError):
+            self.scheduler.wake()
 
     def _wake_scheduler_threadsafe(self) -> None:
         loop = self._loop
@@ -244,18 +290,11 @@ class Coordinator:
                 "registry": tg.create_task(self.registry.run(), name="registry"),
                 "ingest": tg.create_task(self.control.run(), name="ingest"),
                 "lease": tg.create_task(self.leadership.run(), name="lease"),
-                "scheduler": tg.create_task(
-                    self.leadership.lead(self.scheduler.lead, name="scheduler"), name="scheduler"
-                ),
-                "liveness": tg.create_task(
-                    self.leadership.lead(self.liveness.lead, name="liveness"), name="liveness"
-                ),
             }
-            if self.fl is not None:
-                self.fl.bind(asyncio.get_running_loop())
-                tasks["fl"] = tg.create_task(
-                    self.leadership.lead(self.fl.lead, name="fl"), name="fl"
-                )
+            for feature in self.features:
+                for name, loop in feature.leader_loops().items():
+                    assert name not in tasks, f"feature {feature.name}: task {name} is taken"
+                    tasks[name] = tg.create_task(self.leadership.lead(loop, name=name), name=name)
             if self.http is not None:
                 tasks["http"] = tg.create_task(self.http.serve(), name="http")
             self._ready.set_result(None)
@@ -273,10 +312,15 @@ class Coordinator:
     async def _drain(self, tasks: dict[str, asyncio.Task[None]]) -> None:
         if self.http is not None:
             self.http.stop()
-        leading = [n for n in ("scheduler", "liveness", "fl", "lease") if n in tasks]
+        leading = [n for f in self.features for n in f.leader_loops()] + ["lease"]
         for name in leading:
             tasks[name].cancel()
         await asyncio.gather(*(tasks[n] for n in leading), return_exceptions=True)
+        for feature in self.features:
+            try:
+                await feature.drain()
+            except Exception:
+                log.exception("feature %s: drain failed", feature.name)
         await self.leadership.release()
         self.ingest.accepting = False
         if self.control.request_stop():

@@ -64,7 +64,7 @@ async def test_malformed_oversized_and_unknown_version(coordinator: Coordinator,
     await eventually(lambda: rejects(coordinator, "unsupported_version") == 1)
     assert rejects(coordinator, "malformed") == 1
     assert rejects(coordinator, "oversized") == 1
-    assert not coordinator.store.device_exists("evil")
+    assert not coordinator.store.devices.device_exists("evil")
     assert coordinator.link.connected
 
 
@@ -92,14 +92,14 @@ async def test_spoofed_replayed_and_unknown_task_results(
         await online(coordinator, "honest", "mallory")
         tid = await submit(coordinator, device_id="honest")
         await task_in(coordinator, tid, "running")
-        attempt = coordinator.store.get_task(tid).attempt
+        attempt = coordinator.store.tasks.get_task(tid).attempt
 
         # mallory claims the result of honest's task: its own topic, someone else's task.
         forged = Result(task_id=tid, status="succeeded", attempt=attempt, output={"evil": 1})
         mallory.publish(topics.RESULT, codec.encode(forged))
         await eventually(lambda: rejects(coordinator, "spoofed") == 1)
-        assert coordinator.store.get_task(tid).state == "running"
-        assert coordinator.store.results_for(tid) == []
+        assert coordinator.store.tasks.get_task(tid).state == "running"
+        assert coordinator.store.results.results_for(tid) == []
 
         # A result for a task that does not exist.
         mallory.publish(topics.RESULT, codec.encode(Result(task_id="nope", status="failed")))
@@ -116,8 +116,8 @@ async def test_spoofed_replayed_and_unknown_task_results(
         honest.publish(topics.RESULT, codec.encode(real))
         await honest.wait_until(lambda: real.id in honest.acked)  # acked again
         assert rejects(coordinator, "replayed") >= 1
-        assert len(coordinator.store.results_for(tid)) == 1  # applied once
-        assert coordinator.store.get_task(tid).finished_at == task.finished_at
+        assert len(coordinator.store.results.results_for(tid)) == 1  # applied once
+        assert coordinator.store.tasks.get_task(tid).finished_at == task.finished_at
         # mallory replaying honest's result id: still spoofed, and not acked to mallory.
         mallory.publish(topics.RESULT, codec.encode(real))
         await eventually(lambda: rejects(coordinator, "spoofed") == 2)
@@ -142,7 +142,7 @@ async def test_spoofed_task_ack_changes_nothing(coordinator: Coordinator, broker
             topics.TASK_ACK, codec.encode(TaskAck(task_id=tid, accepted=False, reason="x"))
         )
         await eventually(lambda: rejects(coordinator, "spoofed_ack") == 1)
-        assert coordinator.store.get_task(tid).state == "assigned"
+        assert coordinator.store.tasks.get_task(tid).state == "assigned"
 
 
 async def test_flood_of_garbage_does_not_stop_service(

@@ -27,7 +27,7 @@ async def submit(c: Coordinator, **body: object) -> str:
 
 async def task_in(c: Coordinator, task_id: str, *states: str, timeout: float = 10) -> TaskRecord:
     def check() -> TaskRecord | None:
-        t = c.store.get_task(task_id)
+        t = c.store.tasks.get_task(task_id)
         return t if t.state in states else None
 
     return await eventually(lambda: asyncio.to_thread(check), timeout=timeout)  # type: ignore[no-any-return]
@@ -36,9 +36,9 @@ async def task_in(c: Coordinator, task_id: str, *states: str, timeout: float = 1
 async def online(c: Coordinator, *device_ids: str) -> None:
     def check() -> bool:
         return all(
-            c.store.device_exists(d)
-            and c.store.get_device(d).report is not None
-            and c.store.get_device(d).state == "online"
+            c.store.devices.device_exists(d)
+            and c.store.devices.get_device(d).report is not None
+            and c.store.devices.get_device(d).state == "online"
             for d in device_ids
         )
 
@@ -48,13 +48,13 @@ async def online(c: Coordinator, *device_ids: str) -> None:
 async def test_device_appears_with_its_capacity(coordinator: Coordinator, broker: Broker) -> None:
     async with FakeDevice(broker.port, "pi-1", slots=3, interval_s=0.2):
         await online(coordinator, "pi-1")
-        dev = coordinator.store.get_device("pi-1")
+        dev = coordinator.store.devices.get_device("pi-1")
         assert dev.agent_version == "sim-1"
         assert dev.device_class == "rpi5"
         assert dev.report_interval_s == 0.2
         assert dev.report is not None
         assert dev.report["slots"]["total"] == 3
-        history = coordinator.store.capacity_history("pi-1")
+        history = coordinator.store.devices.capacity_history("pi-1")
         assert history
 
 
@@ -71,12 +71,12 @@ async def test_echo_task_end_to_end(coordinator: Coordinator, broker: Broker) ->
         # The result was acknowledged after it was applied, so the device dropped it.
         await dev.wait_until(lambda: not dev.outbox and bool(dev.acked))
         assert dev.executions[tid] == 1
-        (attempt,) = coordinator.store.attempts(tid)
+        (attempt,) = coordinator.store.tasks.attempts(tid)
         assert (attempt.outcome, attempt.acked_at is not None) == ("succeeded", True)
         # The measured duration reached the estimator and was persisted.
-        snapshot = await eventually(coordinator.store.load_estimates)
+        snapshot = await eventually(coordinator.store.estimates.load_estimates)
         assert any(row[0] == "pi-1" for row in snapshot["rates"])
-        assert coordinator.store.pending_observations() == []
+        assert coordinator.store.estimates.pending_observations() == []
         m = coordinator.metrics
         assert m.value("lepton_ingest_messages_total", {"channel": "capacity"}) >= 1
         assert m.value("lepton_results_total", {"outcome": "applied"}) == 1
@@ -114,13 +114,13 @@ async def test_last_will_requeues_to_another_device(
         await task_in(coordinator, tid, "running")
     finally:
         await stuck.close(graceful=False)  # the broker publishes the Last Will
-    await eventually(lambda: coordinator.store.get_device("stuck").state == "offline")
-    assert coordinator.store.get_device("stuck").offline_reason == "last will"
+    await eventually(lambda: coordinator.store.devices.get_device("stuck").state == "offline")
+    assert coordinator.store.devices.get_device("stuck").offline_reason == "last will"
     async with FakeDevice(broker.port, "healthy", interval_s=0.2):
         task = await task_in(coordinator, tid, "succeeded")
     assert task.device_id == "healthy"
     assert task.attempt == 2
-    assert [(a.device_id, a.outcome) for a in coordinator.store.attempts(tid)] == [
+    assert [(a.device_id, a.outcome) for a in coordinator.store.tasks.attempts(tid)] == [
         ("stuck", "device_offline"),
         ("healthy", "succeeded"),
     ]
@@ -135,14 +135,14 @@ async def test_missed_reports_mark_offline_and_requeue(
         await task_in(coordinator, tid, "running")
         dev.reporting = False  # alive on the broker, but silent
         await eventually(
-            lambda: coordinator.store.get_device("quiet").state == "offline", timeout=5
+            lambda: coordinator.store.devices.get_device("quiet").state == "offline", timeout=5
         )
-        assert coordinator.store.get_device("quiet").offline_reason == "missed reports"
-        task = coordinator.store.get_task(tid)
+        assert coordinator.store.devices.get_device("quiet").offline_reason == "missed reports"
+        task = coordinator.store.tasks.get_task(tid)
         assert task.state in ("pending", "assigned")  # taken back; no other device to run it
-        assert coordinator.store.attempts(tid)[0].outcome == "device_offline"
+        assert coordinator.store.tasks.attempts(tid)[0].outcome == "device_offline"
         dev.reporting = True
-        await eventually(lambda: coordinator.store.get_device("quiet").state == "online")
+        await eventually(lambda: coordinator.store.devices.get_device("quiet").state == "online")
 
 
 async def test_refusals_retry_with_backoff_then_fail(
@@ -154,7 +154,7 @@ async def test_refusals_retry_with_backoff_then_fail(
         task = await task_in(coordinator, tid, "failed")
     assert task.attempt == 3
     assert "queue_full" in (task.last_error or "")
-    attempts = coordinator.store.attempts(tid)
+    attempts = coordinator.store.tasks.attempts(tid)
     assert [a.outcome for a in attempts] == ["refused"] * 3
     # Exponential backoff between attempts (0.1 s, then 0.2 s, less jitter).
     gaps = [b.assigned_at - (a.finished_at or 0.0) for a, b in itertools.pairwise(attempts)]
@@ -169,7 +169,7 @@ async def test_failed_results_retry_then_fail(coordinator: Coordinator, broker: 
         task = await task_in(coordinator, tid, "failed")
         assert task.last_error == "simulated failure"
         await dev.wait_until(lambda: not dev.outbox)
-    assert [r.status for r in coordinator.store.results_for(tid)] == ["failed", "failed"]
+    assert [r.status for r in coordinator.store.results.results_for(tid)] == ["failed", "failed"]
 
 
 async def test_pending_task_expires(coordinator: Coordinator) -> None:
@@ -182,8 +182,8 @@ async def test_unplaceable_task_says_why(coordinator: Coordinator, broker: Broke
     async with FakeDevice(broker.port, "pi-1", interval_s=0.2):
         await online(coordinator, "pi-1")
         tid = await submit(coordinator, runtime="tflite")
-        await eventually(lambda: coordinator.store.get_task(tid).explanation is not None)
-        task = coordinator.store.get_task(tid)
+        await eventually(lambda: coordinator.store.tasks.get_task(tid).explanation is not None)
+        task = coordinator.store.tasks.get_task(tid)
         assert task.state == "pending"
         assert task.last_error == "no feasible device: runtime x1"
         async with httpx.AsyncClient(base_url=coordinator.api_url or "") as http:
@@ -213,7 +213,7 @@ async def test_stop_drains_and_releases_the_lease(
         store = c.store
         async with FakeDevice(broker.port, "pi-1", interval_s=0.2):
             await online(c, "pi-1")
-    lease = store.lease_holder("scheduler")
+    lease = store.leases.lease_holder("scheduler")
     assert lease is not None
     assert lease.expires_at == 0.0  # released on a clean stop
 

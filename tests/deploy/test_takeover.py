@@ -56,8 +56,8 @@ async def test_borrowed_client_id_does_not_take_a_device_offline(
 
         def reporting() -> bool:
             return (
-                coord.store.device_exists("dev-a")
-                and coord.store.get_device("dev-a").report is not None
+                coord.store.devices.device_exists("dev-a")
+                and coord.store.devices.get_device("dev-a").report is not None
             )
 
         await eventually(lambda: asyncio.to_thread(reporting), timeout=30, interval=0.2)
@@ -67,7 +67,7 @@ async def test_borrowed_client_id_does_not_take_a_device_offline(
             )
             assert r.status_code == 201, r.text
             tid = r.json()["id"]
-        await eventually(lambda: coord.store.get_task(tid).state == "running", timeout=15)
+        await eventually(lambda: coord.store.tasks.get_task(tid).state == "running", timeout=15)
 
         for _ in range(5):
             async with aiomqtt.Client(
@@ -81,12 +81,12 @@ async def test_borrowed_client_id_does_not_take_a_device_offline(
                 await asyncio.sleep(0.2)
 
         def finished() -> bool:
-            return coord.store.get_task(tid).state in ("succeeded", "failed", "expired")
+            return coord.store.tasks.get_task(tid).state in ("succeeded", "failed", "expired")
 
         await eventually(lambda: asyncio.to_thread(finished), timeout=20, interval=0.2)
-        task = coord.store.get_task(tid)
-        attempts = coord.store.attempts(tid)
-        device = coord.store.get_device("dev-a")
+        task = coord.store.tasks.get_task(tid)
+        attempts = coord.store.tasks.attempts(tid)
+        device = coord.store.devices.get_device("dev-a")
         wills = coord.metrics.value("lepton_devices_offline_transitions_total", {"cause": "will"})
     assert task.state == "succeeded"
     assert [(a.device_id, a.outcome) for a in attempts] == [("dev-a", "succeeded")]

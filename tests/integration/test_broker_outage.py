@@ -39,7 +39,10 @@ async def test_broker_sigkill_fails_no_queued_work(
             agents(broker.port, d, outbox={"resend_after_s": 2.0})
 
         def reporting() -> bool:
-            return all(store.device_exists(d) and store.get_device(d).report for d in DEVICES)
+            return all(
+                store.devices.device_exists(d) and store.devices.get_device(d).report
+                for d in DEVICES
+            )
 
         await eventually(lambda: asyncio.to_thread(reporting), timeout=30, interval=0.2)
         ids: list[str] = []
@@ -57,7 +60,7 @@ async def test_broker_sigkill_fails_no_queued_work(
                 ids.append(r.json()["id"])
 
         def counts() -> dict[str, int]:
-            return store.count_tasks()
+            return store.tasks.count_tasks()
 
         await eventually(lambda: asyncio.to_thread(lambda: counts()["succeeded"] >= 15), timeout=60)
         broker.kill()
@@ -69,7 +72,9 @@ async def test_broker_sigkill_fails_no_queued_work(
             return c if c["pending"] + c["assigned"] + c["running"] == 0 else None
 
         final = await eventually(lambda: asyncio.to_thread(settled), timeout=150, interval=0.5)
-        applied: dict[str, Any] = {t: [r for r in store.results_for(t) if r.applied] for t in ids}
+        applied: dict[str, Any] = {
+            t: [r for r in store.results.results_for(t) if r.applied] for t in ids
+        }
         deadline_offline = coord.metrics.value(
             "lepton_devices_offline_transitions_total", {"cause": "deadline"}
         )

@@ -129,7 +129,7 @@ async def test_queued_and_running_tasks_are_cancelled_on_a_real_agent(
             assert (await api.get(f"/v1/tasks/{done_id}")).json()["output"] == done["output"]
             # Every result was acknowledged: the agent's outbox drains.
             await eventually(
-                lambda: coord.store.get_device("pi-1").report["outbox_pending"] == 0,  # type: ignore[index]
+                lambda: coord.store.devices.get_device("pi-1").report["outbox_pending"] == 0,  # type: ignore[index]
                 timeout=10,
                 interval=0.2,
             )
@@ -154,7 +154,10 @@ async def test_a_success_after_the_cancel_is_kept_but_not_applied(
     ):
         store = coordinator.store
         await eventually(
-            lambda: store.device_exists("old-1") and store.get_device("old-1").report is not None
+            lambda: (
+                store.devices.device_exists("old-1")
+                and store.devices.get_device("old-1").report is not None
+            )
         )
         r = await api.post(
             "/v1/tasks", json={"kind": "echo", "params": {"sleep_s": 1.5, "payload": "x"}}
@@ -188,7 +191,10 @@ async def test_an_unanswered_cancel_is_resent_then_given_up_on(
             httpx.AsyncClient(base_url=coord.api_url or "", timeout=10) as api,
         ):
             await eventually(
-                lambda: store.device_exists("mute-1") and store.get_device("mute-1").report
+                lambda: (
+                    store.devices.device_exists("mute-1")
+                    and store.devices.get_device("mute-1").report
+                )
             )
             r = await api.post("/v1/tasks", json={"kind": "echo", "params": {"payload": 1}})
             task_id = r.json()["id"]

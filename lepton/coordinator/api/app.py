@@ -85,8 +85,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
     def health(response: Response) -> Health:
         """Liveness of this process and its dependencies, and fleet counts."""
         database = store.ping()
-        devices = store.count_devices() if database else {}
-        tasks = store.count_tasks() if database else {}
+        devices = store.devices.count_devices() if database else {}
+        tasks = store.tasks.count_tasks() if database else {}
         mqtt = ctx.mqtt_connected()
         ok = database and mqtt
         if not database:
@@ -119,7 +119,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         offset: Annotated[int, Query(ge=0)] = 0,
     ) -> list[DeviceOut]:
         """Devices of the fleet, by id."""
-        rows = store.list_devices(
+        rows = store.devices.list_devices(
             state="online" if state == "online" else "offline" if state else None,
             limit=limit,
             offset=offset,
@@ -129,11 +129,11 @@ def create_app(ctx: ApiContext) -> FastAPI:
     @app.get(routes.DEVICE, tags=["devices"])
     def get_device(device_id: str) -> DeviceDetail:
         """One device: identity, liveness, latest capacity report and its current tasks."""
-        d = store.get_device(device_id)
+        d = store.devices.get_device(device_id)
         tasks = [
             TaskOut.of(t)
             for state in ("assigned", "running")
-            for t in store.list_tasks(state=state, device_id=device_id, limit=1000)
+            for t in store.tasks.list_tasks(state=state, device_id=device_id, limit=1000)
         ]
         base = DeviceOut.of(d, deadline(d.report_interval_s))
         return DeviceDetail(**base.model_dump(), report=d.report, tasks=tasks)
@@ -147,7 +147,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         offset: Annotated[int, Query(ge=0)] = 0,
     ) -> list[TaskOut]:
         """Tasks, newest first."""
-        rows = store.list_tasks(
+        rows = store.tasks.list_tasks(
             state=state, device_id=device, kind=kind, limit=limit, offset=offset
         )
         return [TaskOut.of(t) for t in rows]
@@ -165,7 +165,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
                     {"loc": ["body", *exc.field.split(".")], "msg": str(exc), "type": "value_error"}
                 ],
             ) from exc
-        task = store.submit(new)
+        task = store.tasks.submit(new)
         ctx.metrics.task_transitions.labels("pending").inc()
         ctx.on_submit()
         return TaskOut.of(task)
@@ -173,12 +173,12 @@ def create_app(ctx: ApiContext) -> FastAPI:
     @app.get(routes.TASK, tags=["tasks"])
     def get_task(task_id: str) -> TaskDetail:
         """One task with its attempts (which device, how each ended) and results received."""
-        t = store.get_task(task_id)
+        t = store.tasks.get_task(task_id)
         base = TaskOut.of(t)
         return TaskDetail(
             **base.model_dump(),
-            attempts=[AttemptOut.of(a) for a in store.attempts(task_id)],
-            results=[ResultOut.of(r) for r in store.results_for(task_id)],
+            attempts=[AttemptOut.of(a) for a in store.tasks.attempts(task_id)],
+            results=[ResultOut.of(r) for r in store.results.results_for(task_id)],
         )
 
     add_cancel_route(app, ctx)
@@ -186,7 +186,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     @app.get(routes.TASK_EXPLAIN, tags=["tasks"])
     def explain_task(task_id: str) -> ExplainOut:
         """Why the task went where it went (or why it could not be placed)."""
-        t = store.get_task(task_id)
+        t = store.tasks.get_task(task_id)
         return ExplainOut(
             task_id=t.id, state=t.state, device_id=t.device_id, explanation=t.explanation
         )

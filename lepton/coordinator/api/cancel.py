@@ -56,7 +56,7 @@ def add_cancel_route(app: FastAPI, ctx: ApiContext) -> None:
         assigned or running one is marked and its device told to stop it (202): the task
         ends ``cancelled`` when the device answers, and no result of it is applied."""
         reason = (body or TaskCancelIn()).reason
-        (out,) = store.cancel_tasks([task_id], reason, time.time())
+        (out,) = store.cancels.cancel_tasks([task_id], reason, time.time())
         ctx.metrics.task_cancels.labels(out.outcome).inc()
         if out.outcome == "unknown":
             raise NotFoundError("task", task_id)
@@ -76,4 +76,4 @@ def add_cancel_route(app: FastAPI, ctx: ApiContext) -> None:
             response.status_code = 202
             ctx.on_submit()  # the leader sends the cancel in its next cycle
         log.info("task %s: cancel %s (%s)", task_id, out.outcome, reason)
-        return TaskOut.of(store.get_task(task_id))
+        return TaskOut.of(store.tasks.get_task(task_id))

@@ -2,23 +2,28 @@
 
 Kernels (pure code, no I/O):
 
-- :mod:`.strategies`: aggregation strategies behind one small interface
-  (:class:`~.strategies.base.Strategy`): FedAvg, FedProx, FedAvgM, FedAdam, coordinate-wise
+- :mod:`.kernels.strategies`: aggregation strategies behind one small interface
+  (:class:`~.kernels.strategies.base.Strategy`): FedAvg, FedProx, FedAvgM, FedAdam, coordinate-wise
   median, trimmed mean, Krum/Multi-Krum, a norm-clipping wrapper and central DP;
-- :mod:`.kernels`: the numpy kernels they share, over named tensors;
-- :mod:`.accountant`: an RDP accountant for the sampled Gaussian mechanism (epsilon spent);
-- :mod:`.selection`: client selection that trades round time against fair participation.
+- :mod:`.kernels.aggregate`: the numpy kernels they share, over named tensors;
+- :mod:`.kernels.accountant`: an RDP accountant for the sampled Gaussian mechanism (epsilon spent);
+- :mod:`.kernels.selection`: client selection that trades round time against fair participation.
 
 Jobs (see ``docs/federated-learning.md``):
 
-- :mod:`.job`: a job's validated config (TOML file or API body);
+- :mod:`.jobs.spec`: a job's validated config (TOML file or API body);
+  :mod:`.jobs.admission`: what jobs may name;
 - :mod:`.tables`, :mod:`.store`: jobs, rounds and updates in SQL;
-- :mod:`.http`: the update upload endpoint; :mod:`.api`: start, list, inspect, stop jobs;
-- :mod:`.engine` (with :mod:`.runner`, :mod:`.opening`, :mod:`.closing`, :mod:`.jobstate`):
-  the crash-safe round engine the leader runs; :mod:`.planning`: eligible devices, expected
-  round times from the cost model, train task params;
+- :mod:`.routes_uploads`: the update upload endpoint; :mod:`.routes_jobs`: start, list,
+  inspect, stop jobs;
+- :mod:`.jobs.engine`: the crash-safe round engine the leader runs, one
+  :class:`~.jobs.runner.JobRunner` per job, holding a :class:`~.jobs.opening.RoundOpener`
+  and a :class:`~.jobs.closing.RoundCloser` over the job's state (:mod:`.jobs.progress`);
+  :mod:`.jobs.planning`: eligible devices, expected round times from the cost model, train
+  task params;
 - :mod:`.modelio`: the job's torch model on the coordinator (first weights, central
-  evaluation, the final ONNX model); :mod:`.cli`: ``lepton fl``.
+  evaluation, the final ONNX model); :mod:`.cli`: ``lepton fl``;
+- :mod:`.feature`: federated jobs as a coordinator feature (tables, engine, routes).
 
 Updates and weights arrive as ``dict[str, numpy.ndarray]`` (what
 :func:`lepton.protocol.weights.decode_weights` returns).

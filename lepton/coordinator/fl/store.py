@@ -1,7 +1,8 @@
 """Federated jobs, rounds and updates in SQL: every method is one transaction.
 
 Plain values in and out (:mod:`lepton.coordinator.fl.records`); SQLAlchemy Core over the
-coordinator store's engine, on the tables of :mod:`lepton.coordinator.fl.tables`. Methods
+coordinator store's engine, on the tables of :mod:`lepton.coordinator.fl.tables`, with the
+store's session and dialect helpers (:class:`~lepton.coordinator.store.base.StoreBase`). Methods
 are synchronous and are called from worker threads. Leader-only writes take the scheduling
 lease and check it in their own transaction (fencing), like the store's own leader writes.
 """
@@ -9,13 +10,10 @@ lease and check it in their own transaction (fencing), like the store's own lead
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
-from sqlalchemy import Engine, delete, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
+from sqlalchemy import delete, insert, select, update
 
 from lepton.coordinator.errors import ConflictError, NotFoundError
 from lepton.coordinator.fl import tables as t
@@ -26,29 +24,11 @@ from lepton.coordinator.fl.records import (
     UpdateRecord,
 )
 from lepton.coordinator.store import Lease
-from lepton.coordinator.store.base import rowcount
-from lepton.coordinator.store.lease import check_fence
+from lepton.coordinator.store.base import StoreBase, rowcount
 
 
-class FLStore:
-    """Jobs, rounds and updates (see module doc)."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.dialect = engine.dialect.name
-
-    @contextmanager
-    def _write(self, lease: Lease | None = None) -> Iterator[Session]:
-        with Session(self.engine) as session, session.begin():
-            if lease is not None:
-                check_fence(session, lease, time.time(), lock=self.dialect == "postgresql")
-            yield session
-
-    def _insert(self, table: Any) -> Any:
-        return postgresql.insert(table) if self.dialect == "postgresql" else sqlite.insert(table)
-
-    def _locked(self, stmt: Any) -> Any:
-        return stmt.with_for_update() if self.dialect == "postgresql" else stmt
+class FLStore(StoreBase):
+    """Jobs, rounds and updates (see module doc). ``FLStore(store.engine)``."""
 
     # ------------------------------------------------------------------ jobs
 

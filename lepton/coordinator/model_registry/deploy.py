@@ -132,7 +132,7 @@ def select_devices(store: Store, selector: DeviceSelector, *, fleet: str) -> lis
     if selector.device_ids:
         named = []
         for device_id in dict.fromkeys(selector.device_ids):
-            device = store.get_device(device_id)
+            device = store.devices.get_device(device_id)
             if device.fleet != fleet:
                 raise NotFoundError("device", device_id)
             named.append(device)
@@ -147,7 +147,9 @@ def select_devices(store: Store, selector: DeviceSelector, *, fleet: str) -> lis
 def _online(store: Store, fleet: str) -> list[DeviceRecord]:
     devices: list[DeviceRecord] = []
     while True:
-        page = store.list_devices(state="online", fleet=fleet, limit=_PAGE, offset=len(devices))
+        page = store.devices.list_devices(
+            state="online", fleet=fleet, limit=_PAGE, offset=len(devices)
+        )
         devices += page
         if len(page) < _PAGE:
             return devices
@@ -217,6 +219,6 @@ class Deployer:
             max_attempts=max_attempts,
             expires_in_s=expires_in_s,
         )
-        tasks = [self.store.submit(task) for task in new]
+        tasks = [self.store.tasks.submit(task) for task in new]
         self.on_submit(len(tasks))
         return Deployment(record, tasks)

@@ -19,7 +19,8 @@ from collections.abc import Callable, Sequence
 
 from lepton.coordinator.config import RegistryConfig
 from lepton.coordinator.metrics import Metrics
-from lepton.coordinator.store import CapacitySample, Store
+from lepton.coordinator.store import CapacitySample
+from lepton.coordinator.store.devices import DeviceRepo
 from lepton.protocol.messages import CapacityReport
 
 log = logging.getLogger(__name__)
@@ -33,14 +34,14 @@ class Registry:
 
     def __init__(
         self,
-        store: Store,
+        devices: DeviceRepo,
         metrics: Metrics,
         cfg: RegistryConfig,
         *,
         fleet: str,
         on_flush: OnFlush | None = None,
     ) -> None:
-        self.store = store
+        self.devices = devices
         self.metrics = metrics
         self.cfg = cfg
         self.fleet = fleet
@@ -140,7 +141,7 @@ class Registry:
             CapacitySample.from_report(device_id, self.fleet, report, received_at)
             for device_id, (report, received_at) in batch.items()
         ]
-        self.store.record_capacity(samples)
+        self.devices.record_capacity(samples)
 
     def _restore(self, batch: _Pending) -> None:
         """Put an unwritten batch back, unless newer reports arrived meanwhile."""

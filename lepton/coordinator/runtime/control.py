@@ -18,7 +18,10 @@ from typing import Final, TypeVar
 from lepton.coordinator.metrics import Metrics
 from lepton.coordinator.runtime.ingest import Inbound, Inbox
 from lepton.coordinator.runtime.mqtt import MqttLink
-from lepton.coordinator.store import ResultOutcome, StateUpdate, Store
+from lepton.coordinator.store import ResultOutcome, StateUpdate
+from lepton.coordinator.store.devices import DeviceRepo
+from lepton.coordinator.store.results import ResultRepo
+from lepton.coordinator.store.tasks import TaskRepo
 from lepton.protocol import codec, topics
 from lepton.protocol.messages import Result, ResultAck, State, TaskAck
 
@@ -37,23 +40,27 @@ class Control:
 
     def __init__(
         self,
-        store: Store,
+        devices: DeviceRepo,
+        tasks: TaskRepo,
+        results: ResultRepo,
         link: MqttLink,
         metrics: Metrics,
-        inbox: Inbox,
         *,
+        inbox: Inbox,
         fleet: str,
         on_requeue: Callable[[], None] = lambda: None,
         on_results: Callable[[Sequence[ResultOutcome]], None] = lambda _outcomes: None,
     ) -> None:
-        self.store = store
+        self.devices = devices
+        self.tasks = tasks
+        self.results = results
         self.link = link
         self.metrics = metrics
         self.inbox = inbox
         self.fleet = fleet
         self.on_requeue = on_requeue
-        # Called (worker thread) after a batch of results committed: federated rounds wait
-        # on their train tasks' results.
+        # Called (worker thread) after a batch of results committed: the features react
+        # (federated rounds wait on their train tasks' results).
         self.on_results = on_results
         self._stopping = False
         self._waiting = False
@@ -119,7 +126,7 @@ class Control:
 
     def _apply_states(self, states: Sequence[StateUpdate]) -> None:
         requeued = 0
-        for u, ids in zip(states, self.store.apply_states(states), strict=True):
+        for u, ids in zip(states, self.devices.apply_states(states), strict=True):
             if u.message.state == "offline":
                 self.metrics.devices_offline.labels("will").inc()
                 if ids:
@@ -131,7 +138,7 @@ class Control:
 
     def _apply_acks(self, acks: Sequence[tuple[str, TaskAck, float]]) -> None:
         retried = False
-        for (device_id, _ack, _t), o in zip(acks, self.store.apply_ack_batch(acks), strict=True):
+        for (device_id, _ack, _t), o in zip(acks, self.tasks.apply_ack_batch(acks), strict=True):
             if o.outcome in ("spoofed", "unknown_task"):
                 self.metrics.reject(f"{o.outcome}_ack")
                 log.warning("task ack for %s from %s: %s", o.task_id, device_id, o.outcome)
@@ -142,7 +149,7 @@ class Control:
             self.on_requeue()
 
     def _apply_results(self, results: Sequence[tuple[str, Result, float]]) -> list[ResultOutcome]:
-        out = self.store.apply_result_batch(results)
+        out = self.results.apply_result_batch(results)
         for o in out:
             self.metrics.results.labels(o.outcome).inc()
             if o.outcome in REJECTED_RESULTS:

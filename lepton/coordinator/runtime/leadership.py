@@ -18,7 +18,8 @@ from typing import Any, Final
 
 from lepton.coordinator.errors import LeaseLostError
 from lepton.coordinator.metrics import Metrics
-from lepton.coordinator.store import Lease, Store
+from lepton.coordinator.store import Lease
+from lepton.coordinator.store.lease import LeaseRepo
 from lepton.protocol.aio import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -30,8 +31,8 @@ STEP_DOWN_MARGIN: Final = 0.2  # fraction of the lease kept in hand before stepp
 class Leadership:
     """Holds the scheduling lease while it can; leader-only loops run through :meth:`lead`."""
 
-    def __init__(self, store: Store, holder: str, lease_s: float, metrics: Metrics) -> None:
-        self.store = store
+    def __init__(self, leases: LeaseRepo, holder: str, lease_s: float, metrics: Metrics) -> None:
+        self.leases = leases
         self.holder = holder
         self.lease_s = lease_s
         self.metrics = metrics
@@ -65,7 +66,7 @@ class Leadership:
 
     async def _try_acquire(self, now: float) -> float:
         lease = await asyncio.to_thread(
-            self.store.acquire_lease, LEASE_NAME, self.holder, now, self.lease_s
+            self.leases.acquire_lease, LEASE_NAME, self.holder, now, self.lease_s
         )
         if lease is not None:
             self.lease = lease
@@ -75,7 +76,7 @@ class Leadership:
             self.metrics.leader.set(1)
             log.info("leading scheduling (lease epoch %d)", lease.epoch)
             return self.lease_s / 3
-        seen = await asyncio.to_thread(self.store.lease_holder, LEASE_NAME)
+        seen = await asyncio.to_thread(self.leases.lease_holder, LEASE_NAME)
         wait = self.lease_s / 3
         if seen is not None:
             # Try again right after the current holder's lease runs out.
@@ -84,7 +85,7 @@ class Leadership:
 
     async def _renew(self, now: float) -> float:
         assert self.lease is not None
-        renewed = await asyncio.to_thread(self.store.renew_lease, self.lease, now, self.lease_s)
+        renewed = await asyncio.to_thread(self.leases.renew_lease, self.lease, now, self.lease_s)
         if renewed is None:
             self._step_down("taken over by another replica")
             return 0.0
@@ -106,7 +107,7 @@ class Leadership:
         self._step_down("shutting down", level=logging.INFO)
         if lease is not None:
             with contextlib.suppress(Exception):
-                await asyncio.to_thread(self.store.release_lease, lease)
+                await asyncio.to_thread(self.leases.release_lease, lease)
 
     async def lead(self, body: Callable[[Lease], Coroutine[Any, Any, None]], *, name: str) -> None:
         """Run ``body(lease)`` during every term of leadership; cancel it when a term ends.

@@ -22,7 +22,8 @@ from collections.abc import Callable
 
 from lepton.coordinator.config import LivenessConfig
 from lepton.coordinator.metrics import Metrics
-from lepton.coordinator.store import Lease, Store
+from lepton.coordinator.store import Lease
+from lepton.coordinator.store.devices import DeviceRepo
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +34,13 @@ class Liveness:
     def __init__(
         self,
         cfg: LivenessConfig,
-        store: Store,
+        devices: DeviceRepo,
         metrics: Metrics,
         *,
         on_requeue: Callable[[], None] = lambda: None,
     ) -> None:
         self.cfg = cfg
-        self.store = store
+        self.devices = devices
         self.metrics = metrics
         self.on_requeue = on_requeue
         self._wake = asyncio.Event()
@@ -83,7 +84,7 @@ class Liveness:
             return cfg.max_check_s
         now = time.time()
         offline = await asyncio.to_thread(
-            self.store.mark_stale_offline,
+            self.devices.mark_stale_offline,
             now,
             missed=cfg.missed_reports,
             default_interval_s=cfg.default_interval_s,
@@ -104,7 +105,7 @@ class Liveness:
             self.metrics.task_transitions.labels("pending").inc(requeued)
             self.on_requeue()
         nxt = await asyncio.to_thread(
-            self.store.next_deadline,
+            self.devices.next_deadline,
             missed=cfg.missed_reports,
             default_interval_s=cfg.default_interval_s,
             seen_floor=self.seen_floor,

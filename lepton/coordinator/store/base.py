@@ -1,42 +1,74 @@
-"""What every part of the store shares: engines, sessions and dialect helpers."""
+"""What every repository of the store shares: engines, sessions and dialect helpers.
+
+:class:`StoreBase` is the connection and transaction helper under every repository
+(``store.devices``, ``store.tasks``, ``store.cancels``, ``store.results``,
+``store.estimates``, ``store.leases``) and under the feature stores that keep their own
+tables on the same database (:class:`lepton.coordinator.fl.store.FLStore`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import CursorResult, Result, Select, Table, case
+from sqlalchemy import CursorResult, Engine, Result, Select, Table, case, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
+from lepton.coordinator.errors import LeaseLostError
 from lepton.coordinator.store.connection import Engines
-from lepton.coordinator.store.records import RetryPolicy
-from lepton.protocol.messages import Task
+from lepton.coordinator.store.records import Lease
+from lepton.coordinator.store.schema import LeaseRow
 
 S = TypeVar("S", bound=Select[Any])
 
 
-class StoreBase:
-    """Engines and session scopes; the concept-specific parts of the store build on it."""
+def check_fence(session: Session, lease: Lease, now: float, *, lock: bool) -> None:
+    """Raise :class:`LeaseLostError` unless ``lease`` is still held (in the caller's transaction).
 
-    def __init__(self, engines: Engines, *, retry: RetryPolicy, history_limit: int) -> None:
+    On PostgreSQL the lease row is share-locked until the transaction ends, so nobody can take
+    the lease over while a leader-only write is being committed.
+    """
+    stmt = select(LeaseRow).where(LeaseRow.name == lease.name)
+    if lock:
+        stmt = stmt.with_for_update(read=True)
+    row = session.scalar(stmt)
+    if (
+        row is None
+        or row.holder != lease.holder
+        or row.epoch != lease.epoch
+        or row.expires_at <= now
+    ):
+        raise LeaseLostError(lease.name, lease.holder)
+
+
+class StoreBase:
+    """Engines and session scopes; every repository builds on it (see module doc)."""
+
+    def __init__(self, engines: Engines | Engine) -> None:
+        if isinstance(engines, Engine):  # one engine for reads and writes
+            engines = Engines(write=engines, read=engines)
         self._engines = engines
-        self.retry = retry
-        self.history_limit = history_limit
-        # Per task kind: adds what only the receiving device may see to a task's message
-        # as it is sent (see TaskOps.add_sealer); never stored.
-        self._sealers: dict[str, Callable[[Task, str], Task]] = {}
 
     @property
     def dialect(self) -> str:
         return self._engines.dialect
 
+    @property
+    def engine(self) -> Engine:
+        """The engine writes go through."""
+        return self._engines.write
+
     @contextmanager
-    def _write(self) -> Iterator[Session]:
-        """One write transaction: committed on success, rolled back on any exception."""
+    def _write(self, lease: Lease | None = None) -> Iterator[Session]:
+        """One write transaction: committed on success, rolled back on any exception. With
+        a ``lease``, the transaction first checks that it is still held (fencing)."""
         with Session(self._engines.write, expire_on_commit=False) as session, session.begin():
+            if lease is not None:
+                check_fence(session, lease, time.time(), lock=self.dialect == "postgresql")
             yield session
 
     @contextmanager

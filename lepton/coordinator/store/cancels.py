@@ -2,10 +2,10 @@
 
 A cancel is recorded on the task (``cancel_requested_at``, its reason) in the transaction
 that asks for it. The scheduling leader sends a :class:`~lepton.protocol.messages.TaskCancel` to
-the device of each cancel-requested task (:meth:`CancelOps.cancels_due`), again every
+the device of each cancel-requested task (:meth:`CancelRepo.cancels_due`), again every
 ``resend_after_s`` until the device answers, like task messages are sent; the answer is any
 result of the attempt it held, or a refusal of the task. A device that does not answer
-after ``max_sends`` sends is given up on (:meth:`CancelOps.sweep_cancels`): the task ends
+after ``max_sends`` sends is given up on (:meth:`CancelRepo.sweep_cancels`): the task ends
 ``cancelled`` all the same, and a result it sends later is kept as stale, never applied.
 """
 
@@ -26,7 +26,7 @@ from lepton.coordinator.tasks.states import IN_FLIGHT
 _tasks = cast(Table, TaskRow.__table__)
 
 
-class CancelOps(StoreBase):
+class CancelRepo(StoreBase):
     """Cancel requests and the bookkeeping of sending them."""
 
     def cancel_task(self, task_id: str, reason: str, now: float) -> CancelOutcome:

@@ -11,11 +11,13 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from lepton.coordinator.errors import NotFoundError
 from lepton.coordinator.store.base import StoreBase, greatest, rowcount
+from lepton.coordinator.store.connection import Engines
 from lepton.coordinator.store.records import (
     CapacityPoint,
     CapacitySample,
     DeviceRecord,
     DeviceStateName,
+    RetryPolicy,
     from_row,
 )
 from lepton.coordinator.store.schema import CapacityRow, DeviceRow
@@ -37,8 +39,15 @@ _devices = cast(Table, DeviceRow.__table__)
 _history = cast(Table, CapacityRow.__table__)
 
 
-class DeviceOps(StoreBase):
-    """Registry writes (batched capacity, birth and will, deadline sweep) and reads."""
+class DeviceRepo(StoreBase):
+    """Registry writes (batched capacity, birth and will, deadline sweep) and reads.
+    ``retry``: the backoff of tasks a device going offline sends back to pending;
+    ``history_limit``: capacity reports kept per device."""
+
+    def __init__(self, engines: Engines, *, retry: RetryPolicy, history_limit: int) -> None:
+        super().__init__(engines)
+        self.retry = retry
+        self.history_limit = history_limit
 
     # ------------------------------------------------------------------ writes
 

@@ -13,13 +13,12 @@ from typing import Any
 
 from sqlalchemy import delete, select
 
-from lepton.coordinator.store.base import StoreBase
-from lepton.coordinator.store.lease import check_fence
+from lepton.coordinator.store.base import StoreBase, check_fence
 from lepton.coordinator.store.records import Lease, Observation, from_row
 from lepton.coordinator.store.schema import EstimateRow, ObservationRow
 
 
-class EstimateOps(StoreBase):
+class EstimateRepo(StoreBase):
     def load_estimates(self, name: str = "default") -> dict[str, Any] | None:
         with self._read() as session:
             row = session.get(EstimateRow, name)

@@ -10,34 +10,13 @@ from __future__ import annotations
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
-from lepton.coordinator.errors import LeaseLostError
 from lepton.coordinator.store.base import StoreBase, rowcount
 from lepton.coordinator.store.records import Lease
 from lepton.coordinator.store.schema import LeaseRow
 
 
-def check_fence(session: Session, lease: Lease, now: float, *, lock: bool) -> None:
-    """Raise :class:`LeaseLostError` unless ``lease`` is still held (in the caller's transaction).
-
-    On PostgreSQL the lease row is share-locked until the transaction ends, so nobody can take
-    the lease over while a leader-only write is being committed.
-    """
-    stmt = select(LeaseRow).where(LeaseRow.name == lease.name)
-    if lock:
-        stmt = stmt.with_for_update(read=True)
-    row = session.scalar(stmt)
-    if (
-        row is None
-        or row.holder != lease.holder
-        or row.epoch != lease.epoch
-        or row.expires_at <= now
-    ):
-        raise LeaseLostError(lease.name, lease.holder)
-
-
-class LeaseOps(StoreBase):
+class LeaseRepo(StoreBase):
     """Acquire, renew and release named leases."""
 
     def acquire_lease(self, name: str, holder: str, now: float, ttl_s: float) -> Lease | None:

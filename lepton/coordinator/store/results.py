@@ -26,10 +26,12 @@ from sqlalchemy import Table, select
 from sqlalchemy.orm import Session
 
 from lepton.coordinator.store.base import StoreBase
+from lepton.coordinator.store.connection import Engines
 from lepton.coordinator.store.records import (
     ResultOutcome,
     ResultOutcomeName,
     ResultRecord,
+    RetryPolicy,
     from_row,
 )
 from lepton.coordinator.store.schema import (
@@ -51,7 +53,11 @@ from lepton.protocol.messages import FINAL_FAILURES, Result
 _results = cast(Table, ResultRow.__table__)
 
 
-class ResultOps(StoreBase):
+class ResultRepo(StoreBase):
+    def __init__(self, engines: Engines, *, retry: RetryPolicy) -> None:
+        super().__init__(engines)
+        self.retry = retry
+
     def apply_results(
         self, device_id: str, results: Sequence[Result], now: float
     ) -> list[ResultOutcome]:

@@ -10,8 +10,8 @@ from sqlalchemy import Table, bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from lepton.coordinator.errors import ConflictError, NotFoundError
-from lepton.coordinator.store.base import StoreBase
-from lepton.coordinator.store.lease import check_fence
+from lepton.coordinator.store.base import StoreBase, check_fence
+from lepton.coordinator.store.connection import Engines
 from lepton.coordinator.store.records import (
     AckOutcome,
     Assignment,
@@ -19,6 +19,7 @@ from lepton.coordinator.store.records import (
     Dispatch,
     Lease,
     NewTask,
+    RetryPolicy,
     TaskRecord,
     from_row,
 )
@@ -43,8 +44,15 @@ def task_message(row: TaskRow) -> Task:
     )
 
 
-class TaskOps(StoreBase):
+class TaskRepo(StoreBase):
     """Task lifecycle writes and reads."""
+
+    def __init__(self, engines: Engines, *, retry: RetryPolicy) -> None:
+        super().__init__(engines)
+        self.retry = retry
+        # Per task kind: adds what only the receiving device may see to a task's message
+        # as it is sent (see add_sealer); never stored.
+        self._sealers: dict[str, Callable[[Task, str], Task]] = {}
 
     def add_sealer(self, kind: str, seal: Callable[[Task, str], Task]) -> None:
         """Have ``seal(message, device_id)`` finish every ``kind`` message sent to a device:
@@ -247,7 +255,7 @@ class TaskOps(StoreBase):
                     select(TaskRow)
                     .where(
                         # A task being cancelled ends by its cancel's own deadline instead
-                        # (CancelOps.sweep_cancels).
+                        # (CancelRepo.sweep_cancels).
                         TaskRow.cancel_requested_at.is_(None),
                         (
                             (TaskRow.state == "assigned")

@@ -25,7 +25,7 @@ def store(tmp_path: Path) -> Store:
 @pytest.fixture
 async def api(store: Store) -> AsyncIterator[httpx.AsyncClient]:
     metrics = Metrics()
-    metrics.watch_store(store.count_devices, store.count_tasks)
+    metrics.watch_store(store.devices.count_devices, store.tasks.count_tasks)
     submitted: list[int] = []
     async with in_process_api(
         store,
@@ -62,7 +62,9 @@ async def test_health_and_openapi(api: httpx.AsyncClient) -> None:
 
 async def test_devices(api: httpx.AsyncClient, store: Store) -> None:
     now = time.time()
-    store.record_capacity([sample("b", received_at=now), sample("a", received_at=now, slots=4)])
+    store.devices.record_capacity(
+        [sample("b", received_at=now), sample("a", received_at=now, slots=4)]
+    )
     devices = (await api.get("/v1/devices")).json()
     assert [d["id"] for d in devices] == ["a", "b"]
     a = devices[0]
@@ -108,8 +110,8 @@ async def test_submit_list_show_explain(api: httpx.AsyncClient, store: Store) ->
     assert shown["results"] == []
     body = (await api.get(f"/v1/tasks/{tid}/explain")).json()
     assert body["explanation"] is None
-    store.record_capacity([sample("a")])
-    store.assign(
+    store.devices.record_capacity([sample("a")])
+    store.tasks.assign(
         [Assignment(task_id=tid, device_id="a", explanation={"device_id": "a"})], time.time()
     )
     body = (await api.get(f"/v1/tasks/{tid}/explain")).json()
@@ -157,7 +159,7 @@ async def test_invalid_submissions_are_422(api: httpx.AsyncClient, body: dict[st
 
 
 async def test_metrics_endpoint(api: httpx.AsyncClient, store: Store) -> None:
-    store.record_capacity([sample("a")])
+    store.devices.record_capacity([sample("a")])
     await api.post("/v1/tasks", json={"kind": "echo"})
     text = (await api.get("/metrics")).text
     assert 'lepton_devices{state="online"} 1.0' in text

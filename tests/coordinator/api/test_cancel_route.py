@@ -42,18 +42,18 @@ async def api(store: Store) -> AsyncIterator[tuple[httpx.AsyncClient, Metrics, l
 
 def _running(store: Store, task_id: str) -> None:
     now = time.time()
-    store.record_capacity([sample("a", received_at=now)])
-    store.submit(new_task(task_id, now=now))
-    (d,) = store.assign([Assignment(task_id=task_id, device_id="a")], now)
-    store.mark_dispatched([(d.task_id, d.attempt)], now)
-    store.apply_acks("a", [TaskAck(task_id=task_id, accepted=True)], now)
+    store.devices.record_capacity([sample("a", received_at=now)])
+    store.tasks.submit(new_task(task_id, now=now))
+    (d,) = store.tasks.assign([Assignment(task_id=task_id, device_id="a")], now)
+    store.tasks.mark_dispatched([(d.task_id, d.attempt)], now)
+    store.tasks.apply_acks("a", [TaskAck(task_id=task_id, accepted=True)], now)
 
 
 async def test_pending_task_is_cancelled_at_once_and_idempotently(
     api: tuple[httpx.AsyncClient, Metrics, list[int]], store: Store
 ) -> None:
     client, metrics, _ = api
-    store.submit(new_task("t1"))
+    store.tasks.submit(new_task("t1"))
     r = await client.post("/v1/tasks/t1/cancel", json={"reason": "changed my mind"})
     assert r.status_code == 200, r.text
     body = r.json()
@@ -83,7 +83,7 @@ async def test_running_task_is_marked_and_the_leader_woken(
     assert body["cancel_requested_at"] is not None
     assert woken == [1]
     assert metrics.value("lepton_task_cancels_total", {"outcome": "requested"}) == 1
-    (due,) = store.cancels_due(time.time(), resend_after_s=60)
+    (due,) = store.cancels.cancels_due(time.time(), resend_after_s=60)
     assert (due.task_id, due.device_id) == ("t1", "a")
 
 
@@ -95,7 +95,7 @@ async def test_unknown_and_finished_tasks(
     assert r.status_code == 404, r.text
     _running(store, "t1")
     ok = Result(id="r1", task_id="t1", status="succeeded", output={"echo": 1})
-    store.apply_results("a", [ok], time.time())
+    store.results.apply_results("a", [ok], time.time())
     r = await client.post("/v1/tasks/t1/cancel")
     assert r.status_code == 409, r.text
     assert r.json() == {
@@ -103,7 +103,7 @@ async def test_unknown_and_finished_tasks(
         "reason": "task_finished",
         "state": "succeeded",
     }
-    assert store.get_task("t1").output == {"echo": 1}
+    assert store.tasks.get_task("t1").output == {"echo": 1}
     assert metrics.value("lepton_task_cancels_total", {"outcome": "unknown"}) == 1
     assert metrics.value("lepton_task_cancels_total", {"outcome": "finished"}) == 1
 
@@ -141,14 +141,14 @@ async def test_hostile_bodies_are_refused_and_change_nothing(
     reason: str | None,
 ) -> None:
     client, metrics, _ = api
-    store.submit(new_task("t1"))
+    store.tasks.submit(new_task("t1"))
     r = await client.post("/v1/tasks/t1/cancel", content=body, headers=headers)
     assert r.status_code == status, r.text
     if reason is not None:
         assert r.json()["reason"] == reason
     rejects = "invalid" if reason is None else reason
     assert metrics.value("lepton_http_rejects_total", {"reason": rejects}) == 1
-    assert store.get_task("t1").state == "pending"
+    assert store.tasks.get_task("t1").state == "pending"
     # An id longer than any task id is refused before the store sees it.
     r = await client.post("/v1/tasks/" + "x" * 65 + "/cancel")
     assert r.status_code == 422

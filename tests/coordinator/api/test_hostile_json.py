@@ -76,7 +76,7 @@ async def test_deep_params_get_a_400_with_a_reason(
     assert r.status_code == 400, r.text
     assert r.json()["reason"] == "too_deep"
     assert rejects(metrics, "too_deep") == 1
-    assert store.count_tasks().get("pending", 0) == 0
+    assert store.tasks.count_tasks().get("pending", 0) == 0
 
 
 async def test_params_as_deep_as_the_wire_allows_are_taken_and_decode(
@@ -86,7 +86,7 @@ async def test_params_as_deep_as_the_wire_allows_are_taken_and_decode(
     params = {"a": nested(codec.MAX_DEPTH - 2)}
     r = await post(api, json.dumps({"kind": "echo", "params": params}))
     assert r.status_code == 201, r.text
-    task = store.get_task(r.json()["id"])
+    task = store.tasks.get_task(r.json()["id"])
     message = Task(task_id=task.id, kind="echo", params=task.params, expires_at=task.expires_at)
     assert codec.decode(codec.encode(message), Task).params == params
 

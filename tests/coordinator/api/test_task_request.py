@@ -122,7 +122,7 @@ async def test_params_of_a_known_kind_are_checked_at_submission(
     r = await api.post("/v1/tasks", json=missing)
     assert r.status_code == 422, r.text
     assert r.json()["detail"][0]["loc"] == ["body", "params", "round"]
-    assert store.count_tasks().get("pending", 0) == 0
+    assert store.tasks.count_tasks().get("pending", 0) == 0
 
     good = encode_params(INFER, InferParams(model="clf", source="val", batch_size=8))
     r = await api.post("/v1/tasks", json={"kind": "infer", "params": {**good, "extra": 1}})
@@ -136,7 +136,7 @@ async def test_params_of_a_known_kind_are_checked_at_submission(
 async def test_a_task_comes_back_as_its_record(api: httpx.AsyncClient, store: Store) -> None:
     r = await api.post("/v1/tasks", json={"kind": "echo", "min_battery": 30})
     assert r.status_code == 201, r.text
-    record = store.get_task(r.json()["id"])
+    record = store.tasks.get_task(r.json()["id"])
     out = TaskOut.of(record)
     for name in TaskOut.model_fields:
         if name != "next_attempt_at":

@@ -37,8 +37,8 @@ async def test_devices_and_tasks_commands(
 ) -> None:
     api = coordinator.api_url or ""
     async with FakeDevice(broker.port, "pi-7", interval_s=0.2):
-        await eventually(lambda: coordinator.store.device_exists("pi-7"))
-        await eventually(lambda: coordinator.store.get_device("pi-7").report is not None)
+        await eventually(lambda: coordinator.store.devices.device_exists("pi-7"))
+        await eventually(lambda: coordinator.store.devices.get_device("pi-7").report is not None)
         code, out, _ = await lepton(capsys, "--api", api, "devices", "ls")
         assert code == 0
         assert "pi-7" in out
@@ -132,8 +132,10 @@ async def test_models_deploy_through_the_running_coordinator(
     four = FakeDevice(broker.port, "pi-4", interval_s=0.2, device_class="rpi4")
     async with five, four:
         for device in ("pi-5", "pi-4"):
-            await eventually(lambda d=device: coordinator.store.device_exists(d))
-            await eventually(lambda d=device: coordinator.store.get_device(d).report is not None)
+            await eventually(lambda d=device: coordinator.store.devices.device_exists(d))
+            await eventually(
+                lambda d=device: coordinator.store.devices.get_device(d).report is not None
+            )
         code, out, err = await lepton(
             capsys, "--api", api, "--json", "models", "deploy", "digits:1", "--class", "rpi5"
         )
@@ -148,7 +150,9 @@ async def test_models_deploy_through_the_running_coordinator(
         async with httpx.AsyncClient() as http:
             blob = (await http.get(task.params["url"])).content
         assert blob == artifact.read_bytes()
-        await eventually(lambda: coordinator.store.get_task(task.task_id).state == "succeeded")
+        await eventually(
+            lambda: coordinator.store.tasks.get_task(task.task_id).state == "succeeded"
+        )
         assert not [t for t in four.tasks if t.kind == "deploy"]
         code, out, _ = await lepton(capsys, "--api", api, "models", "deploy", "digits")
         assert code == 0

@@ -112,10 +112,10 @@ def test_rounds_extend_close_once_and_count_rejects(fl: FLStore) -> None:
 def test_leader_writes_are_fenced(fl: FLStore, store: Store) -> None:
     job_id = open_job(fl)
     now = time.time()
-    lease = store.acquire_lease(f"fl-{job_id}", "me", now, 30.0)
+    lease = store.leases.acquire_lease(f"fl-{job_id}", "me", now, 30.0)
     assert lease is not None
     fl.update_job(job_id, error="x", lease=lease)
-    assert store.acquire_lease(f"fl-{job_id}", "other", now + 60, 30.0) is not None
+    assert store.leases.acquire_lease(f"fl-{job_id}", "other", now + 60, 30.0) is not None
     with pytest.raises(LeaseLostError):
         fl.update_job(job_id, error="y", lease=lease)
     assert fl.get_job(job_id).error == "x"

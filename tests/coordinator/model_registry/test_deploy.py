@@ -43,7 +43,7 @@ def models(store: Store, tmp_path: Path, digits_fp32: Path) -> ModelRegistry:
 def fleet(store: Store) -> Store:
     """a: rpi5 lab, b: rpi4 lab, c: rpi5, d: rpi5 lab but offline."""
     now = time.time()
-    store.record_capacity(
+    store.devices.record_capacity(
         [
             sample("a", device_class="rpi5", tags=["lab"]),
             sample("b", device_class="rpi4", tags=["lab"]),
@@ -51,8 +51,8 @@ def fleet(store: Store) -> Store:
             sample("d", device_class="rpi5", tags=["lab"]),
         ]
     )
-    store.apply_state("d", "default", State(state="offline"), now + 1)
-    assert {d.id for d in store.list_devices(state="online")} == {"a", "b", "c"}
+    store.devices.apply_state("d", "default", State(state="offline"), now + 1)
+    assert {d.id for d in store.devices.list_devices(state="online")} == {"a", "b", "c"}
     return store
 
 
@@ -70,7 +70,7 @@ def test_one_pinned_task_per_chosen_device(deployer: Deployer, fleet: Store) -> 
     done = deployer.deploy("digits", 1, DeviceSelector(device_class="rpi5", tag="lab"))
     assert done.model.version == 1
     assert [t.pinned_device for t in done.tasks] == ["a"]
-    task = fleet.get_task(done.tasks[0].id)
+    task = fleet.tasks.get_task(done.tasks[0].id)
     assert (task.kind, task.state, task.input_bytes) == ("deploy", "pending", done.model.size)
     assert task.params == encode_params(DEPLOY, deploy_params(done.model, BASE))
     assert task.params["url"] == f"{BASE}/v1/blobs/{done.model.digest}"
@@ -124,7 +124,7 @@ async def test_the_route_deploys(deployer: Deployer, fleet: Store, models: Model
             ("a", "deploy"),
             ("b", "deploy"),
         ]
-        assert {fleet.get_task(t["id"]).max_attempts for t in body["tasks"]} == {2}
+        assert {fleet.tasks.get_task(t["id"]).max_attempts for t in body["tasks"]} == {2}
 
 
 HOSTILE = [
@@ -168,7 +168,7 @@ async def test_hostile_deploy_requests_are_refused(
         # Input is not echoed back.
         assert "evil" not in r.text
         assert "passwd" not in r.text
-        assert fleet.list_tasks() == []
+        assert fleet.tasks.list_tasks() == []
 
 
 async def test_a_deep_or_not_finite_body_is_refused(
@@ -189,4 +189,4 @@ async def test_a_deep_or_not_finite_body_is_refused(
                 headers={"content-type": "application/json"},
             )
             assert 400 <= r.status_code < 500, (raw[:20], r.status_code)
-        assert fleet.list_tasks() == []
+        assert fleet.tasks.list_tasks() == []

@@ -20,8 +20,8 @@ def store(tmp_path: Path) -> Store:
 
 
 async def test_one_leader_then_hand_over(store: Store) -> None:
-    a = Leadership(store, "a", 0.6, Metrics())
-    b = Leadership(store, "b", 0.6, Metrics())
+    a = Leadership(store.leases, "a", 0.6, Metrics())
+    b = Leadership(store.leases, "b", 0.6, Metrics())
     ta = asyncio.create_task(a.run())
     await eventually(lambda: a.is_leader)
     tb = asyncio.create_task(b.run())
@@ -33,13 +33,13 @@ async def test_one_leader_then_hand_over(store: Store) -> None:
         await ta
     await a.release()
     await eventually(lambda: b.is_leader, timeout=1.0)
-    holder = store.lease_holder(LEASE_NAME)
+    holder = store.leases.lease_holder(LEASE_NAME)
     assert holder is not None
     assert holder.holder == "b"
     tb.cancel()  # b "crashes": no release
     with contextlib.suppress(asyncio.CancelledError):
         await tb
-    c = Leadership(store, "c", 0.6, Metrics())
+    c = Leadership(store.leases, "c", 0.6, Metrics())
     tc = asyncio.create_task(c.run())
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -51,7 +51,7 @@ async def test_one_leader_then_hand_over(store: Store) -> None:
 
 
 async def test_lead_runs_bodies_per_term_and_stops_them_on_loss(store: Store) -> None:
-    a = Leadership(store, "a", 0.6, Metrics())
+    a = Leadership(store.leases, "a", 0.6, Metrics())
     terms: list[int] = []
     stopped = asyncio.Event()
 
@@ -68,8 +68,8 @@ async def test_lead_runs_bodies_per_term_and_stops_them_on_loss(store: Store) ->
     # Another replica takes the lease over (as if ours had expired).
     lease = a.lease
     assert lease is not None
-    store.release_lease(lease)
-    assert store.acquire_lease(LEASE_NAME, "other", 10**10, 60) is not None
+    store.leases.release_lease(lease)
+    assert store.leases.acquire_lease(LEASE_NAME, "other", 10**10, 60) is not None
     await asyncio.wait_for(stopped.wait(), 2.0)
     assert not a.is_leader
     for t in (runner, leading):

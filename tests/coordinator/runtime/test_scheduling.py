@@ -72,14 +72,14 @@ async def test_cycle_places_publishes_and_explains(store: Store) -> None:
     now = time.time()
     # Different classes: within one class a claim above the peers' median is not believed.
     fast = sample("fast", received_at=now, gflops=100.0, device_class="jetson-orin-nano")
-    store.record_capacity([fast, sample("slow", received_at=now, gflops=1.0)])
-    store.submit(new_task("t1", demand_gops=10.0))
+    store.devices.record_capacity([fast, sample("slow", received_at=now, gflops=1.0)])
+    store.tasks.submit(new_task("t1", demand_gops=10.0))
     s, link = make(store)
     assert await s.cycle(None, model(s)) == 1
     ((topic, msg),) = link.sent
     assert topic == "lepton/v1/default/cmd/fast/task"
     assert (msg.task_id, msg.attempt, msg.kind) == ("t1", 1, "echo")
-    task = store.get_task("t1")
+    task = store.tasks.get_task("t1")
     assert task.state == "assigned"
     assert task.dispatched_at is not None
     e = task.explanation
@@ -90,30 +90,30 @@ async def test_cycle_places_publishes_and_explains(store: Store) -> None:
 
 
 async def test_unsent_tasks_are_resent_as_the_same_message(store: Store) -> None:
-    store.record_capacity([sample("a")])
-    store.submit(new_task("t1"))
+    store.devices.record_capacity([sample("a")])
+    store.tasks.submit(new_task("t1"))
     s, link = make(store, **{"tasks.redispatch_after_s": 0.01})
     link.down = True
     await s.cycle(None, model(s))
-    assert store.get_task("t1").dispatched_at is None
+    assert store.tasks.get_task("t1").dispatched_at is None
     link.down = False
     time.sleep(0.02)
     await s.cycle(None, model(s))
     ((_, msg),) = link.sent
-    assert msg.id == store.get_task("t1").dispatch_id
-    assert store.get_task("t1").dispatched_at is not None
+    assert msg.id == store.tasks.get_task("t1").dispatch_id
+    assert store.tasks.get_task("t1").dispatched_at is not None
 
 
 async def test_no_cycle_runs_while_the_broker_link_is_down(store: Store) -> None:
-    store.record_capacity([sample("a")])
-    store.submit(new_task("t1"))
+    store.devices.record_capacity([sample("a")])
+    store.tasks.submit(new_task("t1"))
     s, link = make(store, **{"scheduler.batch_interval_s": 0.01})
     link.set_connected(False)
     leading = asyncio.create_task(s.lead(None))  # type: ignore[arg-type]
     try:
         await asyncio.sleep(0.3)  # some thirty batch intervals
         assert (s.cycles, link.sent) == (0, [])
-        assert store.get_task("t1").state == "pending"
+        assert store.tasks.get_task("t1").state == "pending"
         link.set_connected(True)
         async with asyncio.timeout(10):
             while not link.sent:
@@ -127,12 +127,12 @@ async def test_no_cycle_runs_while_the_broker_link_is_down(store: Store) -> None
 
 async def test_large_batches_keep_only_the_chosen_terms(store: Store) -> None:
     now = time.time()
-    store.record_capacity([sample(f"d{i}", received_at=now) for i in range(5)])
+    store.devices.record_capacity([sample(f"d{i}", received_at=now) for i in range(5)])
     for i in range(5):
-        store.submit(new_task(f"t{i}"))
+        store.tasks.submit(new_task(f"t{i}"))
     s, _ = make(store, **{"scheduler.time_budget_s": 1e-9})
     assert await s.cycle(None, model(s)) == 5
-    e = store.get_task("t0").explanation
+    e = store.tasks.get_task("t0").explanation
     assert e is not None
     assert e["complete"] is False
     assert len(e["candidates"]) == 1
@@ -140,16 +140,16 @@ async def test_large_batches_keep_only_the_chosen_terms(store: Store) -> None:
 
 
 async def test_measured_durations_reach_the_estimator(store: Store) -> None:
-    store.record_capacity([sample("a", gflops=10.0)])
-    store.submit(new_task("t1", demand_gops=8.0, model_class="cnn"))
+    store.devices.record_capacity([sample("a", gflops=10.0)])
+    store.tasks.submit(new_task("t1", demand_gops=8.0, model_class="cnn"))
     s, _ = make(store)
     await s.cycle(None, model(s))
-    store.apply_acks("a", [TaskAck(task_id="t1", accepted=True)], time.time())
+    store.tasks.apply_acks("a", [TaskAck(task_id="t1", accepted=True)], time.time())
     res = Result(task_id="t1", status="succeeded", attempt=1, started_at=100.0, finished_at=104.0)
-    store.apply_results("a", [res], time.time())
+    store.results.apply_results("a", [res], time.time())
     await s.cycle(None, model(s))
-    assert store.pending_observations() == []
-    snap = store.load_estimates()
+    assert store.estimates.pending_observations() == []
+    snap = store.estimates.load_estimates()
     assert snap is not None
     ((dev, mc, prec, rate, n, _prior),) = snap["rates"]
     assert (dev, mc, prec, n) == ("a", "cnn", "fp32", 1)

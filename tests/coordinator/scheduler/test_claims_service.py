@@ -39,12 +39,12 @@ async def run_batch(c: Coordinator, tag: str) -> Counter[str]:
 
     def submit_all() -> None:
         for t in tasks:
-            c.store.submit(t)
+            c.store.tasks.submit(t)
 
     await asyncio.to_thread(submit_all)
 
     def done() -> list[TaskRecord] | None:
-        got = [c.store.get_task(t.id) for t in tasks]
+        got = [c.store.tasks.get_task(t.id) for t in tasks]
         return got if all(t.state == "succeeded" for t in got) else None
 
     records: list[TaskRecord] = await eventually(lambda: asyncio.to_thread(done), timeout=30)
@@ -75,7 +75,7 @@ async def test_lying_device_is_held_to_its_peers(
             topics.device_topic("default", "absurd", topics.CAPACITY), codec.encode(absurd)
         )
         await eventually(lambda: rejects(c, "invalid") >= 1)
-        assert not c.store.device_exists("absurd")
+        assert not c.store.devices.device_exists("absurd")
         await online(c, *(d.device_id for d in devices))
 
         first = await run_batch(c, "a")  # before any observation: claims only

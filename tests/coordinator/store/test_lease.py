@@ -10,27 +10,27 @@ T0 = 1_700_000_000.0
 
 
 def test_acquire_renew_takeover_release(store: Store) -> None:
-    mine = store.acquire_lease("scheduler", "a", T0, 10)
+    mine = store.leases.acquire_lease("scheduler", "a", T0, 10)
     assert mine is not None
     assert mine.epoch == 1
-    assert store.acquire_lease("scheduler", "b", T0 + 5, 10) is None
-    again = store.acquire_lease("scheduler", "a", T0 + 5, 10)
+    assert store.leases.acquire_lease("scheduler", "b", T0 + 5, 10) is None
+    again = store.leases.acquire_lease("scheduler", "a", T0 + 5, 10)
     assert again is not None
     assert again.epoch == 1
     assert again.expires_at == T0 + 15
-    renewed = store.renew_lease(mine, T0 + 6, 10)
+    renewed = store.leases.renew_lease(mine, T0 + 6, 10)
     assert renewed is not None
     assert renewed.expires_at == T0 + 16
-    theirs = store.acquire_lease("scheduler", "b", T0 + 17, 10)
+    theirs = store.leases.acquire_lease("scheduler", "b", T0 + 17, 10)
     assert theirs is not None
     assert theirs.epoch == 2
-    assert store.renew_lease(mine, T0 + 18, 10) is None  # lost: another epoch
-    assert store.release_lease(mine) is False
-    assert store.release_lease(theirs) is True
-    back = store.acquire_lease("scheduler", "a", T0 + 19, 10)
+    assert store.leases.renew_lease(mine, T0 + 18, 10) is None  # lost: another epoch
+    assert store.leases.release_lease(mine) is False
+    assert store.leases.release_lease(theirs) is True
+    back = store.leases.acquire_lease("scheduler", "a", T0 + 19, 10)
     assert back is not None
     assert back.epoch == 3
-    holder = store.lease_holder("scheduler")
+    holder = store.leases.lease_holder("scheduler")
     assert holder is not None
     assert holder.holder == "a"
 
@@ -41,7 +41,7 @@ def test_only_one_of_many_contenders_wins(store: Store) -> None:
 
     def contend(name: str) -> None:
         barrier.wait()
-        if store.acquire_lease("scheduler", name, T0, 10) is not None:
+        if store.leases.acquire_lease("scheduler", name, T0, 10) is not None:
             wins.append(name)
 
     threads = [threading.Thread(target=contend, args=(f"r{i}",)) for i in range(6)]

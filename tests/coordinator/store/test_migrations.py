@@ -143,7 +143,7 @@ def test_an_older_revision_is_refused_unless_auto_upgrade(
     finally:
         engines.dispose()
     old = Store.open(empty_url, create=False)
-    old.record_capacity([sample("pi-01")])
+    old.devices.record_capacity([sample("pi-01")])
     old.close()
     assert migrations.head() == "0002"
     with pytest.raises(migrations.SchemaError) as refused:
@@ -156,7 +156,7 @@ def test_an_older_revision_is_refused_unless_auto_upgrade(
     try:
         assert _recorded(empty_url) == ["0002"]
         assert "probe_note" in {c["name"] for c in inspect(store.engine).get_columns("devices")}
-        assert [d.id for d in store.list_devices()] == ["pi-01"]
+        assert [d.id for d in store.devices.list_devices()] == ["pi-01"]
     finally:
         store.close()
 
@@ -221,7 +221,7 @@ def test_an_unversioned_database_is_adopted_with_its_rows(
         with engines.write.begin() as conn:
             conn.execute(text("ALTER TABLE tasks DROP COLUMN cancel_reason"))
         old = Store.open(empty_url, create=False)
-        old.record_capacity([sample("pi-01"), sample("pi-02")])
+        old.devices.record_capacity([sample("pi-01"), sample("pi-02")])
         old.close()
         assert migrations.current(engines.write).state == "unversioned"
         assert main(["db", "upgrade", "--database", empty_url]) == EXIT_OK
@@ -230,7 +230,7 @@ def test_an_unversioned_database_is_adopted_with_its_rows(
         assert schema_differences(engines.write) == []
         store = Store.open(empty_url)
         try:
-            assert sorted(d.id for d in store.list_devices()) == ["pi-01", "pi-02"]
+            assert sorted(d.id for d in store.devices.list_devices()) == ["pi-01", "pi-02"]
         finally:
             store.close()
     finally:

@@ -28,26 +28,69 @@ import numpy as np
 
 from lepton.coordinator.errors import NotFoundError
 from lepton.coordinator.fl import modelio
-from lepton.coordinator.fl.jobs.progress import MAX_DECODE_BYTES, JobState
+from lepton.coordinator.fl.jobs.admission import JobPolicy
+from lepton.coordinator.fl.jobs.progress import (
+    MAX_DECODE_BYTES,
+    JobCode,
+    JobState,
+    JobTasks,
+    RoundProgress,
+)
+from lepton.coordinator.fl.jobs.spec import FLJob
 from lepton.coordinator.fl.kernels.screening import Screened, screen
 from lepton.coordinator.fl.kernels.strategies import AggregationError, ClientUpdate
 from lepton.coordinator.fl.kernels.strategies.dp import CentralDP
+from lepton.coordinator.fl.metrics import FLMetrics
 from lepton.coordinator.fl.records import RoundRecord, UpdateRecord
+from lepton.coordinator.fl.store import FLStore
+from lepton.coordinator.model_registry.registry import ModelRegistry
 from lepton.protocol.errors import DecodeError
 from lepton.protocol.weights import decode_weights, encode_weights
 
 log = logging.getLogger(__name__)
 
 
-class RoundClosing(JobState):
-    """Aggregation and the round's figures."""
+class RoundCloser:
+    """Aggregation and the round's figures, for one job. The strategy is the job's
+    (``state.strategy``, restored from its last closed round by the runner); new weights
+    and strategy state go to ``blobs``."""
 
-    async def _close(self, rnd: RoundRecord) -> bool:
+    def __init__(
+        self,
+        fl: FLStore,
+        blobs: ModelRegistry,
+        *,
+        state: JobState,
+        progress: RoundProgress,
+        code: JobCode,
+        job_tasks: JobTasks,
+        policy: JobPolicy,
+        metrics: FLMetrics,
+    ) -> None:
+        self.fl = fl
+        self.blobs = blobs
+        self.state = state
+        self.progress = progress
+        self.code = code
+        self.job_tasks = job_tasks
+        self.policy = policy
+        self.metrics = metrics
+
+    @property
+    def job_id(self) -> str:
+        return self.state.job_id
+
+    @property
+    def job(self) -> FLJob:
+        return self.state.job
+
+    async def close(self, rnd: RoundRecord) -> bool:
         """Aggregate the round and record it; False if too few updates were usable."""
-        assert self.global_weights is not None
+        state = self.state
+        assert state.global_weights is not None
         updates = await asyncio.to_thread(self.fl.updates_for, self.job_id, rnd.round)
         counted = sorted((u for u in updates if u.complete), key=lambda u: u.device_id)
-        late = await asyncio.to_thread(self._late_updates, rnd.round)
+        late = await asyncio.to_thread(self.late_updates, rnd.round)
         clients: list[ClientUpdate] = []
         unreadable: dict[str, str] = {}
         entries = [(u.device_id, u, 1.0) for u in counted]
@@ -67,7 +110,7 @@ class RoundClosing(JobState):
                     reported[f"{u.device_id}@{r}"] = sizes[r][u.device_id]
         for name, u, weight in entries:
             try:
-                data = await asyncio.to_thread(self.registry.read_blob, u.digest)
+                data = await asyncio.to_thread(self.blobs.read_blob, u.digest)
                 _meta, delta = await asyncio.to_thread(
                     decode_weights, data, max_bytes=MAX_DECODE_BYTES
                 )
@@ -91,16 +134,18 @@ class RoundClosing(JobState):
             name: {"claimed": claimed, "used": used, "reason": screened.reasons[name]}
             for name, (claimed, used) in screened.clamped.items()
         }
-        before = self.strategy.state()
+        before = state.strategy.state()
         try:
-            result = await asyncio.to_thread(self.strategy.aggregate, self.global_weights, clients)
+            result = await asyncio.to_thread(
+                state.strategy.aggregate, state.global_weights, clients
+            )
         except AggregationError as exc:
             log.warning("fl job %s round %d: %s", self.job_id, rnd.round, exc)
             return False
         try:
             return await self._commit(rnd, result, counted, unreadable, late, clamped=clamped)
         except BaseException:
-            self.strategy.load_state(before)  # not committed: the round is aggregated again
+            state.strategy.load_state(before)  # not committed: the round is aggregated again
             raise
 
     def _screen(
@@ -114,7 +159,7 @@ class RoundClosing(JobState):
         ``refused``, and every refusal and clamped count is logged and counted (by reason).
         ``reported``: update name -> the data size its device reported before its round."""
         job = self.job
-        cap = job.max_examples_per_update or self.engine.policy.max_examples_per_update
+        cap = job.max_examples_per_update or self.policy.max_examples_per_update
         if job.max_examples is not None:
             cap = min(cap, job.max_examples)
         screened = screen(
@@ -125,10 +170,10 @@ class RoundClosing(JobState):
             # bounds each update's influence itself needs no refusals, which would only cost
             # it honest updates its minimum may need (a big device's honest update can be
             # several times the median).
-            norm_ratio=None if self.strategy.bounds_influence() else job.norm_ratio,
+            norm_ratio=None if self.state.strategy.bounds_influence() else job.norm_ratio,
             reported=reported,
         )
-        metrics = self.engine.metrics.screened
+        metrics = self.metrics.screened
         for name, why in screened.refused.items():
             refused[name] = f"screened: {why}"
             metrics.labels("norm_outlier").inc()
@@ -151,7 +196,7 @@ class RoundClosing(JobState):
             )
         return screened
 
-    def _late_updates(self, round_no: int) -> list[tuple[int, UpdateRecord]]:
+    def late_updates(self, round_no: int) -> list[tuple[int, UpdateRecord]]:
         """(round, update) of the late updates this round folds in (worker thread)."""
         late = self.job.late
         if late.policy != "fold":
@@ -182,7 +227,7 @@ class RoundClosing(JobState):
                     continue  # uploaded after the window's last round closed
                 task_id = r.tasks.get(u.device_id)
                 if not u.complete and (
-                    task_id is None or not self._link(r.round, u.device_id, task_id, u)
+                    task_id is None or not self.progress.link(r.round, u.device_id, task_id, u)
                 ):
                     continue  # its result is not in yet: a later round may fold it
                 out.append((r.round, u))
@@ -206,12 +251,13 @@ class RoundClosing(JobState):
         clamped: Mapping[str, Any] | None = None,
     ) -> bool:
         job = self.job
+        state = self.state
         blob = encode_weights(result.weights, kind="weights", round=rnd.round, job=self.job_id)
-        digest = await asyncio.to_thread(self.registry.put_bytes, blob)
+        digest = await asyncio.to_thread(self.blobs.put_bytes, blob)
         state_ref: dict[str, Any] = {}
         if result.state:
             state_blob = encode_weights(dict(result.state), kind="weights", round=rnd.round)
-            state_ref["digest"] = await asyncio.to_thread(self.registry.put_bytes, state_blob)
+            state_ref["digest"] = await asyncio.to_thread(self.blobs.put_bytes, state_blob)
         now = time.time()
         metrics: dict[str, Any] = {
             "selected": len(rnd.selected),
@@ -223,7 +269,7 @@ class RoundClosing(JobState):
             "rejected": sum(rnd.rejects.values()) + len(result.rejected) + len(unreadable),
             "examples": result.num_examples,
             "bytes_up": sum(u.size for u in counted) + sum(u.size for _, u in late),
-            "bytes_down": self.global_size * len(rnd.selected),
+            "bytes_down": state.global_size * len(rnd.selected),
             "wall_s": now - rnd.started_at,
             "attempts": rnd.attempt,
             "expected_round_s": (rnd.selection or {}).get("expected_round_s"),
@@ -237,20 +283,20 @@ class RoundClosing(JobState):
             metrics["late_used"] = sum("@" in c for c in result.contributors)
         if "client.loss_after" in result.metrics:
             metrics["loss"] = result.metrics["client.loss_after"]
-        if self.eval_set is not None:
-            loss, accuracy = await self._run_code(
+        if state.eval_set is not None:
+            loss, accuracy = await self.code.run(
                 "evaluate",
                 modelio.evaluate,
                 job.model,
-                self.engine.policy,
+                self.policy,
                 result.weights,
-                self.eval_set,
+                state.eval_set,
             )
             metrics["loss"], metrics["accuracy"] = loss, accuracy
-        if isinstance(self.strategy, CentralDP) and job.dp is not None:
+        if isinstance(state.strategy, CentralDP) and job.dp is not None:
             eligible = max(1, int((rnd.selection or {}).get("eligible") or len(rnd.selected)))
             metrics["dp.epsilon"] = float(
-                self.strategy.epsilon(
+                state.strategy.epsilon(
                     delta=job.dp.delta, sampling_rate=min(1.0, job.clients_per_round / eligible)
                 )
             )
@@ -265,16 +311,16 @@ class RoundClosing(JobState):
             contributors=result.contributors,
             metrics=_jsonable(metrics),
             job_values={"round": rnd.round + 1, "global_digest": digest},
-            lease=self.lease,
+            lease=state.lease,
         )
         if not closed:
             return True  # closed already (an earlier term): the main loop reloads
         if self.job.late.policy != "fold":
             # Nothing will take a straggler's update now: stop its training.
-            await self._cancel_tasks([rnd], "round_closed")
-        self.global_weights, self.global_size = dict(result.weights), len(blob)
-        self.engine.metrics.rounds.labels("closed").inc()
-        self.engine.metrics.round_seconds.observe(metrics["wall_s"])
+            await self.job_tasks.cancel([rnd], "round_closed")
+        state.global_weights, state.global_size = dict(result.weights), len(blob)
+        self.metrics.rounds.labels("closed").inc()
+        self.metrics.round_seconds.observe(metrics["wall_s"])
         log.info(
             "fl job %s round %d closed: %d updates (%d selected)%s, %.1fs%s",
             self.job_id,

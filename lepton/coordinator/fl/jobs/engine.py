@@ -50,7 +50,7 @@ from lepton.coordinator.fl.jobs.progress import JobFailedError
 from lepton.coordinator.fl.jobs.runner import JobRunner
 from lepton.coordinator.fl.jobs.spec import JobError
 from lepton.coordinator.fl.metrics import FLMetrics
-from lepton.coordinator.fl.records import ACTIVE_STATES
+from lepton.coordinator.fl.records import ACTIVE_STATES, JobRecord
 from lepton.coordinator.fl.store import FLStore
 from lepton.coordinator.model_registry.registry import ModelRegistry
 from lepton.coordinator.scheduler import CostModel, CostWeights, ThroughputEstimator
@@ -123,6 +123,23 @@ class FLEngine:
     def cost_model(self) -> CostModel:
         return CostModel(self.weights, self.estimator())
 
+    def runner(self, record: JobRecord, lease: Lease) -> JobRunner:
+        """The runner of job ``record`` for one term (:class:`~.spec.JobError` if its
+        stored spec cannot be read)."""
+        return JobRunner(
+            record,
+            lease,
+            fl=self.fl,
+            store=self.store,
+            registry=self.registry,
+            cfg=self.cfg,
+            policy=self.policy,
+            metrics=self.metrics,
+            planner=self.cost_model,
+            urls=self.base_url,
+            on_submit=self.on_submit,
+        )
+
     # ------------------------------------------------------------------ leading
 
     async def lead(self, lease: Lease) -> None:
@@ -142,7 +159,7 @@ class FLEngine:
                 for job in jobs:
                     if job.id not in tasks:
                         try:
-                            runner = JobRunner(self, job, lease)
+                            runner = self.runner(job, lease)
                         except JobError as exc:  # a stored spec this version cannot read
                             await asyncio.to_thread(
                                 self.fl.update_job,

@@ -6,15 +6,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
 import numpy as np
 
+from lepton.coordinator.config import Config
 from lepton.coordinator.errors import ConflictError, NotFoundError
 from lepton.coordinator.fl.credentials import SCHEME
 from lepton.coordinator.fl.jobs import planning
-from lepton.coordinator.fl.jobs.progress import JobFailedError, JobState
+from lepton.coordinator.fl.jobs.progress import JobFailedError, JobState, JobTasks, RoundProgress
+from lepton.coordinator.fl.metrics import FLMetrics
 from lepton.coordinator.fl.records import JobRecord, RoundRecord
+from lepton.coordinator.fl.store import FLStore
+from lepton.coordinator.scheduler import CostModel
+from lepton.coordinator.store.devices import DeviceRepo
+from lepton.coordinator.store.tasks import TaskRepo
 from lepton.coordinator.tasks.states import IN_FLIGHT
 from lepton.coordinator.tasks.submit import build_task
 from lepton.protocol import routes
@@ -25,12 +32,48 @@ log = logging.getLogger(__name__)
 NO_DEVICES_RECHECK_S: Final = 2.0
 
 
-class RoundOpening(JobState):
-    """Selection and task submission of a job's rounds."""
+class RoundOpener:
+    """Selection and task submission of one job's rounds.
 
-    async def _open(self, record: JobRecord) -> RoundRecord | None:
+    ``planner`` gives the cost model of the moment (the scheduler's estimator learns);
+    ``urls`` the base URL devices download weights from and upload updates to.
+    """
+
+    def __init__(
+        self,
+        fl: FLStore,
+        devices: DeviceRepo,
+        tasks: TaskRepo,
+        planner: Callable[[], CostModel],
+        urls: Callable[[], str],
+        *,
+        cfg: Config,
+        metrics: FLMetrics,
+        state: JobState,
+        progress: RoundProgress,
+        job_tasks: JobTasks,
+        on_submit: Callable[[], None],
+    ) -> None:
+        self.fl = fl
+        self.devices = devices
+        self.tasks = tasks
+        self.planner = planner
+        self.urls = urls
+        self.cfg = cfg
+        self.metrics = metrics
+        self.state = state
+        self.progress = progress
+        self.job_tasks = job_tasks
+        self.on_submit = on_submit
+
+    @property
+    def job_id(self) -> str:
+        return self.state.job_id
+
+    async def open(self, record: JobRecord) -> RoundRecord | None:
         round_no = record.round
-        chosen = await self._select(record, want=self.job.clients_per_round, exclude=frozenset())
+        job = self.state.job
+        chosen = await self._select(record, want=job.clients_per_round, exclude=frozenset())
         if chosen is None:
             return None
         devices, info, sizes = chosen
@@ -48,19 +91,19 @@ class RoundOpening(JobState):
             selection=info,
             base_digest=record.global_digest,
             started_at=now,
-            deadline=now + self.job.deadline_s,
+            deadline=now + job.deadline_s,
             reported_sizes=sizes,
-            lease=self.lease,
+            lease=self.state.lease,
         )
         log.info(
             "fl job %s round %d: %d devices selected (%s), deadline %.0fs",
             self.job_id,
             round_no,
             len(devices),
-            self.job.selection,
-            self.job.deadline_s,
+            job.selection,
+            job.deadline_s,
         )
-        await self._ensure_tasks(rnd)
+        await self.ensure_tasks(rnd)
         return rnd
 
     async def _select(
@@ -68,19 +111,20 @@ class RoundOpening(JobState):
     ) -> tuple[list[str], dict[str, Any], dict[str, int]] | None:
         """Devices for the round, how they were chosen, and the size each reported for the
         job's data source (None while too few are eligible, re-checked on a timer)."""
-        job = self.job
+        job = self.state.job
+        size = self.state.global_size
         shape = planning.RoundShape(
-            weights_bytes=self.global_size,
-            update_bytes=planning.expected_update_bytes(self.global_size, job.compression),
+            weights_bytes=size,
+            update_bytes=planning.expected_update_bytes(size, job.compression),
             flops_per_example=record.flops_per_example or 1.0,
         )
 
         def gather() -> tuple[list[Any], dict[str, str], int, dict[str, int]]:
-            rows = self.store.list_devices(state="online", limit=1_000_000)
+            rows = self.devices.list_devices(state="online", limit=1_000_000)
             # Read with the selection, before the round: what a device reports once it has
             # its task cannot raise the bound on its own update.
             sizes = planning.reported_sizes(rows, job.data)
-            states = planning.device_states(rows, self.store.inflight_by_device())
+            states = planning.device_states(rows, self.tasks.inflight_by_device())
             rounds = [r for r in self.fl.list_rounds(self.job_id) if r.round < record.round]
             backlog = planning.backlog_s(self._working(rounds), time.time())
             history = planning.participation(
@@ -91,7 +135,7 @@ class RoundOpening(JobState):
                 job,
                 shape,
                 states,
-                self.engine.cost_model(),
+                self.planner(),
                 examples=examples,
                 history=history,
                 exclude=exclude,
@@ -110,7 +154,7 @@ class RoundOpening(JobState):
                 online,
                 need,
             )
-            await self._sleep(NO_DEVICES_RECHECK_S)
+            await self.state.sleep(NO_DEVICES_RECHECK_S)
             return None
         late = planning.past_the_job(job, cands, want, record.round)
         if late:
@@ -142,23 +186,25 @@ class RoundOpening(JobState):
         if not ours:
             return out
         for state in IN_FLIGHT:
-            for t in self.store.list_tasks(state=state, kind=planning.KIND, limit=1_000_000):
+            for t in self.tasks.list_tasks(state=state, kind=planning.KIND, limit=1_000_000):
                 if t.id in ours:
                     device, started, expected = ours[t.id]
                     out.setdefault(device, []).append((started, expected))
         return out
 
-    async def _ensure_tasks(self, rnd: RoundRecord) -> None:
+    async def ensure_tasks(self, rnd: RoundRecord) -> None:
         """Submit the round's train tasks not submitted yet (idempotent by task id)."""
-        base = self.engine.base_url().rstrip("/")
+        state = self.state
+        job = state.job
+        base = self.urls().rstrip("/")
         digest = rnd.base_digest
-        knobs = self.strategy.configure_fit(rnd.round)
+        knobs = state.strategy.configure_fit(rnd.round)
         examples = await asyncio.to_thread(self.fl.examples_by_device, self.job_id)
-        flops = self.record.flops_per_example or 1.0
+        flops = state.record.flops_per_example or 1.0
         submitted = 0
         for device, tid in rnd.tasks.items():
             try:
-                await asyncio.to_thread(self.store.get_task, tid)
+                await asyncio.to_thread(self.tasks.get_task, tid)
                 continue
             except NotFoundError:
                 pass
@@ -166,13 +212,13 @@ class RoundOpening(JobState):
             if rnd.deadline <= now:
                 continue
             params = planning.train_params(
-                self.job,
+                job,
                 self.job_id,
                 rnd.round,
                 device,
                 weights=WeightsRef(
                     digest=digest,
-                    size=self.global_size,
+                    size=state.global_size,
                     url=base + routes.path(routes.BLOB, digest=digest),
                 ),
                 upload_url=base
@@ -182,32 +228,33 @@ class RoundOpening(JobState):
                 strategy_knobs=knobs,
             )
             request = planning.train_request(
-                self.job,
+                job,
                 planning.RoundShape(
-                    weights_bytes=self.global_size,
+                    weights_bytes=state.global_size,
                     update_bytes=0,
                     flops_per_example=flops,
                 ),
-                examples.get(device, self.job.examples_hint),
+                examples.get(device, job.examples_hint),
                 params,
                 task_id=tid,
                 device_id=device,
                 expires_in_s=rnd.deadline - now,
             )
-            task = build_task(self.engine.cfg, request, now=now)
+            task = build_task(self.cfg, request, now=now)
             try:
-                await asyncio.to_thread(self.store.submit, task)
+                await asyncio.to_thread(self.tasks.submit, task)
                 submitted += 1
             except ConflictError:
                 pass
         if submitted:
-            self.engine.on_submit()
+            self.on_submit()
 
-    async def _extend(self, rnd: RoundRecord) -> RoundRecord | None:
+    async def extend(self, rnd: RoundRecord) -> RoundRecord | None:
         """Ask more devices and move the deadline; fail the job after too many attempts."""
-        job = self.job
+        job = self.state.job
+        lease = self.state.lease
         if rnd.attempt >= job.max_round_attempts:
-            progress = await self._progress(rnd)
+            progress = await self.progress.read(rnd)
             await asyncio.to_thread(
                 self.fl.close_round,
                 self.job_id,
@@ -215,18 +262,18 @@ class RoundOpening(JobState):
                 state="failed",
                 now=time.time(),
                 metrics={"accepted": progress.complete, "needed": job.needed},
-                lease=self.lease,
+                lease=lease,
             )
-            self.engine.metrics.rounds.labels("failed").inc()
-            await self._cancel_tasks([rnd], "round_failed")
+            self.metrics.rounds.labels("failed").inc()
+            await self.job_tasks.cancel([rnd], "round_failed")
             raise JobFailedError(
                 f"round {rnd.round}: {progress.complete} of {job.needed} updates after "
                 f"{rnd.attempt} attempts"
             )
-        progress = await self._progress(rnd)
+        progress = await self.progress.read(rnd)
         want = max(1, job.clients_per_round - progress.complete)
         chosen = await self._select(
-            self.record, want=want, exclude=frozenset(rnd.tokens), attempt=rnd.attempt + 1
+            self.state.record, want=want, exclude=frozenset(rnd.tokens), attempt=rnd.attempt + 1
         )
         devices: list[str] = chosen[0] if chosen else []
         sizes = chosen[2] if chosen else {}
@@ -241,9 +288,9 @@ class RoundOpening(JobState):
             tasks=tasks,
             deadline=time.time() + job.deadline_s,
             reported_sizes=sizes,
-            lease=self.lease,
+            lease=lease,
         )
-        self.engine.metrics.rounds.labels("extended").inc()
+        self.metrics.rounds.labels("extended").inc()
         log.warning(
             "fl job %s round %d: %d of %d updates by the deadline; extended (attempt %d, "
             "%d more devices)",
@@ -254,5 +301,5 @@ class RoundOpening(JobState):
             extended.attempt,
             len(devices),
         )
-        await self._ensure_tasks(extended)
+        await self.ensure_tasks(extended)
         return extended

@@ -1,8 +1,16 @@
-"""What a job's runner holds while it runs, and how a round's progress is read.
+"""What a job's runner holds while it runs, and the small parts its round opener and
+closer share.
 
-:class:`JobState` is the base the runner's parts share (:mod:`.opening`, :mod:`.closing`,
-:mod:`.runner`): the job, its strategy, the current global weights, the lease, and the
-reading of a round's progress from the database (which updates count, who is done).
+- :class:`JobState`: the job, its record, its strategy, the current global weights, the
+  evaluation set, the lease, and the runner's wake-up;
+- :class:`JobCode`: runs the job's own code (model factory, evaluation set), durably
+  counted;
+- :class:`RoundProgress`: reads a round's progress from the database (which updates count,
+  who is done), linking results to recorded uploads;
+- :class:`JobTasks`: cancels the job's train tasks.
+
+Each gets what it uses in its constructor; :class:`~.runner.JobRunner` builds them for one
+job and hands them to :class:`~.opening.RoundOpener` and :class:`~.closing.RoundCloser`.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import Any, Final, TypeVar
 
 import msgspec
 import numpy as np
@@ -21,17 +29,21 @@ import numpy as np
 from lepton.common.errors import LeptonError
 from lepton.coordinator.errors import NotFoundError
 from lepton.coordinator.fl import modelio
+from lepton.coordinator.fl.jobs.admission import JobPolicy
 from lepton.coordinator.fl.jobs.planning import train_metrics
 from lepton.coordinator.fl.jobs.spec import FLJob
 from lepton.coordinator.fl.kernels.strategies import Strategy
+from lepton.coordinator.fl.metrics import FLMetrics
 from lepton.coordinator.fl.records import JobRecord, RoundRecord, UpdateRecord
+from lepton.coordinator.fl.store import FLStore
+from lepton.coordinator.model_registry.registry import ModelRegistry
 from lepton.coordinator.store import Lease
+from lepton.coordinator.store.cancels import CancelRepo
+from lepton.coordinator.store.results import ResultRepo
+from lepton.coordinator.store.tasks import TaskRepo
 from lepton.coordinator.tasks.states import DEVICE_OFFLINE
 from lepton.protocol.tasks import TrainOutput, output_as
 from lepton.protocol.weights import decode_weights
-
-if TYPE_CHECKING:
-    from lepton.coordinator.fl.jobs.engine import FLEngine
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +74,8 @@ class Progress:
 class JobState:
     """One job's running state (see module doc)."""
 
-    def __init__(self, engine: FLEngine, record: JobRecord, lease: Lease) -> None:
-        self.engine = engine
-        self.fl = engine.fl
-        self.store = engine.store
-        self.registry = engine.registry
+    def __init__(self, fl: FLStore, record: JobRecord, lease: Lease) -> None:
+        self.fl = fl
         self.lease = lease
         self.job_id = record.id
         self.record = record
@@ -80,16 +89,37 @@ class JobState:
     def wake(self) -> None:
         self._wake.set()
 
-    async def _reload(self) -> JobRecord:
+    def clear_wake(self) -> None:
+        self._wake.clear()
+
+    async def reload(self) -> JobRecord:
         self.record = await asyncio.to_thread(self.fl.get_job, self.job_id)
         return self.record
 
-    async def _sleep(self, seconds: float) -> None:
+    async def sleep(self, seconds: float) -> None:
+        """Up to ``seconds``, or until :meth:`wake`."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await self._wake.wait()
 
-    async def _run_code(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+
+async def load_weights(blobs: ModelRegistry, digest: str) -> tuple[dict[str, Any], int]:
+    """The weights blob ``digest`` decoded, and its size."""
+    data = await asyncio.to_thread(blobs.read_blob, digest)
+    _meta, arrays = await asyncio.to_thread(decode_weights, data, max_bytes=MAX_DECODE_BYTES)
+    return arrays, len(data)
+
+
+class JobCode:
+    """Runs one job's own code, durably counted (see :meth:`run`)."""
+
+    def __init__(self, fl: FLStore, policy: JobPolicy, metrics: FLMetrics, state: JobState) -> None:
+        self.fl = fl
+        self.policy = policy
+        self.metrics = metrics
+        self.state = state
+
+    async def run(self, what: str, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn`` (which calls the job's own code: its model factory, its evaluation
         set) in a worker thread, durably counted.
 
@@ -99,12 +129,13 @@ class JobState:
         instead of running its code again. What the code raises fails the job with the
         reason (:class:`JobFailedError`), never retried.
         """
-        limit = self.engine.policy.max_load_attempts
+        job_id = self.state.job_id
+        limit = self.policy.max_load_attempts
         died = await asyncio.to_thread(
-            self.fl.begin_load, self.job_id, what, now=time.time(), lease=self.lease
+            self.fl.begin_load, job_id, what, now=time.time(), lease=self.state.lease
         )
         if died >= limit:
-            self.engine.metrics.job_failures.labels(CRASHED_LOADER).inc()
+            self.metrics.job_failures.labels(CRASHED_LOADER).inc()
             raise JobFailedError(
                 f"{CRASHED_LOADER}: the coordinator died {died} times while running the "
                 f"job's code ({what}); not run again"
@@ -112,43 +143,66 @@ class JobState:
         try:
             result = await asyncio.to_thread(fn, *args)
         except asyncio.CancelledError:
-            self.fl.end_load(self.job_id)  # a shutdown, not a crash: no awaiting once cancelled
+            self.fl.end_load(job_id)  # a shutdown, not a crash: no awaiting once cancelled
             raise
         except modelio.JobCodeError as exc:
-            await asyncio.to_thread(self.fl.end_load, self.job_id)
-            self.engine.metrics.job_failures.labels("model_error").inc()
+            await asyncio.to_thread(self.fl.end_load, job_id)
+            self.metrics.job_failures.labels("model_error").inc()
             raise JobFailedError(str(exc)) from exc
         except BaseException:
-            await asyncio.to_thread(self.fl.end_load, self.job_id)
+            await asyncio.to_thread(self.fl.end_load, job_id)
             raise
-        await asyncio.to_thread(self.fl.end_load, self.job_id)
+        await asyncio.to_thread(self.fl.end_load, job_id)
         return result
 
-    async def _cancel_tasks(self, rounds: Sequence[RoundRecord], reason: str) -> int:
+
+class JobTasks:
+    """Cancels one job's train tasks."""
+
+    def __init__(
+        self,
+        fl: FLStore,
+        cancels: CancelRepo,
+        metrics: FLMetrics,
+        on_submit: Callable[[], None],
+        job_id: str,
+    ) -> None:
+        self.fl = fl
+        self.cancels = cancels
+        self.metrics = metrics
+        self.on_submit = on_submit
+        self.job_id = job_id
+
+    async def cancel(self, rounds: Sequence[RoundRecord], reason: str) -> int:
         """Cancel the train tasks of these rounds that have not ended (pending ones at once,
         assigned or running ones through their devices); returns how many this changed."""
         ids = sorted({tid for r in rounds for tid in r.tasks.values()})
         if not ids:
             return 0
-        outcomes = await asyncio.to_thread(self.store.cancel_tasks, ids, reason, time.time())
+        outcomes = await asyncio.to_thread(self.cancels.cancel_tasks, ids, reason, time.time())
         changed = sum(o.changed for o in outcomes)
         if changed:
-            self.engine.metrics.tasks_cancelled.labels(reason).inc(changed)
-            self.engine.on_submit()  # the scheduling leader sends the cancels
+            self.metrics.tasks_cancelled.labels(reason).inc(changed)
+            self.on_submit()  # the scheduling leader sends the cancels
             log.info("fl job %s: %d train tasks cancelled (%s)", self.job_id, changed, reason)
         return changed
 
-    async def _cancel_job_tasks(self, reason: str) -> int:
+    async def cancel_all(self, reason: str) -> int:
         """Cancel every train task of the job that has not ended."""
         rounds = await asyncio.to_thread(self.fl.list_rounds, self.job_id)
-        return await self._cancel_tasks(rounds, reason)
+        return await self.cancel(rounds, reason)
 
-    async def _load_weights(self, digest: str) -> tuple[dict[str, Any], int]:
-        data = await asyncio.to_thread(self.registry.read_blob, digest)
-        _meta, arrays = await asyncio.to_thread(decode_weights, data, max_bytes=MAX_DECODE_BYTES)
-        return arrays, len(data)
 
-    async def _progress(self, rnd: RoundRecord) -> Progress:
+class RoundProgress:
+    """Reads one job's round progress from the FL store, tasks and their results."""
+
+    def __init__(self, fl: FLStore, tasks: TaskRepo, results: ResultRepo, state: JobState) -> None:
+        self.fl = fl
+        self.tasks = tasks
+        self.results = results
+        self.state = state
+
+    async def read(self, rnd: RoundRecord) -> Progress:
         """Link results to recorded uploads; count what counts, and who is done.
 
         A device's result is looked up among every result stored for its task, applied or
@@ -159,31 +213,32 @@ class JobState:
         task taken back from a device that went away is not done before the deadline.
         """
 
+        job_id = self.state.job_id
         forced = (
             set((rnd.selection or {}).get("forced") or [])
-            if self.job.fairness.wait_for_forced
+            if self.state.job.fairness.wait_for_forced
             else set()
         )
 
         def done(device: str, tid: str, up: UpdateRecord | None) -> tuple[bool, bool]:
             """(the device's update counts, the device is done)."""
-            if up is not None and (up.complete or self._link(rnd.round, device, tid, up)):
+            if up is not None and (up.complete or self.link(rnd.round, device, tid, up)):
                 return True, True
             if up is not None:
                 return False, False  # uploaded; its result is on its way
             try:
-                task = self.store.get_task(tid)
+                task = self.tasks.get_task(tid)
             except NotFoundError:
                 return False, False
             if not task.terminal or task.result_id is not None:
                 return False, task.terminal
             # Ended without a result: done, unless its device went away (then it may still
             # come back with the update it was training).
-            attempts = self.store.attempts(tid)
+            attempts = self.tasks.attempts(tid)
             return False, not (attempts and attempts[-1].outcome == DEVICE_OFFLINE)
 
         def check() -> Progress:
-            updates = {u.device_id: u for u in self.fl.updates_for(self.job_id, rnd.round)}
+            updates = {u.device_id: u for u in self.fl.updates_for(job_id, rnd.round)}
             finished = True
             complete = waiting = pending = 0
             for device, tid in rnd.tasks.items():
@@ -199,9 +254,9 @@ class JobState:
 
         return await asyncio.to_thread(check)
 
-    def _link(self, round_no: int, device: str, task_id: str, up: UpdateRecord) -> bool:
+    def link(self, round_no: int, device: str, task_id: str, up: UpdateRecord) -> bool:
         """Attach the device's successful result naming ``up``'s digest (worker thread)."""
-        for result in self.store.results_for(task_id):
+        for result in self.results.results_for(task_id):
             if result.device_id != device or result.status != "succeeded":
                 continue
             try:
@@ -213,7 +268,7 @@ class JobState:
             examples = out.examples
             metrics = train_metrics(out)
             self.fl.link_result(
-                self.job_id,
+                self.state.job_id,
                 round_no,
                 device,
                 result_id=result.id,

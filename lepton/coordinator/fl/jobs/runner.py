@@ -1,4 +1,11 @@
-"""A job from start to end: prepare it once, play its rounds, register the final model."""
+"""A job from start to end: prepare it once, play its rounds, register the final model.
+
+:class:`JobRunner` holds the job's state (:class:`~.progress.JobState`) and the parts that
+act on it, each built with what it uses: a :class:`~.opening.RoundOpener` (selection, train
+tasks), a :class:`~.closing.RoundCloser` (aggregation, the round's figures), and the
+shared :class:`~.progress.RoundProgress`, :class:`~.progress.JobCode` and
+:class:`~.progress.JobTasks`.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +13,31 @@ import asyncio
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
+from lepton.coordinator.config import Config
 from lepton.coordinator.errors import LeaseLostError, NotFoundError
 from lepton.coordinator.fl import modelio
-from lepton.coordinator.fl.jobs.closing import RoundClosing
-from lepton.coordinator.fl.jobs.opening import RoundOpening
-from lepton.coordinator.fl.jobs.progress import JobFailedError
+from lepton.coordinator.fl.jobs.admission import JobPolicy
+from lepton.coordinator.fl.jobs.closing import RoundCloser
+from lepton.coordinator.fl.jobs.opening import RoundOpener
+from lepton.coordinator.fl.jobs.progress import (
+    JobCode,
+    JobFailedError,
+    JobState,
+    JobTasks,
+    RoundProgress,
+    load_weights,
+)
+from lepton.coordinator.fl.jobs.spec import FLJob
+from lepton.coordinator.fl.metrics import FLMetrics
 from lepton.coordinator.fl.records import JobRecord, RoundRecord
+from lepton.coordinator.fl.store import FLStore
+from lepton.coordinator.model_registry.registry import ModelRegistry
+from lepton.coordinator.scheduler import CostModel
+from lepton.coordinator.store import Lease, Store
 from lepton.protocol.errors import DecodeError
 from lepton.protocol.weights import encode_weights
 
@@ -26,8 +49,76 @@ UPDATE_CAP_FACTOR: Final = 1.25
 UPDATE_CAP_MARGIN: Final = 64 << 10
 
 
-class JobRunner(RoundOpening, RoundClosing):
+class JobRunner:
     """Runs one job through its rounds (see :mod:`lepton.coordinator.fl.jobs.engine`)."""
+
+    def __init__(
+        self,
+        record: JobRecord,
+        lease: Lease,
+        *,
+        fl: FLStore,
+        store: Store,
+        registry: ModelRegistry,
+        cfg: Config,
+        policy: JobPolicy,
+        metrics: FLMetrics,
+        planner: Callable[[], CostModel],
+        urls: Callable[[], str],
+        on_submit: Callable[[], None],
+    ) -> None:
+        self.fl = fl
+        self.registry = registry
+        self.policy = policy
+        self.metrics = metrics
+        self.state = state = JobState(fl, record, lease)
+        self.code = JobCode(fl, policy, metrics, state)
+        self.progress = RoundProgress(fl, store.tasks, store.results, state)
+        self.job_tasks = JobTasks(fl, store.cancels, metrics, on_submit, state.job_id)
+        self.opener = RoundOpener(
+            fl,
+            store.devices,
+            store.tasks,
+            planner,
+            urls,
+            cfg=cfg,
+            metrics=metrics,
+            state=state,
+            progress=self.progress,
+            job_tasks=self.job_tasks,
+            on_submit=on_submit,
+        )
+        self.closer = RoundCloser(
+            fl,
+            registry,
+            state=state,
+            progress=self.progress,
+            code=self.code,
+            job_tasks=self.job_tasks,
+            policy=policy,
+            metrics=metrics,
+        )
+
+    @property
+    def job_id(self) -> str:
+        return self.state.job_id
+
+    @property
+    def job(self) -> FLJob:
+        return self.state.job
+
+    @property
+    def lease(self) -> Lease:
+        return self.state.lease
+
+    def wake(self) -> None:
+        self.state.wake()
+
+    async def _reload(self) -> JobRecord:
+        return await self.state.reload()
+
+    async def _load_weights(self, digest: str) -> tuple[dict[str, Any], int]:
+        return await load_weights(self.registry, digest)
 
     async def run(self) -> None:
         failures = 0
@@ -46,7 +137,7 @@ class JobRunner(RoundOpening, RoundClosing):
                     finished_at=time.time(),
                     lease=self.lease,
                 )
-                await self._cancel_job_tasks("job_failed")
+                await self.job_tasks.cancel_all("job_failed")
                 return
             except Exception:
                 failures += 1
@@ -85,29 +176,28 @@ class JobRunner(RoundOpening, RoundClosing):
                         lease=self.lease,
                     )
                     continue
-                rnd = await self._open(record)
+                rnd = await self.opener.open(record)
                 if rnd is None:
                     continue  # no devices yet, or a stop: look again
             else:
-                await self._ensure_tasks(rnd)
+                await self.opener.ensure_tasks(rnd)
             await self._play(rnd)
 
     async def _prepare(self) -> JobRecord:
         job = self.job
-        policy = self.engine.policy
+        policy = self.policy
         if job.initial_weights is not None:
             weights = await self._initial_weights(job.initial_weights)
         else:
-            weights = await self._run_code(
+            weights = await self.code.run(
                 "initial_weights", modelio.initial_weights, job.model, policy, job.seed
             )
         shape = job.input_shape
         if job.eval is not None:
-            self.eval_set = await self._run_code(
-                "eval_set", modelio.load_eval_set, job.eval, policy
-            )
-            shape = shape or tuple(self.eval_set.x.shape[1:])
-        flops = await self._run_code(
+            eval_set = await self.code.run("eval_set", modelio.load_eval_set, job.eval, policy)
+            self.state.eval_set = eval_set
+            shape = shape or tuple(eval_set.x.shape[1:])
+        flops = await self.code.run(
             "flops", modelio.train_flops_per_example, job.model, policy, shape
         )
         blob = encode_weights(weights, kind="weights", round=0, job=self.job_id)
@@ -139,17 +229,18 @@ class JobRunner(RoundOpening, RoundClosing):
     async def _restore(self, record: JobRecord) -> None:
         """Global weights, evaluation set and strategy state as the database has them."""
         assert record.global_digest is not None
-        self.global_weights, self.global_size = await self._load_weights(record.global_digest)
-        if self.job.eval is not None and self.eval_set is None:
-            self.eval_set = await self._run_code(
-                "eval_set", modelio.load_eval_set, self.job.eval, self.engine.policy
+        st = self.state
+        st.global_weights, st.global_size = await self._load_weights(record.global_digest)
+        if self.job.eval is not None and st.eval_set is None:
+            st.eval_set = await self.code.run(
+                "eval_set", modelio.load_eval_set, self.job.eval, self.policy
             )
         rounds = await asyncio.to_thread(self.fl.list_rounds, self.job_id)
         closed = [r for r in rounds if r.state == "closed"]
-        self.strategy = self.job.build_strategy()
+        st.strategy = self.job.build_strategy()
         if closed and closed[-1].strategy_state and closed[-1].strategy_state.get("digest"):
             state, _ = await self._load_weights(closed[-1].strategy_state["digest"])
-            self.strategy.load_state(state)
+            st.strategy.load_state(state)
 
     async def _initial_weights(self, digest: str) -> dict[str, Any]:
         """The job's starting weights from the blob store, checked against its model."""
@@ -159,8 +250,8 @@ class JobRunner(RoundOpening, RoundClosing):
             raise JobFailedError(f"initial_weights: no blob {digest}") from exc
         except DecodeError as exc:
             raise JobFailedError(f"initial_weights: not a weights blob: {exc}") from exc
-        await self._run_code(
-            "build_model", modelio.build_model, self.job.model, self.engine.policy, weights
+        await self.code.run(
+            "build_model", modelio.build_model, self.job.model, self.policy, weights
         )
         return weights
 
@@ -173,9 +264,9 @@ class JobRunner(RoundOpening, RoundClosing):
             if outcome == "stop":
                 return  # the main loop sees the stop
             # Closed, or short (a strategy that could not aggregate what came is short too).
-            if outcome == "close" and await self._close(rnd):
+            if outcome == "close" and await self.closer.close(rnd):
                 return
-            extended = await self._extend(rnd)
+            extended = await self.opener.extend(rnd)
             if extended is None:
                 return
             rnd = extended
@@ -183,11 +274,11 @@ class JobRunner(RoundOpening, RoundClosing):
     async def _wait(self, rnd: RoundRecord) -> str:
         job = self.job
         while True:
-            self._wake.clear()
+            self.state.clear_wake()
             record = await self._reload()
             if record.state != "running":
                 return "stop"
-            progress = await self._progress(rnd)
+            progress = await self.progress.read(rnd)
             if progress.complete >= job.clients_per_round and not progress.forced_pending:
                 return "close"
             now = time.time()
@@ -200,7 +291,7 @@ class JobRunner(RoundOpening, RoundClosing):
                 elif progress.finished or now >= rnd.deadline:
                     return "short"
             until = rnd.deadline if now < rnd.deadline else grace_end
-            await self._sleep(max(0.0, min(RECHECK_S, until - now)))
+            await self.state.sleep(max(0.0, min(RECHECK_S, until - now)))
 
     # ------------------------------------------------------------------ the end
 
@@ -215,13 +306,13 @@ class JobRunner(RoundOpening, RoundClosing):
                 now=time.time(),
                 lease=self.lease,
             )
-            self.engine.metrics.rounds.labels("cancelled").inc()
+            self.metrics.rounds.labels("cancelled").inc()
         await self._finish(record, state="stopped", register=record.round > 1)
 
     async def _finish(self, record: JobRecord, *, state: str, register: bool = True) -> None:
         """Cancel the job's train tasks still going, register the final model (when asked)
         and end the job."""
-        await self._cancel_job_tasks(f"job_{state}")
+        await self.job_tasks.cancel_all(f"job_{state}")
         final: dict[str, Any] | None = record.final_model
         if register and final is None:
             final = await self._register(record)
@@ -240,22 +331,23 @@ class JobRunner(RoundOpening, RoundClosing):
         worse than where the job started or than the model last registered under its name
         (then the final model says ``registered: false`` and why)."""
         job = self.job
-        policy = self.engine.policy
-        assert self.global_weights is not None
+        policy = self.policy
+        eval_set = self.state.eval_set
+        assert self.state.global_weights is not None
         assert record.global_digest is not None
-        weights = self.global_weights
+        weights = self.state.global_weights
         shape = job.input_shape
         accuracy: float | None = None
         samples: int | None = None
-        if self.eval_set is not None:
-            shape = shape or tuple(self.eval_set.x.shape[1:])
-            _loss, final_accuracy = await self._run_code(
-                "evaluate", modelio.evaluate, job.model, policy, weights, self.eval_set
+        if eval_set is not None:
+            shape = shape or tuple(eval_set.x.shape[1:])
+            _loss, final_accuracy = await self.code.run(
+                "evaluate", modelio.evaluate, job.model, policy, weights, eval_set
             )
-            accuracy, samples = final_accuracy, len(self.eval_set)
+            accuracy, samples = final_accuracy, len(eval_set)
             refused = await self._final_check(final_accuracy) if job.final_check else None
             if refused is not None:
-                self.engine.metrics.screened.labels("final_model_worse").inc()
+                self.metrics.screened.labels("final_model_worse").inc()
                 log.warning("fl job %s: final model not registered: %s", self.job_id, refused)
                 return {
                     "name": job.name,
@@ -298,7 +390,7 @@ class JobRunner(RoundOpening, RoundClosing):
                 "accuracy": accuracy,
             }
 
-        return await self._run_code("final_model", write_and_import)
+        return await self.code.run("final_model", write_and_import)
 
     async def _final_check(self, accuracy: float) -> str | None:
         """Why the final weights (``accuracy`` on the job's evaluation set) must not be
@@ -306,12 +398,13 @@ class JobRunner(RoundOpening, RoundClosing):
         or below the latest model registered under the job's name (when that one was scored
         on a set of the same size, i.e. the same set)."""
         job = self.job
-        assert self.eval_set is not None
+        eval_set = self.state.eval_set
+        assert eval_set is not None
         rounds = await asyncio.to_thread(self.fl.list_rounds, self.job_id)
         if rounds:
             start, _ = await self._load_weights(rounds[0].base_digest)
-            _loss, before = await self._run_code(
-                "evaluate", modelio.evaluate, job.model, self.engine.policy, start, self.eval_set
+            _loss, before = await self.code.run(
+                "evaluate", modelio.evaluate, job.model, self.policy, start, eval_set
             )
             if accuracy < before:
                 return f"final accuracy {accuracy:.4f} is below the starting weights' {before:.4f}"
@@ -321,7 +414,7 @@ class JobRunner(RoundOpening, RoundClosing):
             return None
         if (
             previous.accuracy_fp32 is not None
-            and previous.eval_samples == len(self.eval_set)
+            and previous.eval_samples == len(eval_set)
             and accuracy < previous.accuracy_fp32
         ):
             return (

@@ -28,7 +28,7 @@ MakeCoordinator = Callable[..., AbstractAsyncContextManager[Coordinator]]
 def job_tasks(c: Coordinator, job_id: str) -> dict[str, TaskRecord]:
     """The job's train tasks by id."""
     ids = {tid for r in FLStore(c.store.engine).list_rounds(job_id) for tid in r.tasks.values()}
-    return {tid: c.store.get_task(tid) for tid in ids}
+    return {tid: c.store.tasks.get_task(tid) for tid in ids}
 
 
 async def test_a_closed_round_leaves_no_straggler_training(
@@ -64,12 +64,12 @@ async def test_a_closed_round_leaves_no_straggler_training(
         straggler = first.tasks[pi]
 
         def answered() -> TaskRecord | None:
-            t = c.store.get_task(straggler)
+            t = c.store.tasks.get_task(straggler)
             return t if t.state == "cancelled" and t.result_id is not None else None
 
         task = await eventually(answered, timeout=20)
         assert task.cancel_reason == "round_closed"
-        (result,) = c.store.results_for(straggler)
+        (result,) = c.store.results.results_for(straggler)
         assert (result.status, result.applied) == ("cancelled", False)
         assert pi not in {u.device_id for u in fl.updates_for(job_id, 1)}  # nothing uploaded
         # No train task of the job is left running anywhere.
@@ -110,6 +110,6 @@ async def test_a_stopped_job_cancels_its_tasks(
         tasks = await eventually(all_answered, timeout=20)
         assert {t.cancel_reason for t in tasks.values()} == {"job_stopped"}
         for tid in tasks:
-            (result,) = c.store.results_for(tid)
+            (result,) = c.store.results.results_for(tid)
             assert (result.status, result.applied) == ("cancelled", False)
     assert c.metrics.value("lepton_fl_tasks_cancelled_total", {"reason": "job_stopped"}) == 2

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from lepton.coordinator.fl import tables
-from lepton.coordinator.fl.jobs.closing import RoundClosing
+from lepton.coordinator.fl.jobs.closing import RoundCloser
+from lepton.coordinator.fl.jobs.progress import JobState, RoundProgress
 from lepton.coordinator.fl.store import FLStore
 from lepton.coordinator.store import Store
 
@@ -72,24 +72,34 @@ class Rounds:
 
 
 @pytest.fixture
-def setup(tmp_path: Path) -> Iterator[tuple[Rounds, RoundClosing]]:
+def setup(tmp_path: Path) -> Iterator[tuple[Rounds, RoundCloser]]:
     store = Store.open(f"sqlite:///{tmp_path / 'c.db'}", sqlite_synchronous="normal")
     store.create_schema()
     store.create_schema(tables.metadata)
     fl = FLStore(store.engine)
     record = fl.create_job(JOB, "digits", SPEC, 0.0)
-    engine = SimpleNamespace(fl=fl, store=store, registry=None)
-    closing = RoundClosing(engine, record, lease=None)  # type: ignore[arg-type]
+    state = JobState(fl, record, lease=None)  # type: ignore[arg-type]
+    # Folding reads rounds and links results: no blobs, job code or metrics.
+    closing = RoundCloser(
+        fl,
+        None,  # type: ignore[arg-type]
+        state=state,
+        progress=RoundProgress(fl, store.tasks, store.results, state),
+        code=None,  # type: ignore[arg-type]
+        job_tasks=None,  # type: ignore[arg-type]
+        policy=None,  # type: ignore[arg-type]
+        metrics=None,  # type: ignore[arg-type]
+    )
     yield Rounds(fl), closing
     store.close()
 
 
-def folded(closing: RoundClosing, round_no: int) -> list[str]:
-    return sorted(f"{u.device_id}@{r}" for r, u in closing._late_updates(round_no))
+def folded(closing: RoundCloser, round_no: int) -> list[str]:
+    return sorted(f"{u.device_id}@{r}" for r, u in closing.late_updates(round_no))
 
 
 def test_late_updates_within_the_window_are_folded_once(
-    setup: tuple[Rounds, RoundClosing],
+    setup: tuple[Rounds, RoundCloser],
 ) -> None:
     rounds, closing = setup
     rounds.open(1, at=0.0)
@@ -111,7 +121,7 @@ def test_late_updates_within_the_window_are_folded_once(
 
 
 def test_the_window_is_max_rounds_plus_a_result_that_lags_its_upload(
-    setup: tuple[Rounds, RoundClosing],
+    setup: tuple[Rounds, RoundCloser],
 ) -> None:
     """max_rounds = 2: round 4 folds round 2's and 3's late updates, and round 1's only when
     the upload came before round 3 (its window's last round) closed, the result after."""

@@ -24,7 +24,6 @@ from lepton.coordinator.errors import NotFoundError
 from lepton.coordinator.fl import tables
 from lepton.coordinator.fl.jobs.admission import JobPolicy
 from lepton.coordinator.fl.jobs.engine import FLEngine
-from lepton.coordinator.fl.jobs.runner import JobRunner
 from lepton.coordinator.fl.metrics import FLMetrics
 from lepton.coordinator.fl.store import FLStore
 from lepton.coordinator.model_registry.registry import ModelRegistry
@@ -112,7 +111,7 @@ class Env:
             global_digest=last,
             tensors={k: list(v.shape) for k, v in weights()[final].items()},
         )
-        await JobRunner(self.engine, self.fl.get_job(job_id), lease=None).run()  # type: ignore[arg-type]
+        await self.engine.runner(self.fl.get_job(job_id), lease=None).run()  # type: ignore[arg-type]
         job = self.fl.get_job(job_id)
         assert job.state == "done", job.error
         assert job.final_model is not None
