@@ -187,7 +187,7 @@ async def byzantine_phase(h: Harness, out: dict[str, Any], clean: dict[str, Run]
     s = h.s
     runs: dict[str, Run] = {}
     async with h.fleet("byz", FAST, adversarial=s.adversaries) as devices:
-        bad = sorted(d.config.device.id for d in devices if d.extras.get("update_transform"))
+        bad = sorted(d.config.device.id for d in devices if d.update_transform is not None)
         runs["fedavg"] = await h.run_job("byz-fedavg", h.job("byz-fedavg", "byz"))
         for name in s.robust:
             body = h.job(f"byz-{name}", "byz", strategy=ROBUST[name])
