@@ -103,11 +103,11 @@ def test_a_forged_example_count_no_longer_takes_over_fedavg(scale: float) -> Non
     if scale == 10.0:
         assert hit < 0.5, (clean, hit)
     # Screened with the job defaults: the count is clamped to 3x the round's median (and
-    # the x10 update, over 3x the median norm, is refused): accuracy stays near the clean
-    # round's.
+    # the x10 update, over 3x the median norm, is refused): the round keeps the start's
+    # accuracy within five points (measured: x10 96.2 %, x1 96.9 % from a 97.8 % start).
     kept = screened(attacked)
     survived = accuracy_after(kept)
-    assert survived >= clean - 0.05, (before, clean, hit, survived)
+    assert survived >= max(clean, before) - 0.05, (before, clean, hit, survived)
     liar = [u for u in kept if u.device_id == "attacker"]
     if scale == 10.0:
         assert liar == []
