@@ -356,6 +356,17 @@ class FLStore(StoreBase):
             )
             return bool(rowcount(done))
 
+    def update_of(self, job_id: str, round_no: int, device_id: str) -> UpdateRecord | None:
+        """One device's recorded update for a round, if any."""
+        query = select(t.updates).where(
+            t.updates.c.job_id == job_id,
+            t.updates.c.round == round_no,
+            t.updates.c.device_id == device_id,
+        )
+        with self.engine.connect() as conn:
+            row = conn.execute(query).mappings().first()
+        return UpdateRecord.of(row) if row is not None else None
+
     def updates_for(self, job_id: str, round_no: int) -> list[UpdateRecord]:
         query = (
             select(t.updates)

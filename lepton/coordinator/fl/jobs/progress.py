@@ -222,20 +222,28 @@ class RoundProgress:
 
         def done(device: str, tid: str, up: UpdateRecord | None) -> tuple[bool, bool]:
             """(the device's update counts, the device is done)."""
-            if up is not None and (up.complete or self.link(rnd.round, device, tid, up)):
+            if up is None:
+                try:
+                    task = self.tasks.get_task(tid)
+                except NotFoundError:
+                    return False, False
+                if not task.terminal:
+                    return False, False
+                if task.result_id is None:
+                    # Ended without a result: done, unless its device went away (then it
+                    # may still come back with the update it was training).
+                    attempts = self.tasks.attempts(tid)
+                    return False, not (attempts and attempts[-1].outcome == DEVICE_OFFLINE)
+                # It ended with a result. A device uploads before it sends its result, so
+                # an update recorded after the round's updates were read is there now:
+                # without this second look, a round could close without an update that
+                # arrived in the meantime.
+                up = self.fl.update_of(job_id, rnd.round, device)
+                if up is None:
+                    return False, True  # finished without an update that counts
+            if up.complete or self.link(rnd.round, device, tid, up):
                 return True, True
-            if up is not None:
-                return False, False  # uploaded; its result is on its way
-            try:
-                task = self.tasks.get_task(tid)
-            except NotFoundError:
-                return False, False
-            if not task.terminal or task.result_id is not None:
-                return False, task.terminal
-            # Ended without a result: done, unless its device went away (then it may still
-            # come back with the update it was training).
-            attempts = self.tasks.attempts(tid)
-            return False, not (attempts and attempts[-1].outcome == DEVICE_OFFLINE)
+            return False, False  # uploaded; its result is on its way
 
         def check() -> Progress:
             updates = {u.device_id: u for u in self.fl.updates_for(job_id, rnd.round)}
