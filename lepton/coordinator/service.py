@@ -172,7 +172,15 @@ class Coordinator:
             on_connection=self._link_changed,
         )
         self.leadership = Leadership(store.leases, cfg.instance_id, cfg.replica.lease_s, metrics)
-        self.scheduler = Scheduler(cfg, store, self.link, metrics)
+        self.scheduler = Scheduler(
+            cfg,
+            self.link,
+            metrics,
+            devices=store.devices,
+            tasks=store.tasks,
+            cancels=store.cancels,
+            estimates=store.estimates,
+        )
         self.liveness = Liveness(
             cfg.liveness, store.devices, metrics, on_requeue=self.scheduler.wake
         )
