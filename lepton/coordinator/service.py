@@ -42,6 +42,7 @@ from lepton.coordinator.runtime.ingest import Inbox, Ingest, subscriptions
 from lepton.coordinator.runtime.leadership import Leadership
 from lepton.coordinator.runtime.liveness import Liveness
 from lepton.coordinator.runtime.mqtt import MqttLink
+from lepton.coordinator.runtime.routes import make_router as make_devices_router
 from lepton.coordinator.store import ResultOutcome, RetryPolicy, Store
 from lepton.coordinator.tasks.feature import TasksFeature
 from lepton.protocol.aio import cancel_and_wait
@@ -95,7 +96,7 @@ class Coordinator:
                 feature.start(loop)
             if cfg.http.enabled:
                 self.http = HttpServer(
-                    self._app(loop),
+                    self._app(),
                     cfg.http.host,
                     cfg.http.port,
                     limits=cfg.http,
@@ -171,7 +172,15 @@ class Coordinator:
             on_connection=self._link_changed,
         )
         self.leadership = Leadership(store.leases, cfg.instance_id, cfg.replica.lease_s, metrics)
-        self.scheduler = Scheduler(cfg, store, self.link, metrics)
+        self.scheduler = Scheduler(
+            cfg,
+            self.link,
+            metrics,
+            devices=store.devices,
+            tasks=store.tasks,
+            cancels=store.cancels,
+            estimates=store.estimates,
+        )
         self.liveness = Liveness(
             cfg.liveness, store.devices, metrics, on_requeue=self.scheduler.wake
         )
@@ -191,7 +200,19 @@ class Coordinator:
     def _features(self) -> list[Feature]:
         """Tasks, the model registry and federated jobs, each given what it uses."""
         cfg = self.config
-        features: list[Feature] = [TasksFeature(self.scheduler, self.liveness)]
+        store = self.store
+        features: list[Feature] = [
+            TasksFeature(
+                self.scheduler,
+                self.liveness,
+                config=cfg,
+                tasks=store.tasks,
+                cancels=store.cancels,
+                results=store.results,
+                metrics=self.metrics,
+                on_submit=self._wake_scheduler_threadsafe,
+            )
+        ]
         try:
             from lepton.coordinator.fl.feature import FLFeature
             from lepton.coordinator.model_registry.feature import ModelRegistryFeature
@@ -241,21 +262,22 @@ class Coordinator:
             raise RuntimeError("http is disabled: set http.public_url to a replica's API")
         return self.http.url
 
-    def _app(self, loop: asyncio.AbstractEventLoop) -> FastAPI:
-        def wake() -> None:
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self.scheduler.wake)
-
+    def _app(self) -> FastAPI:
+        """The HTTP app: the fleet registry's routes (runtime state every feature builds
+        on), then every feature's."""
+        store = self.store
+        devices = make_devices_router(self.config, store.devices, store.tasks)
         return create_app(
             ApiContext(
-                routers=[r for f in self.features for r in f.routers()],
+                routers=[devices, *(r for f in self.features for r in f.routers())],
                 config=self.config,
-                store=self.store,
+                devices=store.devices,
+                tasks=store.tasks,
+                ping=store.ping,
                 metrics=self.metrics,
                 started_at=self.started_at,
                 is_leader=lambda: self.leadership.is_leader,
                 mqtt_connected=lambda: self.link.connected,
-                on_submit=wake,
             )
         )
 

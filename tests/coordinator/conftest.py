@@ -7,20 +7,23 @@ import contextlib
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from fastapi import APIRouter
 
 from lepton.coordinator.api import ApiContext, create_app
 from lepton.coordinator.config import Config
 from lepton.coordinator.config import load as load_config
 from lepton.coordinator.metrics import Metrics
+from lepton.coordinator.runtime.routes import make_router as make_devices_router
 from lepton.coordinator.service import Coordinator
 from lepton.coordinator.store import RetryPolicy, Store
 from lepton.coordinator.store.schema import Base
+from lepton.coordinator.tasks.routes import make_router as make_tasks_router
 from tests.support.broker import Broker
 
 PG_DSN = os.environ.get("LEPTON_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -144,18 +147,32 @@ async def in_process_api(
     *,
     overrides: dict[str, Any] | None = None,
     raise_app_exceptions: bool = False,
+    on_submit: Callable[[], None] = lambda: None,
+    routers: Sequence[APIRouter] = (),
     **context: Any,
 ) -> AsyncIterator[httpx.AsyncClient]:
-    """A client of the coordinator's HTTP app over ``store``, served in-process (no socket).
-    ``overrides``: config keys; ``context``: further :class:`ApiContext` fields. By default a
-    500 is an answer to compare, not an exception."""
+    """A client of the coordinator's HTTP app over ``store``, served in-process (no socket),
+    with the device and task routes mounted as the service mounts them, then ``routers``.
+    ``overrides``: config keys; ``on_submit``: the task routes' wake-up; ``context``:
+    further :class:`ApiContext` fields. By default a 500 is an answer to compare, not an
+    exception."""
     cfg = load_config(env={}, overrides={"instance_id": "api-test", **(overrides or {})})
+    metrics = metrics if metrics is not None else Metrics()
     app = create_app(
         ApiContext(
             config=cfg,
-            store=store,
-            metrics=metrics if metrics is not None else Metrics(),
+            devices=store.devices,
+            tasks=store.tasks,
+            ping=store.ping,
+            metrics=metrics,
             started_at=time.time(),
+            routers=[
+                make_devices_router(cfg, store.devices, store.tasks),
+                make_tasks_router(
+                    cfg, store.tasks, store.cancels, store.results, metrics, on_submit=on_submit
+                ),
+                *routers,
+            ],
             **context,
         )
     )

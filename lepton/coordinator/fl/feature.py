@@ -64,10 +64,13 @@ class FLFeature(BaseFeature):
         self.registry = registry
         self.engine = FLEngine(
             config,
-            store,
             self.fl,
             registry,
             self.metrics,
+            devices=store.devices,
+            tasks=store.tasks,
+            results=store.results,
+            cancels=store.cancels,
             base_url=base_url,
             estimator=estimator,
             weights=weights,

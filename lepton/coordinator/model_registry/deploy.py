@@ -1,10 +1,10 @@
 """Deploying a registered model version to devices.
 
 One ``deploy`` task per chosen device, pinned to it and submitted through the normal task
-path (:func:`lepton.coordinator.tasks.submit.build_task`, then :meth:`Store.submit`), so the
-scheduler dispatches it, retries it and records its result like any other task. The task
-tells the agent where to fetch the artifact: the coordinator's blob route by content address
-(digest and size travel in the task, the bytes over HTTP).
+path (:func:`lepton.coordinator.tasks.submit.build_task`, then the task repository's
+``submit``), so the scheduler dispatches it, retries it and records its result like any
+other task. The task tells the agent where to fetch the artifact: the coordinator's blob
+route by content address (digest and size travel in the task, the bytes over HTTP).
 
 Devices are chosen by :class:`DeviceSelector`: named ids (``--device``, each must exist), a
 device class and a tag. Every given criterion must hold. Without ids the online devices of
@@ -26,7 +26,9 @@ from lepton.common.errors import LeptonError
 from lepton.coordinator.config import Config
 from lepton.coordinator.errors import NotFoundError
 from lepton.coordinator.model_registry.registry import ModelRecord, ModelRegistry
-from lepton.coordinator.store import DeviceRecord, NewTask, Store, TaskRecord
+from lepton.coordinator.store import DeviceRecord, NewTask, TaskRecord
+from lepton.coordinator.store.devices import DeviceRepo
+from lepton.coordinator.store.tasks import TaskRepo
 from lepton.coordinator.tasks.request import TaskRequest
 from lepton.coordinator.tasks.submit import build_task
 from lepton.protocol import routes
@@ -124,7 +126,9 @@ def resolve_model(
     return servable[-1]
 
 
-def select_devices(store: Store, selector: DeviceSelector, *, fleet: str) -> list[DeviceRecord]:
+def select_devices(
+    devices: DeviceRepo, selector: DeviceSelector, *, fleet: str
+) -> list[DeviceRecord]:
     """The fleet's devices ``selector`` chooses, by id; :class:`NotFoundError` for a named id
     that does not exist, :class:`DeployError` when none is chosen."""
     if len(selector.device_ids) > MAX_DEVICE_IDS:
@@ -132,27 +136,25 @@ def select_devices(store: Store, selector: DeviceSelector, *, fleet: str) -> lis
     if selector.device_ids:
         named = []
         for device_id in dict.fromkeys(selector.device_ids):
-            device = store.devices.get_device(device_id)
+            device = devices.get_device(device_id)
             if device.fleet != fleet:
                 raise NotFoundError("device", device_id)
             named.append(device)
         chosen = [d for d in named if selector.matches(d)]
     else:
-        chosen = [d for d in _online(store, fleet) if selector.matches(d)]
+        chosen = [d for d in _online(devices, fleet) if selector.matches(d)]
     if not chosen:
         raise DeployError(f"no device matches {selector.describe()}")
     return sorted(chosen, key=lambda d: d.id)
 
 
-def _online(store: Store, fleet: str) -> list[DeviceRecord]:
-    devices: list[DeviceRecord] = []
+def _online(devices: DeviceRepo, fleet: str) -> list[DeviceRecord]:
+    online: list[DeviceRecord] = []
     while True:
-        page = store.devices.list_devices(
-            state="online", fleet=fleet, limit=_PAGE, offset=len(devices)
-        )
-        devices += page
+        page = devices.list_devices(state="online", fleet=fleet, limit=_PAGE, offset=len(online))
+        online += page
         if len(page) < _PAGE:
-            return devices
+            return online
 
 
 def plan(
@@ -194,7 +196,8 @@ class Deployer:
     own). ``on_submit(n)``: after ``n`` tasks were stored (metrics, waking the scheduler)."""
 
     config: Config
-    store: Store
+    devices: DeviceRepo
+    tasks: TaskRepo
     registry: ModelRegistry
     base_url: Callable[[], str]
     on_submit: Callable[[int], None] = lambda _n: None
@@ -210,7 +213,7 @@ class Deployer:
         expires_in_s: float | None = None,
     ) -> Deployment:
         record = resolve_model(self.registry, name, version, precision=precision)
-        devices = select_devices(self.store, selector, fleet=self.config.fleet)
+        devices = select_devices(self.devices, selector, fleet=self.config.fleet)
         new = plan(
             self.config,
             record,
@@ -219,6 +222,6 @@ class Deployer:
             max_attempts=max_attempts,
             expires_in_s=expires_in_s,
         )
-        tasks = [self.store.tasks.submit(task) for task in new]
+        tasks = [self.tasks.submit(task) for task in new]
         self.on_submit(len(tasks))
         return Deployment(record, tasks)

@@ -36,7 +36,9 @@ class ModelRegistryFeature(BaseFeature):
     ) -> None:
         #: The registry (other features store their blobs here: federated jobs).
         self.registry = ModelRegistry(store.engine, data_dir, create_tables=False)
-        self.deployer = Deployer(config, store, self.registry, base_url, on_submit)
+        self.deployer = Deployer(
+            config, store.devices, store.tasks, self.registry, base_url, on_submit
+        )
 
     @property
     def metadata(self) -> MetaData:

@@ -48,9 +48,12 @@ from lepton.coordinator.store import (
     DeviceRecord,
     Dispatch,
     Lease,
-    Store,
     TaskRecord,
 )
+from lepton.coordinator.store.cancels import CancelRepo
+from lepton.coordinator.store.devices import DeviceRepo
+from lepton.coordinator.store.estimates import EstimateRepo
+from lepton.coordinator.store.tasks import TaskRepo
 from lepton.protocol import codec, topics
 from lepton.protocol.messages import MAX_CANCEL_IDS, CapacityReport, TaskCancel
 
@@ -157,9 +160,22 @@ class DeviceViews:
 class Scheduler:
     """Leader-only batch scheduling (see module doc)."""
 
-    def __init__(self, cfg: Config, store: Store, link: MqttLink, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        link: MqttLink,
+        metrics: Metrics,
+        *,
+        devices: DeviceRepo,
+        tasks: TaskRepo,
+        cancels: CancelRepo,
+        estimates: EstimateRepo,
+    ) -> None:
         self.cfg = cfg
-        self.store = store
+        self.devices = devices
+        self.tasks = tasks
+        self.cancels = cancels
+        self.estimates = estimates
         self.link = link
         self.metrics = metrics
         self.weights = CostWeights(**dict(cfg.scheduler.weights))
@@ -175,7 +191,7 @@ class Scheduler:
 
     async def lead(self, lease: Lease) -> None:
         """One term of leadership: load the estimator, then cycle until cancelled."""
-        snapshot = await asyncio.to_thread(self.store.estimates.load_estimates)
+        snapshot = await asyncio.to_thread(self.estimates.load_estimates)
         self.estimator = ThroughputEstimator(limits=self.weights.claim_limits())
         if snapshot is not None:
             try:
@@ -208,13 +224,13 @@ class Scheduler:
 
     async def cycle(self, lease: Lease | None, model: CostModel) -> int:
         """One scheduling pass; returns the number of tasks dispatched."""
-        cfg, store = self.cfg, self.store
+        cfg = self.cfg
         now = time.time()
-        expired = await asyncio.to_thread(store.tasks.expire_due, now)
+        expired = await asyncio.to_thread(self.tasks.expire_due, now)
         if expired:
             self.metrics.task_transitions.labels("expired").inc(len(expired))
         changed = await asyncio.to_thread(
-            store.tasks.sweep_timeouts,
+            self.tasks.sweep_timeouts,
             now,
             ack_timeout_s=cfg.tasks.ack_timeout_s,
             run_timeout_s=cfg.tasks.run_timeout_s,
@@ -224,14 +240,14 @@ class Scheduler:
                 self.metrics.task_transitions.labels(state).inc()
                 log.info("task %s timed out; now %s", task_id, state)
         resend = await asyncio.to_thread(
-            store.tasks.undispatched, now, older_than_s=cfg.tasks.redispatch_after_s
+            self.tasks.undispatched, now, older_than_s=cfg.tasks.redispatch_after_s
         )
         if resend:
             log.info("re-sending %d task messages not confirmed sent", len(resend))
             await self._publish(resend)
         await self._cancel(now)
         await self._learn(lease)
-        tasks = await asyncio.to_thread(store.tasks.due_pending, now, limit=cfg.scheduler.max_batch)
+        tasks = await asyncio.to_thread(self.tasks.due_pending, now, limit=cfg.scheduler.max_batch)
         self.cycles += 1
         if not tasks:
             return 0
@@ -249,7 +265,7 @@ class Scheduler:
             self.metrics.scheduler_unassigned.inc(len(result.unassigned))
             created = {t.id: t.created_at for t in tasks}
             await asyncio.to_thread(
-                self.store.tasks.note_unassigned,
+                self.tasks.note_unassigned,
                 result.unassigned,
                 explanations,
                 now,
@@ -265,7 +281,7 @@ class Scheduler:
             )
             for tid in order
         ]
-        dispatches = await asyncio.to_thread(self.store.tasks.assign, assignments, now, lease=lease)
+        dispatches = await asyncio.to_thread(self.tasks.assign, assignments, now, lease=lease)
         self.metrics.task_transitions.labels("assigned").inc(len(dispatches))
         log.debug(
             "planned %d tasks on %d devices (%s, %.3fs): %d assigned, %d unassigned",
@@ -280,8 +296,8 @@ class Scheduler:
         return len(dispatches)
 
     def _device_states(self) -> list[DeviceState]:
-        rows = self.store.devices.list_devices(state="online", limit=1_000_000)
-        inflight = self.store.tasks.inflight_by_device()
+        rows = self.devices.list_devices(state="online", limit=1_000_000)
+        inflight = self.tasks.inflight_by_device()
         states = self.views.build(rows, inflight)
         self._devices = {d.device_id: d for d in states}
         return states
@@ -346,17 +362,17 @@ class Scheduler:
 
         sent = [s for s in await asyncio.gather(*(send(d) for d in dispatches)) if s is not None]
         if sent:
-            await asyncio.to_thread(self.store.tasks.mark_dispatched, sent, time.time())
+            await asyncio.to_thread(self.tasks.mark_dispatched, sent, time.time())
 
     async def _cancel(self, now: float) -> None:
         """Give up on cancels no device answered; send the ones due (one message per device
         and reason); record those the broker accepted."""
         wait = self.cfg.tasks.ack_timeout_s
-        ended = await asyncio.to_thread(self.store.cancels.sweep_cancels, now, resend_after_s=wait)
+        ended = await asyncio.to_thread(self.cancels.sweep_cancels, now, resend_after_s=wait)
         if ended:
             self.metrics.task_transitions.labels("cancelled").inc(len(ended))
             log.warning("%d tasks cancelled without an answer from their devices", len(ended))
-        due = await asyncio.to_thread(self.store.cancels.cancels_due, now, resend_after_s=wait)
+        due = await asyncio.to_thread(self.cancels.cancels_due, now, resend_after_s=wait)
         if not due:
             return
         groups: dict[tuple[str, str], list[CancelSend]] = {}
@@ -379,13 +395,11 @@ class Scheduler:
                 sent.extend(chunk)
         if sent:
             log.info("sent cancels of %d tasks", len(sent))
-            await asyncio.to_thread(self.store.cancels.mark_cancels_sent, sent, time.time())
+            await asyncio.to_thread(self.cancels.mark_cancels_sent, sent, time.time())
 
     async def _learn(self, lease: Lease | None) -> None:
         """Fold measured task durations into the estimator and persist it (exactly once)."""
-        observations = await asyncio.to_thread(
-            self.store.estimates.pending_observations, limit=5000
-        )
+        observations = await asyncio.to_thread(self.estimates.pending_observations, limit=5000)
         if not observations:
             return
         before = self.estimator.snapshot()
@@ -403,7 +417,7 @@ class Scheduler:
                 log.warning("ignoring unusable throughput observation %s", o)
         try:
             await asyncio.to_thread(
-                self.store.estimates.save_estimates,
+                self.estimates.save_estimates,
                 self.estimator.snapshot(),
                 [o.id for o in observations],
                 time.time(),

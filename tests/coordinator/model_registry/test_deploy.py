@@ -58,7 +58,7 @@ def fleet(store: Store) -> Store:
 
 @pytest.fixture
 def deployer(fleet: Store, models: ModelRegistry) -> Deployer:
-    return Deployer(load_config(env={}), fleet, models, lambda: BASE)
+    return Deployer(load_config(env={}), fleet.devices, fleet.tasks, models, lambda: BASE)
 
 
 def chosen(deployer: Deployer, **selector: object) -> list[str | None]:

@@ -61,7 +61,16 @@ def store(tmp_path: Path) -> Store:
 def make(store: Store, **overrides: object) -> tuple[Scheduler, RecordingLink]:
     cfg = load(env={}, overrides={"instance_id": "t", **overrides})
     link = RecordingLink()
-    return Scheduler(cfg, store, link, Metrics()), link  # type: ignore[arg-type]
+    scheduler = Scheduler(
+        cfg,
+        link,  # type: ignore[arg-type]
+        Metrics(),
+        devices=store.devices,
+        tasks=store.tasks,
+        cancels=store.cancels,
+        estimates=store.estimates,
+    )
+    return scheduler, link
 
 
 def model(s: Scheduler) -> CostModel:

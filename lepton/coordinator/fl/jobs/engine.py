@@ -54,7 +54,11 @@ from lepton.coordinator.fl.records import ACTIVE_STATES, JobRecord
 from lepton.coordinator.fl.store import FLStore
 from lepton.coordinator.model_registry.registry import ModelRegistry
 from lepton.coordinator.scheduler import CostModel, CostWeights, ThroughputEstimator
-from lepton.coordinator.store import Lease, ResultOutcome, Store
+from lepton.coordinator.store import Lease, ResultOutcome
+from lepton.coordinator.store.cancels import CancelRepo
+from lepton.coordinator.store.devices import DeviceRepo
+from lepton.coordinator.store.results import ResultRepo
+from lepton.coordinator.store.tasks import TaskRepo
 from lepton.protocol.aio import cancel_and_wait
 
 __all__ = ["FLEngine", "JobFailedError", "JobRunner"]
@@ -68,11 +72,14 @@ class FLEngine:
     def __init__(
         self,
         cfg: Config,
-        store: Store,
         fl: FLStore,
         registry: ModelRegistry,
         metrics: FLMetrics,
         *,
+        devices: DeviceRepo,
+        tasks: TaskRepo,
+        results: ResultRepo,
+        cancels: CancelRepo,
         base_url: Callable[[], str],
         estimator: Callable[[], ThroughputEstimator],
         weights: CostWeights,
@@ -85,7 +92,10 @@ class FLEngine:
         self.policy = policy or JobPolicy.of(cfg)
         #: Upload credentials of update slots (see :mod:`.credentials`).
         self.signer = signer
-        self.store = store
+        self.devices = devices
+        self.tasks = tasks
+        self.results = results
+        self.cancels = cancels
         self.fl = fl
         self.registry = registry
         self.metrics = metrics
@@ -130,7 +140,10 @@ class FLEngine:
             record,
             lease,
             fl=self.fl,
-            store=self.store,
+            devices=self.devices,
+            tasks=self.tasks,
+            results=self.results,
+            cancels=self.cancels,
             registry=self.registry,
             cfg=self.cfg,
             policy=self.policy,

@@ -37,7 +37,11 @@ from lepton.coordinator.fl.records import JobRecord, RoundRecord
 from lepton.coordinator.fl.store import FLStore
 from lepton.coordinator.model_registry.registry import ModelRegistry
 from lepton.coordinator.scheduler import CostModel
-from lepton.coordinator.store import Lease, Store
+from lepton.coordinator.store import Lease
+from lepton.coordinator.store.cancels import CancelRepo
+from lepton.coordinator.store.devices import DeviceRepo
+from lepton.coordinator.store.results import ResultRepo
+from lepton.coordinator.store.tasks import TaskRepo
 from lepton.protocol.errors import DecodeError
 from lepton.protocol.weights import encode_weights
 
@@ -58,7 +62,10 @@ class JobRunner:
         lease: Lease,
         *,
         fl: FLStore,
-        store: Store,
+        devices: DeviceRepo,
+        tasks: TaskRepo,
+        results: ResultRepo,
+        cancels: CancelRepo,
         registry: ModelRegistry,
         cfg: Config,
         policy: JobPolicy,
@@ -73,12 +80,12 @@ class JobRunner:
         self.metrics = metrics
         self.state = state = JobState(fl, record, lease)
         self.code = JobCode(fl, policy, metrics, state)
-        self.progress = RoundProgress(fl, store.tasks, store.results, state)
-        self.job_tasks = JobTasks(fl, store.cancels, metrics, on_submit, state.job_id)
+        self.progress = RoundProgress(fl, tasks, results, state)
+        self.job_tasks = JobTasks(fl, cancels, metrics, on_submit, state.job_id)
         self.opener = RoundOpener(
             fl,
-            store.devices,
-            store.tasks,
+            devices,
+            tasks,
             planner,
             urls,
             cfg=cfg,

@@ -139,10 +139,13 @@ def env(tmp_path: Path) -> Iterator[Env]:
     prometheus = CollectorRegistry()
     engine = FLEngine(
         cfg,
-        store,
         fl,
         registry,
         FLMetrics(prometheus),
+        devices=store.devices,
+        tasks=store.tasks,
+        results=store.results,
+        cancels=store.cancels,
         base_url=lambda: "http://127.0.0.1:1",
         estimator=ThroughputEstimator,
         weights=CostWeights(),
