@@ -32,26 +32,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 import tomllib
-import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal, TypeVar, get_args, get_origin
+from typing import Any, Final, TypeVar, get_args, get_origin
 
-import msgspec
-
+from lepton.common.coerce import coerce, strip_optional, unwrap
 from lepton.common.errors import ConfigError
 
 __all__ = ["ENV_PREFIX", "ConfigError", "Key", "coerce", "env_name", "flag_name", "keys", "load"]
 
 T = TypeVar("T")
 ENV_PREFIX: Final = "LEPTON_"
-_TRUE: Final = frozenset({"1", "true", "yes", "on"})
-_FALSE: Final = frozenset({"0", "false", "no", "off", ""})
-_NONE: Final = frozenset({"", "none"})
 
 
 def env_name(key: str, prefix: str = ENV_PREFIX) -> str:
@@ -85,16 +79,8 @@ class _Section:
     optional: bool
 
 
-def _strip_optional(hint: Any) -> tuple[Any, bool]:
-    if get_origin(hint) in (types.UnionType, typing.Union):
-        args = [a for a in get_args(hint) if a is not type(None)]
-        if len(args) == 1 and len(args) < len(get_args(hint)):
-            return args[0], True
-    return hint, False
-
-
 def _section_type(hint: Any) -> _Section | None:
-    inner, optional = _strip_optional(hint)
+    inner, optional = strip_optional(hint)
     if isinstance(inner, type) and dataclasses.is_dataclass(inner):
         return _Section(inner, optional)
     return None
@@ -102,7 +88,7 @@ def _section_type(hint: Any) -> _Section | None:
 
 def _table_entry(hint: Any) -> Any:
     """``V`` of an open table ``dict[str, V]`` (or ``Mapping``); None for any other type."""
-    base = _unwrap(hint)[0]
+    base = unwrap(hint)[0]
     if get_origin(base) in (dict, Mapping):
         return get_args(base)[1]
     return None
@@ -146,120 +132,6 @@ def _tree_cached(schema: Any) -> tuple[dict[str, Key], dict[str, _Section]]:
 def keys(schema: type[Any]) -> dict[str, Key]:
     """Every key of ``schema`` by dotted name, in declaration order of the sections."""
     return dict(_tree(schema)[0])
-
-
-# ---------------------------------------------------------------- the one coercion
-
-_KINDS: Final = {
-    "int": "an integer",
-    "float": "a number",
-    "str": "a string",
-    "bool": "true or false",
-    "array": "a list",
-    "object": "a table",
-    "null": "nothing",
-}
-
-
-def _humane(message: str) -> str:
-    """msgspec's "Expected `int` >= 1, got `str` - at `$[0]`" in the words of a config file."""
-    message, _, where = message.partition(" - at `$")
-    message = re.sub(r"Expected `(\w+)`", lambda m: "must be " + _KINDS.get(m[1], m[1]), message)
-    message = re.sub(r", got `\w+`", "", message)
-    if where.rstrip("`"):
-        message += f" (item {where.rstrip('`')})"
-    return message
-
-
-def _from_text(base: Any, text: str) -> Any:
-    """A string from the environment or a flag, parsed toward ``base`` (msgspec checks it)."""
-    value = text.strip()
-    if base is bool:
-        if value.lower() in _TRUE:
-            return True
-        if value.lower() in _FALSE:
-            return False
-        raise ValueError("must be true or false")
-    if base is int:
-        return int(value)
-    if base is float:
-        return float(value)
-    if get_origin(base) is tuple:
-        items = [v.strip() for v in value.split(",") if v.strip()]
-        item = get_args(base)[0] if get_args(base) else str
-        return [_from_text(item, v) if item in (int, float) else v for v in items]
-    return text
-
-
-def _unwrap(hint: Any) -> tuple[Any, tuple[Any, ...], bool]:
-    """``Annotated[T | None, Meta(..)]`` or ``Annotated[T, ..] | None`` -> T, metas, optional."""
-    metas: tuple[Any, ...] = ()
-    if get_origin(hint) is Annotated:
-        hint, *rest = get_args(hint)
-        metas = tuple(rest)
-    hint, optional = _strip_optional(hint)
-    if get_origin(hint) is Annotated:
-        hint, *rest = get_args(hint)
-        metas += tuple(rest)
-    return hint, metas, optional
-
-
-def _literal(inner: Any, value: Any) -> Any:
-    choices = get_args(inner)
-    if isinstance(value, int | float) and not isinstance(value, bool) and str(value) in choices:
-        value = str(value)  # protocol = 5 for "5"
-    if value not in choices:
-        raise ValueError("must be one of " + ", ".join(str(c) for c in choices))
-    return value
-
-
-def _convert(hint: Any, value: Any, text: bool) -> Any:
-    inner, metas, optional = _unwrap(hint)
-    if value is None or (optional and isinstance(value, str) and value.strip().lower() in _NONE):
-        if optional:
-            return None
-        raise ValueError("must be set")
-    if inner is Any:
-        return value
-    if get_origin(inner) is Literal:
-        return _literal(inner, value)
-    if inner is Path:
-        if isinstance(value, Path):
-            return value
-        return Path(msgspec.convert(value, Annotated[(str, *metas)] if metas else str))
-    if text and isinstance(value, str) and inner is not str:
-        try:
-            value = _from_text(inner, value)
-        except ValueError as exc:
-            if str(exc).startswith(("invalid literal", "could not convert")):
-                raise ValueError(
-                    "must be " + _KINDS.get(getattr(inner, "__name__", ""), str(inner))
-                ) from None
-            raise
-    try:
-        return msgspec.convert(value, Annotated[(inner, *metas)] if metas else inner)
-    except msgspec.ValidationError:
-        described = [m.description for m in metas if getattr(m, "description", None)]
-        if described:
-            raise ValueError(f"must be {described[0]}") from None
-        raise
-
-
-def coerce(key: str, hint: Any, value: Any, source: str = "", *, text: bool = True) -> Any:
-    """``value`` as the declared type ``hint``, or a :class:`ConfigError` naming the key.
-
-    The one conversion every layer goes through. With ``text`` (the environment and flags
-    give only strings), a string is parsed first when the type is not a string; a file's
-    values are typed already (``text=False``). msgspec then checks the type and any ``Meta``
-    bounds on it (a ``Meta`` with a ``description`` explains a refusal in its words).
-    """
-    try:
-        return _convert(hint, value, text)
-    except (ValueError, TypeError, msgspec.ValidationError) as exc:
-        origin = f", from {source}" if source else ""
-        raise ConfigError(
-            f"{key}: {_humane(str(exc))} (got {value!r}{origin})", key=key, source=source or None
-        ) from None
 
 
 # ---------------------------------------------------------------- layers
