@@ -92,6 +92,12 @@ class HttpConfig:
     upload_min_bytes_per_s: PositiveInt = 16 << 10
     # Connections plus requests in progress; above it a request gets 503.
     max_concurrency: PositiveInt = 1000
+    # /metrics on the API needs a token with scope metrics:read unless this is set; or serve
+    # it apart, without a token, on metrics_host:metrics_port (0: no separate listener), for
+    # a scraper on a private network.
+    metrics_public: bool = False
+    metrics_host: str = "127.0.0.1"
+    metrics_port: Port = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -156,6 +162,17 @@ class FLConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class AuthConfig:
+    """``[auth]``: who may call the API (docs/security.md)."""
+
+    # Every caller is an administrator: for a local experiment on a private machine only.
+    # Set by `lepton coordinator run --insecure`; logged loudly at start-up.
+    insecure: bool = False
+    # Audit records older than this are pruned by the leader (0: kept for ever).
+    audit_retention_days: NonNegative = 90.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """Everything one coordinator process needs; see ``deploy/coordinator.example.toml``."""
 
@@ -172,6 +189,7 @@ class Config:
     tasks: TasksConfig = field(default_factory=TasksConfig)
     replica: ReplicaConfig = field(default_factory=ReplicaConfig)
     fl: FLConfig = field(default_factory=FLConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
     def __post_init__(self) -> None:
         if not self.instance_id:

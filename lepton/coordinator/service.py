@@ -31,7 +31,9 @@ from typing import Final, TypeVar
 from fastapi import FastAPI
 
 from lepton.coordinator.api import ApiContext, create_app
+from lepton.coordinator.api.app import create_metrics_app
 from lepton.coordinator.api.server import HttpServer
+from lepton.coordinator.auth.feature import AuthFeature
 from lepton.coordinator.config import Config
 from lepton.coordinator.feature import Feature
 from lepton.coordinator.metrics import Metrics
@@ -67,6 +69,7 @@ class Coordinator:
         self._ready: asyncio.Future[None] | None = None
         self.started_at = time.time()
         self.http: HttpServer | None = None
+        self.metrics_http: HttpServer | None = None  # /metrics apart (http.metrics_port)
         #: In build order (a feature may use an earlier one's objects); see :meth:`_features`.
         self.features: list[Feature] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -101,6 +104,13 @@ class Coordinator:
                     cfg.http.port,
                     limits=cfg.http,
                     on_head_timeout=self.metrics.http_rejects.labels("head_timeout").inc,
+                )
+            if cfg.http.metrics_port:
+                self.metrics_http = HttpServer(
+                    create_metrics_app(self.metrics),
+                    cfg.http.metrics_host,
+                    cfg.http.metrics_port,
+                    limits=cfg.http,
                 )
             self._ready = loop.create_future()
             self._main = asyncio.create_task(self._run(), name="coordinator")
@@ -201,7 +211,9 @@ class Coordinator:
         """Tasks, the model registry and federated jobs, each given what it uses."""
         cfg = self.config
         store = self.store
+        self.auth = AuthFeature(cfg.auth, store.engine, self.metrics.registry)
         features: list[Feature] = [
+            self.auth,
             TasksFeature(
                 self.scheduler,
                 self.liveness,
@@ -211,7 +223,7 @@ class Coordinator:
                 results=store.results,
                 metrics=self.metrics,
                 on_submit=self._wake_scheduler_threadsafe,
-            )
+            ),
         ]
         try:
             from lepton.coordinator.fl.feature import FLFeature
@@ -278,6 +290,7 @@ class Coordinator:
                 started_at=self.started_at,
                 is_leader=lambda: self.leadership.is_leader,
                 mqtt_connected=lambda: self.link.connected,
+                auth=self.auth.authenticator,
             )
         )
 
@@ -319,6 +332,8 @@ class Coordinator:
                     tasks[name] = tg.create_task(self.leadership.lead(loop, name=name), name=name)
             if self.http is not None:
                 tasks["http"] = tg.create_task(self.http.serve(), name="http")
+            if self.metrics_http is not None:
+                tasks["metrics-http"] = tg.create_task(self.metrics_http.serve(), name="metrics")
             self._ready.set_result(None)
             await self._stop.wait()
             log.info("coordinator %s draining", self.config.instance_id)
@@ -332,8 +347,9 @@ class Coordinator:
         log.info("coordinator %s stopped", self.config.instance_id)
 
     async def _drain(self, tasks: dict[str, asyncio.Task[None]]) -> None:
-        if self.http is not None:
-            self.http.stop()
+        for server in (self.http, self.metrics_http):
+            if server is not None:
+                server.stop()
         leading = [n for f in self.features for n in f.leader_loops()] + ["lease"]
         for name in leading:
             tasks[name].cancel()
@@ -353,8 +369,8 @@ class Coordinator:
             tasks["registry"].cancel()
         await asyncio.gather(tasks["registry"], return_exceptions=True)
         await self.registry.flush()
-        if "http" in tasks:
-            await asyncio.gather(tasks["http"], return_exceptions=True)
+        servers = [tasks[n] for n in ("http", "metrics-http") if n in tasks]
+        await asyncio.gather(*servers, return_exceptions=True)
 
 
 async def serve(config: Config) -> None:

@@ -26,6 +26,8 @@ FL_JOBS: Final = "/v1/fl/jobs"
 FL_JOB: Final = "/v1/fl/jobs/{job_id}"
 FL_JOB_STOP: Final = "/v1/fl/jobs/{job_id}/stop"
 FL_UPLOAD: Final = "/v1/fl/uploads/{job_id}/{round_no}/{device_id}"
+AUDIT: Final = "/v1/audit"
+METRICS: Final = "/metrics"
 
 
 def path(template: str, **values: str | int) -> str:

@@ -16,6 +16,10 @@ import pytest
 from fastapi import APIRouter
 
 from lepton.coordinator.api import ApiContext, create_app
+from lepton.coordinator.auth import credentials
+from lepton.coordinator.auth.guard import Authenticator
+from lepton.coordinator.auth.metrics import AuthMetrics
+from lepton.coordinator.auth.store import AuthStore
 from lepton.coordinator.config import Config
 from lepton.coordinator.config import load as load_config
 from lepton.coordinator.metrics import Metrics
@@ -149,15 +153,24 @@ async def in_process_api(
     raise_app_exceptions: bool = False,
     on_submit: Callable[[], None] = lambda: None,
     routers: Sequence[APIRouter] = (),
+    scopes: Sequence[str] = ("admin",),
     **context: Any,
 ) -> AsyncIterator[httpx.AsyncClient]:
     """A client of the coordinator's HTTP app over ``store``, served in-process (no socket),
     with the device and task routes mounted as the service mounts them, then ``routers``.
     ``overrides``: config keys; ``on_submit``: the task routes' wake-up; ``context``:
     further :class:`ApiContext` fields. By default a 500 is an answer to compare, not an
-    exception."""
+    exception. The client holds an operator token with ``scopes`` (none: no token)."""
     cfg = load_config(env={}, overrides={"instance_id": "api-test", **(overrides or {})})
     metrics = metrics if metrics is not None else Metrics()
+    auth_store = AuthStore(store.engine)
+    context.setdefault("auth", Authenticator(auth_store, AuthMetrics(metrics.registry)))
+    headers = {}
+    if scopes:
+        token = credentials.new("operator")
+        name = f"test-{uuid.uuid4().hex[:8]}"
+        auth_store.create_token(name, credentials.digest(token), scopes, created_by="test")
+        headers["Authorization"] = f"Bearer {token}"
     app = create_app(
         ApiContext(
             config=cfg,
@@ -177,7 +190,9 @@ async def in_process_api(
         )
     )
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://test", headers=headers
+    ) as client:
         yield client
 
 

@@ -52,6 +52,8 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from lepton.common.errors import LeptonError
+from lepton.coordinator.auth.guard import require
+from lepton.coordinator.auth.scopes import Scope
 from lepton.coordinator.errors import NotFoundError
 from lepton.coordinator.fl.credentials import UploadSigner
 from lepton.coordinator.fl.jobs.spec import LateSpec
@@ -98,7 +100,7 @@ class UploadContext:
 def make_upload_router(ctx: UploadContext) -> APIRouter:
     router = APIRouter(tags=["federated"])
 
-    @router.put(routes.FL_UPLOAD)
+    @router.put(routes.FL_UPLOAD, dependencies=[require(Scope.FL_WRITE, devices=True)])
     async def put_update(
         job_id: Ident,
         round_no: Annotated[int, Path(ge=0, le=2**31 - 1)],

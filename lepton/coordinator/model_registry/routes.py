@@ -24,6 +24,8 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from lepton.coordinator.api.schemas import Ident, Name, TaskOut
+from lepton.coordinator.auth.guard import require
+from lepton.coordinator.auth.scopes import Scope
 from lepton.coordinator.errors import NotFoundError
 from lepton.coordinator.model_registry.blobstore import DIGEST_PATTERN
 from lepton.coordinator.model_registry.deploy import (
@@ -73,8 +75,18 @@ def make_router(registry: ModelRegistry, deployer: Deployer | None = None) -> AP
 
     # Two routes, not one with methods=["GET", "HEAD"]: that would give both operations the
     # same OpenAPI operation id.
-    @router.head(routes.BLOB, response_class=FileResponse, operation_id="head_blob")
-    @router.get(routes.BLOB, response_class=FileResponse, operation_id="get_blob")
+    @router.head(
+        routes.BLOB,
+        response_class=FileResponse,
+        operation_id="head_blob",
+        dependencies=[require(Scope.FLEET_READ, devices=True)],
+    )
+    @router.get(
+        routes.BLOB,
+        response_class=FileResponse,
+        operation_id="get_blob",
+        dependencies=[require(Scope.FLEET_READ, devices=True)],
+    )
     def get_blob(digest: Digest) -> FileResponse:
         try:
             path = registry.blob_path(digest)
@@ -87,13 +99,13 @@ def make_router(registry: ModelRegistry, deployer: Deployer | None = None) -> AP
             headers={"ETag": f'"{digest}"', "Cache-Control": CACHE_CONTROL},
         )
 
-    @router.get(routes.MODELS)
+    @router.get(routes.MODELS, dependencies=[require(Scope.FLEET_READ)])
     def list_models(
         name: Annotated[str | None, Query(pattern=NAME_PATTERN, max_length=128)] = None,
     ) -> dict[str, Any]:
         return {"models": [r.to_dict() for r in registry.list(name)]}
 
-    @router.get(routes.MODEL)
+    @router.get(routes.MODEL, dependencies=[require(Scope.FLEET_READ)])
     def get_model(name: ModelName) -> dict[str, Any]:
         versions = registry.list(name)
         if not versions:
@@ -104,7 +116,7 @@ def make_router(registry: ModelRegistry, deployer: Deployer | None = None) -> AP
             "versions": [r.to_dict() for r in versions],
         }
 
-    @router.get(routes.MODEL_VERSION)
+    @router.get(routes.MODEL_VERSION, dependencies=[require(Scope.FLEET_READ)])
     def get_model_version(
         name: ModelName,
         version: Annotated[int, Path(ge=1, le=2**31 - 1)],
@@ -116,7 +128,9 @@ def make_router(registry: ModelRegistry, deployer: Deployer | None = None) -> AP
 
     if deployer is not None:
 
-        @router.post(routes.MODEL_DEPLOY, status_code=201)
+        @router.post(
+            routes.MODEL_DEPLOY, status_code=201, dependencies=[require(Scope.MODELS_WRITE)]
+        )
         def deploy_model(name: ModelName, body: DeployIn) -> DeployOut:
             """Deploy a version of ``name`` to the chosen devices: one pinned ``deploy`` task
             each, placed and retried like any task."""
