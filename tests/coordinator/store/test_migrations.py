@@ -141,8 +141,8 @@ def newer_release(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[N
 def test_an_older_revision_is_refused_unless_auto_upgrade(
     empty_url: str, newer_release: None
 ) -> None:
-    """A database at the shipped head under a release with one more revision: start-up refuses and says what
-    to run; with auto_upgrade it upgrades, and the rows are kept."""
+    """A database at the shipped head under a release with one more revision: start-up
+    refuses and says what to run; with auto_upgrade it upgrades, and the rows are kept."""
     engines = make_engines(empty_url)
     try:
         migrations.upgrade(engines.write, SHIPPED)
