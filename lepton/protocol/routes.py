@@ -27,7 +27,17 @@ FL_JOB: Final = "/v1/fl/jobs/{job_id}"
 FL_JOB_STOP: Final = "/v1/fl/jobs/{job_id}/stop"
 FL_UPLOAD: Final = "/v1/fl/uploads/{job_id}/{round_no}/{device_id}"
 AUDIT: Final = "/v1/audit"
+ENROLL: Final = (
+    "/v1/enroll"  # a device exchanges a claim for its identity (lepton.protocol.enrolment)
+)
+CLAIMS: Final = "/v1/claims"  # enrolment claims (scope devices:write)
+DEVICE_REVOKE: Final = "/v1/devices/{device_id}/revoke"  # (scope devices:write)
 METRICS: Final = "/metrics"
+
+
+#: The header a device sends its update slot's credential in (``Authorization`` carries the
+#: device's own token).
+UPLOAD_TOKEN_HEADER: Final = "X-Lepton-Upload-Token"
 
 
 def path(template: str, **values: str | int) -> str:
