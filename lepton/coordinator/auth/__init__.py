@@ -1,0 +1,1 @@
+"""Trust: who may talk to the coordinator and the broker, and with which rights."""
