@@ -308,3 +308,42 @@ async def test_no_broker_accounts_warns_once(caplog: pytest.LogCaptureFixture) -
     assert len(warnings) == 1
     with pytest.raises(TopicError):
         await accounts.provision("a/#", "pw")
+
+
+@pytest.mark.parametrize(
+    "mqtt",
+    [{"protocol": "3.1.1"}, {"shared_subscriptions": True}],
+    ids=["mqtt-3.1.1", "shared-subscriptions"],
+)
+async def test_the_coordinator_account_works_as_replicas_and_on_3_1_1(
+    dynsec_broker: DynsecBroker, devices: MakeDevice, mqtt: dict[str, object]
+) -> None:
+    """The coordinator role allows the $share/<group>/ filters replicas subscribe with, and
+    the plugin's exchange needs nothing of MQTT 5 (the correlation is in the JSON)."""
+    from lepton.coordinator.runtime.ingest import subscriptions
+
+    seen = Seen()
+    shared = "lepton-coordinators" if mqtt.get("shared_subscriptions") else None
+    link = MqttLink(
+        MqttConfig(
+            port=dynsec_broker.port,
+            username="coordinator",
+            password=dynsec_broker.coordinator_password,
+            **mqtt,  # type: ignore[arg-type]
+        ),
+        client_id="coordinator",
+        subscriptions=subscriptions(FLEET, shared_group=shared),
+        on_message=seen,
+    )
+    async with link:
+        assert await link.wait_connected(5)
+        accounts = DynsecAccounts(link, FLEET)
+        await accounts.ensure_ready()
+        await accounts.provision("dev-a", "pw-a")
+        a = devices(dynsec_broker.port, "dev-a", "pw-a")
+        assert a.connect()
+        for channel in (topics.STATE, topics.CAPACITY, topics.RESULT):
+            await asyncio.to_thread(a.publish, dev_topic("dev-a", channel))
+        await until(lambda: len(seen.topics) == 3)
+        await accounts.remove("dev-a")
+        assert await asyncio.to_thread(a.gone.wait, 5)
