@@ -107,7 +107,9 @@ class DynsecAccounts:
 
     Each call is one control message (all commands of one device together) answered within
     ``timeout_s`` or :class:`BrokerAccountsError`. ``on_reject(reason)`` counts response
-    payloads that could not be read (a metric); they are logged and dropped.
+    payloads that could not be read (a metric); they are logged and dropped. Calls may run
+    concurrently (each waits for its own correlation id). One instance per link: it owns
+    the link's route for the plugin's response topic.
     """
 
     def __init__(

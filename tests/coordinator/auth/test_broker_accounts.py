@@ -347,3 +347,20 @@ async def test_the_coordinator_account_works_as_replicas_and_on_3_1_1(
         await until(lambda: len(seen.topics) == 3)
         await accounts.remove("dev-a")
         assert await asyncio.to_thread(a.gone.wait, 5)
+
+
+async def test_concurrent_calls_get_their_own_answers(
+    dynsec_broker: DynsecBroker, coordinator: Coordinator, devices: MakeDevice
+) -> None:
+    """Replies are matched by correlation id: 20 provisions and a failing call at once."""
+    accounts, _, _ = coordinator
+    ids = [f"dev-{i}" for i in range(20)]
+    results = await asyncio.gather(
+        *(accounts.provision(d, f"pw-{d}") for d in ids),
+        accounts.provision("coordinator", "x"),
+        return_exceptions=True,
+    )
+    assert results[:20] == [None] * 20
+    assert isinstance(results[20], BrokerAccountsError)
+    assert devices(dynsec_broker.port, "dev-7", "pw-dev-7").connect()
+    assert not devices(dynsec_broker.port, "dev-7", "pw-dev-8").connect()

@@ -177,3 +177,92 @@ def test_password_hash_matches_mosquitto_ctrl_format(tmp_path: Path) -> None:
     salt = base64.b64decode(theirs["salt"])
     assert theirs["iterations"] == ours["iterations"]
     assert password_hash("pw", salt)["password"] == theirs["password"]
+
+
+def _tls_files(folder: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a broker certificate for 127.0.0.1 (cryptography)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test fleet CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = (folder / "ca.crt", folder / "broker.crt", folder / "broker.key")
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
+
+
+async def test_init_tls_listener_takes_provisioned_devices(tmp_path: Path) -> None:
+    import ssl
+
+    ca, crt, key = _tls_files(tmp_path / "certs")
+    tls_port = free_port()
+    rc, folder = init(
+        tmp_path,
+        *("--tls-port", str(tls_port), "--cafile", str(ca), "--certfile", str(crt)),
+        *("--keyfile", str(key)),
+    )
+    assert rc == 0
+    broker = InitBroker(workdir=folder, port=_port(folder))
+    broker.start()
+    try:
+        password = (folder / "coordinator.password").read_text().strip()
+        cfg = load(
+            None,
+            env={},
+            overrides={"mqtt.port": broker.port, "mqtt.username": "coordinator"}
+            | {"mqtt.password": password, "fleet": "f1"},
+        )
+        link = MqttLink(cfg.mqtt, client_id="coordinator", subscriptions=[], on_message=Seen())
+        async with link:
+            accounts = DynsecAccounts(link, "f1")
+            await accounts.provision("dev-a", "pw-a")
+        dev = Device(tls_port, "dev-a", "pw-a")
+        dev.client.tls_set(ca_certs=str(ca), cert_reqs=ssl.CERT_REQUIRED)
+        try:
+            assert dev.connect()
+            assert dev.subscribe(topics.cmd_filter("f1", "dev-a")) < 0x80
+            assert dev.subscribe("#") >= 0x80
+        finally:
+            dev.close()
+    finally:
+        broker.kill()
