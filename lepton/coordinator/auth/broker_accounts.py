@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 
 class BrokerAccountsError(LeptonError):
-    """The broker did not make the change: ``detail`` is its error text or why there was none."""
+    """The broker did not confirm the change: ``detail`` is its error text, or why no answer
+    came (then the change may or may not have been made: calls are idempotent, retry)."""
 
     def __init__(self, action: str, device_id: str | None, detail: str) -> None:
         self.action = action
@@ -159,11 +160,13 @@ class DynsecAccounts:
         self._loop = asyncio.get_running_loop()
         request_id = secrets.token_hex(12)
         fut: asyncio.Future[list[dynsec.Reply]] = self._loop.create_future()
+        if not await self._link.wait_connected(self._timeout_s):
+            raise BrokerAccountsError(
+                action, device_id, f"not connected to the broker within {self._timeout_s:g}s"
+            )
         self._waiting[request_id] = fut
         try:
             async with asyncio.timeout(self._timeout_s):
-                if not await self._link.wait_connected(self._timeout_s):
-                    raise BrokerAccountsError(action, device_id, "not connected to the broker")
                 await self._link.publish(dynsec.CONTROL_TOPIC, dynsec.encode(commands, request_id))
                 replies = await fut
         except TimeoutError:

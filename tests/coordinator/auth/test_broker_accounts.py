@@ -364,3 +364,17 @@ async def test_concurrent_calls_get_their_own_answers(
     assert isinstance(results[20], BrokerAccountsError)
     assert devices(dynsec_broker.port, "dev-7", "pw-dev-7").connect()
     assert not devices(dynsec_broker.port, "dev-7", "pw-dev-8").connect()
+
+
+async def test_no_broker_at_all_is_a_clear_error_within_the_timeout() -> None:
+    from tests.support.broker import free_port
+
+    link = MqttLink(
+        MqttConfig(port=free_port()), client_id="c", subscriptions=[], on_message=Seen()
+    )
+    async with link:
+        accounts = DynsecAccounts(link, FLEET, timeout_s=0.5)
+        t0 = time.monotonic()
+        with pytest.raises(BrokerAccountsError, match="not connected to the broker within"):
+            await accounts.provision("dev-a", "pw")
+        assert time.monotonic() - t0 < 1.5
