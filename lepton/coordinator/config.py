@@ -32,6 +32,7 @@ from lepton.protocol.topics import validate_id
 __all__ = ["CONFIG_ENV", "Config", "ConfigError", "env_name", "known_keys", "load"]
 
 MqttProtocol = Literal["5", "3.1.1"]
+BrokerAccountsKind = Literal["none", "dynsec"]
 SolverMethod = Literal["auto", "exact", "fast", "random", "round_robin"]
 ENV_PREFIX: Final = settings.ENV_PREFIX
 # Not LEPTON_CONFIG: the agent reads that one, and both may run on one host in a demo.
@@ -58,6 +59,9 @@ class MqttConfig:
     port: Port = 1883
     username: str = ""
     password: str = ""
+    # A file holding the password (``lepton broker init`` writes one, mode 0600); read at
+    # load. Give password or password_file, not both.
+    password_file: str = ""
     tls: bool = False
     ca_file: str = ""
     cert_file: str = ""
@@ -71,6 +75,30 @@ class MqttConfig:
     reconnect_min_s: Positive = 0.5
     reconnect_max_s: float = 30.0
     publish_timeout_s: Positive = 10.0
+    # Who makes device accounts on the broker: "dynsec" (Mosquitto's dynamic security
+    # plugin, through this connection; the account needs the plugin's admin rights) or
+    # "none" (managed outside Lepton). See lepton.coordinator.auth.broker_accounts.
+    accounts: BrokerAccountsKind = "none"
+    accounts_timeout_s: Positive = 5.0
+
+    def __post_init__(self) -> None:
+        if self.password_file:
+            object.__setattr__(self, "password", _read_password(self))
+
+
+def _read_password(mqtt: MqttConfig) -> str:
+    key = "mqtt.password_file"
+    if mqtt.password:
+        raise ConfigError("give mqtt.password or mqtt.password_file, not both", key=key)
+    path = Path(mqtt.password_file).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"mqtt.password_file: cannot read {str(path)!r}: {exc}", key=key) from exc
+    password = text.strip("\r\n")
+    if not password or "\n" in password:
+        raise ConfigError(f"mqtt.password_file {str(path)!r} must hold one non-empty line", key=key)
+    return password
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

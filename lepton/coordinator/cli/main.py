@@ -55,6 +55,7 @@ RUN_FLAGS = {
 #: group is imported only when it is named on the command line (the model registry loads
 #: onnxruntime, which takes seconds); otherwise it is listed by name and help only.
 COMMAND_GROUPS: dict[str, tuple[str, str]] = {
+    "broker": ("lepton.coordinator.auth.broker_cli", "the MQTT broker's configuration"),
     "db": ("lepton.coordinator.cli.db", "the database's schema revision; upgrade it"),
     "tokens": ("lepton.coordinator.auth.cli", "operator API tokens: create, list, revoke"),
     "audit": ("lepton.coordinator.auth.cli_audit", "the audit log: who did what, when"),
