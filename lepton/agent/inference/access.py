@@ -165,6 +165,21 @@ def read_token_file(path: Path) -> str:
 
 # ---------------------------------------------------------------- per request
 
+_REFUSALS: Final = {
+    "missing": "this endpoint needs an Authorization: Bearer <token> header",
+    "malformed": "the Authorization header must be 'Bearer <token>'",
+    "wrong": "the bearer token is not accepted",
+}
+
+
+def refusal_answer(reason: str) -> tuple[str, str]:
+    """(``WWW-Authenticate`` value, message) for a 401 refused for ``reason`` (RFC 6750:
+    ``error="invalid_token"`` once a token was sent)."""
+    challenge = 'Bearer realm="lepton-agent"'
+    if reason != "missing":
+        challenge += ', error="invalid_token"'
+    return challenge, _REFUSALS[reason]
+
 
 class TokenGuard:
     """Checks ``Authorization: Bearer <token>``; counts and logs (rate-limited) refusals.

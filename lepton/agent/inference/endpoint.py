@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, Final
 import h11
 import msgspec
 
-from lepton.agent.inference.access import TokenGuard, is_loopback_peer
+from lepton.agent.inference.access import TokenGuard, is_loopback_peer, refusal_answer
 from lepton.agent.inference.bodies import (
     HttpError,
     json_inputs,
@@ -76,11 +76,6 @@ JSON_TYPE: Final = "application/json"
 SERVER_HEADER: Final = ("server", "lepton-agent")
 _PREDICT_SUFFIX: Final = ":predict"
 HEALTH_PATH: Final = "/v1/health"
-_AUTH_MESSAGES: Final = {
-    "missing": "this endpoint needs an Authorization: Bearer <token> header",
-    "malformed": "the Authorization header must be 'Bearer <token>'",
-    "wrong": "the bearer token is not accepted",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -426,10 +421,7 @@ class Endpoint:
         if reason is None:
             return None
         self.guard.refused(reason, str(writer.get_extra_info("peername") or "unix"))
-        challenge = 'Bearer realm="lepton-agent"'
-        if reason != "missing":
-            challenge += ', error="invalid_token"'
-        message = _AUTH_MESSAGES[reason]
+        challenge, message = refusal_answer(reason)
         body = _json.encode({"error": {"code": f"token_{reason}", "message": message}})
         return Reply(401, body, headers=(("www-authenticate", challenge),), close=True)
 

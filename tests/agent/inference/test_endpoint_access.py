@@ -138,6 +138,37 @@ async def test_socket_group_by_gid_and_default_group(served: ModelManager, short
             assert (st.st_gid, stat.S_IMODE(st.st_mode)) == (os.getegid(), 0o660)
 
 
+async def test_the_socket_is_never_looser_than_configured(
+    served: ModelManager, short_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seen at the moment the mode is applied, under a process umask of 0: the file has
+    owner-only bits and nobody can connect yet (it does not listen)."""
+    path = short_dir / "infer.sock"
+    seen: list[tuple[int, str]] = []
+    real_chmod = os.chmod
+
+    def watching_chmod(target: Any, mode: int) -> None:
+        before = stat.S_IMODE(os.stat(target).st_mode)
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(str(target))
+                seen.append((before, "accepted"))
+            except ConnectionRefusedError:
+                seen.append((before, "refused"))
+        real_chmod(target, mode)
+
+    monkeypatch.setattr("lepton.agent.inference.unixsock.os.chmod", watching_chmod)
+    old = os.umask(0)
+    try:
+        cfg = _config(short_dir, f'socket = "{path}"\nsocket_mode = "0660"').endpoint
+        async with Endpoint.from_config(served, cfg):
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+            assert os.umask(0) == 0  # the process umask is back as it was before the bind
+    finally:
+        os.umask(old)
+    assert seen == [(0o600, "refused")]
+
+
 @pytest.mark.parametrize(
     ("line", "key", "says"),
     [
