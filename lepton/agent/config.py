@@ -24,6 +24,7 @@ from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
+from lepton.agent.inference import access  # the standard library only: config stays light
 from lepton.agent.origins import OriginError, Origins
 from lepton.common import settings
 from lepton.common.errors import ConfigError
@@ -37,6 +38,8 @@ DEFAULT_CONFIG_PATH: Final = Path("/etc/lepton/agent.toml")
 CONFIG_ENV: Final = "LEPTON_CONFIG"
 DATA_SECTION: Final = "data"
 _SOURCE_NAME_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
+#: Keys with no CLI flag: secrets, which a flag would show in the process list.
+_NO_FLAG: Final = frozenset({"endpoint.token"})
 
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 Positive = Annotated[float, msgspec.Meta(gt=0)]
@@ -148,20 +151,96 @@ class FetchConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EndpointConfig:
-    """``[endpoint]``: the local inference API; off unless a port or a socket is set."""
+    """``[endpoint]``: the local inference API; off unless a port or a socket is set.
+
+    TCP listens on loopback only unless ``allow_remote`` (which then needs a token); the
+    Unix socket gets ``socket_mode`` and ``socket_group``; a token (``token_file``, or
+    ``LEPTON_ENDPOINT_TOKEN``) makes every route but health ask for ``Bearer <token>``.
+    The checks are in :mod:`lepton.agent.inference.access`.
+    """
 
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None  # 0: any free port
+    # A host that is not loopback is refused unless this is set (and a token is configured).
+    allow_remote: bool = False
     socket: Path | None = None
+    # Octal: "0660" (a string) or 0o660 (a TOML octal); normalised to the int bits.
+    socket_mode: int | str = 0o660
+    # A group name or gid; unset: the agent's own (effective) group.
+    socket_group: str | int | None = None
+    # A file holding the bearer token, readable by its owner only (mode 0600 or 0400).
+    token_file: Path | None = None
+    # The token itself, from the environment only (LEPTON_ENDPOINT_TOKEN): never in a file.
+    token: str | None = field(default=None, repr=False)
+    # Whether GET /v1/health answers without the token (status only, no model names).
+    open_health: bool = True
     max_body_bytes: PositiveInt = 16 * 1024 * 1024
     concurrency: PositiveInt = 2
     max_connections: PositiveInt = 64
     # Seconds a request (the wait for it, headers and body together) may take to arrive.
     request_timeout_s: Positive = 10.0
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "socket_mode", access.parse_socket_mode(self.socket_mode))
+        if self.socket_group is not None:
+            access.resolve_group(self.socket_group)  # a group that does not exist: refused
+        if self.token is not None and self.token_file is not None:
+            raise ConfigError(
+                "endpoint.token and endpoint.token_file are both set; keep one",
+                key="endpoint.token",
+            )
+        if self.token is not None:
+            access.check_token(self.token, "endpoint.token")
+        if self.token_file is not None:
+            access.read_token_file(self.token_file)  # refused now, not at the first request
+        if self.port is not None and not self.allow_remote:
+            wide = access.non_loopback_addresses(self.host, self.port)
+            if wide:
+                raise ConfigError(
+                    f"endpoint.host: {self.host!r} is not a loopback address "
+                    f"({', '.join(wide)}); the endpoint listens on 127.0.0.1, ::1 or "
+                    "localhost unless endpoint.allow_remote = true (which also needs "
+                    "endpoint.token_file or LEPTON_ENDPOINT_TOKEN)",
+                    key="endpoint.host",
+                )
+        if self.allow_remote and self.port is not None and not self.has_token:
+            raise ConfigError(
+                "endpoint.allow_remote needs a token: set endpoint.token_file "
+                "(or LEPTON_ENDPOINT_TOKEN)",
+                key="endpoint.allow_remote",
+            )
+        if self.socket is not None and self.mode & 0o002 and not self.has_token:
+            raise ConfigError(
+                f"endpoint.socket_mode {self.mode:04o} lets every local user connect; "
+                "that needs a token (endpoint.token_file or LEPTON_ENDPOINT_TOKEN)",
+                key="endpoint.socket_mode",
+            )
+
     @property
     def enabled(self) -> bool:
         return self.port is not None or self.socket is not None
+
+    @property
+    def mode(self) -> int:
+        """``socket_mode`` as permission bits."""
+        return int(self.socket_mode)
+
+    @property
+    def gid(self) -> int:
+        """The socket's group id (``socket_group``, else the agent's effective group)."""
+        return access.resolve_group(self.socket_group)
+
+    @property
+    def has_token(self) -> bool:
+        return self.token is not None or self.token_file is not None
+
+    def bearer_token(self) -> str | None:
+        """The token requests must carry, read now (a token file is checked again)."""
+        if self.token_file is not None:
+            return access.read_token_file(self.token_file)
+        if self.token is not None:
+            return access.check_token(self.token, "endpoint.token")
+        return None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -226,9 +305,27 @@ def load_config(
         path = Path(env[CONFIG_ENV])
     if path is None and DEFAULT_CONFIG_PATH.exists():
         path = DEFAULT_CONFIG_PATH
+    data = settings.read_toml(path) if path is not None else None
+    # The endpoint's token is a secret: a config file is often world-readable and a flag
+    # shows in `ps`, so it comes from the environment or endpoint.token_file only.
+    section = (data or {}).get("endpoint")
+    if isinstance(section, Mapping) and "token" in section:
+        raise ConfigError(
+            f"{path}: endpoint.token is not read from a file; use endpoint.token_file "
+            "(mode 0600) or the environment variable LEPTON_ENDPOINT_TOKEN",
+            key="endpoint.token",
+            source=str(path),
+        )
+    if overrides and overrides.get("endpoint.token") is not None:
+        raise ConfigError(
+            "endpoint.token cannot be a flag (it would show in the process list); use "
+            "endpoint.token_file or LEPTON_ENDPOINT_TOKEN",
+            key="endpoint.token",
+        )
     return settings.load(
         AgentConfig,
-        file=path,
+        data=data,
+        data_source=str(path),
         env=env,
         overrides=overrides,
         override_label=lambda key: f"flag {settings.flag_name(key)}",
@@ -240,4 +337,5 @@ def cli_options() -> list[tuple[str, str, Any]]:
     return [
         (settings.flag_name(name), name, key.hint)
         for name, key in settings.keys(AgentConfig).items()
+        if name not in _NO_FLAG
     ]

@@ -310,18 +310,9 @@ class Agent:
     async def _endpoint(self) -> None:
         from lepton.agent.inference.endpoint import Endpoint
 
-        cfg = self.config
-        endpoint = Endpoint(
-            self.models,
-            host=cfg.endpoint.host,
-            port=cfg.endpoint.port,
-            socket_path=cfg.endpoint.socket,
-            max_body=cfg.endpoint.max_body_bytes,
-            concurrency=cfg.endpoint.concurrency,
-            max_connections=cfg.endpoint.max_connections,
-            request_timeout=cfg.endpoint.request_timeout_s,
-            counters=self.counters,
-        )
+        # A token file that went bad since the config was loaded raises ConfigError here,
+        # which stops the agent: it never serves with a weaker guard than configured.
+        endpoint = Endpoint.from_config(self.models, self.config.endpoint, counters=self.counters)
         try:
             async with endpoint:
                 self.endpoint_port = endpoint.port
