@@ -37,7 +37,7 @@ METRICS: Final = "/metrics"
 
 #: The header a device sends its update slot's credential in (``Authorization`` carries the
 #: device's own token).
-UPLOAD_TOKEN_HEADER: Final = "X-Lepton-Upload-Token"
+UPLOAD_TOKEN_HEADER: Final = "X-Lepton-Upload-Token"  # noqa: S105 - a header name
 
 
 def path(template: str, **values: str | int) -> str:
