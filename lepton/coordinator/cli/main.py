@@ -64,6 +64,7 @@ def _client_options(parser: argparse.ArgumentParser) -> None:
 #: group is imported only when it is named on the command line (the model registry loads
 #: onnxruntime, which takes seconds); otherwise it is listed by name and help only.
 COMMAND_GROUPS: dict[str, tuple[str, str]] = {
+    "ca": ("lepton.coordinator.auth.cli", "the fleet CA: create it, issue certificates"),
     "db": ("lepton.coordinator.cli.db", "the database's schema revision; upgrade it"),
     "fl": ("lepton.coordinator.fl.cli", "federated learning jobs"),
     "models": (
