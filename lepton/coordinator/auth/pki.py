@@ -1,5 +1,6 @@
 """The fleet's certificate authority: one CA that signs the broker's and the API's server
-certificates and the devices' client certificates.
+certificates and the devices' client certificates (what it accepts from outside is checked
+in :mod:`lepton.coordinator.auth.checks`).
 
 Everything is ECDSA P-256 and PEM. The CA is long-lived (``CA_DAYS``); leaf certificates are
 bounded (``MAX_SERVER_DAYS``, ``MAX_DEVICE_DAYS``) and never outlive the CA. A device
@@ -18,15 +19,11 @@ Revocation: :meth:`FleetCA.crl` signs a CRL of the serials given (Mosquitto read
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import ipaddress
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import (
@@ -35,30 +32,34 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from lepton.common.errors import LeptonError
-from lepton.protocol.errors import TopicError
+from lepton.coordinator.auth.checks import (
+    PkiError,
+    ca_fingerprint,
+    check_days,
+    check_device_csr,
+    load_cert,
+    parse_sans,
+)
 from lepton.protocol.topics import validate_id
+
+# The checks of what comes from outside live in .checks; these names are part of this API.
+__all__ = [
+    "CA_DAYS",
+    "MAX_DEVICE_DAYS",
+    "MAX_SERVER_DAYS",
+    "FleetCA",
+    "Issued",
+    "PkiError",
+    "ca_fingerprint",
+    "device_key_and_csr",
+    "parse_sans",
+]
 
 CA_DAYS: Final = 3650
 MAX_SERVER_DAYS: Final = 825
 MAX_DEVICE_DAYS: Final = 397
 #: Certificates start this far in the past, so a device whose clock lags a little accepts them.
 BACKDATE: Final = dt.timedelta(minutes=5)
-_DNS_RE: Final = re.compile(
-    r"(?=.{1,253}\Z)(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
-    r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z"
-)
-
-
-class PkiError(LeptonError):
-    """A certificate was refused or cannot be made; ``reason`` is a stable token
-    (``bad_csr``, ``bad_signature``, ``wrong_cn``, ``bad_key``, ``bad_lifetime``, ``bad_san``,
-    ``bad_pem``)."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"pki: {reason}: {detail}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,37 +87,6 @@ def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def load_cert(cert_pem: bytes) -> x509.Certificate:
-    try:
-        return x509.load_pem_x509_certificate(cert_pem)
-    except ValueError as exc:
-        raise PkiError("bad_pem", f"not a PEM certificate: {exc}") from exc
-
-
-def ca_fingerprint(cert_pem: bytes) -> str:
-    """``sha256:<hex>`` of the certificate's DER encoding (what a device pins)."""
-    der = load_cert(cert_pem).public_bytes(serialization.Encoding.DER)
-    return "sha256:" + hashlib.sha256(der).hexdigest()
-
-
-def parse_sans(names: Iterable[str]) -> list[x509.GeneralName]:
-    """Host names become DNS names, addresses IP addresses; anything else is refused."""
-    out: list[x509.GeneralName] = []
-    for raw in names:
-        name = raw.strip()
-        try:
-            out.append(x509.IPAddress(ipaddress.ip_address(name.strip("[]"))))
-            continue
-        except ValueError:
-            pass
-        if not _DNS_RE.match(name):
-            raise PkiError("bad_san", f"{raw[:100]!r} is neither a host name nor an IP address")
-        out.append(x509.DNSName(name.lower()))
-    if not out:
-        raise PkiError("bad_san", "a server certificate needs at least one name")
-    return out
-
-
 def _spki(public: CertificatePublicKeyTypes) -> bytes:
     der: bytes = public.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -124,10 +94,19 @@ def _spki(public: CertificatePublicKeyTypes) -> bytes:
     return der
 
 
-def _check_days(days: int, cap: int) -> int:
-    if not isinstance(days, int) or not 1 <= days <= cap:
-        raise PkiError("bad_lifetime", f"lifetime must be 1..{cap} days, got {days!r}")
-    return days
+def _key_usage(*, ca: bool, rsa_key: bool = False) -> x509.KeyUsage:
+    """Signing for every key; certificates and CRLs for the CA; key transport for RSA."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=rsa_key,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        encipher_only=False,
+        decipher_only=False,
+    )
 
 
 class FleetCA:
@@ -153,20 +132,7 @@ class FleetCA:
             .not_valid_before(now - BACKDATE)
             .not_valid_after(now + dt.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
+            .add_extension(_key_usage(ca=True), critical=True)
             .add_extension(ski, critical=False)
             .sign(key, hashes.SHA256())
         )
@@ -210,7 +176,7 @@ class FleetCA:
         cert = self._leaf(
             x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn[:64])]),
             key.public_key(),
-            _check_days(days, MAX_SERVER_DAYS),
+            check_days(days, MAX_SERVER_DAYS),
             ExtendedKeyUsageOID.SERVER_AUTH,
             x509.SubjectAlternativeName(names),
         )
@@ -228,39 +194,8 @@ class FleetCA:
         """The PEM client certificate for ``device_id``'s CSR; :class:`PkiError` unless the
         CSR parses, its signature verifies, its subject is exactly ``CN=device_id``, its key
         is P-256/P-384 or RSA >= 2048, and ``days`` is 1..``MAX_DEVICE_DAYS``."""
-        try:
-            validate_id(device_id)
-        except TopicError as exc:
-            raise PkiError("wrong_cn", str(exc)) from exc
-        _check_days(days, MAX_DEVICE_DAYS)
-        try:
-            csr = x509.load_pem_x509_csr(csr_pem)
-        except ValueError as exc:
-            raise PkiError("bad_csr", f"not a PEM CSR: {exc}") from exc
-        try:
-            valid = csr.is_signature_valid
-        except (ValueError, InvalidSignature) as exc:  # an unsupported or broken signature
-            raise PkiError(
-                "bad_signature", f"the CSR's signature cannot be checked: {exc}"
-            ) from exc
-        if not valid:
-            raise PkiError("bad_signature", "the CSR is not signed by the key it carries")
-        attrs = list(csr.subject)
-        cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        if len(attrs) != 1 or len(cns) != 1 or cns[0].value != device_id:
-            got = csr.subject.rfc4514_string()[:200]
-            raise PkiError(
-                "wrong_cn", f"the CSR's subject must be exactly CN={device_id}, got {got!r}"
-            )
-        public = csr.public_key()
-        if isinstance(public, ec.EllipticCurvePublicKey):
-            if public.curve.name not in ("secp256r1", "secp384r1"):
-                raise PkiError("bad_key", f"curve {public.curve.name} is not accepted")
-        elif isinstance(public, rsa.RSAPublicKey):
-            if public.key_size < 2048:
-                raise PkiError("bad_key", f"RSA key of {public.key_size} bits; at least 2048")
-        else:
-            raise PkiError("bad_key", f"{type(public).__name__} keys are not accepted")
+        check_days(days, MAX_DEVICE_DAYS)
+        public = check_device_csr(csr_pem, device_id)
         cert = self._client_cert(device_id, public, days)
         return cert.public_bytes(serialization.Encoding.PEM)
 
@@ -288,7 +223,7 @@ class FleetCA:
         return self._leaf(
             x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity)]),
             public,
-            _check_days(days, MAX_DEVICE_DAYS),
+            check_days(days, MAX_DEVICE_DAYS),
             ExtendedKeyUsageOID.CLIENT_AUTH,
         )
 
@@ -313,18 +248,7 @@ class FleetCA:
             .not_valid_after(until)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=isinstance(public, rsa.RSAPublicKey),
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
+                _key_usage(ca=False, rsa_key=isinstance(public, rsa.RSAPublicKey)), critical=True
             )
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)

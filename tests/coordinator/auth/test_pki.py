@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from lepton.coordinator.auth import cafiles
@@ -115,21 +115,25 @@ def test_csr_garbage_bad_id_and_unbounded_lifetime_are_refused(ca: FleetCA) -> N
         assert err.value.reason == reason, (device_id, days)
 
 
-def test_csr_with_a_weak_curve_is_refused(ca: FleetCA) -> None:
-    key = ec.generate_private_key(ec.SECP192R1()) if _has_p192() else None
-    if key is None:
-        pytest.skip("this OpenSSL has no P-192")
-    with pytest.raises(PkiError) as err:
-        ca.sign_device_csr(_csr("dev-7", key), "dev-7", 30)
-    assert err.value.reason == "bad_key"
-
-
-def _has_p192() -> bool:
-    try:
-        ec.generate_private_key(ec.SECP192R1())
-    except Exception:
-        return False
-    return True
+def test_csr_with_a_weak_or_unaccepted_key_is_refused(ca: FleetCA) -> None:
+    weak_rsa = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    p521 = ec.generate_private_key(ec.SECP521R1())
+    for key in (weak_rsa, p521, ed25519.Ed25519PrivateKey.generate()):
+        builder = x509.CertificateSigningRequestBuilder().subject_name(
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dev-7")])
+        )
+        algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+        pem = builder.sign(key, algorithm).public_bytes(serialization.Encoding.PEM)
+        with pytest.raises(PkiError) as err:
+            ca.sign_device_csr(pem, "dev-7", 30)
+        assert err.value.reason == "bad_key", type(key)
+    # RSA 2048 is fine.
+    ok = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dev-7")])
+    )
+    pem = builder.sign(ok, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+    assert ca.sign_device_csr(pem, "dev-7", 30).startswith(b"-----BEGIN CERTIFICATE-----")
 
 
 def test_server_cert_carries_dns_and_ip_sans(ca: FleetCA) -> None:
