@@ -19,8 +19,10 @@ from typing import Any
 import aiomqtt
 import httpx
 import pytest
+from cryptography import x509
 
 from lepton.common.tls import client_context
+from lepton.coordinator.auth import cafiles
 from lepton.coordinator.config import MqttConfig
 from lepton.coordinator.runtime.mqtt import MqttLink
 from lepton.coordinator.service import Coordinator
@@ -137,10 +139,39 @@ async def test_coordinator_link_verifies_the_broker(tls_broker: TlsBroker, tmp_p
 
     async with link(tls_broker.tls_port, tls_broker.fleet.ca_file) as mqtt:
         assert await mqtt.wait_connected(10)
+    # Where the broker requires a certificate, the coordinator's own (lepton ca issue-client).
+    cert, key = cafiles.save_issued(
+        tmp_path, "coordinator", tls_broker.fleet.ca.issue_client("coordinator")
+    )
+    cfg = MqttConfig(
+        port=tls_broker.mtls_port,
+        tls=True,
+        ca_file=str(tls_broker.fleet.ca_file),
+        cert_file=str(cert),
+        key_file=str(key),
+    )
+    async with MqttLink(cfg, client_id="c", subscriptions=[], on_message=lambda *a: None) as mqtt:
+        assert await mqtt.wait_connected(10)
     async with link(tls_broker.tls_port, other.ca_file) as mqtt:
         assert not await mqtt.wait_connected(2)
     async with link(tls_broker.wrong_name_port, tls_broker.fleet.ca_file) as mqtt:
         assert not await mqtt.wait_connected(2)
+
+
+async def test_a_revoked_device_certificate_is_refused(
+    broker_factory: Callable[..., Broker], fleet: Fleet
+) -> None:
+    """The CA's CRL (FleetCA.crl) in the listener's ``crlfile``."""
+    revoked_cert, revoked_key = fleet.device("dev-lost")
+    good_cert, good_key = fleet.device("dev-ok")
+    serial = x509.load_pem_x509_certificate(revoked_cert.read_bytes()).serial_number
+    crl = fleet.dir / "fleet.crl"
+    crl.write_bytes(fleet.ca.crl([serial]))
+    port = free_port()
+    broker_factory(tls_listener(port, fleet, require_certificate=True) + f"crlfile {crl}\n")
+    await _connect(port, client_context(fleet.ca_file, good_cert, good_key))
+    with pytest.raises(aiomqtt.MqttError):
+        await _connect(port, client_context(fleet.ca_file, revoked_cert, revoked_key))
 
 
 @pytest.mark.slow
