@@ -20,6 +20,7 @@ import msgspec
 
 from lepton.agent import __version__
 from lepton.agent.config import AgentConfig
+from lepton.agent.credentials import CoordinatorCredentials, warn_if_not_enrolled
 from lepton.agent.handlers import HandlerRegistry, TaskContext, TaskServices, default_registry
 from lepton.agent.inference.eviction import Caps
 from lepton.agent.inference.manager import ModelManager
@@ -33,6 +34,7 @@ from lepton.agent.telemetry.changes import significant_change
 from lepton.agent.telemetry.probe import ProbeResult, load_probe
 from lepton.agent.training.datasources import DataSources
 from lepton.agent.training.tasks import weights_cache
+from lepton.common.tls import client_context
 from lepton.protocol import topics
 from lepton.protocol.aio import cancel_and_wait
 from lepton.protocol.codec import decode, encode
@@ -68,6 +70,10 @@ class Agent:
         )
         self.notifier = Notifier()
         self.probe: ProbeResult | None = None
+        self.credentials = CoordinatorCredentials(
+            config.fetch.coordinator_url, config.fetch.http_token
+        )
+        warn_if_not_enrolled(self.credentials)
         self.models = ModelManager(
             config.agent.state_dir / "models",
             threads=config.inference.threads,
@@ -77,6 +83,14 @@ class Agent:
             retries=config.inference.download_retries,
             timeout=config.inference.download_timeout_s,
             origins=config.origins,
+            # One verified-HTTPS context for every download and upload (None: system CAs).
+            tls=(
+                client_context(config.fetch.ca_file, what="fetch.ca_file")
+                if config.fetch.ca_file is not None
+                else None
+            ),
+            # The device's token, for the coordinator's origin only.
+            credentials=self.credentials,
             caps=Caps(
                 max_models=config.inference.max_models,
                 max_loaded_bytes=config.inference.max_loaded_bytes,

@@ -11,8 +11,14 @@ Only URLs at an allowed origin (:class:`~lepton.agent.origins.Origins`) are fetc
 any connection; redirects are not followed. A refusal is a :class:`FetchError` whose
 ``reason`` comes from a fixed vocabulary (``refused_origin``, ``http_<status>``,
 ``connect_failed``, ``timeout``, ``download_failed``, ``too_large``, ``digest_mismatch``,
-``no_space``) and whose detail is written here: nothing the remote end sent (a body, an
-error text) is ever echoed into a task's result.
+``no_space``, ``not_enrolled``, ``token_refused``) and whose detail is written here:
+nothing the remote end sent (a body, an error text) is ever echoed into a task's result.
+
+Requests to the coordinator's origin carry the device's token
+(:class:`~lepton.agent.credentials.CoordinatorCredentials`); requests elsewhere carry none. A
+401/403 from the coordinator is ``not_enrolled`` (the device has no token) or
+``token_refused`` (its token was refused), never retried. HTTPS is verified with ``tls`` (a
+context built from ``[fetch] ca_file``) or else the system's CAs.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lepton.agent.credentials import CoordinatorCredentials
 from lepton.agent.origins import Origins
 from lepton.common.errors import LeptonError
 
@@ -113,19 +120,36 @@ class BlobFetcher:
         timeout: float = 30.0,
         backoff: tuple[float, float] = (0.5, 10.0),
         origins: Origins | None = None,
+        tls: ssl.SSLContext | None = None,
+        credentials: CoordinatorCredentials | None = None,
     ) -> None:
         self.root = root
+        #: Whose token goes where (None: no token is sent anywhere).
+        self.credentials = credentials or CoordinatorCredentials()
         #: Where URLs may point; None: anywhere (for library use; the agent always sets it).
         self.origins = origins
         self.retries = retries
         self.timeout = timeout
         self.backoff = backoff
         self._digest_locks: dict[str, asyncio.Lock] = {}
-        self._tls: ssl.SSLContext | None = None
+        self._tls: ssl.SSLContext | None = tls
 
     @property
     def cache_dir(self) -> Path:
         return self.root / "sha256"
+
+    @property
+    def tls(self) -> ssl.SSLContext | None:
+        """The context given or made so far (None: not made yet, the system's CAs)."""
+        return self._tls
+
+    async def tls_context(self) -> ssl.SSLContext:
+        """The context every HTTPS fetch and upload verifies the server with."""
+        if self._tls is None:  # loading the system CA bundle takes a while; once, off the loop
+            import httpx
+
+            self._tls = await asyncio.to_thread(httpx.create_ssl_context)
+        return self._tls
 
     @property
     def partial_dir(self) -> Path:
@@ -182,15 +206,12 @@ class BlobFetcher:
     async def _download(self, spec: _Want, part: Path) -> int:
         import httpx
 
-        if self._tls is None:  # loading the CA bundle takes a while; once, off the loop
-            self._tls = await asyncio.to_thread(httpx.create_ssl_context)
+        tls = await self.tls_context()
         timeout = httpx.Timeout(self.timeout)
         transfer = _Transfer()
         failures = 0
         # No redirects: one would lead the agent off the allowed origins.
-        async with httpx.AsyncClient(
-            timeout=timeout, follow_redirects=False, verify=self._tls
-        ) as client:
+        async with httpx.AsyncClient(timeout=timeout, follow_redirects=False, verify=tls) as client:
             while True:
                 have = await asyncio.to_thread(usable_part, part, spec.size)
                 if have == spec.size:
@@ -229,7 +250,7 @@ class BlobFetcher:
         transfer: _Transfer,
     ) -> None:
         """One GET from ``have`` on, counting into ``transfer``. Raises _Retry/ModelError."""
-        headers = {"Accept-Encoding": "identity"}
+        headers = {"Accept-Encoding": "identity", **self.credentials.headers_for(spec.url)}
         if have:
             headers["Range"] = f"bytes={have}-"
         async with client.stream("GET", spec.url, headers=headers) as resp:
@@ -243,6 +264,8 @@ class BlobFetcher:
                 raise _Retry("range not satisfiable; restarting")
             elif status in (408, 425, 429) or status >= 500:
                 raise _Retry(f"HTTP {status}", status)
+            elif refused := self.credentials.refusal(spec.url, status):
+                raise FetchError(*refused)
             else:  # 3xx included: redirects are not followed
                 raise FetchError(f"http_{status}", f"GET {spec.url} answered HTTP {status}")
             length = resp.headers.get("content-length")

@@ -2,6 +2,10 @@
 
 The ``train`` handler sends model updates this way (see :mod:`lepton.agent.training.tasks`); the
 coordinator's upload endpoint checks the digest header against the body it stored.
+
+Two credentials travel, in two headers: the upload slot's (the round gave it with the task:
+``X-Lepton-Upload-Token``) and the device's own (``Authorization: Bearer``, at the
+coordinator's origin only; see :mod:`lepton.agent.credentials`).
 """
 
 from __future__ import annotations
@@ -9,9 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 from typing import Final
 
+from lepton.agent.credentials import CoordinatorCredentials
 from lepton.agent.handlers import TaskError
+from lepton.protocol.routes import UPLOAD_TOKEN_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +40,13 @@ async def upload(
     retries: int = 5,
     timeout: float = 30.0,
     backoff: tuple[float, float] = (0.5, 10.0),
+    tls: ssl.SSLContext | None = None,
+    credentials: CoordinatorCredentials | None = None,
 ) -> int:
-    """``PUT`` ``body`` to ``url`` with its digest and length (and ``token`` as a bearer
-    credential: a header, so it stays out of URLs, logs and errors); returns the attempts
-    made.
+    """``PUT`` ``body`` to ``url`` with its digest and length, the slot's ``token`` in
+    ``X-Lepton-Upload-Token`` and the device's token from ``credentials`` (headers, so they
+    stay out of URLs, logs and errors); returns the attempts made. HTTPS is verified with
+    ``tls`` (None: the system's CAs).
 
     Retries connection errors and HTTP 408/425/429/5xx up to ``retries`` times with capped,
     jittered exponential backoff; raises :class:`TaskError` when it gives up or on any
@@ -50,10 +60,14 @@ async def upload(
         "Content-Length": str(len(body)),
     }
     if token:
-        headers["Authorization"] = f"Bearer {token}"
+        headers[UPLOAD_TOKEN_HEADER] = token
+    credentials = credentials or CoordinatorCredentials()
+    headers.update(credentials.headers_for(url))
     attempts = 0
     # No redirects: the caller checked this URL's origin, not wherever it points on to.
-    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout), follow_redirects=False) as client:
+    async with httpx.AsyncClient(
+        timeout=httpx.Timeout(timeout), follow_redirects=False, verify=tls or True
+    ) as client:
         while True:
             attempts += 1
             try:
@@ -65,6 +79,9 @@ async def upload(
                 if 200 <= status < 300:
                     return attempts
                 # The answer's body is not echoed: results carry only what the agent knows.
+                refused = credentials.refusal(url, status) if status == 401 else None
+                if refused is not None:
+                    raise TaskError(f"upload_refused: PUT {url}: {refused[0]}: {refused[1]}")
                 if status not in (408, 425, 429) and status < 500:
                     raise TaskError(f"upload_refused: PUT {url}: HTTP {status}")
                 problem = f"HTTP {status}"
