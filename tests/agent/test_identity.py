@@ -7,6 +7,7 @@ import logging
 import os
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from lepton.agent import credentials
@@ -18,6 +19,7 @@ from lepton.agent.identity import write_identity
 from lepton.agent.origins import Origins
 from lepton.common.errors import ConfigError
 from lepton.protocol.enrolment import EnrollResponse, MqttAccount
+from tests.support.enrolserver import FakeEnrolment
 from tests.support.httpserver import Fault, HttpServer
 
 TOKEN = "lpd_the-device-token-0123456789"
@@ -33,7 +35,7 @@ def _enrolled(state: Path, *, ca: bool = True) -> EnrollResponse:
         mqtt=MqttAccount(
             host="mqtt.example", port=8883, tls=True, username="pi-7", password=PASSWORD
         ),
-        ca_pem="-----BEGIN CERTIFICATE-----\nMA==\n-----END CERTIFICATE-----\n" if ca else None,
+        ca_pem=FakeEnrolment("https://coord.example:8443").ca_pem if ca else None,
         device_group="lab",
     )
     write_identity(state, resp)
@@ -54,6 +56,37 @@ def test_the_config_takes_the_identity(tmp_path: Path) -> None:
     assert cfg.fetch.coordinator_url == "https://coord.example:8443"
     assert cfg.fetch.http_token == TOKEN
     assert TOKEN not in repr(cfg)
+
+
+def test_a_client_certificate_in_the_identity_is_the_mqtt_client_certificate(
+    tmp_path: Path,
+) -> None:
+    resp = _enrolled(tmp_path)
+    pem = "-----BEGIN CERTIFICATE-----\nMA==\n-----END CERTIFICATE-----\n"
+    write_identity(tmp_path, msgspec.structs.replace(resp, cert_pem=pem), key_pem=b"key")
+    cfg = _load(tmp_path)
+    assert cfg.broker.cert_file == tmp_path / "client.crt"
+    assert cfg.broker.key_file == tmp_path / "client.key"
+    # Enrolled again without a certificate: the old pair is gone, not read as this one's.
+    write_identity(tmp_path, resp)
+    cfg = _load(tmp_path)
+    assert cfg.broker.cert_file is None
+    assert not (tmp_path / "client.key").exists()
+
+
+def test_the_agent_sends_its_token_with_its_downloads(tmp_path: Path) -> None:
+    """The daemon hands the config's token to both of its download caches."""
+    from lepton.agent.daemon import Agent
+
+    _enrolled(tmp_path)
+    agent = Agent(_load(tmp_path))
+    for store in (agent.models, agent.services.weights_store):
+        assert store is not None
+        creds = store.fetcher.credentials
+        assert creds.headers_for("https://coord.example:8443/v1/blobs/x") == {
+            "Authorization": f"Bearer {TOKEN}"
+        }
+        assert creds.headers_for("https://other.example:8443/v1/blobs/x") == {}
 
 
 def test_explicit_settings_win_where_the_identity_only_fills_in(tmp_path: Path) -> None:
