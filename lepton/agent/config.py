@@ -360,53 +360,9 @@ def load_config(
     found = ident.read_identity(config.agent.state_dir) if identity else None
     if found is None:
         return config
-    explicit = _explicit_keys(data, env, overrides)
-    merged: dict[str, Any] = {
-        k: dict(v) if isinstance(v, Mapping) else v for k, v in (data or {}).items()
-    }
-    for key, value in ident.identity_layer(found).items():
-        if key in explicit:
-            _check_agrees(config, key, value, found)
-            continue
-        section, name = key.split(".")
-        merged.setdefault(section, {})[name] = str(value) if isinstance(value, Path) else value
+    explicit = ident.explicit_keys(data, env, overrides, settings.keys(AgentConfig))
+    merged = ident.layered(data, ident.identity_layer(found), explicit, config, found)
     return build(merged)
-
-
-def _explicit_keys(
-    data: Mapping[str, Any] | None, env: Mapping[str, str], overrides: Mapping[str, Any] | None
-) -> set[str]:
-    """The dotted keys a file, the environment or a flag set."""
-    found = {
-        f"{section}.{name}"
-        for section, table in (data or {}).items()
-        if isinstance(table, Mapping)
-        for name in table
-    }
-    found |= {k for k in settings.keys(AgentConfig) if settings.env_name(k) in env}
-    found |= {k for k, v in (overrides or {}).items() if v is not None}
-    return found
-
-
-def _check_agrees(config: AgentConfig, key: str, value: Any, identity: ident.Identity) -> None:
-    """An explicit setting of a key the identity decides must equal the identity's."""
-    if key not in (*ident.AUTHORITATIVE, "fetch.http_token"):
-        return
-    section, name = key.split(".")
-    have = getattr(getattr(config, section), name)
-    if have == value:
-        return
-    where = ident.identity_path(identity.state_dir)
-    shown = (
-        "a different value"
-        if key in ident.SECRET_KEYS
-        else f"{have!r}, but this device is enrolled as {value!r}"
-    )
-    raise ConfigError(
-        f"{key} is set to {shown} ({where}); remove the setting, or enrol again "
-        "(lepton-agent enroll --force)",
-        key=key,
-    )
 
 
 def cli_options() -> list[tuple[str, str, Any]]:

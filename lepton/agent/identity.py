@@ -16,12 +16,14 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 import msgspec
 
+from lepton.common import settings
 from lepton.common.errors import ConfigError
 from lepton.protocol.enrolment import (
     CA_FILE,
@@ -34,7 +36,13 @@ from lepton.protocol.enrolment import (
 
 SECRET_MODE: Final = 0o600
 #: Keys the identity decides: an explicit different value is a config error.
-AUTHORITATIVE: Final = ("device.id", "device.fleet", "broker.username", "broker.password")
+AUTHORITATIVE: Final = (
+    "device.id",
+    "device.fleet",
+    "broker.username",
+    "broker.password",
+    "fetch.http_token",
+)
 #: Keys that are secrets: an error names them but never shows their values.
 SECRET_KEYS: Final = frozenset({"broker.password", "fetch.http_token"})
 
@@ -146,6 +154,65 @@ def identity_layer(identity: Identity) -> dict[str, Any]:
         values["broker.cert_file"] = identity.cert_file
         values["broker.key_file"] = identity.key_file
     return values
+
+
+def explicit_keys(
+    data: Mapping[str, Any] | None,
+    env: Mapping[str, str],
+    overrides: Mapping[str, Any] | None,
+    known: Iterable[str],
+) -> set[str]:
+    """The dotted keys (of ``known``) a file, the environment or a flag set."""
+    found = {
+        f"{section}.{name}"
+        for section, table in (data or {}).items()
+        if isinstance(table, Mapping)
+        for name in table
+    }
+    found |= {k for k in known if settings.env_name(k) in env}
+    found |= {k for k, v in (overrides or {}).items() if v is not None}
+    return found
+
+
+def layered(
+    data: Mapping[str, Any] | None,
+    layer: Mapping[str, Any],
+    explicit: set[str],
+    config: Any,
+    identity: Identity,
+) -> dict[str, Any]:
+    """The file's tables with the identity's values added where nothing explicit set them;
+    an explicit value of a key the identity decides must equal it (``config``: the config
+    built without the identity, to compare with)."""
+    merged: dict[str, Any] = {
+        k: dict(v) if isinstance(v, Mapping) else v for k, v in (data or {}).items()
+    }
+    for key, value in layer.items():
+        if key in explicit:
+            _check_agrees(config, key, value, identity)
+            continue
+        section, name = key.split(".")
+        merged.setdefault(section, {})[name] = str(value) if isinstance(value, Path) else value
+    return merged
+
+
+def _check_agrees(config: Any, key: str, value: Any, identity: Identity) -> None:
+    if key not in AUTHORITATIVE:
+        return
+    section, name = key.split(".")
+    have = getattr(getattr(config, section), name)
+    if have == value:
+        return
+    shown = (
+        "a different value"
+        if key in SECRET_KEYS
+        else f"{have!r}, but this device is enrolled as {value!r}"
+    )
+    raise ConfigError(
+        f"{key} is set to {shown} ({identity_path(identity.state_dir)}); remove the setting, "
+        "or enrol again (lepton-agent enroll --force)",
+        key=key,
+    )
 
 
 def write_private(path: Path, data: bytes, *, durable: bool = True) -> None:

@@ -178,3 +178,26 @@ def test_unreachable_coordinator_fails_with_exit_1(
     assert rc == 1
     assert "connect_failed" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "state" / IDENTITY_FILE)
+
+
+def test_https_is_verified_before_the_claim_is_sent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A coordinator whose certificate the system does not trust gets no claim (a pin alone
+    does not make its certificate trusted); with the fleet CA as --ca-file it enrols."""
+    server = HttpServer()
+    fake = FakeEnrolment("https://127.0.0.1")
+    server.post_handler = fake
+    url = fake.serve_tls(server, tmp_path)
+    with server:
+        claim = fake.claim()
+        cfg = str(_config(tmp_path))
+        for trust in ([], ["--ca-sha256", fake.ca_pin]):
+            assert main(["enroll", url, claim, "--config", cfg, *trust]) == 1
+            assert "untrusted_ca" in capsys.readouterr().err
+            assert not server.requests  # the claim never left the device
+        assert not (tmp_path / "state").exists()
+        ca = str(tmp_path / "fleet-ca.pem")
+        assert main(["enroll", url, claim, "--config", cfg, "--ca-file", ca]) == 0
+        assert (tmp_path / "state" / IDENTITY_FILE).exists()
+        assert fake.claims[claim].uses == 0

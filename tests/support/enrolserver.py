@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import ipaddress
 import json
 import secrets
+import ssl
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from cryptography import x509
@@ -28,6 +31,9 @@ from cryptography.x509.oid import NameOID
 
 from lepton.protocol.enrolment import EnrollRequest, EnrollResponse, MqttAccount
 from lepton.protocol.routes import ENROLL
+
+if TYPE_CHECKING:
+    from tests.support.httpserver import HttpServer
 
 
 def _ca() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
@@ -76,6 +82,40 @@ class FakeEnrolment:
     def ca_pin(self) -> str:
         der = self.ca_cert.public_bytes(serialization.Encoding.DER)
         return f"sha256:{hashlib.sha256(der).hexdigest()}"
+
+    def serve_tls(self, server: HttpServer, workdir: Path, host: str = "127.0.0.1") -> str:
+        """Make ``server`` (not started yet) answer HTTPS with a certificate for ``host``
+        signed by this fleet CA; returns its https base URL."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = dt.datetime.now(dt.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
+            .issuer_name(self.ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host))]),
+                critical=False,
+            )
+            .sign(self.ca_key, hashes.SHA256())
+        )
+        (workdir / "server.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (workdir / "server.key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        (workdir / "fleet-ca.pem").write_text(self.ca_pem)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(workdir / "server.crt", workdir / "server.key")
+        listener = server._server
+        listener.socket = ctx.wrap_socket(listener.socket, server_side=True)
+        return f"https://{host}:{server.port}"
 
     def claim(self, uses: int = 1, device_class: str | None = None) -> str:
         token = f"lpc_{secrets.token_urlsafe(24)}"
