@@ -7,10 +7,11 @@ state directory by :func:`lepton.agent.identity.write_identity`.
 Trust, decided before the claim leaves the device (a claim sent to an impostor is spent):
 
 - ``https``: the TLS connection verifies the server against ``ca_file`` when given, else the
-  system's trust store; a certificate neither trusts is refused with what to pass instead.
-  With a pin (``sha256:<hex>`` of the fleet CA certificate's DER, as ``lepton devices enroll``
-  prints it), the CA in the answer must match it before anything is used or written: the pin
-  is what makes the fleet CA (which the broker is then verified with) trustworthy.
+  pinned CA when the server presents it in its chain, else the system's trust store
+  (:mod:`lepton.agent.enrol_tls`); a certificate none of them trusts is refused with what
+  to pass instead. With a pin (``sha256:<hex>`` of the fleet CA certificate's DER), the CA
+  in the answer must match it before anything is used or written: the pin is what makes the
+  fleet CA (which the broker is then verified with) trustworthy.
 - ``http``: to a loopback address only, unless ``insecure`` (the claim and the returned
   credentials then cross the network in clear text, and the caller warns loudly).
 
@@ -24,14 +25,12 @@ import ipaddress
 import re
 import ssl
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Final
 from urllib.parse import urlsplit
 
 import msgspec
 
 from lepton.common.errors import LeptonError
-from lepton.common.tls import client_context
 from lepton.protocol.enrolment import EnrollRequest, EnrollResponse, decode_response
 from lepton.protocol.routes import ENROLL
 
@@ -157,15 +156,6 @@ def make_csr(device_id: str) -> Csr:
         serialization.NoEncryption(),
     )
     return Csr(key_pem=key_pem, csr_pem=csr.public_bytes(serialization.Encoding.PEM).decode())
-
-
-def verify_for(url: str, ca_file: Path | None) -> ssl.SSLContext | bool:
-    """What the TLS connection verifies against: ``ca_file``, else the system's trust."""
-    if urlsplit(url).scheme.lower() != "https":
-        return True
-    if ca_file is not None:
-        return client_context(ca_file, what="--ca-file")
-    return client_context(None, what="system trust store")
 
 
 def _refusal(resp: httpx.Response) -> EnrolError:

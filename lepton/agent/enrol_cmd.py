@@ -13,7 +13,7 @@ from pathlib import Path
 
 import msgspec
 
-from lepton.agent import enrol, identity
+from lepton.agent import enrol, enrol_tls, identity
 from lepton.agent.config import AgentConfig, load_config
 from lepton.common.errors import ConfigError
 from lepton.protocol.enrolment import EnrollRequest, EnrollResponse
@@ -46,10 +46,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
 
 
-async def _post(ns: argparse.Namespace, req: EnrollRequest) -> EnrollResponse:
+async def _post(ns: argparse.Namespace, req: EnrollRequest, pin: str | None) -> EnrollResponse:
     import httpx
 
-    verify = enrol.verify_for(ns.url, ns.ca_file)
+    verify = await asyncio.to_thread(enrol_tls.verify_for, ns.url, ns.ca_file, pin)
     async with httpx.AsyncClient(
         timeout=httpx.Timeout(30.0), follow_redirects=False, verify=verify
     ) as client:
@@ -111,7 +111,7 @@ def _run(ns: argparse.Namespace) -> int:
             device_class=ns.device_class or config.device.class_,
             csr_pem=csr.csr_pem if csr else None,
         )
-        resp = asyncio.run(_post(ns, req))
+        resp = asyncio.run(_post(ns, req, pin))
         enrol.check_pin(resp, pin)  # before anything from the answer is used or written
         enrol.check_certificate(resp, csr)
         written = identity.write_identity(state_dir, resp, key_pem=csr.key_pem if csr else None)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lepton.agent import enrol, identity
+from lepton.agent import enrol, enrol_tls, identity
 from lepton.protocol.enrolment import EnrollRequest
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ async def enrol_fleet(enrolment: Enrolment, devices: list[Device]) -> int:
     started = time.perf_counter()
     gate = asyncio.Semaphore(enrolment.concurrency)
     limits = httpx.Limits(max_connections=enrolment.concurrency)
-    verify = enrol.verify_for(enrolment.url, enrolment.ca_file)
+    verify = await asyncio.to_thread(enrol_tls.verify_for, enrolment.url, enrolment.ca_file)
     async with httpx.AsyncClient(
         timeout=httpx.Timeout(30.0), limits=limits, follow_redirects=False, verify=verify
     ) as client:

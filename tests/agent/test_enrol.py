@@ -183,8 +183,8 @@ def test_unreachable_coordinator_fails_with_exit_1(
 def test_https_is_verified_before_the_claim_is_sent(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A coordinator whose certificate the system does not trust gets no claim (a pin alone
-    does not make its certificate trusted); with the fleet CA as --ca-file it enrols."""
+    """A coordinator whose certificate the system does not trust, and that does not present
+    the pinned CA in its chain, gets no claim; with the fleet CA as --ca-file it enrols."""
     server = HttpServer()
     fake = FakeEnrolment("https://127.0.0.1")
     server.post_handler = fake
@@ -201,3 +201,23 @@ def test_https_is_verified_before_the_claim_is_sent(
         assert main(["enroll", url, claim, "--config", cfg, "--ca-file", ca]) == 0
         assert (tmp_path / "state" / IDENTITY_FILE).exists()
         assert fake.claims[claim].uses == 0
+
+
+def test_a_pin_trusts_the_ca_the_server_presents_in_its_chain(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The kubeadm way: the chain is read in a handshake that sends nothing, the pinned CA
+    found in it, and the claim sent over a connection verified against that CA only."""
+    server = HttpServer()
+    fake = FakeEnrolment("https://127.0.0.1")
+    server.post_handler = fake
+    url = fake.serve_tls(server, tmp_path, chain=True)
+    with server:
+        claim = fake.claim()
+        cfg = str(_config(tmp_path))
+        wrong = "sha256:" + "cd" * 32
+        assert main(["enroll", url, claim, "--config", cfg, "--ca-sha256", wrong]) == 1
+        assert "untrusted_ca" in capsys.readouterr().err
+        assert not server.requests
+        assert main(["enroll", url, claim, "--config", cfg, "--ca-sha256", fake.ca_pin]) == 0
+        assert (tmp_path / "state" / CA_FILE).read_text() == fake.ca_pem

@@ -83,9 +83,12 @@ class FakeEnrolment:
         der = self.ca_cert.public_bytes(serialization.Encoding.DER)
         return f"sha256:{hashlib.sha256(der).hexdigest()}"
 
-    def serve_tls(self, server: HttpServer, workdir: Path, host: str = "127.0.0.1") -> str:
+    def serve_tls(
+        self, server: HttpServer, workdir: Path, host: str = "127.0.0.1", *, chain: bool = False
+    ) -> str:
         """Make ``server`` (not started yet) answer HTTPS with a certificate for ``host``
-        signed by this fleet CA; returns its https base URL."""
+        signed by this fleet CA (``chain``: presented with the CA after it); returns its
+        https base URL."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
         cert = (
@@ -102,7 +105,8 @@ class FakeEnrolment:
             )
             .sign(self.ca_key, hashes.SHA256())
         )
-        (workdir / "server.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        pem = cert.public_bytes(serialization.Encoding.PEM)
+        (workdir / "server.crt").write_bytes(pem + (self.ca_pem.encode() if chain else b""))
         (workdir / "server.key").write_bytes(
             key.private_bytes(
                 serialization.Encoding.PEM,
