@@ -32,12 +32,15 @@ import msgspec
 
 from lepton.common.errors import LeptonError
 from lepton.protocol.enrolment import EnrollRequest, EnrollResponse, decode_response
+from lepton.protocol.errors import TopicError
 from lepton.protocol.routes import ENROLL
+from lepton.protocol.topics import validate_id
 
 if TYPE_CHECKING:
     import httpx
 
 _PIN_RE: Final = re.compile(r"(?:sha256:)?([0-9a-fA-F]{64})")
+_SECRET_RE: Final = re.compile(r"[\x21-\x7e]{1,512}")
 #: Statuses worth another try (the claim is not used up by them).
 RETRYABLE: Final = frozenset({502, 503, 504})
 
@@ -126,6 +129,31 @@ def check_pin(resp: EnrollResponse, pin: str | None) -> None:
             "nothing was written. Check the pin (lepton devices enroll prints it) or whether "
             "something between this device and the coordinator answers in its place",
         )
+
+
+def check_answer(resp: EnrollResponse, req: EnrollRequest) -> None:
+    """The answer is one the agent can run with: its ids are topic-safe, the MQTT username is
+    the device id (the broker's ACL grants a device's topics to its username), the token
+    and password are header- and file-safe, the coordinator URL is http(s)."""
+    problems = []
+    for what, value in (("device id", resp.device_id), ("fleet", resp.fleet)):
+        try:
+            validate_id(value, what=what)
+        except TopicError as exc:
+            problems.append(str(exc))
+    if resp.device_id != req.device_id:
+        problems.append(f"device id {resp.device_id!r} is not the one asked for")
+    if resp.mqtt.username != resp.device_id:
+        problems.append("the MQTT username is not the device id")
+    for what, secret in (("http_token", resp.http_token), ("mqtt password", resp.mqtt.password)):
+        if not _SECRET_RE.fullmatch(secret):
+            problems.append(f"{what} is not 1-512 printable characters without spaces")
+    if not 0 < resp.mqtt.port < 65536:
+        problems.append(f"MQTT port {resp.mqtt.port} is out of range")
+    if urlsplit(resp.coordinator_url).scheme.lower() not in ("http", "https"):
+        problems.append("coordinator_url is not an http(s) URL")
+    if problems:
+        raise EnrolError("bad_response", "; ".join(problems) + "; nothing was written")
 
 
 def check_certificate(resp: EnrollResponse, csr: Csr | None) -> None:

@@ -113,6 +113,7 @@ def _run(ns: argparse.Namespace) -> int:
         )
         resp = asyncio.run(_post(ns, req, pin))
         enrol.check_pin(resp, pin)  # before anything from the answer is used or written
+        enrol.check_answer(resp, req)
         enrol.check_certificate(resp, csr)
         written = identity.write_identity(state_dir, resp, key_pem=csr.key_pem if csr else None)
     except enrol.EnrolError as exc:

@@ -93,6 +93,7 @@ async def _enrol_one(
                     raise
                 failures += 1
             else:
+                enrol.check_answer(resp, req)
                 await asyncio.to_thread(
                     identity.write_identity, device.state_dir, resp, durable=False
                 )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -221,3 +222,38 @@ def test_a_pin_trusts_the_ca_the_server_presents_in_its_chain(
         assert not server.requests
         assert main(["enroll", url, claim, "--config", cfg, "--ca-sha256", fake.ca_pin]) == 0
         assert (tmp_path / "state" / CA_FILE).read_text() == fake.ca_pem
+
+
+def test_an_answer_the_agent_could_not_run_with_is_refused(
+    coord: tuple[HttpServer, FakeEnrolment], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server, fake = coord
+    claim = fake.claim()
+    real = fake.__call__
+
+    def bent(path: str, headers: dict[str, str], body: bytes) -> tuple[int, bytes]:
+        status, answer = real(path, headers, body)
+        return status, answer.replace(b'"http_token":"lpd_', b'"http_token":"lpd_ \\r\\nX: ')
+
+    server.post_handler = bent
+    assert main(["enroll", server.base_url, claim, "--config", str(_config(tmp_path))]) == 1
+    err = capsys.readouterr().err
+    assert "bad_response" in err
+    assert "http_token is not 1-512 printable characters" in err
+    assert not (tmp_path / "state").exists()
+
+
+def test_csr_without_cryptography_is_a_clear_usage_error(
+    coord: tuple[HttpServer, FakeEnrolment],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server, fake = coord
+    monkeypatch.setitem(sys.modules, "cryptography", None)  # import fails as if not installed
+    claim = fake.claim()
+    assert (
+        main(["enroll", server.base_url, claim, "--config", str(_config(tmp_path)), "--csr"]) == 2
+    )
+    assert "--csr needs the Python package 'cryptography'" in capsys.readouterr().err
+    assert fake.claims[claim].uses == 1
