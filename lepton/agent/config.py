@@ -359,10 +359,21 @@ def load_config(
     config = build(data)
     found = ident.read_identity(config.agent.state_dir) if identity else None
     if found is None:
-        return config
+        return _token_has_a_home(config)
     explicit = ident.explicit_keys(data, env, overrides, settings.keys(AgentConfig))
     merged = ident.layered(data, ident.identity_layer(found), explicit, config, found)
-    return build(merged)
+    return _token_has_a_home(build(merged))
+
+
+def _token_has_a_home(config: AgentConfig) -> AgentConfig:
+    # Checked on the final config (the identity may bring the URL a token set by env needs).
+    if config.fetch.http_token is not None and not config.fetch.coordinator_url:
+        raise ConfigError(
+            "fetch.http_token is set but fetch.coordinator_url is not: the token is sent "
+            "to the coordinator's origin only, so it needs to know where that is",
+            key="fetch.coordinator_url",
+        )
+    return config
 
 
 def cli_options() -> list[tuple[str, str, Any]]:

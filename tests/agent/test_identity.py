@@ -126,6 +126,20 @@ def test_a_readable_identity_refuses_to_start(
     assert "mode 0644" in capsys.readouterr().err
 
 
+def test_a_token_needs_the_coordinator_url(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="coordinator's origin only") as err:
+        load_config(
+            None, env={"LEPTON_FETCH_HTTP_TOKEN": "lpd_x"}, overrides={"agent.state_dir": tmp_path}
+        )
+    assert "lpd_x" not in str(err.value)
+    cfg = load_config(
+        None,
+        env={"LEPTON_FETCH_HTTP_TOKEN": "lpd_x", "LEPTON_FETCH_COORDINATOR_URL": "http://c:1"},
+        overrides={"agent.state_dir": tmp_path},
+    )
+    assert cfg.fetch.http_token == "lpd_x"
+
+
 def test_the_token_is_not_read_from_the_config_file(tmp_path: Path) -> None:
     cfg = tmp_path / "agent.toml"
     cfg.write_text('[fetch]\nhttp_token = "lpd_x"\n')
