@@ -24,6 +24,7 @@ from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
+from lepton.agent import identity as ident
 from lepton.agent.inference import access  # the standard library only: config stays light
 from lepton.agent.origins import OriginError, Origins
 from lepton.common import settings
@@ -39,7 +40,7 @@ CONFIG_ENV: Final = "LEPTON_CONFIG"
 DATA_SECTION: Final = "data"
 _SOURCE_NAME_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
 #: Keys with no CLI flag: secrets, which a flag would show in the process list.
-_NO_FLAG: Final = frozenset({"endpoint.token"})
+_NO_FLAG: Final = frozenset({"endpoint.token", "fetch.http_token"})
 
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 Positive = Annotated[float, msgspec.Meta(gt=0)]
@@ -152,6 +153,9 @@ class FetchConfig:
     # The CA that HTTPS origins must chain to (the fleet CA from enrolment); unset: the
     # system's trust store. Checked with the host name; a mismatch is refused, never retried.
     ca_file: Path | None = None
+    # This device's token (from enrolment, or LEPTON_FETCH_HTTP_TOKEN): sent as
+    # ``Authorization: Bearer`` to the coordinator's origin only, never to fetch.origins.
+    http_token: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -302,39 +306,76 @@ def load_config(
     *,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    identity: bool = True,
 ) -> AgentConfig:
     """Build the config from the layers. ``path`` None: ``$LEPTON_CONFIG``, else the default
-    path if it exists. ``overrides`` are dotted keys (``broker.port``), as the CLI flags set."""
+    path if it exists. ``overrides`` are dotted keys (``broker.port``), as the CLI flags set.
+
+    Then the device's identity, if ``<agent.state_dir>/identity.json`` exists (written by
+    ``lepton-agent enroll``; mode 0600 or the agent refuses to start). It decides
+    ``device.id``, ``device.fleet``, ``broker.username``, ``broker.password`` and
+    ``fetch.http_token``: an explicit setting (file, environment or flag) that differs is a
+    config error naming both, since the coordinator and the broker know the device only as
+    enrolled. Where to connect (``broker.host``/``port``/``tls``/``ca_file``/``cert_file``/
+    ``key_file``, ``fetch.coordinator_url``, ``fetch.ca_file``) it only fills in: an
+    explicit setting wins (a broker reached through another name, say). ``identity=False``
+    ignores the identity (enrolment itself).
+    """
     env = os.environ if env is None else env
     if path is None and env.get(CONFIG_ENV):
         path = Path(env[CONFIG_ENV])
     if path is None and DEFAULT_CONFIG_PATH.exists():
         path = DEFAULT_CONFIG_PATH
     data = settings.read_toml(path) if path is not None else None
-    # The endpoint's token is a secret: a config file is often world-readable and a flag
-    # shows in `ps`, so it comes from the environment or endpoint.token_file only.
-    section = (data or {}).get("endpoint")
-    if isinstance(section, Mapping) and "token" in section:
-        raise ConfigError(
-            f"{path}: endpoint.token is not read from a file; use endpoint.token_file "
-            "(mode 0600) or the environment variable LEPTON_ENDPOINT_TOKEN",
-            key="endpoint.token",
-            source=str(path),
+    # The endpoint's token and the device's HTTP token are secrets: a config file is often
+    # world-readable and a flag shows in `ps`, so they come from the environment, a file of
+    # their own (endpoint.token_file, identity.json) only.
+    for key in _NO_FLAG:
+        section, name = key.split(".")
+        table = (data or {}).get(section)
+        if isinstance(table, Mapping) and name in table:
+            raise ConfigError(
+                f"{path}: {key} is not read from a config file; use "
+                f"{'endpoint.token_file' if section == 'endpoint' else 'lepton-agent enroll'} "
+                f"or the environment variable {settings.env_name(key)}",
+                key=key,
+                source=str(path),
+            )
+        if overrides and overrides.get(key) is not None:
+            raise ConfigError(
+                f"{key} cannot be a flag (it would show in the process list); use "
+                f"the environment variable {settings.env_name(key)}",
+                key=key,
+            )
+
+    def build(layer: Mapping[str, Any] | None) -> AgentConfig:
+        return settings.load(
+            AgentConfig,
+            data=layer,
+            data_source=str(path),
+            env=env,
+            overrides=overrides,
+            override_label=lambda key: f"flag {settings.flag_name(key)}",
         )
-    if overrides and overrides.get("endpoint.token") is not None:
+
+    config = build(data)
+    found = ident.read_identity(config.agent.state_dir) if identity else None
+    if found is None:
+        return _token_has_a_home(config)
+    explicit = ident.explicit_keys(data, env, overrides, settings.keys(AgentConfig))
+    merged = ident.layered(data, ident.identity_layer(found), explicit, config, found)
+    return _token_has_a_home(build(merged))
+
+
+def _token_has_a_home(config: AgentConfig) -> AgentConfig:
+    # Checked on the final config (the identity may bring the URL a token set by env needs).
+    if config.fetch.http_token is not None and not config.fetch.coordinator_url:
         raise ConfigError(
-            "endpoint.token cannot be a flag (it would show in the process list); use "
-            "endpoint.token_file or LEPTON_ENDPOINT_TOKEN",
-            key="endpoint.token",
+            "fetch.http_token is set but fetch.coordinator_url is not: the token is sent "
+            "to the coordinator's origin only, so it needs to know where that is",
+            key="fetch.coordinator_url",
         )
-    return settings.load(
-        AgentConfig,
-        data=data,
-        data_source=str(path),
-        env=env,
-        overrides=overrides,
-        override_label=lambda key: f"flag {settings.flag_name(key)}",
-    )
+    return config
 
 
 def cli_options() -> list[tuple[str, str, Any]]:

@@ -20,6 +20,7 @@ import msgspec
 
 from lepton.agent import __version__
 from lepton.agent.config import AgentConfig
+from lepton.agent.credentials import CoordinatorCredentials, warn_if_not_enrolled
 from lepton.agent.handlers import HandlerRegistry, TaskContext, TaskServices, default_registry
 from lepton.agent.inference.eviction import Caps
 from lepton.agent.inference.manager import ModelManager
@@ -69,6 +70,10 @@ class Agent:
         )
         self.notifier = Notifier()
         self.probe: ProbeResult | None = None
+        self.credentials = CoordinatorCredentials(
+            config.fetch.coordinator_url, config.fetch.http_token
+        )
+        warn_if_not_enrolled(self.credentials)
         self.models = ModelManager(
             config.agent.state_dir / "models",
             threads=config.inference.threads,
@@ -84,6 +89,8 @@ class Agent:
                 if config.fetch.ca_file is not None
                 else None
             ),
+            # The device's token, for the coordinator's origin only.
+            credentials=self.credentials,
             caps=Caps(
                 max_models=config.inference.max_models,
                 max_loaded_bytes=config.inference.max_loaded_bytes,

@@ -11,8 +11,14 @@ Only URLs at an allowed origin (:class:`~lepton.agent.origins.Origins`) are fetc
 any connection; redirects are not followed. A refusal is a :class:`FetchError` whose
 ``reason`` comes from a fixed vocabulary (``refused_origin``, ``http_<status>``,
 ``connect_failed``, ``timeout``, ``download_failed``, ``too_large``, ``digest_mismatch``,
-``no_space``, ``tls_verify_failed``) and whose detail is written here: nothing the remote
-end sent (a body, an error text) is ever echoed into a task's result.
+``no_space``, ``tls_verify_failed``, ``not_enrolled``, ``token_refused``) and whose detail is
+written here: nothing the remote end sent (a body, an error text) is ever echoed into a
+task's result.
+
+Requests to the coordinator's origin carry the device's token
+(:class:`~lepton.agent.credentials.CoordinatorCredentials`); requests elsewhere carry none. A
+401/403 from the coordinator is ``not_enrolled`` (the device has no token) or
+``token_refused`` (its token was refused), never retried.
 
 HTTPS is verified with one :class:`ssl.SSLContext` (:meth:`BlobFetcher.tls_context`: the one
 given, built from ``[fetch] ca_file`` by the daemon, else the system's CAs); uploads use the
@@ -34,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lepton.agent.credentials import CoordinatorCredentials
 from lepton.agent.origins import Origins
 from lepton.common.errors import LeptonError
 
@@ -131,8 +138,11 @@ class BlobFetcher:
         backoff: tuple[float, float] = (0.5, 10.0),
         origins: Origins | None = None,
         tls: ssl.SSLContext | None = None,
+        credentials: CoordinatorCredentials | None = None,
     ) -> None:
         self.root = root
+        #: Whose token goes where (None: no token is sent anywhere).
+        self.credentials = credentials or CoordinatorCredentials()
         #: Where URLs may point; None: anywhere (for library use; the agent always sets it).
         self.origins = origins
         self.retries = retries
@@ -262,7 +272,7 @@ class BlobFetcher:
         transfer: _Transfer,
     ) -> None:
         """One GET from ``have`` on, counting into ``transfer``. Raises _Retry/ModelError."""
-        headers = {"Accept-Encoding": "identity"}
+        headers = {"Accept-Encoding": "identity", **self.credentials.headers_for(spec.url)}
         if have:
             headers["Range"] = f"bytes={have}-"
         async with client.stream("GET", spec.url, headers=headers) as resp:
@@ -276,6 +286,8 @@ class BlobFetcher:
                 raise _Retry("range not satisfiable; restarting")
             elif status in (408, 425, 429) or status >= 500:
                 raise _Retry(f"HTTP {status}", status)
+            elif refused := self.credentials.refusal(spec.url, status):
+                raise FetchError(*refused)
             else:  # 3xx included: redirects are not followed
                 raise FetchError(f"http_{status}", f"GET {spec.url} answered HTTP {status}")
             length = resp.headers.get("content-length")

@@ -188,10 +188,44 @@ class Sink:
         return {r.task_id: r for r in self.applied.values() if r.task_id in task_ids}
 
 
+def enrol_agent(
+    config_path: Path,
+    url: str,
+    claim: str,
+    *,
+    device_id: str | None = None,
+    args: tuple[str, ...] = (),
+    timeout: float = 60.0,
+) -> subprocess.CompletedProcess[str]:
+    """Run the real ``lepton-agent enroll URL CLAIM --config ...`` (its state directory is
+    the config's); returns the finished process (exit code, stdout, stderr)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEPTON_")}
+    env["PYTHONPATH"] = str(REPO)
+    cmd = [sys.executable, "-m", "lepton.agent", "enroll", url, claim]
+    cmd += ["--config", str(config_path), *(["--device-id", device_id] if device_id else [])]
+    return subprocess.run(
+        [*cmd, *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=timeout,
+    )
+
+
 def write_agent_config(
-    path: Path, *, device_id: str, port: int, state_dir: Path, **sections: dict[str, Any]
+    path: Path,
+    *,
+    device_id: str,
+    port: int,
+    state_dir: Path,
+    enrol: tuple[str, str] | None = None,
+    **sections: dict[str, Any],
 ) -> Path:
-    """Write a TOML config for an agent under test."""
+    """Write a TOML config for an agent under test. ``enrol=(coordinator URL, claim)``:
+    then enrol the agent with the real CLI, so it runs with its own identity (its broker
+    account and HTTP token; the broker address stays the test broker's)."""
     cfg: dict[str, dict[str, Any]] = {
         "device": {"id": device_id},
         "broker": {
@@ -224,6 +258,9 @@ def write_agent_config(
                 lines.append(f'{k} = "{v}"')
         lines.append("")
     path.write_text("\n".join(lines))
+    if enrol is not None:
+        done = enrol_agent(path, *enrol, device_id=device_id)
+        assert done.returncode == 0, f"enrolment of {device_id} failed: {done.stderr}"
     return path
 
 

@@ -27,6 +27,10 @@ handshake runs in the request's thread); its URLs are then ``https://``.
 
 Every request is recorded (method, path, headers, Range, fault applied, status, body bytes
 sent or received).
+
+``POST`` goes to ``server.post_handler`` (``(path, headers, body) -> (status, json bytes)``;
+404 when none is set): the enrolment contract's test double
+(:class:`tests.support.enrolserver.FakeEnrolment`) plugs in there.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import ssl
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal, Self
@@ -100,6 +105,7 @@ class _State:
     bodies: dict[str, bytes] = field(default_factory=dict)
     requests: list[Request] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    post_handler: Callable[[str, dict[str, str], bytes], tuple[int, bytes]] | None = None
 
     def take_fault(self, digest: str) -> Fault | None:
         with self.lock:
@@ -133,7 +139,11 @@ class _Handler(BaseHTTPRequestHandler):
         rng = self.headers.get("Range")
         blob = state.blobs.get(digest)
         fault = state.take_fault(digest) if blob is not None else None
-        record = state.record(Request(self.path, rng, fault.kind if fault else None))
+        record = state.record(
+            Request(
+                self.path, rng, fault.kind if fault else None, headers=dict(self.headers.items())
+            )
+        )
         if blob is None:
             record.status = 404
             self._empty(404)
@@ -203,6 +213,26 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self.wfile.write(body)
         record.sent += len(body)
+
+    def do_POST(self) -> None:
+        state = self.server.state
+        record = state.record(Request(self.path, method="POST", headers=dict(self.headers.items())))
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            self._answer(record, 411, close=True)
+            return
+        body = self.rfile.read(int(length))
+        record.size = len(body)
+        if state.post_handler is None:
+            self._answer(record, 404)
+            return
+        status, answer = state.post_handler(self.path, dict(self.headers.items()), body)
+        record.status = status
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
 
     def do_PUT(self) -> None:
         state = self.server.state
@@ -330,6 +360,20 @@ class HttpServer:
         path = url_or_path.split(f":{self.port}", 1)[-1]
         with self.state.lock:
             return self.state.bodies[path]
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def post_handler(self) -> Callable[[str, dict[str, str], bytes], tuple[int, bytes]] | None:
+        return self.state.post_handler
+
+    @post_handler.setter
+    def post_handler(
+        self, handler: Callable[[str, dict[str, str], bytes], tuple[int, bytes]] | None
+    ) -> None:
+        self.state.post_handler = handler
 
     # ------------------------------------------------------------------ both
 

@@ -14,7 +14,8 @@ import httpx
 import pytest
 
 from lepton.sim.device import VirtualDevice
-from lepton.sim.fleet import FleetSpec, build_devices
+from lepton.sim.enrol import Enrolment
+from lepton.sim.fleet import FleetSpec, build_devices, enrol_devices
 from tests.support.broker import Broker
 
 FAST_MIX: dict[str, float] = {"x86-gateway": 1.0, "jetson-orin-nano": 1.0}
@@ -68,31 +69,61 @@ class SimFleet:
         await asyncio.gather(*live, return_exceptions=True)
 
 
-@pytest.fixture
-async def sim_fleet(broker: Broker, tmp_path: Path) -> AsyncIterator[Callable[..., SimFleet]]:
-    """``sim_fleet(devices=4, mix=..., **spec)``: a started fleet with digits partitions."""
-    fleets: list[SimFleet] = []
+class FleetMaker:
+    """``sim_fleet(devices=4, mix=..., **spec)``: a started fleet with digits partitions;
+    ``await sim_fleet.enrolled(url, claim, devices=4, ...)``: the same, each device enrolled
+    first with the (multi-use) claim, so it runs with its own identity (fleet, broker
+    account, HTTP token) as a real device would."""
 
-    def make(devices: int = 4, *, mix: Mapping[str, float] | None = None, **kw: Any) -> SimFleet:
-        root = tmp_path / f"fleet{len(fleets)}"
-        spec = FleetSpec(
+    def __init__(self, broker: Broker, tmp_path: Path) -> None:
+        self.broker = broker
+        self.tmp_path = tmp_path
+        self.fleets: list[SimFleet] = []
+
+    def _spec(self, devices: int, mix: Mapping[str, float] | None, **kw: Any) -> FleetSpec:
+        return FleetSpec(
             devices=devices,
-            state_root=root,
+            state_root=self.tmp_path / f"fleet{len(self.fleets)}",
             mix=dict(mix or FAST_MIX),
-            broker_port=broker.port,
+            broker_port=self.broker.port,
             data="digits",
             capacity_interval=0.5,
             keepalive=5,
             seed=kw.pop("seed", 1),
             **kw,
         )
-        fleet = SimFleet(build_devices(spec), root)
+
+    def _start(self, spec: FleetSpec) -> SimFleet:
+        fleet = SimFleet(build_devices(spec), spec.state_root)
         fleet.start()
-        fleets.append(fleet)
+        self.fleets.append(fleet)
         return fleet
 
-    yield make
-    for fleet in fleets:
+    def __call__(
+        self, devices: int = 4, *, mix: Mapping[str, float] | None = None, **kw: Any
+    ) -> SimFleet:
+        return self._start(self._spec(devices, mix, **kw))
+
+    async def enrolled(
+        self,
+        url: str,
+        claim: str,
+        devices: int = 4,
+        *,
+        mix: Mapping[str, float] | None = None,
+        **kw: Any,
+    ) -> SimFleet:
+        spec = self._spec(devices, mix, enrolment=Enrolment(url, claim), **kw)
+        await enrol_devices(spec)
+        return self._start(spec)
+
+
+@pytest.fixture
+async def sim_fleet(broker: Broker, tmp_path: Path) -> AsyncIterator[FleetMaker]:
+    """A :class:`FleetMaker`; every fleet it started is stopped at the end."""
+    maker = FleetMaker(broker, tmp_path)
+    yield maker
+    for fleet in maker.fleets:
         await fleet.stop()
 
 
