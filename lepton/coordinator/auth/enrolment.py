@@ -112,9 +112,7 @@ class EnrolmentService:
         try:
             claim = await self._claim(claim_token)
             actor = f"claim:{claim.name}"
-            why = claim.refusal(time.time())
-            if why is not None:
-                raise EnrolRefusedError(why, f"claim {claim.name}: {why.replace('_', ' ')}")
+            _check_usable(claim)
             req = _request(body)
             target = req.device_id
             out = await self._enroll(claim, claim_token or "", req)
@@ -237,6 +235,12 @@ class EnrolmentService:
             self.audit.audit(actor, "enroll", target, outcome, remote=remote)
         except Exception:  # the audit failing must not change the answer
             log.warning("audit record of an enrolment not written", exc_info=True)
+
+
+def _check_usable(claim: ClaimRecord) -> None:
+    why = claim.refusal(time.time())
+    if why is not None:
+        raise EnrolRefusedError(why, f"claim {claim.name}: {why.replace('_', ' ')}")
 
 
 def _request(body: bytes) -> EnrollRequest:

@@ -94,7 +94,8 @@ async def test_enrolment_gives_a_working_identity(coord: Coordinator) -> None:
         )
         assert out.mqtt.username == "dev-1"
         assert len(out.mqtt.password) >= 40
-        assert out.ca_pem is None and out.cert_pem is None
+        assert out.ca_pem is None
+        assert out.cert_pem is None
         # The device token is accepted on device routes (an unknown blob: 404, not 401) and
         # refused on operator routes.
         blob = routes.path(routes.BLOB, digest="0" * 64)
