@@ -22,7 +22,6 @@ from typing import Any
 import msgspec
 from rich.console import Console
 
-from lepton.coordinator.auth.cli_devices import add_device_commands
 from lepton.coordinator.cli import render
 from lepton.coordinator.cli.client import ApiClient, CliError, client_of, client_options
 from lepton.coordinator.cli.exitcodes import (
@@ -141,6 +140,9 @@ def _device_commands(top: Any) -> None:
     show.add_argument("device_id", metavar="ID")
     client_options(show)
     show.set_defaults(handler=cmd_devices_show)
+    # Imported here: lepton.coordinator.auth's CLI modules import this package.
+    from lepton.coordinator.auth.cli_devices import add_device_commands
+
     add_device_commands(dsub)
 
 
