@@ -70,7 +70,7 @@ async def test_enroll_prints_each_claim_and_its_device_command(
         assert "device dev-1 revoked" in out
         assert await asyncio.to_thread(main, ["devices", "revoke", "nope", *common]) == 3
         assert await asyncio.to_thread(main, ["devices", "enroll", "--count", "0", *common]) == 2
-    (record,) = [r for r in c.auth.store.audit_log(action="revoke")]
+    (record,) = c.auth.store.audit_log(action="revoke")
     assert record.detail["reason"] == "lost"
 
 
