@@ -63,7 +63,9 @@ class DeviceConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BrokerConfig:
-    """``[broker]``: the MQTT connection."""
+    """``[broker]``: the MQTT connection. With ``tls``, the broker must present a certificate
+    for ``host`` that ``ca_file`` (else the system's trust store) signed; ``cert_file`` and
+    ``key_file`` are this device's client certificate where the broker asks for one."""
 
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(gt=0, le=65535)] = 1883
@@ -147,6 +149,9 @@ class FetchConfig:
 
     coordinator_url: str | None = None
     origins: tuple[str, ...] = ()
+    # The CA that HTTPS origins must chain to (the fleet CA from enrolment); unset: the
+    # system's trust store. Checked with the host name; a mismatch is refused, never retried.
+    ca_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

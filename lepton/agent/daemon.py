@@ -33,6 +33,7 @@ from lepton.agent.telemetry.changes import significant_change
 from lepton.agent.telemetry.probe import ProbeResult, load_probe
 from lepton.agent.training.datasources import DataSources
 from lepton.agent.training.tasks import weights_cache
+from lepton.common.tls import client_context
 from lepton.protocol import topics
 from lepton.protocol.aio import cancel_and_wait
 from lepton.protocol.codec import decode, encode
@@ -77,6 +78,12 @@ class Agent:
             retries=config.inference.download_retries,
             timeout=config.inference.download_timeout_s,
             origins=config.origins,
+            # One verified-HTTPS context for every download and upload (None: system CAs).
+            tls=(
+                client_context(config.fetch.ca_file, what="fetch.ca_file")
+                if config.fetch.ca_file is not None
+                else None
+            ),
             caps=Caps(
                 max_models=config.inference.max_models,
                 max_loaded_bytes=config.inference.max_loaded_bytes,

@@ -11,8 +11,13 @@ Only URLs at an allowed origin (:class:`~lepton.agent.origins.Origins`) are fetc
 any connection; redirects are not followed. A refusal is a :class:`FetchError` whose
 ``reason`` comes from a fixed vocabulary (``refused_origin``, ``http_<status>``,
 ``connect_failed``, ``timeout``, ``download_failed``, ``too_large``, ``digest_mismatch``,
-``no_space``) and whose detail is written here: nothing the remote end sent (a body, an
-error text) is ever echoed into a task's result.
+``no_space``, ``tls_verify_failed``) and whose detail is written here: nothing the remote
+end sent (a body, an error text) is ever echoed into a task's result.
+
+HTTPS is verified with one :class:`ssl.SSLContext` (:meth:`BlobFetcher.tls_context`: the one
+given, built from ``[fetch] ca_file`` by the daemon, else the system's CAs); uploads use the
+same one. A server that fails verification is refused at once, without retries: another
+attempt would meet the same certificate.
 """
 
 from __future__ import annotations
@@ -59,6 +64,18 @@ def _give_up_reason(exc: Exception) -> str:
     if isinstance(exc, _Retry) and exc.status is not None:
         return f"http_{exc.status}"
     return "download_failed"
+
+
+def tls_refused(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it wraps) is a failed certificate verification."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # httpx wraps httpcore's error, which wraps ssl's
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +130,7 @@ class BlobFetcher:
         timeout: float = 30.0,
         backoff: tuple[float, float] = (0.5, 10.0),
         origins: Origins | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.root = root
         #: Where URLs may point; None: anywhere (for library use; the agent always sets it).
@@ -121,11 +139,24 @@ class BlobFetcher:
         self.timeout = timeout
         self.backoff = backoff
         self._digest_locks: dict[str, asyncio.Lock] = {}
-        self._tls: ssl.SSLContext | None = None
+        self._tls: ssl.SSLContext | None = tls
 
     @property
     def cache_dir(self) -> Path:
         return self.root / "sha256"
+
+    @property
+    def tls(self) -> ssl.SSLContext | None:
+        """The context given or made so far (None: not made yet, the system's CAs)."""
+        return self._tls
+
+    async def tls_context(self) -> ssl.SSLContext:
+        """The context every HTTPS fetch and upload verifies the server with."""
+        if self._tls is None:  # loading the system CA bundle takes a while; once, off the loop
+            import httpx
+
+            self._tls = await asyncio.to_thread(httpx.create_ssl_context)
+        return self._tls
 
     @property
     def partial_dir(self) -> Path:
@@ -182,15 +213,12 @@ class BlobFetcher:
     async def _download(self, spec: _Want, part: Path) -> int:
         import httpx
 
-        if self._tls is None:  # loading the CA bundle takes a while; once, off the loop
-            self._tls = await asyncio.to_thread(httpx.create_ssl_context)
+        tls = await self.tls_context()
         timeout = httpx.Timeout(self.timeout)
         transfer = _Transfer()
         failures = 0
         # No redirects: one would lead the agent off the allowed origins.
-        async with httpx.AsyncClient(
-            timeout=timeout, follow_redirects=False, verify=self._tls
-        ) as client:
+        async with httpx.AsyncClient(timeout=timeout, follow_redirects=False, verify=tls) as client:
             while True:
                 have = await asyncio.to_thread(usable_part, part, spec.size)
                 if have == spec.size:
@@ -202,6 +230,11 @@ class BlobFetcher:
                     await self._attempt(client, spec, part, have, transfer)
                 except (httpx.TransportError, _Retry) as exc:
                     failures += 1
+                    if tls_refused(exc):
+                        raise FetchError(
+                            "tls_verify_failed",
+                            f"GET {spec.url}: the server's certificate did not verify",
+                        ) from exc
                     if failures > self.retries:
                         kept = await asyncio.to_thread(usable_part, part, spec.size)
                         raise FetchError(

@@ -129,6 +129,15 @@ class HttpConfig:
     metrics_public: bool = False
     metrics_host: str = "127.0.0.1"
     metrics_port: Port = 0
+    # HTTPS: the server's certificate (chain) and key, both or neither (``lepton ca init``
+    # makes them); with a client CA, clients must present a certificate it signed.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert_file)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -210,7 +219,7 @@ class AuthConfig:
     # signed for cert_days (without it, an enrolment that sends a CSR gets 422 no_ca).
     ca_file: str = ""
     ca_key_file: str = ""
-    cert_days: PositiveInt = 365
+    cert_days: Annotated[int, msgspec.Meta(ge=1, le=397)] = 365  # pki.MAX_DEVICE_DAYS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -334,15 +343,35 @@ def _check(cfg: Config) -> None:
         Allowlist(cfg.fl.allowed_imports)
     except ValueError as exc:
         raise ConfigError(f"fl.allowed_imports: {exc}", key="fl.allowed_imports") from exc
-    for key in ("ca_file", "cert_file", "key_file"):
-        path = getattr(cfg.mqtt, key)
+    for section, key in (
+        ("mqtt", "ca_file"),
+        ("mqtt", "cert_file"),
+        ("mqtt", "key_file"),
+        ("http", "tls_cert_file"),
+        ("http", "tls_key_file"),
+        ("http", "tls_client_ca_file"),
+    ):
+        path = getattr(getattr(cfg, section), key)
         if path and not Path(path).expanduser().is_file():
-            raise ConfigError(f"mqtt.{key}: no such file {path!r}", key=f"mqtt.{key}")
+            raise ConfigError(f"{section}.{key}: no such file {path!r}", key=f"{section}.{key}")
+    if bool(cfg.http.tls_cert_file) != bool(cfg.http.tls_key_file):
+        raise ConfigError(
+            "http.tls_cert_file and http.tls_key_file go together", key="http.tls_cert_file"
+        )
+    if cfg.http.tls_client_ca_file and not cfg.http.tls:
+        raise ConfigError(
+            "http.tls_client_ca_file needs http.tls_cert_file and http.tls_key_file",
+            key="http.tls_client_ca_file",
+        )
+    _check_auth(cfg.auth)
+
+
+def _check_auth(auth: AuthConfig) -> None:
     for key in ("ca_file", "ca_key_file"):
-        path = getattr(cfg.auth, key)
+        path = getattr(auth, key)
         if path and not Path(path).expanduser().is_file():
             raise ConfigError(f"auth.{key}: no such file {path!r}", key=f"auth.{key}")
-    if cfg.auth.ca_key_file and not cfg.auth.ca_file:
+    if auth.ca_key_file and not auth.ca_file:
         raise ConfigError("auth.ca_key_file needs auth.ca_file", key="auth.ca_key_file")
 
 

@@ -25,9 +25,12 @@ from typing import Annotated, Final
 import msgspec
 from msgspec import Meta
 
+from lepton.protocol.errors import DecodeError
+
 DeviceId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"\A[A-Za-z0-9._:-]+\Z")]
 ClassName = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"\A[A-Za-z0-9._-]+\Z")]
 MAX_PEM_CHARS: Final = 16 * 1024
+MAX_RESPONSE_BYTES: Final = 64 * 1024
 #: The files the agent keeps in its state directory (each 0600).
 IDENTITY_FILE: Final = "identity.json"
 CA_FILE: Final = "fleet-ca.pem"
@@ -70,5 +73,13 @@ def encode_request(req: EnrollRequest) -> bytes:
 
 
 def decode_response(data: bytes) -> EnrollResponse:
-    """The coordinator's answer (``msgspec.ValidationError`` / ``DecodeError`` if malformed)."""
-    return msgspec.json.decode(data, type=EnrollResponse)
+    """The coordinator's answer; :class:`DecodeError` for anything else (oversized, nested
+    deeper than the stack allows, not JSON, not the contract)."""
+    if len(data) > MAX_RESPONSE_BYTES:
+        raise DecodeError("oversized", f"{len(data)} bytes > limit {MAX_RESPONSE_BYTES}")
+    try:
+        return msgspec.json.decode(data, type=EnrollResponse)
+    except RecursionError as exc:
+        raise DecodeError("too_deep", "the answer is nested too deeply") from exc
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise DecodeError("invalid", str(exc)[:200]) from exc

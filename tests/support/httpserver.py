@@ -22,6 +22,9 @@ Faults are queued (GETs per digest with :meth:`HttpServer.fault`, PUTs with
   whole blob and 200), ``slow`` (1 KiB pieces ``delay`` seconds apart), ``redirect`` (302 to
   ``location``).
 
+``HttpServer(tls=context)`` serves HTTPS with a server-side :class:`ssl.SSLContext` (the
+handshake runs in the request's thread); its URLs are then ``https://``.
+
 Every request is recorded (method, path, headers, Range, fault applied, status, body bytes
 sent or received).
 """
@@ -31,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import re
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -252,7 +256,8 @@ class _Server(ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that hung up (tests cut connections on purpose) is not an error."""
-        if isinstance(sys.exc_info()[1], ConnectionError):
+        # A client that refused the certificate is not one either.
+        if isinstance(sys.exc_info()[1], ConnectionError | ssl.SSLError):
             return
         super().handle_error(request, client_address)
 
@@ -260,9 +265,14 @@ class _Server(ThreadingHTTPServer):
 class HttpServer:
     """``with``: serves from a daemon thread; ``port`` is the ephemeral port it bound."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, tls: ssl.SSLContext | None = None) -> None:
         self.state = _State()
         self._server = _Server(("127.0.0.1", 0), _Handler)
+        self.tls = tls
+        if tls is not None:
+            self._server.socket = tls.wrap_socket(
+                self._server.socket, server_side=True, do_handshake_on_connect=False
+            )
         self._server.state = self.state
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
@@ -291,8 +301,12 @@ class HttpServer:
         """Serve ``data`` under a digest it may not have (a corrupted artifact)."""
         self.state.blobs[digest] = data
 
+    @property
+    def origin(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
     def url(self, digest: str) -> str:
-        return f"http://127.0.0.1:{self.port}/blobs/{digest}"
+        return f"{self.origin}/blobs/{digest}"
 
     def fault(self, digest: str, fault: Fault) -> None:
         with self.state.lock:
@@ -305,7 +319,7 @@ class HttpServer:
     # ------------------------------------------------------------------ uploads (PUT)
 
     def upload_url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.port}/uploads/{name}"
+        return f"{self.origin}/uploads/{name}"
 
     def fault_puts(self, fault: Fault) -> None:
         """``status`` or ``drop`` for the next ``fault.times`` PUTs."""

@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -77,6 +78,7 @@ class ModelManager:
         backoff: tuple[float, float] = (0.5, 10.0),
         origins: Origins | None = None,
         caps: Caps | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.root = root
         self.caps = caps or Caps()
@@ -96,7 +98,7 @@ class ModelManager:
         self._pending: dict[str, int] = {}  # digests fetched for deploys still in progress
         self.evictions = 0  # models unloaded to stay within the caps
         self.fetcher = BlobFetcher(
-            root, retries=retries, timeout=timeout, backoff=backoff, origins=origins
+            root, retries=retries, timeout=timeout, backoff=backoff, origins=origins, tls=tls
         )
         self.restored = asyncio.Event()
 

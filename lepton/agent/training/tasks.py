@@ -169,6 +169,8 @@ def weights_cache(state_dir: Path, models: ModelManager | None) -> ModelManager:
             "retries": models.retries,
             "timeout": models.timeout,
             "backoff": models.backoff,
+            # The same verified HTTPS (the fetcher's context, made once).
+            "tls": models.fetcher.tls,
         }
     return ModelManager(state_dir / "weights", **settings)
 
@@ -338,6 +340,7 @@ async def train(task: Task, ctx: TaskContext) -> dict[str, Any]:
         retries=store.retries,
         timeout=store.timeout,
         backoff=store.backoff,
+        tls=await store.fetcher.tls_context(),
     )
     upload_s = time.perf_counter() - started
     log.info(

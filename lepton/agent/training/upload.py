@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 from typing import Final
 
+from lepton.agent.fetch import tls_refused
 from lepton.agent.handlers import TaskError
 
 log = logging.getLogger(__name__)
@@ -33,14 +35,17 @@ async def upload(
     retries: int = 5,
     timeout: float = 30.0,
     backoff: tuple[float, float] = (0.5, 10.0),
+    tls: ssl.SSLContext | None = None,
 ) -> int:
     """``PUT`` ``body`` to ``url`` with its digest and length (and ``token`` as a bearer
     credential: a header, so it stays out of URLs, logs and errors); returns the attempts
     made.
 
-    Retries connection errors and HTTP 408/425/429/5xx up to ``retries`` times with capped,
-    jittered exponential backoff; raises :class:`TaskError` when it gives up or on any
-    other non-2xx answer.
+    HTTPS is verified with ``tls`` (the fetcher's context, see
+    :meth:`~lepton.agent.fetch.BlobFetcher.tls_context`; None: the system's CAs). Retries
+    connection errors and HTTP 408/425/429/5xx up to ``retries`` times with capped, jittered
+    exponential backoff; raises :class:`TaskError` when it gives up, at once when the
+    server's certificate does not verify, and on any other non-2xx answer.
     """
     import httpx
 
@@ -53,12 +58,18 @@ async def upload(
         headers["Authorization"] = f"Bearer {token}"
     attempts = 0
     # No redirects: the caller checked this URL's origin, not wherever it points on to.
-    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout), follow_redirects=False) as client:
+    async with httpx.AsyncClient(
+        timeout=httpx.Timeout(timeout), follow_redirects=False, verify=tls or True
+    ) as client:
         while True:
             attempts += 1
             try:
                 resp = await client.put(url, content=body, headers=headers)
             except httpx.TransportError as exc:
+                if tls_refused(exc):
+                    raise TaskError(
+                        f"upload_refused: PUT {url}: the server's certificate did not verify"
+                    ) from exc
                 problem = type(exc).__name__
             else:
                 status = resp.status_code

@@ -6,14 +6,19 @@ to uvicorn. The ``[http]`` limits bound what a connection may hold: its head's s
 (:mod:`lepton.coordinator.api.protocol`), and how many connections and requests are served at once
 (uvicorn's ``limit_concurrency``: 503 above it). Bodies are bounded in the app
 (:mod:`lepton.coordinator.api.limits`).
+
+With ``[http] tls_cert_file``/``tls_key_file`` it serves HTTPS (uvicorn wraps the bound
+socket's connections in TLS; the head deadline runs on the decrypted protocol the same
+way), and with ``tls_client_ca_file`` it asks every client for a certificate that CA signed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 from collections.abc import Callable, Iterator
-from typing import Final
+from typing import Any, Final
 
 import uvicorn
 from fastapi import FastAPI
@@ -57,6 +62,13 @@ class HttpServer:
             raise
         self.host = host
         self.port: int = self.sock.getsockname()[1]
+        self.tls = limits.tls
+        tls: dict[str, Any] = {}
+        if limits.tls:
+            tls = {"ssl_certfile": limits.tls_cert_file, "ssl_keyfile": limits.tls_key_file}
+            if limits.tls_client_ca_file:
+                tls["ssl_ca_certs"] = limits.tls_client_ca_file
+                tls["ssl_cert_reqs"] = ssl.CERT_REQUIRED
         config = uvicorn.Config(
             app,
             log_config=None,
@@ -67,13 +79,20 @@ class HttpServer:
             http=protocol_class(limits.head_timeout_s, on_head_timeout),
             h11_max_incomplete_event_size=limits.max_head_bytes,
             limit_concurrency=limits.max_concurrency,
+            **tls,
         )
+        if limits.tls:
+            try:  # a bad certificate or key fails start-up here, not in the serving task
+                config.load()
+            except (OSError, ssl.SSLError) as exc:
+                self.sock.close()
+                raise OSError(f"http TLS: cannot load certificate/key: {exc}") from exc
         self._server = _Server(config)
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     async def serve(self) -> None:
         try:

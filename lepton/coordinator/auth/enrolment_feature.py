@@ -2,20 +2,20 @@
 the check at start that the broker can make device accounts, and the in-memory set of
 revoked devices the ingest consults (kept fresh from the database on every replica).
 
-The fleet CA (``[auth] ca_file``, ``ca_key_file``) is read here; certificates are signed
-by :mod:`lepton.coordinator.auth.pki` where that module is installed (without it, or without
-a CA key, an enrolment that sends a CSR is refused with 422 ``no_ca``).
+The fleet CA (``[auth] ca_file``, ``ca_key_file``: what ``lepton ca init`` writes) is read
+at start: devices get its certificate, operators its fingerprint with each claim (the
+device pins it), and with its key devices' CSRs are signed
+(:meth:`lepton.coordinator.auth.pki.FleetCA.sign_device_csr`, ``cert_days``). Without a
+key, an enrolment that sends a CSR is refused with 422 ``no_ca``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from fastapi import APIRouter
 
@@ -23,6 +23,7 @@ from lepton.coordinator.auth.broker_accounts import BrokerAccounts, BrokerAccoun
 from lepton.coordinator.auth.enrolment import DeviceEndpoints, EnrolmentService, SignCsr
 from lepton.coordinator.auth.enrolment_store import EnrolmentStore
 from lepton.coordinator.auth.feature import AuthFeature
+from lepton.coordinator.auth.pki import FleetCA, PkiError, ca_fingerprint
 from lepton.coordinator.auth.revocation import Revoker
 from lepton.coordinator.auth.revoked import RevokedDevices
 from lepton.coordinator.auth.routes_enrol import make_router
@@ -62,8 +63,7 @@ class EnrolmentFeature(BaseFeature):
         self._wait_connected = wait_connected
         a, m = config.auth, config.mqtt
         ca_pem = Path(a.ca_file).expanduser().read_text() if a.ca_file else None
-        pki = _pki() if a.ca_file else None
-        self.ca_sha256: str | None = pki.ca_fingerprint(ca_pem) if pki and ca_pem else None
+        self.ca_sha256 = ca_fingerprint(ca_pem.encode()) if ca_pem else None
         endpoints = DeviceEndpoints(
             fleet=config.fleet,
             mqtt_host=a.device_mqtt_host or m.host,
@@ -79,7 +79,7 @@ class EnrolmentFeature(BaseFeature):
             accounts,
             endpoints,
             revoked=revoked,
-            sign_csr=_signer(config, pki),
+            sign_csr=_signer(config, ca_pem),
         )
         self.revoker = Revoker(
             self.store, auth.store, accounts, devices, revoked, metrics, on_requeue=on_requeue
@@ -126,21 +126,18 @@ class EnrolmentFeature(BaseFeature):
             log.info("broker accounts: the dynamic security plugin answers")
 
 
-def _pki() -> Any:
-    try:
-        return importlib.import_module("lepton.coordinator.auth.pki")
-    except ImportError:
-        log.error("auth.ca_file is set but lepton.coordinator.auth.pki is not installed")  # noqa: TRY400 - no traceback
-        return None
-
-
-def _signer(config: Config, pki: Any) -> SignCsr | None:
+def _signer(config: Config, ca_pem: str | None) -> SignCsr | None:
+    """Signs device CSRs with the fleet CA, when its key is configured (a key that does not
+    match the certificate stops the start: ``PkiError``)."""
     a = config.auth
-    if not (a.ca_key_file and pki is not None):
+    if not (a.ca_key_file and ca_pem):
         return None
-    sign = pki.sign_device_csr
+    ca = FleetCA.from_pem(ca_pem.encode(), Path(a.ca_key_file).expanduser().read_bytes())
 
     def sign_csr(csr_pem: str, device_id: str) -> str:
-        return str(sign(csr_pem, device_id, a.cert_days))
+        try:
+            return ca.sign_device_csr(csr_pem.encode(), device_id, a.cert_days).decode()
+        except PkiError as exc:  # the enrolment answers 422 bad_csr
+            raise ValueError(f"{exc.reason}: {exc}") from exc
 
     return sign_csr

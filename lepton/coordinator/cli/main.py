@@ -56,6 +56,7 @@ RUN_FLAGS = {
 #: onnxruntime, which takes seconds); otherwise it is listed by name and help only.
 COMMAND_GROUPS: dict[str, tuple[str, str]] = {
     "broker": ("lepton.coordinator.auth.broker_cli", "the MQTT broker's configuration"),
+    "ca": ("lepton.coordinator.auth.ca_cli", "the fleet CA: create it, issue certificates"),
     "db": ("lepton.coordinator.cli.db", "the database's schema revision; upgrade it"),
     "tokens": ("lepton.coordinator.auth.cli", "operator API tokens: create, list, revoke"),
     "audit": ("lepton.coordinator.auth.cli_audit", "the audit log: who did what, when"),

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
@@ -28,6 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from lepton.common.tls import client_context
 from lepton.coordinator.config import MqttConfig
 from lepton.coordinator.errors import UnavailableError
 
@@ -97,11 +97,11 @@ class MqttLink:
         if cfg.username:
             client.username_pw_set(cfg.username, cfg.password or None)
         if cfg.tls:
-            client.tls_set(
-                ca_certs=cfg.ca_file or None,
-                certfile=cfg.cert_file or None,
-                keyfile=cfg.key_file or None,
-                cert_reqs=ssl.CERT_REQUIRED,
+            # The broker must prove it is cfg.host to cfg.ca_file (else the system's CAs).
+            client.tls_set_context(
+                client_context(
+                    cfg.ca_file or None, cfg.cert_file or None, cfg.key_file or None, what="mqtt"
+                )
             )
         client.reconnect_delay_set(
             min_delay=max(1, round(cfg.reconnect_min_s)),
