@@ -25,6 +25,7 @@ class RevokedDevices:
         self._load = load
         self._ids: frozenset[str] = frozenset()
         self._lock = threading.Lock()  # writers only
+        self._changes = 0  # local changes so far: a reload that overlapped one is not applied
 
     def __contains__(self, device_id: object) -> bool:
         return device_id in self._ids
@@ -39,18 +40,25 @@ class RevokedDevices:
     def add(self, device_id: str) -> None:
         with self._lock:
             self._ids = self._ids | {device_id}
+            self._changes += 1
 
     def discard(self, device_id: str) -> None:
         with self._lock:
             self._ids = self._ids - {device_id}
+            self._changes += 1
 
-    def refresh(self) -> None:
-        """Reload from the database (blocking)."""
+    def refresh(self) -> bool:
+        """Reload from the database (blocking); False when a local change came in while it
+        read (the snapshot read may predate it: the next refresh applies)."""
         if self._load is None:
-            return
+            return False
+        before = self._changes
         ids = self._load()
         with self._lock:
+            if self._changes != before:
+                return False
             self._ids = ids
+        return True
 
     async def keep_fresh(self, every_s: float = REFRESH_S) -> None:
         """Refresh every ``every_s`` seconds until cancelled (a failure is logged)."""
