@@ -221,6 +221,7 @@ class Coordinator:
             fleet=cfg.fleet,
             on_requeue=self._wake_scheduler_threadsafe,
             on_results=self._on_results,
+            revoked=self.revoked,
         )
         self.features = self._features()
 

@@ -54,9 +54,11 @@ class Revoker:
         self, device_id: str, *, actor: str, reason: str = "", remote: str = ""
     ) -> dict[str, Any]:
         """Revoke ``device_id`` (``NotFoundError`` if it was never enrolled); what was done."""
-        now = time.time()
-        identity = await asyncio.to_thread(self.store.revoke_device, device_id, actor, now)
+        identity = await asyncio.to_thread(self.store.revoke_device, device_id, actor)
         self.revoked.add(device_id)
+        # Offline from after the ingest stopped taking its messages: a report received
+        # before then (still in the capacity buffer) is older, and cannot revive it.
+        now = time.time()
         requeued = await asyncio.to_thread(self.devices.mark_revoked, device_id, now)
         self.metrics.devices_offline.labels("revoked").inc()
         if requeued:
