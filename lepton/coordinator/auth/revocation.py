@@ -2,8 +2,9 @@
 
 In one go, in this order: the identity is marked revoked (its HTTP token is refused from
 the next request: the guard looks the token up on every request); this process stops
-taking its MQTT messages (:class:`RevokedDevices`; other replicas within their refresh
-interval); it goes offline with reason ``revoked`` and its assigned and running tasks go
+taking its MQTT messages (:class:`RevokedDevices`, read by the ingest and by the control
+worker for what was already queued; other replicas within their refresh interval); it goes
+offline with reason ``revoked`` and its assigned and running tasks go
 back to pending without backoff (the scheduler is woken); then its broker account is
 removed (with dynamic security the broker ends its session and refuses it from then on).
 A broker that does not confirm the removal does not undo the rest: the answer says so,
