@@ -78,7 +78,10 @@ class MqttConfig:
     # Who makes device accounts on the broker: "dynsec" (Mosquitto's dynamic security
     # plugin, through this connection; the account needs the plugin's admin rights) or
     # "none" (managed outside Lepton). See lepton.coordinator.auth.broker_accounts.
-    accounts: BrokerAccountsKind = "none"
+    # The default is "dynsec" (secure by default): on a broker without the plugin the
+    # coordinator still runs, logs once at start what to configure, and refuses enrolments
+    # (503 broker_unavailable).
+    accounts: BrokerAccountsKind = "dynsec"
     accounts_timeout_s: Positive = 5.0
 
     def __post_init__(self) -> None:
@@ -207,6 +210,16 @@ class AuthConfig:
     insecure: bool = False
     # Audit records older than this are pruned by the leader (0: kept for ever).
     audit_retention_days: NonNegative = 90.0
+    # What enrolled devices are told to connect to (it can differ from this coordinator's
+    # own [mqtt] link: a public name, a TLS port). Empty / unset: the [mqtt] values.
+    device_mqtt_host: str = ""
+    device_mqtt_port: Port | None = None
+    device_mqtt_tls: bool | None = None
+    # The fleet CA (PEM) handed to devices at enrolment; with ca_key_file, device CSRs are
+    # signed for cert_days (without it, an enrolment that sends a CSR gets 422 no_ca).
+    ca_file: str = ""
+    ca_key_file: str = ""
+    cert_days: Annotated[int, msgspec.Meta(ge=1, le=397)] = 365  # pki.MAX_DEVICE_DAYS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -350,6 +363,16 @@ def _check(cfg: Config) -> None:
             "http.tls_client_ca_file needs http.tls_cert_file and http.tls_key_file",
             key="http.tls_client_ca_file",
         )
+    _check_auth(cfg.auth)
+
+
+def _check_auth(auth: AuthConfig) -> None:
+    for key in ("ca_file", "ca_key_file"):
+        path = getattr(auth, key)
+        if path and not Path(path).expanduser().is_file():
+            raise ConfigError(f"auth.{key}: no such file {path!r}", key=f"auth.{key}")
+    if auth.ca_key_file and not auth.ca_file:
+        raise ConfigError("auth.ca_key_file needs auth.ca_file", key="auth.ca_key_file")
 
 
 def load(

@@ -33,7 +33,10 @@ from fastapi import FastAPI
 from lepton.coordinator.api import ApiContext, create_app
 from lepton.coordinator.api.app import create_metrics_app
 from lepton.coordinator.api.server import HttpServer
+from lepton.coordinator.auth.broker_accounts import make_broker_accounts
+from lepton.coordinator.auth.enrolment_feature import EnrolmentFeature
 from lepton.coordinator.auth.feature import AuthFeature
+from lepton.coordinator.auth.revoked import RevokedDevices
 from lepton.coordinator.config import Config
 from lepton.coordinator.feature import Feature
 from lepton.coordinator.metrics import Metrics
@@ -172,7 +175,14 @@ class Coordinator:
         self.registry = Registry(
             store.devices, metrics, cfg.registry, fleet=cfg.fleet, on_flush=self._on_flush
         )
-        self.ingest = Ingest(cfg.fleet, metrics, on_capacity=self.registry.offer, inbox=self.inbox)
+        self.revoked = RevokedDevices()
+        self.ingest = Ingest(
+            cfg.fleet,
+            metrics,
+            on_capacity=self.registry.offer,
+            inbox=self.inbox,
+            revoked=self.revoked,
+        )
         shared = cfg.mqtt.shared_group if cfg.mqtt.shared_subscriptions else None
         self.link = MqttLink(
             cfg.mqtt,
@@ -180,6 +190,13 @@ class Coordinator:
             subscriptions=subscriptions(cfg.fleet, shared_group=shared),
             on_message=self.ingest.handle,
             on_connection=self._link_changed,
+        )
+        self.accounts = make_broker_accounts(
+            cfg.mqtt.accounts,
+            self.link,
+            cfg.fleet,
+            timeout_s=cfg.mqtt.accounts_timeout_s,
+            on_reject=metrics.reject,
         )
         self.leadership = Leadership(store.leases, cfg.instance_id, cfg.replica.lease_s, metrics)
         self.scheduler = Scheduler(
@@ -204,6 +221,7 @@ class Coordinator:
             fleet=cfg.fleet,
             on_requeue=self._wake_scheduler_threadsafe,
             on_results=self._on_results,
+            revoked=self.revoked,
         )
         self.features = self._features()
 
@@ -212,8 +230,20 @@ class Coordinator:
         cfg = self.config
         store = self.store
         self.auth = AuthFeature(cfg.auth, store.engine, self.metrics.registry)
+        self.enrolment = EnrolmentFeature(
+            cfg,
+            self.auth,
+            store.devices,
+            self.metrics,
+            self.accounts,
+            self.revoked,
+            base_url=self.base_url,
+            wait_connected=self.link.wait_connected,
+            on_requeue=self._wake_scheduler_threadsafe,
+        )
         features: list[Feature] = [
             self.auth,
+            self.enrolment,
             TasksFeature(
                 self.scheduler,
                 self.liveness,
@@ -236,6 +266,7 @@ class Coordinator:
             Path(cfg.data_dir).expanduser(),
             base_url=self.base_url,
             on_submit=self._submitted,
+            on_auth_refusal=lambda reason: self.auth.metrics.refusals.labels(reason).inc(),
         )
         # Train tasks name where devices fetch weights and upload: without HTTP here, that
         # is another replica's API (http.public_url).

@@ -149,6 +149,8 @@ class Stack:
         settings = {
             **(DEMO_SETTINGS if self.spec.tuned else {}),
             "mqtt.protocol": self.broker.mqtt_protocol,
+            # The demo's broker is anonymous, without the dynamic security plugin.
+            "mqtt.accounts": "none",
             # The simulated fleet writes the federated stage's evaluation set there.
             "fl.eval_dir": self.fleet_root,
             **self.spec.coordinator_settings,

@@ -31,6 +31,7 @@ ENROLL: Final = (
     "/v1/enroll"  # a device exchanges a claim for its identity (lepton.protocol.enrolment)
 )
 CLAIMS: Final = "/v1/claims"  # enrolment claims (scope devices:write)
+CLAIM: Final = "/v1/claims/{name}"  # DELETE: revoke a claim (scope devices:write)
 DEVICE_REVOKE: Final = "/v1/devices/{device_id}/revoke"  # (scope devices:write)
 METRICS: Final = "/metrics"
 

@@ -207,6 +207,7 @@ def coordinator_config(tmp_path: Path, broker_port: int, **overrides: Any) -> Co
         "mqtt.port": broker_port,
         "mqtt.reconnect_min_s": 0.2,
         "mqtt.reconnect_max_s": 1.0,
+        "mqtt.accounts": "none",  # the plain test broker has no dynamic security plugin
         "http.port": 0,
         "database.sqlite_synchronous": "normal",
         "registry.flush_interval_s": 0.05,

@@ -173,7 +173,7 @@ def test_mqtt_password_file_is_read_at_load(tmp_path: Path) -> None:
 
 
 def test_mqtt_accounts_is_dynsec_or_none() -> None:
-    assert load(env={}).mqtt.accounts == "none"
-    assert load(env={"LEPTON_MQTT_ACCOUNTS": "dynsec"}).mqtt.accounts == "dynsec"
+    assert load(env={}).mqtt.accounts == "dynsec"  # secure by default
+    assert load(env={"LEPTON_MQTT_ACCOUNTS": "none"}).mqtt.accounts == "none"
     with pytest.raises(ConfigError):
         load(env={}, overrides={"mqtt.accounts": "ldap"})

@@ -106,8 +106,9 @@ def create_app(ctx: ApiContext) -> FastAPI:
             },
         )
 
-    # Health, and the API's own description (the schema of an open-source API is no secret).
-    public = {routes.HEALTH}
+    # Health, and the API's own description (the schema of an open-source API is no secret);
+    # enrolment, whose credential is the claim it checks itself (lepton.coordinator.auth.enrolment).
+    public = {routes.HEALTH, routes.ENROLL}
     public |= {
         u
         for u in (app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url)

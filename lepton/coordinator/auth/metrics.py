@@ -21,6 +21,11 @@ class AuthMetrics:
             ["reason"],
             registry=registry,
         )
+        self.enrolments = Counter(
+            "lepton_enrolments",
+            "Devices enrolled (a claim exchanged for an identity)",
+            registry=registry,
+        )
         self.audit_suppressed = Counter(
             "lepton_audit_suppressed",
             "Refusals not written to the audit log one by one (a flood from one address)",

@@ -141,6 +141,10 @@ def _device_commands(top: Any) -> None:
     show.add_argument("device_id", metavar="ID")
     client_options(show)
     show.set_defaults(handler=cmd_devices_show)
+    # Imported here: lepton.coordinator.auth's CLI modules import this package.
+    from lepton.coordinator.auth.cli_devices import add_device_commands
+
+    add_device_commands(dsub)
 
 
 def _task_commands(top: Any) -> None:
