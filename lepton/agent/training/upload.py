@@ -5,9 +5,8 @@ coordinator's upload endpoint checks the digest header against the body it store
 
 Two credentials travel, in two headers: the upload slot's (the round gave it with the task:
 ``X-Lepton-Upload-Token``) and the device's own (``Authorization: Bearer``, at the
-coordinator's origin only; see :mod:`lepton.agent.credentials`). A device that has no
-token of its own also sends the slot's credential as ``Authorization: Bearer``, as before
-enrolment existed, so that it still works with a coordinator that reads it there.
+coordinator's origin only; see :mod:`lepton.agent.credentials`). A device that has not
+enrolled has no token, and the coordinator refuses its uploads (401).
 """
 
 from __future__ import annotations
@@ -67,11 +66,6 @@ async def upload(
     credentials = credentials or CoordinatorCredentials()
     if token:
         headers[UPLOAD_TOKEN_HEADER] = token
-        if not credentials.enrolled:
-            # Transitional: a coordinator from before enrolment reads the slot's credential
-            # from Authorization. A device with its own token never sends it there (that
-            # header is its own); drop this once every coordinator reads the new header.
-            headers["Authorization"] = f"Bearer {token}"
     headers.update(credentials.headers_for(url))
     attempts = 0
     # No redirects: the caller checked this URL's origin, not wherever it points on to.
