@@ -307,14 +307,16 @@ async def test_metrics_port_serves_metrics_without_a_token(
     make_coordinator: MakeCoordinator,
 ) -> None:
     port = free_port()
-    async with make_coordinator(http__metrics_port=port, http__metrics_host="127.0.0.1") as c:
-        async with httpx.AsyncClient() as http:
-            r = await http.get(f"http://127.0.0.1:{port}{routes.METRICS}")
-            assert r.status_code == 200
-            assert "lepton_http_rejects_total" in r.text
-            # That listener has nothing else; the API's /metrics still wants a token.
-            assert (await http.get(f"http://127.0.0.1:{port}{routes.DEVICES}")).status_code == 404
-            assert (await http.get(f"{c.api_url}{routes.METRICS}")).status_code == 401
+    async with (
+        make_coordinator(http__metrics_port=port, http__metrics_host="127.0.0.1") as c,
+        httpx.AsyncClient() as http,
+    ):
+        r = await http.get(f"http://127.0.0.1:{port}{routes.METRICS}")
+        assert r.status_code == 200
+        assert "lepton_http_rejects_total" in r.text
+        # That listener has nothing else; the API's /metrics still wants a token.
+        assert (await http.get(f"http://127.0.0.1:{port}{routes.DEVICES}")).status_code == 404
+        assert (await http.get(f"{c.api_url}{routes.METRICS}")).status_code == 401
 
 
 # ---------------------------------------------------------------- the API's description
