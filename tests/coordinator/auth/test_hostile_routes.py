@@ -147,6 +147,7 @@ bodies = st.one_of(
     st.integers(MAX_BODY - 8, MAX_BODY * 3).map(lambda n: b"x" * n),  # oversized
     st.binary(max_size=256),
 )
+TOKEN_KINDS = [*(s.value for s in Scope), "device", "revoked", "expired"]
 garbage_text = st.text(alphabet=string.printable.strip(), max_size=80)
 headers_auth = st.one_of(
     st.none(),
@@ -163,21 +164,7 @@ headers_auth = st.one_of(
     st.binary(min_size=1, max_size=40)
     .filter(lambda b: b"\r" not in b and b"\n" not in b and b"\x00" not in b)
     .map(lambda b: b"Bearer " + b),
-    st.sampled_from(
-        [
-            "admin",
-            "fleet:read",
-            "tasks:write",
-            "models:write",
-            "fl:write",
-            "rollouts:write",
-            "devices:write",
-            "metrics:read",
-            "device",
-            "revoked",
-            "expired",
-        ]
-    ).map(lambda k: ("token", k)),  # fmt: skip
+    st.sampled_from(TOKEN_KINDS).map(lambda k: ("token", k)),
 )
 path_values = st.one_of(
     st.just("1"),
