@@ -133,7 +133,7 @@ async def test_quantize_register_deploy_infer_and_refuse_corrupt(
             deploys = [await deploy(d, int8) for d in ("edge-a", "edge-b")]
             for tid in deploys:
                 task = await finished(api, tid)
-                assert task["state"] == "succeeded", task
+                assert task["state"] == "succeeded", (task["id"], output(task))
                 assert output(task)["digest"] == int8.digest
 
             # Inference placed by the scheduler on whichever device it picks.
