@@ -16,7 +16,6 @@ import pytest
 from fastapi import APIRouter
 
 from lepton.coordinator.api import ApiContext, create_app
-from lepton.coordinator.auth import credentials
 from lepton.coordinator.auth.guard import Authenticator
 from lepton.coordinator.auth.metrics import AuthMetrics
 from lepton.coordinator.auth.store import AuthStore
@@ -28,7 +27,7 @@ from lepton.coordinator.service import Coordinator
 from lepton.coordinator.store import RetryPolicy, Store
 from lepton.coordinator.store.schema import Base
 from lepton.coordinator.tasks.routes import make_router as make_tasks_router
-from tests.support.api import api_client, operator_token
+from tests.support.api import api_client, bearer, new_operator_token, operator_token
 from tests.support.broker import Broker
 
 __all__ = ["api_client", "cli_token", "eventually", "in_process_api", "operator_token"]
@@ -168,12 +167,7 @@ async def in_process_api(
     metrics = metrics if metrics is not None else Metrics()
     auth_store = AuthStore(store.engine)
     context.setdefault("auth", Authenticator(auth_store, AuthMetrics(metrics.registry)))
-    headers = {}
-    if scopes:
-        token = credentials.new("operator")
-        name = f"test-{uuid.uuid4().hex[:8]}"
-        auth_store.create_token(name, credentials.digest(token), scopes, created_by="test")
-        headers["Authorization"] = f"Bearer {token}"
+    headers = bearer(new_operator_token(store, scopes)) if scopes else {}
     app = create_app(
         ApiContext(
             config=cfg,
