@@ -105,6 +105,7 @@ class Harness:
         self.s = settings
         self.coordinator: Any = None
         self.api = ""
+        self.headers: dict[str, str] = {}
         self._fleets = 0
 
     @contextlib.asynccontextmanager
@@ -133,6 +134,7 @@ class Harness:
                 await c.link.wait_connected(10)
                 self.coordinator = c
                 self.api = c.api_url or ""
+                self.headers = {"Authorization": f"Bearer {operator_token(c)}"}
                 yield self
 
     @contextlib.asynccontextmanager
@@ -169,7 +171,7 @@ class Harness:
     async def _wait_devices(self, prefix: str, n: int) -> None:
         import httpx
 
-        async with httpx.AsyncClient(base_url=self.api) as api:
+        async with httpx.AsyncClient(base_url=self.api, headers=self.headers) as api:
             async with asyncio.timeout(60):
                 while True:
                     devices = (await api.get("/v1/devices", params={"state": "online"})).json()
@@ -211,7 +213,7 @@ class Harness:
         import httpx
 
         started = time.perf_counter()
-        async with httpx.AsyncClient(base_url=self.api, timeout=30) as api:
+        async with httpx.AsyncClient(base_url=self.api, timeout=30, headers=self.headers) as api:
             r = await api.post("/v1/fl/jobs", json=body)
             r.raise_for_status()
             job_id = r.json()["id"]
@@ -276,3 +278,16 @@ def central_reference(s: Settings, eval_path: Path | None = None) -> dict[str, A
 
 
 FAST = {"x86-gateway": 0.5, "jetson-orin-nano": 0.5}
+
+
+def operator_token(c: Any) -> str:
+    """An operator token (scope admin) made on the in-process coordinator's database, as
+    ``lepton tokens create`` makes one."""
+    from lepton.coordinator.auth import credentials
+    from lepton.coordinator.auth.store import AuthStore
+
+    token = credentials.new("operator")
+    AuthStore(c.store.engine).create_token(
+        "bench-fl", credentials.digest(token), ["admin"], created_by="bench"
+    )
+    return token

@@ -213,6 +213,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             stack.start_broker()
             stack.start_coordinator()
             api.base_url = httpx.URL(stack.api_url)
+            api.headers.update(stack.headers)  # the stack's operator token
             assert stack.broker is not None
             ready, stop, out = ctx.Event(), ctx.Event(), ctx.Queue()
             watcher = ctx.Process(target=bare_watcher, args=(stack.broker.port, ready, stop, out))

@@ -127,6 +127,7 @@ def scenario(
             stack.start_coordinator()
             stack.start_fleet()
             api.base_url = httpx.URL(stack.api_url)
+            api.headers.update(stack.headers)  # the stack's operator token
 
             def health() -> dict[str, Any]:
                 return dict(api.get("/v1/health").json())

@@ -19,11 +19,13 @@ class DemoError(LeptonError, RuntimeError):
 
 
 class Api:
-    """JSON over HTTP to one coordinator; errors become :class:`DemoError`."""
+    """JSON over HTTP to one coordinator, with an operator ``token``; errors become
+    :class:`DemoError`."""
 
-    def __init__(self, base_url: str, *, timeout: float = 30.0) -> None:
+    def __init__(self, base_url: str, *, token: str | None = None, timeout: float = 30.0) -> None:
         self.base_url = base_url
-        self._http = httpx.Client(base_url=base_url, timeout=timeout)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=base_url, timeout=timeout, headers=headers)
 
     def close(self) -> None:
         self._http.close()

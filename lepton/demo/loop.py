@@ -175,7 +175,7 @@ class Demo:
         self.r.end("broker", described)
         self._begin("coordinator")
         health = stack.start_coordinator()
-        self._api = Api(stack.api_url)
+        self._api = Api(stack.api_url, token=stack.token)
         self.figures["demo"]["api"] = stack.api_url
         self.r.end("coordinator", f"{stack.api_url} (v{health.get('version')}, SQLite)")
         self._begin("fleet", cfg.devices, "measuring this host's speed for the simulator")

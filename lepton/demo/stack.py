@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -84,6 +85,8 @@ class Stack:
         self.coordinator: subprocess.Popen[bytes] | None = None
         self.fleets: list[subprocess.Popen[bytes]] = []
         self.http_port = 0
+        #: The demo's operator token (scope admin), made once the coordinator runs.
+        self.token: str | None = None
         self.closed = False
 
     # ------------------------------------------------------------------ paths
@@ -95,6 +98,16 @@ class Stack:
     @property
     def database_url(self) -> str:
         return f"sqlite:///{self.data_dir / 'coordinator.db'}"
+
+    @property
+    def token_file(self) -> Path:
+        """Where the demo keeps its operator token (0600), for ``lepton`` while it runs."""
+        return self.workdir / "token"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The ``Authorization`` header every call to the coordinator's API carries."""
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
     @property
     def fleet_root(self) -> Path:
@@ -170,7 +183,29 @@ class Stack:
             argv, log_path=self.logs / "coordinator.log", env=_child_env()
         )
         self._write_pids()
-        return self._wait_healthy(timeout)
+        health = self._wait_healthy(timeout)
+        self.token = self._create_token()
+        return health
+
+    def _create_token(self) -> str:
+        """An operator token for the demo itself, made as an operator makes one on the
+        coordinator's host (``lepton tokens create --database``), kept in ``token_file``."""
+        name = f"demo-{secrets.token_hex(4)}"  # a rerun in the same workdir wants a new name
+        argv = [
+            *(sys.executable, "-m", "lepton.coordinator.cli", "tokens", "create", name),
+            *("--scope", "admin", "--database", self.database_url, "--json"),
+        ]
+        done = subprocess.run(
+            argv, env=_child_env(), capture_output=True, text=True, timeout=60, check=False
+        )
+        if done.returncode != 0:
+            raise StackError(f"lepton tokens create failed ({done.returncode}): {done.stderr}")
+        token = str(json.loads(done.stdout)["token"])
+        fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(token + "\n")
+        return token
 
     def _wait_healthy(self, timeout: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout

@@ -16,7 +16,6 @@ import pytest
 from fastapi import APIRouter
 
 from lepton.coordinator.api import ApiContext, create_app
-from lepton.coordinator.auth import credentials
 from lepton.coordinator.auth.guard import Authenticator
 from lepton.coordinator.auth.metrics import AuthMetrics
 from lepton.coordinator.auth.store import AuthStore
@@ -28,7 +27,10 @@ from lepton.coordinator.service import Coordinator
 from lepton.coordinator.store import RetryPolicy, Store
 from lepton.coordinator.store.schema import Base
 from lepton.coordinator.tasks.routes import make_router as make_tasks_router
+from tests.support.api import api_client, bearer, new_operator_token, operator_token
 from tests.support.broker import Broker
+
+__all__ = ["api_client", "cli_token", "eventually", "in_process_api", "operator_token"]
 
 PG_DSN = os.environ.get("LEPTON_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -165,12 +167,7 @@ async def in_process_api(
     metrics = metrics if metrics is not None else Metrics()
     auth_store = AuthStore(store.engine)
     context.setdefault("auth", Authenticator(auth_store, AuthMetrics(metrics.registry)))
-    headers = {}
-    if scopes:
-        token = credentials.new("operator")
-        name = f"test-{uuid.uuid4().hex[:8]}"
-        auth_store.create_token(name, credentials.digest(token), scopes, created_by="test")
-        headers["Authorization"] = f"Bearer {token}"
+    headers = bearer(new_operator_token(store, scopes)) if scopes else {}
     app = create_app(
         ApiContext(
             config=cfg,
@@ -229,7 +226,10 @@ def coordinator_config(tmp_path: Path, broker_port: int, **overrides: Any) -> Co
 def make_coordinator(
     broker: Broker, tmp_path: Path
 ) -> Callable[..., contextlib.AbstractAsyncContextManager[Coordinator]]:
-    """``async with make_coordinator(**overrides) as c:`` a running, connected coordinator."""
+    """``async with make_coordinator(**overrides) as c:`` a running, connected coordinator.
+    Its API wants an operator token: ``api_client(c)`` (``scopes=`` to narrow it) is a
+    client holding one, ``operator_token(c)`` the token (:mod:`tests.support.api`), and
+    ``cli_token(monkeypatch, c)`` hands one to in-process ``lepton`` commands."""
 
     @contextlib.asynccontextmanager
     async def make(**overrides: Any) -> AsyncIterator[Coordinator]:
@@ -247,6 +247,17 @@ async def coordinator(
 ) -> AsyncIterator[Coordinator]:
     async with make_coordinator() as c:
         yield c
+
+
+def cli_token(
+    monkeypatch: pytest.MonkeyPatch, c: Coordinator, scopes: Sequence[str] = ("admin",)
+) -> str:
+    """Give the ``lepton`` CLI run in this process an operator token of ``c`` through
+    ``$LEPTON_TOKEN`` (and no token file: ``$XDG_CONFIG_HOME`` points nowhere); the token."""
+    token = operator_token(c, scopes)
+    monkeypatch.setenv("LEPTON_TOKEN", token)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(Path(c.config.data_dir) / "no-xdg"))
+    return token
 
 
 async def eventually(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -149,7 +150,13 @@ def test_quick_demo_reports_what_the_system_recorded(tmp_path: Path) -> None:
         assert "error" not in figures, figures.get("error")
         assert figures["demo"]["wall_s"] < 180
         assert wall < 180
-        with httpx.Client(base_url=figures["demo"]["api"], timeout=10) as api:
+        # The demo's own operator token, kept 0600 in its workdir (never in the report).
+        token_file = workdir / "token"
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        token = token_file.read_text().strip()
+        assert token not in (workdir / "report" / "figures.json").read_text()
+        headers = {"Authorization": f"Bearer {token}"}
+        with httpx.Client(base_url=figures["demo"]["api"], timeout=10, headers=headers) as api:
             check_inference(api, figures)
             check_models_and_rounds(api, figures)
         html = (workdir / "report" / "report.html").read_text()

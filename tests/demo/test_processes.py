@@ -32,9 +32,9 @@ def wait_for(check: Callable[[], object], timeout: float, what: str) -> object:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def online(api: str) -> int:
+def online(stack: Stack) -> int:
     try:
-        devices = httpx.get(f"{api}/v1/devices", timeout=2).json()
+        devices = httpx.get(f"{stack.api_url}/v1/devices", headers=stack.headers, timeout=2).json()
     except httpx.HTTPError:
         return 0
     return sum(d["state"] == "online" and d["capacity"] is not None for d in devices)
@@ -50,7 +50,7 @@ def test_stack_runs_and_close_stops_every_process(tmp_path: Path, broker: str) -
         health = stack.start_coordinator()
         assert health["mqtt_connected"]
         stack.start_fleet()
-        wait_for(lambda: online(stack.api_url) == 3, 60, "3 devices online")
+        wait_for(lambda: online(stack) == 3, 60, "3 devices online")
         pids = stack.pids()
         assert set(pids) == {"broker", "coordinator", "fleet"}
         assert all(pid_alive(p) for p in pids.values())

@@ -8,11 +8,10 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
-import httpx
 import pytest
 
 from lepton.coordinator.service import Coordinator
-from tests.coordinator.conftest import eventually
+from tests.coordinator.conftest import api_client, eventually
 from tests.integration.conftest import StartAgent
 
 pytestmark = pytest.mark.slow
@@ -25,7 +24,7 @@ async def test_devices_tasks_offline_and_reassignment(
     async with make_coordinator() as coord:
         port = coord.config.mqtt.port
         procs = {d: agents(port, d) for d in ("pi-a", "pi-b")}
-        async with httpx.AsyncClient(base_url=str(coord.api_url), timeout=10) as api:
+        async with api_client(coord, timeout=10) as api:
 
             async def devices() -> dict[str, Any]:
                 return {d["id"]: d for d in (await api.get("/v1/devices")).json()}

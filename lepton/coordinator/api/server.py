@@ -52,6 +52,7 @@ class HttpServer:
         on_head_timeout: Callable[[], None] = lambda: None,
     ) -> None:
         limits = limits or HttpConfig()
+        self.app = app  # what it serves (tests walk its routes)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -88,16 +88,25 @@ def cmd_create(args: argparse.Namespace) -> int:
     now = time.time()
     expires = now + parse_duration(args.expires_in) if args.expires_in else None
     token = credentials.new("operator")
+    from lepton.coordinator.errors import ConflictError
+
     store, auth = open_auth_store(args)
     try:
-        record = auth.create_token(
-            args.name,
-            credentials.digest(token),
-            scopes,
-            created_by="cli",
-            expires_at=expires,
-            now=now,
-        )
+        try:
+            record = auth.create_token(
+                args.name,
+                credentials.digest(token),
+                scopes,
+                created_by="cli",
+                expires_at=expires,
+                now=now,
+            )
+        except ConflictError as exc:
+            raise CliError(
+                f"a token named {args.name!r} exists (names stay taken after revoke:"
+                " the audit log names tokens by them); choose another name",
+                EXIT_USAGE,
+            ) from exc
         auth.audit("cli", "tokens create", args.name, "ok", detail={"scopes": sorted(scopes)})
     finally:
         store.close()

@@ -13,9 +13,11 @@ from typing import Any
 import httpx
 import pytest
 
+from lepton.coordinator.service import Coordinator
 from lepton.sim.device import VirtualDevice
 from lepton.sim.enrol import Enrolment
 from lepton.sim.fleet import FleetSpec, build_devices, enrol_devices
+from tests.support.api import Endpoint, api_client
 from tests.support.broker import Broker
 
 FAST_MIX: dict[str, float] = {"x86-gateway": 1.0, "jetson-orin-nano": 1.0}
@@ -150,10 +152,10 @@ def digits_job(eval_path: Path, **overrides: Any) -> dict[str, Any]:
     return job
 
 
-async def wait_for_devices(api: str, n: int, *, timeout: float = 20.0) -> None:
+async def wait_for_devices(api: Coordinator | Endpoint, n: int, *, timeout: float = 20.0) -> None:
     """Until ``n`` devices are online with a capacity report that lists the torch runtime."""
     deadline = time.monotonic() + timeout
-    async with httpx.AsyncClient(base_url=api) as client:
+    async with api_client(api) as client:
         while True:
             devices = (await client.get("/v1/devices", params={"state": "online"})).json()
             ready = [d for d in devices if "torch" in (d.get("runtimes") or [])]
@@ -165,7 +167,7 @@ async def wait_for_devices(api: str, n: int, *, timeout: float = 20.0) -> None:
 
 
 async def wait_job(
-    api: str,
+    api: Coordinator | Endpoint,
     job_id: str,
     predicate: Callable[[dict[str, Any]], bool],
     *,
@@ -175,7 +177,7 @@ async def wait_job(
     """Poll ``GET /v1/fl/jobs/{id}`` until ``predicate(job)`` holds; the job."""
     deadline = time.monotonic() + timeout
     last: dict[str, Any] = {}
-    async with httpx.AsyncClient(base_url=api, timeout=5) as client:
+    async with api_client(api, timeout=5) as client:
         while True:
             with contextlib.suppress(httpx.HTTPError):
                 last = (await client.get(f"/v1/fl/jobs/{job_id}")).json()
@@ -187,9 +189,11 @@ async def wait_job(
             await asyncio.sleep(interval)
 
 
-async def run_job(api: str, body: Mapping[str, Any], *, timeout: float) -> dict[str, Any]:
+async def run_job(
+    api: Coordinator | Endpoint, body: Mapping[str, Any], *, timeout: float
+) -> dict[str, Any]:
     """Start a job (``POST /v1/fl/jobs``) and wait until it ends; the job."""
-    async with httpx.AsyncClient(base_url=api) as client:
+    async with api_client(api) as client:
         r = await client.post("/v1/fl/jobs", json=dict(body))
     assert r.status_code == 201, r.text
     return await wait_job(api, r.json()["id"], ended, timeout=timeout)

@@ -8,8 +8,6 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-import httpx
-
 from lepton.coordinator.fl.store import FLStore
 from lepton.coordinator.service import Coordinator
 from lepton.coordinator.store import IN_FLIGHT, TaskRecord
@@ -21,6 +19,7 @@ from tests.coordinator.fl.conftest import (
     wait_for_devices,
     wait_job,
 )
+from tests.support.api import api_client
 
 MakeCoordinator = Callable[..., AbstractAsyncContextManager[Coordinator]]
 
@@ -41,7 +40,7 @@ async def test_a_closed_round_leaves_no_straggler_training(
     pi = next(d for d in fleet.ids if "rpi5" in d)
     async with make_coordinator() as c:
         assert c.api_url is not None
-        await wait_for_devices(c.api_url, 3)
+        await wait_for_devices(c, 3)
         body = digits_job(
             fleet.eval_path,
             rounds=2,
@@ -51,11 +50,11 @@ async def test_a_closed_round_leaves_no_straggler_training(
             epochs=2,
             late={"policy": "drop"},
         )
-        async with httpx.AsyncClient(base_url=c.api_url) as api:
+        async with api_client(c) as api:
             r = await api.post("/v1/fl/jobs", json=body)
             assert r.status_code == 201, r.text
             job_id = r.json()["id"]
-        job = await wait_job(c.api_url, job_id, ended, timeout=90)
+        job = await wait_job(c, job_id, ended, timeout=90)
         assert job["state"] == "done", job
         fl = FLStore(c.store.engine)
         first = fl.list_rounds(job_id)[0]
@@ -97,9 +96,9 @@ async def test_a_stopped_job_cancels_its_tasks(
     fleet = sim_fleet(2, mix={"rpi4": 1.0})
     async with make_coordinator() as c:
         assert c.api_url is not None
-        await wait_for_devices(c.api_url, 2)
+        await wait_for_devices(c, 2)
         body = digits_job(fleet.eval_path, clients_per_round=2, epochs=30, deadline_s=120.0)
-        async with httpx.AsyncClient(base_url=c.api_url) as api:
+        async with api_client(c) as api:
             r = await api.post("/v1/fl/jobs", json=body)
             assert r.status_code == 201, r.text
             job_id = r.json()["id"]
@@ -110,7 +109,7 @@ async def test_a_stopped_job_cancels_its_tasks(
 
             await eventually(training, timeout=30, interval=0.2)
             assert (await api.post(f"/v1/fl/jobs/{job_id}/stop")).status_code == 200
-            job = await wait_job(c.api_url, job_id, ended, timeout=20)
+            job = await wait_job(c, job_id, ended, timeout=20)
         assert job["state"] == "stopped"
 
         def all_answered() -> dict[str, Any] | None:

@@ -32,6 +32,7 @@ from tests.coordinator.fl.conftest import (
     wait_for_devices,
     wait_job,
 )
+from tests.support.api import Endpoint, api_client, operator_token
 from tests.support.broker import Broker, free_port
 
 pytestmark = pytest.mark.slow
@@ -56,6 +57,16 @@ class CoordinatorProcess:
     @property
     def api(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def database(self) -> str:
+        return f"sqlite:///{self.workdir / 'data' / 'coordinator.db'}"
+
+    @property
+    def endpoint(self) -> Endpoint:
+        """The API with an operator token made on the coordinator's database (once it has
+        made the database: after :meth:`healthy`)."""
+        return Endpoint(self.api, operator_token(self.database))
 
     def start(self) -> None:
         self.starts += 1
@@ -146,9 +157,9 @@ async def test_coordinator_sigkilled_mid_round_resumes_without_loss_or_double_co
     # to be caught in the middle.
     fleet = sim_fleet(4, mix={"rpi5": 1.0})
     await c.healthy()
-    await wait_for_devices(c.api, 4)
+    await wait_for_devices(c.endpoint, 4)
     job_body = digits_job(fleet.eval_path, rounds=2, epochs=3, deadline_s=40.0, min_results=2)
-    async with httpx.AsyncClient(base_url=c.api) as api:
+    async with api_client(c.endpoint) as api:
         r = await api.post("/v1/fl/jobs", json=job_body)
         assert r.status_code == 201, r.text
         job_id = r.json()["id"]
@@ -163,18 +174,17 @@ async def test_coordinator_sigkilled_mid_round_resumes_without_loss_or_double_co
         )
 
     try:
-        await wait_job(c.api, job_id, mid_round_two, timeout=40, interval=0.05)
+        await wait_job(c.endpoint, job_id, mid_round_two, timeout=40, interval=0.05)
     except AssertionError:
         raise AssertionError(c.logs()) from None
     c.kill()
-    url = f"sqlite:///{tmp_path / 'data' / 'coordinator.db'}"
-    store = Store.open(url, create=False)
+    store = Store.open(c.database, create=False)
     fl = FLStore(store.engine)
     before = {u.device_id: u.digest for u in fl.updates_for(job_id, 2)}
     assert before, "killed before any update of round 2 was recorded"
     c.start()
     try:
-        job = await wait_job(c.api, job_id, ended, timeout=45)
+        job = await wait_job(c.endpoint, job_id, ended, timeout=45)
     except AssertionError:
         raise AssertionError(c.logs()) from None
     assert job["state"] == "done", job
@@ -207,9 +217,9 @@ async def test_agent_killed_mid_round_does_not_stall_past_the_deadline(
     deadline_s = 15.0
     async with make_coordinator() as c:
         assert c.api_url is not None
-        await wait_for_devices(c.api_url, 4)
+        await wait_for_devices(c, 4)
         body = digits_job(fleet.eval_path, rounds=2, epochs=4, deadline_s=deadline_s, min_results=3)
-        async with httpx.AsyncClient(base_url=c.api_url) as api:
+        async with api_client(c) as api:
             job_id = (await api.post("/v1/fl/jobs", json=body)).json()["id"]
             task_id = planning.task_id(job_id, 1, victim)
 
@@ -221,7 +231,7 @@ async def test_agent_killed_mid_round_does_not_stall_past_the_deadline(
                 while not await victim_running():
                     await asyncio.sleep(0.05)
         await fleet.kill(victim)
-        job = await wait_job(c.api_url, job_id, ended, timeout=60)
+        job = await wait_job(c, job_id, ended, timeout=60)
     assert job["state"] == "done", job
     first, second = job["history"]
     assert first["state"] == "closed"
@@ -243,13 +253,13 @@ async def test_hostile_uploads_to_a_running_job_are_refused_and_counted(
     fleet = sim_fleet(3, mix={"rpi4": 1.0})
     async with make_coordinator() as c:
         assert c.api_url is not None
-        await wait_for_devices(c.api_url, 3)
+        await wait_for_devices(c, 3)
         body = digits_job(
             fleet.eval_path, rounds=1, clients_per_round=3, min_results=2, deadline_s=30.0
         )
-        async with httpx.AsyncClient(base_url=c.api_url) as api:
+        async with api_client(c) as api:
             job_id = (await api.post("/v1/fl/jobs", json=body)).json()["id"]
-            job = await wait_job(c.api_url, job_id, lambda j: bool(j.get("history")), timeout=20)
+            job = await wait_job(c, job_id, lambda j: bool(j.get("history")), timeout=20)
             rnd = job["history"][0]
             target = rnd["devices"][0]
             task = (await api.get(f"/v1/tasks/{planning.task_id(job_id, 1, target)}")).json()
@@ -299,7 +309,7 @@ async def test_hostile_uploads_to_a_running_job_are_refused_and_counted(
             }
             stale = encode_weights(shapes, kind="update", base="0" * 64, round=1, job=job_id)
             assert await put(stale) == (400, "wrong_base")
-            job = await wait_job(c.api_url, job_id, ended, timeout=60)
+            job = await wait_job(c, job_id, ended, timeout=60)
             metrics = (await api.get("/metrics")).text
         assert job["state"] == "done"
         rnd = job["history"][0]
@@ -335,15 +345,15 @@ async def test_a_forged_example_count_is_bounded_by_the_size_the_device_reported
     sizes = {i: len(np.load(fleet.state_root / i / "data" / "digits.npz")["y"]) for i in fleet.ids}
     async with make_coordinator() as c:
         assert c.api_url is not None
-        await wait_for_devices(c.api_url, 4)
+        await wait_for_devices(c, 4)
         # The count clamps alone: no median bound, no norm screen.
         body = digits_job(
             fleet.eval_path, rounds=2, examples_ratio=None, norm_ratio=None, final_check=False
         )
-        async with httpx.AsyncClient(base_url=c.api_url) as api:
+        async with api_client(c) as api:
             r = await api.post("/v1/fl/jobs", json=body)
             assert r.status_code == 201, r.text
-            job = await wait_job(c.api_url, r.json()["id"], ended, timeout=120)
+            job = await wait_job(c, r.json()["id"], ended, timeout=120)
             metrics = (await api.get("/metrics")).text
         rounds = await asyncio.to_thread(c.feature(FLFeature).fl.list_rounds, job["id"])
     assert job["state"] == "done", job.get("error")

@@ -32,9 +32,9 @@ async def test_a_leader_without_http_runs_a_job_to_the_end(
         await eventually(lambda: headless.leadership.is_leader, timeout=10)
         async with make_coordinator(instance_id="web", http__port=port, **shared) as web:
             assert web.api_url == api
-            await wait_for_devices(api, 3)
+            await wait_for_devices(web, 3)
             body = digits_job(fleet.eval_path, rounds=2, clients_per_round=3)
-            job = await run_job(api, body, timeout=60)
+            job = await run_job(web, body, timeout=60)
             assert not web.leadership.is_leader
         assert headless.leadership.is_leader
     assert job["state"] == "done", job
