@@ -22,6 +22,7 @@ database directly; the agents and the broker are separate processes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections import Counter
@@ -307,7 +308,7 @@ async def test_hostile_fleet(tmp_path: Any) -> None:
         for d in AGENTS:
             await s.agent(d)
         for d in AGENTS:
-            await eventually(lambda d=d: s.online(d), timeout=30, interval=0.1)
+            await eventually(functools.partial(s.online, d), timeout=30, interval=0.1)
         blob = await grant_blob_to(s, "pi-a")
         pi_b = identity(s, "pi-b")["http_token"]
         # The attacker: an enrolled device without an agent, and the claims it tries again.
