@@ -31,7 +31,12 @@ from urllib.parse import urlsplit
 import msgspec
 
 from lepton.common.errors import LeptonError
-from lepton.protocol.enrolment import EnrollRequest, EnrollResponse, decode_response
+from lepton.protocol.enrolment import (
+    ENROLLED_STATUS,
+    EnrollRequest,
+    EnrollResponse,
+    decode_response,
+)
 from lepton.protocol.errors import TopicError
 from lepton.protocol.routes import ENROLL
 from lepton.protocol.topics import validate_id
@@ -235,7 +240,7 @@ async def request_identity(
                 "together with --ca-sha256",
             ) from exc
         raise EnrolError("connect_failed", f"{target}: {type(exc).__name__}: {exc}") from exc
-    if resp.status_code != 200:
+    if resp.status_code != ENROLLED_STATUS:
         raise _refusal(resp)
     try:
         return decode_response(resp.content)

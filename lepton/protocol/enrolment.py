@@ -31,6 +31,8 @@ DeviceId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"\A[A-Za-z0
 ClassName = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"\A[A-Za-z0-9._-]+\Z")]
 MAX_PEM_CHARS: Final = 16 * 1024
 MAX_RESPONSE_BYTES: Final = 64 * 1024
+#: The status of an accepted enrolment (201 Created: a new identity), on both sides.
+ENROLLED_STATUS: Final = 201
 #: The files the agent keeps in its state directory (each 0600).
 IDENTITY_FILE: Final = "identity.json"
 CA_FILE: Final = "fleet-ca.pem"

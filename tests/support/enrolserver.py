@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from lepton.protocol.enrolment import EnrollRequest, EnrollResponse, MqttAccount
+from lepton.protocol.enrolment import ENROLLED_STATUS, EnrollRequest, EnrollResponse, MqttAccount
 from lepton.protocol.routes import ENROLL
 
 if TYPE_CHECKING:
@@ -176,7 +176,7 @@ class FakeEnrolment:
             device_group=self.device_group,
         )
         self.enrolled[req.device_id] = resp
-        return 200, msgspec.json.encode(resp)
+        return ENROLLED_STATUS, msgspec.json.encode(resp)
 
     def _sign(self, req: EnrollRequest) -> str | None:
         assert req.csr_pem is not None

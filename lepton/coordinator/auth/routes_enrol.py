@@ -26,6 +26,7 @@ from lepton.coordinator.auth.revocation import Revoker
 from lepton.coordinator.auth.scopes import Scope
 from lepton.coordinator.errors import NotFoundError
 from lepton.protocol import routes
+from lepton.protocol.enrolment import ENROLLED_STATUS
 
 ClassName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
 DeviceIdPath = Annotated[
@@ -108,7 +109,7 @@ def make_router(
         except NotFoundError as exc:
             raise HTTPException(status_code=404, detail=str(exc)) from exc
 
-    @router.post(routes.ENROLL, status_code=201)
+    @router.post(routes.ENROLL, status_code=ENROLLED_STATUS)
     async def enroll(request: Request) -> JSONResponse:
         """A device exchanges a claim (``Authorization: Bearer lpc_...``) for its identity
         (:mod:`lepton.protocol.enrolment`)."""
@@ -129,7 +130,7 @@ def make_router(
                 status_code=exc.status,
                 headers=headers,
             )
-        return JSONResponse(msgspec.to_builtins(out), status_code=201)
+        return JSONResponse(msgspec.to_builtins(out), status_code=ENROLLED_STATUS)
 
     @router.post(routes.DEVICE_REVOKE, dependencies=[write])
     async def revoke_device(

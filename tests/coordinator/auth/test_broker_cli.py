@@ -7,7 +7,6 @@ import asyncio
 import getpass
 import json
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -19,15 +18,8 @@ from lepton.coordinator.config import load
 from lepton.coordinator.runtime.mqtt import MqttLink
 from lepton.protocol import topics
 from tests.coordinator.auth.conftest import Device, Seen
-from tests.support.broker import Broker, free_port
-
-
-@dataclass
-class InitBroker(Broker):
-    """Runs the mosquitto.conf that ``lepton broker init`` wrote into ``workdir``, as is."""
-
-    def write_config(self) -> None:
-        pass
+from tests.support.broker import free_port
+from tests.support.secure_stack import InitBroker, listener_port
 
 
 def init(tmp_path: Path, *extra: str) -> tuple[int, Path]:
@@ -54,7 +46,7 @@ async def test_init_boots_a_broker_the_coordinator_drives(
     password = (folder / "coordinator.password").read_text().strip()
     assert password not in out  # shown only with --print-password
     toml = tmp_path / "coordinator.toml"
-    broker = InitBroker(workdir=folder, port=_port(folder))
+    broker = InitBroker(workdir=folder, port=listener_port(folder))
     toml.write_text(
         f'fleet = "f1"\n[mqtt]\nport = {broker.port}\nusername = "coordinator"\n'
         f'password_file = "{folder / "coordinator.password"}"\naccounts = "dynsec"\n'
@@ -92,13 +84,6 @@ async def test_init_boots_a_broker_the_coordinator_drives(
         assert not Device(broker.port, "coordinator", "wrong").connect()
     finally:
         broker.kill()
-
-
-def _port(folder: Path) -> int:
-    for line in (folder / "mosquitto.conf").read_text().splitlines():
-        if line.startswith("listener "):
-            return int(line.split()[1])
-    raise AssertionError("no listener in mosquitto.conf")
 
 
 def test_init_refuses_to_overwrite_without_force(
@@ -242,7 +227,7 @@ async def test_init_tls_listener_takes_provisioned_devices(tmp_path: Path) -> No
         *("--keyfile", str(key)),
     )
     assert rc == 0
-    broker = InitBroker(workdir=folder, port=_port(folder))
+    broker = InitBroker(workdir=folder, port=listener_port(folder))
     broker.start()
     try:
         password = (folder / "coordinator.password").read_text().strip()
