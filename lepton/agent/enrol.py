@@ -235,7 +235,8 @@ async def request_identity(
                 "together with --ca-sha256",
             ) from exc
         raise EnrolError("connect_failed", f"{target}: {type(exc).__name__}: {exc}") from exc
-    if resp.status_code != 200:
+    # The coordinator answers 201 Created (a new identity); 200 is taken as well.
+    if resp.status_code not in (200, 201):
         raise _refusal(resp)
     try:
         return decode_response(resp.content)

@@ -176,7 +176,7 @@ class FakeEnrolment:
             device_group=self.device_group,
         )
         self.enrolled[req.device_id] = resp
-        return 200, msgspec.json.encode(resp)
+        return 201, msgspec.json.encode(resp)  # as the coordinator answers
 
     def _sign(self, req: EnrollRequest) -> str | None:
         assert req.csr_pem is not None
