@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from lepton.common.tls import client_context
 from lepton.demo.procs import pid_alive
 from tests.demo import security
 
@@ -132,11 +133,12 @@ def check_security(api: httpx.Client, workdir: Path, figures: dict[str, Any]) ->
     coordinator's database, the broker's files and real connections, then compared with what
     the report says."""
     ca = workdir / "ca" / "ca.crt"
+    fleet_ca = client_context(ca)
     # HTTP: the API answered this client, which trusts the fleet CA only; plain HTTP gets
     # nothing from that port.
     assert figures["demo"]["api"].startswith("https://")
     assert security.plain_http_fails(figures["demo"]["api"])
-    assert httpx.get(f"{figures['demo']['api']}/v1/devices", verify=str(ca)).status_code == 401
+    assert httpx.get(f"{figures['demo']['api']}/v1/devices", verify=fleet_ca).status_code == 401
     # Enrolment: one claim, used by every device, each with its own device token.
     ids = {d["id"] for d in api.get("/v1/devices").json()}
     enrolled = security.enrolled(workdir)
@@ -206,9 +208,9 @@ def test_quick_demo_reports_what_the_system_recorded(tmp_path: Path) -> None:
         token = token_file.read_text().strip()
         assert token not in (workdir / "report" / "figures.json").read_text()
         headers = {"Authorization": f"Bearer {token}"}
-        ca = str(workdir / "ca" / "ca.crt")
+        fleet_ca = client_context(workdir / "ca" / "ca.crt")  # the fleet CA only
         with httpx.Client(
-            base_url=figures["demo"]["api"], timeout=10, headers=headers, verify=ca
+            base_url=figures["demo"]["api"], timeout=10, headers=headers, verify=fleet_ca
         ) as api:
             check_inference(api, figures)
             check_models_and_rounds(api, figures)
