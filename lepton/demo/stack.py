@@ -75,6 +75,9 @@ class StackSpec:
     data: str | None = "digits"  # what every device holds (None: nothing)
     fleet_processes: int = 1  # simulator processes the devices are split across
     tuned: bool = True  # DEMO_SETTINGS on top of the coordinator's defaults
+    # Mosquitto with an account per client and TLS (the dynamic security plugin); False: a
+    # plain anonymous Mosquitto, as the embedded broker (for a benchmark's bare observer).
+    broker_accounts: bool = True
     coordinator_settings: dict[str, Any] = field(default_factory=dict)
 
 
@@ -192,7 +195,7 @@ class Stack:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
         mosquitto = pick_broker(self.spec.broker) == "mosquitto"
-        tls_port = free_port() if mosquitto else None
+        tls_port = free_port() if mosquitto and self.spec.broker_accounts else None
         self.trust = make_trust(
             self.workdir,
             fleet=FLEET,
