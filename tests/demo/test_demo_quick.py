@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -226,6 +227,30 @@ def test_quick_demo_reports_what_the_system_recorded(tmp_path: Path) -> None:
             assert f'aria-label="{title}' in html, title
         assert str(workdir / "report" / "report.html") in out.text
         assert "Security (measured" in html
+        # The command --keep suggests works as printed: HTTPS with the CA, the token.
+        hint = re.search(r"lepton --api\s+(\S+)\s+--ca-file\s+(\S+)\s+devices ls", out.text)
+        assert hint is not None, out.text[-2000:]
+        listed = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "lepton.coordinator.cli",
+                "--api",
+                hint[1],
+                "--ca-file",
+                hint[2],
+                "devices",
+                "ls",
+                "--json",
+            ],
+            env={**env, "LEPTON_TOKEN": token},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert listed.returncode == 0, listed.stderr
+        assert len(json.loads(listed.stdout)) == DEVICES
         assert f"{DEVICES}/{DEVICES} devices have their own" in out.text
         pids = json.loads((workdir / "pids.json").read_text())
     finally:
