@@ -52,7 +52,7 @@ from lepton.protocol import routes
 log = logging.getLogger(__name__)
 
 DEFAULT_MIX = "rpi4=0.4,rpi5=0.3,jetson-orin-nano=0.1,x86-gateway=0.2"
-FLEET = "default"  # the coordinator's fleet (its default), the broker's configuration's
+FLEET = "default"  # the coordinator's fleet, and the one the broker's configuration is for
 #: What the demo prints (and reports) when the broker cannot isolate devices.
 NOT_ISOLATED = "devices are not isolated on this broker; install mosquitto"
 
@@ -239,6 +239,7 @@ class Stack:
         }
         flags = {
             "--instance-id": "demo",
+            "--fleet": FLEET,  # the fleet the broker's configuration confines it to
             "--data-dir": self.data_dir,
             "--mqtt-port": self.broker.port,
             "--http-port": self.http_port,
