@@ -157,7 +157,7 @@ def _run(demo: Any, reporter: Any, console: Any, *, keep: bool) -> int:
     console.print(
         f"Still running (--keep): coordinator API {demo.stack.api_url}, e.g. "
         f"`LEPTON_TOKEN=$(cat {demo.stack.token_file}) lepton --api {demo.stack.api_url}"
-        " devices ls`; Ctrl-C stops everything."
+        f" --ca-file {demo.stack.ca_file} devices ls`; Ctrl-C stops everything."
     )
     while True:
         try:

@@ -1,7 +1,7 @@
 """The enrolment contract: how a device exchanges a one-time claim for its own identity.
 
 ``POST /v1/enroll`` with ``Authorization: Bearer lpc_...`` (a claim made by ``lepton
-devices enroll``) and an :class:`EnrollRequest` body, as JSON. The answer is an
+devices enroll``) and an :class:`EnrollRequest` body, as JSON. The answer (201 Created) is an
 :class:`EnrollResponse`: the device's id and fleet, its HTTP token (``lpd_...``: sent as
 ``Authorization: Bearer`` on every request to the coordinator), its MQTT account, the fleet CA
 certificate (PEM) the device verifies the broker and the coordinator with from then on, and,

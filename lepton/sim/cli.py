@@ -46,8 +46,11 @@ async def _sim(ns: argparse.Namespace) -> None:
         id_prefix=ns.id_prefix,
         first_index=ns.first_index,
         enrolment=(
-            Enrolment(ns.enroll, ns.claim, concurrency=ns.enroll_concurrency) if ns.enroll else None
+            Enrolment(ns.enroll, ns.claim, concurrency=ns.enroll_concurrency, ca_file=ns.ca_file)
+            if ns.enroll
+            else None
         ),
+        ca_file=ns.ca_file,
     )
     await enrol_devices(spec)
     devices = build_devices(spec)
@@ -100,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--claim", default=None, help="a multi-use claim (lepton devices enroll --uses N)"
     )
     sim.add_argument("--enroll-concurrency", type=int, default=16)
+    sim.add_argument(
+        "--ca-file",
+        type=Path,
+        default=None,
+        help="the fleet CA (PEM): enrolment verifies the coordinator with it, and each device"
+        " its broker and the coordinator (default: the CA enrolment hands out)",
+    )
     sim.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     sim.add_argument("--log-level", default="WARNING")
     return sim

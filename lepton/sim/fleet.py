@@ -66,6 +66,9 @@ class FleetSpec:
     # Each device enrols with this (multi-use) claim before it starts, unless it has an
     # identity already; its identity then gives its fleet and broker (see enrol_devices).
     enrolment: Enrolment | None = None
+    # The fleet CA each device verifies its broker (TLS) and the coordinator (HTTPS) with;
+    # None: the one in its identity (enrolment hands it out), else the system's.
+    ca_file: Path | None = None
 
 
 def _raise_fd_limit(needed: int) -> None:
@@ -152,6 +155,8 @@ def build_devices(spec: FleetSpec) -> list[VirtualDevice]:
                 "broker.host": spec.broker_host,
                 "broker.port": spec.broker_port,
             }
+        if spec.ca_file is not None:
+            overrides |= {"broker.ca_file": spec.ca_file, "fetch.ca_file": spec.ca_file}
         if device_id in data:
             overrides["data"] = data[device_id]
         config: AgentConfig = load_config(None, env={}, overrides=overrides)

@@ -28,11 +28,16 @@ def add_commands(top: Any) -> None:
     init.add_argument("--dir", required=True, help="where to write the files")
     init.add_argument("--fleet", required=True, help="the fleet's name (the coordinator's fleet)")
     init.add_argument("--coordinator-user", default="coordinator", help="its broker username")
-    init.add_argument("--port", type=int, default=1883, help="plain MQTT port (default 1883)")
+    init.add_argument(
+        "--port", type=int, default=1883, help="plain MQTT port (default 1883; 0: none, TLS only)"
+    )
     init.add_argument(
         "--bind", default="127.0.0.1", help="address of the plain listener ('' for all)"
     )
     init.add_argument("--tls-port", type=int, help="add a TLS listener on this port")
+    init.add_argument(
+        "--tls-bind", default="", help="address of the TLS listener (default: every interface)"
+    )
     init.add_argument("--cafile", default="", help="CA certificate (with --tls-port)")
     init.add_argument("--certfile", default="", help="broker certificate (with --tls-port)")
     init.add_argument("--keyfile", default="", help="broker key (with --tls-port)")
@@ -55,6 +60,7 @@ def cmd_broker_init(args: argparse.Namespace) -> int:
             port=args.port,
             bind=args.bind,
             tls_port=args.tls_port,
+            tls_bind=args.tls_bind,
             cafile=args.cafile,
             certfile=args.certfile,
             keyfile=args.keyfile,

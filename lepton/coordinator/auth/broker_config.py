@@ -126,9 +126,10 @@ class BrokerInit:
     directory: Path
     fleet: str
     coordinator_user: str = "coordinator"
-    port: int = 1883
+    port: int = 1883  # 0: no plain listener (then tls_port is needed)
     bind: str = "127.0.0.1"
     tls_port: int | None = None
+    tls_bind: str = ""  # address of the TLS listener ('': every interface, for devices)
     cafile: str = ""
     certfile: str = ""
     keyfile: str = ""
@@ -144,6 +145,8 @@ class BrokerInit:
         topics.validate_id(self.coordinator_user, what="coordinator user")
         if self.tls_port is not None and not (self.cafile and self.certfile and self.keyfile):
             raise ValueError("a TLS listener needs cafile, certfile and keyfile")
+        if self.port == 0 and self.tls_port is None:
+            raise ValueError("port 0 (no plain listener) needs a TLS listener (tls_port)")
 
     @property
     def conf_path(self) -> Path:
@@ -179,14 +182,14 @@ def mosquitto_conf(init: BrokerInit, plugin: str) -> str:
         "",
         "# Each listener repeats this (a per-listener option): the client id becomes the",
         "# username, so no client can take over another's session.",
-        f"listener {init.port} {init.bind}".rstrip(),
-        "use_username_as_clientid true",
     ]
+    if init.port:
+        lines += [f"listener {init.port} {init.bind}".rstrip(), "use_username_as_clientid true"]
     if init.tls_port is not None:
         lines += [
-            "",
+            *([""] if init.port else []),
             "# TLS listener for devices.",
-            f"listener {init.tls_port}",
+            f"listener {init.tls_port} {init.tls_bind}".rstrip(),
             "use_username_as_clientid true",
             f"cafile {Path(init.cafile).resolve()}",
             f"certfile {Path(init.certfile).resolve()}",

@@ -1,8 +1,9 @@
 """``lepton ca``: the fleet CA on this machine (see :mod:`lepton.coordinator.auth.pki`).
 
-``init`` makes ``ca.crt``/``ca.key`` and a server certificate (``server.crt``/``server.key``)
-for the broker and the API; ``issue-server`` and ``issue-client`` make more; ``sign-csr``
-signs a device's CSR by hand; ``fingerprint`` prints what devices pin at enrolment.
+``init`` makes ``ca.crt``/``ca.key`` and a server certificate (``server.crt``, followed by the
+CA's, and ``server.key``) for the broker and the API; ``issue-server`` and ``issue-client``
+make more; ``sign-csr`` signs a device's CSR by hand; ``fingerprint`` prints what devices pin
+at enrolment.
 """
 
 from __future__ import annotations
@@ -101,7 +102,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     ca = _pki(FleetCA.create, args.name, days=args.days)
     issued = _pki(ca.issue_server, sans)
     _pki(cafiles.save_ca, directory, ca, force=args.force)
-    cert, key = cafiles.save_issued(directory, "server", issued)
+    # The server presents the CA after its own certificate, so a device that pins the CA
+    # (`lepton-agent enroll --ca-sha256`) finds it in the chain it is shown.
+    cert, key = cafiles.save_issued(directory, "server", issued, chain=ca.cert_pem)
     _report(
         args,
         {
@@ -123,7 +126,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_issue_server(args: argparse.Namespace) -> int:
     ca = _pki(cafiles.load_ca, args.dir)
     issued = _pki(ca.issue_server, args.san, days=args.days)
-    cert, key = cafiles.save_issued(args.dir, args.out, issued)
+    cert, key = cafiles.save_issued(args.dir, args.out, issued, chain=ca.cert_pem)
     _report(args, {"cert": str(cert), "key": str(key), "sans": args.san}, [f"{cert}", f"{key}"])
     return EXIT_OK
 

@@ -54,9 +54,12 @@ def load_ca(directory: Path) -> FleetCA:
     return FleetCA.from_pem(cert, key)
 
 
-def save_issued(directory: Path, stem: str, issued: Issued) -> tuple[Path, Path]:
-    """``<stem>.crt`` and ``<stem>.key`` (0600); returns their paths."""
+def save_issued(
+    directory: Path, stem: str, issued: Issued, chain: bytes = b""
+) -> tuple[Path, Path]:
+    """``<stem>.crt`` (followed by ``chain``, PEM) and ``<stem>.key`` (0600); returns their
+    paths."""
     cert, key = directory / f"{stem}.crt", directory / f"{stem}.key"
     write_file(key, issued.key_pem, 0o600)
-    write_file(cert, issued.cert_pem, 0o644)
+    write_file(cert, issued.cert_pem + chain, 0o644)
     return cert, key

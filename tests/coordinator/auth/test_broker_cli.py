@@ -107,6 +107,7 @@ def test_init_refuses_to_overwrite_without_force(
         (["--fleet", "a/#"], "fleet may hold only"),
         (["--fleet", "f1", "--coordinator-user", "x y"], "coordinator user"),
         (["--fleet", "f1", "--tls-port", "8883"], "needs cafile, certfile and keyfile"),
+        (["--fleet", "f1", "--port", "0"], "needs a TLS listener"),
         (["--fleet", "f1", "--plugin", ""], None),
     ],
 )
@@ -140,6 +141,22 @@ def test_init_writes_a_tls_listener(tmp_path: Path) -> None:
     assert "use_username_as_clientid true" in tls
     for f in files:
         assert str(f) in tls
+
+
+def test_init_port_zero_writes_the_tls_listener_only(tmp_path: Path) -> None:
+    files = [tmp_path / n for n in ("ca.crt", "b.crt", "b.key")]
+    rc = main(
+        [
+            *("broker", "init", "--dir", str(tmp_path / "b"), "--fleet", "f1", "--port", "0"),
+            *("--tls-port", "8883", "--tls-bind", "127.0.0.1", "--run-as", getpass.getuser()),
+            *("--cafile", str(files[0]), "--certfile", str(files[1]), "--keyfile", str(files[2])),
+        ]
+    )
+    assert rc == 0
+    conf = (tmp_path / "b" / "mosquitto.conf").read_text()
+    listeners = [line for line in conf.splitlines() if line.startswith("listener ")]
+    assert listeners == ["listener 8883 127.0.0.1"]
+    assert conf.count("use_username_as_clientid true") == 1
 
 
 def test_password_hash_matches_mosquitto_ctrl_format(tmp_path: Path) -> None:

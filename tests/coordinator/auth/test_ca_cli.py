@@ -37,6 +37,10 @@ def test_init_makes_ca_and_server_cert_and_prints_the_fingerprint(
     assert stat.S_IMODE((d / "server.key").stat().st_mode) == 0o600
     sans = _sans(d / "server.crt")
     assert {"localhost", "127.0.0.1", socket.gethostname()} <= set(sans)
+    # The chain a server presents: its own certificate, then the CA (what a pin looks for).
+    leaf, ca = x509.load_pem_x509_certificates((d / "server.crt").read_bytes())
+    assert ca == x509.load_pem_x509_certificate((d / "ca.crt").read_bytes())
+    assert leaf.issuer == ca.subject
     # A second init keeps the CA; --force replaces it.
     assert main(["ca", "init", "--dir", str(d)]) == 1
     assert "already holds a CA" in capsys.readouterr().err
