@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
+from lepton.common.errors import LeptonError
 from lepton.protocol import topics
 
 CONTROL_TOPIC: Final = "$CONTROL/dynamic-security/v1"
@@ -132,7 +133,7 @@ def encode(commands: Iterable[dict[str, Any]], request_id: str) -> bytes:
     return json.dumps({"commands": tagged}, separators=(",", ":")).encode()
 
 
-class BadResponseError(ValueError):
+class BadResponseError(LeptonError, ValueError):
     """A message on the response topic is not the plugin's response shape."""
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import RowMapping, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from lepton.common.errors import LeptonError
 from lepton.coordinator.auth import tables as t
 from lepton.coordinator.errors import NotFoundError
 from lepton.coordinator.store.base import StoreBase, rowcount
@@ -68,7 +69,7 @@ class Enrolled:
     revoked_at: float | None
 
 
-class EnrolmentRefusedError(Exception):
+class EnrolmentRefusedError(LeptonError):
     """A store-level refusal: ``reason`` is one of the contract's refusal reasons."""
 
     def __init__(self, reason: str) -> None:

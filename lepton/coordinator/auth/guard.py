@@ -39,6 +39,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from lepton.common.errors import LeptonError
 from lepton.coordinator.api.limits import discard_body
 from lepton.coordinator.auth import credentials
 from lepton.coordinator.auth.metrics import AuthMetrics
@@ -100,7 +101,7 @@ def requirement_of(route: BaseRoute) -> Requirement | None:
     return None
 
 
-class RefusedError(Exception):
+class RefusedError(LeptonError):
     def __init__(self, status: int, reason: str, detail: str, scope: str | None = None) -> None:
         self.status, self.reason, self.detail, self.scope = status, reason, detail, scope
         super().__init__(detail)

@@ -16,7 +16,11 @@ from lepton.coordinator.service import Coordinator
 from lepton.protocol import routes
 
 #: Open to everyone by design: the health check and the API's own description.
-PUBLIC = frozenset({routes.HEALTH, "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+# The enrolment route is open to the guard: the claim in its Authorization header is its
+# credential, checked by the route (tests/coordinator/auth/test_enrolment.py).
+PUBLIC = frozenset(
+    {routes.HEALTH, routes.ENROLL, "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+)
 #: What the guard answers with (the route's own refusals have other reasons).
 GUARD_REASONS = frozenset(
     {
