@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import datetime
 import platform
+import ssl
 import statistics
 import tempfile
 import time
@@ -91,7 +92,7 @@ async def _run(reads: int, writes: int, rounds: int) -> dict[str, dict[str, floa
                     "http.tls_key_file": str(root / "server.key"),
                 },
                 True,
-                str(ca_file),
+                ssl.create_default_context(cafile=str(ca_file)),
             ),
         }
         samples: dict[str, list[dict[str, float]]] = {k: [] for k in variants}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import ssl
 import stat
 from collections.abc import Mapping
 from pathlib import Path
@@ -88,7 +89,7 @@ def client_of(args: Any) -> ApiClient:
         api_url(getattr(args, "api", None)),
         timeout=getattr(args, "timeout", 10.0),
         token=api_token(getattr(args, "token", None)),
-        verify=ca if ca else True,
+        verify=ssl.create_default_context(cafile=ca) if ca else True,
     )
 
 
