@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
-import httpx
 import pytest
 from cryptography import x509
 
@@ -28,6 +27,7 @@ from lepton.coordinator.runtime.mqtt import MqttLink
 from lepton.coordinator.service import Coordinator
 from tests.coordinator.conftest import eventually
 from tests.integration.conftest import StartAgent
+from tests.support.api import api_client
 from tests.support.broker import Broker, free_port
 from tests.support.pki import Fleet, make_fleet, tls_listener
 
@@ -200,7 +200,7 @@ async def test_fleet_over_tls_devices_by_certificate(
     ) as coord:
         agents(0, "pi-a", broker=broker_section("pi-a", "pi-a"))
         agents(0, "pi-b", broker=broker_section("pi-b", "pi-z"))  # a certificate for pi-z
-        async with httpx.AsyncClient(base_url=str(coord.api_url), timeout=10) as api:
+        async with api_client(coord, timeout=10) as api:
 
             async def state(device_id: str) -> str | None:
                 resp = await api.get(f"/v1/devices/{device_id}")
