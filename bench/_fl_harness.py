@@ -122,6 +122,9 @@ class Harness:
                     "data_dir": str(self.root / "coordinator"),
                     "fl.eval_dir": str(self.root),  # the fleets' evaluation sets
                     "mqtt.port": broker.port,
+                    # The private broker has no dynamic security plugin: devices enrol for
+                    # their own HTTP tokens; their broker accounts are not made.
+                    "mqtt.accounts": "none",
                     "http.port": 0,
                     "database.sqlite_synchronous": "normal",
                     "registry.flush_interval_s": 0.05,
@@ -141,8 +144,10 @@ class Harness:
     async def fleet(
         self, label: str, mix: dict[str, float], *, adversarial: int = 0
     ) -> AsyncIterator[list[Any]]:
-        """Start ``--devices`` virtual devices; stop them (gracefully) at the end."""
-        from lepton.sim.fleet import FleetSpec, build_devices, run_fleet
+        """Start ``--devices`` virtual devices, each enrolled first with one multi-use claim
+        (its own identity, as a real device has); stop them (gracefully) at the end."""
+        from lepton.sim.enrol import Enrolment
+        from lepton.sim.fleet import FleetSpec, build_devices, enrol_devices, run_fleet
 
         self._fleets += 1
         spec = FleetSpec(
@@ -156,7 +161,9 @@ class Harness:
             capacity_interval=1.0,
             id_prefix=label,
             adversarial=adversarial,
+            enrolment=Enrolment(self.api, await self._claim(self.s.devices)),
         )
+        await enrol_devices(spec)
         devices = build_devices(spec)
         stop = asyncio.Event()
         task = asyncio.create_task(run_fleet(devices, stop))
@@ -167,6 +174,19 @@ class Harness:
             stop.set()
             await task
             await asyncio.sleep(1.0)  # their offline states land before the next fleet
+
+    async def _claim(self, uses: int) -> str:
+        """A fresh enrolment claim good for ``uses`` devices (``POST /v1/claims``)."""
+        import httpx
+
+        from lepton.protocol import routes
+
+        async with httpx.AsyncClient(base_url=self.api, headers=self.headers) as api:
+            r = await api.post(routes.CLAIMS, json={"uses": uses, "expires_in_s": 3600.0})
+        if r.status_code != 201:
+            raise RuntimeError(f"the coordinator made no claim: {r.status_code} {r.text}")
+        token: str = r.json()["claims"][0]["token"]
+        return token
 
     async def _wait_devices(self, prefix: str, n: int) -> None:
         import httpx

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from lepton.coordinator.auth.enrolment_store import EnrolmentStore
 from lepton.coordinator.service import Coordinator
 from tests.coordinator.conftest import api_client, eventually
 from tests.integration.conftest import StartAgent
@@ -23,7 +24,8 @@ async def test_devices_tasks_offline_and_reassignment(
 ) -> None:
     async with make_coordinator() as coord:
         port = coord.config.mqtt.port
-        procs = {d: agents(port, d) for d in ("pi-a", "pi-b")}
+        # Each enrols first, as a real device does: it runs with its own identity.
+        procs = {d: agents(port, d, coordinator=coord) for d in ("pi-a", "pi-b")}
         async with api_client(coord, timeout=10) as api:
 
             async def devices() -> dict[str, Any]:
@@ -41,6 +43,8 @@ async def test_devices_tasks_offline_and_reassignment(
             await eventually(online, timeout=30, interval=0.2)
             devs = await devices()
             assert devs["pi-a"]["capacity"]["slots_total"] == 2
+            enrolled = EnrolmentStore(coord.store.engine)
+            assert all(enrolled.identity(d) is not None for d in procs)
 
             # Tasks flow end to end and are spread over both devices.
             ids = []

@@ -25,7 +25,7 @@ from lepton.coordinator.model_registry.registry import ModelRegistry
 from lepton.coordinator.service import Coordinator
 from lepton.models.data import digits_splits
 from tests.coordinator.conftest import eventually
-from tests.support.api import api_client
+from tests.support.api import api_client, enrol_devices
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "lepton" / "models" / "artifacts"
@@ -36,6 +36,7 @@ pytestmark = pytest.mark.slow
 
 @contextlib.asynccontextmanager
 async def agent(port: int, state: Path, device_id: str, coordinator: str) -> AsyncIterator[Agent]:
+    """An in-process agent run as ``device_id`` (enrolled already: its identity in ``state``)."""
     config = load_config(
         None,
         env={},
@@ -103,6 +104,7 @@ async def test_quantize_register_deploy_infer_and_refuse_corrupt(
         assert int8.precision == "int8"
         assert published.report.drop_points <= 1.0
         assert coord.api_url is not None
+        await enrol_devices(coord, {"edge-a": tmp_path / "a", "edge-b": tmp_path / "b"})
         async with (
             api_client(coord, timeout=10) as api,
             agent(coord.config.mqtt.port, tmp_path / "a", "edge-a", coord.api_url),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from typing import Any
 
 import aiomqtt
 
+from lepton.agent.identity import identity_path
 from lepton.protocol import topics
 from lepton.protocol.codec import decode, encode
 from lepton.protocol.errors import DecodeError
@@ -264,23 +266,43 @@ def write_agent_config(
     return path
 
 
+@dataclass(frozen=True, slots=True)
+class Enrol:
+    """Where an agent enrols (the coordinator's URL), with which claim, and the state
+    directory its identity goes to (the config's ``agent.state_dir``)."""
+
+    url: str
+    claim: str
+    state_dir: Path
+
+
 @dataclass
 class AgentProcess:
-    """A real ``lepton-agent run`` process (``module``: another entry point with that CLI)."""
+    """A real ``lepton-agent run`` process (``module``: another entry point with that CLI).
+    With ``enrol``, the process first runs ``lepton-agent enroll`` (once: not when its state
+    directory holds an identity), so it runs as an enrolled device; its log says why not."""
 
     config_path: Path
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     env: dict[str, str] = field(default_factory=dict)
     module: str = "lepton.agent"
+    enrol: Enrol | None = None
 
     def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("LEPTON_")}
         env.update(self.env)
         env["PYTHONPATH"] = str(REPO)
         self._log = self.log_path.open("ab")
+        run = [sys.executable, "-m", self.module, "run", "--config", str(self.config_path)]
+        if self.enrol is not None and not identity_path(self.enrol.state_dir).exists():
+            # Enrolled by the child, not here: the coordinator that answers may run on the
+            # test's own event loop, which a blocking call would stall.
+            enroll = [sys.executable, "-m", "lepton.agent", "enroll", self.enrol.url]
+            enroll += [self.enrol.claim, "--config", str(self.config_path)]
+            run = ["sh", "-c", f"{shlex.join(enroll)} && exec {shlex.join(run)}"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", self.module, "run", "--config", str(self.config_path)],
+            run,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,

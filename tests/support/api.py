@@ -10,6 +10,12 @@ coordinator's own database:
   with the header set;
 - :class:`Endpoint`: a URL and a token, for coordinators that run as a subprocess (what
   :func:`api_client` and the polling helpers accept besides a :class:`Coordinator`);
+- :func:`new_claim`: an enrolment claim made through the API (``POST /v1/claims``), what
+  test devices exchange for their own identity;
+- :func:`stored_claim`: the same made on the coordinator's database (where the caller cannot
+  wait on its API: a synchronous fixture beside an in-process coordinator);
+- :func:`enrol_devices`: devices (ids and state directories) enrolled with that claim, each
+  then holding its own identity in its state directory, as ``lepton-agent enroll`` leaves it;
 - :func:`guarded`: an app a test assembles from routers, behind the same guard.
 
 ``target`` is a running :class:`Coordinator`, a :class:`Store`, an ``Engine`` or a database
@@ -18,10 +24,12 @@ URL (the subprocess's ``--database``).
 
 from __future__ import annotations
 
+import time
 import uuid
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -31,11 +39,14 @@ from sqlalchemy import Engine, create_engine
 from starlette.routing import Route
 
 from lepton.coordinator.auth import credentials, tables
+from lepton.coordinator.auth.enrolment_store import EnrolmentStore
 from lepton.coordinator.auth.guard import Authenticator, AuthGuard
 from lepton.coordinator.auth.metrics import AuthMetrics
 from lepton.coordinator.auth.store import AuthStore
 from lepton.coordinator.service import Coordinator
 from lepton.coordinator.store import Store
+from lepton.protocol import routes
+from lepton.sim.enrol import Device, Enrolment, enrol_fleet
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +142,54 @@ def api_client(
 ) -> httpx.AsyncClient:
     """An ``httpx.AsyncClient`` on ``c``'s API carrying an operator token with ``scopes``."""
     return endpoint(c, scopes).client(**kw)
+
+
+async def new_claim(
+    c: Coordinator | Endpoint, *, uses: int = 1, expires_in_s: float = 3600.0, **body: Any
+) -> str:
+    """A fresh enrolment claim of ``c``, good for ``uses`` devices, made over its API by an
+    operator with ``devices:write`` (``body``: further :class:`ClaimsIn` fields)."""
+    async with api_client(c, ("devices:write",)) as client:
+        r = await client.post(
+            routes.CLAIMS, json={"uses": uses, "expires_in_s": expires_in_s, **body}
+        )
+    if r.status_code != 201:
+        raise AssertionError(f"claim refused: {r.status_code} {r.text}")
+    token: str = r.json()["claims"][0]["token"]
+    return token
+
+
+def stored_claim(target: Target, *, uses: int = 1, expires_in_s: float = 3600.0) -> str:
+    """A fresh enrolment claim good for ``uses`` devices, written on ``target``'s database
+    as ``POST /v1/claims`` writes one (its hash only; the token returned)."""
+    token = credentials.new("claim")
+    row = {
+        "name": f"claim-{uuid.uuid4().hex[:12]}",
+        "token_hash": credentials.digest(token),
+        "created_by": "test",
+        "expires_at": time.time() + expires_in_s,
+        "max_uses": uses,
+        "device_class": None,
+        "device_group": None,
+    }
+    if isinstance(target, str):
+        engine = create_engine(target)
+        try:
+            EnrolmentStore(engine).create_claims([row])
+        finally:
+            engine.dispose()
+    else:
+        EnrolmentStore(_engine_of(target)).create_claims([row])
+    return token
+
+
+async def enrol_devices(c: Coordinator | Endpoint, devices: Mapping[str, Path]) -> None:
+    """Enrol each device (``{device id: its agent.state_dir}``) with ``c`` through one claim
+    made for them all; an agent config naming that state directory then runs as the device."""
+    claim = await new_claim(c, uses=len(devices))
+    await enrol_fleet(
+        Enrolment(endpoint(c).url, claim), [Device(i, state) for i, state in devices.items()]
+    )
 
 
 def guarded(engine: Engine, *routers: APIRouter, public: frozenset[str] = frozenset()) -> AuthGuard:

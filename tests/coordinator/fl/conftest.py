@@ -17,7 +17,7 @@ from lepton.coordinator.service import Coordinator
 from lepton.sim.device import VirtualDevice
 from lepton.sim.enrol import Enrolment
 from lepton.sim.fleet import FleetSpec, build_devices, enrol_devices
-from tests.support.api import Endpoint, api_client
+from tests.support.api import Endpoint, api_client, endpoint, new_claim
 from tests.support.broker import Broker
 
 FAST_MIX: dict[str, float] = {"x86-gateway": 1.0, "jetson-orin-nano": 1.0}
@@ -72,10 +72,12 @@ class SimFleet:
 
 
 class FleetMaker:
-    """``sim_fleet(devices=4, mix=..., **spec)``: a started fleet with digits partitions;
-    ``await sim_fleet.enrolled(url, claim, devices=4, ...)``: the same, each device enrolled
-    first with the (multi-use) claim, so it runs with its own identity (fleet, broker
-    account, HTTP token) as a real device would."""
+    """``await sim_fleet(c, devices=4, mix=..., **spec)``: a started fleet with digits
+    partitions whose devices first enrolled with coordinator ``c`` (a running
+    :class:`Coordinator` or an :class:`Endpoint`), each with its own identity (broker account,
+    HTTP token) from one multi-use claim made through ``c``'s API, as real devices would.
+    ``await sim_fleet.enrolled(url, claim, ...)``: the same with a given URL and claim;
+    ``sim_fleet.unenrolled(...)``: devices with no identity (tests of the fixture itself)."""
 
     def __init__(self, broker: Broker, tmp_path: Path) -> None:
         self.broker = broker
@@ -101,7 +103,18 @@ class FleetMaker:
         self.fleets.append(fleet)
         return fleet
 
-    def __call__(
+    async def __call__(
+        self,
+        c: Coordinator | Endpoint,
+        devices: int = 4,
+        *,
+        mix: Mapping[str, float] | None = None,
+        **kw: Any,
+    ) -> SimFleet:
+        claim = await new_claim(c, uses=devices)
+        return await self.enrolled(endpoint(c).url, claim, devices, mix=mix, **kw)
+
+    def unenrolled(
         self, devices: int = 4, *, mix: Mapping[str, float] | None = None, **kw: Any
     ) -> SimFleet:
         return self._start(self._spec(devices, mix, **kw))

@@ -24,5 +24,5 @@ async def test_an_enrolled_sim_fleet_runs_with_its_identities(
             await sink.wait(
                 lambda: all(sink.state_of(i) == "online" for i in fleet.ids), 20, "online"
             )
-        plain = sim_fleet(devices=2, id_prefix="plain")
+        plain = sim_fleet.unenrolled(devices=2, id_prefix="plain")
         assert all(d.config.fetch.http_token is None for d in plain.devices.values())

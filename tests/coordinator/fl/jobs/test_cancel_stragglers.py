@@ -13,7 +13,7 @@ from lepton.coordinator.service import Coordinator
 from lepton.coordinator.store import IN_FLIGHT, TaskRecord
 from tests.coordinator.conftest import eventually
 from tests.coordinator.fl.conftest import (
-    SimFleet,
+    FleetMaker,
     digits_job,
     ended,
     wait_for_devices,
@@ -31,14 +31,14 @@ def job_tasks(c: Coordinator, job_id: str) -> dict[str, TaskRecord]:
 
 
 async def test_a_closed_round_leaves_no_straggler_training(
-    make_coordinator: MakeCoordinator, sim_fleet: Callable[..., SimFleet]
+    make_coordinator: MakeCoordinator, sim_fleet: FleetMaker
 ) -> None:
     """Two fast devices and a Raspberry Pi 5, all three asked, two updates needed: round 1
     closes on the fast ones while the Pi still trains (as in the late-update test). Its task
     is cancelled as the round closes; the Pi stops training and uploads nothing."""
-    fleet = sim_fleet(3, mix={"x86-gateway": 2.0, "rpi5": 1.0}, host_gflops=32.0)
-    pi = next(d for d in fleet.ids if "rpi5" in d)
     async with make_coordinator() as c:
+        fleet = await sim_fleet(c, 3, mix={"x86-gateway": 2.0, "rpi5": 1.0}, host_gflops=32.0)
+        pi = next(d for d in fleet.ids if "rpi5" in d)
         assert c.api_url is not None
         await wait_for_devices(c, 3)
         body = digits_job(
@@ -89,12 +89,12 @@ async def test_a_closed_round_leaves_no_straggler_training(
 
 
 async def test_a_stopped_job_cancels_its_tasks(
-    make_coordinator: MakeCoordinator, sim_fleet: Callable[..., SimFleet]
+    make_coordinator: MakeCoordinator, sim_fleet: FleetMaker
 ) -> None:
     """Slow devices keep round 1 open; a stop cancels the round and every train task of the
     job, and the devices stop training (each answers with a cancelled result)."""
-    fleet = sim_fleet(2, mix={"rpi4": 1.0})
     async with make_coordinator() as c:
+        fleet = await sim_fleet(c, 2, mix={"rpi4": 1.0})
         assert c.api_url is not None
         await wait_for_devices(c, 2)
         body = digits_job(fleet.eval_path, clients_per_round=2, epochs=30, deadline_s=120.0)

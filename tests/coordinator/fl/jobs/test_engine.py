@@ -19,7 +19,7 @@ from lepton.coordinator.model_registry.registry import ModelRegistry
 from lepton.coordinator.service import Coordinator
 from lepton.models.data import digits_splits
 from tests.coordinator.fl.conftest import (
-    SimFleet,
+    FleetMaker,
     digits_job,
     ended,
     run_job,
@@ -34,10 +34,10 @@ CONVERGED_ACCURACY = 0.85
 
 
 async def test_short_job_converges_and_registers_an_onnx_model(
-    make_coordinator: MakeCoordinator, sim_fleet: Callable[..., SimFleet], tmp_path: Path
+    make_coordinator: MakeCoordinator, sim_fleet: FleetMaker, tmp_path: Path
 ) -> None:
-    fleet = sim_fleet(4)
     async with make_coordinator() as c:
+        fleet = await sim_fleet(c, 4)
         assert c.api_url is not None
         await wait_for_devices(c, 4)
         async with api_client(c) as api:
@@ -90,13 +90,13 @@ async def test_short_job_converges_and_registers_an_onnx_model(
 
 
 async def test_wait_for_forced_counts_the_device_the_floor_forced_in(
-    make_coordinator: MakeCoordinator, sim_fleet: Callable[..., SimFleet]
+    make_coordinator: MakeCoordinator, sim_fleet: FleetMaker
 ) -> None:
     """Two fast devices and a Raspberry Pi 4; one update needed, two asked. Round 2's
     staleness floor forces the Pi in (never chosen); with ``wait_for_forced`` the round waits
     for it, so the Pi's update counts instead of the round closing on the fast device."""
-    fleet = sim_fleet(3, mix={"x86-gateway": 2.0, "rpi4": 1.0})
     async with make_coordinator() as c:
+        fleet = await sim_fleet(c, 3, mix={"x86-gateway": 2.0, "rpi4": 1.0})
         assert c.api_url is not None
         await wait_for_devices(c, 3)
         body = digits_job(
@@ -121,7 +121,7 @@ async def test_wait_for_forced_counts_the_device_the_floor_forced_in(
 
 @pytest.mark.parametrize("policy", ["drop", "fold"])
 async def test_late_updates_are_lost_or_folded_into_a_later_round(
-    make_coordinator: MakeCoordinator, sim_fleet: Callable[..., SimFleet], policy: str
+    make_coordinator: MakeCoordinator, sim_fleet: FleetMaker, policy: str
 ) -> None:
     """Two fast devices and a Raspberry Pi 5, all three asked, two updates needed: round 1
     closes on the fast ones while the Pi still trains. Its work is then lost (``drop``), or
@@ -129,9 +129,9 @@ async def test_late_updates_are_lost_or_folded_into_a_later_round(
     for a 32 GFLOP/s one: the gateways work at its speed, the Pi (16) takes twice as long, so
     its update comes about two rounds late, well inside ``max_rounds``, however loaded the
     host is."""
-    fleet = sim_fleet(3, mix={"x86-gateway": 2.0, "rpi5": 1.0}, host_gflops=32.0)
-    pi = next(d for d in fleet.ids if "rpi5" in d)
     async with make_coordinator() as c:
+        fleet = await sim_fleet(c, 3, mix={"x86-gateway": 2.0, "rpi5": 1.0}, host_gflops=32.0)
+        pi = next(d for d in fleet.ids if "rpi5" in d)
         assert c.api_url is not None
         await wait_for_devices(c, 3)
         body = digits_job(
@@ -174,13 +174,13 @@ async def test_late_updates_are_lost_or_folded_into_a_later_round(
 
 
 async def test_stop_cancels_the_open_round(
-    make_coordinator: MakeCoordinator, sim_fleet: Callable[..., SimFleet]
+    make_coordinator: MakeCoordinator, sim_fleet: FleetMaker
 ) -> None:
     """Slow devices (Raspberry Pi 4 profiles, 30 local epochs) keep round 1 open for many
     seconds; a stop then cancels it, and a job stopped in its first round registers no
     model (there are no aggregated weights to register)."""
-    fleet = sim_fleet(2, mix={"rpi4": 1.0})
     async with make_coordinator() as c:
+        fleet = await sim_fleet(c, 2, mix={"rpi4": 1.0})
         assert c.api_url is not None
         await wait_for_devices(c, 2)
         body = digits_job(fleet.eval_path, clients_per_round=2, epochs=30, deadline_s=120.0)
@@ -189,7 +189,7 @@ async def test_stop_cancels_the_open_round(
             assert r.status_code == 201, r.text
             job_id = r.json()["id"]
             await wait_job(
-                c.api_url,
+                c,
                 job_id,
                 lambda j: bool(j["history"]) and j["history"][-1]["state"] == "open",
                 timeout=30,
@@ -202,10 +202,10 @@ async def test_stop_cancels_the_open_round(
 
 
 async def test_cli_start_status_stop(
-    make_coordinator: MakeCoordinator, sim_fleet: Callable[..., SimFleet], tmp_path: Path
+    make_coordinator: MakeCoordinator, sim_fleet: FleetMaker, tmp_path: Path
 ) -> None:
-    fleet = sim_fleet(3)
     async with make_coordinator() as c:
+        fleet = await sim_fleet(c, 3)
         assert c.api_url is not None
         await wait_for_devices(c, 3)
         job_file = tmp_path / "job.toml"
