@@ -105,6 +105,7 @@ class Harness:
         self.s = settings
         self.coordinator: Any = None
         self.api = ""
+        self.headers: dict[str, str] = {}
         self._fleets = 0
 
     @contextlib.asynccontextmanager
@@ -121,6 +122,9 @@ class Harness:
                     "data_dir": str(self.root / "coordinator"),
                     "fl.eval_dir": str(self.root),  # the fleets' evaluation sets
                     "mqtt.port": broker.port,
+                    # The private broker has no dynamic security plugin: devices enrol for
+                    # their own HTTP tokens; their broker accounts are not made.
+                    "mqtt.accounts": "none",
                     "http.port": 0,
                     "database.sqlite_synchronous": "normal",
                     "registry.flush_interval_s": 0.05,
@@ -133,14 +137,17 @@ class Harness:
                 await c.link.wait_connected(10)
                 self.coordinator = c
                 self.api = c.api_url or ""
+                self.headers = {"Authorization": f"Bearer {operator_token(c)}"}
                 yield self
 
     @contextlib.asynccontextmanager
     async def fleet(
         self, label: str, mix: dict[str, float], *, adversarial: int = 0
     ) -> AsyncIterator[list[Any]]:
-        """Start ``--devices`` virtual devices; stop them (gracefully) at the end."""
-        from lepton.sim.fleet import FleetSpec, build_devices, run_fleet
+        """Start ``--devices`` virtual devices, each enrolled first with one multi-use claim
+        (its own identity, as a real device has); stop them (gracefully) at the end."""
+        from lepton.sim.enrol import Enrolment
+        from lepton.sim.fleet import FleetSpec, build_devices, enrol_devices, run_fleet
 
         self._fleets += 1
         spec = FleetSpec(
@@ -154,7 +161,9 @@ class Harness:
             capacity_interval=1.0,
             id_prefix=label,
             adversarial=adversarial,
+            enrolment=Enrolment(self.api, await self._claim(self.s.devices)),
         )
+        await enrol_devices(spec)
         devices = build_devices(spec)
         stop = asyncio.Event()
         task = asyncio.create_task(run_fleet(devices, stop))
@@ -166,10 +175,23 @@ class Harness:
             await task
             await asyncio.sleep(1.0)  # their offline states land before the next fleet
 
+    async def _claim(self, uses: int) -> str:
+        """A fresh enrolment claim good for ``uses`` devices (``POST /v1/claims``)."""
+        import httpx
+
+        from lepton.protocol import routes
+
+        async with httpx.AsyncClient(base_url=self.api, headers=self.headers) as api:
+            r = await api.post(routes.CLAIMS, json={"uses": uses, "expires_in_s": 3600.0})
+        if r.status_code != 201:
+            raise RuntimeError(f"the coordinator made no claim: {r.status_code} {r.text}")
+        token: str = r.json()["claims"][0]["token"]
+        return token
+
     async def _wait_devices(self, prefix: str, n: int) -> None:
         import httpx
 
-        async with httpx.AsyncClient(base_url=self.api) as api:
+        async with httpx.AsyncClient(base_url=self.api, headers=self.headers) as api:
             async with asyncio.timeout(60):
                 while True:
                     devices = (await api.get("/v1/devices", params={"state": "online"})).json()
@@ -211,7 +233,7 @@ class Harness:
         import httpx
 
         started = time.perf_counter()
-        async with httpx.AsyncClient(base_url=self.api, timeout=30) as api:
+        async with httpx.AsyncClient(base_url=self.api, timeout=30, headers=self.headers) as api:
             r = await api.post("/v1/fl/jobs", json=body)
             r.raise_for_status()
             job_id = r.json()["id"]
@@ -276,3 +298,16 @@ def central_reference(s: Settings, eval_path: Path | None = None) -> dict[str, A
 
 
 FAST = {"x86-gateway": 0.5, "jetson-orin-nano": 0.5}
+
+
+def operator_token(c: Any) -> str:
+    """An operator token (scope admin) made on the in-process coordinator's database, as
+    ``lepton tokens create`` makes one."""
+    from lepton.coordinator.auth import credentials
+    from lepton.coordinator.auth.store import AuthStore
+
+    token = credentials.new("operator")
+    AuthStore(c.store.engine).create_token(
+        "bench-fl", credentials.digest(token), ["admin"], created_by="bench"
+    )
+    return token

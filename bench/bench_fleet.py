@@ -30,6 +30,7 @@ for what the coordinator adds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -208,11 +209,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             fleet_processes=args.processes,
             tuned=False,
             host_gflops=50.0,
+            # The bare subscriber below is the baseline: an anonymous observer of every
+            # device's topics, which a broker with an account per client would refuse.
+            broker_accounts=False,
         )
-        with Stack(spec) as stack, httpx.Client(base_url="http://x", timeout=30) as api:
+        with Stack(spec) as stack, contextlib.ExitStack() as scope:
             stack.start_broker()
             stack.start_coordinator()
-            api.base_url = httpx.URL(stack.api_url)
+            # HTTPS verified with the stack's fleet CA, with its operator token.
+            api = scope.enter_context(
+                httpx.Client(
+                    base_url=stack.api_url, timeout=30, headers=stack.headers, verify=stack.verify
+                )
+            )
             assert stack.broker is not None
             ready, stop, out = ctx.Event(), ctx.Event(), ctx.Queue()
             watcher = ctx.Process(target=bare_watcher, args=(stack.broker.port, ready, stop, out))

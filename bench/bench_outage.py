@@ -24,6 +24,7 @@ against it, and "lost" is the time added beyond the outage itself.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -122,11 +123,16 @@ def scenario(
             capacity_interval_s=args.interval,
             data=None,
         )
-        with Stack(spec) as stack, httpx.Client(timeout=10) as api:
+        with Stack(spec) as stack, contextlib.ExitStack() as scope:
             stack.start_broker()
             stack.start_coordinator()
             stack.start_fleet()
-            api.base_url = httpx.URL(stack.api_url)
+            # HTTPS verified with the stack's fleet CA, with its operator token.
+            api = scope.enter_context(
+                httpx.Client(
+                    base_url=stack.api_url, timeout=10, headers=stack.headers, verify=stack.verify
+                )
+            )
 
             def health() -> dict[str, Any]:
                 return dict(api.get("/v1/health").json())

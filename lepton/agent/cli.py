@@ -1,4 +1,4 @@
-"""``lepton-agent``: run the daemon, probe the device, print the version."""
+"""``lepton-agent``: run the daemon, enrol the device, probe it, print the version."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from lepton.agent import __version__
+from lepton.agent import __version__, enrol_cmd
 from lepton.agent.config import AgentConfig, cli_options, load_config
 from lepton.common.errors import ConfigError
 
@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--config", type=Path, default=None)
     probe.add_argument("--refresh", action="store_true", help="ignore the cached figures")
     probe.add_argument("--agent-state-dir", dest="agent.state_dir", default=None)
+    enrol_cmd.add_parser(sub)
     sub.add_parser("version", help="print the agent version")
     return parser
 
@@ -105,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command == "version":
         print(__version__)
         return 0
+    if ns.command == "enroll":
+        return enrol_cmd.run(ns)
     try:
         if ns.command == "probe":
             overrides = {"agent.state_dir": getattr(ns, "agent.state_dir")}

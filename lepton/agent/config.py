@@ -24,6 +24,8 @@ from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
+from lepton.agent import identity as ident
+from lepton.agent.inference import access  # the standard library only: config stays light
 from lepton.agent.origins import OriginError, Origins
 from lepton.common import settings
 from lepton.common.errors import ConfigError
@@ -37,6 +39,8 @@ DEFAULT_CONFIG_PATH: Final = Path("/etc/lepton/agent.toml")
 CONFIG_ENV: Final = "LEPTON_CONFIG"
 DATA_SECTION: Final = "data"
 _SOURCE_NAME_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
+#: Keys with no CLI flag: secrets, which a flag would show in the process list.
+_NO_FLAG: Final = frozenset({"endpoint.token", "fetch.http_token"})
 
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 Positive = Annotated[float, msgspec.Meta(gt=0)]
@@ -60,7 +64,9 @@ class DeviceConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BrokerConfig:
-    """``[broker]``: the MQTT connection."""
+    """``[broker]``: the MQTT connection. With ``tls``, the broker must present a certificate
+    for ``host`` that ``ca_file`` (else the system's trust store) signed; ``cert_file`` and
+    ``key_file`` are this device's client certificate where the broker asks for one."""
 
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(gt=0, le=65535)] = 1883
@@ -144,24 +150,106 @@ class FetchConfig:
 
     coordinator_url: str | None = None
     origins: tuple[str, ...] = ()
+    # The CA that HTTPS origins must chain to (the fleet CA from enrolment); unset: the
+    # system's trust store. Checked with the host name; a mismatch is refused, never retried.
+    ca_file: Path | None = None
+    # This device's token (from enrolment, or LEPTON_FETCH_HTTP_TOKEN): sent as
+    # ``Authorization: Bearer`` to the coordinator's origin only, never to fetch.origins.
+    http_token: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EndpointConfig:
-    """``[endpoint]``: the local inference API; off unless a port or a socket is set."""
+    """``[endpoint]``: the local inference API; off unless a port or a socket is set.
+
+    TCP listens on loopback only unless ``allow_remote`` (which then needs a token); the
+    Unix socket gets ``socket_mode`` and ``socket_group``; a token (``token_file``, or
+    ``LEPTON_ENDPOINT_TOKEN``) makes every route but health ask for ``Bearer <token>``.
+    The checks are in :mod:`lepton.agent.inference.access`.
+    """
 
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None  # 0: any free port
+    # A host that is not loopback is refused unless this is set (and a token is configured).
+    allow_remote: bool = False
     socket: Path | None = None
+    # Octal: "0660" (a string) or 0o660 (a TOML octal); normalised to the int bits.
+    socket_mode: int | str = 0o660
+    # A group name or gid; unset: the agent's own (effective) group.
+    socket_group: str | int | None = None
+    # A file holding the bearer token, readable by its owner only (mode 0600 or 0400).
+    token_file: Path | None = None
+    # The token itself, from the environment only (LEPTON_ENDPOINT_TOKEN): never in a file.
+    token: str | None = field(default=None, repr=False)
+    # Whether GET /v1/health answers without the token (status only, no model names).
+    open_health: bool = True
     max_body_bytes: PositiveInt = 16 * 1024 * 1024
     concurrency: PositiveInt = 2
     max_connections: PositiveInt = 64
     # Seconds a request (the wait for it, headers and body together) may take to arrive.
     request_timeout_s: Positive = 10.0
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "socket_mode", access.parse_socket_mode(self.socket_mode))
+        if self.socket_group is not None:
+            access.resolve_group(self.socket_group)  # a group that does not exist: refused
+        if self.token is not None and self.token_file is not None:
+            raise ConfigError(
+                "endpoint.token and endpoint.token_file are both set; keep one",
+                key="endpoint.token",
+            )
+        if self.token is not None:
+            access.check_token(self.token, "endpoint.token")
+        if self.token_file is not None:
+            access.read_token_file(self.token_file)  # refused now, not at the first request
+        if self.port is not None and not self.allow_remote:
+            wide = access.non_loopback_addresses(self.host, self.port)
+            if wide:
+                raise ConfigError(
+                    f"endpoint.host: {self.host!r} is not a loopback address "
+                    f"({', '.join(wide)}); the endpoint listens on 127.0.0.1, ::1 or "
+                    "localhost unless endpoint.allow_remote = true (which also needs "
+                    "endpoint.token_file or LEPTON_ENDPOINT_TOKEN)",
+                    key="endpoint.host",
+                )
+        if self.allow_remote and self.port is not None and not self.has_token:
+            raise ConfigError(
+                "endpoint.allow_remote needs a token: set endpoint.token_file "
+                "(or LEPTON_ENDPOINT_TOKEN)",
+                key="endpoint.allow_remote",
+            )
+        if self.socket is not None and self.mode & 0o002 and not self.has_token:
+            raise ConfigError(
+                f"endpoint.socket_mode {self.mode:04o} lets every local user connect; "
+                "that needs a token (endpoint.token_file or LEPTON_ENDPOINT_TOKEN)",
+                key="endpoint.socket_mode",
+            )
+
     @property
     def enabled(self) -> bool:
         return self.port is not None or self.socket is not None
+
+    @property
+    def mode(self) -> int:
+        """``socket_mode`` as permission bits."""
+        return int(self.socket_mode)
+
+    @property
+    def gid(self) -> int:
+        """The socket's group id (``socket_group``, else the agent's effective group)."""
+        return access.resolve_group(self.socket_group)
+
+    @property
+    def has_token(self) -> bool:
+        return self.token is not None or self.token_file is not None
+
+    def bearer_token(self) -> str | None:
+        """The token requests must carry, read now (a token file is checked again)."""
+        if self.token_file is not None:
+            return access.read_token_file(self.token_file)
+        if self.token is not None:
+            return access.check_token(self.token, "endpoint.token")
+        return None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -218,21 +306,76 @@ def load_config(
     *,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    identity: bool = True,
 ) -> AgentConfig:
     """Build the config from the layers. ``path`` None: ``$LEPTON_CONFIG``, else the default
-    path if it exists. ``overrides`` are dotted keys (``broker.port``), as the CLI flags set."""
+    path if it exists. ``overrides`` are dotted keys (``broker.port``), as the CLI flags set.
+
+    Then the device's identity, if ``<agent.state_dir>/identity.json`` exists (written by
+    ``lepton-agent enroll``; mode 0600 or the agent refuses to start). It decides
+    ``device.id``, ``device.fleet``, ``broker.username``, ``broker.password`` and
+    ``fetch.http_token``: an explicit setting (file, environment or flag) that differs is a
+    config error naming both, since the coordinator and the broker know the device only as
+    enrolled. Where to connect (``broker.host``/``port``/``tls``/``ca_file``/``cert_file``/
+    ``key_file``, ``fetch.coordinator_url``, ``fetch.ca_file``) it only fills in: an
+    explicit setting wins (a broker reached through another name, say). ``identity=False``
+    ignores the identity (enrolment itself).
+    """
     env = os.environ if env is None else env
     if path is None and env.get(CONFIG_ENV):
         path = Path(env[CONFIG_ENV])
     if path is None and DEFAULT_CONFIG_PATH.exists():
         path = DEFAULT_CONFIG_PATH
-    return settings.load(
-        AgentConfig,
-        file=path,
-        env=env,
-        overrides=overrides,
-        override_label=lambda key: f"flag {settings.flag_name(key)}",
-    )
+    data = settings.read_toml(path) if path is not None else None
+    # The endpoint's token and the device's HTTP token are secrets: a config file is often
+    # world-readable and a flag shows in `ps`, so they come from the environment, a file of
+    # their own (endpoint.token_file, identity.json) only.
+    for key in _NO_FLAG:
+        section, name = key.split(".")
+        table = (data or {}).get(section)
+        if isinstance(table, Mapping) and name in table:
+            raise ConfigError(
+                f"{path}: {key} is not read from a config file; use "
+                f"{'endpoint.token_file' if section == 'endpoint' else 'lepton-agent enroll'} "
+                f"or the environment variable {settings.env_name(key)}",
+                key=key,
+                source=str(path),
+            )
+        if overrides and overrides.get(key) is not None:
+            raise ConfigError(
+                f"{key} cannot be a flag (it would show in the process list); use "
+                f"the environment variable {settings.env_name(key)}",
+                key=key,
+            )
+
+    def build(layer: Mapping[str, Any] | None) -> AgentConfig:
+        return settings.load(
+            AgentConfig,
+            data=layer,
+            data_source=str(path),
+            env=env,
+            overrides=overrides,
+            override_label=lambda key: f"flag {settings.flag_name(key)}",
+        )
+
+    config = build(data)
+    found = ident.read_identity(config.agent.state_dir) if identity else None
+    if found is None:
+        return _token_has_a_home(config)
+    explicit = ident.explicit_keys(data, env, overrides, settings.keys(AgentConfig))
+    merged = ident.layered(data, ident.identity_layer(found), explicit, config, found)
+    return _token_has_a_home(build(merged))
+
+
+def _token_has_a_home(config: AgentConfig) -> AgentConfig:
+    # Checked on the final config (the identity may bring the URL a token set by env needs).
+    if config.fetch.http_token is not None and not config.fetch.coordinator_url:
+        raise ConfigError(
+            "fetch.http_token is set but fetch.coordinator_url is not: the token is sent "
+            "to the coordinator's origin only, so it needs to know where that is",
+            key="fetch.coordinator_url",
+        )
+    return config
 
 
 def cli_options() -> list[tuple[str, str, Any]]:
@@ -240,4 +383,5 @@ def cli_options() -> list[tuple[str, str, Any]]:
     return [
         (settings.flag_name(name), name, key.hint)
         for name, key in settings.keys(AgentConfig).items()
+        if name not in _NO_FLAG
     ]

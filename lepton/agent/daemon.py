@@ -20,6 +20,7 @@ import msgspec
 
 from lepton.agent import __version__
 from lepton.agent.config import AgentConfig
+from lepton.agent.credentials import CoordinatorCredentials, warn_if_not_enrolled
 from lepton.agent.handlers import HandlerRegistry, TaskContext, TaskServices, default_registry
 from lepton.agent.inference.eviction import Caps
 from lepton.agent.inference.manager import ModelManager
@@ -33,6 +34,7 @@ from lepton.agent.telemetry.changes import significant_change
 from lepton.agent.telemetry.probe import ProbeResult, load_probe
 from lepton.agent.training.datasources import DataSources
 from lepton.agent.training.tasks import weights_cache
+from lepton.common.tls import client_context
 from lepton.protocol import topics
 from lepton.protocol.aio import cancel_and_wait
 from lepton.protocol.codec import decode, encode
@@ -68,6 +70,10 @@ class Agent:
         )
         self.notifier = Notifier()
         self.probe: ProbeResult | None = None
+        self.credentials = CoordinatorCredentials(
+            config.fetch.coordinator_url, config.fetch.http_token
+        )
+        warn_if_not_enrolled(self.credentials)
         self.models = ModelManager(
             config.agent.state_dir / "models",
             threads=config.inference.threads,
@@ -77,6 +83,14 @@ class Agent:
             retries=config.inference.download_retries,
             timeout=config.inference.download_timeout_s,
             origins=config.origins,
+            # One verified-HTTPS context for every download and upload (None: system CAs).
+            tls=(
+                client_context(config.fetch.ca_file, what="fetch.ca_file")
+                if config.fetch.ca_file is not None
+                else None
+            ),
+            # The device's token, for the coordinator's origin only.
+            credentials=self.credentials,
             caps=Caps(
                 max_models=config.inference.max_models,
                 max_loaded_bytes=config.inference.max_loaded_bytes,
@@ -310,18 +324,9 @@ class Agent:
     async def _endpoint(self) -> None:
         from lepton.agent.inference.endpoint import Endpoint
 
-        cfg = self.config
-        endpoint = Endpoint(
-            self.models,
-            host=cfg.endpoint.host,
-            port=cfg.endpoint.port,
-            socket_path=cfg.endpoint.socket,
-            max_body=cfg.endpoint.max_body_bytes,
-            concurrency=cfg.endpoint.concurrency,
-            max_connections=cfg.endpoint.max_connections,
-            request_timeout=cfg.endpoint.request_timeout_s,
-            counters=self.counters,
-        )
+        # A token file that went bad since the config was loaded raises ConfigError here,
+        # which stops the agent: it never serves with a weaker guard than configured.
+        endpoint = Endpoint.from_config(self.models, self.config.endpoint, counters=self.counters)
         try:
             async with endpoint:
                 self.endpoint_port = endpoint.port

@@ -11,8 +11,19 @@ Only URLs at an allowed origin (:class:`~lepton.agent.origins.Origins`) are fetc
 any connection; redirects are not followed. A refusal is a :class:`FetchError` whose
 ``reason`` comes from a fixed vocabulary (``refused_origin``, ``http_<status>``,
 ``connect_failed``, ``timeout``, ``download_failed``, ``too_large``, ``digest_mismatch``,
-``no_space``) and whose detail is written here: nothing the remote end sent (a body, an
-error text) is ever echoed into a task's result.
+``no_space``, ``tls_verify_failed``, ``not_enrolled``, ``token_refused``) and whose detail is
+written here: nothing the remote end sent (a body, an error text) is ever echoed into a
+task's result.
+
+Requests to the coordinator's origin carry the device's token
+(:class:`~lepton.agent.credentials.CoordinatorCredentials`); requests elsewhere carry none. A
+401/403 from the coordinator is ``not_enrolled`` (the device has no token) or
+``token_refused`` (its token was refused), never retried.
+
+HTTPS is verified with one :class:`ssl.SSLContext` (:meth:`BlobFetcher.tls_context`: the one
+given, built from ``[fetch] ca_file`` by the daemon, else the system's CAs); uploads use the
+same one. A server that fails verification is refused at once, without retries: another
+attempt would meet the same certificate.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lepton.agent.credentials import CoordinatorCredentials
 from lepton.agent.origins import Origins
 from lepton.common.errors import LeptonError
 
@@ -59,6 +71,18 @@ def _give_up_reason(exc: Exception) -> str:
     if isinstance(exc, _Retry) and exc.status is not None:
         return f"http_{exc.status}"
     return "download_failed"
+
+
+def tls_refused(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it wraps) is a failed certificate verification."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # httpx wraps httpcore's error, which wraps ssl's
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,19 +137,36 @@ class BlobFetcher:
         timeout: float = 30.0,
         backoff: tuple[float, float] = (0.5, 10.0),
         origins: Origins | None = None,
+        tls: ssl.SSLContext | None = None,
+        credentials: CoordinatorCredentials | None = None,
     ) -> None:
         self.root = root
+        #: Whose token goes where (None: no token is sent anywhere).
+        self.credentials = credentials or CoordinatorCredentials()
         #: Where URLs may point; None: anywhere (for library use; the agent always sets it).
         self.origins = origins
         self.retries = retries
         self.timeout = timeout
         self.backoff = backoff
         self._digest_locks: dict[str, asyncio.Lock] = {}
-        self._tls: ssl.SSLContext | None = None
+        self._tls: ssl.SSLContext | None = tls
 
     @property
     def cache_dir(self) -> Path:
         return self.root / "sha256"
+
+    @property
+    def tls(self) -> ssl.SSLContext | None:
+        """The context given or made so far (None: not made yet, the system's CAs)."""
+        return self._tls
+
+    async def tls_context(self) -> ssl.SSLContext:
+        """The context every HTTPS fetch and upload verifies the server with."""
+        if self._tls is None:  # loading the system CA bundle takes a while; once, off the loop
+            import httpx
+
+            self._tls = await asyncio.to_thread(httpx.create_ssl_context)
+        return self._tls
 
     @property
     def partial_dir(self) -> Path:
@@ -182,15 +223,12 @@ class BlobFetcher:
     async def _download(self, spec: _Want, part: Path) -> int:
         import httpx
 
-        if self._tls is None:  # loading the CA bundle takes a while; once, off the loop
-            self._tls = await asyncio.to_thread(httpx.create_ssl_context)
+        tls = await self.tls_context()
         timeout = httpx.Timeout(self.timeout)
         transfer = _Transfer()
         failures = 0
         # No redirects: one would lead the agent off the allowed origins.
-        async with httpx.AsyncClient(
-            timeout=timeout, follow_redirects=False, verify=self._tls
-        ) as client:
+        async with httpx.AsyncClient(timeout=timeout, follow_redirects=False, verify=tls) as client:
             while True:
                 have = await asyncio.to_thread(usable_part, part, spec.size)
                 if have == spec.size:
@@ -202,6 +240,11 @@ class BlobFetcher:
                     await self._attempt(client, spec, part, have, transfer)
                 except (httpx.TransportError, _Retry) as exc:
                     failures += 1
+                    if tls_refused(exc):
+                        raise FetchError(
+                            "tls_verify_failed",
+                            f"GET {spec.url}: the server's certificate did not verify",
+                        ) from exc
                     if failures > self.retries:
                         kept = await asyncio.to_thread(usable_part, part, spec.size)
                         raise FetchError(
@@ -229,7 +272,7 @@ class BlobFetcher:
         transfer: _Transfer,
     ) -> None:
         """One GET from ``have`` on, counting into ``transfer``. Raises _Retry/ModelError."""
-        headers = {"Accept-Encoding": "identity"}
+        headers = {"Accept-Encoding": "identity", **self.credentials.headers_for(spec.url)}
         if have:
             headers["Range"] = f"bytes={have}-"
         async with client.stream("GET", spec.url, headers=headers) as resp:
@@ -243,6 +286,8 @@ class BlobFetcher:
                 raise _Retry("range not satisfiable; restarting")
             elif status in (408, 425, 429) or status >= 500:
                 raise _Retry(f"HTTP {status}", status)
+            elif refused := self.credentials.refusal(spec.url, status):
+                raise FetchError(*refused)
             else:  # 3xx included: redirects are not followed
                 raise FetchError(f"http_{status}", f"GET {spec.url} answered HTTP {status}")
             length = resp.headers.get("content-length")

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import ssl
 import time
 from collections.abc import Awaitable, Callable
 
@@ -21,6 +20,7 @@ import aiomqtt
 from lepton.agent.config import AgentConfig
 from lepton.agent.metrics import Counters
 from lepton.agent.outbox import Outbox
+from lepton.common.tls import client_context
 from lepton.protocol import topics
 from lepton.protocol.aio import cancel_and_wait
 from lepton.protocol.codec import encode
@@ -72,6 +72,12 @@ class Link:
         self._on_message = on_message
         self._on_connect = on_connect
         self._client: aiomqtt.Client | None = None
+        # Made once, here: unreadable TLS files stop the agent at start-up (ConfigError).
+        # The broker must prove it is broker.host to broker.ca_file (else the system's CAs).
+        b = config.broker
+        self._tls = (
+            client_context(b.ca_file, b.cert_file, b.key_file, what="broker") if b.tls else None
+        )
         self.connected = asyncio.Event()
         self._wake = asyncio.Event()
         self._all_sent = asyncio.Event()
@@ -161,15 +167,6 @@ class Link:
             qos=1,
             retain=True,
         )
-        tls_params = None
-        if cfg.broker.tls:
-            tls_params = aiomqtt.TLSParameters(
-                ca_certs=str(cfg.broker.ca_file) if cfg.broker.ca_file else None,
-                certfile=str(cfg.broker.cert_file) if cfg.broker.cert_file else None,
-                keyfile=str(cfg.broker.key_file) if cfg.broker.key_file else None,
-                cert_reqs=ssl.CERT_REQUIRED,
-                tls_version=ssl.PROTOCOL_TLS_CLIENT,
-            )
         client = aiomqtt.Client(
             cfg.broker.host,
             cfg.broker.port,
@@ -181,7 +178,7 @@ class Link:
             clean_session=False,  # queued QoS 1 tasks survive a short disconnect
             keepalive=cfg.broker.keepalive_s,
             will=will,
-            tls_params=tls_params,
+            tls_context=self._tls,
             max_inflight_messages=100,
             timeout=max(10.0, cfg.broker.keepalive_s),
         )

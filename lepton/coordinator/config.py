@@ -32,6 +32,7 @@ from lepton.protocol.topics import validate_id
 __all__ = ["CONFIG_ENV", "Config", "ConfigError", "env_name", "known_keys", "load"]
 
 MqttProtocol = Literal["5", "3.1.1"]
+BrokerAccountsKind = Literal["none", "dynsec"]
 SolverMethod = Literal["auto", "exact", "fast", "random", "round_robin"]
 ENV_PREFIX: Final = settings.ENV_PREFIX
 # Not LEPTON_CONFIG: the agent reads that one, and both may run on one host in a demo.
@@ -58,6 +59,9 @@ class MqttConfig:
     port: Port = 1883
     username: str = ""
     password: str = ""
+    # A file holding the password (``lepton broker init`` writes one, mode 0600); read at
+    # load. Give password or password_file, not both.
+    password_file: str = ""
     tls: bool = False
     ca_file: str = ""
     cert_file: str = ""
@@ -71,6 +75,33 @@ class MqttConfig:
     reconnect_min_s: Positive = 0.5
     reconnect_max_s: float = 30.0
     publish_timeout_s: Positive = 10.0
+    # Who makes device accounts on the broker: "dynsec" (Mosquitto's dynamic security
+    # plugin, through this connection; the account needs the plugin's admin rights) or
+    # "none" (managed outside Lepton). See lepton.coordinator.auth.broker_accounts.
+    # The default is "dynsec" (secure by default): on a broker without the plugin the
+    # coordinator still runs, logs once at start what to configure, and refuses enrolments
+    # (503 broker_unavailable).
+    accounts: BrokerAccountsKind = "dynsec"
+    accounts_timeout_s: Positive = 5.0
+
+    def __post_init__(self) -> None:
+        if self.password_file:
+            object.__setattr__(self, "password", _read_password(self))
+
+
+def _read_password(mqtt: MqttConfig) -> str:
+    key = "mqtt.password_file"
+    if mqtt.password:
+        raise ConfigError("give mqtt.password or mqtt.password_file, not both", key=key)
+    path = Path(mqtt.password_file).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"mqtt.password_file: cannot read {str(path)!r}: {exc}", key=key) from exc
+    password = text.strip("\r\n")
+    if not password or "\n" in password:
+        raise ConfigError(f"mqtt.password_file {str(path)!r} must hold one non-empty line", key=key)
+    return password
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -92,6 +123,21 @@ class HttpConfig:
     upload_min_bytes_per_s: PositiveInt = 16 << 10
     # Connections plus requests in progress; above it a request gets 503.
     max_concurrency: PositiveInt = 1000
+    # /metrics on the API needs a token with scope metrics:read unless this is set; or serve
+    # it apart, without a token, on metrics_host:metrics_port (0: no separate listener), for
+    # a scraper on a private network.
+    metrics_public: bool = False
+    metrics_host: str = "127.0.0.1"
+    metrics_port: Port = 0
+    # HTTPS: the server's certificate (chain) and key, both or neither (``lepton ca init``
+    # makes them); with a client CA, clients must present a certificate it signed.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert_file)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -156,6 +202,27 @@ class FLConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class AuthConfig:
+    """``[auth]``: who may call the API (docs/security.md)."""
+
+    # Every caller is an administrator: for a local experiment on a private machine only.
+    # Set by `lepton coordinator run --insecure`; logged loudly at start-up.
+    insecure: bool = False
+    # Audit records older than this are pruned by the leader (0: kept for ever).
+    audit_retention_days: NonNegative = 90.0
+    # What enrolled devices are told to connect to (it can differ from this coordinator's
+    # own [mqtt] link: a public name, a TLS port). Empty / unset: the [mqtt] values.
+    device_mqtt_host: str = ""
+    device_mqtt_port: Port | None = None
+    device_mqtt_tls: bool | None = None
+    # The fleet CA (PEM) handed to devices at enrolment; with ca_key_file, device CSRs are
+    # signed for cert_days (without it, an enrolment that sends a CSR gets 422 no_ca).
+    ca_file: str = ""
+    ca_key_file: str = ""
+    cert_days: Annotated[int, msgspec.Meta(ge=1, le=397)] = 365  # pki.MAX_DEVICE_DAYS
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """Everything one coordinator process needs; see ``deploy/coordinator.example.toml``."""
 
@@ -172,6 +239,7 @@ class Config:
     tasks: TasksConfig = field(default_factory=TasksConfig)
     replica: ReplicaConfig = field(default_factory=ReplicaConfig)
     fl: FLConfig = field(default_factory=FLConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
     def __post_init__(self) -> None:
         if not self.instance_id:
@@ -275,10 +343,36 @@ def _check(cfg: Config) -> None:
         Allowlist(cfg.fl.allowed_imports)
     except ValueError as exc:
         raise ConfigError(f"fl.allowed_imports: {exc}", key="fl.allowed_imports") from exc
-    for key in ("ca_file", "cert_file", "key_file"):
-        path = getattr(cfg.mqtt, key)
+    for section, key in (
+        ("mqtt", "ca_file"),
+        ("mqtt", "cert_file"),
+        ("mqtt", "key_file"),
+        ("http", "tls_cert_file"),
+        ("http", "tls_key_file"),
+        ("http", "tls_client_ca_file"),
+    ):
+        path = getattr(getattr(cfg, section), key)
         if path and not Path(path).expanduser().is_file():
-            raise ConfigError(f"mqtt.{key}: no such file {path!r}", key=f"mqtt.{key}")
+            raise ConfigError(f"{section}.{key}: no such file {path!r}", key=f"{section}.{key}")
+    if bool(cfg.http.tls_cert_file) != bool(cfg.http.tls_key_file):
+        raise ConfigError(
+            "http.tls_cert_file and http.tls_key_file go together", key="http.tls_cert_file"
+        )
+    if cfg.http.tls_client_ca_file and not cfg.http.tls:
+        raise ConfigError(
+            "http.tls_client_ca_file needs http.tls_cert_file and http.tls_key_file",
+            key="http.tls_client_ca_file",
+        )
+    _check_auth(cfg.auth)
+
+
+def _check_auth(auth: AuthConfig) -> None:
+    for key in ("ca_file", "ca_key_file"):
+        path = getattr(auth, key)
+        if path and not Path(path).expanduser().is_file():
+            raise ConfigError(f"auth.{key}: no such file {path!r}", key=f"auth.{key}")
+    if auth.ca_key_file and not auth.ca_file:
+        raise ConfigError("auth.ca_key_file needs auth.ca_file", key="auth.ca_key_file")
 
 
 def load(

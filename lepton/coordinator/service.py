@@ -31,7 +31,12 @@ from typing import Final, TypeVar
 from fastapi import FastAPI
 
 from lepton.coordinator.api import ApiContext, create_app
+from lepton.coordinator.api.app import create_metrics_app
 from lepton.coordinator.api.server import HttpServer
+from lepton.coordinator.auth.broker_accounts import make_broker_accounts
+from lepton.coordinator.auth.enrolment_feature import EnrolmentFeature
+from lepton.coordinator.auth.feature import AuthFeature
+from lepton.coordinator.auth.revoked import RevokedDevices
 from lepton.coordinator.config import Config
 from lepton.coordinator.feature import Feature
 from lepton.coordinator.metrics import Metrics
@@ -67,6 +72,7 @@ class Coordinator:
         self._ready: asyncio.Future[None] | None = None
         self.started_at = time.time()
         self.http: HttpServer | None = None
+        self.metrics_http: HttpServer | None = None  # /metrics apart (http.metrics_port)
         #: In build order (a feature may use an earlier one's objects); see :meth:`_features`.
         self.features: list[Feature] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -101,6 +107,13 @@ class Coordinator:
                     cfg.http.port,
                     limits=cfg.http,
                     on_head_timeout=self.metrics.http_rejects.labels("head_timeout").inc,
+                )
+            if cfg.http.metrics_port:
+                self.metrics_http = HttpServer(
+                    create_metrics_app(self.metrics),
+                    cfg.http.metrics_host,
+                    cfg.http.metrics_port,
+                    limits=cfg.http,
                 )
             self._ready = loop.create_future()
             self._main = asyncio.create_task(self._run(), name="coordinator")
@@ -162,7 +175,14 @@ class Coordinator:
         self.registry = Registry(
             store.devices, metrics, cfg.registry, fleet=cfg.fleet, on_flush=self._on_flush
         )
-        self.ingest = Ingest(cfg.fleet, metrics, on_capacity=self.registry.offer, inbox=self.inbox)
+        self.revoked = RevokedDevices()
+        self.ingest = Ingest(
+            cfg.fleet,
+            metrics,
+            on_capacity=self.registry.offer,
+            inbox=self.inbox,
+            revoked=self.revoked,
+        )
         shared = cfg.mqtt.shared_group if cfg.mqtt.shared_subscriptions else None
         self.link = MqttLink(
             cfg.mqtt,
@@ -170,6 +190,13 @@ class Coordinator:
             subscriptions=subscriptions(cfg.fleet, shared_group=shared),
             on_message=self.ingest.handle,
             on_connection=self._link_changed,
+        )
+        self.accounts = make_broker_accounts(
+            cfg.mqtt.accounts,
+            self.link,
+            cfg.fleet,
+            timeout_s=cfg.mqtt.accounts_timeout_s,
+            on_reject=metrics.reject,
         )
         self.leadership = Leadership(store.leases, cfg.instance_id, cfg.replica.lease_s, metrics)
         self.scheduler = Scheduler(
@@ -194,6 +221,7 @@ class Coordinator:
             fleet=cfg.fleet,
             on_requeue=self._wake_scheduler_threadsafe,
             on_results=self._on_results,
+            revoked=self.revoked,
         )
         self.features = self._features()
 
@@ -201,7 +229,21 @@ class Coordinator:
         """Tasks, the model registry and federated jobs, each given what it uses."""
         cfg = self.config
         store = self.store
+        self.auth = AuthFeature(cfg.auth, store.engine, self.metrics.registry)
+        self.enrolment = EnrolmentFeature(
+            cfg,
+            self.auth,
+            store.devices,
+            self.metrics,
+            self.accounts,
+            self.revoked,
+            base_url=self.base_url,
+            wait_connected=self.link.wait_connected,
+            on_requeue=self._wake_scheduler_threadsafe,
+        )
         features: list[Feature] = [
+            self.auth,
+            self.enrolment,
             TasksFeature(
                 self.scheduler,
                 self.liveness,
@@ -211,7 +253,7 @@ class Coordinator:
                 results=store.results,
                 metrics=self.metrics,
                 on_submit=self._wake_scheduler_threadsafe,
-            )
+            ),
         ]
         try:
             from lepton.coordinator.fl.feature import FLFeature
@@ -224,6 +266,7 @@ class Coordinator:
             Path(cfg.data_dir).expanduser(),
             base_url=self.base_url,
             on_submit=self._submitted,
+            on_auth_refusal=lambda reason: self.auth.metrics.refusals.labels(reason).inc(),
         )
         # Train tasks name where devices fetch weights and upload: without HTTP here, that
         # is another replica's API (http.public_url).
@@ -278,6 +321,7 @@ class Coordinator:
                 started_at=self.started_at,
                 is_leader=lambda: self.leadership.is_leader,
                 mqtt_connected=lambda: self.link.connected,
+                auth=self.auth.authenticator,
             )
         )
 
@@ -319,6 +363,8 @@ class Coordinator:
                     tasks[name] = tg.create_task(self.leadership.lead(loop, name=name), name=name)
             if self.http is not None:
                 tasks["http"] = tg.create_task(self.http.serve(), name="http")
+            if self.metrics_http is not None:
+                tasks["metrics-http"] = tg.create_task(self.metrics_http.serve(), name="metrics")
             self._ready.set_result(None)
             await self._stop.wait()
             log.info("coordinator %s draining", self.config.instance_id)
@@ -332,8 +378,9 @@ class Coordinator:
         log.info("coordinator %s stopped", self.config.instance_id)
 
     async def _drain(self, tasks: dict[str, asyncio.Task[None]]) -> None:
-        if self.http is not None:
-            self.http.stop()
+        for server in (self.http, self.metrics_http):
+            if server is not None:
+                server.stop()
         leading = [n for f in self.features for n in f.leader_loops()] + ["lease"]
         for name in leading:
             tasks[name].cancel()
@@ -353,8 +400,8 @@ class Coordinator:
             tasks["registry"].cancel()
         await asyncio.gather(tasks["registry"], return_exceptions=True)
         await self.registry.flush()
-        if "http" in tasks:
-            await asyncio.gather(tasks["http"], return_exceptions=True)
+        servers = [tasks[n] for n in ("http", "metrics-http") if n in tasks]
+        await asyncio.gather(*servers, return_exceptions=True)
 
 
 async def serve(config: Config) -> None:

@@ -3,6 +3,7 @@ jobs."""
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -19,11 +20,22 @@ class DemoError(LeptonError, RuntimeError):
 
 
 class Api:
-    """JSON over HTTP to one coordinator; errors become :class:`DemoError`."""
+    """JSON over HTTPS to one coordinator, verified with ``verify`` (the fleet CA's context),
+    with an operator ``token``; errors become :class:`DemoError`."""
 
-    def __init__(self, base_url: str, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        token: str | None = None,
+        verify: ssl.SSLContext | bool = True,
+        timeout: float = 30.0,
+    ) -> None:
         self.base_url = base_url
-        self._http = httpx.Client(base_url=base_url, timeout=timeout)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(
+            base_url=base_url, timeout=timeout, headers=headers, verify=verify
+        )
 
     def close(self) -> None:
         self._http.close()
@@ -68,6 +80,11 @@ class Api:
 
     def submit(self, body: dict[str, Any]) -> dict[str, Any]:
         return dict(self.post(routes.TASKS, body))
+
+    def create_claim(self, *, uses: int, expires_in_s: float = 3600.0) -> str:
+        """A new enrolment claim good for ``uses`` devices; its token (shown only now)."""
+        made = self.post(routes.CLAIMS, {"count": 1, "uses": uses, "expires_in_s": expires_in_s})
+        return str(made["claims"][0]["token"])
 
     def deploy(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
         """The coordinator's deploy of model ``name`` (``lepton models deploy``): the model

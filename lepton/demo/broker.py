@@ -78,6 +78,9 @@ class MosquittoBroker:
     """One mosquitto process. ``stop``/``kill``/``start`` keep the same port and persistence.
 
     ``own_session`` starts it in its own process group (see :mod:`lepton.demo.procs`).
+    ``prepared``: a configuration written beforehand (``lepton broker init``) that mosquitto
+    runs as is; ``port`` is then one of its listeners (the one waited for), and ``tls`` says
+    whether that listener speaks TLS.
     """
 
     workdir: Path
@@ -85,23 +88,33 @@ class MosquittoBroker:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     own_session: bool = False
+    prepared: Path | None = None
+    tls: bool = False
 
     mqtt_protocol = "5"
 
     @property
     def conf_path(self) -> Path:
-        return self.workdir / "mosquitto.conf"
+        return self.prepared if self.prepared is not None else self.workdir / "mosquitto.conf"
 
     @property
     def log_path(self) -> Path:
         return self.workdir / "mosquitto.log"
 
     @property
+    def accounts(self) -> bool:
+        """Whether it runs the dynamic security plugin (a prepared ``lepton broker init``
+        config): every client needs its own account."""
+        return self.prepared is not None
+
+    @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
 
     def describe(self) -> str:
-        return f"mosquitto on 127.0.0.1:{self.port}"
+        if self.prepared is None:
+            return f"mosquitto on 127.0.0.1:{self.port}"
+        return f"mosquitto on 127.0.0.1:{self.port} (TLS, an account per client)"
 
     def write_config(self) -> None:
         (self.workdir / "data").mkdir(parents=True, exist_ok=True)
@@ -132,9 +145,12 @@ log_type notice
         binary = mosquitto_binary()
         assert binary, "mosquitto binary not found"
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.write_config()
+        if self.prepared is None:
+            self.write_config()
         argv = [binary, "-c", str(self.conf_path)]
-        if self.own_session:
+        if self.prepared is not None:  # it logs to stderr: into the log file, never a pipe
+            self.proc = procs.spawn(argv, log_path=self.log_path)
+        elif self.own_session:
             self.proc = procs.spawn(argv, stderr_pipe=True)
         else:
             self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -178,6 +194,8 @@ class EmbeddedBroker:
     proc: subprocess.Popen[bytes] | None = None
 
     mqtt_protocol = "3.1.1"
+    tls = False
+    accounts = False  # anonymous, no topic checks
 
     @property
     def log_path(self) -> Path:
@@ -218,13 +236,38 @@ class EmbeddedBroker:
             return ""
 
 
-def start_broker(workdir: Path, choice: BrokerChoice = "auto") -> MosquittoBroker | EmbeddedBroker:
-    """Mosquitto when its binary exists (or is asked for), else the embedded broker; started."""
-    if choice == "mosquitto" or (choice == "auto" and mosquitto_binary() is not None):
-        if mosquitto_binary() is None:
-            raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
-        broker: MosquittoBroker | EmbeddedBroker = MosquittoBroker(
-            workdir=workdir, own_session=True
+def pick_broker(choice: BrokerChoice = "auto") -> Literal["mosquitto", "embedded"]:
+    """``auto``: Mosquitto when its binary and its dynamic security plugin are installed,
+    else the embedded broker. RuntimeError when ``mosquitto`` is asked for and missing."""
+    from lepton.coordinator.auth.broker_config import PLUGIN_NAME, find_plugin
+
+    if choice == "embedded":
+        return "embedded"
+    installed = mosquitto_binary() is not None and find_plugin() is not None
+    if choice == "mosquitto" and not installed:
+        raise RuntimeError(
+            f"mosquitto or its plugin {PLUGIN_NAME} is not installed (apt-get install mosquitto)"
+        )
+    return "mosquitto" if installed else "embedded"
+
+
+def start_broker(
+    workdir: Path,
+    choice: BrokerChoice = "auto",
+    *,
+    prepared: Path | None = None,
+    port: int | None = None,
+) -> MosquittoBroker | EmbeddedBroker:
+    """The broker :func:`pick_broker` names, started: Mosquitto runs the ``prepared``
+    configuration (listening on ``port``, TLS) when given, else a plain anonymous one."""
+    broker: MosquittoBroker | EmbeddedBroker
+    if pick_broker(choice) == "mosquitto":
+        broker = MosquittoBroker(
+            workdir=workdir,
+            own_session=True,
+            prepared=prepared,
+            tls=prepared is not None,
+            port=port if port is not None else free_port(),
         )
     else:
         broker = EmbeddedBroker(workdir=workdir)

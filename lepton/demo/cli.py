@@ -156,7 +156,8 @@ def _run(demo: Any, reporter: Any, console: Any, *, keep: bool) -> int:
         return code
     console.print(
         f"Still running (--keep): coordinator API {demo.stack.api_url}, e.g. "
-        f"`lepton --api {demo.stack.api_url} devices ls`; Ctrl-C stops everything."
+        f"`LEPTON_TOKEN=$(cat {demo.stack.token_file}) lepton --api {demo.stack.api_url}"
+        f" --ca-file {demo.stack.ca_file} devices ls`; Ctrl-C stops everything."
     )
     while True:
         try:

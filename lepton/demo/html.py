@@ -21,6 +21,7 @@ from lepton.demo.report import (
     not_chosen_text,
     num,
     pct,
+    security_lines,
 )
 
 CSS = """
@@ -184,6 +185,10 @@ def write_html(figures: dict[str, Any], path: Path) -> Path:
     if "error" in figures:
         e = figures["error"]
         parts.append(_p(f"The run stopped at {e['stage']}: {e['message']}", "warn"))
+    security = security_lines(figures)
+    if security:
+        parts.append("<h2>Security (measured from the running system)</h2>")
+        parts += [_p(x, "warn" if "NOT" in x or "NONE" in x else "") for x in security]
     parts += [
         "<h2>The loop</h2>",
         _table(("step", "what happened", "test accuracy"), _loop_rows(figures)),

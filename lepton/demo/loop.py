@@ -17,7 +17,7 @@ from typing import Any, Literal, Protocol
 
 from lepton.common.errors import LeptonError
 from lepton.coordinator.tasks.request import TaskRequest
-from lepton.demo import fl, model
+from lepton.demo import fl, model, posture
 from lepton.demo.api import Api, DemoError
 from lepton.demo.broker import BrokerChoice
 from lepton.demo.figures import (
@@ -175,14 +175,15 @@ class Demo:
         self.r.end("broker", described)
         self._begin("coordinator")
         health = stack.start_coordinator()
-        self._api = Api(stack.api_url)
+        self._api = Api(stack.api_url, token=stack.token, verify=stack.verify)
         self.figures["demo"]["api"] = stack.api_url
         self.r.end("coordinator", f"{stack.api_url} (v{health.get('version')}, SQLite)")
         self._begin("fleet", cfg.devices, "measuring this host's speed for the simulator")
         host = cfg.host_gflops if cfg.host_gflops is not None else model.host_gflops()
         self.figures["demo"]["host_gflops"] = host
         t0 = time.monotonic()
-        stack.start_fleet(host_gflops=host)
+        # One claim for the whole fleet: every device enrols with it at start.
+        stack.start_fleet(host_gflops=host, claim=self.api.create_claim(uses=cfg.devices))
         deadline = t0 + cfg.stage_timeout_s
         while True:
             devices = self.api.devices()
@@ -216,7 +217,13 @@ class Demo:
             ],
         }
         classes = ", ".join(f"{n} {c}" for c, n in sorted(by_class.items()))
-        self.r.end("fleet", f"{len(ready)} devices in {seconds:.1f}s: {classes}")
+        # Measured now that every device enrolled and connected (see lepton.demo.posture).
+        security = self.figures["security"] = posture.measure(stack)
+        self.r.end(
+            "fleet",
+            f"{len(ready)} devices ({security['devices_enrolled']} enrolled) in {seconds:.1f}s:"
+            f" {classes}",
+        )
 
     def _check(self) -> None:
         try:

@@ -109,6 +109,42 @@ def accuracy_steps(figures: dict[str, Any]) -> list[tuple[str, float | None]]:
     return steps
 
 
+def security_lines(figures: dict[str, Any]) -> list[str]:
+    """What :mod:`lepton.demo.posture` measured, one line each ([] if it was not measured);
+    a missing protection is said plainly ("NOT TLS", "not isolated")."""
+    sec = figures.get("security")
+    if not sec:
+        return []
+    devices = figures.get("demo", {}).get("devices", "?")
+    http, mqtt = sec["http"], sec["mqtt"]
+    plain = [x["port"] for x in mqtt["listeners"] if not x["tls"]]
+    return [
+        "HTTP API: "
+        + (
+            f"HTTPS ({http['tls']['version']}, verified with the fleet CA)"
+            if http["tls"]["ok"]
+            else f"NOT TLS ({http['tls'].get('error', 'no handshake')})"
+        )
+        + f"; a call without a token is refused ({http['without_token']})",
+        "MQTT: "
+        + (
+            f"TLS ({mqtt['tls']['version']}, verified with the fleet CA) on port {mqtt['port']}"
+            if mqtt["tls"]["ok"]
+            else f"NOT TLS (plain MQTT on port {mqtt['port']})"
+        )
+        + (f"; plain listeners also on {plain}" if plain else ""),
+        f"Enrolment: {sec['devices_enrolled']}/{devices} devices enrolled, each with its own"
+        " device token",
+        (
+            f"Broker accounts: {sec['device_accounts']}/{devices} devices have their own"
+            " (dynamic security plugin)"
+            if sec["isolated"]
+            else f"Broker accounts: NONE: {sec['warning']}"
+        ),
+        f"Operator tokens: {sec['operator_tokens']} (every API call carries one)",
+    ]
+
+
 def explain_text(sample: dict[str, Any]) -> str:
     """One sentence on why a task went where it did (cost terms against the runner-up)."""
     c = sample["chosen"]["terms"]
@@ -198,7 +234,14 @@ def _placement_table(place: dict[str, Any]) -> Table:
 
 
 def print_summary(console: Console, figures: dict[str, Any], paths: Sequence[Path]) -> None:
-    """The end-of-run summary: per class, per round, placement, and where the files are."""
+    """The end-of-run summary: security, per class, per round, placement, and where the
+    files are."""
+    lines = security_lines(figures)
+    if lines:
+        console.print("[bold]Security (measured)[/]")
+        for line in lines:
+            style = "red" if "NOT" in line or "NONE" in line else ""
+            console.print(f"  [{style}]{line}[/]" if style else f"  {line}", highlight=False)
     console.print(_class_table(figures))
     fl = figures.get("federated") or {}
     if fl.get("rounds"):

@@ -26,6 +26,19 @@ FL_JOBS: Final = "/v1/fl/jobs"
 FL_JOB: Final = "/v1/fl/jobs/{job_id}"
 FL_JOB_STOP: Final = "/v1/fl/jobs/{job_id}/stop"
 FL_UPLOAD: Final = "/v1/fl/uploads/{job_id}/{round_no}/{device_id}"
+AUDIT: Final = "/v1/audit"
+ENROLL: Final = (
+    "/v1/enroll"  # a device exchanges a claim for its identity (lepton.protocol.enrolment)
+)
+CLAIMS: Final = "/v1/claims"  # enrolment claims (scope devices:write)
+CLAIM: Final = "/v1/claims/{name}"  # DELETE: revoke a claim (scope devices:write)
+DEVICE_REVOKE: Final = "/v1/devices/{device_id}/revoke"  # (scope devices:write)
+METRICS: Final = "/metrics"
+
+
+#: The header a device sends its update slot's credential in (``Authorization`` carries the
+#: device's own token).
+UPLOAD_TOKEN_HEADER: Final = "X-Lepton-Upload-Token"  # noqa: S105 - a header name
 
 
 def path(template: str, **values: str | int) -> str:

@@ -384,3 +384,17 @@ def output_as(cls: type[S], output: dict[str, Any]) -> S:
         raise ValueError(f"{cls.__name__} is not a task's output struct")
     out: S = decode_output(kind, output)
     return out
+
+
+def blob_digests(kind: str, params: dict[str, Any]) -> frozenset[str]:
+    """The blobs a task of ``kind`` makes its device fetch (``deploy``: the model;
+    ``train`` / ``evaluate``: the global weights), as lower-case hex without ``sha256:``.
+    Parameters that break the kind's contract name none (the device could not run them)."""
+    if kind not in (DEPLOY, TRAIN, EVALUATE):
+        return frozenset()
+    try:
+        parsed = decode_params(kind, params)
+    except (ValueError, msgspec.ValidationError):
+        return frozenset()
+    digest = parsed.digest if isinstance(parsed, DeployParams) else parsed.weights.digest
+    return frozenset({digest.lower().removeprefix("sha256:")})

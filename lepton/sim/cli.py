@@ -13,9 +13,12 @@ import signal
 import sys
 from pathlib import Path
 
+from lepton.agent.enrol import EnrolError
+
 
 async def _sim(ns: argparse.Namespace) -> None:
-    from lepton.sim.fleet import FleetSpec, build_devices, run_fleet
+    from lepton.sim.enrol import Enrolment
+    from lepton.sim.fleet import FleetSpec, build_devices, enrol_devices, run_fleet
     from lepton.sim.profiles import parse_mix
 
     host = ns.host_gflops
@@ -42,7 +45,14 @@ async def _sim(ns: argparse.Namespace) -> None:
         host_gflops=host,
         id_prefix=ns.id_prefix,
         first_index=ns.first_index,
+        enrolment=(
+            Enrolment(ns.enroll, ns.claim, concurrency=ns.enroll_concurrency, ca_file=ns.ca_file)
+            if ns.enroll
+            else None
+        ),
+        ca_file=ns.ca_file,
     )
+    await enrol_devices(spec)
     devices = build_devices(spec)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -83,6 +93,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--id-prefix", default="sim")
     sim.add_argument("--first-index", type=int, default=0)
+    sim.add_argument(
+        "--enroll",
+        metavar="URL",
+        default=None,
+        help="the coordinator's URL: each device without an identity enrols there at start",
+    )
+    sim.add_argument(
+        "--claim", default=None, help="a multi-use claim (lepton devices enroll --uses N)"
+    )
+    sim.add_argument("--enroll-concurrency", type=int, default=16)
+    sim.add_argument(
+        "--ca-file",
+        type=Path,
+        default=None,
+        help="the fleet CA (PEM): enrolment verifies the coordinator with it, and each device"
+        " its broker and the coordinator (default: the CA enrolment hands out)",
+    )
     sim.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     sim.add_argument("--log-level", default="WARNING")
     return sim
@@ -90,7 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``lepton-sim``; returns the exit code."""
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if bool(ns.enroll) != bool(ns.claim):
+        parser.error("--enroll and --claim go together")
     logging.basicConfig(
         level=ns.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -103,4 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"lepton-sim: {exc}", file=sys.stderr)
         return 2
+    except EnrolError as exc:
+        print(f"lepton-sim: enrolment refused: {exc.reason}: {exc.detail}", file=sys.stderr)
+        return 1
     return 0

@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lepton.agent.config import AgentConfig, load_config
+from lepton.agent.identity import identity_path
 from lepton.sim.device import VirtualDevice
+from lepton.sim.enrol import Device, Enrolment, enrol_fleet
 from lepton.sim.profiles import DEFAULT_MIX, Profile, assign_profiles
 
 if TYPE_CHECKING:
@@ -61,6 +63,12 @@ class FleetSpec:
     attack: str = "sign_flip"
     attack_scale: float = 10.0
     forged_examples: int | None = None
+    # Each device enrols with this (multi-use) claim before it starts, unless it has an
+    # identity already; its identity then gives its fleet and broker (see enrol_devices).
+    enrolment: Enrolment | None = None
+    # The fleet CA each device verifies its broker (TLS) and the coordinator (HTTPS) with;
+    # None: the one in its identity (enrolment hands it out), else the system's.
+    ca_file: Path | None = None
 
 
 def _raise_fd_limit(needed: int) -> None:
@@ -88,10 +96,30 @@ def write_digits_partitions(spec: FleetSpec, device_ids: list[str]) -> dict[str,
     return out
 
 
-def build_devices(spec: FleetSpec) -> list[VirtualDevice]:
-    """Configs, data and profiles for every device of the fleet."""
+def device_ids(spec: FleetSpec) -> tuple[list[str], list[Profile]]:
+    """The fleet's device ids and their profiles (the same for the same spec)."""
     profiles: list[Profile] = assign_profiles(spec.devices, spec.mix, spec.seed)
     ids = [f"{spec.id_prefix}-{p.name}-{spec.first_index + i:04d}" for i, p in enumerate(profiles)]
+    return ids, profiles
+
+
+async def enrol_devices(spec: FleetSpec) -> int:
+    """Enrol the devices of ``spec`` that have no identity yet (``spec.enrolment`` set);
+    returns how many enrolled. Call before :func:`build_devices`."""
+    if spec.enrolment is None:
+        return 0
+    ids, profiles = device_ids(spec)
+    devices = [Device(i, spec.state_root / i, p.name) for i, p in zip(ids, profiles, strict=True)]
+    return await enrol_fleet(spec.enrolment, devices)
+
+
+def build_devices(spec: FleetSpec) -> list[VirtualDevice]:
+    """Configs, data and profiles for every device of the fleet."""
+    ids, profiles = device_ids(spec)
+    if spec.enrolment is not None:
+        missing = [i for i in ids if not identity_path(spec.state_root / i).exists()]
+        if missing:
+            raise ValueError(f"{len(missing)} devices are not enrolled: run enrol_devices first")
     data = write_digits_partitions(spec, ids) if spec.data == "digits" else {}
     if spec.data not in (None, "digits"):
         raise ValueError(f"unknown simulated data set {spec.data!r} (known: digits)")
@@ -105,11 +133,8 @@ def build_devices(spec: FleetSpec) -> list[VirtualDevice]:
     for device_id, profile in zip(ids, profiles, strict=True):
         overrides: dict[str, Any] = {
             "device.id": device_id,
-            "device.fleet": spec.fleet,
             "device.class": profile.name,
             "device.tags": (profile.name,),
-            "broker.host": spec.broker_host,
-            "broker.port": spec.broker_port,
             "broker.keepalive_s": spec.keepalive,
             "broker.reconnect_min_s": 0.2,
             "broker.reconnect_max_s": 5.0,
@@ -124,6 +149,14 @@ def build_devices(spec: FleetSpec) -> list[VirtualDevice]:
             "fetch.origins": spec.fetch_origins,
             **spec.extra,
         }
+        if spec.enrolment is None:  # else the identity names the fleet and the broker
+            overrides |= {
+                "device.fleet": spec.fleet,
+                "broker.host": spec.broker_host,
+                "broker.port": spec.broker_port,
+            }
+        if spec.ca_file is not None:
+            overrides |= {"broker.ca_file": spec.ca_file, "fetch.ca_file": spec.ca_file}
         if device_id in data:
             overrides["data"] = data[device_id]
         config: AgentConfig = load_config(None, env={}, overrides=overrides)

@@ -16,6 +16,9 @@ import pytest
 from fastapi import APIRouter
 
 from lepton.coordinator.api import ApiContext, create_app
+from lepton.coordinator.auth.guard import Authenticator
+from lepton.coordinator.auth.metrics import AuthMetrics
+from lepton.coordinator.auth.store import AuthStore
 from lepton.coordinator.config import Config
 from lepton.coordinator.config import load as load_config
 from lepton.coordinator.metrics import Metrics
@@ -24,7 +27,10 @@ from lepton.coordinator.service import Coordinator
 from lepton.coordinator.store import RetryPolicy, Store
 from lepton.coordinator.store.schema import Base
 from lepton.coordinator.tasks.routes import make_router as make_tasks_router
+from tests.support.api import api_client, bearer, new_operator_token, operator_token
 from tests.support.broker import Broker
+
+__all__ = ["api_client", "cli_token", "eventually", "in_process_api", "operator_token"]
 
 PG_DSN = os.environ.get("LEPTON_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -149,15 +155,19 @@ async def in_process_api(
     raise_app_exceptions: bool = False,
     on_submit: Callable[[], None] = lambda: None,
     routers: Sequence[APIRouter] = (),
+    scopes: Sequence[str] = ("admin",),
     **context: Any,
 ) -> AsyncIterator[httpx.AsyncClient]:
     """A client of the coordinator's HTTP app over ``store``, served in-process (no socket),
     with the device and task routes mounted as the service mounts them, then ``routers``.
     ``overrides``: config keys; ``on_submit``: the task routes' wake-up; ``context``:
     further :class:`ApiContext` fields. By default a 500 is an answer to compare, not an
-    exception."""
+    exception. The client holds an operator token with ``scopes`` (none: no token)."""
     cfg = load_config(env={}, overrides={"instance_id": "api-test", **(overrides or {})})
     metrics = metrics if metrics is not None else Metrics()
+    auth_store = AuthStore(store.engine)
+    context.setdefault("auth", Authenticator(auth_store, AuthMetrics(metrics.registry)))
+    headers = bearer(new_operator_token(store, scopes)) if scopes else {}
     app = create_app(
         ApiContext(
             config=cfg,
@@ -177,7 +187,9 @@ async def in_process_api(
         )
     )
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://test", headers=headers
+    ) as client:
         yield client
 
 
@@ -192,6 +204,7 @@ def coordinator_config(tmp_path: Path, broker_port: int, **overrides: Any) -> Co
         "mqtt.port": broker_port,
         "mqtt.reconnect_min_s": 0.2,
         "mqtt.reconnect_max_s": 1.0,
+        "mqtt.accounts": "none",  # the plain test broker has no dynamic security plugin
         "http.port": 0,
         "database.sqlite_synchronous": "normal",
         "registry.flush_interval_s": 0.05,
@@ -213,7 +226,10 @@ def coordinator_config(tmp_path: Path, broker_port: int, **overrides: Any) -> Co
 def make_coordinator(
     broker: Broker, tmp_path: Path
 ) -> Callable[..., contextlib.AbstractAsyncContextManager[Coordinator]]:
-    """``async with make_coordinator(**overrides) as c:`` a running, connected coordinator."""
+    """``async with make_coordinator(**overrides) as c:`` a running, connected coordinator.
+    Its API wants an operator token: ``api_client(c)`` (``scopes=`` to narrow it) is a
+    client holding one, ``operator_token(c)`` the token (:mod:`tests.support.api`), and
+    ``cli_token(monkeypatch, c)`` hands one to in-process ``lepton`` commands."""
 
     @contextlib.asynccontextmanager
     async def make(**overrides: Any) -> AsyncIterator[Coordinator]:
@@ -231,6 +247,17 @@ async def coordinator(
 ) -> AsyncIterator[Coordinator]:
     async with make_coordinator() as c:
         yield c
+
+
+def cli_token(
+    monkeypatch: pytest.MonkeyPatch, c: Coordinator, scopes: Sequence[str] = ("admin",)
+) -> str:
+    """Give the ``lepton`` CLI run in this process an operator token of ``c`` through
+    ``$LEPTON_TOKEN`` (and no token file: ``$XDG_CONFIG_HOME`` points nowhere); the token."""
+    token = operator_token(c, scopes)
+    monkeypatch.setenv("LEPTON_TOKEN", token)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(Path(c.config.data_dir) / "no-xdg"))
+    return token
 
 
 async def eventually(

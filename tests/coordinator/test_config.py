@@ -155,3 +155,25 @@ def test_errors_name_where_the_value_came_from(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="from env LEPTON_TASKS_MAX_ATTEMPTS") as info:
         load(env={"LEPTON_TASKS_MAX_ATTEMPTS": "0"})
     assert info.value.key == "tasks.max_attempts"
+
+
+def test_mqtt_password_file_is_read_at_load(tmp_path: Path) -> None:
+    secret = tmp_path / "coordinator.password"
+    secret.write_text("s3cret\n")
+    cfg = load(env={}, overrides={"mqtt.password_file": str(secret)})
+    assert cfg.mqtt.password == "s3cret"
+    assert cfg.redacted()["mqtt"]["password"] == "***"
+    with pytest.raises(ConfigError, match="not both"):
+        load(env={}, overrides={"mqtt.password_file": str(secret), "mqtt.password": "x"})
+    with pytest.raises(ConfigError, match="cannot read"):
+        load(env={}, overrides={"mqtt.password_file": str(tmp_path / "missing")})
+    secret.write_text("\n")
+    with pytest.raises(ConfigError, match="one non-empty line"):
+        load(env={}, overrides={"mqtt.password_file": str(secret)})
+
+
+def test_mqtt_accounts_is_dynsec_or_none() -> None:
+    assert load(env={}).mqtt.accounts == "dynsec"  # secure by default
+    assert load(env={"LEPTON_MQTT_ACCOUNTS": "none"}).mqtt.accounts == "none"
+    with pytest.raises(ConfigError):
+        load(env={}, overrides={"mqtt.accounts": "ldap"})

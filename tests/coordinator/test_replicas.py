@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from tests.coordinator.conftest import eventually
+from tests.support.api import bearer, operator_token
 from tests.support.broker import Broker, free_port
 from tests.support.device import FakeDevice
 
@@ -33,6 +34,7 @@ class Replica:
     port: int
     proc: subprocess.Popen[bytes]
     log: Path
+    database: str
 
     @property
     def api(self) -> str:
@@ -89,7 +91,7 @@ def start_replica(name: str, db_url: str, broker_port: int, workdir: Path) -> Re
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    return Replica(name, port, proc, log)
+    return Replica(name, port, proc, log, db_url)
 
 
 @pytest.fixture
@@ -137,7 +139,9 @@ async def test_leader_killed_mid_stream_nothing_lost_or_run_twice(
     for d in devices:
         await d.__aenter__()
     try:
-        async with httpx.AsyncClient(timeout=5) as http:
+        # Both replicas check tokens on the one database.
+        headers = bearer(await asyncio.to_thread(operator_token, replicas[0].database))
+        async with httpx.AsyncClient(timeout=5, headers=headers) as http:
 
             async def devices_known() -> bool:
                 r = await http.get(f"{follower.api}/v1/devices", params={"state": "online"})

@@ -7,11 +7,10 @@ import contextlib
 import itertools
 from collections.abc import Callable
 
-import httpx
-
 from lepton.coordinator.service import Coordinator
 from lepton.coordinator.store import TaskRecord
 from tests.coordinator.conftest import eventually
+from tests.support.api import api_client
 from tests.support.broker import Broker
 from tests.support.device import FakeDevice
 
@@ -19,7 +18,7 @@ MakeCoordinator = Callable[..., contextlib.AbstractAsyncContextManager[Coordinat
 
 
 async def submit(c: Coordinator, **body: object) -> str:
-    async with httpx.AsyncClient(base_url=c.api_url or "") as http:
+    async with api_client(c) as http:
         r = await http.post("/v1/tasks", json={"kind": "echo", **body})
         assert r.status_code == 201, r.text
         return str(r.json()["id"])
@@ -82,7 +81,7 @@ async def test_echo_task_end_to_end(coordinator: Coordinator, broker: Broker) ->
         assert m.value("lepton_results_total", {"outcome": "applied"}) == 1
         assert m.value("lepton_scheduler_solve_seconds_count") >= 1
         assert m.value("lepton_leader") == 1
-        async with httpx.AsyncClient(base_url=coordinator.api_url or "") as http:
+        async with api_client(coordinator) as http:
             text = (await http.get("/metrics")).text
         assert 'lepton_tasks{state="succeeded"} 1.0' in text
         assert 'lepton_devices{state="online"} 1.0' in text
@@ -186,7 +185,7 @@ async def test_unplaceable_task_says_why(coordinator: Coordinator, broker: Broke
         task = coordinator.store.tasks.get_task(tid)
         assert task.state == "pending"
         assert task.last_error == "no feasible device: runtime x1"
-        async with httpx.AsyncClient(base_url=coordinator.api_url or "") as http:
+        async with api_client(coordinator) as http:
             body = (await http.get(f"/v1/tasks/{tid}/explain")).json()
         assert body["explanation"]["reason"] == "no feasible device: runtime x1"
         assert body["explanation"]["filtered"][0]["reason"] == "runtime"
@@ -221,7 +220,7 @@ async def test_stop_drains_and_releases_the_lease(
 # pytest's filterwarnings = error (pyproject) turns FastAPI's "Duplicate Operation ID"
 # warning into a failure here.
 async def test_model_registry_routes_are_served(coordinator: Coordinator) -> None:
-    async with httpx.AsyncClient(base_url=coordinator.api_url or "") as http:
+    async with api_client(coordinator) as http:
         assert (await http.get("/v1/models")).json() == {"models": []}
         assert (await http.get("/v1/blobs/" + "0" * 64)).status_code == 404
         assert (await http.head("/v1/blobs/" + "0" * 64)).status_code == 404

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -18,7 +20,9 @@ from typing import Any
 import httpx
 import pytest
 
+from lepton.common.tls import client_context
 from lepton.demo.procs import pid_alive
+from tests.demo import security
 
 REPO = Path(__file__).resolve().parents[2]
 DEVICES, ROUNDS = 8, 2  # what --quick runs
@@ -125,6 +129,56 @@ def check_models_and_rounds(api: httpx.Client, figures: dict[str, Any]) -> None:
     assert figures["devices"]["by_class"] == dict(Counter(d["device_class"] for d in devices))
 
 
+def check_security(api: httpx.Client, workdir: Path, figures: dict[str, Any]) -> None:
+    """TLS on both links, every device enrolled with its own broker account: read from the
+    coordinator's database, the broker's files and real connections, then compared with what
+    the report says."""
+    ca = workdir / "ca" / "ca.crt"
+    fleet_ca = client_context(ca)
+    # HTTP: the API answered this client, which trusts the fleet CA only; plain HTTP gets
+    # nothing from that port.
+    assert figures["demo"]["api"].startswith("https://")
+    assert security.plain_http_fails(figures["demo"]["api"])
+    assert httpx.get(f"{figures['demo']['api']}/v1/devices", verify=fleet_ca).status_code == 401
+    # Enrolment: one claim, used by every device, each with its own device token.
+    ids = {d["id"] for d in api.get("/v1/devices").json()}
+    enrolled = security.enrolled(workdir)
+    assert set(enrolled) == ids
+    assert len(set(enrolled.values())) == 1
+    assert security.rows(workdir, "SELECT max_uses, uses FROM auth_claims") == [(DEVICES, DEVICES)]
+    hashes = security.rows(workdir, "SELECT token_hash FROM auth_devices")
+    assert len({h for (h,) in hashes}) == DEVICES  # a token of its own each
+    # The broker: TLS only, no anonymous clients, the plugin holding one account per device
+    # besides the coordinator's.
+    conf = workdir / "broker" / "mosquitto.conf"
+    (listener,) = security.listeners(conf)
+    assert listener["options"]["certfile"] == str(workdir / "ca" / "server.crt")
+    assert "allow_anonymous false" in conf.read_text()
+    assert "mosquitto_dynamic_security.so" in conf.read_text()
+    assert security.broker_usernames(workdir) == ids | {"coordinator"}
+    # The coordinator's link: the broker has no other listener, and its log shows it in.
+    assert "as coordinator" in (workdir / "broker" / "mosquitto.log").read_text()
+    # Each device was told to use that TLS listener; its account works over TLS only.
+    idents = security.identities(workdir)
+    assert set(idents) == ids
+    for ident in idents.values():
+        assert ident["mqtt"]["tls"] is True
+        assert ident["mqtt"]["port"] == listener["port"]
+        assert ident["coordinator_url"] == figures["demo"]["api"]
+    one = next(iter(idents.values()))["mqtt"]
+    port, user, password = listener["port"], "probe-" + one["username"], one["password"]
+    assert security.mqtt_connect(port, user, password, ca).startswith("refused")
+    assert security.mqtt_connect(port, one["username"], "wrong", ca).startswith("refused")
+    assert security.mqtt_connect(port, one["username"], password, None).startswith("no answer")
+    # The report says what was measured.
+    sec = figures["security"]
+    assert sec["http"]["tls"]["ok"]
+    assert sec["mqtt"]["tls"]["ok"]
+    assert sec["devices_enrolled"] == sec["device_accounts"] == DEVICES
+    assert sec["isolated"]
+    assert sec["http"]["without_token"] == 401
+
+
 @pytest.mark.timeout(360)
 def test_quick_demo_reports_what_the_system_recorded(tmp_path: Path) -> None:
     workdir = tmp_path / "demo"
@@ -149,9 +203,19 @@ def test_quick_demo_reports_what_the_system_recorded(tmp_path: Path) -> None:
         assert "error" not in figures, figures.get("error")
         assert figures["demo"]["wall_s"] < 180
         assert wall < 180
-        with httpx.Client(base_url=figures["demo"]["api"], timeout=10) as api:
+        # The demo's own operator token, kept 0600 in its workdir (never in the report).
+        token_file = workdir / "token"
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        token = token_file.read_text().strip()
+        assert token not in (workdir / "report" / "figures.json").read_text()
+        headers = {"Authorization": f"Bearer {token}"}
+        fleet_ca = client_context(workdir / "ca" / "ca.crt")  # the fleet CA only
+        with httpx.Client(
+            base_url=figures["demo"]["api"], timeout=10, headers=headers, verify=fleet_ca
+        ) as api:
             check_inference(api, figures)
             check_models_and_rounds(api, figures)
+            check_security(api, workdir, figures)
         html = (workdir / "report" / "report.html").read_text()
         for title in (
             "Devices by class",
@@ -162,6 +226,32 @@ def test_quick_demo_reports_what_the_system_recorded(tmp_path: Path) -> None:
         ):
             assert f'aria-label="{title}' in html, title
         assert str(workdir / "report" / "report.html") in out.text
+        assert "Security (measured" in html
+        # The command --keep suggests works as printed: HTTPS with the CA, the token.
+        hint = re.search(r"lepton --api\s+(\S+)\s+--ca-file\s+(\S+)\s+devices ls", out.text)
+        assert hint is not None, out.text[-2000:]
+        listed = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "lepton.coordinator.cli",
+                "--api",
+                hint[1],
+                "--ca-file",
+                hint[2],
+                "devices",
+                "ls",
+                "--json",
+            ],
+            env={**env, "LEPTON_TOKEN": token},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert listed.returncode == 0, listed.stderr
+        assert len(json.loads(listed.stdout)) == DEVICES
+        assert f"{DEVICES}/{DEVICES} devices have their own" in out.text
         pids = json.loads((workdir / "pids.json").read_text())
     finally:
         demo.send_signal(signal.SIGTERM)

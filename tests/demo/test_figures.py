@@ -16,7 +16,7 @@ from lepton.demo.figures import (
     training_figures,
 )
 from lepton.demo.html import write_html
-from lepton.demo.report import accuracy_steps, class_summary, explain_text
+from lepton.demo.report import accuracy_steps, class_summary, explain_text, security_lines
 
 CLASSES = {"pi-1": "rpi4", "pi-2": "rpi4", "jet-1": "jetson-orin-nano"}
 
@@ -164,3 +164,31 @@ def test_views_and_html_report(tmp_path: Path) -> None:
     html = write_html(figures, tmp_path / "r.html").read_text()
     assert html.count("<svg") >= 4
     assert "Not run: the coordinator has no federated API" in html
+
+
+def test_a_broker_without_accounts_or_tls_is_said_plainly(tmp_path: Path) -> None:
+    """The embedded broker's posture (as lepton.demo.posture measures it) reads as missing
+    protection in the summary and the HTML report, not as a quiet blank."""
+    figures = figures_sample()
+    figures["demo"]["devices"] = 2
+    figures["security"] = {
+        "http": {
+            "url": "https://127.0.0.1:1",
+            "tls": {"ok": True, "version": "TLSv1.3"},
+            "without_token": 401,
+        },
+        "mqtt": {"port": 2, "tls": {"ok": False}, "listeners": []},
+        "devices_enrolled": 2,
+        "device_accounts": 0,
+        "isolated": False,
+        "warning": "devices are not isolated on this broker; install mosquitto",
+        "operator_tokens": 1,
+    }
+    lines = security_lines(figures)
+    assert "HTTPS (TLSv1.3" in lines[0]
+    assert "NOT TLS" in lines[1]
+    assert "2/2 devices enrolled" in lines[2]
+    assert "NONE: devices are not isolated on this broker; install mosquitto" in lines[3]
+    html = write_html(figures, tmp_path / "r.html").read_text()
+    assert "<p class='warn'>Broker accounts: NONE: devices are not isolated" in html
+    assert "<p class='warn'>MQTT: NOT TLS" in html

@@ -17,7 +17,8 @@ import pytest
 
 from lepton.demo.broker import EmbeddedBroker, mosquitto_binary
 from lepton.demo.procs import pid_alive
-from lepton.demo.stack import Stack, StackSpec
+from lepton.demo.stack import NOT_ISOLATED, Stack, StackSpec
+from tests.demo import security
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,9 +33,11 @@ def wait_for(check: Callable[[], object], timeout: float, what: str) -> object:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def online(api: str) -> int:
+def online(stack: Stack) -> int:
     try:
-        devices = httpx.get(f"{api}/v1/devices", timeout=2).json()
+        devices = httpx.get(
+            f"{stack.api_url}/v1/devices", headers=stack.headers, timeout=2, verify=stack.verify
+        ).json()
     except httpx.HTTPError:
         return 0
     return sum(d["state"] == "online" and d["capacity"] is not None for d in devices)
@@ -46,11 +49,28 @@ def test_stack_runs_and_close_stops_every_process(tmp_path: Path, broker: str) -
         pytest.fail("mosquitto binary not found; scripts/test installs it")
     stack = Stack(StackSpec(workdir=tmp_path, devices=3, broker=broker, host_gflops=20.0))  # type: ignore[arg-type]
     with stack:
-        assert broker in stack.start_broker().split()[0] or broker == "embedded"
+        described = stack.start_broker()
+        assert broker in described.split()[0] or broker == "embedded"
+        # Without accounts on the broker the demo says so where it says what runs.
+        assert (NOT_ISOLATED in described) == (broker == "embedded")
         health = stack.start_coordinator()
         assert health["mqtt_connected"]
+        assert stack.api_url.startswith("https://")
+        assert security.plain_http_fails(stack.api_url)
         stack.start_fleet()
-        wait_for(lambda: online(stack.api_url) == 3, 60, "3 devices online")
+        wait_for(lambda: online(stack) == 3, 60, "3 devices online")
+        # Every device enrolled (its own device token), on either broker; MQTT TLS and
+        # broker accounts only on Mosquitto.
+        enrolled = security.enrolled(tmp_path)
+        assert len(enrolled) == 3
+        idents = security.identities(tmp_path)
+        assert set(idents) == set(enrolled)
+        assert {i["mqtt"]["tls"] for i in idents.values()} == {broker == "mosquitto"}
+        if broker == "mosquitto":
+            assert security.broker_usernames(tmp_path) == set(enrolled) | {"coordinator"}
+            assert all(
+                "certfile" in x["options"] for x in security.listeners(stack.trust.broker_conf)
+            )  # type: ignore[union-attr, arg-type]
         pids = stack.pids()
         assert set(pids) == {"broker", "coordinator", "fleet"}
         assert all(pid_alive(p) for p in pids.values())

@@ -48,7 +48,7 @@ class ShippedBroker(Broker):
             text = text.replace(old, new)
         self.conf_path.write_text(
             f"user {getpass.getuser()}\nlog_dest file {self.log_path}\n"
-            "log_type error\nlog_type warning\nlog_type notice\n" + text
+            "log_type error\nlog_type warning\nlog_type notice\n" + text + self.extra_config
         )
 
 
@@ -66,20 +66,30 @@ ShippedFactory = Callable[..., ShippedBroker]
 
 @pytest.fixture
 def shipped_broker_factory(tmp_path: Path) -> Iterator[ShippedFactory]:
-    """``make(users, fleet="default", acl_extra="")``: a started broker on the shipped templates;
-    ``users`` maps username -> password."""
+    """``make(users, fleet="default", acl_extra="", extra_config="")``: a started broker on the
+    shipped templates (``extra_config`` appended: another rendered listener); ``users`` maps
+    username -> password."""
     if mosquitto_binary() is None:
         pytest.fail("mosquitto binary not found; scripts/test installs it")
     started: list[ShippedBroker] = []
 
     def make(
-        users: dict[str, str], *, fleet: str = "default", acl_extra: str = ""
+        users: dict[str, str],
+        *,
+        fleet: str = "default",
+        acl_extra: str = "",
+        extra_config: str = "",
     ) -> ShippedBroker:
         workdir = tmp_path / f"shipped{len(started)}"
         workdir.mkdir()
         acl = workdir / "lepton.acl"
         acl.write_text(render_acl(fleet, extra=acl_extra))
-        b = ShippedBroker(workdir=workdir, passwd=password_file(workdir / "passwd", users), acl=acl)
+        b = ShippedBroker(
+            workdir=workdir,
+            extra_config=extra_config,
+            passwd=password_file(workdir / "passwd", users),
+            acl=acl,
+        )
         started.append(b)
         b.start()
         return b

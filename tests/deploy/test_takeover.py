@@ -13,13 +13,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import aiomqtt
-import httpx
 import pytest
 
 from lepton.coordinator.service import Coordinator
 from tests.coordinator.conftest import coordinator_config, eventually
 from tests.deploy.conftest import ShippedFactory
 from tests.support.agents import AgentProcess, write_agent_config
+from tests.support.api import api_client
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +61,7 @@ async def test_borrowed_client_id_does_not_take_a_device_offline(
             )
 
         await eventually(lambda: asyncio.to_thread(reporting), timeout=30, interval=0.2)
-        async with httpx.AsyncClient(base_url=str(coord.api_url)) as api:
+        async with api_client(coord) as api:
             r = await api.post(
                 "/v1/tasks", json={"kind": "echo", "params": {"sleep_s": 4.0, "payload": "x"}}
             )

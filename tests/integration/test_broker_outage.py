@@ -13,11 +13,10 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
-import httpx
 import pytest
 
 from lepton.coordinator.service import Coordinator
-from tests.coordinator.conftest import eventually
+from tests.coordinator.conftest import api_client, eventually
 from tests.integration.conftest import StartAgent
 from tests.support.broker import Broker
 
@@ -46,7 +45,7 @@ async def test_broker_sigkill_fails_no_queued_work(
 
         await eventually(lambda: asyncio.to_thread(reporting), timeout=30, interval=0.2)
         ids: list[str] = []
-        async with httpx.AsyncClient(base_url=str(coord.api_url), timeout=10) as api:
+        async with api_client(coord, timeout=10) as api:
             for i in range(TASKS):
                 r = await api.post(
                     "/v1/tasks",

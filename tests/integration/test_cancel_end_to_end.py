@@ -18,7 +18,7 @@ import pytest
 from lepton.coordinator.cli import main
 from lepton.coordinator.cli.exitcodes import EXIT_TASK_FINISHED
 from lepton.coordinator.service import Coordinator
-from tests.coordinator.conftest import eventually
+from tests.coordinator.conftest import api_client, cli_token, eventually
 from tests.integration.conftest import StartAgent
 from tests.support.device import FakeDevice
 
@@ -40,10 +40,11 @@ async def state_of(api: httpx.AsyncClient, task_id: str, *states: str) -> dict[s
 
 
 async def test_a_pending_task_is_cancelled_before_any_device_exists(
-    coordinator: Coordinator, capsys: pytest.CaptureFixture[str]
+    coordinator: Coordinator, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     api_url = coordinator.api_url or ""
-    async with httpx.AsyncClient(base_url=api_url, timeout=10) as api:
+    cli_token(monkeypatch, coordinator)
+    async with api_client(coordinator, timeout=10) as api:
         r = await api.post("/v1/tasks", json={"kind": "echo", "params": {"payload": 1}})
         task_id = r.json()["id"]
         code, out, _ = await lepton(
@@ -68,12 +69,16 @@ async def test_a_pending_task_is_cancelled_before_any_device_exists(
 
 
 async def test_queued_and_running_tasks_are_cancelled_on_a_real_agent(
-    make_coordinator: MakeCoordinator, agents: StartAgent, capsys: pytest.CaptureFixture[str]
+    make_coordinator: MakeCoordinator,
+    agents: StartAgent,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     async with make_coordinator() as coord:
         api_url = coord.api_url or ""
+        cli_token(monkeypatch, coord)
         agent = agents(coord.config.mqtt.port, "pi-1", agent={"slots": 1})
-        async with httpx.AsyncClient(base_url=api_url, timeout=10) as api:
+        async with api_client(coord, timeout=10) as api:
 
             async def online() -> bool:
                 devs = (await api.get("/v1/devices")).json()
@@ -150,7 +155,7 @@ async def test_a_success_after_the_cancel_is_kept_but_not_applied(
     port = coordinator.config.mqtt.port
     async with (
         FakeDevice(port, "old-1", interval_s=0.2) as sim,
-        httpx.AsyncClient(base_url=coordinator.api_url or "", timeout=10) as api,
+        api_client(coordinator, timeout=10) as api,
     ):
         store = coordinator.store
         await eventually(
@@ -188,7 +193,7 @@ async def test_an_unanswered_cancel_is_resent_then_given_up_on(
         store = coord.store
         async with (
             FakeDevice(coord.config.mqtt.port, "mute-1", interval_s=0.2, behaviour="ack_only"),
-            httpx.AsyncClient(base_url=coord.api_url or "", timeout=10) as api,
+            api_client(coord, timeout=10) as api,
         ):
             await eventually(
                 lambda: (

@@ -8,11 +8,11 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
-import httpx
 import pytest
 
+from lepton.coordinator.auth.enrolment_store import EnrolmentStore
 from lepton.coordinator.service import Coordinator
-from tests.coordinator.conftest import eventually
+from tests.coordinator.conftest import api_client, eventually
 from tests.integration.conftest import StartAgent
 
 pytestmark = pytest.mark.slow
@@ -24,8 +24,9 @@ async def test_devices_tasks_offline_and_reassignment(
 ) -> None:
     async with make_coordinator() as coord:
         port = coord.config.mqtt.port
-        procs = {d: agents(port, d) for d in ("pi-a", "pi-b")}
-        async with httpx.AsyncClient(base_url=str(coord.api_url), timeout=10) as api:
+        # Each enrols first, as a real device does: it runs with its own identity.
+        procs = {d: agents(port, d, coordinator=coord) for d in ("pi-a", "pi-b")}
+        async with api_client(coord, timeout=10) as api:
 
             async def devices() -> dict[str, Any]:
                 return {d["id"]: d for d in (await api.get("/v1/devices")).json()}
@@ -42,6 +43,8 @@ async def test_devices_tasks_offline_and_reassignment(
             await eventually(online, timeout=30, interval=0.2)
             devs = await devices()
             assert devs["pi-a"]["capacity"]["slots_total"] == 2
+            enrolled = EnrolmentStore(coord.store.engine)
+            assert all(enrolled.identity(d) is not None for d in procs)
 
             # Tasks flow end to end and are spread over both devices.
             ids = []

@@ -25,6 +25,7 @@ from lepton.coordinator.model_registry.registry import ModelRegistry
 from lepton.coordinator.service import Coordinator
 from lepton.models.data import digits_splits
 from tests.coordinator.conftest import eventually
+from tests.support.api import api_client, enrol_devices
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "lepton" / "models" / "artifacts"
@@ -35,6 +36,7 @@ pytestmark = pytest.mark.slow
 
 @contextlib.asynccontextmanager
 async def agent(port: int, state: Path, device_id: str, coordinator: str) -> AsyncIterator[Agent]:
+    """An in-process agent run as ``device_id`` (enrolled already: its identity in ``state``)."""
     config = load_config(
         None,
         env={},
@@ -102,8 +104,9 @@ async def test_quantize_register_deploy_infer_and_refuse_corrupt(
         assert int8.precision == "int8"
         assert published.report.drop_points <= 1.0
         assert coord.api_url is not None
+        await enrol_devices(coord, {"edge-a": tmp_path / "a", "edge-b": tmp_path / "b"})
         async with (
-            httpx.AsyncClient(base_url=coord.api_url, timeout=10) as api,
+            api_client(coord, timeout=10) as api,
             agent(coord.config.mqtt.port, tmp_path / "a", "edge-a", coord.api_url),
             agent(coord.config.mqtt.port, tmp_path / "b", "edge-b", coord.api_url),
         ):
@@ -132,7 +135,7 @@ async def test_quantize_register_deploy_infer_and_refuse_corrupt(
             deploys = [await deploy(d, int8) for d in ("edge-a", "edge-b")]
             for tid in deploys:
                 task = await finished(api, tid)
-                assert task["state"] == "succeeded", task
+                assert task["state"] == "succeeded", (task["id"], output(task))
                 assert output(task)["digest"] == int8.digest
 
             # Inference placed by the scheduler on whichever device it picks.

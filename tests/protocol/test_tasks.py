@@ -132,3 +132,23 @@ def test_the_protocol_task_contracts_need_msgspec_only() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_blob_digests_name_what_a_task_fetches() -> None:
+    d = "AB" * 32
+    weights = {"digest": f"sha256:{d}", "size": 10, "url": "http://c/v1/blobs/x"}
+    deploy = {"name": "m", "digest": d, "size": 1, "url": "http://c/b", "format": "onnx"}
+    train = {
+        "job": "j",
+        "round": 1,
+        "model": "lepton.models.mlp:build",
+        "weights": weights,
+        "data": "local",
+        "upload": {"url": "http://c/u"},
+    }
+    evaluate = {"model": "lepton.models.mlp:build", "weights": weights, "data": "local"}
+    for kind, params in (("deploy", deploy), ("train", train), ("evaluate", evaluate)):
+        assert tasks.blob_digests(kind, params) == {d.lower()}, kind
+    assert tasks.blob_digests("echo", {"payload": d}) == frozenset()
+    assert tasks.blob_digests("deploy", {**deploy, "size": -1}) == frozenset()  # broken
+    assert tasks.blob_digests("nonsense", deploy) == frozenset()

@@ -11,6 +11,9 @@ import pytest
 
 from lepton.agent.cli import build_parser as agent_parser
 from lepton.sim.cli import build_parser, main
+from tests.support.broker import Broker
+from tests.support.enrolserver import FakeEnrolment
+from tests.support.httpserver import HttpServer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -55,3 +58,31 @@ def test_python_m_lepton_sim_is_the_command() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("usage: lepton-sim")
+
+
+def test_enrol_flags_go_together(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--state-root", str(tmp_path), "--enroll", "http://127.0.0.1:1"])
+    assert exc.value.code == 2
+    assert "--enroll and --claim go together" in capsys.readouterr().err
+
+
+def test_the_simulator_enrols_once_then_keeps_its_identities(
+    broker: Broker, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with HttpServer() as server:
+        fake = FakeEnrolment(server.base_url, broker_port=broker.port)
+        server.post_handler = fake
+        claim = fake.claim(uses=3)
+        argv = ["--state-root", str(tmp_path), "--devices", "3", "--host-gflops", "10"]
+        argv += ["--duration", "0.5", "--enroll", server.base_url, "--claim", claim]
+        assert main(argv) == 0, capsys.readouterr().err
+        assert len(fake.enrolled) == 3
+        assert len(list(tmp_path.glob("*/identity.json"))) == 3
+        # The claim is spent; a restart needs none, as every device has its identity.
+        assert main(argv) == 0, capsys.readouterr().err
+        other = [*argv[:-1], fake.claim()]
+        (tmp_path / next(iter(fake.enrolled)) / "identity.json").unlink()
+        fake.enrolled.clear()
+        assert main(other) == 0, capsys.readouterr().err
+        assert len(fake.enrolled) == 1  # only the device that lost its identity enrolled

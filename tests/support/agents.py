@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from typing import Any
 
 import aiomqtt
 
+from lepton.agent.identity import identity_path
 from lepton.protocol import topics
 from lepton.protocol.codec import decode, encode
 from lepton.protocol.errors import DecodeError
@@ -188,10 +190,44 @@ class Sink:
         return {r.task_id: r for r in self.applied.values() if r.task_id in task_ids}
 
 
+def enrol_agent(
+    config_path: Path,
+    url: str,
+    claim: str,
+    *,
+    device_id: str | None = None,
+    args: tuple[str, ...] = (),
+    timeout: float = 60.0,
+) -> subprocess.CompletedProcess[str]:
+    """Run the real ``lepton-agent enroll URL CLAIM --config ...`` (its state directory is
+    the config's); returns the finished process (exit code, stdout, stderr)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEPTON_")}
+    env["PYTHONPATH"] = str(REPO)
+    cmd = [sys.executable, "-m", "lepton.agent", "enroll", url, claim]
+    cmd += ["--config", str(config_path), *(["--device-id", device_id] if device_id else [])]
+    return subprocess.run(
+        [*cmd, *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=timeout,
+    )
+
+
 def write_agent_config(
-    path: Path, *, device_id: str, port: int, state_dir: Path, **sections: dict[str, Any]
+    path: Path,
+    *,
+    device_id: str,
+    port: int,
+    state_dir: Path,
+    enrol: tuple[str, str] | None = None,
+    **sections: dict[str, Any],
 ) -> Path:
-    """Write a TOML config for an agent under test."""
+    """Write a TOML config for an agent under test. ``enrol=(coordinator URL, claim)``:
+    then enrol the agent with the real CLI, so it runs with its own identity (its broker
+    account and HTTP token; the broker address stays the test broker's)."""
     cfg: dict[str, dict[str, Any]] = {
         "device": {"id": device_id},
         "broker": {
@@ -224,26 +260,49 @@ def write_agent_config(
                 lines.append(f'{k} = "{v}"')
         lines.append("")
     path.write_text("\n".join(lines))
+    if enrol is not None:
+        done = enrol_agent(path, *enrol, device_id=device_id)
+        assert done.returncode == 0, f"enrolment of {device_id} failed: {done.stderr}"
     return path
+
+
+@dataclass(frozen=True, slots=True)
+class Enrol:
+    """Where an agent enrols (the coordinator's URL), with which claim, and the state
+    directory its identity goes to (the config's ``agent.state_dir``)."""
+
+    url: str
+    claim: str
+    state_dir: Path
 
 
 @dataclass
 class AgentProcess:
-    """A real ``lepton-agent run`` process (``module``: another entry point with that CLI)."""
+    """A real ``lepton-agent run`` process (``module``: another entry point with that CLI).
+    With ``enrol``, the process first runs ``lepton-agent enroll`` (once: not when its state
+    directory holds an identity), so it runs as an enrolled device; its log says why not."""
 
     config_path: Path
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     env: dict[str, str] = field(default_factory=dict)
     module: str = "lepton.agent"
+    enrol: Enrol | None = None
 
     def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("LEPTON_")}
         env.update(self.env)
         env["PYTHONPATH"] = str(REPO)
         self._log = self.log_path.open("ab")
+        run = [sys.executable, "-m", self.module, "run", "--config", str(self.config_path)]
+        if self.enrol is not None and not identity_path(self.enrol.state_dir).exists():
+            # Enrolled by the child, not here: the coordinator that answers may run on the
+            # test's own event loop, which a blocking call would stall.
+            enroll = [sys.executable, "-m", "lepton.agent", "enroll", self.enrol.url]
+            enroll += [self.enrol.claim, "--config", str(self.config_path)]
+            run = ["sh", "-c", f"{shlex.join(enroll)} && exec {shlex.join(run)}"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", self.module, "run", "--config", str(self.config_path)],
+            run,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,

@@ -80,6 +80,9 @@ class FakeDevice:
     resend_after_s: float = 0.5
     device_class: str | None = "rpi5"
     report_extra: dict[str, Any] = field(default_factory=dict)
+    # A broker account (an enrolled device's MQTT username and password); empty: anonymous.
+    username: str = ""
+    password: str = ""
 
     tasks: list[Task] = field(default_factory=list)
     executions: Counter[str] = field(default_factory=Counter)
@@ -102,8 +105,13 @@ class FakeDevice:
         self.client.will_set(
             self._topic(topics.STATE), codec.encode(State(state="offline")), qos=1, retain=True
         )
+        if self.username:
+            self.client.username_pw_set(self.username, self.password)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
+        self.client.on_disconnect = self._on_disconnect
+        #: time.monotonic() of the last disconnect paho reported (0: none yet).
+        self.disconnected_at = 0.0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -151,6 +159,9 @@ class FakeDevice:
     def _on_connect(self, client: paho.Client, *_args: Any) -> None:
         client.subscribe(topics.cmd_filter(self.fleet, self.device_id), qos=1)
         self._call(self._connected.set)
+
+    def _on_disconnect(self, *_args: Any) -> None:
+        self.disconnected_at = time.monotonic()
 
     def _on_message(self, _client: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
         self._call(self._dispatch, msg.topic, bytes(msg.payload))

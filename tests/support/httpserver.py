@@ -22,8 +22,15 @@ Faults are queued (GETs per digest with :meth:`HttpServer.fault`, PUTs with
   whole blob and 200), ``slow`` (1 KiB pieces ``delay`` seconds apart), ``redirect`` (302 to
   ``location``).
 
+``HttpServer(tls=context)`` serves HTTPS with a server-side :class:`ssl.SSLContext` (the
+handshake runs in the request's thread); its URLs are then ``https://``.
+
 Every request is recorded (method, path, headers, Range, fault applied, status, body bytes
 sent or received).
+
+``POST`` goes to ``server.post_handler`` (``(path, headers, body) -> (status, json bytes)``;
+404 when none is set): the enrolment contract's test double
+(:class:`tests.support.enrolserver.FakeEnrolment`) plugs in there.
 """
 
 from __future__ import annotations
@@ -31,9 +38,11 @@ from __future__ import annotations
 import hashlib
 import re
 import socket
+import ssl
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal, Self
@@ -96,6 +105,7 @@ class _State:
     bodies: dict[str, bytes] = field(default_factory=dict)
     requests: list[Request] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    post_handler: Callable[[str, dict[str, str], bytes], tuple[int, bytes]] | None = None
 
     def take_fault(self, digest: str) -> Fault | None:
         with self.lock:
@@ -129,7 +139,11 @@ class _Handler(BaseHTTPRequestHandler):
         rng = self.headers.get("Range")
         blob = state.blobs.get(digest)
         fault = state.take_fault(digest) if blob is not None else None
-        record = state.record(Request(self.path, rng, fault.kind if fault else None))
+        record = state.record(
+            Request(
+                self.path, rng, fault.kind if fault else None, headers=dict(self.headers.items())
+            )
+        )
         if blob is None:
             record.status = 404
             self._empty(404)
@@ -200,6 +214,26 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
         record.sent += len(body)
 
+    def do_POST(self) -> None:
+        state = self.server.state
+        record = state.record(Request(self.path, method="POST", headers=dict(self.headers.items())))
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            self._answer(record, 411, close=True)
+            return
+        body = self.rfile.read(int(length))
+        record.size = len(body)
+        if state.post_handler is None:
+            self._answer(record, 404)
+            return
+        status, answer = state.post_handler(self.path, dict(self.headers.items()), body)
+        record.status = status
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
     def do_PUT(self) -> None:
         state = self.server.state
         record = Request(self.path, method="PUT", headers=dict(self.headers.items()))
@@ -252,7 +286,8 @@ class _Server(ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that hung up (tests cut connections on purpose) is not an error."""
-        if isinstance(sys.exc_info()[1], ConnectionError):
+        # A client that refused the certificate is not one either.
+        if isinstance(sys.exc_info()[1], ConnectionError | ssl.SSLError):
             return
         super().handle_error(request, client_address)
 
@@ -260,9 +295,14 @@ class _Server(ThreadingHTTPServer):
 class HttpServer:
     """``with``: serves from a daemon thread; ``port`` is the ephemeral port it bound."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, tls: ssl.SSLContext | None = None) -> None:
         self.state = _State()
         self._server = _Server(("127.0.0.1", 0), _Handler)
+        self.tls = tls
+        if tls is not None:
+            self._server.socket = tls.wrap_socket(
+                self._server.socket, server_side=True, do_handshake_on_connect=False
+            )
         self._server.state = self.state
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
@@ -291,8 +331,12 @@ class HttpServer:
         """Serve ``data`` under a digest it may not have (a corrupted artifact)."""
         self.state.blobs[digest] = data
 
+    @property
+    def origin(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
     def url(self, digest: str) -> str:
-        return f"http://127.0.0.1:{self.port}/blobs/{digest}"
+        return f"{self.origin}/blobs/{digest}"
 
     def fault(self, digest: str, fault: Fault) -> None:
         with self.state.lock:
@@ -305,7 +349,7 @@ class HttpServer:
     # ------------------------------------------------------------------ uploads (PUT)
 
     def upload_url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.port}/uploads/{name}"
+        return f"{self.origin}/uploads/{name}"
 
     def fault_puts(self, fault: Fault) -> None:
         """``status`` or ``drop`` for the next ``fault.times`` PUTs."""
@@ -316,6 +360,20 @@ class HttpServer:
         path = url_or_path.split(f":{self.port}", 1)[-1]
         with self.state.lock:
             return self.state.bodies[path]
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def post_handler(self) -> Callable[[str, dict[str, str], bytes], tuple[int, bytes]] | None:
+        return self.state.post_handler
+
+    @post_handler.setter
+    def post_handler(
+        self, handler: Callable[[str, dict[str, str], bytes], tuple[int, bytes]] | None
+    ) -> None:
+        self.state.post_handler = handler
 
     # ------------------------------------------------------------------ both
 

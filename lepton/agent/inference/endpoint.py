@@ -1,7 +1,11 @@
 """The local inference endpoint: HTTP/1.1 for applications on the device, no web framework.
 
-Served with ``h11`` over asyncio streams on ``127.0.0.1:<port>`` and/or a Unix socket (mode
-0660, so access is governed by the socket's owner and group). Routes:
+Served with ``h11`` over asyncio streams on a loopback ``host:port`` (another host only with
+``allow_remote``) and/or a Unix socket whose mode and group are set before anyone can connect
+(:mod:`lepton.agent.inference.unixsock`). With a ``token``, every request must carry
+``Authorization: Bearer <token>`` or is answered 401 with ``WWW-Authenticate: Bearer``
+(:mod:`lepton.agent.inference.access`); health stays open (status only, no model names) unless
+``open_health`` is False. Routes:
 
 - ``GET /v1/health``: ``{"status": "ok", "models": [...]}``;
 - ``GET /v1/models``: every served model with its input/output specs;
@@ -34,17 +38,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
-import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import h11
 import msgspec
 
+from lepton.agent.inference.access import TokenGuard, is_loopback_peer, refusal_answer
 from lepton.agent.inference.bodies import (
     HttpError,
     json_inputs,
@@ -53,7 +58,11 @@ from lepton.agent.inference.bodies import (
     tensor_inputs,
 )
 from lepton.agent.inference.manager import ModelManager
+from lepton.agent.inference.unixsock import SocketPathError, bind_unix
 from lepton.agent.metrics import Counters
+
+if TYPE_CHECKING:
+    from lepton.agent.config import EndpointConfig
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +75,7 @@ MSGPACK_TYPES: Final = frozenset({"application/msgpack", "application/x-msgpack"
 JSON_TYPE: Final = "application/json"
 SERVER_HEADER: Final = ("server", "lepton-agent")
 _PREDICT_SUFFIX: Final = ":predict"
+HEALTH_PATH: Final = "/v1/health"
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,13 +127,25 @@ class Endpoint:
         max_connections: int = 64,
         request_timeout: float = REQUEST_TIMEOUT_S,
         counters: Counters | None = None,
+        allow_remote: bool = False,
+        socket_mode: int = 0o660,
+        socket_gid: int | None = None,
+        token: str | None = None,
+        open_health: bool = True,
     ) -> None:
         if port is None and socket_path is None:
             raise ValueError("the endpoint needs a port, a socket path, or both")
+        if allow_remote and token is None:
+            raise ValueError("a remote-reachable endpoint needs a token")
         self.models = models
         self.host = host
         self.requested_port = port
+        self.allow_remote = allow_remote
         self.socket_path = socket_path
+        self.socket_mode = socket_mode
+        self.socket_gid = socket_gid
+        self.guard = TokenGuard(token, counters=counters) if token is not None else None
+        self.open_health = open_health
         self.max_body = max_body
         self.max_connections = max_connections
         self.request_timeout = request_timeout
@@ -140,24 +162,62 @@ class Endpoint:
         self.accepted = 0  # connections, over the endpoint's life
         self._bound_socket = False
 
+    @classmethod
+    def from_config(
+        cls, models: ModelManager, cfg: EndpointConfig, *, counters: Counters | None = None
+    ) -> Endpoint:
+        """The endpoint ``[endpoint]`` describes (its token read, and checked, now)."""
+        return cls(
+            models,
+            host=cfg.host,
+            port=cfg.port,
+            socket_path=cfg.socket,
+            max_body=cfg.max_body_bytes,
+            concurrency=cfg.concurrency,
+            max_connections=cfg.max_connections,
+            request_timeout=cfg.request_timeout_s,
+            counters=counters,
+            allow_remote=cfg.allow_remote,
+            socket_mode=cfg.mode,
+            socket_gid=cfg.gid,
+            token=cfg.bearer_token(),
+            open_health=cfg.open_health,
+        )
+
     async def __aenter__(self) -> Endpoint:
         try:
             if self.requested_port is not None:
                 server = await asyncio.start_server(
-                    self._connection, self.host, self.requested_port, limit=READ_CHUNK
+                    self._connection,
+                    self.host,
+                    self.requested_port,
+                    limit=READ_CHUNK,
+                    start_serving=False,  # not one accept before the addresses are checked
                 )
                 self._servers.append(server)
+                self._check_loopback(server)
+                await server.start_serving()
                 self.port = int(server.sockets[0].getsockname()[1])
                 log.info("inference endpoint on http://%s:%d", self.host, self.port)
             if self.socket_path is not None:
-                await asyncio.to_thread(self._clear_socket_path)
-                server = await asyncio.start_unix_server(
-                    self._connection, str(self.socket_path), limit=READ_CHUNK
-                )
-                self._servers.append(server)
+                # Synchronous on purpose: the umask bind_unix sets for its bind() must not
+                # overlap another coroutine's file creation on this thread.
+                sock = bind_unix(self.socket_path, mode=self.socket_mode, gid=self._gid())
                 self._bound_socket = True
-                await asyncio.to_thread(os.chmod, self.socket_path, 0o660)
-                log.info("inference endpoint on unix:%s", self.socket_path)
+                try:
+                    server = await asyncio.start_unix_server(
+                        self._connection, sock=sock, limit=READ_CHUNK
+                    )
+                except BaseException:
+                    sock.close()
+                    raise
+                self._servers.append(server)
+                log.info(
+                    "inference endpoint on unix:%s (mode %04o, gid %d)",
+                    self.socket_path,
+                    self.socket_mode,
+                    self._gid(),
+                )
         except BaseException:
             await self.__aexit__()
             raise
@@ -188,16 +248,25 @@ class Endpoint:
         async with self:
             await asyncio.Event().wait()
 
-    def _clear_socket_path(self) -> None:
-        assert self.socket_path is not None
-        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            mode = self.socket_path.lstat().st_mode
-        except FileNotFoundError:
+    def _gid(self) -> int:
+        return os.getegid() if self.socket_gid is None else self.socket_gid
+
+    def _check_loopback(self, server: asyncio.Server) -> None:
+        """Refuse to serve on a non-loopback address unless remote access was allowed.
+
+        The config refused such a host already; this holds for what was actually bound
+        (a name that resolved differently since, or an Endpoint built by hand).
+        """
+        if self.allow_remote:
             return
-        if not stat.S_ISSOCK(mode):
-            raise FileExistsError(f"{self.socket_path} exists and is not a socket")
-        self.socket_path.unlink()  # left by a previous run
+        for sock in server.sockets:
+            name = sock.getsockname()
+            if not is_loopback_peer(name):
+                raise SocketPathError(
+                    errno.EADDRNOTAVAIL,
+                    f"endpoint bound {name[0]}, which is not loopback; "
+                    "set endpoint.allow_remote = true (with a token) to allow it",
+                )
 
     # ------------------------------------------------------------ connections
 
@@ -268,6 +337,12 @@ class Endpoint:
         if not isinstance(event, h11.Request):
             raise h11.RemoteProtocolError(f"unexpected {type(event).__name__}")
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
+        refusal = self._unauthorized(event.target.decode("latin-1"), headers, writer)
+        if refusal is not None:  # before the body: an unknown client cannot make us read it
+            await self._write(conn, writer, refusal)
+            if headers.get("content-length", "0") != "0" or "transfer-encoding" in headers:
+                await _linger(reader)
+            return None
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
             await self._write(conn, writer, self._too_large(int(length)))
@@ -329,6 +404,27 @@ class Endpoint:
             await self._write(conn, writer, reply)
         return conn.our_state is h11.DONE and conn.their_state is h11.DONE
 
+    def _unauthorized(
+        self, target: str, headers: dict[str, str], writer: asyncio.StreamWriter
+    ) -> Reply | None:
+        """The 401 for a request without the right token, or None to serve it.
+
+        Health without an ``Authorization`` header is served when ``open_health`` (it then
+        says only ``ok``); a header that is present is always checked, on every route.
+        """
+        if self.guard is None:
+            return None
+        auth = headers.get("authorization")
+        if auth is None and self.open_health and target.split("?", 1)[0] == HEALTH_PATH:
+            return None
+        reason = self.guard.refusal(auth)
+        if reason is None:
+            return None
+        self.guard.refused(reason, str(writer.get_extra_info("peername") or "unix"))
+        challenge, message = refusal_answer(reason)
+        body = _json.encode({"error": {"code": f"token_{reason}", "message": message}})
+        return Reply(401, body, headers=(("www-authenticate", challenge),), close=True)
+
     def _too_large(self, size: int) -> Reply:
         exc = HttpError(413, "too_large", f"body of {size} bytes exceeds the {self.max_body} cap")
         self._count(exc)
@@ -375,8 +471,10 @@ class Endpoint:
         self, method: str, target: str, headers: dict[str, str], body: bytes
     ) -> Reply:
         path = target.split("?", 1)[0]
-        if path == "/v1/health":
+        if path == HEALTH_PATH:
             self._allow(method, "GET")
+            if self.guard is not None and "authorization" not in headers:
+                return Reply(200, _json.encode({"status": "ok"}))  # open health: no names
             names = [m.name for m in self.models.served()]
             return Reply(200, _json.encode({"status": "ok", "models": names}))
         if path == "/v1/models":

@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -38,6 +39,7 @@ from typing import Any, Final
 
 import msgspec
 
+from lepton.agent.credentials import CoordinatorCredentials
 from lepton.agent.fetch import BlobFetcher, FetchError, fsync_replace, sha256_file
 from lepton.agent.inference.eviction import Caps, Loaded, cache_excess, to_evict
 from lepton.agent.inference.runtimes.base import (
@@ -77,6 +79,8 @@ class ModelManager:
         backoff: tuple[float, float] = (0.5, 10.0),
         origins: Origins | None = None,
         caps: Caps | None = None,
+        tls: ssl.SSLContext | None = None,
+        credentials: CoordinatorCredentials | None = None,
     ) -> None:
         self.root = root
         self.caps = caps or Caps()
@@ -96,7 +100,13 @@ class ModelManager:
         self._pending: dict[str, int] = {}  # digests fetched for deploys still in progress
         self.evictions = 0  # models unloaded to stay within the caps
         self.fetcher = BlobFetcher(
-            root, retries=retries, timeout=timeout, backoff=backoff, origins=origins
+            root,
+            retries=retries,
+            timeout=timeout,
+            backoff=backoff,
+            origins=origins,
+            tls=tls,
+            credentials=credentials,
         )
         self.restored = asyncio.Event()
 

@@ -35,7 +35,8 @@ this handler decodes; other keys, such as ``timeout_s``, are ignored):
 - ``upload`` ({``url``: http(s), ``token``: str, optional}): where the update is ``PUT``,
   with headers ``X-Lepton-Digest: sha256:<hex>``, ``Content-Length``,
   ``Content-Type: application/octet-stream`` and, with a ``token`` (the coordinator adds
-  the slot's credential to the task's message), ``Authorization: Bearer <token>``. The
+  the slot's credential to the task's message), ``X-Lepton-Upload-Token: <token>``; at the
+  coordinator's origin also the device's own ``Authorization: Bearer <http token>``. The
   token is a secret: it is not logged and not in the result. Connection errors and HTTP
   408/425/429/5xx are retried with capped exponential backoff; any 2xx is success; other
   statuses fail.
@@ -169,6 +170,9 @@ def weights_cache(state_dir: Path, models: ModelManager | None) -> ModelManager:
             "retries": models.retries,
             "timeout": models.timeout,
             "backoff": models.backoff,
+            # The same verified HTTPS (the fetcher's context, made once) and token.
+            "tls": models.fetcher.tls,
+            "credentials": models.fetcher.credentials,
         }
     return ModelManager(state_dir / "weights", **settings)
 
@@ -338,6 +342,8 @@ async def train(task: Task, ctx: TaskContext) -> dict[str, Any]:
         retries=store.retries,
         timeout=store.timeout,
         backoff=store.backoff,
+        tls=await store.fetcher.tls_context(),
+        credentials=store.fetcher.credentials,
     )
     upload_s = time.perf_counter() - started
     log.info(

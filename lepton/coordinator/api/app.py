@@ -27,6 +27,8 @@ from starlette.routing import Route
 from lepton.coordinator.api import errors
 from lepton.coordinator.api.limits import BodyGuard
 from lepton.coordinator.api.schemas import Health
+from lepton.coordinator.auth.guard import Authenticator, AuthGuard, require
+from lepton.coordinator.auth.scopes import Scope
 from lepton.coordinator.config import Config
 from lepton.coordinator.metrics import Metrics
 from lepton.coordinator.store.devices import DeviceRepo
@@ -55,6 +57,8 @@ class ApiContext:
     is_leader: Callable[[], bool] = lambda: False
     mqtt_connected: Callable[[], bool] = lambda: False
     routers: Sequence[APIRouter] = ()  # mounted as they are, in order (devices, features)
+    #: Who may call what (:mod:`lepton.coordinator.auth.guard`); every route but health needs it.
+    auth: Authenticator | None = None
 
 
 def create_app(ctx: ApiContext) -> FastAPI:
@@ -102,25 +106,67 @@ def create_app(ctx: ApiContext) -> FastAPI:
             },
         )
 
-    @app.get("/metrics", tags=["service"], response_class=Response)
+    # Health, and the API's own description (the schema of an open-source API is no secret);
+    # enrolment, whose credential is the claim it checks itself (lepton.coordinator.auth.enrolment).
+    public = {routes.HEALTH, routes.ENROLL}
+    public |= {
+        u
+        for u in (app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url)
+        if u
+    }
+    if cfg.http.metrics_public:
+        public.add(routes.METRICS)
+
+    @app.get(
+        routes.METRICS,
+        tags=["service"],
+        response_class=Response,
+        dependencies=[] if cfg.http.metrics_public else [require(Scope.METRICS_READ)],
+    )
     def metrics() -> Response:
         """Prometheus metrics in the text exposition format."""
-        return Response(ctx.metrics.render(), media_type="text/plain; version=0.0.4")
+        return metrics_response(ctx.metrics)
 
     for router in ctx.routers:
         app.include_router(router)
     _guard_bodies(app, ctx.routers, cfg, refused)
+    if ctx.auth is None:
+        raise ValueError("the API needs an Authenticator (auth.insecure turns checks off)")
+    # Added last, so it runs first: no body is read and no route runs for a caller the guard
+    # refuses.
+    app.add_middleware(
+        AuthGuard, routes=_routes(app, ctx.routers), auth=ctx.auth, public=frozenset(public)
+    )
     return app
+
+
+def metrics_response(metrics: Metrics) -> Response:
+    return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+def create_metrics_app(metrics: Metrics) -> FastAPI:
+    """``/metrics`` alone, without a token: for ``http.metrics_port``, a listener a scraper
+    reaches on a private network."""
+    app = FastAPI(title="Lepton coordinator metrics", openapi_url=None, docs_url=None)
+
+    @app.get(routes.METRICS, response_class=Response)
+    def metrics_route() -> Response:
+        return metrics_response(metrics)
+
+    return app
+
+
+def _routes(app: FastAPI, routers: Sequence[APIRouter]) -> list[Route]:
+    # The routes in the order the app's router tries them: its own, then each included
+    # router's (FastAPI keeps an included router as one entry of its own).
+    found = [r for r in app.router.routes if isinstance(r, Route)]
+    return found + [r for router in routers for r in router.routes if isinstance(r, Route)]
 
 
 def _guard_bodies(
     app: FastAPI, routers: Sequence[APIRouter], cfg: Config, refused: Callable[[str], None]
 ) -> None:
-    # The routes in the order the app's router tries them: its own, then each included
-    # router's (FastAPI keeps an included router as one entry of its own).
-    routes = [r for r in app.router.routes if isinstance(r, Route)]
-    routes += [r for router in routers for r in router.routes if isinstance(r, Route)]
-    app.add_middleware(BodyGuard, routes=routes, config=cfg.http, on_refuse=refused)
+    app.add_middleware(BodyGuard, routes=_routes(app, routers), config=cfg.http, on_refuse=refused)
 
 
 def _total(m: Metrics, name: str) -> float:

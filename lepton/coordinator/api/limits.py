@@ -166,7 +166,7 @@ class BodyGuard:
             }
         )
         await send({"type": "http.response.body", "body": response.body, "more_body": True})
-        await _discard(unread)
+        await discard_body(unread)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
@@ -314,7 +314,7 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-async def _discard(receive: Receive) -> None:
+async def discard_body(receive: Receive) -> None:
     """Read and drop the rest of a refused body, for at most LINGER_S and LINGER_BYTES."""
     dropped = 0
     with contextlib.suppress(TimeoutError):

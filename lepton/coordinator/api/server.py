@@ -6,14 +6,19 @@ to uvicorn. The ``[http]`` limits bound what a connection may hold: its head's s
 (:mod:`lepton.coordinator.api.protocol`), and how many connections and requests are served at once
 (uvicorn's ``limit_concurrency``: 503 above it). Bodies are bounded in the app
 (:mod:`lepton.coordinator.api.limits`).
+
+With ``[http] tls_cert_file``/``tls_key_file`` it serves HTTPS (uvicorn wraps the bound
+socket's connections in TLS; the head deadline runs on the decrypted protocol the same
+way), and with ``tls_client_ca_file`` it asks every client for a certificate that CA signed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 from collections.abc import Callable, Iterator
-from typing import Final
+from typing import Any, Final
 
 import uvicorn
 from fastapi import FastAPI
@@ -47,8 +52,13 @@ class HttpServer:
         on_head_timeout: Callable[[], None] = lambda: None,
     ) -> None:
         limits = limits or HttpConfig()
+        self.app = app  # what it serves (tests walk its routes)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP named, not left 0: asyncio turns Nagle's algorithm off only on sockets
+        # whose protocol says TCP, and accepted sockets inherit it. With Nagle on, uvicorn's
+        # answer (head and body written apart) waits for the client's delayed ACK: about
+        # 40 ms on every request instead of well under 1 ms (docs/BENCHMARKS.md).
+        self.sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             self.sock.bind((host, port))
@@ -57,6 +67,13 @@ class HttpServer:
             raise
         self.host = host
         self.port: int = self.sock.getsockname()[1]
+        self.tls = limits.tls
+        tls: dict[str, Any] = {}
+        if limits.tls:
+            tls = {"ssl_certfile": limits.tls_cert_file, "ssl_keyfile": limits.tls_key_file}
+            if limits.tls_client_ca_file:
+                tls["ssl_ca_certs"] = limits.tls_client_ca_file
+                tls["ssl_cert_reqs"] = ssl.CERT_REQUIRED
         config = uvicorn.Config(
             app,
             log_config=None,
@@ -67,13 +84,20 @@ class HttpServer:
             http=protocol_class(limits.head_timeout_s, on_head_timeout),
             h11_max_incomplete_event_size=limits.max_head_bytes,
             limit_concurrency=limits.max_concurrency,
+            **tls,
         )
+        if limits.tls:
+            try:  # a bad certificate or key fails start-up here, not in the serving task
+                config.load()
+            except (OSError, ssl.SSLError) as exc:
+                self.sock.close()
+                raise OSError(f"http TLS: cannot load certificate/key: {exc}") from exc
         self._server = _Server(config)
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     async def serve(self) -> None:
         try:

@@ -13,4 +13,5 @@ EXIT_TASK_FAILED: Final = 5  # a --wait'ed task ended failed, expired or cancell
 EXIT_GATE_FAILED: Final = 6  # a quantized model missed its accuracy gate
 EXIT_TASK_FINISHED: Final = 7  # `tasks cancel`: the task had already ended
 EXIT_SCHEMA: Final = 8  # the database is at another schema revision (`lepton db upgrade`)
+EXIT_UNAUTHORIZED: Final = 9  # no token, a bad one, or one without the scope the call needs
 EXIT_INTERRUPTED: Final = 130  # Ctrl-C (128 + SIGINT), as shells report it

@@ -23,7 +23,7 @@ import msgspec
 from rich.console import Console
 
 from lepton.coordinator.cli import render
-from lepton.coordinator.cli.client import ApiClient, CliError, api_url
+from lepton.coordinator.cli.client import ApiClient, CliError, client_of, client_options
 from lepton.coordinator.cli.exitcodes import (
     EXIT_ERROR,
     EXIT_OK,
@@ -50,21 +50,16 @@ RUN_FLAGS = {
 }
 
 
-def _client_options(parser: argparse.ArgumentParser) -> None:
-    # SUPPRESS: given after the subcommand, they override the top-level ones; absent, they
-    # leave them alone.
-    parser.add_argument("--api", default=argparse.SUPPRESS, help="API URL (env LEPTON_API)")
-    parser.add_argument(
-        "--json", action="store_true", default=argparse.SUPPRESS, help="JSON output for scripts"
-    )
-
-
 #: Command groups that live with their feature: name -> (module, help). Each module has
 #: ``add_commands(top)``, which mounts the group and sets a ``handler`` on every command. A
 #: group is imported only when it is named on the command line (the model registry loads
 #: onnxruntime, which takes seconds); otherwise it is listed by name and help only.
 COMMAND_GROUPS: dict[str, tuple[str, str]] = {
+    "broker": ("lepton.coordinator.auth.broker_cli", "the MQTT broker's configuration"),
+    "ca": ("lepton.coordinator.auth.ca_cli", "the fleet CA: create it, issue certificates"),
     "db": ("lepton.coordinator.cli.db", "the database's schema revision; upgrade it"),
+    "tokens": ("lepton.coordinator.auth.cli", "operator API tokens: create, list, revoke"),
+    "audit": ("lepton.coordinator.auth.cli_audit", "the audit log: who did what, when"),
     "fl": ("lepton.coordinator.fl.cli", "federated learning jobs"),
     "models": (
         "lepton.coordinator.model_registry.cli",
@@ -78,6 +73,16 @@ def build_parser(load: Iterable[str] | None = None) -> argparse.ArgumentParser:
     full and the others listed by name."""
     p = argparse.ArgumentParser(prog="lepton", description="Lepton edge-AI fleet: coordinator CLI.")
     p.add_argument("--api", default=None, help="coordinator API URL (env LEPTON_API)")
+    p.add_argument(
+        "--token",
+        default=None,
+        help="operator token (env LEPTON_TOKEN, else the file `tokens create --save` writes)",
+    )
+    p.add_argument(
+        "--ca-file",
+        default=None,
+        help="CA certificate to verify an https:// coordinator with (env LEPTON_CA_FILE)",
+    )
     p.add_argument("--json", action="store_true", help="JSON output for scripts")
     p.add_argument("--timeout", type=float, default=10.0, help="HTTP timeout, seconds")
     top = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -115,6 +120,12 @@ def _coordinator_commands(top: Any) -> None:
             metavar="KEY=VALUE",
             help="any config key, e.g. --set scheduler.batch_interval_s=0.5",
         )
+        run.add_argument(
+            "--insecure",
+            action="store_true",
+            help="no API authentication: every caller is an administrator (local experiments"
+            " on a private machine only; logged loudly)",
+        )
         run.set_defaults(handler=cmd_coordinator_run if name == "run" else cmd_coordinator_config)
 
 
@@ -124,12 +135,16 @@ def _device_commands(top: Any) -> None:
     ls = dsub.add_parser("ls", help="list devices")
     ls.add_argument("--state", choices=("online", "offline"))
     ls.add_argument("--limit", type=int, default=1000)
-    _client_options(ls)
+    client_options(ls)
     ls.set_defaults(handler=cmd_devices_ls)
     show = dsub.add_parser("show", help="one device in detail")
     show.add_argument("device_id", metavar="ID")
-    _client_options(show)
+    client_options(show)
     show.set_defaults(handler=cmd_devices_show)
+    # Imported here: lepton.coordinator.auth's CLI modules import this package.
+    from lepton.coordinator.auth.cli_devices import add_device_commands
+
+    add_device_commands(dsub)
 
 
 def _task_commands(top: Any) -> None:
@@ -158,14 +173,14 @@ def _task_commands(top: Any) -> None:
     sub.add_argument("--expires-in", type=float, help="start deadline, seconds from now")
     sub.add_argument("--wait", action="store_true", help="wait until the task finishes")
     sub.add_argument("--wait-timeout", type=float, default=300.0)
-    _client_options(sub)
+    client_options(sub)
     sub.set_defaults(handler=cmd_tasks_submit)
     tls = tsub.add_parser("ls", help="list tasks, newest first")
     tls.add_argument("--state", choices=TASK_STATES)
     tls.add_argument("--device")
     tls.add_argument("--kind")
     tls.add_argument("--limit", type=int, default=50)
-    _client_options(tls)
+    client_options(tls)
     tls.set_defaults(handler=cmd_tasks_ls)
     cancel = tsub.add_parser(
         "cancel",
@@ -175,7 +190,7 @@ def _task_commands(top: Any) -> None:
     )
     cancel.add_argument("task_id", metavar="ID")
     cancel.add_argument("--reason", help="why (kept with the task, sent to its device)")
-    _client_options(cancel)
+    client_options(cancel)
     cancel.set_defaults(handler=cmd_tasks_cancel)
     for name, handler, help_text in (
         ("show", cmd_tasks_show, "one task with its attempts"),
@@ -183,7 +198,7 @@ def _task_commands(top: Any) -> None:
     ):
         cmd = tsub.add_parser(name, help=help_text)
         cmd.add_argument("task_id", metavar="ID")
-        _client_options(cmd)
+        client_options(cmd)
         cmd.set_defaults(handler=handler)
 
 
@@ -198,7 +213,7 @@ def _out(args: argparse.Namespace, data: Any, human: Any) -> None:
 
 
 def _client(args: argparse.Namespace) -> ApiClient:
-    return ApiClient(api_url(args.api), timeout=args.timeout)
+    return client_of(args)
 
 
 def _console() -> Console:
@@ -235,6 +250,9 @@ def _load_config(args: argparse.Namespace) -> Any:
         if value is not None:
             overrides[key] = value
             flags[key] = f"flag --{flag.replace('_', '-')}"
+    if getattr(args, "insecure", False):
+        overrides["auth.insecure"] = True
+        flags["auth.insecure"] = "flag --insecure"
     return load(args.config, overrides=overrides, override_label=flags.__getitem__)
 
 

@@ -21,7 +21,7 @@ from typing import Any, Final
 from rich.console import Console
 from rich.table import Table
 
-from lepton.coordinator.cli.client import ApiClient, CliError, api_url
+from lepton.coordinator.cli.client import ApiClient, CliError, client_of, client_options
 from lepton.coordinator.cli.exitcodes import EXIT_OK, EXIT_USAGE
 from lepton.protocol import routes
 
@@ -35,29 +35,22 @@ def add_commands(top: Any) -> None:
     sub = fl.add_subparsers(dest="fl_command", required=True, metavar="COMMAND")
     start = sub.add_parser("start", help="start a federated job from a TOML file")
     start.add_argument("file", type=Path, metavar="JOB.toml")
-    _client_options(start)
+    client_options(start)
     start.set_defaults(handler=cmd_start)
     status = sub.add_parser("status", help="jobs, or one job round by round")
     status.add_argument("job_id", nargs="?", metavar="ID")
     status.add_argument("--watch", action="store_true", help="redraw until the job ends")
     status.add_argument("--interval", type=float, default=2.0, help="--watch refresh, seconds")
-    _client_options(status)
+    client_options(status)
     status.set_defaults(handler=cmd_status)
     stop = sub.add_parser("stop", help="stop a job (its last global weights are registered)")
     stop.add_argument("job_id", metavar="ID")
-    _client_options(stop)
+    client_options(stop)
     stop.set_defaults(handler=cmd_stop)
 
 
-def _client_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--api", default=argparse.SUPPRESS, help="API URL (env LEPTON_API)")
-    parser.add_argument(
-        "--json", action="store_true", default=argparse.SUPPRESS, help="JSON output for scripts"
-    )
-
-
 def _client(args: argparse.Namespace) -> ApiClient:
-    return ApiClient(api_url(args.api), timeout=args.timeout)
+    return client_of(args)
 
 
 def _print_json(data: Any) -> None:

@@ -24,6 +24,8 @@ from typing import Annotated, Any, Final
 
 from fastapi import APIRouter, Body, HTTPException, Path
 
+from lepton.coordinator.auth.guard import require
+from lepton.coordinator.auth.scopes import Scope
 from lepton.coordinator.fl.jobs.admission import JobPolicy
 from lepton.coordinator.fl.jobs.spec import FLJob, JobError
 from lepton.coordinator.fl.metrics import FLMetrics
@@ -133,7 +135,7 @@ def make_jobs_router(ctx: JobsContext) -> APIRouter:
             views.append(round_view(r, live))
         return job_view(job, views)
 
-    @router.post(routes.FL_JOBS, status_code=201)
+    @router.post(routes.FL_JOBS, status_code=201, dependencies=[require(Scope.FL_WRITE)])
     async def start_job(body: Annotated[Any, Body()]) -> dict[str, Any]:
         """Start a federated job (the body holds what a job file holds). The app's body guard
         has bounded its size, depth and numbers before it gets here."""
@@ -150,7 +152,7 @@ def make_jobs_router(ctx: JobsContext) -> APIRouter:
         ctx.on_change()
         return await asyncio.to_thread(detail, record)
 
-    @router.get(routes.FL_JOBS)
+    @router.get(routes.FL_JOBS, dependencies=[require(Scope.FLEET_READ)])
     def list_jobs() -> list[dict[str, Any]]:
         out = []
         for job in store.list_jobs():
@@ -160,11 +162,11 @@ def make_jobs_router(ctx: JobsContext) -> APIRouter:
             out.append(view)
         return out
 
-    @router.get(routes.FL_JOB)
+    @router.get(routes.FL_JOB, dependencies=[require(Scope.FLEET_READ)])
     def get_job(job_id: JobId) -> dict[str, Any]:
         return detail(store.get_job(job_id))
 
-    @router.post(routes.FL_JOB_STOP)
+    @router.post(routes.FL_JOB_STOP, dependencies=[require(Scope.FL_WRITE)])
     def stop_job(job_id: JobId) -> dict[str, Any]:
         record = store.request_stop(job_id)
         ctx.on_change()

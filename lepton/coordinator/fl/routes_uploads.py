@@ -1,14 +1,18 @@
 """``PUT /v1/fl/uploads/{job}/{round}/{device}``: where devices send model updates.
 
 Each selected device gets its own upload URL in its train task, and in the task's message
-(never in its stored params) the credential of that slot, sent back as ``Authorization:
-Bearer <credential>`` (:mod:`.credentials`): only that device can fill the slot, and a
-credential opens no other slot. Checks, cheapest first, each refusal counted by reason
+(never in its stored params) the credential of that slot, sent back in the
+``X-Lepton-Upload-Token`` header (:data:`lepton.protocol.routes.UPLOAD_TOKEN_HEADER`,
+:mod:`.credentials`): only that device can fill the slot, and a credential opens no other
+slot. ``Authorization: Bearer`` carries the enrolled device's own token (the guard refuses a
+request without one: 401). Checks, cheapest first, each refusal counted by reason
 (``lepton_fl_upload_rejects_total`` and the round's ``rejects``):
 
 ==================== ====== ===========================================================
 reason               status when
 ==================== ====== ===========================================================
+device_only          403    the caller is an operator, not an enrolled device
+wrong_device         403    the caller's device token is another device's than the URL's
 bad_digest_header    400    ``X-Lepton-Digest: sha256:<hex>`` missing or malformed
 unknown_job          404    no such job
 job_not_running      409    the job is not running (stopped, done, failed)
@@ -47,11 +51,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Final
 
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from lepton.common.errors import LeptonError
+from lepton.coordinator.auth.guard import require
+from lepton.coordinator.auth.records import Principal
+from lepton.coordinator.auth.scopes import Scope
 from lepton.coordinator.errors import NotFoundError
 from lepton.coordinator.fl.credentials import UploadSigner
 from lepton.coordinator.fl.jobs.spec import LateSpec
@@ -67,9 +73,6 @@ log = logging.getLogger(__name__)
 DIGEST_HEADER: Final = "X-Lepton-Digest"
 _DIGEST_RE: Final = re.compile(r"\Asha256:([0-9a-fA-F]{64})\Z")
 MAX_TOKEN_CHARS: Final = 128
-# A missing header is refused by the route (403 bad_token, counted), not by FastAPI. At
-# module level: route annotations are resolved against the module's names.
-BEARER: Final = HTTPBearer(auto_error=False, description="The slot's upload credential")
 #: The cap when a job has none recorded yet.
 DEFAULT_MAX_BYTES: Final = 64 << 20
 
@@ -98,17 +101,18 @@ class UploadContext:
 def make_upload_router(ctx: UploadContext) -> APIRouter:
     router = APIRouter(tags=["federated"])
 
-    @router.put(routes.FL_UPLOAD)
+    @router.put(routes.FL_UPLOAD, dependencies=[require(Scope.FL_WRITE, devices=True)])
     async def put_update(
         job_id: Ident,
         round_no: Annotated[int, Path(ge=0, le=2**31 - 1)],
         device_id: Ident,
         request: Request,
-        credential: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
     ) -> JSONResponse:
-        token = credential.credentials if credential is not None else ""
+        # A missing slot credential is refused by the checks below (403 bad_token, counted).
+        token = request.headers.get(routes.UPLOAD_TOKEN_HEADER, "").strip()
         round_known = False
         try:
+            _check_caller(request.state.principal, device_id)
             digest = _declared_digest(request)
             cap, late_ok = await _check_slot(ctx, job_id, round_no, device_id, token)
             round_known = True
@@ -130,6 +134,18 @@ def make_upload_router(ctx: UploadContext) -> APIRouter:
         )
 
     return router
+
+
+def _check_caller(principal: object, device_id: str) -> None:
+    """Only the device the slot is for uploads to it (an operator token uploads nothing;
+    ``--insecure`` has no device identities to compare)."""
+    assert isinstance(principal, Principal)
+    if principal.kind == "operator":
+        raise UploadRefusedError(403, "device_only", "updates are uploaded by devices only")
+    if principal.kind == "device" and principal.device_id != device_id:
+        raise UploadRefusedError(
+            403, "wrong_device", f"this device's token cannot upload for {device_id}"
+        )
 
 
 def _declared_digest(request: Request) -> str:

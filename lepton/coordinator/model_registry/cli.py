@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from lepton.common.errors import LeptonError
-from lepton.coordinator.cli.client import CliError
+from lepton.coordinator.cli.client import CliError, client_of, client_options
 from lepton.coordinator.cli.exitcodes import EXIT_ERROR, EXIT_GATE_FAILED, EXIT_OK, EXIT_USAGE
 from lepton.coordinator.model_registry.errors import AccuracyGateError
 
@@ -151,10 +151,7 @@ def _add_deploy(sub: Any, precisions: Sequence[str]) -> None:
     )
     dep.add_argument("--max-attempts", type=int)
     dep.add_argument("--expires-in", type=float, help="start deadline, seconds from now")
-    dep.add_argument("--api", default=argparse.SUPPRESS, help="API URL (env LEPTON_API)")
-    dep.add_argument(
-        "--json", action="store_true", default=argparse.SUPPRESS, help="JSON output for scripts"
-    )
+    client_options(dep)
     dep.set_defaults(models_handler=cmd_deploy)
 
 
@@ -322,7 +319,6 @@ def parse_model_ref(text: str) -> tuple[str, int | None]:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from lepton.coordinator.cli.client import ApiClient, api_url
     from lepton.protocol import routes
 
     name, version = parse_model_ref(args.model)
@@ -337,7 +333,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {k: v for k, v in optional.items() if v is not None}
     if args.device_ids:
         body["device_ids"] = args.device_ids
-    api = ApiClient(api_url(getattr(args, "api", None)), timeout=getattr(args, "timeout", 10.0))
+    api = client_of(args)
     with api:
         done = api.post(routes.path(routes.MODEL_DEPLOY, name=name), body)
     if getattr(args, "json", False):

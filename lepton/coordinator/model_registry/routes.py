@@ -5,7 +5,10 @@
 cache policy (the content of a digest never changes). A single ``Range`` gives 206 with
 ``Content-Range``; an unsatisfiable one 416 with ``Content-Range: bytes */size``; an
 ``If-Range`` that does not match the ETag gives the whole blob. Range handling is
-Starlette's ``FileResponse``. A malformed digest is a 422, an unknown one a 404.
+Starlette's ``FileResponse``. A malformed digest is a 422, an unknown one a 404. An operator
+token with ``fleet:read`` reads any blob; an enrolled device only those its own tasks name
+(:mod:`.grants`): any other answers 404 as an unknown blob would, counted as
+``lepton_auth_refusals_total{reason="blob_not_granted"}``.
 
 ``POST /v1/models/{name}/deploy`` (mounted when a :class:`~.deploy.Deployer` is given)
 submits one ``deploy`` task per chosen device (:mod:`.deploy`) and answers 201 with the model
@@ -17,13 +20,17 @@ Mount with ``app.include_router(make_router(registry, deployer))``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Path, Query
+from fastapi import APIRouter, HTTPException, Path, Query, Request
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from lepton.coordinator.api.schemas import Ident, Name, TaskOut
+from lepton.coordinator.auth.guard import require
+from lepton.coordinator.auth.records import Principal
+from lepton.coordinator.auth.scopes import Scope
 from lepton.coordinator.errors import NotFoundError
 from lepton.coordinator.model_registry.blobstore import DIGEST_PATTERN
 from lepton.coordinator.model_registry.deploy import (
@@ -32,6 +39,7 @@ from lepton.coordinator.model_registry.deploy import (
     DeployError,
     DeviceSelector,
 )
+from lepton.coordinator.model_registry.grants import BlobGrants
 from lepton.coordinator.model_registry.registry import NAME_PATTERN, ModelRegistry, Precision
 from lepton.coordinator.tasks.submit import SubmissionError
 from lepton.protocol import routes
@@ -66,16 +74,40 @@ class DeployOut(BaseModel):
     tasks: list[TaskOut]
 
 
-def make_router(registry: ModelRegistry, deployer: Deployer | None = None) -> APIRouter:
+def make_router(
+    registry: ModelRegistry,
+    deployer: Deployer | None = None,
+    *,
+    grants: BlobGrants | None = None,
+    on_refused: Callable[[str], None] = lambda _reason: None,
+) -> APIRouter:
     """Routes serving ``registry``'s blobs and metadata, and deploying its models when
-    ``deployer`` is given (handlers run in the thread pool)."""
+    ``deployer`` is given (handlers run in the thread pool). ``grants``: which blobs a device
+    may fetch (None: none); ``on_refused(reason)`` counts a device refused a blob."""
     router = APIRouter(tags=["models"])
 
     # Two routes, not one with methods=["GET", "HEAD"]: that would give both operations the
     # same OpenAPI operation id.
-    @router.head(routes.BLOB, response_class=FileResponse, operation_id="head_blob")
-    @router.get(routes.BLOB, response_class=FileResponse, operation_id="get_blob")
-    def get_blob(digest: Digest) -> FileResponse:
+    @router.head(
+        routes.BLOB,
+        response_class=FileResponse,
+        operation_id="head_blob",
+        dependencies=[require(Scope.FLEET_READ, devices=True)],
+    )
+    @router.get(
+        routes.BLOB,
+        response_class=FileResponse,
+        operation_id="get_blob",
+        dependencies=[require(Scope.FLEET_READ, devices=True)],
+    )
+    def get_blob(digest: Digest, request: Request) -> FileResponse:
+        principal = request.state.principal
+        assert isinstance(principal, Principal)
+        if principal.device_id is not None and not (
+            grants is not None and grants.granted(principal.device_id, digest)
+        ):
+            on_refused("blob_not_granted")
+            raise HTTPException(status_code=404, detail=f"blob {digest} not found")
         try:
             path = registry.blob_path(digest)
         except NotFoundError as exc:
@@ -87,13 +119,13 @@ def make_router(registry: ModelRegistry, deployer: Deployer | None = None) -> AP
             headers={"ETag": f'"{digest}"', "Cache-Control": CACHE_CONTROL},
         )
 
-    @router.get(routes.MODELS)
+    @router.get(routes.MODELS, dependencies=[require(Scope.FLEET_READ)])
     def list_models(
         name: Annotated[str | None, Query(pattern=NAME_PATTERN, max_length=128)] = None,
     ) -> dict[str, Any]:
         return {"models": [r.to_dict() for r in registry.list(name)]}
 
-    @router.get(routes.MODEL)
+    @router.get(routes.MODEL, dependencies=[require(Scope.FLEET_READ)])
     def get_model(name: ModelName) -> dict[str, Any]:
         versions = registry.list(name)
         if not versions:
@@ -104,7 +136,7 @@ def make_router(registry: ModelRegistry, deployer: Deployer | None = None) -> AP
             "versions": [r.to_dict() for r in versions],
         }
 
-    @router.get(routes.MODEL_VERSION)
+    @router.get(routes.MODEL_VERSION, dependencies=[require(Scope.FLEET_READ)])
     def get_model_version(
         name: ModelName,
         version: Annotated[int, Path(ge=1, le=2**31 - 1)],
@@ -116,7 +148,9 @@ def make_router(registry: ModelRegistry, deployer: Deployer | None = None) -> AP
 
     if deployer is not None:
 
-        @router.post(routes.MODEL_DEPLOY, status_code=201)
+        @router.post(
+            routes.MODEL_DEPLOY, status_code=201, dependencies=[require(Scope.MODELS_WRITE)]
+        )
         def deploy_model(name: ModelName, body: DeployIn) -> DeployOut:
             """Deploy a version of ``name`` to the chosen devices: one pinned ``deploy`` task
             each, placed and retried like any task."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from typing import Final, TypeVar
 
 from lepton.coordinator.metrics import Metrics
@@ -50,6 +50,7 @@ class Control:
         fleet: str,
         on_requeue: Callable[[], None] = lambda: None,
         on_results: Callable[[Sequence[ResultOutcome]], None] = lambda _outcomes: None,
+        revoked: Container[str] = frozenset(),
     ) -> None:
         self.devices = devices
         self.tasks = tasks
@@ -62,6 +63,9 @@ class Control:
         # Called (worker thread) after a batch of results committed: the features react
         # (federated rounds wait on their train tasks' results).
         self.on_results = on_results
+        # Revoked devices: what they sent before the ingest learnt of it, still queued here,
+        # is not applied either (a late birth would bring a revoked device back online).
+        self.revoked = revoked
         self._stopping = False
         self._waiting = False
 
@@ -89,6 +93,10 @@ class Control:
     async def process(self, batch: Sequence[Inbound]) -> None:
         """Apply one batch: births and wills, then acks, then results, each kind in one
         transaction and in arrival order."""
+        kept = [m for m in batch if m.device_id not in self.revoked]
+        if len(kept) < len(batch):
+            self.metrics.reject("revoked_device", len(batch) - len(kept))
+            batch = kept
         states = [
             StateUpdate(m.device_id, self.fleet, m.message, m.received_at, m.retained)
             for m in batch

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from typing import Final
 
@@ -151,12 +151,15 @@ class Ingest:
         on_capacity: Callable[[str, CapacityReport, float], None],
         inbox: Inbox,
         max_bytes: int = codec.MAX_MESSAGE_BYTES,
+        revoked: Container[str] = frozenset(),
     ) -> None:
         self.fleet = fleet
         self.metrics = metrics
         self.on_capacity = on_capacity
         self.inbox = inbox
         self.max_bytes = max_bytes
+        # Revoked devices (auth.revoked.RevokedDevices): one set lookup per message.
+        self.revoked = revoked
         self.accepting = True
         self._log = _Throttle()
         # Labelled children looked up once: this is the hot path of the capacity stream.
@@ -174,7 +177,7 @@ class Ingest:
             self.metrics.reject("internal_error")
             log.exception("ingest failed on %s", topic)
 
-    def _handle(self, topic: str, payload: bytes, retained: bool) -> None:
+    def _handle(self, topic: str, payload: bytes, retained: bool) -> None:  # noqa: PLR0911
         if not self.accepting:
             return  # draining: the agent re-sends anything not acknowledged
         received_at = time.time()
@@ -185,6 +188,11 @@ class Ingest:
             return
         if parsed.fleet != self.fleet or parsed.direction != "device":
             self.reject("bad_topic", topic)
+            return
+        if parsed.device_id in self.revoked:
+            # Still connected (a broker without per-device accounts, or before the kick):
+            # nothing it says is applied.
+            self.reject("revoked_device", topic)
             return
         expect = CHANNEL_TYPES.get(parsed.channel)
         if expect is None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
@@ -28,6 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from lepton.common.tls import client_context
 from lepton.coordinator.config import MqttConfig
 from lepton.coordinator.errors import UnavailableError
 
@@ -45,6 +45,7 @@ def _drop_not_connected(record: logging.LogRecord) -> bool:
 _paho_log.addFilter(_drop_not_connected)
 
 OnMessage = Callable[[str, bytes, bool], None]
+OnRouted = Callable[[bytes], None]
 
 
 class MqttLink:
@@ -53,6 +54,10 @@ class MqttLink:
     ``on_message(topic, payload, retained)`` runs in paho's network thread and must be quick
     and must not raise. ``publish`` is awaited from the event loop: it returns once the broker
     acknowledged a QoS 1 message, or raises :class:`UnavailableError`.
+
+    :meth:`add_route` gives one exact topic its own handler (a reply topic, say): its messages
+    skip ``on_message``, so request/response exchanges share this connection without touching
+    the ingest.
     """
 
     def __init__(
@@ -74,6 +79,8 @@ class MqttLink:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connected = asyncio.Event()
         self._pending: dict[int, asyncio.Future[None]] = {}  # touched in the event loop only
+        # Replaced, never mutated: the network thread reads it without a lock.
+        self._routes: dict[str, tuple[int, OnRouted]] = {}
         self._failures = 0
         self._client = self._make_client()
 
@@ -90,11 +97,11 @@ class MqttLink:
         if cfg.username:
             client.username_pw_set(cfg.username, cfg.password or None)
         if cfg.tls:
-            client.tls_set(
-                ca_certs=cfg.ca_file or None,
-                certfile=cfg.cert_file or None,
-                keyfile=cfg.key_file or None,
-                cert_reqs=ssl.CERT_REQUIRED,
+            # The broker must prove it is cfg.host to cfg.ca_file (else the system's CAs).
+            client.tls_set_context(
+                client_context(
+                    cfg.ca_file or None, cfg.cert_file or None, cfg.key_file or None, what="mqtt"
+                )
             )
         client.reconnect_delay_set(
             min_delay=max(1, round(cfg.reconnect_min_s)),
@@ -155,6 +162,18 @@ class MqttLink:
             return False
         return True
 
+    def add_route(self, topic: str, handler: OnRouted, *, qos: int = 1) -> None:
+        """Subscribe to the exact ``topic`` (now if connected, and on every reconnect) and hand
+        its payloads to ``handler`` in paho's network thread, instead of ``on_message``.
+        ``handler`` must be quick and thread-safe. Adding a topic again replaces its handler.
+        Keep route topics outside the link's subscriptions: the broker delivers a message
+        once per matching subscription, so an overlap reaches the handler twice."""
+        if "+" in topic or "#" in topic:
+            raise ValueError(f"a route is one exact topic, not a filter: {topic!r}")
+        self._routes = {**self._routes, topic: (qos, handler)}
+        if self._connected.is_set():
+            self._client.subscribe(topic, qos)
+
     # ------------------------------------------------------------------ publishing
 
     async def publish(
@@ -200,8 +219,9 @@ class MqttLink:
             log.warning("broker refused the connection: %s", reason)
             return
         self._failures = 0
-        if self.subscriptions:
-            client.subscribe([(t, q) for t, q in self.subscriptions])
+        wanted = [*self.subscriptions, *((t, q) for t, (q, _) in self._routes.items())]
+        if wanted:
+            client.subscribe(wanted)
         log.info(
             "connected to mqtt://%s:%d as %s (%d subscriptions)",
             self.cfg.host,
@@ -244,8 +264,13 @@ class MqttLink:
             self._on_connection(value)
 
     def _on_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
+        topic = msg.topic  # paho decodes it on each access
         try:
-            self._on_message_cb(msg.topic, bytes(msg.payload), bool(msg.retain))
+            route = self._routes.get(topic) if self._routes else None
+            if route is not None:
+                route[1](bytes(msg.payload))
+                return
+            self._on_message_cb(topic, bytes(msg.payload), bool(msg.retain))
         except Exception:
             log.exception("message handler failed on %s", msg.topic)
 

@@ -15,6 +15,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from lepton.coordinator.api.schemas import DeviceDetail, DeviceOut, TaskOut
+from lepton.coordinator.auth.guard import require
+from lepton.coordinator.auth.scopes import Scope
 from lepton.coordinator.config import Config
 from lepton.coordinator.store.devices import DeviceRepo
 from lepton.coordinator.store.tasks import TaskRepo
@@ -28,7 +30,7 @@ def make_router(config: Config, devices: DeviceRepo, tasks: TaskRepo) -> APIRout
     def deadline(interval: float | None) -> float:
         return config.heartbeat_deadline_s(interval)
 
-    @router.get(routes.DEVICES, tags=["devices"])
+    @router.get(routes.DEVICES, tags=["devices"], dependencies=[require(Scope.FLEET_READ)])
     def list_devices(
         state: Annotated[str | None, Query(pattern="^(online|offline)$")] = None,
         limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
@@ -42,7 +44,7 @@ def make_router(config: Config, devices: DeviceRepo, tasks: TaskRepo) -> APIRout
         )
         return [DeviceOut.of(d, deadline(d.report_interval_s)) for d in rows]
 
-    @router.get(routes.DEVICE, tags=["devices"])
+    @router.get(routes.DEVICE, tags=["devices"], dependencies=[require(Scope.FLEET_READ)])
     def get_device(device_id: str) -> DeviceDetail:
         """One device: identity, liveness, latest capacity report and its current tasks."""
         d = devices.get_device(device_id)

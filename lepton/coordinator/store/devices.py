@@ -264,6 +264,25 @@ class DeviceRepo(StoreBase):
                     )
         return out
 
+    def mark_revoked(self, device_id: str, now: float) -> list[str]:
+        """A revoked device: offline (reason ``revoked``) and its assigned and running tasks
+        taken back at once, without backoff; returns their ids. A device the registry has
+        never seen has no tasks: nothing changes."""
+        with self._write() as session:
+            session.execute(
+                update(DeviceRow)
+                .where(DeviceRow.id == device_id)
+                .values(state="offline", state_at=now, offline_reason="revoked")
+            )
+            return requeue_device(
+                session,
+                device_id,
+                "device offline (revoked)",
+                now,
+                self.retry,
+                lock=self.dialect == "postgresql",
+            )
+
     def next_deadline(
         self, *, missed: float, default_interval_s: float, seen_floor: float = 0.0
     ) -> float | None:

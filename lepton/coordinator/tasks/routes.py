@@ -41,6 +41,8 @@ from lepton.coordinator.api.schemas import (
     TaskStateName,
     TaskSubmit,
 )
+from lepton.coordinator.auth.guard import require
+from lepton.coordinator.auth.scopes import Scope
 from lepton.coordinator.config import Config
 from lepton.coordinator.errors import NotFoundError
 from lepton.coordinator.metrics import Metrics
@@ -68,7 +70,7 @@ def make_router(
     cancel requested, for the scheduling leader to act on (any thread)."""
     router = APIRouter()
 
-    @router.get(routes.TASKS, tags=["tasks"])
+    @router.get(routes.TASKS, tags=["tasks"], dependencies=[require(Scope.FLEET_READ)])
     def list_tasks(
         state: TaskStateName | None = None,
         device: str | None = None,
@@ -82,7 +84,9 @@ def make_router(
         )
         return [TaskOut.of(t) for t in rows]
 
-    @router.post(routes.TASKS, status_code=201, tags=["tasks"])
+    @router.post(
+        routes.TASKS, status_code=201, tags=["tasks"], dependencies=[require(Scope.TASKS_WRITE)]
+    )
     def submit_task(body: TaskSubmit) -> TaskOut:
         """Submit a task; the scheduler places it in its next batch."""
         try:
@@ -100,7 +104,7 @@ def make_router(
         on_submit()
         return TaskOut.of(task)
 
-    @router.get(routes.TASK, tags=["tasks"])
+    @router.get(routes.TASK, tags=["tasks"], dependencies=[require(Scope.FLEET_READ)])
     def get_task(task_id: str) -> TaskDetail:
         """One task with its attempts (which device, how each ended) and results received."""
         t = tasks.get_task(task_id)
@@ -119,6 +123,7 @@ def make_router(
             202: {"model": TaskOut, "description": "Assigned or running: its device is told."},
             409: {"description": "The task had ended; the answer names its state."},
         },
+        dependencies=[require(Scope.TASKS_WRITE)],
     )
     def cancel_task(
         task_id: TaskId,
@@ -151,7 +156,7 @@ def make_router(
         log.info("task %s: cancel %s (%s)", task_id, out.outcome, reason)
         return TaskOut.of(tasks.get_task(task_id))
 
-    @router.get(routes.TASK_EXPLAIN, tags=["tasks"])
+    @router.get(routes.TASK_EXPLAIN, tags=["tasks"], dependencies=[require(Scope.FLEET_READ)])
     def explain_task(task_id: str) -> ExplainOut:
         """Why the task went where it went (or why it could not be placed)."""
         t = tasks.get_task(task_id)

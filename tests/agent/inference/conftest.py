@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +99,21 @@ def manager(tmp_path: Path) -> ModelManager:
     return ModelManager(
         tmp_path / "models", threads=1, retries=3, timeout=5.0, backoff=(0.01, 0.05)
     )
+
+
+@pytest.fixture
+async def served(manager: ModelManager, blobs: HttpServer, linear: Linear) -> ModelManager:
+    """A manager serving the ``linear`` model as ``clf``."""
+    await manager.deploy(spec_for(blobs, linear.onnx))
+    return manager
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A short directory for Unix sockets (their paths are limited to ~100 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="lep-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def spec_for(

@@ -198,3 +198,25 @@ async def test_an_agent_told_no_origin_fetches_nothing(
         assert "fetch: refused_origin" in (refused.error or "")
         assert "none configured" in (refused.error or "")
         assert blobs.requests == []
+
+
+async def test_the_agent_endpoint_asks_for_its_token(broker: Broker, tmp_path: Path) -> None:
+    token = "agent-endpoint-token-0123456789"
+    token_file = tmp_path / "endpoint.token"
+    token_file.write_text(token)
+    token_file.chmod(0o600)
+    overrides = {"endpoint.port": 0, "endpoint.token_file": token_file}
+    async with running_agent(broker, tmp_path / "state", **overrides) as agent:
+        port = await _endpoint_port(agent)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            refused = await client.get("/v1/models")
+            assert refused.status_code == 401
+            assert refused.headers["www-authenticate"].startswith("Bearer")
+            wrong = await client.get("/v1/models", headers={"authorization": "Bearer " + "x" * 30})
+            assert wrong.status_code == 401
+            ok = await client.get("/v1/models", headers={"authorization": f"Bearer {token}"})
+            assert ok.status_code == 200
+            assert ok.json() == {"models": []}
+        # The refusals are in the counters every capacity report carries.
+        assert agent.counters["endpoint.unauthorized.missing"] == 1
+        assert agent.counters["endpoint.unauthorized.wrong"] == 1

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,26 +15,13 @@ import pytest
 
 from lepton.agent.inference.endpoint import Endpoint
 from lepton.agent.inference.manager import ModelManager
+from lepton.agent.inference.unixsock import SocketPathError
 from lepton.agent.metrics import Counters
 from lepton.protocol.tensors import TensorPayload, from_payload, to_payload
 from tests.agent.inference.conftest import Linear, spec_for
 from tests.support.httpserver import HttpServer
 
 MSGPACK = {"content-type": "application/msgpack"}
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A short directory for Unix sockets (their paths are limited to ~100 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="lep-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-async def served(manager: ModelManager, blobs: HttpServer, linear: Linear) -> ModelManager:
-    await manager.deploy(spec_for(blobs, linear.onnx))
-    return manager
 
 
 @pytest.fixture
@@ -279,7 +264,7 @@ async def test_socket_path_handling(served: ModelManager, short_dir: Path) -> No
     async with Endpoint(served, socket_path=path):
         pass
     path.write_text("precious")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(SocketPathError, match="is not a socket; not removing it"):
         async with Endpoint(served, socket_path=path):
             pass
     assert path.read_text() == "precious"

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import subprocess
 import sys
 import time
 import typing
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from lepton.agent.credentials import CoordinatorCredentials
 from lepton.agent.handlers import TaskContext, TaskError, default_registry
+from lepton.agent.inference.manager import ModelManager
 from lepton.agent.training.tasks import evaluate, train
 from lepton.protocol.tasks import Compression
 from lepton.protocol.weights import COMPRESSIONS, decode_weights
@@ -346,13 +350,15 @@ async def test_the_upload_credential_is_a_header_and_nowhere_else(
     ctx: TaskContext, servers: Servers, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Finding 3 of the hardening review: the slot's credential the coordinator adds to the
-    task message goes out as a bearer header only: not in the URL, the output or errors."""
+    task message goes out in its own header only (X-Lepton-Upload-Token, not Authorization,
+    which carries the device's own token): not in the URL, the output or errors."""
     secret = "slot-credential-0123456789abcdef"
     upload = {"url": servers.uploads.upload_url("digits-fl/3/dev1"), "token": secret}
     caplog.set_level("DEBUG")
     out, _ = await run_train(ctx, servers, upload=upload)
     (put,) = servers.uploads.requests
-    assert put.headers["Authorization"] == f"Bearer {secret}"
+    assert put.headers["X-Lepton-Upload-Token"] == secret
+    assert "Authorization" not in put.headers  # an unenrolled device has no token to send
     assert secret not in put.path
     assert secret not in repr(out)
     servers.uploads.fault_puts(Fault(kind="status", status=403))
@@ -360,6 +366,33 @@ async def test_the_upload_credential_is_a_header_and_nowhere_else(
         await run_train(ctx, servers, upload=upload)
     assert secret not in str(refused.value)
     assert secret not in caplog.text
+
+
+@pytest.mark.parametrize("coordinator", ["uploads", "blobs"])
+async def test_the_device_token_goes_to_the_coordinator_origin_only(
+    tmp_path: Path, ctx: TaskContext, servers: Servers, coordinator: str
+) -> None:
+    """The device's token rides on every request to the coordinator's origin (the weights
+    download and the update upload) and on none to another allowed origin."""
+    home = getattr(servers, coordinator)
+    device_token = "lpd_device-token-0123456789abcdef"
+    creds = CoordinatorCredentials(f"http://127.0.0.1:{home.port}/", device_token)
+    store = ModelManager(
+        tmp_path / "w2", retries=1, timeout=5.0, backoff=(0.01, 0.05), credentials=creds
+    )
+    ctx = dataclasses.replace(ctx, services=dataclasses.replace(ctx.services, weights_store=store))
+    upload = {"url": servers.uploads.upload_url("digits-fl/3/dev1"), "token": "slot-abc"}
+    await run_train(ctx, servers, upload=upload)
+    (get,) = [r for r in servers.blobs.requests if r.method == "GET"]
+    (put,) = servers.uploads.requests
+    assert put.headers["X-Lepton-Upload-Token"] == "slot-abc"
+    bearer = f"Bearer {device_token}"
+    if coordinator == "uploads":
+        assert put.headers["Authorization"] == bearer
+        assert "Authorization" not in get.headers
+    else:
+        assert get.headers["Authorization"] == bearer
+        assert "Authorization" not in put.headers
 
 
 async def test_a_cancel_stops_training_between_batches(ctx: TaskContext, servers: Servers) -> None:

@@ -12,6 +12,8 @@ import httpx
 import pytest
 from fastapi import APIRouter, Request
 
+from lepton.coordinator.auth.guard import require
+from lepton.coordinator.auth.scopes import Scope
 from lepton.coordinator.metrics import Metrics
 from lepton.coordinator.store import RetryPolicy, Store
 from tests.coordinator.conftest import in_process_api
@@ -22,7 +24,8 @@ CAP = 1024
 def upload_router() -> APIRouter:
     router = APIRouter()
 
-    @router.put("/v1/raw/{name}")
+    # Declared like every route (an undeclared one is refused 403 undeclared_route).
+    @router.put("/v1/raw/{name}", dependencies=[require(Scope.FL_WRITE)])
     async def put_raw(name: str, request: Request) -> dict[str, int]:
         size = 0
         async for chunk in request.stream():

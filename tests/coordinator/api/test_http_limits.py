@@ -6,6 +6,7 @@ and ordinary requests are served meanwhile."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -37,16 +38,27 @@ class Proc:
     port: int
     proc: subprocess.Popen[bytes]
     log: Path
+    database: str
+    token: str = ""  # an admin token, made with `lepton tokens create` once it has started
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    @property
+    def auth_line(self) -> bytes:
+        """The header line raw socket requests send."""
+        return f"Authorization: Bearer {self.token}\r\n".encode()
+
     def rss(self) -> int:
         return int(psutil.Process(self.proc.pid).memory_info().rss)
 
     def rejects(self, reason: str) -> float:
-        text = httpx.get(f"{self.url}/metrics", timeout=5).text
+        text = httpx.get(f"{self.url}/metrics", headers=self.headers, timeout=5).text
         key = f'lepton_http_rejects_total{{reason="{reason}"}} '
         for line in text.splitlines():
             if line.startswith(key):
@@ -56,8 +68,30 @@ class Proc:
 
 @pytest.fixture
 def coordinator_proc(broker: Broker, tmp_path: Path) -> Iterator[Proc]:
+    yield from run_coordinator(broker, tmp_path)
+
+
+def create_token(database: str, name: str, *scopes: str) -> str:
+    """``lepton tokens create NAME --scope ... --database URL --json``: the token it printed."""
+    cmd = [sys.executable, "-m", "lepton.coordinator.cli", "tokens", "create", name]
+    for scope in scopes:
+        cmd += ["--scope", scope]
+    out = subprocess.run(
+        [*cmd, "--database", database, "--json"],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return str(json.loads(out.stdout)["token"])
+
+
+def run_coordinator(broker: Broker, tmp_path: Path, *extra: str) -> Iterator[Proc]:
+    """``lepton coordinator run`` (with ``extra`` arguments), once it answers; stopped after."""
     port = free_port()
     log = tmp_path / "coordinator.log"
+    database = f"sqlite:///{tmp_path / 'data' / 'coordinator.db'}"
     cmd = [
         sys.executable, "-m", "lepton.coordinator.cli", "coordinator", "run",
         "--instance-id", "limits",
@@ -68,6 +102,7 @@ def coordinator_proc(broker: Broker, tmp_path: Path) -> Iterator[Proc]:
         "--set", f"http.body_timeout_s={BODY_TIMEOUT_S}",
         "--set", f"http.max_body_bytes={MAX_BODY}",
         "--set", "database.sqlite_synchronous=normal",
+        *extra,
     ]  # fmt: skip
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -77,18 +112,19 @@ def coordinator_proc(broker: Broker, tmp_path: Path) -> Iterator[Proc]:
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    p = Proc(port, proc, log)
+    p = Proc(port, proc, log, database)
     try:
         deadline = time.monotonic() + 60
         while True:
             assert proc.poll() is None, log.read_text()
             try:
-                if httpx.get(f"{p.url}/v1/tasks", timeout=1).status_code == 200:
+                if httpx.get(f"{p.url}/v1/health", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             assert time.monotonic() < deadline, "coordinator did not start\n" + log.read_text()
             time.sleep(0.2)
+        p.token = create_token(database, "limits-test", "admin")
         yield p
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -127,13 +163,22 @@ def test_a_64_mib_json_body_gets_413_without_growing_the_process(coordinator_pro
     """It grew the coordinator by 334 MB before its 422; now Content-Length settles it."""
     task = {"kind": "echo", "params": {"x": 1}}
     for _ in range(3):  # warm the code paths the big request goes through
-        assert httpx.post(f"{coordinator_proc.url}/v1/tasks", json=task).status_code == 201
+        assert (
+            httpx.post(
+                f"{coordinator_proc.url}/v1/tasks", json=task, headers=coordinator_proc.headers
+            ).status_code
+            == 201
+        )
     before = coordinator_proc.rss()
     size = 64 << 20
     head = (
-        f"POST /v1/tasks HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {size}\r\n\r\n"
-    ).encode()
+        (
+            f"POST /v1/tasks HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {size}\r\n"
+        ).encode()
+        + coordinator_proc.auth_line
+        + b"\r\n"
+    )
     piece = b"[0," + b"0," * ((1 << 20) // 2 - 4) + b"0]"
     with socket.create_connection(("127.0.0.1", coordinator_proc.port)) as sock:
         sock.sendall(head + b'{"kind":"echo","params":{"x":[')
@@ -162,7 +207,7 @@ def test_a_streamed_body_is_cut_at_the_cap(coordinator_proc: Proc) -> None:
     with socket.create_connection(("127.0.0.1", coordinator_proc.port)) as sock:
         sock.sendall(
             b"POST /v1/tasks HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n"
+            b"Transfer-Encoding: chunked\r\n" + coordinator_proc.auth_line + b"\r\n"
         )
         chunk = b"a" * 65536
         for _ in range(MAX_BODY // len(chunk) + 2):
@@ -177,7 +222,7 @@ def test_a_body_that_never_finishes_gets_408_within_the_deadline(
     with socket.create_connection(("127.0.0.1", coordinator_proc.port)) as sock:
         sock.sendall(
             b"POST /v1/tasks HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-            b'Content-Length: 100\r\n\r\n{"kind": "echo", '
+            b"Content-Length: 100\r\n" + coordinator_proc.auth_line + b'\r\n{"kind": "echo", '
         )
         start = time.monotonic()
         response = _read_response(sock, BODY_TIMEOUT_S + 5)
@@ -223,7 +268,9 @@ async def test_header_trickling_connections_are_closed_and_others_are_served(
     trickles = [asyncio.create_task(trickle(w)) for _, w in conns]
     waits = [asyncio.create_task(closed_after(r)) for r, _ in conns]
     try:
-        async with httpx.AsyncClient(base_url=coordinator_proc.url) as client:
+        async with httpx.AsyncClient(
+            base_url=coordinator_proc.url, headers=coordinator_proc.headers
+        ) as client:
             r = await client.get("/v1/tasks", timeout=5)
             assert r.status_code == 200
             assert time.monotonic() - opened < HEAD_TIMEOUT_S  # they were all still open
@@ -245,7 +292,7 @@ def test_a_deeply_nested_fl_job_gets_a_400(coordinator_proc: Proc) -> None:
     r = httpx.post(
         f"{coordinator_proc.url}/v1/fl/jobs",
         content=body,
-        headers={"content-type": "application/json"},
+        headers={"content-type": "application/json", **coordinator_proc.headers},
         timeout=10,
     )
     assert r.status_code == 400, r.text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
 from fastapi import FastAPI
 
@@ -81,5 +82,37 @@ async def test_connections_above_the_concurrency_limit_get_503() -> None:
     finally:
         for w in idle:
             w.close()
+        server.stop()
+        await asyncio.wait_for(serving, 10)
+
+
+async def test_served_connections_do_not_wait_on_nagle() -> None:
+    """Every accepted connection has TCP_NODELAY. Without it (a listening socket whose
+    protocol was left 0, which asyncio does not recognise as TCP) uvicorn's answer, written
+    as a head and a body, waited for the client's delayed ACK: about 40 ms per request."""
+    app = FastAPI()
+
+    @app.get("/ping")
+    async def ping() -> dict[str, bool]:
+        return {"ok": True}
+
+    server = HttpServer(app, "127.0.0.1", 0)
+    serving = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(10):
+            while True:
+                try:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+                    break
+                except ConnectionRefusedError:
+                    await asyncio.sleep(0.05)
+        assert await _request(reader, writer) == b"HTTP/1.1 200 OK"
+        connections = list(server._server.server_state.connections)
+        assert connections, "the server holds no connection"
+        for protocol in connections:
+            sock = protocol.transport.get_extra_info("socket")  # type: ignore[attr-defined]
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        writer.close()
+    finally:
         server.stop()
         await asyncio.wait_for(serving, 10)

@@ -17,7 +17,7 @@ import pytest
 from lepton.coordinator.cli import main
 from lepton.coordinator.cli.main import parse_param
 from lepton.coordinator.service import Coordinator
-from tests.coordinator.conftest import eventually
+from tests.coordinator.conftest import api_client, cli_token, eventually
 from tests.support.broker import Broker, free_port
 from tests.support.device import FakeDevice
 
@@ -33,8 +33,12 @@ async def lepton(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, s
 
 
 async def test_devices_and_tasks_commands(
-    coordinator: Coordinator, broker: Broker, capsys: pytest.CaptureFixture[str]
+    coordinator: Coordinator,
+    broker: Broker,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    cli_token(monkeypatch, coordinator)
     api = coordinator.api_url or ""
     async with FakeDevice(broker.port, "pi-7", interval_s=0.2):
         await eventually(lambda: coordinator.store.devices.device_exists("pi-7"))
@@ -85,8 +89,9 @@ async def test_devices_and_tasks_commands(
 
 
 async def test_errors_and_exit_codes(
-    coordinator: Coordinator, capsys: pytest.CaptureFixture[str]
+    coordinator: Coordinator, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    cli_token(monkeypatch, coordinator)
     api = coordinator.api_url or ""
     code, _, err = await lepton(capsys, "--api", api, "devices", "show", "ghost")
     assert code == 3
@@ -118,12 +123,16 @@ async def test_errors_and_exit_codes(
 
 
 async def test_models_deploy_through_the_running_coordinator(
-    coordinator: Coordinator, broker: Broker, capsys: pytest.CaptureFixture[str]
+    coordinator: Coordinator,
+    broker: Broker,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """``lepton models deploy``: the coordinator sends each chosen device a deploy task whose
     URL serves the registered artifact; the other devices get nothing."""
     from lepton.coordinator.model_registry.registry import ModelRegistry
 
+    cli_token(monkeypatch, coordinator)
     api = coordinator.api_url or ""
     registry = ModelRegistry(coordinator.store.engine, Path(coordinator.config.data_dir))
     artifact = REPO / "lepton" / "models" / "artifacts" / "digits_fp32.onnx"
@@ -147,7 +156,7 @@ async def test_models_deploy_through_the_running_coordinator(
         task = next(t for t in five.tasks if t.kind == "deploy")
         assert task.task_id == done["tasks"][0]["id"]
         assert (task.params["digest"], task.params["size"]) == (record.digest, record.size)
-        async with httpx.AsyncClient() as http:
+        async with api_client(coordinator, ["fleet:read"]) as http:
             blob = (await http.get(task.params["url"])).content
         assert blob == artifact.read_bytes()
         await eventually(
@@ -206,7 +215,13 @@ def test_config_command_prints_effective_config(
 def test_one_command_start_and_sigterm(broker: Broker, tmp_path: Path) -> None:
     """`lepton coordinator run` as an operator starts it; SIGTERM drains and exits 0."""
     port = free_port()
-    env = {**os.environ, "LEPTON_MQTT_PORT": str(broker.port), "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "LEPTON_MQTT_PORT": str(broker.port),
+        "PYTHONPATH": str(REPO),
+        "XDG_CONFIG_HOME": str(tmp_path / "xdg"),
+    }
+    env.pop("LEPTON_TOKEN", None)
     proc = subprocess.Popen(
         [
             *LEPTON,
@@ -236,6 +251,14 @@ def test_one_command_start_and_sigterm(broker: Broker, tmp_path: Path) -> None:
             assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
             assert time.monotonic() < deadline, "coordinator did not become healthy"
             time.sleep(0.1)
+        # The operator's first token, made on the host and saved where the CLI looks.
+        subprocess.run(
+            [*LEPTON, "tokens", "create", "me", "--data-dir", str(tmp_path / "data"), "--save"],
+            env=env,
+            capture_output=True,
+            timeout=60,
+            check=True,
+        )
         out = subprocess.run(
             [*LEPTON, "--api", f"http://127.0.0.1:{port}", "--json", "tasks", "submit", "echo"],
             env=env,

@@ -13,8 +13,11 @@ from typing import Any
 import httpx
 import pytest
 
+from lepton.coordinator.service import Coordinator
 from lepton.sim.device import VirtualDevice
-from lepton.sim.fleet import FleetSpec, build_devices
+from lepton.sim.enrol import Enrolment
+from lepton.sim.fleet import FleetSpec, build_devices, enrol_devices
+from tests.support.api import Endpoint, api_client, endpoint, new_claim
 from tests.support.broker import Broker
 
 FAST_MIX: dict[str, float] = {"x86-gateway": 1.0, "jetson-orin-nano": 1.0}
@@ -68,31 +71,74 @@ class SimFleet:
         await asyncio.gather(*live, return_exceptions=True)
 
 
-@pytest.fixture
-async def sim_fleet(broker: Broker, tmp_path: Path) -> AsyncIterator[Callable[..., SimFleet]]:
-    """``sim_fleet(devices=4, mix=..., **spec)``: a started fleet with digits partitions."""
-    fleets: list[SimFleet] = []
+class FleetMaker:
+    """``await sim_fleet(c, devices=4, mix=..., **spec)``: a started fleet with digits
+    partitions whose devices first enrolled with coordinator ``c`` (a running
+    :class:`Coordinator` or an :class:`Endpoint`), each with its own identity (broker account,
+    HTTP token) from one multi-use claim made through ``c``'s API, as real devices would.
+    ``await sim_fleet.enrolled(url, claim, ...)``: the same with a given URL and claim;
+    ``sim_fleet.unenrolled(...)``: devices with no identity (tests of the fixture itself)."""
 
-    def make(devices: int = 4, *, mix: Mapping[str, float] | None = None, **kw: Any) -> SimFleet:
-        root = tmp_path / f"fleet{len(fleets)}"
-        spec = FleetSpec(
+    def __init__(self, broker: Broker, tmp_path: Path) -> None:
+        self.broker = broker
+        self.tmp_path = tmp_path
+        self.fleets: list[SimFleet] = []
+
+    def _spec(self, devices: int, mix: Mapping[str, float] | None, **kw: Any) -> FleetSpec:
+        return FleetSpec(
             devices=devices,
-            state_root=root,
+            state_root=self.tmp_path / f"fleet{len(self.fleets)}",
             mix=dict(mix or FAST_MIX),
-            broker_port=broker.port,
+            broker_port=self.broker.port,
             data="digits",
             capacity_interval=0.5,
             keepalive=5,
             seed=kw.pop("seed", 1),
             **kw,
         )
-        fleet = SimFleet(build_devices(spec), root)
+
+    def _start(self, spec: FleetSpec) -> SimFleet:
+        fleet = SimFleet(build_devices(spec), spec.state_root)
         fleet.start()
-        fleets.append(fleet)
+        self.fleets.append(fleet)
         return fleet
 
-    yield make
-    for fleet in fleets:
+    async def __call__(
+        self,
+        c: Coordinator | Endpoint,
+        devices: int = 4,
+        *,
+        mix: Mapping[str, float] | None = None,
+        **kw: Any,
+    ) -> SimFleet:
+        claim = await new_claim(c, uses=devices)
+        return await self.enrolled(endpoint(c).url, claim, devices, mix=mix, **kw)
+
+    def unenrolled(
+        self, devices: int = 4, *, mix: Mapping[str, float] | None = None, **kw: Any
+    ) -> SimFleet:
+        return self._start(self._spec(devices, mix, **kw))
+
+    async def enrolled(
+        self,
+        url: str,
+        claim: str,
+        devices: int = 4,
+        *,
+        mix: Mapping[str, float] | None = None,
+        **kw: Any,
+    ) -> SimFleet:
+        spec = self._spec(devices, mix, enrolment=Enrolment(url, claim), **kw)
+        await enrol_devices(spec)
+        return self._start(spec)
+
+
+@pytest.fixture
+async def sim_fleet(broker: Broker, tmp_path: Path) -> AsyncIterator[FleetMaker]:
+    """A :class:`FleetMaker`; every fleet it started is stopped at the end."""
+    maker = FleetMaker(broker, tmp_path)
+    yield maker
+    for fleet in maker.fleets:
         await fleet.stop()
 
 
@@ -119,10 +165,10 @@ def digits_job(eval_path: Path, **overrides: Any) -> dict[str, Any]:
     return job
 
 
-async def wait_for_devices(api: str, n: int, *, timeout: float = 20.0) -> None:
+async def wait_for_devices(api: Coordinator | Endpoint, n: int, *, timeout: float = 20.0) -> None:
     """Until ``n`` devices are online with a capacity report that lists the torch runtime."""
     deadline = time.monotonic() + timeout
-    async with httpx.AsyncClient(base_url=api) as client:
+    async with api_client(api) as client:
         while True:
             devices = (await client.get("/v1/devices", params={"state": "online"})).json()
             ready = [d for d in devices if "torch" in (d.get("runtimes") or [])]
@@ -134,7 +180,7 @@ async def wait_for_devices(api: str, n: int, *, timeout: float = 20.0) -> None:
 
 
 async def wait_job(
-    api: str,
+    api: Coordinator | Endpoint,
     job_id: str,
     predicate: Callable[[dict[str, Any]], bool],
     *,
@@ -144,7 +190,7 @@ async def wait_job(
     """Poll ``GET /v1/fl/jobs/{id}`` until ``predicate(job)`` holds; the job."""
     deadline = time.monotonic() + timeout
     last: dict[str, Any] = {}
-    async with httpx.AsyncClient(base_url=api, timeout=5) as client:
+    async with api_client(api, timeout=5) as client:
         while True:
             with contextlib.suppress(httpx.HTTPError):
                 last = (await client.get(f"/v1/fl/jobs/{job_id}")).json()
@@ -156,9 +202,11 @@ async def wait_job(
             await asyncio.sleep(interval)
 
 
-async def run_job(api: str, body: Mapping[str, Any], *, timeout: float) -> dict[str, Any]:
+async def run_job(
+    api: Coordinator | Endpoint, body: Mapping[str, Any], *, timeout: float
+) -> dict[str, Any]:
     """Start a job (``POST /v1/fl/jobs``) and wait until it ends; the job."""
-    async with httpx.AsyncClient(base_url=api) as client:
+    async with api_client(api) as client:
         r = await client.post("/v1/fl/jobs", json=dict(body))
     assert r.status_code == 201, r.text
     return await wait_job(api, r.json()["id"], ended, timeout=timeout)

@@ -1,4 +1,7 @@
-"""The update upload endpoint: what is accepted, what is refused and how it is counted."""
+"""The update upload endpoint: what is accepted, what is refused and how it is counted.
+
+The app runs behind the real auth guard: each request carries the enrolled device's own
+token (``Authorization``) and the slot's credential (``X-Lepton-Upload-Token``)."""
 
 from __future__ import annotations
 
@@ -18,6 +21,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
+from lepton.coordinator.auth import credentials
+from lepton.coordinator.auth.enrolment_store import EnrolmentStore
+from lepton.coordinator.auth.guard import Authenticator, AuthGuard
+from lepton.coordinator.auth.metrics import AuthMetrics
+from lepton.coordinator.auth.store import AuthStore
 from lepton.coordinator.fl import tables
 from lepton.coordinator.fl.credentials import SCHEME, UploadSigner
 from lepton.coordinator.fl.metrics import FLMetrics
@@ -26,6 +34,7 @@ from lepton.coordinator.fl.store import FLStore
 from lepton.coordinator.model_registry import tables as model_tables
 from lepton.coordinator.model_registry.registry import ModelRegistry
 from lepton.coordinator.store import Store
+from lepton.protocol.routes import UPLOAD_TOKEN_HEADER
 from lepton.protocol.weights import encode_weights
 
 JOB = "digits-0000abcd"
@@ -44,6 +53,7 @@ class Env:
     base: str
     woken: list[int]
     signer: UploadSigner
+    bearers: dict[str, str]  # device id (or "operator") -> its token
 
     def token(self, device: str, round_no: int = 1, job: str = JOB) -> str:
         """The credential the coordinator puts in ``device``'s train task message."""
@@ -59,12 +69,18 @@ class Env:
         digest: str | None = None,
         job: str = JOB,
         headers: dict[str, str] | None = None,
+        caller: str | None = None,
     ) -> tuple[int, str]:
+        """PUT ``body`` into ``device``'s slot as ``caller`` (default: that device; "":
+        no Authorization) with the slot credential ``token`` (default: the slot's own)."""
         h = {"X-Lepton-Digest": f"sha256:{digest or hashlib.sha256(body).hexdigest()}"}
         if token is None:
             token = self.token(device, round_no, job)
         if token:
-            h["Authorization"] = f"Bearer {token}"
+            h[UPLOAD_TOKEN_HEADER] = token
+        caller = device if caller is None else caller
+        if caller:
+            h["Authorization"] = f"Bearer {self.bearers[caller]}"
         h.update(headers or {})
         url = f"/v1/fl/uploads/{job}/{round_no}/{device}"
 
@@ -122,20 +138,56 @@ def env(tmp_path: Path) -> Iterator[Env]:
     metrics = FLMetrics(CollectorRegistry())
     woken: list[int] = []
     signer = UploadSigner(b"k" * 32)
+    bearers = _identities(store, "d1", "d2", "d9")
     app = FastAPI()
-    app.include_router(
-        make_upload_router(
-            UploadContext(
-                store=fl,
-                registry=registry,
-                metrics=metrics,
-                signer=signer,
-                on_update=lambda: woken.append(1),
-            )
+    router = make_upload_router(
+        UploadContext(
+            store=fl,
+            registry=registry,
+            metrics=metrics,
+            signer=signer,
+            on_update=lambda: woken.append(1),
         )
     )
-    yield Env(app, fl, metrics, base, woken, signer)
+    app.include_router(router)
+    auth = Authenticator(AuthStore(store.engine), AuthMetrics(CollectorRegistry()))
+    app.add_middleware(AuthGuard, routes=router.routes, auth=auth, public=frozenset())
+    yield Env(app, fl, metrics, base, woken, signer, bearers)
     store.close()
+
+
+def _identities(store: Store, *devices: str) -> dict[str, str]:
+    """Enrolled devices' tokens, and an operator's with every scope."""
+    enrolment = EnrolmentStore(store.engine)
+    out = {}
+    for device in devices:
+        claim = credentials.new("claim")
+        enrolment.create_claims(
+            [
+                {
+                    "name": f"claim-{device}",
+                    "token_hash": credentials.digest(claim),
+                    "created_by": "test",
+                    "expires_at": time.time() + 60,
+                    "max_uses": 1,
+                    "device_class": None,
+                    "device_group": None,
+                }
+            ]
+        )
+        out[device] = credentials.new("device")
+        enrolment.redeem(
+            credentials.digest(claim),
+            device,
+            credentials.digest(out[device]),
+            device_class=None,
+            device_group=None,
+        )
+    out["operator"] = credentials.new("operator")
+    AuthStore(store.engine).create_token(
+        "op", credentials.digest(out["operator"]), ["admin"], created_by="test"
+    )
+    return out
 
 
 def test_a_good_update_is_recorded_once(env: Env) -> None:
@@ -177,13 +229,25 @@ def test_slot_and_header_checks(
 def test_the_credential_travels_in_a_header_only(env: Env) -> None:
     """Finding 3 of the hardening review: the credential is the slot's and a header's; a
     query string (which URLs, access logs and error messages carry) is not read."""
-    url_token = {"headers": {"Authorization": ""}}
-    assert env.put(env.update(), token="", **url_token) == (403, "bad_token")  # type: ignore[arg-type]
     valid = env.token("d1")
     assert env.put(env.update(), token="", headers={"X-Token": valid}) == (403, "bad_token")
+    # In Authorization (where it travelled before devices had tokens) it is no device token.
+    moved = {"Authorization": f"Bearer {valid}"}
+    assert env.put(env.update(), token="", headers=moved) == (401, "malformed_token")
     assert env.put(env.update(), token="a" * 4000) == (403, "bad_token")
     assert env.put(env.update(), token=valid) == (200, "ok")
     assert repr(env.signer) == "UploadSigner(key=***)"
+
+
+def test_only_the_slots_own_device_uploads(env: Env) -> None:
+    body = env.update()
+    # Another enrolled device, even holding the right slot credential.
+    assert env.put(body, caller="d2") == (403, "wrong_device")
+    assert env.rejects("wrong_device") == 1
+    assert env.put(body, caller="operator") == (403, "device_only")
+    assert env.put(body, caller="") == (401, "missing_token")
+    assert env.fl.updates_for(JOB, 1) == []
+    assert env.put(body) == (200, "ok")
 
 
 def test_blob_checks(env: Env) -> None:

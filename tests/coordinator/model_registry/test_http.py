@@ -5,22 +5,24 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-from fastapi import FastAPI
+from sqlalchemy import Engine
 
 from lepton.coordinator.model_registry.registry import ModelRegistry
 from lepton.coordinator.model_registry.routes import make_router
+from tests.support.api import bearer, guarded, operator_token
 
 DATA = bytes(range(256)) * 40  # 10,240 bytes
 DIGEST = hashlib.sha256(DATA).hexdigest()
 
 
 @pytest.fixture
-async def client(registry: ModelRegistry) -> AsyncIterator[httpx.AsyncClient]:
+async def client(registry: ModelRegistry, engine: Engine) -> AsyncIterator[httpx.AsyncClient]:
     registry.import_bytes(DATA, name="blobby", format="torch", precision="fp32")
-    app = FastAPI()
-    app.include_router(make_router(registry))
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://coordinator") as c:
+    transport = httpx.ASGITransport(app=guarded(engine, make_router(registry)))
+    headers = bearer(operator_token(engine, ["fleet:read"]))
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://coordinator", headers=headers
+    ) as c:
         yield c
 
 

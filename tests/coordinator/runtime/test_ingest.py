@@ -169,3 +169,23 @@ async def test_inbox_batches_in_order() -> None:
     assert [m.message for m in batch] == acks[:3]
     batch = await inbox.get_batch(3)
     assert [m.message for m in batch] == acks[3:]
+
+
+def test_a_revoked_devices_messages_are_dropped_and_counted() -> None:
+    revoked = {"dev-x"}
+    metrics = Metrics()
+    capacity: list[str] = []
+    inbox = Inbox()
+    ingest = Ingest(
+        "default",
+        metrics,
+        on_capacity=lambda d, _r, _t: capacity.append(d),
+        inbox=inbox,
+        revoked=revoked,
+    )
+    for device in ("dev-x", "dev-1"):
+        for channel, msg in (("capacity", report()), ("state", State(state="online"))):
+            ingest.handle(topics.device_topic("default", device, channel), codec.encode(msg))
+    assert capacity == ["dev-1"]
+    assert [m.device_id for m in inbox.take_all()] == ["dev-1"]
+    assert metrics.value("lepton_ingest_rejects_total", {"reason": "revoked_device"}) == 2

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Column, MetaData, String, inspect, text
 
+from lepton.coordinator.auth import tables as auth_tables
 from lepton.coordinator.cli import main
 from lepton.coordinator.cli.exitcodes import EXIT_OK, EXIT_SCHEMA
 from lepton.coordinator.store import Store, migrations
@@ -91,17 +92,21 @@ def test_a_newer_database_is_refused_by_start_up_and_by_upgrade(empty_url: str) 
         engines.dispose()
 
 
+# The shipped head, and the revision a later release would add after it.
+SHIPPED = migrations.head()
+NEXT = f"{int(SHIPPED) + 1:04d}"
+
 PROBE_REVISION = '''"""Probe: a later release adds a column.
 
-Revision ID: 0002
-Revises: 0001
+Revision ID: {next}
+Revises: {shipped}
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002"
-down_revision = "0001"
+revision = "{next}"
+down_revision = "{shipped}"
 branch_labels = None
 depends_on = None
 
@@ -119,12 +124,13 @@ def downgrade() -> None:
 
 @pytest.fixture
 def newer_release(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The shipped revisions plus a 0002 of a later release, as this process's scripts."""
+    """The shipped revisions plus the next one of a later release, as this process's scripts."""
     scripts = tmp_path / "scripts"
     shutil.copytree(
         migrations.SCRIPT_LOCATION, scripts, ignore=shutil.ignore_patterns("__pycache__")
     )
-    (scripts / "versions" / "0002_probe.py").write_text(PROBE_REVISION)
+    probe = PROBE_REVISION.replace("{next}", NEXT).replace("{shipped}", SHIPPED)
+    (scripts / "versions" / f"{NEXT}_probe.py").write_text(probe)
     monkeypatch.setattr(migrations, "SCRIPT_LOCATION", scripts)
     migrations.scripts.cache_clear()
     yield
@@ -135,26 +141,26 @@ def newer_release(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[N
 def test_an_older_revision_is_refused_unless_auto_upgrade(
     empty_url: str, newer_release: None
 ) -> None:
-    """A database at 0001 under a release whose head is 0002: start-up refuses and says what
-    to run; with auto_upgrade it upgrades, and the rows are kept."""
+    """A database at the shipped head under a release with one more revision: start-up
+    refuses and says what to run; with auto_upgrade it upgrades, and the rows are kept."""
     engines = make_engines(empty_url)
     try:
-        migrations.upgrade(engines.write, "0001")
+        migrations.upgrade(engines.write, SHIPPED)
     finally:
         engines.dispose()
     old = Store.open(empty_url, create=False)
     old.devices.record_capacity([sample("pi-01")])
     old.close()
-    assert migrations.head() == "0002"
+    assert migrations.head() == NEXT
     with pytest.raises(migrations.SchemaError) as refused:
         Store.open(empty_url)
     message = str(refused.value)
-    assert "revision 0001" in message
-    assert "runs 0002" in message
+    assert f"revision {SHIPPED}" in message
+    assert f"runs {NEXT}" in message
     assert "lepton db upgrade --database" in message
     store = Store.open(empty_url, auto_upgrade=True)
     try:
-        assert _recorded(empty_url) == ["0002"]
+        assert _recorded(empty_url) == [NEXT]
         assert "probe_note" in {c["name"] for c in inspect(store.engine).get_columns("devices")}
         assert [d.id for d in store.devices.list_devices()] == ["pi-01"]
     finally:
@@ -194,16 +200,16 @@ def test_a_model_change_gets_a_revision_that_makes_the_database_match(
         table.to_metadata(changed)
     changed.tables["devices"].append_column(Column("site", String(64)))
     monkeypatch.setattr(migrations, "target_metadata", lambda: changed)
-    # The fixture's 0002 adds probe_note; the models here do not have it.
-    (migrations.SCRIPT_LOCATION / "versions" / "0002_probe.py").unlink()
+    # The fixture's probe adds probe_note; the models here do not have it.
+    (migrations.SCRIPT_LOCATION / "versions" / f"{NEXT}_probe.py").unlink()
     migrations.scripts.cache_clear()
     path = migrations.new_revision("devices: a site")
-    assert path.name == "0002_devices_a_site.py"
+    assert path.name == f"{NEXT}_devices_a_site.py"
     assert "add_column(sa.Column('site'" in path.read_text()
     engines = make_engines(f"sqlite:///{tmp_path / 'c.db'}")
     try:
         _, after = migrations.upgrade(engines.write)
-        assert after.revision == "0002"
+        assert after.revision == NEXT
         assert schema_differences(engines.write) == []
     finally:
         engines.dispose()
@@ -217,7 +223,10 @@ def test_an_unversioned_database_is_adopted_with_its_rows(
     revision and keeps the rows."""
     engines = make_engines(empty_url)
     try:
-        migrations.target_metadata().create_all(engines.write)
+        # What such a release had: every table but those later revisions added.
+        later = set(auth_tables.metadata.tables)
+        old_tables = [t for n, t in migrations.target_metadata().tables.items() if n not in later]
+        migrations.target_metadata().create_all(engines.write, tables=old_tables)
         with engines.write.begin() as conn:
             conn.execute(text("ALTER TABLE tasks DROP COLUMN cancel_reason"))
         old = Store.open(empty_url, create=False)

@@ -73,8 +73,20 @@ def test_db_upgrade_keeps_every_row_and_the_coordinator_serves_them(
     assert after["alembic_version"] == [{"version_num": migrations.head()}]
     assert schema_differences(create_engine(url)) == []
 
+    # An operator token on the upgraded database, as its administrator would make one.
+    made = lepton("tokens", "create", "reader", "--scope", "fleet:read", "--database", url,
+                  "--json", cwd=tmp_path)  # fmt: skip
+    assert made.returncode == EXIT_OK, made.stderr
+    token = json.loads(made.stdout)["token"]
+    headers = {"Authorization": f"Bearer {token}"}
+
     port = free_port()
-    env = {**os.environ, "LEPTON_MQTT_PORT": str(broker.port), "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "LEPTON_MQTT_PORT": str(broker.port),
+        "PYTHONPATH": str(REPO),
+        "LEPTON_TOKEN": token,
+    }
     proc = subprocess.Popen(
         [
             *LEPTON,
@@ -115,11 +127,11 @@ def test_db_upgrade_keeps_every_row_and_the_coordinator_serves_them(
         assert tasks["t-ok-1"]["state"] == "succeeded"
         assert tasks["t-ok-1"]["output"] == {"echo": "t-ok-1"}
         assert tasks["t-cancel"]["state"] == "cancelled"
-        devices = httpx.get(f"{api}{routes.DEVICES}", timeout=5).json()
+        devices = httpx.get(f"{api}{routes.DEVICES}", headers=headers, timeout=5).json()
         assert {d["id"] for d in devices} == {"pi-01", "pi-02", "jetson-01"}
-        (job,) = httpx.get(f"{api}{routes.FL_JOBS}", timeout=5).json()
+        (job,) = httpx.get(f"{api}{routes.FL_JOBS}", headers=headers, timeout=5).json()
         assert (job["id"], job["state"], job["round"]) == ("job-digits", "done", 1)
-        (model,) = httpx.get(f"{api}{routes.MODELS}", timeout=5).json()["models"]
+        (model,) = httpx.get(f"{api}{routes.MODELS}", headers=headers, timeout=5).json()["models"]
         assert (model["name"], model["version"], model["digest"]) == (
             "digits",
             1,

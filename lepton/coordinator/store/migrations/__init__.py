@@ -65,13 +65,19 @@ class SchemaStatus:
 @cache
 def target_metadata() -> MetaData:
     """Every table of the coordinator's database, as the models declare them (one
-    ``MetaData``): the store's, federated jobs' and the model registry's."""
+    ``MetaData``): the store's, federated jobs', the model registry's and authentication's."""
+    from lepton.coordinator.auth import tables as auth_tables
     from lepton.coordinator.fl import tables as fl_tables
     from lepton.coordinator.model_registry import tables as registry_tables
     from lepton.coordinator.store.schema import Base
 
     merged = MetaData()
-    for metadata in (Base.metadata, fl_tables.metadata, registry_tables.metadata):
+    for metadata in (
+        Base.metadata,
+        fl_tables.metadata,
+        registry_tables.metadata,
+        auth_tables.metadata,
+    ):
         for table in metadata.tables.values():
             table.to_metadata(merged)
     return merged

@@ -17,6 +17,7 @@ from lepton.coordinator.fl.jobs.admission import JobPolicy
 from lepton.coordinator.fl.jobs.spec import FLJob, JobError
 from lepton.coordinator.service import Coordinator
 from lepton.protocol.imports import Allowlist
+from tests.support.api import api_client
 
 BASE: dict[str, Any] = {
     "name": "digits",
@@ -30,7 +31,7 @@ OUTSIDE = "a .npz evaluation set must be a file in the coordinator's evaluation 
 async def api(
     make_coordinator: Callable[..., contextlib.AbstractAsyncContextManager[Coordinator]],
 ) -> AsyncIterator[httpx.AsyncClient]:
-    async with make_coordinator() as c, httpx.AsyncClient(base_url=c.api_url or "") as client:
+    async with make_coordinator() as c, api_client(c) as client:
         yield client
 
 

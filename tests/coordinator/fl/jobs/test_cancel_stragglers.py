@@ -8,19 +8,18 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-import httpx
-
 from lepton.coordinator.fl.store import FLStore
 from lepton.coordinator.service import Coordinator
 from lepton.coordinator.store import IN_FLIGHT, TaskRecord
 from tests.coordinator.conftest import eventually
 from tests.coordinator.fl.conftest import (
-    SimFleet,
+    FleetMaker,
     digits_job,
     ended,
     wait_for_devices,
     wait_job,
 )
+from tests.support.api import api_client
 
 MakeCoordinator = Callable[..., AbstractAsyncContextManager[Coordinator]]
 
@@ -32,16 +31,16 @@ def job_tasks(c: Coordinator, job_id: str) -> dict[str, TaskRecord]:
 
 
 async def test_a_closed_round_leaves_no_straggler_training(
-    make_coordinator: MakeCoordinator, sim_fleet: Callable[..., SimFleet]
+    make_coordinator: MakeCoordinator, sim_fleet: FleetMaker
 ) -> None:
     """Two fast devices and a Raspberry Pi 5, all three asked, two updates needed: round 1
     closes on the fast ones while the Pi still trains (as in the late-update test). Its task
     is cancelled as the round closes; the Pi stops training and uploads nothing."""
-    fleet = sim_fleet(3, mix={"x86-gateway": 2.0, "rpi5": 1.0}, host_gflops=32.0)
-    pi = next(d for d in fleet.ids if "rpi5" in d)
     async with make_coordinator() as c:
+        fleet = await sim_fleet(c, 3, mix={"x86-gateway": 2.0, "rpi5": 1.0}, host_gflops=32.0)
+        pi = next(d for d in fleet.ids if "rpi5" in d)
         assert c.api_url is not None
-        await wait_for_devices(c.api_url, 3)
+        await wait_for_devices(c, 3)
         body = digits_job(
             fleet.eval_path,
             rounds=2,
@@ -51,11 +50,11 @@ async def test_a_closed_round_leaves_no_straggler_training(
             epochs=2,
             late={"policy": "drop"},
         )
-        async with httpx.AsyncClient(base_url=c.api_url) as api:
+        async with api_client(c) as api:
             r = await api.post("/v1/fl/jobs", json=body)
             assert r.status_code == 201, r.text
             job_id = r.json()["id"]
-        job = await wait_job(c.api_url, job_id, ended, timeout=90)
+        job = await wait_job(c, job_id, ended, timeout=90)
         assert job["state"] == "done", job
         fl = FLStore(c.store.engine)
         first = fl.list_rounds(job_id)[0]
@@ -90,16 +89,16 @@ async def test_a_closed_round_leaves_no_straggler_training(
 
 
 async def test_a_stopped_job_cancels_its_tasks(
-    make_coordinator: MakeCoordinator, sim_fleet: Callable[..., SimFleet]
+    make_coordinator: MakeCoordinator, sim_fleet: FleetMaker
 ) -> None:
     """Slow devices keep round 1 open; a stop cancels the round and every train task of the
     job, and the devices stop training (each answers with a cancelled result)."""
-    fleet = sim_fleet(2, mix={"rpi4": 1.0})
     async with make_coordinator() as c:
+        fleet = await sim_fleet(c, 2, mix={"rpi4": 1.0})
         assert c.api_url is not None
-        await wait_for_devices(c.api_url, 2)
+        await wait_for_devices(c, 2)
         body = digits_job(fleet.eval_path, clients_per_round=2, epochs=30, deadline_s=120.0)
-        async with httpx.AsyncClient(base_url=c.api_url) as api:
+        async with api_client(c) as api:
             r = await api.post("/v1/fl/jobs", json=body)
             assert r.status_code == 201, r.text
             job_id = r.json()["id"]
@@ -110,7 +109,7 @@ async def test_a_stopped_job_cancels_its_tasks(
 
             await eventually(training, timeout=30, interval=0.2)
             assert (await api.post(f"/v1/fl/jobs/{job_id}/stop")).status_code == 200
-            job = await wait_job(c.api_url, job_id, ended, timeout=20)
+            job = await wait_job(c, job_id, ended, timeout=20)
         assert job["state"] == "stopped"
 
         def all_answered() -> dict[str, Any] | None:

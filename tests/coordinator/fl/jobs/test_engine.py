@@ -11,7 +11,6 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from lepton.coordinator.fl.store import FLStore
@@ -20,13 +19,14 @@ from lepton.coordinator.model_registry.registry import ModelRegistry
 from lepton.coordinator.service import Coordinator
 from lepton.models.data import digits_splits
 from tests.coordinator.fl.conftest import (
-    SimFleet,
+    FleetMaker,
     digits_job,
     ended,
     run_job,
     wait_for_devices,
     wait_job,
 )
+from tests.support.api import api_client, endpoint
 
 MakeCoordinator = Callable[..., AbstractAsyncContextManager[Coordinator]]
 #: A short job (3 rounds of 4 devices, 5 local epochs) on alpha=0.5 label skew reaches this.
@@ -34,17 +34,17 @@ CONVERGED_ACCURACY = 0.85
 
 
 async def test_short_job_converges_and_registers_an_onnx_model(
-    make_coordinator: MakeCoordinator, sim_fleet: Callable[..., SimFleet], tmp_path: Path
+    make_coordinator: MakeCoordinator, sim_fleet: FleetMaker, tmp_path: Path
 ) -> None:
-    fleet = sim_fleet(4)
     async with make_coordinator() as c:
+        fleet = await sim_fleet(c, 4)
         assert c.api_url is not None
-        await wait_for_devices(c.api_url, 4)
-        async with httpx.AsyncClient(base_url=c.api_url) as api:
+        await wait_for_devices(c, 4)
+        async with api_client(c) as api:
             r = await api.post("/v1/fl/jobs", json=digits_job(fleet.eval_path, final_format="onnx"))
             assert r.status_code == 201, r.text
             job_id = r.json()["id"]
-            job = await wait_job(c.api_url, job_id, ended, timeout=50)
+            job = await wait_job(c, job_id, ended, timeout=50)
             metrics = (await api.get("/metrics")).text
         assert job["state"] == "done", job
         history = job["history"]
@@ -90,15 +90,15 @@ async def test_short_job_converges_and_registers_an_onnx_model(
 
 
 async def test_wait_for_forced_counts_the_device_the_floor_forced_in(
-    make_coordinator: MakeCoordinator, sim_fleet: Callable[..., SimFleet]
+    make_coordinator: MakeCoordinator, sim_fleet: FleetMaker
 ) -> None:
     """Two fast devices and a Raspberry Pi 4; one update needed, two asked. Round 2's
     staleness floor forces the Pi in (never chosen); with ``wait_for_forced`` the round waits
     for it, so the Pi's update counts instead of the round closing on the fast device."""
-    fleet = sim_fleet(3, mix={"x86-gateway": 2.0, "rpi4": 1.0})
     async with make_coordinator() as c:
+        fleet = await sim_fleet(c, 3, mix={"x86-gateway": 2.0, "rpi4": 1.0})
         assert c.api_url is not None
-        await wait_for_devices(c.api_url, 3)
+        await wait_for_devices(c, 3)
         body = digits_job(
             fleet.eval_path,
             rounds=2,
@@ -108,7 +108,7 @@ async def test_wait_for_forced_counts_the_device_the_floor_forced_in(
             epochs=1,
             fairness={"max_staleness": 1, "wait_for_forced": True},
         )
-        job = await run_job(c.api_url, body, timeout=60)
+        job = await run_job(c, body, timeout=60)
         assert job["state"] == "done", job
         rounds = FLStore(c.store.engine).list_rounds(job["id"])
         second = rounds[1]
@@ -121,7 +121,7 @@ async def test_wait_for_forced_counts_the_device_the_floor_forced_in(
 
 @pytest.mark.parametrize("policy", ["drop", "fold"])
 async def test_late_updates_are_lost_or_folded_into_a_later_round(
-    make_coordinator: MakeCoordinator, sim_fleet: Callable[..., SimFleet], policy: str
+    make_coordinator: MakeCoordinator, sim_fleet: FleetMaker, policy: str
 ) -> None:
     """Two fast devices and a Raspberry Pi 5, all three asked, two updates needed: round 1
     closes on the fast ones while the Pi still trains. Its work is then lost (``drop``), or
@@ -129,11 +129,11 @@ async def test_late_updates_are_lost_or_folded_into_a_later_round(
     for a 32 GFLOP/s one: the gateways work at its speed, the Pi (16) takes twice as long, so
     its update comes about two rounds late, well inside ``max_rounds``, however loaded the
     host is."""
-    fleet = sim_fleet(3, mix={"x86-gateway": 2.0, "rpi5": 1.0}, host_gflops=32.0)
-    pi = next(d for d in fleet.ids if "rpi5" in d)
     async with make_coordinator() as c:
+        fleet = await sim_fleet(c, 3, mix={"x86-gateway": 2.0, "rpi5": 1.0}, host_gflops=32.0)
+        pi = next(d for d in fleet.ids if "rpi5" in d)
         assert c.api_url is not None
-        await wait_for_devices(c.api_url, 3)
+        await wait_for_devices(c, 3)
         body = digits_job(
             fleet.eval_path,
             rounds=8,
@@ -143,7 +143,7 @@ async def test_late_updates_are_lost_or_folded_into_a_later_round(
             epochs=2,
             late={"policy": policy, "max_rounds": 4},
         )
-        job = await run_job(c.api_url, body, timeout=90)
+        job = await run_job(c, body, timeout=90)
         assert job["state"] == "done", job
         rounds = FLStore(c.store.engine).list_rounds(job["id"])
     first = rounds[0]
@@ -174,40 +174,40 @@ async def test_late_updates_are_lost_or_folded_into_a_later_round(
 
 
 async def test_stop_cancels_the_open_round(
-    make_coordinator: MakeCoordinator, sim_fleet: Callable[..., SimFleet]
+    make_coordinator: MakeCoordinator, sim_fleet: FleetMaker
 ) -> None:
     """Slow devices (Raspberry Pi 4 profiles, 30 local epochs) keep round 1 open for many
     seconds; a stop then cancels it, and a job stopped in its first round registers no
     model (there are no aggregated weights to register)."""
-    fleet = sim_fleet(2, mix={"rpi4": 1.0})
     async with make_coordinator() as c:
+        fleet = await sim_fleet(c, 2, mix={"rpi4": 1.0})
         assert c.api_url is not None
-        await wait_for_devices(c.api_url, 2)
+        await wait_for_devices(c, 2)
         body = digits_job(fleet.eval_path, clients_per_round=2, epochs=30, deadline_s=120.0)
-        async with httpx.AsyncClient(base_url=c.api_url) as api:
+        async with api_client(c) as api:
             r = await api.post("/v1/fl/jobs", json=body)
             assert r.status_code == 201, r.text
             job_id = r.json()["id"]
             await wait_job(
-                c.api_url,
+                c,
                 job_id,
                 lambda j: bool(j["history"]) and j["history"][-1]["state"] == "open",
                 timeout=30,
             )
             assert (await api.post(f"/v1/fl/jobs/{job_id}/stop")).status_code == 200
-            job = await wait_job(c.api_url, job_id, ended, timeout=20)
+            job = await wait_job(c, job_id, ended, timeout=20)
         assert job["state"] == "stopped"
         assert [(h["round"], h["state"]) for h in job["history"]] == [(1, "cancelled")]
         assert job["final_model"] is None
 
 
 async def test_cli_start_status_stop(
-    make_coordinator: MakeCoordinator, sim_fleet: Callable[..., SimFleet], tmp_path: Path
+    make_coordinator: MakeCoordinator, sim_fleet: FleetMaker, tmp_path: Path
 ) -> None:
-    fleet = sim_fleet(3)
     async with make_coordinator() as c:
+        fleet = await sim_fleet(c, 3)
         assert c.api_url is not None
-        await wait_for_devices(c.api_url, 3)
+        await wait_for_devices(c, 3)
         job_file = tmp_path / "job.toml"
         job_file.write_text(
             "\n".join(
@@ -234,22 +234,22 @@ async def test_cli_start_status_stop(
         )
         bad = tmp_path / "bad.toml"
         bad.write_text(job_file.read_text().replace("epochs", "epochz"))
-        code, out, err = await lepton(c.api_url, "fl", "start", str(bad))
+        code, out, err = await lepton(c, "fl", "start", str(bad))
         assert code == 2
         assert "epochz" in err
-        code, out, err = await lepton(c.api_url, "fl", "start", str(job_file))
+        code, out, err = await lepton(c, "fl", "start", str(job_file))
         assert code == 0, err
         job_id = out.strip()
-        await wait_job(c.api_url, job_id, lambda j: j["round"] >= 3, timeout=40)
-        code, out, _ = await lepton(c.api_url, "fl", "status")
+        await wait_job(c, job_id, lambda j: j["round"] >= 3, timeout=40)
+        code, out, _ = await lepton(c, "fl", "status")
         assert code == 0
         assert job_id in out
-        code, out, _ = await lepton(c.api_url, "--json", "fl", "status", job_id)
+        code, out, _ = await lepton(c, "--json", "fl", "status", job_id)
         assert json.loads(out)["state"] == "running"
-        code, out, _ = await lepton(c.api_url, "fl", "stop", job_id)
+        code, out, _ = await lepton(c, "fl", "stop", job_id)
         assert code == 0
         assert "stopping" in out or "stopped" in out
-        job = await wait_job(c.api_url, job_id, ended, timeout=20)
+        job = await wait_job(c, job_id, ended, timeout=20)
         assert job["state"] == "stopped"
         assert job["final_model"]["name"] == "digits-cli"
         # The open round is cancelled; a stop landing between two rounds finds none open.
@@ -260,25 +260,27 @@ async def test_cli_start_status_stop(
         assert len(spent) >= 3
         assert spent == sorted(spent)
         assert spent[0] > 0
-        code, out, _ = await lepton(c.api_url, "fl", "status", job_id, "--watch")
+        code, out, _ = await lepton(c, "fl", "status", job_id, "--watch")
         assert code == 0
         assert "stopped" in out
         assert "ROUND" in out
-        code, _, err = await lepton(c.api_url, "fl", "status", "nope-00000000")
+        code, _, err = await lepton(c, "fl", "status", "nope-00000000")
         assert code == 3
 
 
-async def lepton(api: str, *args: str) -> tuple[int, str, str]:
+async def lepton(c: Coordinator, *args: str) -> tuple[int, str, str]:
+    """``lepton --api URL ARGS`` as a process, with an operator token in ``$LEPTON_TOKEN``."""
+    ep = endpoint(c)
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "lepton.coordinator.cli",
         "--api",
-        api,
+        ep.url,
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin", "LEPTON_TOKEN": ep.token},
     )
     out, err = await proc.communicate()
     assert proc.returncode is not None
@@ -286,7 +288,7 @@ async def lepton(api: str, *args: str) -> tuple[int, str, str]:
 
 
 async def test_job_spec_errors_name_the_key(make_coordinator: MakeCoordinator) -> None:
-    async with make_coordinator() as c, httpx.AsyncClient(base_url=c.api_url or "") as api:
+    async with make_coordinator() as c, api_client(c) as api:
         body: dict[str, Any] = digits_job(Path("x.npz"), lr=-1)
         r = await api.post("/v1/fl/jobs", json=body)
         assert r.status_code == 422

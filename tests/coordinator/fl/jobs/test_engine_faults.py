@@ -19,19 +19,22 @@ import httpx
 import numpy as np
 import pytest
 
+from lepton.agent.identity import read_identity
 from lepton.coordinator.fl.feature import FLFeature
 from lepton.coordinator.fl.jobs import planning
 from lepton.coordinator.fl.store import FLStore
 from lepton.coordinator.service import Coordinator
 from lepton.coordinator.store import Store
+from lepton.protocol import routes
 from lepton.protocol.weights import encode_weights
 from tests.coordinator.fl.conftest import (
-    SimFleet,
+    FleetMaker,
     digits_job,
     ended,
     wait_for_devices,
     wait_job,
 )
+from tests.support.api import Endpoint, api_client, enrol_devices, operator_token
 from tests.support.broker import Broker, free_port
 
 pytestmark = pytest.mark.slow
@@ -57,6 +60,16 @@ class CoordinatorProcess:
     def api(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def database(self) -> str:
+        return f"sqlite:///{self.workdir / 'data' / 'coordinator.db'}"
+
+    @property
+    def endpoint(self) -> Endpoint:
+        """The API with an operator token made on the coordinator's database (once it has
+        made the database: after :meth:`healthy`)."""
+        return Endpoint(self.api, operator_token(self.database))
+
     def start(self) -> None:
         self.starts += 1
         log = (self.workdir / f"coordinator-{self.starts}.log").open("wb")
@@ -70,6 +83,7 @@ class CoordinatorProcess:
             "liveness.max_check_s": "0.5",
             "database.sqlite_synchronous": "normal",
             "fl.eval_dir": str(self.workdir),
+            "mqtt.accounts": "none",  # the plain test broker has no dynamic security plugin
             **self.settings,
         }
         cmd = [
@@ -139,16 +153,16 @@ def coordinator_process(broker: Broker, tmp_path: Path) -> Iterator[CoordinatorP
 
 
 async def test_coordinator_sigkilled_mid_round_resumes_without_loss_or_double_count(
-    coordinator_process: CoordinatorProcess, sim_fleet: Callable[..., SimFleet], tmp_path: Path
+    coordinator_process: CoordinatorProcess, sim_fleet: FleetMaker, tmp_path: Path
 ) -> None:
     c = coordinator_process
     # rpi5 devices train about three times slower than the host: rounds last long enough
     # to be caught in the middle.
-    fleet = sim_fleet(4, mix={"rpi5": 1.0})
     await c.healthy()
-    await wait_for_devices(c.api, 4)
+    fleet = await sim_fleet(c.endpoint, 4, mix={"rpi5": 1.0})
+    await wait_for_devices(c.endpoint, 4)
     job_body = digits_job(fleet.eval_path, rounds=2, epochs=3, deadline_s=40.0, min_results=2)
-    async with httpx.AsyncClient(base_url=c.api) as api:
+    async with api_client(c.endpoint) as api:
         r = await api.post("/v1/fl/jobs", json=job_body)
         assert r.status_code == 201, r.text
         job_id = r.json()["id"]
@@ -163,18 +177,17 @@ async def test_coordinator_sigkilled_mid_round_resumes_without_loss_or_double_co
         )
 
     try:
-        await wait_job(c.api, job_id, mid_round_two, timeout=40, interval=0.05)
+        await wait_job(c.endpoint, job_id, mid_round_two, timeout=40, interval=0.05)
     except AssertionError:
         raise AssertionError(c.logs()) from None
     c.kill()
-    url = f"sqlite:///{tmp_path / 'data' / 'coordinator.db'}"
-    store = Store.open(url, create=False)
+    store = Store.open(c.database, create=False)
     fl = FLStore(store.engine)
     before = {u.device_id: u.digest for u in fl.updates_for(job_id, 2)}
     assert before, "killed before any update of round 2 was recorded"
     c.start()
     try:
-        job = await wait_job(c.api, job_id, ended, timeout=45)
+        job = await wait_job(c.endpoint, job_id, ended, timeout=45)
     except AssertionError:
         raise AssertionError(c.logs()) from None
     assert job["state"] == "done", job
@@ -197,19 +210,19 @@ async def test_coordinator_sigkilled_mid_round_resumes_without_loss_or_double_co
 
 
 async def test_agent_killed_mid_round_does_not_stall_past_the_deadline(
-    make_coordinator: MakeCoordinator, sim_fleet: Callable[..., SimFleet]
+    make_coordinator: MakeCoordinator, sim_fleet: FleetMaker
 ) -> None:
     # Three fast devices and one slow one (an rpi4 trains ~8x slower than this host): the
     # slow one is killed while it trains. The deadline leaves the fast ones time to finish
     # on a loaded host (a few seconds each when it is not).
-    fleet = sim_fleet(4, mix={"x86-gateway": 3.0, "rpi4": 1.0})
-    victim = next(d for d in fleet.ids if "rpi4" in d)
-    deadline_s = 15.0
     async with make_coordinator() as c:
+        fleet = await sim_fleet(c, 4, mix={"x86-gateway": 3.0, "rpi4": 1.0})
+        victim = next(d for d in fleet.ids if "rpi4" in d)
+        deadline_s = 15.0
         assert c.api_url is not None
-        await wait_for_devices(c.api_url, 4)
+        await wait_for_devices(c, 4)
         body = digits_job(fleet.eval_path, rounds=2, epochs=4, deadline_s=deadline_s, min_results=3)
-        async with httpx.AsyncClient(base_url=c.api_url) as api:
+        async with api_client(c) as api:
             job_id = (await api.post("/v1/fl/jobs", json=body)).json()["id"]
             task_id = planning.task_id(job_id, 1, victim)
 
@@ -221,7 +234,7 @@ async def test_agent_killed_mid_round_does_not_stall_past_the_deadline(
                 while not await victim_running():
                     await asyncio.sleep(0.05)
         await fleet.kill(victim)
-        job = await wait_job(c.api_url, job_id, ended, timeout=60)
+        job = await wait_job(c, job_id, ended, timeout=60)
     assert job["state"] == "done", job
     first, second = job["history"]
     assert first["state"] == "closed"
@@ -237,19 +250,19 @@ async def test_agent_killed_mid_round_does_not_stall_past_the_deadline(
 
 
 async def test_hostile_uploads_to_a_running_job_are_refused_and_counted(
-    make_coordinator: MakeCoordinator, sim_fleet: Callable[..., SimFleet]
+    make_coordinator: MakeCoordinator, sim_fleet: FleetMaker, tmp_path: Path
 ) -> None:
     # Slow devices keep round 1 open while the uploads below are made.
-    fleet = sim_fleet(3, mix={"rpi4": 1.0})
     async with make_coordinator() as c:
+        fleet = await sim_fleet(c, 3, mix={"rpi4": 1.0})
         assert c.api_url is not None
-        await wait_for_devices(c.api_url, 3)
+        await wait_for_devices(c, 3)
         body = digits_job(
             fleet.eval_path, rounds=1, clients_per_round=3, min_results=2, deadline_s=30.0
         )
-        async with httpx.AsyncClient(base_url=c.api_url) as api:
+        async with api_client(c) as api:
             job_id = (await api.post("/v1/fl/jobs", json=body)).json()["id"]
-            job = await wait_job(c.api_url, job_id, lambda j: bool(j.get("history")), timeout=20)
+            job = await wait_job(c, job_id, lambda j: bool(j.get("history")), timeout=20)
             rnd = job["history"][0]
             target = rnd["devices"][0]
             task = (await api.get(f"/v1/tasks/{planning.task_id(job_id, 1, target)}")).json()
@@ -266,15 +279,33 @@ async def test_hostile_uploads_to_a_running_job_are_refused_and_counted(
             assert "?" not in url
             path = url.removeprefix(c.api_url)
 
-            async def put(body: bytes, at: str = path, token: str = secret) -> tuple[int, str]:
+            own = fleet.devices[target].config.fetch.http_token
+            other = next(d for d in rnd["devices"] if d != target)
+            others = fleet.devices[other].config.fetch.http_token
+            # An enrolled device the round did not select (never online).
+            await enrol_devices(c, {"bystander": tmp_path / "bystander"})
+            bystander = read_identity(tmp_path / "bystander")
+            assert own
+            assert others
+            assert bystander is not None
+
+            async def put(
+                body: bytes, at: str = path, token: str = secret, device: str | None = own
+            ) -> tuple[int, str]:
+                """A PUT as a device: its own token (``device``), the slot's (``token``)."""
                 digest = hashlib.sha256(body).hexdigest()
                 headers = {"X-Lepton-Digest": f"sha256:{digest}"}
                 if token:
-                    headers["Authorization"] = f"Bearer {token}"
-                r = await api.put(at, content=body, headers=headers)
+                    headers[routes.UPLOAD_TOKEN_HEADER] = token
+                if device:
+                    headers["Authorization"] = f"Bearer {device}"
+                async with httpx.AsyncClient(base_url=c.api_url) as client:
+                    r = await client.put(at, content=body, headers=headers)
                 return r.status_code, r.json().get("reason", "ok")
 
-            # Another client, with the URL from the task view, cannot fill the slot.
+            # Another client, with the URL from the task view, cannot fill the slot: not
+            # without a device token, not with another device's, not as an operator, not
+            # without the slot's credential and not with another slot's.
             honest = encode_weights(
                 {k: np.zeros(v, dtype=np.float32) for k, v in (await _tensors(c, job_id)).items()},
                 kind="update",
@@ -282,8 +313,10 @@ async def test_hostile_uploads_to_a_running_job_are_refused_and_counted(
                 round=1,
                 job=job_id,
             )
+            assert await put(honest, device=None) == (401, "missing_token")
+            assert await put(honest, device=others) == (403, "wrong_device")
+            assert await put(honest, device=operator_token(c)) == (403, "device_only")
             assert await put(honest, token="") == (403, "bad_token")
-            other = next(d for d in rnd["devices"] if d != target)
             assert await put(honest, token=signer.token(job_id, 1, other)) == (
                 403,
                 "bad_token",
@@ -292,14 +325,16 @@ async def test_hostile_uploads_to_a_running_job_are_refused_and_counted(
             assert await put(b"\x00" * (8 << 20)) == (413, "oversized")
             wrong_round = path.replace(f"/{job_id}/1/", f"/{job_id}/2/")
             assert await put(b"x", at=wrong_round) == (409, "wrong_round")
-            stranger = path.replace(f"/1/{target}", "/1/not-a-device")
-            assert await put(b"x", at=stranger) == (403, "not_selected")
+            stranger = path.replace(f"/1/{target}", "/1/bystander")
+            assert await put(b"x", at=stranger) == (403, "wrong_device")
+            by = bystander.data.http_token
+            assert await put(b"x", at=stranger, device=by) == (403, "not_selected")
             shapes = {
                 k: np.zeros(v, dtype=np.float32) for k, v in (await _tensors(c, job_id)).items()
             }
             stale = encode_weights(shapes, kind="update", base="0" * 64, round=1, job=job_id)
             assert await put(stale) == (400, "wrong_base")
-            job = await wait_job(c.api_url, job_id, ended, timeout=60)
+            job = await wait_job(c, job_id, ended, timeout=60)
             metrics = (await api.get("/metrics")).text
         assert job["state"] == "done"
         rnd = job["history"][0]
@@ -312,9 +347,10 @@ async def test_hostile_uploads_to_a_running_job_are_refused_and_counted(
         }
         # The devices' own updates were not disturbed.
         assert rnd["accepted"] == 3
-        for reason in ("malformed", "oversized", "wrong_round", "not_selected"):
+        for reason in ("malformed", "oversized", "wrong_round", "not_selected", "device_only"):
             assert f'lepton_fl_upload_rejects_total{{reason="{reason}"}} 1.0' in metrics
         assert 'lepton_fl_upload_rejects_total{reason="bad_token"} 2.0' in metrics
+        assert 'lepton_fl_upload_rejects_total{reason="wrong_device"} 2.0' in metrics
 
 
 async def _tensors(c: Coordinator, job_id: str) -> dict[str, list[int]]:
@@ -323,27 +359,28 @@ async def _tensors(c: Coordinator, job_id: str) -> dict[str, list[int]]:
 
 
 async def test_a_forged_example_count_is_bounded_by_the_size_the_device_reported(
-    make_coordinator: MakeCoordinator, sim_fleet: Callable[..., SimFleet]
+    make_coordinator: MakeCoordinator, sim_fleet: FleetMaker
 ) -> None:
     """Finding 4 of the hardening review, on real agents: a device whose train results claim
     10^9 examples. Round 1 opens before any device has loaded its data, so no size is known
     and the per-update cap holds the claim; the agents then report their data sizes, and
     round 2 weights the liar by the size it reported before the round."""
     forged = 10**9
-    fleet = sim_fleet(4, adversarial=1, attack="none", forged_examples=forged)
-    [liar] = [i for i, d in fleet.devices.items() if d.claim_examples is not None]
-    sizes = {i: len(np.load(fleet.state_root / i / "data" / "digits.npz")["y"]) for i in fleet.ids}
     async with make_coordinator() as c:
+        fleet = await sim_fleet(c, 4, adversarial=1, attack="none", forged_examples=forged)
+        [liar] = [i for i, d in fleet.devices.items() if d.claim_examples is not None]
+        data = {i: fleet.state_root / i / "data" / "digits.npz" for i in fleet.ids}
+        sizes = {i: len(np.load(path)["y"]) for i, path in data.items()}
         assert c.api_url is not None
-        await wait_for_devices(c.api_url, 4)
+        await wait_for_devices(c, 4)
         # The count clamps alone: no median bound, no norm screen.
         body = digits_job(
             fleet.eval_path, rounds=2, examples_ratio=None, norm_ratio=None, final_check=False
         )
-        async with httpx.AsyncClient(base_url=c.api_url) as api:
+        async with api_client(c) as api:
             r = await api.post("/v1/fl/jobs", json=body)
             assert r.status_code == 201, r.text
-            job = await wait_job(c.api_url, r.json()["id"], ended, timeout=120)
+            job = await wait_job(c, r.json()["id"], ended, timeout=120)
             metrics = (await api.get("/metrics")).text
         rounds = await asyncio.to_thread(c.feature(FLFeature).fl.list_rounds, job["id"])
     assert job["state"] == "done", job.get("error")

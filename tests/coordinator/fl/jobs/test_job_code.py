@@ -15,6 +15,7 @@ import pytest
 
 from tests.coordinator.fl.conftest import ended, wait_job
 from tests.coordinator.fl.jobs.test_engine_faults import CoordinatorProcess
+from tests.support.api import Endpoint, api_client
 from tests.support.broker import Broker
 
 pytestmark = pytest.mark.slow
@@ -26,8 +27,8 @@ def job(model: str, **extra: Any) -> dict[str, Any]:
     return {"name": "crash", "model": model, "data": "digits", "rounds": 1, **extra}
 
 
-async def post(api: str, body: dict[str, Any]) -> httpx.Response:
-    async with httpx.AsyncClient(base_url=api, timeout=10) as client:
+async def post(api: Endpoint, body: dict[str, Any]) -> httpx.Response:
+    async with api_client(api, timeout=10) as client:
         return await client.post("/v1/fl/jobs", json=body)
 
 
@@ -49,7 +50,7 @@ async def test_a_job_whose_factory_kills_the_coordinator_is_failed_not_resumed(
     try:
         await c.healthy()
         # Not on the list: refused at submission, naming why, and nothing is imported.
-        r = await post(c.api, job("os:abort"))
+        r = await post(c.endpoint, job("os:abort"))
         assert r.status_code == 422, r.text
         assert r.json()["detail"][0]["loc"] == ["body", "model"]
         assert "not_allowed" in r.json()["detail"][0]["msg"]
@@ -57,7 +58,7 @@ async def test_a_job_whose_factory_kills_the_coordinator_is_failed_not_resumed(
         assert c.proc.poll() is None
 
         # Allowed, and it aborts the process while the job loads: each start dies in it...
-        r = await post(c.api, job(f"{CODE}:aborting_model"))
+        r = await post(c.endpoint, job(f"{CODE}:aborting_model"))
         assert r.status_code == 201, r.text
         job_id = r.json()["id"]
         assert await exited(c) == -signal.SIGABRT
@@ -66,21 +67,23 @@ async def test_a_job_whose_factory_kills_the_coordinator_is_failed_not_resumed(
         # ...until the count of interrupted loads fails the job: this start stays up.
         c.start()
         await c.healthy()
-        failed = await wait_job(c.api, job_id, ended, timeout=30)
+        failed = await wait_job(c.endpoint, job_id, ended, timeout=30)
         assert failed["state"] == "failed"
         assert failed["error"].startswith("crashed_loader"), failed["error"]
         await asyncio.sleep(1.0)
         assert c.proc.poll() is None, c.logs()
 
         # A factory that raises fails its job with the reason, once, the process untouched.
-        r = await post(c.api, job(f"{CODE}:raising_model"))
+        r = await post(c.endpoint, job(f"{CODE}:raising_model"))
         assert r.status_code == 201, r.text
-        raised = await wait_job(c.api, r.json()["id"], ended, timeout=60)
+        raised = await wait_job(c.endpoint, r.json()["id"], ended, timeout=60)
         assert raised["state"] == "failed"
         assert "RuntimeError: this factory always fails" in raised["error"]
-        r = await post(c.api, job("subprocess:run", eval="os:getcwd"))  # counted by this process
+        r = await post(
+            c.endpoint, job("subprocess:run", eval="os:getcwd")
+        )  # counted by this process
         assert r.status_code == 422, r.text
-        async with httpx.AsyncClient(base_url=c.api) as client:
+        async with api_client(c.endpoint) as client:
             metrics = (await client.get("/metrics")).text
         assert 'lepton_fl_job_failures_total{reason="crashed_loader"} 1.0' in metrics
         assert 'lepton_fl_job_failures_total{reason="model_error"} 1.0' in metrics

@@ -10,16 +10,15 @@ from contextlib import AbstractAsyncContextManager
 from lepton.coordinator.fl.feature import FLFeature
 from lepton.coordinator.service import Coordinator
 from tests.coordinator.conftest import eventually
-from tests.coordinator.fl.conftest import SimFleet, digits_job, run_job, wait_for_devices
+from tests.coordinator.fl.conftest import FleetMaker, digits_job, run_job, wait_for_devices
 from tests.support.broker import free_port
 
 MakeCoordinator = Callable[..., AbstractAsyncContextManager[Coordinator]]
 
 
 async def test_a_leader_without_http_runs_a_job_to_the_end(
-    make_coordinator: MakeCoordinator, sim_fleet: Callable[..., SimFleet]
+    make_coordinator: MakeCoordinator, sim_fleet: FleetMaker
 ) -> None:
-    fleet = sim_fleet(3)
     port = free_port()
     api = f"http://127.0.0.1:{port}"
     shared = {"mqtt__shared_subscriptions": True}
@@ -32,9 +31,10 @@ async def test_a_leader_without_http_runs_a_job_to_the_end(
         await eventually(lambda: headless.leadership.is_leader, timeout=10)
         async with make_coordinator(instance_id="web", http__port=port, **shared) as web:
             assert web.api_url == api
-            await wait_for_devices(api, 3)
+            fleet = await sim_fleet(web, 3)
+            await wait_for_devices(web, 3)
             body = digits_job(fleet.eval_path, rounds=2, clients_per_round=3)
-            job = await run_job(api, body, timeout=60)
+            job = await run_job(web, body, timeout=60)
             assert not web.leadership.is_leader
         assert headless.leadership.is_leader
     assert job["state"] == "done", job
