@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from lepton.agent.fetch import tls_refused
 from lepton.common.errors import LeptonError
 from lepton.protocol.enrolment import (
     ENROLLED_STATUS,
@@ -206,17 +207,6 @@ def _refusal(resp: httpx.Response) -> EnrolError:
     return EnrolError(reason, detail, status=resp.status_code)
 
 
-def _untrusted(exc: BaseException) -> bool:
-    seen: BaseException | None = exc
-    for _ in range(8):  # httpx wraps httpcore's error, which wraps ssl's
-        if seen is None:
-            return False
-        if isinstance(seen, ssl.SSLCertVerificationError):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
 async def request_identity(
     client: httpx.AsyncClient, url: str, claim: str, req: EnrollRequest
 ) -> EnrollResponse:
@@ -231,7 +221,7 @@ async def request_identity(
             headers={"Authorization": f"Bearer {claim}", "Content-Type": "application/json"},
         )
     except httpx.TransportError as exc:
-        if _untrusted(exc):
+        if tls_refused(exc):
             raise EnrolError(
                 "untrusted_ca",
                 f"{target}: the server's certificate is not trusted by this system. Pass "

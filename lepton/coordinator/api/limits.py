@@ -158,16 +158,23 @@ class BodyGuard:
         if unread is None:
             await response(scope, _no_body, send)
             return
-        await send(
-            {
-                "type": "http.response.start",
-                "status": response.status_code,
-                "headers": response.raw_headers,
-            }
-        )
-        await send({"type": "http.response.body", "body": response.body, "more_body": True})
-        await discard_body(unread)
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await answer_and_linger(response, unread, send)
+
+
+async def answer_and_linger(response: JSONResponse, unread: Receive, send: Send) -> None:
+    """Send ``response`` whole, then read and drop what the client goes on sending of its
+    body (bounded by :func:`discard_body`) before the connection closes, so the client reads
+    the answer instead of a reset (a lingering close, as nginx does)."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": response.status_code,
+            "headers": response.raw_headers,
+        }
+    )
+    await send({"type": "http.response.body", "body": response.body, "more_body": True})
+    await discard_body(unread)
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class _Exchange:

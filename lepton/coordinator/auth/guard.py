@@ -40,7 +40,7 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lepton.common.errors import LeptonError
-from lepton.coordinator.api.limits import discard_body
+from lepton.coordinator.api.limits import answer_and_linger
 from lepton.coordinator.auth import credentials
 from lepton.coordinator.auth.metrics import AuthMetrics
 from lepton.coordinator.auth.records import Principal
@@ -272,16 +272,7 @@ async def _answer(response: JSONResponse, scope: Scope, receive: Receive, send: 
     if not headers.get("content-length") and "chunked" not in headers.get("transfer-encoding", ""):
         await response(scope, receive, send)
         return
-    await send(
-        {
-            "type": "http.response.start",
-            "status": response.status_code,
-            "headers": response.raw_headers,
-        }
-    )
-    await send({"type": "http.response.body", "body": response.body, "more_body": True})
-    await discard_body(receive)
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    await answer_and_linger(response, receive, send)
 
 
 def _bearer(header: str) -> str | None:
