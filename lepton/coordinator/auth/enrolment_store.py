@@ -19,6 +19,7 @@ from sqlalchemy.exc import IntegrityError
 
 from lepton.common.errors import LeptonError
 from lepton.coordinator.auth import tables as t
+from lepton.coordinator.auth.store import revoke_named
 from lepton.coordinator.errors import NotFoundError
 from lepton.coordinator.store.base import StoreBase, rowcount
 
@@ -100,16 +101,8 @@ class EnrolmentStore(StoreBase):
 
     def revoke_claim(self, name: str, now: float | None = None) -> ClaimRecord:
         """Revoke a claim by name (idempotent; unknown: :class:`NotFoundError`)."""
-        now = time.time() if now is None else now
         with self._write() as s:
-            s.execute(
-                update(t.claims)
-                .where(t.claims.c.name == name, t.claims.c.revoked_at.is_(None))
-                .values(revoked_at=now)
-            )
-            row = s.execute(select(t.claims).where(t.claims.c.name == name)).mappings().first()
-        if row is None:
-            raise NotFoundError("claim", name)
+            row = revoke_named(s, t.claims, name, now, what="claim")
         return ClaimRecord.of(row)
 
     def claim(self, token_hash: str) -> ClaimRecord | None:

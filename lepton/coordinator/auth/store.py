@@ -11,7 +11,8 @@ import time
 from collections.abc import Iterable
 from typing import Any, Final
 
-from sqlalchemy import and_, delete, insert, or_, select, update
+from sqlalchemy import RowMapping, Table, and_, delete, insert, or_, select, update
+from sqlalchemy.orm import Session
 
 from lepton.coordinator.auth import tables as t
 from lepton.coordinator.auth.records import AuditRecord, Principal, TokenRecord
@@ -21,6 +22,22 @@ from lepton.coordinator.store.base import StoreBase, rowcount
 #: ``last_used_at`` is written at most this often per token (not on every request).
 TOUCH_EVERY_S: Final = 60.0
 MAX_DETAIL_CHARS: Final = 2000
+
+
+def revoke_named(
+    session: Session, table: Table, name: str, now: float | None, *, what: str
+) -> RowMapping:
+    """Mark the row of ``table`` named ``name`` revoked unless it already is (idempotent, in
+    the caller's transaction); the row, or :class:`NotFoundError` naming ``what``."""
+    session.execute(
+        update(table)
+        .where(table.c.name == name, table.c.revoked_at.is_(None))
+        .values(revoked_at=time.time() if now is None else now)
+    )
+    row = session.execute(select(table).where(table.c.name == name)).mappings().first()
+    if row is None:
+        raise NotFoundError(what, name)
+    return row
 
 
 class AuthStore(StoreBase):
@@ -65,16 +82,8 @@ class AuthStore(StoreBase):
 
     def revoke_token(self, name: str, now: float | None = None) -> TokenRecord:
         """Revoke a token by name (idempotent); an unknown name is a :class:`NotFoundError`."""
-        now = time.time() if now is None else now
         with self._write() as s:
-            s.execute(
-                update(t.tokens)
-                .where(t.tokens.c.name == name, t.tokens.c.revoked_at.is_(None))
-                .values(revoked_at=now)
-            )
-            row = s.execute(select(t.tokens).where(t.tokens.c.name == name)).mappings().first()
-        if row is None:
-            raise NotFoundError("token", name)
+            row = revoke_named(s, t.tokens, name, now, what="token")
         return TokenRecord.of(row)
 
     def operator(self, token_hash: str, now: float) -> tuple[Principal | None, str]:
