@@ -19,7 +19,8 @@ The caller (:class:`~lepton.coordinator.auth.records.Principal`) is put in the r
 state for the route. RefusedErrors are counted (``lepton_auth_refusals_total{reason}``), logged,
 and written to the audit log, at most ``AUDIT_BURST`` per address per minute (a flood of bad
 tokens cannot fill the database; the rest are counted). Mutating calls (POST, PUT, PATCH,
-DELETE) that get through are audited with their status once the answer is sent.
+DELETE) that get through are audited with their status as the answer begins, before it
+leaves.
 """
 
 from __future__ import annotations
@@ -242,20 +243,27 @@ class AuthGuard:
         if method not in MUTATING:
             await self.app(scope, receive, send)
             return
-        status = 500
+        action = f"{method} {getattr(route[0], 'path', path)}"
+        audited = False
+
+        async def audit(status: int) -> None:
+            nonlocal audited
+            audited = True
+            record = (principal.actor, action, path, "ok" if status < 400 else str(status))
+            await asyncio.to_thread(_audit, self.auth.store, record, remote)
 
         async def sending(message: Message) -> None:
-            nonlocal status
+            # Recorded before the answer leaves: a client that saw its answer can find the
+            # record, and a crash after it cannot lose one.
             if message["type"] == "http.response.start":
-                status = int(message["status"])
+                await audit(int(message["status"]))
             await send(message)
 
         try:
             await self.app(scope, receive, sending)
         finally:
-            action = f"{method} {getattr(route[0], 'path', path)}"
-            record = (principal.actor, action, path, "ok" if status < 400 else str(status))
-            await asyncio.to_thread(_audit, self.auth.store, record, remote)
+            if not audited:  # the app failed before it began an answer
+                await audit(500)
 
     def _match(self, scope: Scope) -> tuple[BaseRoute, Requirement | None, bool] | None:
         for entry in self._routes:
