@@ -60,6 +60,32 @@ class _Msg(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", omit_def
 
 # ---------------------------------------------------------------- device -> cloud
 
+#: What became of a device's last update (:class:`UpdateStatus.outcome`).
+UpdateOutcome = Literal[
+    "none",  # never updated since it was provisioned
+    "staged",  # verified and handed to the installer
+    "installing",
+    "trial",  # the new version runs and must prove itself healthy
+    "committed",
+    "rolled_back",  # the new version failed its trial; the old slot runs again
+    "install_failed",  # the new slot could not be built; the old version never stopped
+    "refused",  # the release failed a signature, version or class check
+    "reverted",  # the operator asked for the previous slot back and it runs
+]
+
+
+class UpdateStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """A device's update state, sent in its birth message and on every change."""
+
+    version: Annotated[str, Meta(max_length=32)]  # the running agent image ("" if none)
+    outcome: UpdateOutcome = "none"
+    target: Annotated[str, Meta(max_length=32)] = ""  # the version the outcome is about
+    reason: ShortText = ""
+    slot: Literal["a", "b", ""] = ""
+    floor: Annotated[str, Meta(max_length=32)] = ""
+    task_id: MsgId | None = None
+    at: Timestamp = 0.0
+
 
 class State(_Msg, frozen=True, kw_only=True, tag="state"):
     """Birth (``online``, retained) and Last Will (``offline``, retained) of an agent."""
@@ -70,6 +96,8 @@ class State(_Msg, frozen=True, kw_only=True, tag="state"):
     runtimes: Labels = msgspec.field(default_factory=list)
     reason: ShortText | None = None
     started_at: Timestamp | None = None
+    # Agent images (lepton.protocol.releases): absent from agents that predate them.
+    update: UpdateStatus | None = None
 
 
 class Cpu(msgspec.Struct, frozen=True, kw_only=True):

@@ -19,6 +19,8 @@ Kinds (:data:`TaskKind`):
 - ``deploy`` / ``undeploy``: serve a model, stop serving it (docs/agent-inference.md).
 - ``infer``: run a served model over a local data source.
 - ``train`` / ``evaluate``: federated learning on local data (docs/federated-learning.md).
+- ``install`` / ``revert``: take a signed agent image, go back to the other slot
+  (docs/releases.md).
 
 Pure code: msgspec only (no numpy), so both sides and the CLI can import it.
 """
@@ -30,7 +32,11 @@ from typing import Annotated, Any, Final, Literal, TypeVar, get_args
 import msgspec
 from msgspec import Meta
 
-TaskKind = Literal["echo", "benchmark", "deploy", "undeploy", "infer", "train", "evaluate"]
+from lepton.protocol.releases import VersionText
+
+TaskKind = Literal[
+    "echo", "benchmark", "deploy", "undeploy", "infer", "train", "evaluate", "install", "revert"
+]
 TASK_KINDS: Final[tuple[TaskKind, ...]] = get_args(TaskKind)
 
 ECHO: Final = "echo"
@@ -40,6 +46,8 @@ UNDEPLOY: Final = "undeploy"
 INFER: Final = "infer"
 TRAIN: Final = "train"
 EVALUATE: Final = "evaluate"
+INSTALL: Final = "install"
+REVERT: Final = "revert"
 
 MODEL_NAME_PATTERN: Final = r"\A[A-Za-z0-9._-]{1,64}\Z"
 DIGEST_PATTERN: Final = r"\A[0-9a-f]{64}\Z"
@@ -289,6 +297,56 @@ class EvaluateOutput(_Output, frozen=True, kw_only=True):
     eval_s: float
 
 
+# ---------------------------------------------------------------- install, revert
+
+#: How long a new version has to prove itself healthy before its device goes back by itself.
+MAX_HEALTH_DEADLINE_S: Final = 3600.0
+
+
+class InstallParams(_Params, frozen=True, kw_only=True):
+    """``install``: fetch the signed manifest envelope at ``manifest_url`` (``manifest_size``
+    bytes, sha256 ``manifest_digest``), check it against the device's trust root, fetch each
+    file it names from ``blob_base`` + its sha256, verify, and hand the bundle to the device's
+    installer. The task's result says the bundle was staged (or refused, and why); what became
+    of it (committed, rolled back) arrives in the device's :class:`~lepton.protocol.messages.
+    UpdateStatus`."""
+
+    release: Annotated[str, Meta(pattern=r"\A[A-Za-z0-9._-]{1,64}\Z")]
+    version: VersionText
+    manifest_digest: Annotated[str, Meta(pattern=DIGEST_PATTERN)]
+    manifest_size: Annotated[int, Meta(gt=0, le=1 << 20)]
+    manifest_url: Url
+    blob_base: Url
+    health_deadline_s: Annotated[float, Meta(gt=0.0, le=MAX_HEALTH_DEADLINE_S)] = 300.0
+    rollout: Annotated[str, Meta(max_length=64)] | None = None
+
+
+class InstallOutput(_Output, frozen=True, kw_only=True):
+    release: str
+    version: str
+    outcome: Literal["staged", "refused", "already_running"]
+    reason: str = ""
+    bytes_downloaded: int = 0
+    running_version: str = ""
+
+
+class RevertParams(_Params, frozen=True, kw_only=True):
+    """``revert``: go back to the version in the other slot, ``to_version``, with the same
+    health check as an install; refused when that slot holds another version or one below
+    the device's security floor."""
+
+    to_version: VersionText
+    health_deadline_s: Annotated[float, Meta(gt=0.0, le=MAX_HEALTH_DEADLINE_S)] = 300.0
+    rollout: Annotated[str, Meta(max_length=64)] | None = None
+
+
+class RevertOutput(_Output, frozen=True, kw_only=True):
+    outcome: Literal["staged", "refused", "already_running"]
+    version: str
+    reason: str = ""
+    running_version: str = ""
+
+
 # ---------------------------------------------------------------- the registry
 
 PARAMS: Final[dict[TaskKind, type[msgspec.Struct]]] = {
@@ -299,6 +357,8 @@ PARAMS: Final[dict[TaskKind, type[msgspec.Struct]]] = {
     "infer": InferParams,
     "train": TrainParams,
     "evaluate": EvaluateParams,
+    "install": InstallParams,
+    "revert": RevertParams,
 }
 OUTPUTS: Final[dict[TaskKind, type[msgspec.Struct]]] = {
     "echo": EchoOutput,
@@ -308,6 +368,8 @@ OUTPUTS: Final[dict[TaskKind, type[msgspec.Struct]]] = {
     "infer": InferOutput,
     "train": TrainOutput,
     "evaluate": EvaluateOutput,
+    "install": InstallOutput,
+    "revert": RevertOutput,
 }
 
 S = TypeVar("S", bound=msgspec.Struct)
@@ -388,13 +450,16 @@ def output_as(cls: type[S], output: dict[str, Any]) -> S:
 
 def blob_digests(kind: str, params: dict[str, Any]) -> frozenset[str]:
     """The blobs a task of ``kind`` makes its device fetch (``deploy``: the model;
-    ``train`` / ``evaluate``: the global weights), as lower-case hex without ``sha256:``.
+    ``train`` / ``evaluate``: the global weights; ``install``: the signed manifest, whose
+    files the release registry grants), as lower-case hex without ``sha256:``.
     Parameters that break the kind's contract name none (the device could not run them)."""
-    if kind not in (DEPLOY, TRAIN, EVALUATE):
+    if kind not in (DEPLOY, TRAIN, EVALUATE, INSTALL):
         return frozenset()
     try:
         parsed = decode_params(kind, params)
     except (ValueError, msgspec.ValidationError):
         return frozenset()
+    if isinstance(parsed, InstallParams):
+        return frozenset({parsed.manifest_digest})
     digest = parsed.digest if isinstance(parsed, DeployParams) else parsed.weights.digest
     return frozenset({digest.lower().removeprefix("sha256:")})

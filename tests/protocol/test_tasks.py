@@ -47,6 +47,8 @@ def test_every_kind_has_params_and_an_output() -> None:
         tasks.INFER,
         tasks.TRAIN,
         tasks.EVALUATE,
+        tasks.INSTALL,
+        tasks.REVERT,
     }
     assert constants == set(KINDS)
 
