@@ -226,7 +226,7 @@ class Coordinator:
         self.features = self._features()
 
     def _features(self) -> list[Feature]:
-        """Tasks, the model registry and federated jobs, each given what it uses."""
+        """Tasks, the model registry, federated jobs and rollouts, each given what it uses."""
         cfg = self.config
         store = self.store
         self.auth = AuthFeature(cfg.auth, store.engine, self.metrics.registry)
@@ -284,7 +284,17 @@ class Coordinator:
             on_submit=self._wake_scheduler,
             lead=lead_fl,
         )
-        return [*features, models, fl]
+        from lepton.coordinator.rollouts.feature import RolloutsFeature
+
+        rollouts = RolloutsFeature(
+            cfg,
+            self.store,
+            registry=models.registry,
+            releases=None,  # agent-image rollouts: the releases feature's ReleasesLink
+            base_url=self.base_url,
+            on_submit=self._submitted,
+        )
+        return [*features, models, fl, rollouts]
 
     def _create_tables(self) -> None:
         """The one place start-up makes the schema: the store's migrations bring an empty

@@ -27,6 +27,10 @@ FL_JOB: Final = "/v1/fl/jobs/{job_id}"
 FL_JOB_STOP: Final = "/v1/fl/jobs/{job_id}/stop"
 FL_UPLOAD: Final = "/v1/fl/uploads/{job_id}/{round_no}/{device_id}"
 AUDIT: Final = "/v1/audit"
+ROLLOUTS: Final = "/v1/rollouts"  # POST create (rollouts:write), GET list (fleet:read)
+ROLLOUT: Final = "/v1/rollouts/{rollout_id}"  # GET status with per-device rows
+# POST pause|resume|abort|approve (rollouts:write)
+ROLLOUT_ACTION: Final = "/v1/rollouts/{rollout_id}/{action}"
 ENROLL: Final = (
     "/v1/enroll"  # a device exchanges a claim for its identity (lepton.protocol.enrolment)
 )
