@@ -235,13 +235,18 @@ class RolloutStore(StoreBase):
     def live(self) -> list[RolloutRecord]:
         """Rollouts the leader still ticks: not ended, or ended with devices still under way
         (in flight, reverting, or succeeded under a revert)."""
-        busy = (
-            select(t.rollout_devices.c.rollout_id)
-            .where(t.rollout_devices.c.state.in_([*IN_FLIGHT, "reverting", "succeeded"]))
-            .distinct()
-        )
+
+        def having(*states: str) -> Any:
+            return (
+                select(t.rollout_devices.c.rollout_id)
+                .where(t.rollout_devices.c.state.in_(states))
+                .distinct()
+            )
+
         query = select(t.rollouts).where(
-            t.rollouts.c.state.not_in(list(ENDED)) | t.rollouts.c.id.in_(busy)
+            t.rollouts.c.state.not_in(list(ENDED))
+            | t.rollouts.c.id.in_(having(*IN_FLIGHT, "reverting"))
+            | (t.rollouts.c.revert.is_(True) & t.rollouts.c.id.in_(having("succeeded")))
         )
         with self._read() as s:
             return [RolloutRecord.of(r) for r in s.execute(query).mappings()]

@@ -61,6 +61,7 @@ def test_a_model_rollout_deploys_phase_by_phase_to_completion(rig: Rig, store: S
     assert done.state == "completed"
     assert done.ended_at is not None
     assert rig.rollouts.counts(rec.id)["succeeded"] == 6
+    assert rig.rollouts.live() == []  # nothing left for the leader to step
     assert rig.submitted == 6
 
 
