@@ -30,10 +30,14 @@ from lepton.coordinator.service import Coordinator
 from lepton.protocol import routes
 from lepton.protocol.messages import Task
 from lepton.protocol.releases import Manifest, Root
+from tests.coordinator import conftest as coordinator_fixtures
 from tests.coordinator.conftest import eventually
 from tests.coordinator.releases.conftest import MakeCoordinator
 from tests.support.api import api_client, enrol_devices
 from tests.support.release_bundles import Trust, bundle
+
+# The coordinator fixture, here beside agents (this folder's conftest belongs to the A/B tests).
+make_coordinator = coordinator_fixtures.make_coordinator
 
 FILES = {"wheels/lepton_fleet-1.1.0-py3-none-any.whl": b"W" * 50_000, "trust/README": b"r"}
 
