@@ -6,7 +6,7 @@ above it, from ``Content-Length`` before a byte is read, else as the body arrive
 verified against the trust root and stored (:meth:`.store.ReleaseStore.publish`). Answers
 201 with the release records, or 200 when every manifest in it was published before; 422
 with the refusal's reason (``bad_signature``, ``tampered``, ``malformed``, ...) for a bundle
-that does not verify; 409 ``conflict`` for another manifest of a published version; 503
+that does not verify; 409 ``conflict`` for another manifest of a published version; 409
 ``no_trust_root`` when ``[releases] root_file`` is not set.
 
 ``GET /v1/releases`` (``?name=``) and ``GET /v1/releases/{name}/{version}`` (scope
@@ -107,7 +107,7 @@ def make_router(
         assert isinstance(principal, Principal)
         if not enabled():
             on_outcome("no_trust_root")
-            return _refusal(503, "no_trust_root", "publishing is off: set [releases] root_file")
+            return _refusal(409, "no_trust_root", "publishing is off: set [releases] root_file")
         upload = await asyncio.to_thread(_scratch_file, store.work_dir)
         started = time.time()
         try:

@@ -228,6 +228,10 @@ async def test_a_real_agent_fetches_verifies_and_stages_a_release(
                 assert task["state"] == "failed", task
                 assert f"refused: {reason}" in (task["last_error"] or ""), task
             assert len(updater.staged) == 1
+            # Only the staged bundle is kept: its download cache and refused tasks' files go.
+            staged_dir = tmp_path / "staging"
+            assert [p.name for p in staged_dir.iterdir()] == [staged["task_id"]]
+            assert [p.name for p in (staged_dir / staged["task_id"]).iterdir()] == ["bundle"]
             # The version it runs already: nothing fetched but the manifest.
             updater.running = "1.1.0"
             task = await run_task(api, "install", feature.install_params(good), "edge-a")
