@@ -129,7 +129,9 @@ def _check(m: Manifest, params: InstallParams, updater: Updater, running: str) -
             "malformed",
             f"the task names {params.release} {params.version}, the manifest {m.name} {m.version}",
         )
-    device_class = getattr(updater, "device_class", None) or ""
+    device_class = updater.device_class
+    if not device_class:
+        raise ReleaseRefused("wrong_class", "this device's class is not known ([device] class)")
     check_policy(m, kind="agent", device_class=device_class, running=running, floor=updater.floor())
 
 
