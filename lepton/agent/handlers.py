@@ -31,6 +31,8 @@ from lepton.protocol.tasks import (
     ECHO,
     EVALUATE,
     INFER,
+    INSTALL,
+    REVERT,
     TRAIN,
     UNDEPLOY,
     BenchmarkOutput,
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
 
     from lepton.agent.inference.manager import ModelManager
     from lepton.agent.training.datasources import DataSources
+    from lepton.agent.update.updater import Updater
 
     #: Named tensors: a model's weights, or an update (local minus global weights).
     Arrays = dict[str, npt.NDArray[np.generic]]
@@ -101,6 +104,9 @@ class TaskServices:
     #: Awaited with the task once a ``train`` update is encoded, just before its upload: the
     #: simulator sleeps there so that a slow device's update leaves when that device's would.
     pace: Pace | None = None
+    #: A/B updates of this device's agent image (``install``, ``revert``); ``None`` where
+    #: ``[update]`` is off.
+    updater: Updater | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -182,6 +188,7 @@ def default_registry() -> HandlerRegistry:
     # numpy, the runtimes and torch only when a task of theirs runs.
     from lepton.agent.inference import tasks as inference
     from lepton.agent.training import tasks as training
+    from lepton.agent.update import tasks as update
 
     registry = HandlerRegistry()
     registry.register(ECHO, echo)
@@ -191,4 +198,6 @@ def default_registry() -> HandlerRegistry:
     registry.register(INFER, inference.infer)
     registry.register(TRAIN, training.train)
     registry.register(EVALUATE, training.evaluate)
+    registry.register(INSTALL, update.install)
+    registry.register(REVERT, update.revert)
     return registry

@@ -1,7 +1,7 @@
 """Staged rollouts: one row per rollout, one per device of a rollout.
 
-Revision ID: 0004
-Revises: 0002 (until the releases revision is merged; then that one)
+Revision ID: 0004_rollouts
+Revises: 0003_releases
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision = "0004"
-down_revision: str | None = "0002"
+revision = "0004_rollouts"
+down_revision: str | None = "0003_releases"
 branch_labels: str | None = None
 depends_on: str | None = None
 
