@@ -68,6 +68,7 @@ class RolloutsFeature(BaseFeature):
             self.store,
             devices=store.devices,
             tasks=store.tasks,
+            cancels=store.cancels,
             targets=self.targets,
             on_submit=on_submit,
         )

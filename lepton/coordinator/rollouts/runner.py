@@ -26,6 +26,7 @@ from lepton.coordinator.rollouts.outcomes import Measurement
 from lepton.coordinator.rollouts.store import RolloutDevice, RolloutRecord, RolloutStore
 from lepton.coordinator.rollouts.targets import Targets
 from lepton.coordinator.store import DeviceRecord, Lease
+from lepton.coordinator.store.cancels import CancelRepo
 from lepton.coordinator.store.devices import DeviceRepo
 from lepton.coordinator.store.tasks import TaskRepo
 from lepton.coordinator.tasks.request import TaskRequest
@@ -57,6 +58,7 @@ class Runner:
         *,
         devices: DeviceRepo,
         tasks: TaskRepo,
+        cancels: CancelRepo,
         targets: Targets,
         on_submit: Callable[[int], None],
     ) -> None:
@@ -64,6 +66,7 @@ class Runner:
         self.store = store
         self.devices = devices
         self.tasks = tasks
+        self.cancels = cancels
         self.targets = targets
         self.on_submit = on_submit
 
@@ -110,6 +113,14 @@ class Runner:
             expect[device_id] = "succeeded"
         if changes:
             self.store.update_devices(rollout_id, changes, now, expect=expect, lease=lease)
+        stuck = [
+            by_id[device_id].task_id
+            for device_id, (state, _) in d.marks.items()
+            if state == "timed_out" and by_id[device_id].task_id
+        ]
+        if stuck:
+            # Its device is told to stop (if it ever answers); a late success is not taken.
+            self.cancels.cancel_tasks([t for t in stuck if t], "rollout: device timed out", now)
         values: dict[str, Any] = {}
         if (d.state, d.phase) != (rec.state, rec.phase):
             values |= {"state": d.state, "phase": d.phase}
@@ -205,6 +216,9 @@ class Runner:
             and selector.matches(d)
             and self.targets.matches(rec.plan, d.device_class)
         ]
+        if new:
+            busy = self.store.busy(rec.kind, [d for d, _ in new])
+            new = [(d, c) for d, c in new if busy.get(d, rec.id) == rec.id]
         if not new:
             return False
         return self.store.add_devices(rec.id, order(rec.id, new), now, lease=lease) > 0

@@ -75,6 +75,7 @@ class Rig:
             self.rollouts,
             devices=store.devices,
             tasks=store.tasks,
+            cancels=store.cancels,
             targets=self.targets,
             on_submit=self._count,
         )
