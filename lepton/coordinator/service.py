@@ -301,6 +301,7 @@ class Coordinator:
             releases=ReleasesLink(releases.releases, releases.updates, install_params),
             base_url=self.base_url,
             on_submit=self._submitted,
+            metrics=self.metrics.registry,
         )
         releases.add_update_listener(rollouts.on_updates)
         return [*features, models, fl, releases, rollouts]

@@ -18,10 +18,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from prometheus_client import CollectorRegistry
+
 from lepton.common.errors import LeptonError
 from lepton.coordinator.config import Config
 from lepton.coordinator.rollouts import outcomes
-from lepton.coordinator.rollouts.engine import ENDED, decide, order
+from lepton.coordinator.rollouts.engine import ENDED, TERMINAL, decide, order
+from lepton.coordinator.rollouts.metrics import RolloutMetrics
 from lepton.coordinator.rollouts.outcomes import Measurement
 from lepton.coordinator.rollouts.store import RolloutDevice, RolloutRecord, RolloutStore
 from lepton.coordinator.rollouts.targets import Targets
@@ -61,6 +64,7 @@ class Runner:
         cancels: CancelRepo,
         targets: Targets,
         on_submit: Callable[[int], None],
+        metrics: RolloutMetrics | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -69,6 +73,7 @@ class Runner:
         self.cancels = cancels
         self.targets = targets
         self.on_submit = on_submit
+        self.metrics = metrics or RolloutMetrics(CollectorRegistry())
 
     def fleet(self) -> dict[str, DeviceRecord]:
         out: dict[str, DeviceRecord] = {}
@@ -130,10 +135,21 @@ class Runner:
             values["revert"] = True
         if values:
             log.info("rollout %s: %s", rollout_id, values)
-            self.store.set_rollout(rollout_id, now, expect=rec.state, lease=lease, **values)
+            written = self.store.set_rollout(
+                rollout_id, now, expect=rec.state, lease=lease, **values
+            )
+            if written and values.get("state") in ENDED:
+                self.metrics.ended.labels(rec.kind, values["state"]).inc()
+        self._count(rec.kind, changes)
         acted = acted or bool(changes) or bool(values)
         live = d.state not in ENDED or bool(d.revert) or any(r.state in WAITING for r in rows)
         return Tick(acted=acted, wake_at=d.wake_at, live=live)
+
+    def _count(self, kind: str, changes: Mapping[str, Mapping[str, Any]]) -> None:
+        for change in changes.values():
+            state = change.get("state")
+            if state in TERMINAL:
+                self.metrics.devices.labels(kind, state).inc()
 
     # ------------------------------------------------------------------ acting
 
@@ -270,6 +286,7 @@ class Runner:
         if not changes:
             return False
         expect = {r.device_id: r.state for r in waiting if r.device_id in changes}
+        self._count(rec.kind, changes)
         return self.store.update_devices(rec.id, changes, now, expect=expect, lease=lease) > 0
 
     def _after_task(  # noqa: PLR0917

@@ -19,6 +19,7 @@ from lepton.coordinator.cli.main import main
 from lepton.coordinator.model_registry.registry import ModelRegistry
 from lepton.coordinator.rollouts.feature import RolloutsFeature
 from lepton.coordinator.service import Coordinator
+from tests.coordinator.auth.enrolling import metric
 from tests.coordinator.conftest import cli_token, eventually
 from tests.support.api import api_client, enrol_devices
 
@@ -203,3 +204,9 @@ async def test_a_probed_model_rollout_with_an_approval_gate(
             counts = feature.store.counts(third)
             assert counts["failed"] == 1
             assert counts["skipped"] == 2
+            assert metric(coord, "lepton_rollout_requests_total", {"outcome": "created"}) == 3
+            ended = "lepton_rollouts_ended_total"
+            assert metric(coord, ended, {"kind": "model", "state": "completed"}) == 2
+            assert metric(coord, ended, {"kind": "model", "state": "aborted"}) == 1
+            settled = "lepton_rollout_devices_total"
+            assert metric(coord, settled, {"kind": "model", "state": "succeeded"}) == 6
