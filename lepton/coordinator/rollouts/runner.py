@@ -302,6 +302,8 @@ class Runner:
         """The change a device's ended task means (None: none)."""
         if state != "succeeded":
             why = f"{row.step} task {state}" + (f": {error}" if error else "")
+            if row.step == "probe":
+                return self._undo(rec, row, why, now)
             if row.step != "baseline":
                 return _settled(("failed", why), now)
         if row.step in ("baseline", "deploy", "probe"):
@@ -347,15 +349,26 @@ class Runner:
         assert plan.probe is not None
         assert output is not None
         own = Measurement(**row.baseline) if row.baseline else None
-        return _settled(
-            outcomes.judge_probe(
-                Measurement.of(output),
-                own or outcomes.fleet_baseline(baselines),
-                max_accuracy_drop=plan.probe.max_accuracy_drop,
-                max_latency_increase=plan.probe.max_latency_increase,
-            ),
-            now,
+        verdict = outcomes.judge_probe(
+            Measurement.of(output),
+            own or outcomes.fleet_baseline(baselines),
+            max_accuracy_drop=plan.probe.max_accuracy_drop,
+            max_latency_increase=plan.probe.max_latency_increase,
         )
+        failed = verdict[0] == "failed"
+        return self._undo(rec, row, verdict[1], now) if failed else _settled(verdict, now)
+
+    def _undo(self, rec: RolloutRecord, row: RolloutDevice, why: str, now: float) -> dict[str, Any]:
+        """A model that failed its probe is deployed but not trusted: the device fails, and
+        the previous version is deployed back (a task not followed further: the device is
+        counted failed either way)."""
+        try:
+            request = self.targets.revert(rec.plan, rec.id, row.device_id, None)
+            task_id = self.submit(request, now)
+        except LeptonError as exc:
+            return _settled(("failed", f"{why}; not taken back: {exc}"), now)
+        out = _settled(("failed", f"{why}; previous version deployed back"), now)
+        return out | {"step": "undo", "task_id": task_id}
 
 
 def _settled(verdict: tuple[str, str], now: float) -> dict[str, Any]:

@@ -142,6 +142,11 @@ def test_a_probe_compares_the_new_version_with_the_device_baseline(rig: Rig, sto
     assert rows[good].state == "succeeded"
     assert rows[bad].state == "failed"
     assert "accuracy 0.9000 vs 0.9800" in rows[bad].reason
+    # The model that failed its probe does not stay: version 1 is deployed back.
+    assert rows[bad].reason.endswith("previous version deployed back")
+    undo = task_of(rig, rec.id, bad)
+    assert undo.kind == DEPLOY
+    assert params_as(DeployParams, undo.params).precision == "fp32"
     assert rig.rollouts.get(rec.id).state == "completed"
 
 
