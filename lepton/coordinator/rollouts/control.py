@@ -84,11 +84,8 @@ class RolloutControl:
                 candidates += page
                 if len(page) < _PAGE:
                     break
-        return [
-            d
-            for d in candidates
-            if selector.matches(d) and self.targets.matches(plan, d.device_class)
-        ]
+        fits = self.targets.class_filter(plan)
+        return [d for d in candidates if selector.matches(d) and fits(d.device_class)]
 
     def move(
         self, rollout_id: str, action: str, *, actor: str, revert: bool = False

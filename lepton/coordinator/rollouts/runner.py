@@ -225,12 +225,11 @@ class Runner:
     ) -> bool:
         have = {r.device_id for r in rows}
         selector = rec.plan.selector.selector()
+        fits = self.targets.class_filter(rec.plan)
         new = [
             (d.id, d.device_class)
             for d in fleet.values()
-            if d.id not in have
-            and selector.matches(d)
-            and self.targets.matches(rec.plan, d.device_class)
+            if d.id not in have and selector.matches(d) and fits(d.device_class)
         ]
         if new:
             busy = self.store.busy(rec.kind, [d for d, _ in new])

@@ -128,6 +128,17 @@ class Targets:
             is not None
         )
 
+    def class_filter(self, plan: Plan) -> Callable[[str | None], bool]:
+        """:meth:`matches` with one look-up per device class."""
+        seen: dict[str | None, bool] = {}
+
+        def fits(device_class: str | None) -> bool:
+            if device_class not in seen:
+                seen[device_class] = self.matches(plan, device_class)
+            return seen[device_class]
+
+        return fits
+
     def install(
         self, plan: Plan, rollout_id: str, device_id: str, device_class: str | None
     ) -> TaskRequest:
