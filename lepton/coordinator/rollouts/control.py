@@ -20,7 +20,8 @@ from lepton.coordinator.config import Config
 from lepton.coordinator.errors import ConflictError, NotFoundError
 from lepton.coordinator.rollouts.engine import order
 from lepton.coordinator.rollouts.plan import Plan, PlanError
-from lepton.coordinator.rollouts.store import RolloutRecord, RolloutStore
+from lepton.coordinator.rollouts.records import RolloutRecord
+from lepton.coordinator.rollouts.store import RolloutStore
 from lepton.coordinator.rollouts.targets import Targets
 from lepton.coordinator.store import DeviceRecord
 from lepton.coordinator.store.devices import DeviceRepo

@@ -26,7 +26,8 @@ from lepton.coordinator.rollouts import outcomes
 from lepton.coordinator.rollouts.engine import ENDED, TERMINAL, decide, order
 from lepton.coordinator.rollouts.metrics import RolloutMetrics
 from lepton.coordinator.rollouts.outcomes import Measurement
-from lepton.coordinator.rollouts.store import RolloutDevice, RolloutRecord, RolloutStore
+from lepton.coordinator.rollouts.records import RolloutDevice, RolloutRecord
+from lepton.coordinator.rollouts.store import RolloutStore
 from lepton.coordinator.rollouts.targets import Targets
 from lepton.coordinator.store import DeviceRecord, Lease
 from lepton.coordinator.store.cancels import CancelRepo
