@@ -315,12 +315,13 @@ class RolloutStore(StoreBase):
 
 def _to_approve(row: Any) -> int | None:
     """The phase an approve is for: the one waiting, else (ahead of time, an external
-    check say) the next gated phase not yet approved."""
+    check say) the first gated phase from the current one not yet approved."""
     if row["state"] == "waiting_approval":
         return int(row["phase"])
     approved = {int(p) for p in row["approved"]}
     phases = row["plan"].get("phases", [])
-    for index in range(int(row["phase"]) + 1, len(phases)):
+    # From the current phase: a rollout paused while a phase waited still waits for it.
+    for index in range(int(row["phase"]), len(phases)):
         if phases[index].get("approval") and index not in approved:
             return index
     return None

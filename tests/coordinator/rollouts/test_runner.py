@@ -201,8 +201,14 @@ def test_operator_moves_and_the_approval_gate(rig: Rig, store: Store) -> None:
     held = rig.rollouts.get(rec.id)
     assert (held.state, held.phase) == ("waiting_approval", 1)
     assert rig.rollouts.counts(rec.id)["dispatched"] == 0
+    # Paused while waiting, then approved: the approval is for the phase that waited.
+    rig.control.move(rec.id, "pause", actor="op")
     approved = rig.control.move(rec.id, "approve", actor="op")
     assert approved.approved == (1,)
+    assert approved.state == "paused"
+    rig.settle(rec.id)
+    assert rig.rollouts.counts(rec.id)["dispatched"] == 0
+    rig.control.move(rec.id, "resume", actor="op")
     rig.settle(rec.id)
     assert rig.rollouts.counts(rec.id)["dispatched"] == 3
     aborted = rig.control.move(rec.id, "abort", actor="op", revert=False)
