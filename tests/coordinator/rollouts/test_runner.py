@@ -240,6 +240,7 @@ class Update:
     outcome: str
     target: str | None
     reason: str = ""
+    task_id: str | None = None
 
 
 @dataclass
@@ -285,10 +286,13 @@ def test_an_agent_rollout_succeeds_on_commit_and_fails_with_the_device_reason(
         success_threshold=0.0,
         revert_on_abort=False,
     )
+    # dev02 refused this version before, in another task: that is not this attempt's answer.
+    releases.statuses["dev02"] = Update("1.3.0", "refused", "1.4.0", "expired", task_id="t-old")
     rec = rig.control.create(plan, created_by="test")
     rig.settle(rec.id)
     rows = rig.rows(rec.id)
     assert set(rows) == {"dev00", "dev01", "dev02"}  # no build for the jetson
+    assert rows["dev02"].state == "dispatched"
     tasks = {d: task_of(rig, rec.id, d) for d in rows}
     assert {t.kind for t in tasks.values()} == {INSTALL}
     assert tasks["dev00"].params["rollout"] == rec.id
