@@ -99,15 +99,26 @@ async def test_refused_bundles_answer_their_reason_and_store_nothing(
     cases["missing_file"] = write_bundle(
         tmp_path / "m.tar", signed(m, trust.release_key), {"notes.txt": FILES["notes.txt"]}
     )
+    # A signed manifest naming a path out of the bundle: refused as it is decoded, before
+    # any member is extracted (the signature is good: the release key signed it).
+    evil = {"../../outside.txt": b"out"}
+    cases["malformed"] = write_bundle(
+        tmp_path / "p.tar", signed(manifest_of(evil), trust.release_key), evil
+    )
     garbage = tmp_path / "g.tar"
     garbage.write_bytes(os.urandom(4096))
-    cases["malformed"] = garbage
-    for reason, path in cases.items():
+    cases["garbage"] = garbage
+    for case, path in cases.items():
+        reason = "malformed" if case == "garbage" else case
         r = await _publish(c, path)
-        assert r.status_code == 422, (reason, r.text)
-        assert r.json()["reason"] == reason, (reason, r.json())
-        assert metric(c, "lepton_release_publishes_total", {"outcome": reason}) == 1
-    assert not (tmp_path.parent / "escape.txt").exists()
+        assert r.status_code == 422, (case, r.text)
+        assert r.json()["reason"] == reason, (case, r.json())
+    assert metric(c, "lepton_release_publishes_total", {"outcome": "malformed"}) == 2
+    assert metric(c, "lepton_release_publishes_total", {"outcome": "tampered"}) == 1
+    data = Path(c.config.data_dir)
+    for name in ("escape.txt", "outside.txt"):
+        assert not list(tmp_path.parent.rglob(name))
+        assert not list(data.parent.rglob(name))
     assert c.feature(ReleasesFeature).releases.list() == []
     # Nothing published: no file of any of them in the blob store.
     assert not _stored(c, hashlib.sha256(FILES["notes.txt"]).hexdigest())
