@@ -41,7 +41,6 @@ import msgspec
 
 from lepton.agent.fetch import BlobFetcher, FetchError
 from lepton.agent.handlers import TaskContext, TaskError
-from lepton.common.releases import ReleaseRefused, check_policy, verify_files, verify_manifest
 from lepton.protocol.messages import Task
 from lepton.protocol.releases import Manifest
 from lepton.protocol.tasks import (
@@ -124,6 +123,8 @@ def _file_url(blob_base: str, digest: str) -> str:
 
 
 def _check(m: Manifest, params: InstallParams, updater: Updater, running: str) -> None:
+    from lepton.common.releases import ReleaseRefused, check_policy
+
     if (m.name, m.version) != (params.release, params.version):
         raise ReleaseRefused(
             "malformed",
@@ -154,6 +155,10 @@ async def install(task: Task, ctx: TaskContext) -> dict[str, Any]:
 async def _install(
     task: Task, ctx: TaskContext, params: InstallParams, updater: Updater, staging: Path
 ) -> dict[str, Any]:
+    # Imported here, as the handlers' heavy dependencies are: cryptography loads only when
+    # an update arrives.
+    from lepton.common.releases import ReleaseRefused, verify_files, verify_manifest
+
     fetcher = _fetcher(ctx, staging / "blobs")
     path, downloaded = await _get(
         fetcher,
@@ -222,6 +227,8 @@ async def revert(task: Task, ctx: TaskContext) -> dict[str, Any]:
         params = params_as(RevertParams, task.params)
     except msgspec.ValidationError as exc:
         raise TaskError(f"bad_params: {exc}") from exc
+    from lepton.common.releases import ReleaseRefused
+
     updater = _updater(ctx)
     running = await asyncio.to_thread(updater.running_version)
     if running == params.to_version:
