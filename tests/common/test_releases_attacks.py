@@ -163,6 +163,21 @@ def signed_payload_that_is_not_a_manifest(tmp: Path) -> object:
     )
 
 
+@attack("malformed")
+def a_signed_manifest_listing_a_file_twice(tmp: Path) -> object:
+    t = make_trust()
+    m = manifest_for(FILES)
+    twice = msgspec.structs.replace(m, files=[*m.files, m.files[0]])
+    return open_(tmp, t.root, signed(twice, t.release))
+
+
+@attack("malformed")
+def a_signed_manifest_listing_a_file_inside_a_file(tmp: Path) -> object:
+    t = make_trust()
+    files = {**FILES, "config/agent.toml/inner": b"x"}
+    return open_(tmp, t.root, signed(manifest_for(files), t.release), files)
+
+
 # --- files --------------------------------------------------------------------------------
 
 
@@ -395,7 +410,7 @@ def a_root_chain_with_a_gap(tmp: Path) -> object:
 
 
 def test_the_matrix_is_complete() -> None:
-    assert len(ATTACKS) == 42
+    assert len(ATTACKS) == 44
 
 
 @pytest.mark.parametrize("name", sorted(ATTACKS))

@@ -1,6 +1,6 @@
 """``lepton release``: release keys, building and signing agent images, verifying bundles.
 
-Offline commands (no coordinator): ``keys init|add-release|revoke|rotate-root`` manage a key
+Offline commands (no coordinator): ``keys init|add-release|revoke|rotate-root|renew`` manage a key
 directory (:mod:`lepton.coordinator.releases.keys`); ``build`` makes a signed bundle from an
 image definition; ``sign`` adds signatures to a bundle's manifest; ``verify`` checks a bundle
 as a device would. Exit codes, for CI pipelines: 0 done, 1 other error, 2 usage (bad
@@ -65,7 +65,10 @@ def add_commands(top: Any) -> None:
     revoke = command(ksub, "revoke", cmd_keys_revoke, "revoke a release key (next root)")
     revoke.add_argument("keyid", help="the key id, or a unique prefix of 8+ characters")
     command(ksub, "rotate-root", cmd_keys_rotate, "a new root key, signed by old and new")
-    for cmd in (init, add, revoke, ksub.choices["rotate-root"]):
+    command(ksub, "renew", cmd_keys_renew, "the next root with a fresh expiry")
+    for name in ("rotate-root", "renew"):
+        ksub.choices[name].add_argument("--root-days", type=int, default=ROOT_DAYS)
+    for cmd in (init, add, revoke, ksub.choices["rotate-root"], ksub.choices["renew"]):
         cmd.add_argument("--dir", required=True, type=Path, help="the key directory")
 
     build = command(sub, "build", cmd_build, "build and sign an agent image bundle")
@@ -160,7 +163,13 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
-    return _changed(args, _keystore(_store(args.dir).rotate_root), "new root key")
+    change = _keystore(_store(args.dir).rotate_root, root_days=args.root_days)
+    return _changed(args, change, "new root key")
+
+
+def cmd_keys_renew(args: argparse.Namespace) -> int:
+    change = _keystore(_store(args.dir).renew, root_days=args.root_days)
+    return _changed(args, change, "renewed")
 
 
 def cmd_build(args: argparse.Namespace) -> int:
