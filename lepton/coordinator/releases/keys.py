@@ -9,7 +9,8 @@ Layout of a key directory (kept offline, or at least off the coordinator; every 
 
 Every change (a release key added, one revoked, the root key rotated, the expiry renewed)
 writes the next root version, signed by the current root keys and, on rotation, by the new
-ones too, so a device holding any earlier root can walk to it (:func:`lepton.common.releases.apply_root_chain`).
+ones too, so a device holding any earlier root can walk to it
+(:func:`lepton.common.releases.apply_root_chain`).
 """
 
 from __future__ import annotations
