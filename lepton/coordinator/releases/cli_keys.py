@@ -11,6 +11,7 @@ fails verification; the reason is printed).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import tempfile
@@ -96,6 +97,20 @@ def add_commands(top: Any) -> None:
     verify.add_argument("--running", help="also refuse versions not above this one")
     verify.add_argument("--floor", help="also refuse versions below this floor")
     verify.add_argument("--kind", choices=("agent", "model"), help="default: the bundle's")
+    _mount_registry_commands(sub)
+
+
+def _mount_registry_commands(sub: Any) -> None:
+    """The registry's commands (publish, ls, show: ``lepton.coordinator.releases.cli``) join
+    this group through its ``add_release_commands(sub)`` when it has one; the offline
+    commands above work without the registry's dependencies."""
+    try:
+        registry = importlib.import_module("lepton.coordinator.releases.cli")
+    except ImportError:
+        return
+    mount = getattr(registry, "add_release_commands", None)
+    if mount is not None:
+        mount(sub)
 
 
 def _report(args: argparse.Namespace, data: dict[str, Any], lines: list[str]) -> None:
