@@ -24,6 +24,8 @@ from lepton.common.releases import (
     check_policy,
     load_root,
     open_bundle,
+    open_bundle_raw,
+    read_bundle_manifest,
     verify_files,
     verify_manifest,
 )
@@ -437,6 +439,9 @@ def test_a_good_bundle_is_accepted_and_extracted_exactly(tmp_path: Path) -> None
         if p.is_file()
     }
     assert got == FILES
+    m2, raw = open_bundle_raw(tmp_path / "b.tar", tmp_path / "again", t.root, now=NOW)
+    assert m2 == m
+    assert raw == read_bundle_manifest(tmp_path / "b.tar")
     check_policy(m, kind="agent", device_class="rpi4", running="1.1.0", floor="1.2.0")  # type: ignore[arg-type]
     check_policy(m, kind="agent", device_class="rpi4", running=None, floor=None)  # type: ignore[arg-type]
 

@@ -11,6 +11,7 @@ fails verification; the reason is printed).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import json
 import sys
@@ -24,7 +25,7 @@ from lepton.common.releases import (
     ReleaseRefused,
     check_policy,
     load_root,
-    open_bundle,
+    open_bundle_raw,
     root_chain,
 )
 from lepton.common.signing import KeyFileError, load_private_key
@@ -243,7 +244,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     try:
         root = load_root(raw_root, trusted=None, now=now)
         with tempfile.TemporaryDirectory() as tmp:
-            m = open_bundle(args.bundle, Path(tmp) / "files", root, now=now)
+            m, raw = open_bundle_raw(args.bundle, Path(tmp) / "files", root, now=now)
         if args.device_class or args.running or args.floor or args.kind:
             check_policy(
                 m,
@@ -258,7 +259,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         raise CliError(f"refused: {exc}", EXIT_REFUSED) from exc
     except OSError as exc:
         raise CliError(f"cannot read {args.bundle}: {exc.strerror}", EXIT_USAGE) from exc
-    digest, size = manifest_digest(args.bundle)
+    digest, size = hashlib.sha256(raw).hexdigest(), len(raw)
     _report(
         args,
         {
