@@ -24,6 +24,8 @@ from lepton.common.releases import (
     check_policy,
     load_root,
     open_bundle,
+    open_bundle_raw,
+    read_bundle_manifest,
     verify_files,
     verify_manifest,
 )
@@ -44,6 +46,7 @@ from tests.common.releasekit import (
 )
 
 Attack = Callable[[Path], object]
+Member = tuple[tarfile.TarInfo, bytes | None]
 ATTACKS: dict[str, tuple[str, Attack]] = {}
 
 
@@ -59,7 +62,7 @@ def open_(tmp: Path, trust_root: Root, raw: bytes, files: dict[str, bytes] = FIL
     return open_bundle(bundle(tmp / "b.tar", raw, files), tmp / "out", trust_root, now=NOW)
 
 
-def open_members(tmp: Path, trust_root: Root, members: list) -> object:  # type: ignore[type-arg]
+def open_members(tmp: Path, trust_root: Root, members: list[Member]) -> object:
     return open_bundle(write_tar(tmp / "b.tar", members), tmp / "out", trust_root, now=NOW)
 
 
@@ -163,6 +166,21 @@ def signed_payload_that_is_not_a_manifest(tmp: Path) -> object:
     )
 
 
+@attack("malformed")
+def a_signed_manifest_listing_a_file_twice(tmp: Path) -> object:
+    t = make_trust()
+    m = manifest_for(FILES)
+    twice = msgspec.structs.replace(m, files=[*m.files, m.files[0]])
+    return open_(tmp, t.root, signed(twice, t.release))
+
+
+@attack("malformed")
+def a_signed_manifest_listing_a_file_inside_a_file(tmp: Path) -> object:
+    t = make_trust()
+    files = {**FILES, "config/agent.toml/inner": b"x"}
+    return open_(tmp, t.root, signed(manifest_for(files), t.release), files)
+
+
 # --- files --------------------------------------------------------------------------------
 
 
@@ -214,38 +232,34 @@ def an_older_releases_manifest_with_these_files(tmp: Path) -> object:
 # --- the tar itself -----------------------------------------------------------------------
 
 
-def members_with(extra: list) -> list:  # type: ignore[type-arg]
-    t_raw = ATTACK_TRUST.root, good(ATTACK_TRUST)[1]
-    return [regular(BUNDLE_MANIFEST, t_raw[1]), *[regular(p, b) for p, b in FILES.items()], *extra]
-
-
+#: One trust for the tar attacks: each bundle is signed correctly, only the tar is hostile.
 ATTACK_TRUST = make_trust()
+
+
+def members_with(extra: list[Member], *, without: str = "") -> list[Member]:
+    """The good bundle's members (manifest first), less ``without``, plus ``extra``."""
+    files = [regular(p, b) for p, b in FILES.items() if p != without]
+    return [regular(BUNDLE_MANIFEST, good(ATTACK_TRUST)[1]), *files, *extra]
 
 
 @attack("tampered")
 def a_listed_path_as_a_symlink(tmp: Path) -> object:
-    raw = good(ATTACK_TRUST)[1]
-    members = [regular(BUNDLE_MANIFEST, raw)]
-    members += [regular(p, b) for p, b in FILES.items() if p != "config/agent.toml"]
-    members.append(special("config/agent.toml", tarfile.SYMTYPE, "/etc/shadow"))
+    hostile = special("config/agent.toml", tarfile.SYMTYPE, "/etc/shadow")
+    members = members_with([hostile], without="config/agent.toml")
     return open_members(tmp, ATTACK_TRUST.root, members)
 
 
 @attack("tampered")
 def a_listed_path_as_a_hardlink(tmp: Path) -> object:
-    raw = good(ATTACK_TRUST)[1]
-    members = [regular(BUNDLE_MANIFEST, raw)]
-    members += [regular(p, b) for p, b in FILES.items() if p != "config/agent.toml"]
-    members.append(special("config/agent.toml", tarfile.LNKTYPE, "systemd/lepton-agent.service"))
+    hostile = special("config/agent.toml", tarfile.LNKTYPE, "systemd/lepton-agent.service")
+    members = members_with([hostile], without="config/agent.toml")
     return open_members(tmp, ATTACK_TRUST.root, members)
 
 
 @attack("tampered")
 def a_listed_path_as_a_device_node(tmp: Path) -> object:
-    raw = good(ATTACK_TRUST)[1]
-    members = [regular(BUNDLE_MANIFEST, raw)]
-    members += [regular(p, b) for p, b in FILES.items() if p != "config/agent.toml"]
-    members.append(special("config/agent.toml", tarfile.CHRTYPE))
+    hostile = special("config/agent.toml", tarfile.CHRTYPE)
+    members = members_with([hostile], without="config/agent.toml")
     return open_members(tmp, ATTACK_TRUST.root, members)
 
 
@@ -395,7 +409,7 @@ def a_root_chain_with_a_gap(tmp: Path) -> object:
 
 
 def test_the_matrix_is_complete() -> None:
-    assert len(ATTACKS) == 42
+    assert len(ATTACKS) == 44
 
 
 @pytest.mark.parametrize("name", sorted(ATTACKS))
@@ -422,6 +436,9 @@ def test_a_good_bundle_is_accepted_and_extracted_exactly(tmp_path: Path) -> None
         if p.is_file()
     }
     assert got == FILES
+    m2, raw = open_bundle_raw(tmp_path / "b.tar", tmp_path / "again", t.root, now=NOW)
+    assert m2 == m
+    assert raw == read_bundle_manifest(tmp_path / "b.tar")
     check_policy(m, kind="agent", device_class="rpi4", running="1.1.0", floor="1.2.0")  # type: ignore[arg-type]
     check_policy(m, kind="agent", device_class="rpi4", running=None, floor=None)  # type: ignore[arg-type]
 
