@@ -165,5 +165,5 @@ def test_update_fail_picks_the_same_share_of_devices_every_time() -> None:
     # Another version fails on other devices.
     assert failing != [i for i in ids if fail.fails(i, "1.4.0")]
     for bad in ("0.2", "1.5:1.0.0", "0.1:1.0"):
-        with pytest.raises(ValueError, match="update_fail|version"):
+        with pytest.raises(ValueError, match=r"update_fail|version"):
             UpdateFail.parse(bad)
