@@ -183,6 +183,7 @@ def build_devices(spec: FleetSpec) -> list[VirtualDevice]:
                 state_dir=config.agent.state_dir,
                 root_file=spec.release_root,
                 version=spec.agent_version or __version__,
+                device_class=profile.name,
                 fail=spec.update_fail,
                 trial_s=spec.trial_s,
             )

@@ -111,11 +111,13 @@ class SimulatedUpdater:
         state_dir: Path,
         root_file: Path,
         version: str,
+        device_class: str | None = None,
         fail: UpdateFail | None = None,
         trial_s: float = 1.0,
     ) -> None:
         parse_version(version)
         self.device_id = device_id
+        self.device_class = device_class
         self.dir = state_dir / "update"
         self.root_file = root_file
         self.fail = fail or UpdateFail()
@@ -216,11 +218,13 @@ class SimulatedUpdater:
         if pending["fails"]:
             self._s.current = self._other()
             self._s.pending = None
+            # A crash loop reports nothing until the old slot's agent is back up.
             self._set(
                 "rolled_back",
                 target=pending["version"],
                 reason="crash_loop",
                 task_id=pending["task_id"],
+                notify=False,
             )
             log.info("sim: %s rolled back from %s", self.device_id, pending["version"])
             self.restart()
@@ -253,7 +257,15 @@ class SimulatedUpdater:
     def _other(self) -> Slot:
         return "b" if self._s.current == "a" else "a"
 
-    def _set(self, outcome: str, *, target: str, task_id: str | None, reason: str = "") -> None:
+    def _set(
+        self,
+        outcome: str,
+        *,
+        target: str,
+        task_id: str | None,
+        reason: str = "",
+        notify: bool = True,
+    ) -> None:
         self._s.status = {
             "outcome": outcome,
             "target": target,
@@ -262,9 +274,14 @@ class SimulatedUpdater:
             "at": time.time(),
         }
         self._save()
+        if not notify:
+            return
         status = self.status()
         for cb in self._listeners:
-            cb(status)
+            try:
+                cb(status)
+            except Exception:  # a listener's bug must not stop updates
+                log.exception("update listener failed")
 
     def _load(self, version: str) -> _State:
         try:
