@@ -61,11 +61,13 @@ def _setup_logging(level: str) -> None:
     )
 
 
-async def _run(config: AgentConfig) -> None:
+async def _run(config: AgentConfig) -> int:
     from lepton.agent.daemon import Agent
 
     async with Agent(config) as agent:
         await agent.run(install_signal_handlers=True)
+    # Non-zero after a failed trial or for a new image: the supervisor starts it again.
+    return agent.exit_code
 
 
 async def _probe(state_dir: Path, refresh: bool) -> dict[str, Any]:
@@ -121,10 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _setup_logging(config.agent.log_level)
     try:
-        asyncio.run(_run(config))
+        return asyncio.run(_run(config))
     except KeyboardInterrupt:
         return 130
-    return 0
 
 
 if __name__ == "__main__":

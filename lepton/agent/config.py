@@ -2,7 +2,8 @@
 
 Defaults, then a TOML file, then ``LEPTON_*`` environment variables, then CLI flags; each
 layer wins over the one before. The TOML file has sections (``[device]``, ``[broker]``,
-``[agent]``, ``[outbox]``, ``[inference]``, ``[fetch]``, ``[endpoint]``), each a nested
+``[agent]``, ``[outbox]``, ``[inference]``, ``[fetch]``, ``[endpoint]``,
+``[update]``), each a nested
 struct here (``cfg.broker.host``); the environment variable for ``broker.host`` is
 ``LEPTON_BROKER_HOST`` and the CLI flag ``--broker-host``. Unknown sections and keys are an
 error that names them, so a typo never silently falls back to a default.
@@ -33,7 +34,7 @@ from lepton.protocol.errors import TopicError
 from lepton.protocol.imports import Allowlist
 from lepton.protocol.topics import validate_id
 
-__all__ = ["AgentConfig", "ConfigError", "cli_options", "load_config"]
+__all__ = ["AgentConfig", "ConfigError", "UpdateConfig", "cli_options", "load_config"]
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/lepton/agent.toml")
 CONFIG_ENV: Final = "LEPTON_CONFIG"
@@ -252,6 +253,37 @@ class EndpointConfig:
         return None
 
 
+DEFAULT_UPDATE_ROOT: Final = Path("/opt/lepton")
+DEFAULT_ROOT_FILE: Final = Path("/etc/lepton/release-root.json")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpdateConfig:
+    """``[update]``: signed agent images installed into A/B slots (:mod:`lepton.agent.update`).
+
+    ``enabled`` unset: on when both ``root`` (the image root, ``/opt/lepton``) and
+    ``root_file`` (the pinned trust root) exist. ``mode = "service"``: the privileged
+    ``lepton-update.service`` installs and commits (a real device: the agent only writes
+    requests); ``"direct"``: the agent owns ``root`` and runs the installer itself (tests,
+    containers, boards without the privileged units)."""
+
+    enabled: bool | None = None
+    root: Path = DEFAULT_UPDATE_ROOT
+    root_file: Path = DEFAULT_ROOT_FILE
+    mode: Literal["service", "direct"] = "service"
+    # Run after a switch or a rollback to start the other image (split on whitespace).
+    restart_command: str = "systemctl restart --no-block lepton-agent.service"
+    # How long a new image has to prove itself healthy unless its task says otherwise.
+    health_deadline_s: Positive = 300.0
+
+    @property
+    def active(self) -> bool:
+        """Whether updates are on (``enabled``, else whether root and root_file exist)."""
+        if self.enabled is not None:
+            return self.enabled
+        return self.root.is_dir() and self.root_file.is_file()
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AgentConfig:
     """Everything the agent daemon reads at start-up."""
@@ -263,6 +295,7 @@ class AgentConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
     endpoint: EndpointConfig = field(default_factory=EndpointConfig)
+    update: UpdateConfig = field(default_factory=UpdateConfig)
     # [data] name = "path-or-module:function"
     data: dict[str, str] = field(default_factory=dict)
 

@@ -34,13 +34,22 @@ from lepton.agent.telemetry.changes import significant_change
 from lepton.agent.telemetry.probe import ProbeResult, load_probe
 from lepton.agent.training.datasources import DataSources
 from lepton.agent.training.tasks import weights_cache
+from lepton.agent.update.health import EXIT_RESTART, EXIT_UNHEALTHY, HealthChecks, UnhealthyError
+from lepton.agent.update.updater import Updater
 from lepton.common.tls import client_context
 from lepton.protocol import topics
 from lepton.protocol.aio import cancel_and_wait
 from lepton.protocol.codec import decode, encode
 from lepton.protocol.errors import DecodeError
 from lepton.protocol.imports import Allowlist
-from lepton.protocol.messages import CapacityReport, ResultAck, State, TaskAck, TaskCancel
+from lepton.protocol.messages import (
+    CapacityReport,
+    ResultAck,
+    State,
+    TaskAck,
+    TaskCancel,
+    UpdateStatus,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +107,27 @@ class Agent:
             ),
         )
         self.data_sources = DataSources(config.data)
+        #: The process's exit status once run() returns (non-zero: a supervisor restarts it).
+        self.exit_code = 0
+        self.updater = (
+            Updater(
+                config.update,
+                config.agent.state_dir,
+                device_class=config.device.class_,
+                on_restart=self._restart_for_update,
+            )
+            if config.update.active
+            else None
+        )
+        self._first_connect = asyncio.Event()
+        self._first_report = asyncio.Event()
         self.services = TaskServices(
             models=self.models,
             data_sources=self.data_sources,
             weights_store=weights_cache(config.agent.state_dir, self.models),
             # Only what this device's own config allows, never what a task names.
             model_imports=Allowlist(config.agent.model_imports).with_plugins(),
+            updater=self.updater,
         )
         self.endpoint_port: int | None = None  # the bound TCP port once the endpoint listens
         self._registry = registry or default_registry()
@@ -113,6 +137,8 @@ class Agent:
         self._last_report_at = 0.0
         self._heartbeat = time.monotonic()
         self._ready_sent = False
+        self._background: set[asyncio.Future[bool]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by run()
         self.link = Link(
             config,
             outbox=self.outbox,
@@ -154,14 +180,24 @@ class Agent:
         self.models.close()
         await self.outbox.close()
 
-    def stop(self) -> None:
+    def stop(self, exit_code: int | None = None) -> None:
         """Begin a graceful shutdown (idempotent; safe from a signal handler)."""
+        if exit_code is not None:
+            self.exit_code = exit_code
         self._stop.set()
+
+    def _restart_for_update(self) -> None:
+        # From the installer's thread: stop with a failure status so the supervisor starts
+        # the new image (through `lepton-slot boot`).
+        log.info("a new agent image is on trial: restarting")
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.stop, EXIT_RESTART)
 
     # ------------------------------------------------------------ main
 
     async def run(self, *, install_signal_handlers: bool = False) -> None:
         loop = asyncio.get_running_loop()
+        self._loop = loop
         if install_signal_handlers:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
@@ -183,6 +219,10 @@ class Agent:
             ]
             if self.config.agent.probe:
                 loops.append(tg.create_task(self._load_probe(), name="probe"))
+            if self.updater is not None:
+                self.updater.add_listener(self._update_changed)
+                loops.append(tg.create_task(self.updater.watch(), name="update-watch"))
+                loops.append(tg.create_task(self._trial_gate(), name="trial-gate"))
             try:
                 await self._stop.wait()
                 await self._shutdown()
@@ -211,15 +251,52 @@ class Agent:
 
     def _birth(self) -> State:
         probe = self.probe
+        update: UpdateStatus | None = None
+        if self.updater is not None:
+            try:
+                update = self.updater.status()
+            except (OSError, ValueError):  # an unreadable boot.json: report none
+                log.exception("update status unreadable")
         return State(
             state="online",
             agent_version=__version__,
             device_class=self.sampler.device_class,
             runtimes=list(probe.runtimes) if probe else [],
             started_at=self.started_at,
+            update=update,
         )
 
+    # ------------------------------------------------------------ updates
+
+    def _update_changed(self, status: UpdateStatus) -> None:
+        # Any thread (the installer's watcher): republish the retained birth message.
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._republish_birth)
+
+    def _republish_birth(self) -> None:
+        if not self.link.connected.is_set():
+            return  # the next connection publishes the birth message anyway
+        task = asyncio.ensure_future(
+            self.link.publish(self.link.state_topic, encode(self._birth()), qos=1, retain=True)
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _trial_gate(self) -> None:
+        assert self.updater is not None
+        checks = HealthChecks(
+            connected=self._first_connect,
+            first_report=self._first_report,
+            providers=self.config.inference.providers,
+        )
+        try:
+            await self.updater.trial(checks)
+        except UnhealthyError as exc:
+            log.error("agent image on trial is not healthy (%s): exiting", exc.reason)  # noqa: TRY400
+            self.stop(EXIT_UNHEALTHY)
+
     def _on_connect(self) -> None:
+        self._first_connect.set()
         self._report_now.set()
         if not self._ready_sent:
             self._ready_sent = True
@@ -318,6 +395,7 @@ class Agent:
                 self._last_report = report
                 self._last_report_at = time.monotonic()
                 self.counters.inc("capacity.reports")
+                self._first_report.set()
 
     # ------------------------------------------------------------ local endpoint
 

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
     from lepton.agent.inference.manager import ModelManager
     from lepton.agent.training.datasources import DataSources
+    from lepton.agent.update.updater import Updater
 
     #: Named tensors: a model's weights, or an update (local minus global weights).
     Arrays = dict[str, npt.NDArray[np.generic]]
@@ -101,6 +102,9 @@ class TaskServices:
     #: Awaited with the task once a ``train`` update is encoded, just before its upload: the
     #: simulator sleeps there so that a slow device's update leaves when that device's would.
     pace: Pace | None = None
+    #: A/B updates of this device's agent image (``install``, ``revert``); ``None`` where
+    #: ``[update]`` is off.
+    updater: Updater | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,0 +1,303 @@
+"""The privileged installer: a staged agent image into the inactive slot, then a trial.
+
+Run by ``lepton-slot service`` (``lepton-update.service``, root) with the *current* slot's
+interpreter, or by the agent itself in ``direct`` mode::
+
+    <root>/current/venv/bin/python -m lepton.agent.update.installer --root R --state-dir S
+
+It consumes ``<state_dir>/update/request.json`` (written by :class:`~lepton.agent.update.
+updater.Updater`) and trusts nothing the agent staged: the manifest is verified again against
+the device's pinned trust root (``update.root_file``), the policy checked against the
+device's own committed version and floor (from ``boot.json``), and the files verified again
+*after* they are copied into the slot (the staging directory stays agent-writable).
+
+Install: mark the slot ``installing`` (``previous`` cleared first when it names that slot),
+clear it, copy the files to ``slots/<x>/bundle``, ``python -m venv slots/<x>/venv``,
+``pip install --no-index --find-links bundle/wheels <install.requirement>``, smoke-check
+``venv/bin/lepton-agent version``, then begin the trial (``boot.json`` first, ``current``
+switched second) and restart the agent. Any failure before the switch records
+``install_failed`` with its reason and leaves the running version alone. An agent image with
+no ``install`` requirement is refused (``no_install``): an A/B slot must hold a runnable agent.
+
+Revert: the other slot must hold ``previous`` == ``to_version`` and ``to_version`` >= the floor;
+then the same trial path (kind ``revert``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lepton.agent.update import slots
+from lepton.common.errors import LeptonError
+
+if TYPE_CHECKING:
+    from lepton.protocol.releases import Manifest
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.dsse.json"
+PIP_TIMEOUT_S = 1800
+SMOKE_TIMEOUT_S = 120
+
+
+class InstallError(LeptonError):
+    """The install stopped before the switch; ``reason`` is reported as the outcome's."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def _run(cmd: list[str], *, timeout: float, what: str) -> str:
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise InstallError(what, str(exc)[:150]) from exc
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or [""]
+        raise InstallError(what, f"exit {done.returncode}: {tail[0][:150]}")
+    return done.stdout
+
+
+def install(
+    root: Path,
+    request: dict[str, Any],
+    *,
+    trust_root_file: Path,
+    device_class: str,
+    restart_command: str | None,
+    now: float | None = None,
+) -> str:
+    """Install the staged image named by ``request``; returns the trial's version."""
+    now = time.time() if now is None else now
+    task_id = request.get("task_id")
+    state = slots.read_state(root)
+    committed = state.get("committed")
+    if not committed:
+        raise InstallError("not_provisioned", "boot.json has no committed slot")
+    raw, manifest = _verify(request, state, trust_root_file, device_class, now)
+    target = slots.other(committed["slot"])
+    # Clear `previous` before touching its slot: a revert never finds a half-written one.
+    if state.get("previous") and state["previous"]["slot"] == target:
+        state["previous"] = None
+    state["installing"] = {
+        "slot": target,
+        "version": manifest.version,
+        "task_id": task_id,
+        "pid": os.getpid(),
+        "at": now,
+    }
+    slots._record(state, "installing", manifest.version, "", task_id)
+    slots.write_state(root, state)
+    slots.crash_point("install.marked")
+    slot_dir = root / "slots" / target
+    shutil.rmtree(slot_dir, ignore_errors=True)
+    slots.crash_point("install.slot_cleared")
+    _copy(manifest, raw, Path(request["files"]), slot_dir)
+    slots.crash_point("install.files_copied")
+    _build(manifest, slot_dir)
+    slots.begin_trial(
+        root,
+        slot=target,
+        version=manifest.version,
+        deadline=now + float(request.get("deadline_s", 300.0)),
+        task_id=task_id,
+        kind="install",
+    )
+    _restart(restart_command)
+    return str(manifest.version)
+
+
+def _verify(
+    request: dict[str, Any], state: dict[str, Any], trust_root_file: Path, device_class: str,
+    now: float,
+) -> tuple[bytes, Manifest]:  # fmt: skip
+    from lepton.common import releases  # the image's own verifier (lepton.common)
+
+    try:
+        trust = releases.load_root(trust_root_file.read_bytes(), trusted=None, now=now)
+        raw = base64.b64decode(request["manifest_b64"], validate=True)
+        manifest: Manifest = releases.verify_manifest(raw, trust, now=now)
+        releases.check_policy(
+            manifest,
+            kind="agent",
+            device_class=device_class,
+            running=state["committed"]["version"],
+            floor=state.get("floor"),
+        )
+    except releases.ReleaseRefused as exc:
+        raise InstallError(exc.reason, exc.detail) from exc
+    except (OSError, ValueError) as exc:
+        raise InstallError("malformed", str(exc)[:150]) from exc
+    if manifest.install is None:
+        raise InstallError("no_install", "an agent image needs an install requirement")
+    return raw, manifest
+
+
+def _copy(manifest: Manifest, raw: bytes, staging: Path, slot_dir: Path) -> None:
+    from lepton.common import releases
+
+    bundle = slot_dir / "bundle"
+    for entry in manifest.files:
+        dest = bundle / entry.path
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            shutil.copyfile(staging / entry.path, dest)
+        except OSError as exc:
+            raise InstallError("missing_file", entry.path) from exc
+    (slot_dir / MANIFEST_FILE).write_bytes(raw)
+    try:
+        releases.verify_files(manifest, bundle)  # the copy, not the agent-writable staging
+    except releases.ReleaseRefused as exc:
+        raise InstallError(exc.reason, exc.detail) from exc
+
+
+def _build(manifest: Manifest, slot_dir: Path) -> None:
+    assert manifest.install is not None
+    venv = slot_dir / "venv"
+    _run([sys.executable, "-m", "venv", str(venv)], timeout=PIP_TIMEOUT_S, what="venv_failed")
+    _run(
+        [
+            str(venv / "bin" / "python"), "-m", "pip", "install", "--no-index",
+            "--disable-pip-version-check", "--no-cache-dir",
+            "--find-links", str(slot_dir / "bundle" / "wheels"),
+            manifest.install.requirement,
+        ],
+        timeout=PIP_TIMEOUT_S,
+        what="pip_failed",
+    )  # fmt: skip
+    slots.crash_point("install.venv_built")
+    out = _run(
+        [str(venv / "bin" / "lepton-agent"), "version"],
+        timeout=SMOKE_TIMEOUT_S,
+        what="smoke_failed",
+    )
+    if out.strip() != manifest.version:
+        raise InstallError("smoke_failed", f"lepton-agent version says {out.strip()[:40]!r}")
+    slots.crash_point("install.smoked")
+
+
+def revert(
+    root: Path, request: dict[str, Any], *, restart_command: str | None, now: float | None = None
+) -> str:
+    """Switch to the other slot's previously committed ``to_version`` (on trial)."""
+    now = time.time() if now is None else now
+    to_version = str(request["to_version"])
+    state = slots.read_state(root)
+    previous, committed = state.get("previous"), state.get("committed")
+    if state.get("trial"):
+        raise InstallError("busy", "a trial is running")
+    if not previous or not committed or previous["slot"] == committed["slot"]:
+        raise InstallError("no_previous", "the other slot holds no committed version")
+    if previous["version"] != to_version:
+        raise InstallError("no_previous", f"the other slot holds {previous['version']}")
+    if slots.version_tuple(to_version) < slots.version_tuple(state.get("floor", "0.0.0")):
+        raise InstallError("below_floor", f"{to_version} < {state['floor']}")
+    slots.begin_trial(
+        root,
+        slot=previous["slot"],
+        version=to_version,
+        deadline=now + float(request.get("deadline_s", 300.0)),
+        task_id=request.get("task_id"),
+        kind="revert",
+    )
+    _restart(restart_command)
+    return to_version
+
+
+def _restart(command: str | None) -> None:
+    if command:
+        # The restart stops this agent (and, in direct mode, this process's parent): best
+        # effort; the trial is recorded and `current` switched already, so a failed restart
+        # only delays the trial to the next start (or the deadline check rolls it back).
+        subprocess.run(command.split(), check=False, timeout=120)
+
+
+def fail(root: Path, request: dict[str, Any], reason: str, detail: str) -> None:
+    """Record ``install_failed`` (the running version is untouched)."""
+    state = slots.read_state(root)
+    inst = state.get("installing")
+    state["installing"] = None
+    target = str(request.get("to_version") or request.get("version") or "")
+    if inst:
+        target = inst.get("version", target)
+    text = f"{reason}: {detail}" if detail else reason
+    slots._record(state, "install_failed", target, text, request.get("task_id"))
+    slots.write_state(root, state)
+
+
+def take_request(state_dir: Path) -> dict[str, Any] | None:
+    """Read and remove ``request.json`` (a crash never re-runs the same request)."""
+    path = state_dir / "update" / "request.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        path.unlink(missing_ok=True)
+        return {"kind": "malformed"}
+    path.unlink(missing_ok=True)
+    return data if isinstance(data, dict) else {"kind": "malformed"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lepton-installer")
+    parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--state-dir", type=Path, required=True)
+    parser.add_argument("--config", type=Path, default=None, help="agent TOML (the default)")
+    # Direct mode: the agent passes what it runs with (service mode reads the config).
+    parser.add_argument("--root-file", type=Path, default=None)
+    parser.add_argument("--device-class", default=None)
+    parser.add_argument("--restart-command", default=None)
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(levelname)s %(name)s: %(message)s")
+    from lepton.agent.config import load_config
+    from lepton.agent.telemetry.board import device_class_for, read_device_model
+
+    config = load_config(ns.config, identity=False)
+    request = take_request(ns.state_dir)
+    if request is None:
+        return 0
+    restart = config.update.restart_command if ns.restart_command is None else ns.restart_command
+    root_file = ns.root_file or config.update.root_file
+    try:
+        if request.get("kind") == "install":
+            device_class = (
+                ns.device_class or config.device.class_ or device_class_for(read_device_model())
+            )
+            version = install(
+                ns.root,
+                request,
+                trust_root_file=root_file,
+                device_class=device_class,
+                restart_command=restart or None,
+            )
+        elif request.get("kind") == "revert":
+            version = revert(ns.root, request, restart_command=restart or None)
+        else:
+            fail(ns.root, request, "malformed", "request.json is not an install or a revert")
+            return 1
+    except InstallError as exc:
+        log.error("update failed: %s", exc)  # noqa: TRY400
+        fail(ns.root, request, exc.reason, exc.detail)
+        return 1
+    except (KeyError, TypeError, ValueError) as exc:
+        fail(ns.root, request, "malformed", str(exc)[:150])
+        return 1
+    log.info("on trial: %s", version)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
