@@ -54,17 +54,21 @@ class DeviceSelector:
     device_class: str | None = None
     tag: str | None = None
     device_ids: tuple[str, ...] = ()
+    #: An operator-assigned device group (``DeviceRecord.groups``).
+    group: str | None = None
 
     def matches(self, device: DeviceRecord) -> bool:
         return (
             (not self.device_ids or device.id in self.device_ids)
             and (self.device_class is None or device.device_class == self.device_class)
             and (self.tag is None or self.tag in device.tags)
+            and (self.group is None or self.group in device.groups)
         )
 
     def describe(self) -> str:
         parts = [f"class {self.device_class}"] if self.device_class else []
         parts += [f"tag {self.tag}"] if self.tag else []
+        parts += [f"group {self.group}"] if self.group else []
         parts += [f"ids {', '.join(self.device_ids)}"] if self.device_ids else []
         return " and ".join(parts) or "every online device"
 
