@@ -44,7 +44,7 @@ from typing import Any
 import httpx
 
 from bench import _common
-from lepton.demo.release import (
+from lepton.demo.release_kit import (
     GOOD_PHASES,
     ReleaseKit,
     RolloutClient,

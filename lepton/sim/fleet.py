@@ -157,6 +157,8 @@ def build_devices(spec: FleetSpec) -> list[VirtualDevice]:
             # Many agents share one disk here; a simulated device need not survive power loss.
             "outbox.sync": "normal",
             "fetch.origins": spec.fetch_origins,
+            # A virtual device's image updates are simulated (lepton.sim.updater), never real.
+            "update.enabled": False,
             **spec.extra,
         }
         if spec.enrolment is None:  # else the identity names the fleet and the broker
