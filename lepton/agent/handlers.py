@@ -31,6 +31,8 @@ from lepton.protocol.tasks import (
     ECHO,
     EVALUATE,
     INFER,
+    INSTALL,
+    REVERT,
     TRAIN,
     UNDEPLOY,
     BenchmarkOutput,
@@ -102,8 +104,8 @@ class TaskServices:
     #: Awaited with the task once a ``train`` update is encoded, just before its upload: the
     #: simulator sleeps there so that a slow device's update leaves when that device's would.
     pace: Pace | None = None
-    #: A/B updates of this device's agent image (``install``, ``revert``); ``None`` where
-    #: ``[update]`` is off.
+    #: A/B updates of this device's agent image (``install``, ``revert``); ``None``: updates
+    #: are not enabled here and both are refused.
     updater: Updater | None = None
 
 
@@ -186,6 +188,7 @@ def default_registry() -> HandlerRegistry:
     # numpy, the runtimes and torch only when a task of theirs runs.
     from lepton.agent.inference import tasks as inference
     from lepton.agent.training import tasks as training
+    from lepton.agent.update import tasks as update
 
     registry = HandlerRegistry()
     registry.register(ECHO, echo)
@@ -195,4 +198,6 @@ def default_registry() -> HandlerRegistry:
     registry.register(INFER, inference.infer)
     registry.register(TRAIN, training.train)
     registry.register(EVALUATE, training.evaluate)
+    registry.register(INSTALL, update.install)
+    registry.register(REVERT, update.revert)
     return registry

@@ -223,6 +223,18 @@ class AuthConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ReleasesConfig:
+    """``[releases]``: signed agent images and models published here (docs/releases.md)."""
+
+    # The trust root (a signed root.json, `lepton release keys init` makes one) every
+    # published bundle is checked against; read at each publish. Empty: publishing is off
+    # (503).
+    root_file: str = ""
+    # The largest bundle `POST /v1/releases` takes (413 above it, before it is stored).
+    max_bundle_bytes: PositiveInt = 2 << 30
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """Everything one coordinator process needs; see ``deploy/coordinator.example.toml``."""
 
@@ -240,6 +252,7 @@ class Config:
     replica: ReplicaConfig = field(default_factory=ReplicaConfig)
     fl: FLConfig = field(default_factory=FLConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    releases: ReleasesConfig = field(default_factory=ReleasesConfig)
 
     def __post_init__(self) -> None:
         if not self.instance_id:
@@ -350,6 +363,7 @@ def _check(cfg: Config) -> None:
         ("http", "tls_cert_file"),
         ("http", "tls_key_file"),
         ("http", "tls_client_ca_file"),
+        ("releases", "root_file"),
     ):
         path = getattr(getattr(cfg, section), key)
         if path and not Path(path).expanduser().is_file():

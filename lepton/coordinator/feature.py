@@ -25,7 +25,9 @@ integrations:
    leader-only writes with that lease);
 5. it hands each feature the outcome of every batch of applied device results
    (:meth:`~Feature.on_results`, in the result worker's thread: wake your own loops
-   thread-safely and return at once);
+   thread-safely and return at once), and every batch of applied births and wills
+   (:meth:`~Feature.on_states`, in the same thread: the release registry keeps devices'
+   update status);
 6. on shutdown it cancels the leader loops, then awaits every feature's :meth:`~Feature.drain`
    before giving the lease up and before the device-message and capacity drains.
 
@@ -46,6 +48,7 @@ from typing import Any, Protocol, TypeAlias
 from fastapi import APIRouter
 from sqlalchemy import MetaData
 
+from lepton.coordinator.store.devices import StateUpdate
 from lepton.coordinator.store.records import Lease, ResultOutcome
 
 #: A leader-only loop: one call per term of leadership, cancelled when the term ends.
@@ -79,6 +82,11 @@ class Feature(Protocol):
         """A batch of device results was applied (worker thread; return at once)."""
         ...
 
+    def on_states(self, states: Sequence[StateUpdate]) -> None:
+        """A batch of births and wills was applied (worker thread; an exception makes the
+        batch be applied again)."""
+        ...
+
     async def drain(self) -> None:
         """Shutdown, after the leader loops ended: finish or hand off in-flight work."""
         ...
@@ -103,6 +111,9 @@ class BaseFeature:
         return {}
 
     def on_results(self, outcomes: Sequence[ResultOutcome]) -> None:
+        return None
+
+    def on_states(self, states: Sequence[StateUpdate]) -> None:
         return None
 
     async def drain(self) -> None:

@@ -48,7 +48,7 @@ from lepton.coordinator.runtime.leadership import Leadership
 from lepton.coordinator.runtime.liveness import Liveness
 from lepton.coordinator.runtime.mqtt import MqttLink
 from lepton.coordinator.runtime.routes import make_router as make_devices_router
-from lepton.coordinator.store import ResultOutcome, RetryPolicy, Store
+from lepton.coordinator.store import ResultOutcome, RetryPolicy, StateUpdate, Store
 from lepton.coordinator.tasks.feature import TasksFeature
 from lepton.protocol.aio import cancel_and_wait
 
@@ -221,12 +221,14 @@ class Coordinator:
             fleet=cfg.fleet,
             on_requeue=self._wake_scheduler_threadsafe,
             on_results=self._on_results,
+            on_states=self._on_states,
             revoked=self.revoked,
         )
         self.features = self._features()
 
     def _features(self) -> list[Feature]:
-        """Tasks, the model registry and federated jobs, each given what it uses."""
+        """Tasks, the model registry, federated jobs and releases, each given what it
+        uses."""
         cfg = self.config
         store = self.store
         self.auth = AuthFeature(cfg.auth, store.engine, self.metrics.registry)
@@ -258,6 +260,7 @@ class Coordinator:
         try:
             from lepton.coordinator.fl.feature import FLFeature
             from lepton.coordinator.model_registry.feature import ModelRegistryFeature
+            from lepton.coordinator.releases.feature import ReleasesFeature
         except ImportError:  # pragma: no cover - the registry and FL are optional
             return features
         models = ModelRegistryFeature(
@@ -284,7 +287,11 @@ class Coordinator:
             on_submit=self._wake_scheduler,
             lead=lead_fl,
         )
-        return [*features, models, fl]
+        # Signed agent images and models, in the registry's blob store.
+        releases = ReleasesFeature(
+            cfg, self.store, models.registry, self.metrics.registry, base_url=self.base_url
+        )
+        return [*features, models, fl, releases]
 
     def _create_tables(self) -> None:
         """The one place start-up makes the schema: the store's migrations bring an empty
@@ -328,6 +335,10 @@ class Coordinator:
     def _on_results(self, outcomes: Sequence[ResultOutcome]) -> None:
         for feature in self.features:
             feature.on_results(outcomes)
+
+    def _on_states(self, states: Sequence[StateUpdate]) -> None:  # worker thread
+        for feature in self.features:
+            feature.on_states(states)
 
     def _link_changed(self, up: bool) -> None:  # event loop
         self.metrics.mqtt_connected.set(1 if up else 0)

@@ -26,6 +26,8 @@ FL_JOBS: Final = "/v1/fl/jobs"
 FL_JOB: Final = "/v1/fl/jobs/{job_id}"
 FL_JOB_STOP: Final = "/v1/fl/jobs/{job_id}/stop"
 FL_UPLOAD: Final = "/v1/fl/uploads/{job_id}/{round_no}/{device_id}"
+RELEASES: Final = "/v1/releases"  # POST: publish a bundle (rollouts:write); GET: list
+RELEASE: Final = "/v1/releases/{name}/{version}"  # GET: its manifests and files
 AUDIT: Final = "/v1/audit"
 ENROLL: Final = (
     "/v1/enroll"  # a device exchanges a claim for its identity (lepton.protocol.enrolment)

@@ -61,6 +61,8 @@ COMMAND_GROUPS: dict[str, tuple[str, str]] = {
     "tokens": ("lepton.coordinator.auth.cli", "operator API tokens: create, list, revoke"),
     "audit": ("lepton.coordinator.auth.cli_audit", "the audit log: who did what, when"),
     "fl": ("lepton.coordinator.fl.cli", "federated learning jobs"),
+    # Until the "release" group (lepton.coordinator.releases.cli_keys) mounts these.
+    "releases": ("lepton.coordinator.releases.cli", "published releases: publish, ls, show"),
     "models": (
         "lepton.coordinator.model_registry.cli",
         "model registry: register, INT8 quantization through the gate, deploy",

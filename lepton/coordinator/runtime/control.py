@@ -50,6 +50,7 @@ class Control:
         fleet: str,
         on_requeue: Callable[[], None] = lambda: None,
         on_results: Callable[[Sequence[ResultOutcome]], None] = lambda _outcomes: None,
+        on_states: Callable[[Sequence[StateUpdate]], None] = lambda _states: None,
         revoked: Container[str] = frozenset(),
     ) -> None:
         self.devices = devices
@@ -63,6 +64,9 @@ class Control:
         # Called (worker thread) after a batch of results committed: the features react
         # (federated rounds wait on their train tasks' results).
         self.on_results = on_results
+        # Called (worker thread) with a batch of births and wills once applied: the release
+        # registry stores the devices' update status. An exception retries the batch.
+        self.on_states = on_states
         # Revoked devices: what they sent before the ingest learnt of it, still queued here,
         # is not applied either (a late birth would bring a revoked device back online).
         self.revoked = revoked
@@ -143,6 +147,7 @@ class Control:
         if requeued:
             self.metrics.task_transitions.labels("pending").inc(requeued)
             self.on_requeue()
+        self.on_states(states)
 
     def _apply_acks(self, acks: Sequence[tuple[str, TaskAck, float]]) -> None:
         retried = False

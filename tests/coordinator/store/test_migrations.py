@@ -15,6 +15,7 @@ from sqlalchemy import Column, MetaData, String, inspect, text
 from lepton.coordinator.auth import tables as auth_tables
 from lepton.coordinator.cli import main
 from lepton.coordinator.cli.exitcodes import EXIT_OK, EXIT_SCHEMA
+from lepton.coordinator.releases import tables as release_tables
 from lepton.coordinator.store import Store, migrations
 from lepton.coordinator.store.connection import make_engines
 from tests.coordinator.factories import sample
@@ -94,7 +95,7 @@ def test_a_newer_database_is_refused_by_start_up_and_by_upgrade(empty_url: str) 
 
 # The shipped head, and the revision a later release would add after it.
 SHIPPED = migrations.head()
-NEXT = f"{int(SHIPPED) + 1:04d}"
+NEXT = f"{migrations.revision_number(SHIPPED) + 1:04d}"
 
 PROBE_REVISION = '''"""Probe: a later release adds a column.
 
@@ -224,7 +225,7 @@ def test_an_unversioned_database_is_adopted_with_its_rows(
     engines = make_engines(empty_url)
     try:
         # What such a release had: every table but those later revisions added.
-        later = set(auth_tables.metadata.tables)
+        later = set(auth_tables.metadata.tables) | set(release_tables.metadata.tables)
         old_tables = [t for n, t in migrations.target_metadata().tables.items() if n not in later]
         migrations.target_metadata().create_all(engines.write, tables=old_tables)
         with engines.write.begin() as conn:

@@ -69,6 +69,7 @@ def target_metadata() -> MetaData:
     from lepton.coordinator.auth import tables as auth_tables
     from lepton.coordinator.fl import tables as fl_tables
     from lepton.coordinator.model_registry import tables as registry_tables
+    from lepton.coordinator.releases import tables as release_tables
     from lepton.coordinator.store.schema import Base
 
     merged = MetaData()
@@ -77,6 +78,7 @@ def target_metadata() -> MetaData:
         fl_tables.metadata,
         registry_tables.metadata,
         auth_tables.metadata,
+        release_tables.metadata,
     ):
         for table in metadata.tables.values():
             table.to_metadata(merged)
@@ -95,6 +97,11 @@ def alembic_config(connection: Connection | None = None) -> Config:
 @cache
 def scripts() -> ScriptDirectory:
     return ScriptDirectory.from_config(alembic_config())
+
+
+def revision_number(revision: str) -> int:
+    """The number a revision id starts with (``"0003_releases"`` -> 3)."""
+    return int(revision.split("_", 1)[0])
 
 
 def head() -> str:
@@ -198,7 +205,7 @@ def new_revision(message: str) -> Path:
 
     from lepton.coordinator.store.connection import make_engines
 
-    rev_id = f"{int(head()) + 1:04d}"
+    rev_id = f"{revision_number(head()) + 1:04d}"
     with tempfile.TemporaryDirectory() as tmp:
         engines = make_engines(f"sqlite:///{Path(tmp) / 'head.db'}")
         try:
