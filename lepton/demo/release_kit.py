@@ -15,6 +15,8 @@ simulated device fail its health trial (the demo's broken release).
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import time
 import zipfile
 from collections import Counter
@@ -49,6 +51,10 @@ GOOD_PHASES: tuple[dict[str, Any], ...] = (
 )
 ENDED = frozenset({"completed", "aborted", "failed"})
 RELEASE_NAME = "lepton-agent"
+
+
+def _urlsafe_sha256(data: bytes) -> str:
+    return base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
 
 
 class ReleaseError(LeptonError):
@@ -108,6 +114,7 @@ class ReleaseKit:
             "config": None,
             "models": models,
             "expires_days": 30,
+            "requirement": "lepton-fleet=={version}",
             "notes": "simulated image" + (" (crashes on start)" if crashes else ""),
         }
         path = src / "firmware_images" / "sim-agent.toml"
@@ -117,13 +124,32 @@ class ReleaseKit:
         return path
 
     def _wheelhouse(self, version: str) -> Path:
-        """A placeholder wheel of this version (simulated devices install nothing)."""
+        """A placeholder ``lepton-fleet`` wheel of this version, valid enough for pip to
+        resolve the image's requirement (simulated devices install nothing)."""
         house = self.directory / "wheels" / version
         house.mkdir(parents=True, exist_ok=True)
         wheel = house / f"lepton_fleet-{version}-py3-none-any.whl"
-        if not wheel.exists():
-            with zipfile.ZipFile(wheel, "w") as zf:
-                zf.writestr("lepton_fleet-placeholder.txt", f"simulated agent {version}\n")
+        if wheel.exists():
+            return house
+        info = f"lepton_fleet-{version}.dist-info"
+        files = {
+            "lepton_fleet_placeholder.txt": f"simulated agent image {version}\n",
+            f"{info}/METADATA": (
+                f"Metadata-Version: 2.1\nName: lepton-fleet\nVersion: {version}\n"
+            ),
+            f"{info}/WHEEL": (
+                "Wheel-Version: 1.0\nGenerator: lepton-demo\nRoot-Is-Purelib: true\n"
+                "Tag: py3-none-any\n"
+            ),
+        }
+        record = [
+            f"{name},sha256={_urlsafe_sha256(text.encode())},{len(text.encode())}"
+            for name, text in files.items()
+        ]
+        files[f"{info}/RECORD"] = "\n".join([*record, f"{info}/RECORD,,"]) + "\n"
+        with zipfile.ZipFile(wheel, "w") as zf:
+            for name, text in files.items():
+                zf.writestr(name, text)
         return house
 
     def build(self, version: str, *, out: Path, crashes: bool = False) -> Path:
