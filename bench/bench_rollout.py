@@ -51,7 +51,6 @@ from lepton.demo.release_kit import (
     fleet_versions,
 )
 from lepton.demo.stack import Stack, StackSpec
-from lepton.sim.fleet import FleetSpec, device_ids
 from lepton.sim.updater import UpdateFail
 
 SECTION = "## Staged rollouts"
@@ -69,6 +68,21 @@ def wait_until(check: Any, timeout: float, what: str, interval: float = 0.25) ->
     raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
 
 
+class PhaseClock:
+    """When each phase of a rollout began, from its status polls."""
+
+    def __init__(self) -> None:
+        self.t0 = time.time()
+        self.began: dict[int, float] = {0: self.t0}
+
+    def __call__(self, status: dict[str, Any]) -> None:
+        self.began.setdefault(int(status.get("phase") or 0), time.time())
+
+    def durations(self, end: float) -> list[float]:
+        starts = [self.began[k] for k in sorted(self.began)]
+        return [b - a for a, b in zip(starts, [*starts[1:], end], strict=True)]
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     figures: dict[str, Any] = {"devices": args.devices, "processes": args.processes}
     fail = UpdateFail(share=args.fail_share, versions=frozenset({BAD}))
@@ -82,6 +96,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             fleet_processes=args.processes,
             capacity_interval_s=5.0,
             host_gflops=50.0,
+            coordinator_settings={"releases.root_file": str(kit.root_file)},
             sim_flags=(
                 *("--release-root", str(kit.root_file)),
                 *("--agent-version", START_VERSION),
@@ -89,10 +104,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 *("--trial-s", str(args.trial_s)),
             ),
         )
-        ids, _ = device_ids(
-            FleetSpec(devices=args.devices, state_root=work, seed=spec.seed, id_prefix="sim")
-        )
-        figures["failing_devices"] = sum(fail.fails(i, BAD) for i in ids)
         with Stack(spec) as stack, contextlib.ExitStack() as scope:
             stack.start_broker()
             stack.start_coordinator()
@@ -102,12 +113,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
             )
             client = RolloutClient(api)
-            bundles = {
-                v: kit.build(v, crashes=False, out=work / "bundles")
-                for v in (PHASED, ONE_SHOT, BAD)
-            }
-            for bundle in bundles.values():
-                client.publish(bundle)
+            out = work / "bundles"
+            for version in (PHASED, ONE_SHOT, BAD):
+                client.publish(kit.build(version, out=out))
             stack.start_fleet()
             wait_until(
                 lambda: (
@@ -115,30 +123,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     fleet_versions(api).get(START_VERSION, 0) >= args.devices,
                 )[1],
                 args.timeout,
-                "every device online on 1.0.0",
+                f"every device online on {START_VERSION}",
             )
+            ids = [d["id"] for d in api.get("/v1/devices", params={"limit": 10_000}).json()]
+            figures["failing_devices"] = sum(fail.fails(i, BAD) for i in ids)
 
-            # 1. phased, then one-shot (baseline)
+            # 1. phased, then one-shot (the baseline)
             for key, version, phases in (
                 ("phased", PHASED, GOOD_PHASES),
                 ("oneshot", ONE_SHOT, ({"percent": 100.0},)),
             ):
-                t0 = time.time()
+                clock = PhaseClock()
                 rid = client.create(kit.name, version, phases=phases, max_in_flight=args.devices)
-                status = client.wait(rid, args.timeout, check=stack.check_alive)
+                status = client.wait(rid, args.timeout, check=stack.check_alive, on_status=clock)
                 t1 = time.time()
+                figures[f"{key}_state"] = status["state"]
+                figures[f"{key}_s"] = t1 - clock.t0
+                figures[f"{key}_succeeded"] = client.count(status, "succeeded")
+                figures[f"{key}_phase_s"] = clock.durations(t1)
                 wait_until(
                     lambda v=version: fleet_versions(api).get(v, 0) >= args.devices,
                     args.timeout,
                     f"every device reporting {version}",
                 )
-                figures[f"{key}_state"] = status["state"]
-                figures[f"{key}_s"] = t1 - t0
-                figures[f"{key}_succeeded"] = client.count(status, "succeeded")
-                figures[f"{key}_phase_s"] = client.phase_times(status)
 
             # 2. the bad release
-            t0 = time.time()
+            clock = PhaseClock()
             rid = client.create(
                 kit.name,
                 BAD,
@@ -148,34 +158,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 abort_min_finished=5,
                 revert_on_abort=True,
             )
-            status = client.wait(rid, args.timeout, check=stack.check_alive)
+            status = client.wait(rid, args.timeout, check=stack.check_alive, on_status=clock)
             t_stop = time.time()
+            canary = client.status(rid, limit=CANARY)
+            figures["bad_canary_failing"] = sum(
+                fail.fails(d["device_id"], BAD) for d in canary.get("devices", [])[:CANARY]
+            )
             figures["bad_state"] = status["state"]
             figures["bad_phase"] = status.get("phase")
-            figures["bad_stop_s"] = t_stop - t0
-            touched = client.touched(status)
-            figures["bad_touched"] = len(touched)
+            figures["bad_reason"] = status.get("reason", "")
+            figures["bad_stop_s"] = t_stop - clock.t0
+            figures["bad_touched"] = client.touched(status)
             figures["bad_rolled_back"] = client.count(status, "rolled_back")
-            figures["bad_failed"] = client.count(status, "failed") + client.count(
-                status, "timed_out"
-            )
-            t_back = wait_until(
-                lambda: (
-                    (s := client.status(rid)),
-                    fleet_versions(api).get(ONE_SHOT, 0) >= args.devices
-                    and not any(
-                        d["state"] in ("reverting", "staged", "dispatched")
-                        for d in s.get("devices", [])
-                    ),
-                )[1],
-                args.timeout,
-                f"every device back on {ONE_SHOT}",
-            )
-            final = client.status(rid)
+
+            def settled() -> bool:
+                s = client.status(rid, limit=1)
+                busy = client.count(s, "dispatched", "staged", "reverting")
+                return not busy and fleet_versions(api).get(ONE_SHOT, 0) >= args.devices
+
+            t_back = wait_until(settled, args.timeout, f"every device back on {ONE_SHOT}")
+            final = client.status(rid, limit=1)
             figures["bad_reverted"] = client.count(final, "reverted")
-            figures["bad_back_s"] = t_back - t0
-            versions = fleet_versions(api)
-            figures["final_versions"] = versions
+            figures["bad_final_counts"] = final.get("counts", {})
+            figures["bad_back_s"] = t_back - clock.t0
+            figures["final_versions"] = fleet_versions(api)
     return figures
 
 
@@ -186,10 +192,13 @@ def verdict(f: dict[str, Any]) -> list[str]:
     for key in ("phased", "oneshot"):
         if f[f"{key}_state"] != "completed" or f[f"{key}_succeeded"] != n:
             bad.append(f"{key} rollout: {f[f'{key}_state']}, {f[f'{key}_succeeded']}/{n} committed")
-    if f["bad_state"] != "aborted":
+    if f["bad_state"] not in ("aborted", "failed"):
         bad.append(f"bad release: rollout ended {f['bad_state']}, not aborted")
     if f["bad_phase"] not in (0, None):
-        bad.append(f"bad release: stopped in phase {f['bad_phase']}, not the canary")
+        bad.append(
+            f"bad release: stopped in phase {f['bad_phase']}, not the canary (which held"
+            f" {f['bad_canary_failing']} failing devices)"
+        )
     if f["bad_touched"] > min(CANARY, n):
         bad.append(f"bad release reached {f['bad_touched']} devices, more than the canary")
     if f["final_versions"] != {ONE_SHOT: n}:

@@ -173,9 +173,7 @@ class ReleaseStages:
             self.check()
             time.sleep(0.5)
         status = client.status(rid)
-        by_state: dict[str, int] = {}
-        for d in client.devices(status):
-            by_state[d["state"]] = by_state.get(d["state"], 0) + 1
+        by_state = {str(k): int(v) for k, v in (status.get("counts") or {}).items()}
         return RolloutFigures(
             version=version,
             state=str(status["state"]),

@@ -198,13 +198,16 @@ class RolloutClient:
         body = {"kind": "agent", "name": name, "version": version, "phases": list(phases), **plan}
         return str(self._check(self.api.post(routes.ROLLOUTS, json=body))["id"])
 
-    def status(self, rollout_id: str) -> dict[str, Any]:
-        return dict(self._check(self.api.get(routes.ROLLOUT.format(rollout_id=rollout_id))))
+    def status(self, rollout_id: str, *, limit: int = 100) -> dict[str, Any]:
+        """The rollout, its per-state ``counts`` and its first ``limit`` devices in rollout
+        order (``devices``)."""
+        r = self.api.get(routes.ROLLOUT.format(rollout_id=rollout_id), params={"limit": limit})
+        return dict(self._check(r))
 
-    def act(self, rollout_id: str, action: str) -> dict[str, Any]:
+    def act(self, rollout_id: str, action: str, **body: Any) -> dict[str, Any]:
         """``approve``, ``pause``, ``resume`` or ``abort``."""
-        route = routes.ROLLOUT.format(rollout_id=rollout_id) + f"/{action}"
-        return dict(self._check(self.api.post(route)))
+        route = routes.ROLLOUT_ACTION.format(rollout_id=rollout_id, action=action)
+        return dict(self._check(self.api.post(route, json=body)))
 
     def wait(
         self,
@@ -230,32 +233,16 @@ class RolloutClient:
             time.sleep(0.5)
 
     @staticmethod
-    def devices(status: dict[str, Any]) -> list[dict[str, Any]]:
-        return list(status.get("devices", []))
-
-    @classmethod
-    def count(cls, status: dict[str, Any], state: str) -> int:
-        """Devices of the rollout in ``state``."""
-        return sum(1 for d in cls.devices(status) if d.get("state") == state)
-
-    @classmethod
-    def touched(cls, status: dict[str, Any]) -> list[str]:
-        """Devices the rollout sent the release to (anything but pending or skipped)."""
-        return [
-            d["device_id"]
-            for d in cls.devices(status)
-            if d.get("state") not in ("pending", "skipped")
-        ]
+    def count(status: dict[str, Any], *states: str) -> int:
+        """Devices of the rollout in any of ``states`` (from its per-state counts)."""
+        counts = status.get("counts") or {}
+        return sum(int(counts.get(s, 0)) for s in states)
 
     @staticmethod
-    def phase_times(status: dict[str, Any]) -> list[float]:
-        """Seconds each phase took, from the rollout's phase records (where it keeps them)."""
-        out = []
-        for p in status.get("phases", []):
-            start, end = p.get("started_at"), p.get("ended_at")
-            if start is not None and end is not None:
-                out.append(float(end) - float(start))
-        return out
+    def touched(status: dict[str, Any]) -> int:
+        """Devices the rollout sent the release to (all but pending and skipped ones)."""
+        counts = status.get("counts") or {}
+        return sum(int(n) for s, n in counts.items() if s not in ("pending", "skipped"))
 
 
 def fleet_versions(api: httpx.Client) -> dict[str, int]:
