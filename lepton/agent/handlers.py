@@ -104,8 +104,8 @@ class TaskServices:
     #: Awaited with the task once a ``train`` update is encoded, just before its upload: the
     #: simulator sleeps there so that a slow device's update leaves when that device's would.
     pace: Pace | None = None
-    #: A/B updates of this device's agent image (``install``, ``revert``); ``None``: updates
-    #: are not enabled here and both are refused.
+    #: A/B updates of this device's agent image (``install``, ``revert``); ``None`` where
+    #: ``[update]`` is off.
     updater: Updater | None = None
 
 

@@ -228,7 +228,7 @@ class ReleasesConfig:
 
     # The trust root (a signed root.json, `lepton release keys init` makes one) every
     # published bundle is checked against; read at each publish. Empty: publishing is off
-    # (503).
+    # (409 no_trust_root).
     root_file: str = ""
     # The largest bundle `POST /v1/releases` takes (413 above it, before it is stored).
     max_bundle_bytes: PositiveInt = 2 << 30

@@ -62,9 +62,17 @@ if TYPE_CHECKING:
 TAMPERED_FETCHES: Final = frozenset({"digest_mismatch", "too_large"})
 
 
-def refused(reason: str, detail: str) -> TaskError:
-    """The error of a refused install or revert (the coordinator reads the prefix)."""
-    return TaskError(f"refused: {reason}: {detail}"[:1000])
+class RefusedError(TaskError):
+    """An install or revert refused; its text, ``refused: <reason>: <detail>``, is the
+    task's error (the coordinator reads the prefix)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        super().__init__(f"refused: {reason}: {detail}"[:1000])
+
+
+def refused(reason: str, detail: str) -> RefusedError:
+    return RefusedError(reason, detail)
 
 
 def _updater(ctx: TaskContext) -> Updater:
@@ -133,6 +141,17 @@ async def install(task: Task, ctx: TaskContext) -> dict[str, Any]:
         raise TaskError(f"bad_params: {exc}") from exc
     updater = _updater(ctx)
     staging = await asyncio.to_thread(updater.staging_dir, task.task_id)
+    try:
+        return await _install(task, ctx, params, updater, staging)
+    except RefusedError:
+        # Nothing of a refused release is worth keeping (a failed download is: it resumes).
+        await asyncio.to_thread(shutil.rmtree, staging, ignore_errors=True)
+        raise
+
+
+async def _install(
+    task: Task, ctx: TaskContext, params: InstallParams, updater: Updater, staging: Path
+) -> dict[str, Any]:
     fetcher = _fetcher(ctx, staging / "blobs")
     path, downloaded = await _get(
         fetcher,
@@ -147,6 +166,7 @@ async def install(task: Task, ctx: TaskContext) -> dict[str, Any]:
         root = await asyncio.to_thread(updater.trust_root)
         m = verify_manifest(raw, root, now=time.time())
         if m.version == running and m.name == params.release:
+            await asyncio.to_thread(shutil.rmtree, staging, ignore_errors=True)
             return _output(params, "already_running", downloaded, running)
         await asyncio.to_thread(_check, m, params, updater, running)
     except ReleaseRefused as exc:

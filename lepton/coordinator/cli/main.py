@@ -61,7 +61,11 @@ COMMAND_GROUPS: dict[str, tuple[str, str]] = {
     "tokens": ("lepton.coordinator.auth.cli", "operator API tokens: create, list, revoke"),
     "audit": ("lepton.coordinator.auth.cli_audit", "the audit log: who did what, when"),
     "fl": ("lepton.coordinator.fl.cli", "federated learning jobs"),
-    # Until the "release" group (lepton.coordinator.releases.cli_keys) mounts these.
+    "release": (
+        "lepton.coordinator.releases.cli_keys",
+        "release keys and trust roots; build, sign and verify agent images",
+    ),
+    # Until the "release" group mounts them (lepton.coordinator.releases.cli.add_publish_commands).
     "releases": ("lepton.coordinator.releases.cli", "published releases: publish, ls, show"),
     "models": (
         "lepton.coordinator.model_registry.cli",

@@ -121,8 +121,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             f" floor {m['security_floor']}; manifest {m['manifest_digest']}"
             f" ({m['manifest_size']} bytes); published by {m['published_by'] or '-'}"
         )
-        table = Table("path", "sha256", "length")
+        # Plain lines: digests are copied from here whole, never cut to a terminal's width.
         for f in m["files"]:
-            table.add_row(f["path"], f["sha256"], str(f["length"]))
-        console.print(table)
+            sys.stdout.write(f"  {f['sha256']}  {f['length']:>12}  {f['path']}\n")
     return EXIT_OK

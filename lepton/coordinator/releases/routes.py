@@ -6,7 +6,7 @@ above it, from ``Content-Length`` before a byte is read, else as the body arrive
 verified against the trust root and stored (:meth:`.store.ReleaseStore.publish`). Answers
 201 with the release records, or 200 when every manifest in it was published before; 422
 with the refusal's reason (``bad_signature``, ``tampered``, ``malformed``, ...) for a bundle
-that does not verify; 409 ``conflict`` for another manifest of a published version; 503
+that does not verify; 409 ``conflict`` for another manifest of a published version; 409
 ``no_trust_root`` when ``[releases] root_file`` is not set.
 
 ``GET /v1/releases`` (``?name=``) and ``GET /v1/releases/{name}/{version}`` (scope
@@ -28,6 +28,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
 
+from lepton.common.errors import LeptonError
 from lepton.common.releases import ReleaseRefused
 from lepton.coordinator.auth.guard import require
 from lepton.coordinator.auth.records import Principal
@@ -38,11 +39,18 @@ from lepton.protocol.releases import RELEASE_NAME_PATTERN, VERSION_PATTERN
 
 log = logging.getLogger(__name__)
 
-Name = Annotated[str, PathParam(pattern=RELEASE_NAME_PATTERN)]
-Version = Annotated[str, PathParam(pattern=VERSION_PATTERN)]
+
+def _anchored(pattern: str) -> str:
+    r"""A protocol pattern (``\A...\Z``) in the syntax pydantic's regex engine takes."""
+    return "^" + pattern.removeprefix(r"\A").removesuffix(r"\Z") + "$"
 
 
-class PublishRefusedError(Exception):
+NAME = _anchored(RELEASE_NAME_PATTERN)
+Name = Annotated[str, PathParam(pattern=NAME)]
+Version = Annotated[str, PathParam(pattern=_anchored(VERSION_PATTERN))]
+
+
+class PublishRefusedError(LeptonError):
     """A publish refused before the store saw it (size, no trust root)."""
 
     def __init__(self, status: int, reason: str, detail: str) -> None:
@@ -99,7 +107,7 @@ def make_router(
         assert isinstance(principal, Principal)
         if not enabled():
             on_outcome("no_trust_root")
-            return _refusal(503, "no_trust_root", "publishing is off: set [releases] root_file")
+            return _refusal(409, "no_trust_root", "publishing is off: set [releases] root_file")
         upload = await asyncio.to_thread(_scratch_file, store.work_dir)
         started = time.time()
         try:
@@ -126,7 +134,7 @@ def make_router(
 
     @router.get(routes.RELEASES, dependencies=[require(Scope.FLEET_READ)])
     def list_releases(
-        name: Annotated[str | None, Query(pattern=RELEASE_NAME_PATTERN)] = None,
+        name: Annotated[str | None, Query(pattern=NAME)] = None,
     ) -> dict[str, Any]:
         return {"releases": [r.to_dict() for r in store.list(name)]}
 

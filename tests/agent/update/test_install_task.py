@@ -30,10 +30,14 @@ from lepton.coordinator.service import Coordinator
 from lepton.protocol import routes
 from lepton.protocol.messages import Task
 from lepton.protocol.releases import Manifest, Root
+from tests.coordinator import conftest as coordinator_fixtures
 from tests.coordinator.conftest import eventually
 from tests.coordinator.releases.conftest import MakeCoordinator
 from tests.support.api import api_client, enrol_devices
 from tests.support.release_bundles import Trust, bundle
+
+# The coordinator fixture, here beside agents (this folder's conftest belongs to the A/B tests).
+make_coordinator = coordinator_fixtures.make_coordinator
 
 FILES = {"wheels/lepton_fleet-1.1.0-py3-none-any.whl": b"W" * 50_000, "trust/README": b"r"}
 
@@ -224,6 +228,10 @@ async def test_a_real_agent_fetches_verifies_and_stages_a_release(
                 assert task["state"] == "failed", task
                 assert f"refused: {reason}" in (task["last_error"] or ""), task
             assert len(updater.staged) == 1
+            # Only the staged bundle is kept: its download cache and refused tasks' files go.
+            staged_dir = tmp_path / "staging"
+            assert [p.name for p in staged_dir.iterdir()] == [staged["task_id"]]
+            assert [p.name for p in (staged_dir / staged["task_id"]).iterdir()] == ["bundle"]
             # The version it runs already: nothing fetched but the manifest.
             updater.running = "1.1.0"
             task = await run_task(api, "install", feature.install_params(good), "edge-a")

@@ -175,4 +175,4 @@ async def test_without_a_trust_root_publishing_is_off(
     async with make_coordinator() as c:
         path, _, _ = bundle(tmp_path / "b.tar", trust, FILES)
         r = await _publish(c, path)
-        assert (r.status_code, r.json()["reason"]) == (503, "no_trust_root")
+        assert (r.status_code, r.json()["reason"]) == (409, "no_trust_root")
