@@ -172,17 +172,25 @@ def _extract_all(tf: tarfile.TarFile, m: Manifest, dest: Path) -> None:
 def open_bundle(tar_path: Path, dest: Path, root: Root, *, now: float) -> Manifest:
     """Verify the bundle at ``tar_path`` against ``root`` and extract its files into
     ``dest`` (absent or empty): the manifest member first, by :func:`verify_manifest`, then
-    only listed regular files, then :func:`verify_files`. The manifest's raw bytes are not
-    written to ``dest`` (:func:`read_bundle_manifest` gives them). On any refusal
+    only listed regular files, then :func:`verify_files`. On any refusal
     (:class:`ReleaseRefused`; a tar that does not parse is ``malformed``) nothing is left
-    in ``dest``."""
+    in ``dest``. :func:`open_bundle_raw` also gives the manifest's verified bytes."""
+    return open_bundle_raw(tar_path, dest, root, now=now)[0]
+
+
+def open_bundle_raw(
+    tar_path: Path, dest: Path, root: Root, *, now: float
+) -> tuple[Manifest, bytes]:
+    """:func:`open_bundle`, also returning the exact manifest envelope bytes it verified
+    (what a device keeps beside the installed files; they are not written to ``dest``)."""
     if dest.exists() and any(dest.iterdir()):
         raise ValueError(f"{dest} is not empty")
     existed = dest.exists()
     dest.mkdir(parents=True, exist_ok=True)
     try:
         with _open_tar(tar_path) as tf:
-            m = verify_manifest(_first_member(tf), root, now=now)
+            raw = _first_member(tf)
+            m = verify_manifest(raw, root, now=now)
             _extract_all(tf, m, dest)
         verify_files(m, dest)
     except BaseException as exc:
@@ -192,4 +200,4 @@ def open_bundle(tar_path: Path, dest: Path, root: Root, *, now: float) -> Manife
         if isinstance(exc, tarfile.TarError | EOFError | UnicodeError):
             raise ReleaseRefused("malformed", f"not a bundle tar: {exc}") from None
         raise
-    return m
+    return m, raw

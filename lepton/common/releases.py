@@ -21,6 +21,7 @@ from __future__ import annotations
 from lepton.common.bundle import (
     BUNDLE_MANIFEST,
     open_bundle,
+    open_bundle_raw,
     read_bundle_manifest,
     verify_files,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "class_matches",
     "load_root",
     "open_bundle",
+    "open_bundle_raw",
     "read_bundle_manifest",
     "root_chain",
     "verify_files",

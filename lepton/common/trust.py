@@ -122,12 +122,17 @@ def apply_root_chain(trusted: Root, directory: Path, *, now: float) -> tuple[Roo
     return current, latest
 
 
+def _folders(paths: set[str]) -> set[str]:
+    """Every folder the paths lie in: ``a/b/c`` -> ``a``, ``a/b``."""
+    return {p[:i] for p in paths for i, ch in enumerate(p) if ch == "/"}
+
+
 def verify_manifest(raw: bytes, root: Root, *, now: float) -> Manifest:
     """The manifest in ``raw`` once a threshold of ``root``'s release keys signed its exact
     bytes (before they are decoded); then decoded strictly, ``expired`` past its expiry,
     ``floor_above_version`` when its floor is above its version, ``malformed`` when a file is
-    listed twice, the self-test names an unlisted file, or an agent image says not how to
-    install it."""
+    listed twice or inside another listed file, the self-test names an unlisted file, or an
+    agent image says not how to install it."""
     payload = verify_envelope(
         raw,
         MANIFEST_TYPE,
@@ -143,6 +148,8 @@ def verify_manifest(raw: bytes, root: Root, *, now: float) -> Manifest:
     paths = {f.path for f in m.files}
     if len(paths) != len(m.files):
         raise ReleaseRefused("malformed", "a file is listed twice")
+    if _folders(paths) & paths:
+        raise ReleaseRefused("malformed", "a listed file is also a listed file's folder")
     if m.self_test is not None:
         needed = {m.self_test.model, m.self_test.inputs, m.self_test.expected}
         if not needed <= paths:

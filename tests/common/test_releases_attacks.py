@@ -24,6 +24,8 @@ from lepton.common.releases import (
     check_policy,
     load_root,
     open_bundle,
+    open_bundle_raw,
+    read_bundle_manifest,
     verify_files,
     verify_manifest,
 )
@@ -161,6 +163,21 @@ def signed_payload_that_is_not_a_manifest(tmp: Path) -> object:
             b'{"type":"release","kind":"agent"}', "application/vnd.lepton.manifest+json", t.release
         ),
     )
+
+
+@attack("malformed")
+def a_signed_manifest_listing_a_file_twice(tmp: Path) -> object:
+    t = make_trust()
+    m = manifest_for(FILES)
+    twice = msgspec.structs.replace(m, files=[*m.files, m.files[0]])
+    return open_(tmp, t.root, signed(twice, t.release))
+
+
+@attack("malformed")
+def a_signed_manifest_listing_a_file_inside_a_file(tmp: Path) -> object:
+    t = make_trust()
+    files = {**FILES, "config/agent.toml/inner": b"x"}
+    return open_(tmp, t.root, signed(manifest_for(files), t.release), files)
 
 
 # --- files --------------------------------------------------------------------------------
@@ -395,7 +412,7 @@ def a_root_chain_with_a_gap(tmp: Path) -> object:
 
 
 def test_the_matrix_is_complete() -> None:
-    assert len(ATTACKS) == 42
+    assert len(ATTACKS) == 44
 
 
 @pytest.mark.parametrize("name", sorted(ATTACKS))
@@ -422,6 +439,9 @@ def test_a_good_bundle_is_accepted_and_extracted_exactly(tmp_path: Path) -> None
         if p.is_file()
     }
     assert got == FILES
+    m2, raw = open_bundle_raw(tmp_path / "b.tar", tmp_path / "again", t.root, now=NOW)
+    assert m2 == m
+    assert raw == read_bundle_manifest(tmp_path / "b.tar")
     check_policy(m, kind="agent", device_class="rpi4", running="1.1.0", floor="1.2.0")  # type: ignore[arg-type]
     check_policy(m, kind="agent", device_class="rpi4", running=None, floor=None)  # type: ignore[arg-type]
 

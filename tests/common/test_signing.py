@@ -156,3 +156,29 @@ def test_garbage_is_refused_with_a_reason(raw: bytes, reason: str) -> None:
 def test_threshold_below_one_is_a_programming_error() -> None:
     with pytest.raises(ValueError, match="threshold"):
         verify_envelope(sign(b"p", TYPE, [generate_key()]), TYPE, {}, 0, revoked=(), now=NOW)
+
+
+def test_release_verification_needs_only_msgspec_and_cryptography() -> None:
+    """What a device imports to verify a release loads nothing of the coordinator's or the
+    agent's (checked in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, lepton.common.releases\n"
+        "tops = {m.split('.')[0] for m in sys.modules if not m.startswith('_')}\n"
+        "print(sorted(tops - set(sys.stdlib_module_names)))\n"
+        "print(sorted(m for m in sys.modules if m.startswith('lepton.')))\n"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        timeout=60,
+        check=True,
+    )
+    external, ours = (json.loads(line.replace("'", '"')) for line in done.stdout.splitlines())
+    assert set(external) <= {"cryptography", "lepton", "msgspec", "typing_extensions"}
+    assert all(m.startswith(("lepton.common", "lepton.protocol")) for m in ours), ours

@@ -1,6 +1,6 @@
 """``lepton release``: release keys, building and signing agent images, verifying bundles.
 
-Offline commands (no coordinator): ``keys init|add-release|revoke|rotate-root`` manage a key
+Offline commands (no coordinator): ``keys init|add-release|revoke|rotate-root|renew`` manage a key
 directory (:mod:`lepton.coordinator.releases.keys`); ``build`` makes a signed bundle from an
 image definition; ``sign`` adds signatures to a bundle's manifest; ``verify`` checks a bundle
 as a device would. Exit codes, for CI pipelines: 0 done, 1 other error, 2 usage (bad
@@ -11,6 +11,8 @@ fails verification; the reason is printed).
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib
 import json
 import sys
 import tempfile
@@ -23,7 +25,7 @@ from lepton.common.releases import (
     ReleaseRefused,
     check_policy,
     load_root,
-    open_bundle,
+    open_bundle_raw,
     root_chain,
 )
 from lepton.common.signing import KeyFileError, load_private_key
@@ -65,7 +67,10 @@ def add_commands(top: Any) -> None:
     revoke = command(ksub, "revoke", cmd_keys_revoke, "revoke a release key (next root)")
     revoke.add_argument("keyid", help="the key id, or a unique prefix of 8+ characters")
     command(ksub, "rotate-root", cmd_keys_rotate, "a new root key, signed by old and new")
-    for cmd in (init, add, revoke, ksub.choices["rotate-root"]):
+    command(ksub, "renew", cmd_keys_renew, "the next root with a fresh expiry")
+    for name in ("rotate-root", "renew"):
+        ksub.choices[name].add_argument("--root-days", type=int, default=ROOT_DAYS)
+    for cmd in (init, add, revoke, ksub.choices["rotate-root"], ksub.choices["renew"]):
         cmd.add_argument("--dir", required=True, type=Path, help="the key directory")
 
     build = command(sub, "build", cmd_build, "build and sign an agent image bundle")
@@ -93,6 +98,20 @@ def add_commands(top: Any) -> None:
     verify.add_argument("--running", help="also refuse versions not above this one")
     verify.add_argument("--floor", help="also refuse versions below this floor")
     verify.add_argument("--kind", choices=("agent", "model"), help="default: the bundle's")
+    _mount_registry_commands(sub)
+
+
+def _mount_registry_commands(sub: Any) -> None:
+    """The registry's commands (publish, ls, show: ``lepton.coordinator.releases.cli``) join
+    this group through its ``add_release_commands(sub)`` when it has one; the offline
+    commands above work without the registry's dependencies."""
+    try:
+        registry = importlib.import_module("lepton.coordinator.releases.cli")
+    except ImportError:
+        return
+    mount = getattr(registry, "add_release_commands", None)
+    if mount is not None:
+        mount(sub)
 
 
 def _report(args: argparse.Namespace, data: dict[str, Any], lines: list[str]) -> None:
@@ -160,7 +179,13 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
-    return _changed(args, _keystore(_store(args.dir).rotate_root), "new root key")
+    change = _keystore(_store(args.dir).rotate_root, root_days=args.root_days)
+    return _changed(args, change, "new root key")
+
+
+def cmd_keys_renew(args: argparse.Namespace) -> int:
+    change = _keystore(_store(args.dir).renew, root_days=args.root_days)
+    return _changed(args, change, "renewed")
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -219,7 +244,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     try:
         root = load_root(raw_root, trusted=None, now=now)
         with tempfile.TemporaryDirectory() as tmp:
-            m = open_bundle(args.bundle, Path(tmp) / "files", root, now=now)
+            m, raw = open_bundle_raw(args.bundle, Path(tmp) / "files", root, now=now)
         if args.device_class or args.running or args.floor or args.kind:
             check_policy(
                 m,
@@ -234,7 +259,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         raise CliError(f"refused: {exc}", EXIT_REFUSED) from exc
     except OSError as exc:
         raise CliError(f"cannot read {args.bundle}: {exc.strerror}", EXIT_USAGE) from exc
-    digest, size = manifest_digest(args.bundle)
+    digest, size = hashlib.sha256(raw).hexdigest(), len(raw)
     _report(
         args,
         {

@@ -7,9 +7,10 @@ Layout of a key directory (kept offline, or at least off the coordinator; every 
     root.<N>.json          every root version ever signed (the chain devices walk)
     root.json              a copy of the newest: what a device is provisioned with
 
-Every change (a release key added, one revoked, the root key rotated) writes the next root
-version, signed by the current root keys and, on rotation, by the new ones too, so a device
-holding any earlier root can walk to it (:func:`lepton.common.releases.apply_root_chain`).
+Every change (a release key added, one revoked, the root key rotated, the expiry renewed)
+writes the next root version, signed by the current root keys and, on rotation, by the new
+ones too, so a device holding any earlier root can walk to it
+(:func:`lepton.common.releases.apply_root_chain`).
 """
 
 from __future__ import annotations
@@ -195,6 +196,14 @@ class KeyStore:
             revoked=sorted({*old.revoked, keyid}),
         )
         return RootChange(root=new, path=path, keyid=keyid)
+
+    def renew(self, *, now: float | None = None, root_days: int = ROOT_DAYS) -> RootChange:
+        """The next root, unchanged but for a fresh expiry (a root must be renewed before
+        it expires: a device refuses an expired pinned root)."""
+        t = time.time() if now is None else now
+        old = self.current(now=t)
+        new, path = self._next(old, now=t, root_days=root_days)
+        return RootChange(root=new, path=path)
 
     def rotate_root(self, *, now: float | None = None, root_days: int = ROOT_DAYS) -> RootChange:
         """A new root key replacing the current ones: the next root names only it and is

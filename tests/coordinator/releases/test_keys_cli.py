@@ -86,6 +86,9 @@ def test_every_key_change_is_the_next_root_and_a_device_walks_the_chain(
             old.unlink()
     assert run(capsys, "keys", "add-release", "--dir", str(d))[0] == 0
     assert KeyStore(d).current().version == 5
+    code, renewed = run(capsys, "keys", "renew", "--dir", str(d), "--root-days", "2")
+    assert (code, renewed["root_version"]) == (0, 6)
+    assert abs(KeyStore(d).current().expires - (time.time() + 2 * 86400)) < 60
     code, _ = run(capsys, "keys", "revoke", "0000000000", "--dir", str(d))
     assert code == 2
 
