@@ -227,8 +227,8 @@ class Coordinator:
         self.features = self._features()
 
     def _features(self) -> list[Feature]:
-        """Tasks, the model registry, federated jobs and releases, each given what it
-        uses."""
+        """Tasks, the model registry, federated jobs, releases and rollouts, each given what
+        it uses."""
         cfg = self.config
         store = self.store
         self.auth = AuthFeature(cfg.auth, store.engine, self.metrics.registry)
@@ -291,7 +291,24 @@ class Coordinator:
         releases = ReleasesFeature(
             cfg, self.store, models.registry, self.metrics.registry, base_url=self.base_url
         )
-        return [*features, models, fl, releases]
+        from lepton.coordinator.releases.install import install_params
+        from lepton.coordinator.rollouts.feature import RolloutsFeature
+        from lepton.coordinator.rollouts.targets import ReleasesLink
+
+        rollouts = RolloutsFeature(
+            cfg,
+            self.store,
+            registry=models.registry,
+            releases=ReleasesLink(
+                release_store=releases.releases,
+                update_repo=releases.updates,
+                make_params=install_params,
+            ),
+            base_url=self.base_url,
+            on_submit=self._submitted,
+        )
+        releases.add_update_listener(rollouts.on_updates)
+        return [*features, models, fl, releases, rollouts]
 
     def _create_tables(self) -> None:
         """The one place start-up makes the schema: the store's migrations bring an empty

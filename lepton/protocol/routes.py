@@ -29,6 +29,10 @@ FL_UPLOAD: Final = "/v1/fl/uploads/{job_id}/{round_no}/{device_id}"
 RELEASES: Final = "/v1/releases"  # POST: publish a bundle (rollouts:write); GET: list
 RELEASE: Final = "/v1/releases/{name}/{version}"  # GET: its manifests and files
 AUDIT: Final = "/v1/audit"
+ROLLOUTS: Final = "/v1/rollouts"  # POST create (rollouts:write), GET list (fleet:read)
+ROLLOUT: Final = "/v1/rollouts/{rollout_id}"  # GET status with per-device rows
+# POST pause|resume|abort|approve (rollouts:write)
+ROLLOUT_ACTION: Final = "/v1/rollouts/{rollout_id}/{action}"
 ENROLL: Final = (
     "/v1/enroll"  # a device exchanges a claim for its identity (lepton.protocol.enrolment)
 )

@@ -80,9 +80,9 @@ class Plan(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
     name: Name
     version: Annotated[str, Meta(max_length=24)]
     selector: SelectorSpec = SelectorSpec()
-    phases: Annotated[list[PhaseSpec], Meta(min_length=1, max_length=MAX_PHASES)] = [
-        PhaseSpec(percent=100.0)
-    ]
+    phases: Annotated[list[PhaseSpec], Meta(min_length=1, max_length=MAX_PHASES)] = msgspec.field(
+        default_factory=lambda: [PhaseSpec(percent=100.0)]
+    )
     rate_count: Annotated[int, Meta(ge=0, le=MAX_DEVICES)] = 0
     rate_window_s: Annotated[float, Meta(gt=0.0, le=86400.0)] = 60.0
     max_in_flight: Annotated[int, Meta(ge=1, le=MAX_DEVICES)] = 10

@@ -16,6 +16,7 @@ from lepton.coordinator.auth import tables as auth_tables
 from lepton.coordinator.cli import main
 from lepton.coordinator.cli.exitcodes import EXIT_OK, EXIT_SCHEMA
 from lepton.coordinator.releases import tables as release_tables
+from lepton.coordinator.rollouts import tables as rollout_tables
 from lepton.coordinator.store import Store, migrations
 from lepton.coordinator.store.connection import make_engines
 from tests.coordinator.factories import sample
@@ -225,7 +226,11 @@ def test_an_unversioned_database_is_adopted_with_its_rows(
     engines = make_engines(empty_url)
     try:
         # What such a release had: every table but those later revisions added.
-        later = set(auth_tables.metadata.tables) | set(release_tables.metadata.tables)
+        later = (
+            set(auth_tables.metadata.tables)
+            | set(release_tables.metadata.tables)
+            | set(rollout_tables.metadata.tables)
+        )
         old_tables = [t for n, t in migrations.target_metadata().tables.items() if n not in later]
         migrations.target_metadata().create_all(engines.write, tables=old_tables)
         with engines.write.begin() as conn:

@@ -65,11 +65,13 @@ class SchemaStatus:
 @cache
 def target_metadata() -> MetaData:
     """Every table of the coordinator's database, as the models declare them (one
-    ``MetaData``): the store's, federated jobs', the model registry's and authentication's."""
+    ``MetaData``): the store's, federated jobs', the model registry's, authentication's and
+    rollouts'."""
     from lepton.coordinator.auth import tables as auth_tables
     from lepton.coordinator.fl import tables as fl_tables
     from lepton.coordinator.model_registry import tables as registry_tables
     from lepton.coordinator.releases import tables as release_tables
+    from lepton.coordinator.rollouts import tables as rollout_tables
     from lepton.coordinator.store.schema import Base
 
     merged = MetaData()
@@ -79,6 +81,7 @@ def target_metadata() -> MetaData:
         registry_tables.metadata,
         auth_tables.metadata,
         release_tables.metadata,
+        rollout_tables.metadata,
     ):
         for table in metadata.tables.values():
             table.to_metadata(merged)

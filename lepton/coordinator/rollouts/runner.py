@@ -1,0 +1,335 @@
+"""One step of one rollout on the leader: read what the devices did, ask the kernel, act.
+
+:meth:`Runner.tick` (synchronous, from a worker thread) first *reconciles*: the tasks of
+devices under way that ended, and (agent releases) the devices' own update statuses, become
+device states (:mod:`.outcomes`); a model's steps follow one another here (baseline
+``infer``, ``deploy``, probe ``infer``). Then late joiners (devices matching the selector
+that are not in the rollout yet) join the pending pool, :func:`~.engine.decide` says what
+to do, and the runner does it: marks, task submissions through the normal task path
+(:func:`~lepton.coordinator.tasks.submit.build_task`), the rollout's own state. Reading the
+state afresh each step is what makes a new leader pick a rollout up where the last one left
+it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from lepton.common.errors import LeptonError
+from lepton.coordinator.config import Config
+from lepton.coordinator.rollouts import outcomes
+from lepton.coordinator.rollouts.engine import ENDED, decide, order
+from lepton.coordinator.rollouts.outcomes import Measurement
+from lepton.coordinator.rollouts.store import RolloutDevice, RolloutRecord, RolloutStore
+from lepton.coordinator.rollouts.targets import Targets
+from lepton.coordinator.store import DeviceRecord, Lease
+from lepton.coordinator.store.devices import DeviceRepo
+from lepton.coordinator.store.tasks import TaskRepo
+from lepton.coordinator.tasks.request import TaskRequest
+from lepton.coordinator.tasks.submit import build_task
+
+log = logging.getLogger(__name__)
+
+_PAGE: Final = 1000
+WAITING: Final = ("dispatched", "staged", "reverting")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Tick:
+    """What a step did: ``acted`` (something changed: step again), ``wake_at`` (decide
+    again by then at the latest), ``live`` (the rollout still needs ticks)."""
+
+    acted: bool
+    wake_at: float | None
+    live: bool
+
+
+class Runner:
+    """Steps rollouts (see module doc). ``on_submit(n)``: ``n`` tasks were stored."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: RolloutStore,
+        *,
+        devices: DeviceRepo,
+        tasks: TaskRepo,
+        targets: Targets,
+        on_submit: Callable[[int], None],
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.devices = devices
+        self.tasks = tasks
+        self.targets = targets
+        self.on_submit = on_submit
+
+    def fleet(self) -> dict[str, DeviceRecord]:
+        out: dict[str, DeviceRecord] = {}
+        while True:
+            page = self.devices.list_devices(fleet=self.config.fleet, limit=_PAGE, offset=len(out))
+            out.update((d.id, d) for d in page)
+            if len(page) < _PAGE:
+                return out
+
+    def submit(self, request: TaskRequest, now: float) -> str:
+        task = self.tasks.submit(build_task(self.config, request, now=now))
+        self.on_submit(1)
+        return task.id
+
+    # ------------------------------------------------------------------ one step
+
+    def tick(self, rollout_id: str, now: float, *, lease: Lease | None = None) -> Tick:
+        rec = self.store.get(rollout_id)
+        fleet = self.fleet()
+        rows = self.store.devices(rollout_id)
+        acted = self._reconcile(rec, rows, now, lease)
+        if rec.state not in ENDED and not rec.plan.selector.device_ids:
+            acted |= self._late_joiners(rec, rows, fleet, now, lease)
+        if acted:
+            rows = self.store.devices(rollout_id)
+        views = [
+            r.view(online=r.device_id in fleet and fleet[r.device_id].state == "online")
+            for r in rows
+        ]
+        d = decide(rec.plan.policy(), rec.view(), views, now)
+        by_id = {r.device_id: r for r in rows}
+        changes: dict[str, dict[str, Any]] = {
+            device_id: {"state": state, "reason": reason, "finished_at": now}
+            for device_id, (state, reason) in d.marks.items()
+        }
+        expect = {device_id: by_id[device_id].state for device_id in d.marks}
+        for device_id in d.start:
+            changes[device_id] = self._start(rec, by_id[device_id], fleet.get(device_id), now)
+            expect[device_id] = "pending"
+        for device_id in d.revert:
+            changes[device_id] = self._revert(rec, by_id[device_id], now)
+            expect[device_id] = "succeeded"
+        if changes:
+            self.store.update_devices(rollout_id, changes, now, expect=expect, lease=lease)
+        values: dict[str, Any] = {}
+        if (d.state, d.phase) != (rec.state, rec.phase):
+            values |= {"state": d.state, "phase": d.phase}
+        if d.reason and d.reason != rec.reason:
+            values["reason"] = d.reason
+        if d.revert_all and not rec.revert:
+            values["revert"] = True
+        if values:
+            log.info("rollout %s: %s", rollout_id, values)
+            self.store.set_rollout(rollout_id, now, expect=rec.state, lease=lease, **values)
+        acted = acted or bool(changes) or bool(values)
+        live = d.state not in ENDED or bool(d.revert) or any(r.state in WAITING for r in rows)
+        return Tick(acted=acted, wake_at=d.wake_at, live=live)
+
+    # ------------------------------------------------------------------ acting
+
+    def _start(
+        self, rec: RolloutRecord, row: RolloutDevice, device: DeviceRecord | None, now: float
+    ) -> dict[str, Any]:
+        plan = rec.plan
+        try:
+            if plan.kind == "agent":
+                request = self.targets.install(
+                    plan, rec.id, row.device_id, device.device_class if device else None
+                )
+                step = "install"
+                from_version = self._running_version(row.device_id, device)
+                if from_version == plan.version:
+                    from_version = None  # nothing this rollout changes, nothing to revert
+            elif plan.probe is not None:
+                request, step, from_version = (
+                    self.targets.probe(plan, row.device_id),
+                    "baseline",
+                    None,
+                )
+            else:
+                request, step, from_version = (
+                    self.targets.install(plan, rec.id, row.device_id, None),
+                    "deploy",
+                    None,
+                )
+            task_id = self.submit(request, now)
+        except LeptonError as exc:
+            return {"state": "failed", "reason": f"not started: {exc}", "finished_at": now}
+        return {
+            "state": "dispatched",
+            "reason": step,
+            "step": step,
+            "task_id": task_id,
+            "from_version": from_version,
+            "started_at": now,
+        }
+
+    def _running_version(self, device_id: str, device: DeviceRecord | None) -> str | None:
+        """What an agent runs: its update status, else the version its birth announced."""
+        if self.targets.releases is not None:
+            status = self.targets.releases.updates([device_id]).get(device_id)
+            if status is not None:
+                return status.version
+        return (device.agent_version or None) if device is not None else None
+
+    def _revert(self, rec: RolloutRecord, row: RolloutDevice, now: float) -> dict[str, Any]:
+        if rec.kind == "agent" and row.from_version is None:
+            reason = "not reverted: it ran this version before the rollout (or nothing known)"
+            return {"state": "skipped", "reason": reason, "finished_at": now}
+        try:
+            request = self.targets.revert(rec.plan, rec.id, row.device_id, row.from_version)
+            task_id = self.submit(request, now)
+        except LeptonError as exc:
+            return {"state": "failed", "reason": f"revert not started: {exc}", "finished_at": now}
+        return {
+            "state": "reverting",
+            "reason": "revert",
+            "step": "revert",
+            "task_id": task_id,
+            "started_at": now,
+        }
+
+    def _late_joiners(
+        self,
+        rec: RolloutRecord,
+        rows: list[RolloutDevice],
+        fleet: Mapping[str, DeviceRecord],
+        now: float,
+        lease: Lease | None,
+    ) -> bool:
+        have = {r.device_id for r in rows}
+        selector = rec.plan.selector.selector()
+        new = [
+            (d.id, d.device_class)
+            for d in fleet.values()
+            if d.id not in have
+            and selector.matches(d)
+            and self.targets.matches(rec.plan, d.device_class)
+        ]
+        if not new:
+            return False
+        return self.store.add_devices(rec.id, order(rec.id, new), now, lease=lease) > 0
+
+    # ------------------------------------------------------------------ reconciling
+
+    def _reconcile(
+        self, rec: RolloutRecord, rows: list[RolloutDevice], now: float, lease: Lease | None
+    ) -> bool:
+        waiting = [r for r in rows if r.state in WAITING]
+        if not waiting:
+            return False
+        changes: dict[str, dict[str, Any]] = {}
+        if rec.kind == "agent" and self.targets.releases is not None:
+            updates = self.targets.releases.updates([r.device_id for r in waiting])
+            for r in waiting:
+                status = updates.get(r.device_id)
+                if status is None:
+                    continue
+                if r.step == "revert":
+                    verdict = outcomes.revert_verdict(
+                        version=status.version,
+                        outcome=status.outcome,
+                        reason=status.reason,
+                        wanted=r.from_version or "",
+                    )
+                else:
+                    verdict = outcomes.update_verdict(
+                        version=status.version,
+                        outcome=status.outcome,
+                        target=status.target,
+                        reason=status.reason,
+                        wanted=rec.version,
+                    )
+                if verdict is not None and verdict[0] != r.state:
+                    changes[r.device_id] = _settled(verdict, now)
+        baselines = [Measurement(**r.baseline) for r in rows if r.baseline]
+        for r in waiting:
+            if r.device_id in changes or r.task_id is None:
+                continue
+            task = self.tasks.get_task(r.task_id)
+            if not task.terminal:
+                continue
+            change = self._after_task(
+                rec, r, task.state, task.output or {}, task.last_error, baselines, now
+            )
+            if change is not None:
+                changes[r.device_id] = change
+        if not changes:
+            return False
+        expect = {r.device_id: r.state for r in waiting if r.device_id in changes}
+        return self.store.update_devices(rec.id, changes, now, expect=expect, lease=lease) > 0
+
+    def _after_task(  # noqa: PLR0917
+        self,
+        rec: RolloutRecord,
+        row: RolloutDevice,
+        state: str,
+        output: dict[str, Any],
+        error: str | None,
+        baselines: list[Measurement],
+        now: float,
+    ) -> dict[str, Any] | None:
+        """The change a device's ended task means (None: none)."""
+        if state != "succeeded":
+            why = f"{row.step} task {state}" + (f": {error}" if error else "")
+            if row.step != "baseline":
+                return _settled(("failed", why), now)
+        if row.step in ("baseline", "deploy", "probe"):
+            return self._model_step(
+                rec, row, output if state == "succeeded" else None, baselines, now
+            )
+        if row.step == "install":
+            verdict = outcomes.install_verdict(output, rec.version)
+        elif row.step == "revert" and rec.kind == "model":
+            verdict = ("reverted", "previous version deployed")
+        elif row.step == "revert":
+            verdict = outcomes.revert_task_verdict(output, row.from_version or "")
+        else:
+            return None
+        return None if verdict[0] == row.state else _settled(verdict, now)
+
+    def _model_step(
+        self,
+        rec: RolloutRecord,
+        row: RolloutDevice,
+        output: dict[str, Any] | None,
+        baselines: list[Measurement],
+        now: float,
+    ) -> dict[str, Any]:
+        """A model's next step after a succeeded task (``output`` None: the baseline failed)."""
+        plan = rec.plan
+        if row.step == "baseline":
+            # No baseline (nothing deployed yet, say): the rollout's median stands in.
+            baseline = Measurement.of(output).to_dict() if output is not None else None
+            try:
+                task_id = self.submit(self.targets.deploy(plan, plan.version, row.device_id), now)
+            except LeptonError as exc:
+                return _settled(("failed", f"deploy not started: {exc}"), now)
+            return {"step": "deploy", "reason": "deploy", "task_id": task_id, "baseline": baseline}
+        if row.step == "deploy":
+            if plan.probe is None:
+                return _settled(("succeeded", "deployed"), now)
+            try:
+                task_id = self.submit(self.targets.probe(plan, row.device_id), now)
+            except LeptonError as exc:
+                return _settled(("failed", f"probe not started: {exc}"), now)
+            return {"state": "staged", "step": "probe", "reason": "probe", "task_id": task_id}
+        assert plan.probe is not None
+        assert output is not None
+        own = Measurement(**row.baseline) if row.baseline else None
+        return _settled(
+            outcomes.judge_probe(
+                Measurement.of(output),
+                own or outcomes.fleet_baseline(baselines),
+                max_accuracy_drop=plan.probe.max_accuracy_drop,
+                max_latency_increase=plan.probe.max_latency_increase,
+            ),
+            now,
+        )
+
+
+def _settled(verdict: tuple[str, str], now: float) -> dict[str, Any]:
+    state, reason = verdict
+    out: dict[str, Any] = {"state": state, "reason": reason}
+    if state not in WAITING:
+        out["finished_at"] = now
+    return out
