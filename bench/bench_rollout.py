@@ -86,8 +86,12 @@ class PhaseClock:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     figures: dict[str, Any] = {"devices": args.devices, "processes": args.processes}
     fail = UpdateFail(share=args.fail_share, versions=frozenset({BAD}))
-    with tempfile.TemporaryDirectory(prefix="lepton-bench-rollout-") as tmp:
-        work = Path(tmp)
+    with contextlib.ExitStack() as keep:
+        if args.workdir is not None:
+            work = args.workdir.resolve()
+            work.mkdir(parents=True, exist_ok=True)
+        else:
+            work = Path(keep.enter_context(tempfile.TemporaryDirectory(prefix="lepton-rollout-")))
         kit = ReleaseKit.create(work / "release")
         spec = StackSpec(
             workdir=work / "stack",
@@ -141,6 +145,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 figures[f"{key}_s"] = t1 - clock.t0
                 figures[f"{key}_succeeded"] = client.count(status, "succeeded")
                 figures[f"{key}_phase_s"] = clock.durations(t1)
+                print(f"{key}: {status['state']} {status.get('counts')} {status.get('reason')}")
                 wait_until(
                     lambda v=version: fleet_versions(api).get(v, 0) >= args.devices,
                     args.timeout,
@@ -278,6 +283,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--fail-share", type=float, default=0.2)
     parser.add_argument("--trial-s", type=float, default=1.0, help="a health trial's length")
     parser.add_argument("--timeout", type=float, default=900.0)
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="keep state and logs here (default: a temp dir)"
+    )
     parser.add_argument("--write-docs", action="store_true", help="update docs/BENCHMARKS.md")
     args = parser.parse_args(argv)
     figures = run(args)

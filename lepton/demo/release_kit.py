@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import time
 import zipfile
 from collections import Counter
@@ -26,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import msgspec
 
 from lepton.common.errors import LeptonError
 from lepton.common.signing import (
@@ -107,20 +107,22 @@ class ReleaseKit:
             (src / "sim").mkdir(exist_ok=True)
             (src / "sim" / CRASH_MARKER).write_text("this build crashes on start\n")
             models.append(f"sim/{CRASH_MARKER}")
-        definition = {
-            "name": self.name,
-            "device_classes": ["*"],
-            "platforms": ["any"],
-            "config": None,
-            "models": models,
-            "expires_days": 30,
-            "requirement": "lepton-fleet=={version}",
-            "notes": "simulated image" + (" (crashes on start)" if crashes else ""),
-        }
+        (src / "sim").mkdir(exist_ok=True)
+        (src / "sim" / "agent.toml").write_text("# the simulated image's agent configuration\n")
+        notes = "simulated image" + (" (crashes on start)" if crashes else "")
+        # JSON strings are valid TOML basic strings (no TOML writer in the standard library).
+        lines = [
+            f"name = {json.dumps(self.name)}",
+            'device_classes = ["*"]',
+            'platforms = ["any"]',
+            'requirement = "lepton-fleet=={version}"',
+            'config = "sim/agent.toml"',
+            f"models = {json.dumps(models)}",
+            "expires_days = 30",
+            f"notes = {json.dumps(notes)}",
+        ]
         path = src / "firmware_images" / "sim-agent.toml"
-        path.write_bytes(
-            msgspec.toml.encode({k: v for k, v in definition.items() if v is not None})
-        )
+        path.write_text("\n".join(lines) + "\n")
         return path
 
     def _wheelhouse(self, version: str) -> Path:

@@ -75,6 +75,8 @@ UNSCALED_KINDS = frozenset({ECHO})
 # Updates are not compute: their time is the download and the (simulated) restart.
 UNPACED_KINDS = frozenset({"install", "revert"})
 MAX_STRETCH_S = 600.0
+# How long a device about to restart into a new image waits for its results to be acknowledged.
+SETTLE_TIMEOUT_S = 15.0
 # Libraries a handler imports on first use. Importing them is this host's one-time cost, not
 # the device's compute, so it happens before the clock starts (torch takes seconds, which
 # stretched 10x would make a Pi's first training round look a minute long).
@@ -399,6 +401,17 @@ class VirtualDevice:
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
+    async def _settle(self, agent: Agent) -> None:
+        """Before a restart for an update: the install's time, then until the coordinator
+        acknowledged the task's result (a real installer takes seconds, so the result is
+        long delivered when the agent restarts; a goodbye first would fail the task)."""
+        assert self.updater is not None
+        await asyncio.sleep(self.updater.install_s)
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        # The outbox signals no "empty"; a short poll bounded by the deadline will do.
+        while len(agent.outbox) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+
     async def _trial(self, agent: Agent) -> None:
         """The new version proves itself once connected (or fails, and the updater asks for
         the restart back into the old slot)."""
@@ -434,6 +447,7 @@ class VirtualDevice:
                             await runner
                     else:
                         assert self.agent is not None
+                        await self._settle(self.agent)
                         self.agent.stop()
                         await runner
                     log.info("sim: %s restarts (update)", self.config.device.id)

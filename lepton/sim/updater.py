@@ -114,6 +114,7 @@ class SimulatedUpdater:
         device_class: str | None = None,
         fail: UpdateFail | None = None,
         trial_s: float = 1.0,
+        install_s: float = 0.5,
     ) -> None:
         parse_version(version)
         self.device_id = device_id
@@ -122,6 +123,8 @@ class SimulatedUpdater:
         self.root_file = root_file
         self.fail = fail or UpdateFail()
         self.trial_s = trial_s
+        #: How long building the new slot takes before the restart.
+        self.install_s = install_s
         self.restart: Callable[[], None] = lambda: None
         self._listeners: list[Callable[[UpdateStatus], None]] = []
         self._s = self._load(version)
