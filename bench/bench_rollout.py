@@ -78,9 +78,11 @@ class PhaseClock:
     def __call__(self, status: dict[str, Any]) -> None:
         self.began.setdefault(int(status.get("phase") or 0), time.time())
 
-    def durations(self, end: float) -> list[float]:
-        starts = [self.began[k] for k in sorted(self.began)]
-        return [b - a for a, b in zip(starts, [*starts[1:], end], strict=True)]
+    def durations(self, end: float) -> dict[int, float]:
+        """Seconds per phase seen under way (a phase its predecessor covered passes unseen)."""
+        phases = sorted(self.began)
+        ends = [self.began[k] for k in phases[1:]] + [end]
+        return {k: e - self.began[k] for k, e in zip(phases, ends, strict=True)}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -145,7 +147,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 figures[f"{key}_s"] = t1 - clock.t0
                 figures[f"{key}_succeeded"] = client.count(status, "succeeded")
                 figures[f"{key}_phase_s"] = clock.durations(t1)
-                print(f"{key}: {status['state']} {status.get('counts')} {status.get('reason')}")
+                print(f"{key}: {status['state']} {status.get('counts')}", file=sys.stderr)
                 wait_until(
                     lambda v=version: fleet_versions(api).get(v, 0) >= args.devices,
                     args.timeout,
@@ -174,7 +176,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             figures["bad_reason"] = status.get("reason", "")
             figures["bad_stop_s"] = t_stop - clock.t0
             figures["bad_touched"] = client.touched(status)
-            figures["bad_rolled_back"] = client.count(status, "rolled_back")
 
             def settled() -> bool:
                 s = client.status(rid, limit=1)
@@ -184,6 +185,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             t_back = wait_until(settled, args.timeout, f"every device back on {ONE_SHOT}")
             final = client.status(rid, limit=1)
             figures["bad_reverted"] = client.count(final, "reverted")
+            figures["bad_rolled_back"] = client.count(final, "rolled_back")
             figures["bad_final_counts"] = final.get("counts", {})
             figures["bad_back_s"] = t_back - clock.t0
             figures["final_versions"] = fleet_versions(api)
@@ -220,7 +222,7 @@ def _s(v: float) -> str:
 
 def rows(f: dict[str, Any]) -> list[tuple[str, str, str]]:
     ratio = f["phased_s"] / f["oneshot_s"] if f["oneshot_s"] else math.nan
-    phases = ", ".join(_s(t) for t in f["phased_phase_s"])
+    phases = ", ".join(f"{k}: {_s(t)}" for k, t in sorted(f["phased_phase_s"].items()))
     return [
         ("figure", "value", "baseline"),
         (
@@ -229,7 +231,7 @@ def rows(f: dict[str, Any]) -> list[tuple[str, str, str]]:
             _s(f["phased_s"]),
             "",
         ),
-        ("  per phase", phases, ""),
+        ("  per phase (0: the canary)", phases, ""),
         ("good release, one-shot (one 100 % phase) -> all committed", "", _s(f["oneshot_s"])),
         ("  ratio phased / one-shot", f"{ratio:.2f}x", "1.00x"),
         (
@@ -270,7 +272,17 @@ def markdown(f: dict[str, Any], command: str) -> str:
     ]
     for name, a, b in rows(f)[1:]:
         lines.append(f"| {name.strip()} | {a} | {b} |")
-    lines.append("")
+    failed = verdict(f)
+    lines += [
+        "",
+        "Checked by the benchmark (it exits non-zero otherwise): both good rollouts complete "
+        "on every device; the bad one stops within its canary, reaches no device outside it, "
+        f"and every device ends on {ONE_SHOT}: "
+        + ("held." if not failed else "**did not hold**: " + "; ".join(failed) + "."),
+        f"The bad release's canary held {f['bad_canary_failing']} of its failing devices; "
+        f"the abort: {f['bad_reason'] or 'n/a'}.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -293,12 +305,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(_common.table(rows(figures)))
     print(json.dumps(figures, indent=2, sort_keys=True, default=str))
     failed = verdict(figures)
-    figures["verdict"] = failed
     if args.write_docs:
         command = _common.command_line("bench.bench_rollout", argv)
         _common.write_section(
             SECTION, markdown(figures, command), _common.REPO / "docs" / "BENCHMARKS.md"
         )
+    figures["verdict"] = failed
     for line in failed:
         print(f"FAILED: {line}", file=sys.stderr)
     return figures
