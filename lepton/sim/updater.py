@@ -132,6 +132,8 @@ class SimulatedUpdater:
     # ------------------------------------------------------------ the Updater interface
 
     def status(self) -> UpdateStatus:
+        """What the birth message reports: the running version and slot, the floor, and the
+        last update's outcome."""
         st = self._s.status
         return UpdateStatus(
             version=self.running_version(),
@@ -145,16 +147,20 @@ class SimulatedUpdater:
         )
 
     def trust_root(self) -> Root:
+        """The pinned root, verified as self-signed (parsed once per process and file)."""
         path = self.root_file.resolve()
         return _root_from(path, path.stat().st_mtime_ns)
 
     def running_version(self) -> str:
+        """The version in the slot the agent runs from."""
         return str(self._s.slots[self._s.current]["version"])
 
     def floor(self) -> str:
+        """The security floor: raised by each commit to its manifest's, never lowered."""
         return self._s.floor
 
     def staging_dir(self, task_id: str) -> Path:
+        """Where the install handler downloads ``task_id``'s files."""
         path = self.dir / "staging" / task_id
         path.mkdir(parents=True, exist_ok=True)
         return path
@@ -239,6 +245,8 @@ class SimulatedUpdater:
         self._set(outcome, target=pending["version"], task_id=pending["task_id"])
 
     def add_listener(self, cb: Callable[[UpdateStatus], None]) -> None:
+        """``cb(status)`` on each change the device reports at once (a crash loop's roll-back
+        is reported by the next agent's birth message instead)."""
         self._listeners.append(cb)
 
     # ------------------------------------------------------------ the simulated boot
