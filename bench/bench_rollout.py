@@ -306,7 +306,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(json.dumps(figures, indent=2, sort_keys=True, default=str))
     failed = verdict(figures)
     if args.write_docs:
-        command = _common.command_line("bench.bench_rollout", argv)
+        shown = list(argv if argv is not None else sys.argv[1:])
+        if "--workdir" in shown:  # where it kept its files is no part of the figure
+            i = shown.index("--workdir")
+            del shown[i : i + 2]
+        command = _common.command_line("bench.bench_rollout", shown)
         _common.write_section(
             SECTION, markdown(figures, command), _common.REPO / "docs" / "BENCHMARKS.md"
         )
