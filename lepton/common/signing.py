@@ -110,12 +110,11 @@ def save_private_key(path: str | Path, k: Ed25519PrivateKey, *, overwrite: bool 
     )
     flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
     fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    try:
+    with os.fdopen(fd, "wb") as fh:
         os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_TRUNC
-        os.write(fd, pem)
+        fh.write(pem)
+        fh.flush()
         os.fsync(fd)
-    finally:
-        os.close(fd)
     return path
 
 

@@ -46,6 +46,7 @@ from tests.common.releasekit import (
 )
 
 Attack = Callable[[Path], object]
+Member = tuple[tarfile.TarInfo, bytes | None]
 ATTACKS: dict[str, tuple[str, Attack]] = {}
 
 
@@ -61,7 +62,7 @@ def open_(tmp: Path, trust_root: Root, raw: bytes, files: dict[str, bytes] = FIL
     return open_bundle(bundle(tmp / "b.tar", raw, files), tmp / "out", trust_root, now=NOW)
 
 
-def open_members(tmp: Path, trust_root: Root, members: list) -> object:  # type: ignore[type-arg]
+def open_members(tmp: Path, trust_root: Root, members: list[Member]) -> object:
     return open_bundle(write_tar(tmp / "b.tar", members), tmp / "out", trust_root, now=NOW)
 
 
@@ -231,38 +232,34 @@ def an_older_releases_manifest_with_these_files(tmp: Path) -> object:
 # --- the tar itself -----------------------------------------------------------------------
 
 
-def members_with(extra: list) -> list:  # type: ignore[type-arg]
-    t_raw = ATTACK_TRUST.root, good(ATTACK_TRUST)[1]
-    return [regular(BUNDLE_MANIFEST, t_raw[1]), *[regular(p, b) for p, b in FILES.items()], *extra]
-
-
+#: One trust for the tar attacks: each bundle is signed correctly, only the tar is hostile.
 ATTACK_TRUST = make_trust()
+
+
+def members_with(extra: list[Member], *, without: str = "") -> list[Member]:
+    """The good bundle's members (manifest first), less ``without``, plus ``extra``."""
+    files = [regular(p, b) for p, b in FILES.items() if p != without]
+    return [regular(BUNDLE_MANIFEST, good(ATTACK_TRUST)[1]), *files, *extra]
 
 
 @attack("tampered")
 def a_listed_path_as_a_symlink(tmp: Path) -> object:
-    raw = good(ATTACK_TRUST)[1]
-    members = [regular(BUNDLE_MANIFEST, raw)]
-    members += [regular(p, b) for p, b in FILES.items() if p != "config/agent.toml"]
-    members.append(special("config/agent.toml", tarfile.SYMTYPE, "/etc/shadow"))
+    hostile = special("config/agent.toml", tarfile.SYMTYPE, "/etc/shadow")
+    members = members_with([hostile], without="config/agent.toml")
     return open_members(tmp, ATTACK_TRUST.root, members)
 
 
 @attack("tampered")
 def a_listed_path_as_a_hardlink(tmp: Path) -> object:
-    raw = good(ATTACK_TRUST)[1]
-    members = [regular(BUNDLE_MANIFEST, raw)]
-    members += [regular(p, b) for p, b in FILES.items() if p != "config/agent.toml"]
-    members.append(special("config/agent.toml", tarfile.LNKTYPE, "systemd/lepton-agent.service"))
+    hostile = special("config/agent.toml", tarfile.LNKTYPE, "systemd/lepton-agent.service")
+    members = members_with([hostile], without="config/agent.toml")
     return open_members(tmp, ATTACK_TRUST.root, members)
 
 
 @attack("tampered")
 def a_listed_path_as_a_device_node(tmp: Path) -> object:
-    raw = good(ATTACK_TRUST)[1]
-    members = [regular(BUNDLE_MANIFEST, raw)]
-    members += [regular(p, b) for p, b in FILES.items() if p != "config/agent.toml"]
-    members.append(special("config/agent.toml", tarfile.CHRTYPE))
+    hostile = special("config/agent.toml", tarfile.CHRTYPE)
+    members = members_with([hostile], without="config/agent.toml")
     return open_members(tmp, ATTACK_TRUST.root, members)
 
 

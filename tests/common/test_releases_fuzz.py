@@ -4,6 +4,7 @@ that is installed) leaves exactly the signed files."""
 
 from __future__ import annotations
 
+import atexit
 import shutil
 import tarfile
 import tempfile
@@ -17,6 +18,7 @@ from tests.common.releasekit import FILES, NOW, bundle, good, make_trust
 
 TRUST = make_trust()
 _DIR = Path(tempfile.mkdtemp(prefix="lepton-fuzz-"))
+atexit.register(shutil.rmtree, _DIR, ignore_errors=True)
 ORIGINAL = bundle(_DIR / "good.tar", good(TRUST)[1], FILES).read_bytes()
 
 

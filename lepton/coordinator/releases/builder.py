@@ -119,7 +119,7 @@ def _stage_files(
     models: Sequence[Path],
     roots: Sequence[Path],
 ) -> SelfTest | None:
-    if d.config is not None:
+    if d.config:
         _copy(base / d.config, staging, "config/agent.toml")
     for unit in d.units:
         _copy(base / unit, staging, f"systemd/{Path(unit).name}")
@@ -198,6 +198,8 @@ def build_bundle(
         raise BuildError(f"security floor {security_floor} is above version {version}")
     if not keys:
         raise BuildError("a release needs at least one signing key")
+    if d.kind == "agent" and not d.platforms:
+        raise BuildError(f"{definition}: an agent image needs pip platforms (`platforms`)")
     created = int(time.time() if now is None else now)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".build-") as tmp:

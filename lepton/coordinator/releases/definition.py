@@ -42,13 +42,16 @@ class ImageDefinition(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     device_classes: Annotated[
         list[Annotated[str, Meta(pattern=CLASS_PATTERN)]], Meta(min_length=1, max_length=16)
     ]
-    #: pip platform tags for ``pip download --platform ... --only-binary=:all:``.
-    platforms: Annotated[list[Annotated[str, Meta(pattern=PLATFORM_PATTERN)]], Meta(min_length=1)]
+    #: pip platform tags for ``pip download --platform ... --only-binary=:all:`` (an agent
+    #: image needs at least one; a model release ships no wheels).
+    platforms: list[Annotated[str, Meta(pattern=PLATFORM_PATTERN)]] = msgspec.field(
+        default_factory=list
+    )
     python: Annotated[str, Meta(pattern=r"\A3\.[0-9]{1,2}\Z")] = "3.11"
     #: What the device installs from the bundle's wheels; ``{version}`` is the release's.
     requirement: Annotated[str, Meta(max_length=200)] = "lepton-fleet[agent]=={version}"
-    #: The default agent configuration, installed as ``config/agent.toml``.
-    config: str | None = "deploy/agent.example.toml"
+    #: The default agent configuration, installed as ``config/agent.toml`` ("": none).
+    config: str = "deploy/agent.example.toml"
     #: systemd units (``systemd/<file name>``) and drop-ins for lepton-agent.service
     #: (``systemd/lepton-agent.service.d/<file name>``).
     units: list[str] = msgspec.field(default_factory=list)

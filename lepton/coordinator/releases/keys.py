@@ -151,7 +151,7 @@ class KeyStore:
         t = int(time.time() if now is None else now)
         if self.chain() or list(self.directory.glob("*.key")):
             raise KeyStoreError(f"{self.directory} already holds keys or roots")
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         root_key, release_key = generate_key(), generate_key()
         save_private_key(_key_path(self.directory, "root", root_key), root_key)
         save_private_key(_key_path(self.directory, "release", release_key), release_key)

@@ -152,6 +152,36 @@ def test_a_bundle_signed_by_a_key_the_root_does_not_name_is_refused(
     assert info.value.reason == "unknown_key"
 
 
+def test_a_model_release_ships_no_wheels(kit: Kit, tmp_path: Path) -> None:
+    model_def = kit.definition.parent / "digits-model.toml"
+    model_def.write_text(
+        'name = "digits"\nkind = "model"\ndevice_classes = ["*"]\nconfig = ""\n'
+        'models = ["models/m.onnx"]\n'
+    )
+    bundle = build_bundle(
+        model_def,
+        version="3.0.0",
+        wheelhouse=kit.wheelhouse,
+        out_dir=kit.out,
+        keys=[load_private_key(kit.release_key)],
+        now=NOW,
+    )
+    root = load_root(kit.root_json.read_bytes(), trusted=None, now=NOW)
+    m = open_bundle(bundle, tmp_path / "files", root, now=NOW)
+    assert (m.kind, m.install) == ("model", None)
+    assert [f.path for f in m.files] == ["models/m.onnx"]
+    check_policy(m, kind="model", device_class="rpi5", running=None, floor=None)
+    with pytest.raises(ReleaseRefused) as info:
+        check_policy(m, kind="agent", device_class="rpi5", running=None, floor=None)
+    assert info.value.reason == "wrong_kind"
+
+
+def test_an_agent_image_without_platforms_is_not_built(kit: Kit) -> None:
+    kit.definition.write_text(kit.definition.read_text().replace("platforms", "#platforms"))
+    with pytest.raises(BuildError, match="platforms"):
+        build(kit)
+
+
 # The A/B updater's units (deploy/systemd/lepton-update.*) come with the device updater; the
 # definitions name them already.
 PENDING = {
