@@ -59,9 +59,20 @@ class InstallError(LeptonError):
         self.detail = detail
 
 
+def _child_env() -> dict[str, str]:
+    # The new slot's tools run with the slot's own code only: nothing the caller's environment
+    # adds to sys.path (or user site-packages) reaches them.
+    drop = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "PIP_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    env["PYTHONNOUSERSITE"] = "1"
+    return env
+
+
 def _run(cmd: list[str], *, timeout: float, what: str) -> str:
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, check=False, env=_child_env()
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise InstallError(what, str(exc)[:150]) from exc
     if done.returncode != 0:
@@ -294,6 +305,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except (KeyError, TypeError, ValueError) as exc:
         fail(ns.root, request, "malformed", str(exc)[:150])
+        return 1
+    except Exception as exc:  # recorded, so the device reports why (never a silent failure)
+        log.exception("installer error")
+        fail(ns.root, request, "installer_error", f"{type(exc).__name__}: {exc}"[:150])
         return 1
     log.info("on trial: %s", version)
     return 0
