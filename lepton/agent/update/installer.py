@@ -122,7 +122,8 @@ def install(
         root,
         slot=target,
         version=manifest.version,
-        deadline=now + float(request.get("deadline_s", 300.0)),
+        # From the switch, not from the request: a slow install does not eat the trial.
+        deadline=time.time() + float(request.get("deadline_s", 300.0)),
         task_id=task_id,
         kind="install",
     )

@@ -37,7 +37,8 @@ def unit_commands(root: Path, config: Path) -> tuple[list[str], list[str]]:
             "/etc/lepton/agent.toml", str(config)
         )
         (pre if key == "ExecStartPre" else start).extend(shlex.split(value))
-    assert pre and start, "the unit must have ExecStartPre= and ExecStart="
+    assert pre, "the unit must have ExecStartPre="
+    assert start, "the unit must have ExecStart="
     return pre, start
 
 
