@@ -22,10 +22,10 @@ import msgspec
 import paho.mqtt.client as mqtt
 import pytest
 
+from lepton.agent.update import slots
 from lepton.protocol import topics
 from lepton.protocol.codec import decode
 from lepton.protocol.messages import State
-from lepton.agent.update import slots
 from tests.agent.update import images
 from tests.agent.update.supervisor import Supervisor
 from tests.support.broker import Broker
