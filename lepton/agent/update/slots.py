@@ -389,9 +389,10 @@ def _verdict(root: Path, health: Path, restart: str | None) -> str:
 def service(
     root: Path, state_dir: Path, *, python: str | None = None, restart: str | None = None
 ) -> str:
-    """``lepton-update.service``: act on a health verdict, then on an install request."""
+    """``lepton-update.service``: roll back a trial past its deadline, act on a health
+    verdict, then on an install or revert request. Returns what it did (for the log)."""
     update = state_dir / "update"
-    did = "nothing"
+    did = "rolled_back" if check(root, restart=restart) else "nothing"
     health = update / "health.json"
     if health.exists():
         did = _verdict(root, health, restart)
