@@ -35,7 +35,7 @@ Order of writes: a trial is written to ``boot.json`` before ``current`` is switc
 a rollback writes ``boot.json`` first and switches after; a commit is one write. Each of
 these, cut at any point, is brought back to the invariants above by :func:`repair`.
 
-Fault injection for tests: ``LEPTON_UPDATE_CRASH_AT=<step>`` (or ``<step>#<n>`` for its
+Fault injection for tests: ``LEPTON_SLOT_CRASH_AT=<step>`` (or ``<step>#<n>`` for its
 n-th occurrence) makes the process SIGKILL itself at that step (see :data:`CRASH_POINTS`).
 """
 
@@ -56,7 +56,7 @@ SLOTS = ("a", "b")
 MAX_BOOTS = 3
 STATE_FILE = "boot.json"
 CURRENT = "current"
-CRASH_ENV = "LEPTON_UPDATE_CRASH_AT"
+CRASH_ENV = "LEPTON_SLOT_CRASH_AT"
 DEFAULT_ROOT = "/opt/lepton"
 DEFAULT_STATE_DIR = "/var/lib/lepton"
 DEFAULT_RESTART = "systemctl restart --no-block lepton-agent.service"
@@ -85,7 +85,7 @@ _seen: dict[str, int] = {}
 
 
 def crash_point(step: str) -> None:
-    """SIGKILL this process here if ``$LEPTON_UPDATE_CRASH_AT`` names ``step`` (tests)."""
+    """SIGKILL this process here if ``$LEPTON_SLOT_CRASH_AT`` names ``step`` (tests)."""
     wanted = os.environ.get(CRASH_ENV)
     if not wanted:
         return
