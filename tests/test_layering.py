@@ -52,6 +52,11 @@ def test_the_tree_keeps_every_contract() -> None:
             "import lepton.protocol.topics",
             "common is pure",
         ),
+        (  # release verification may read lepton.protocol.releases, and nothing else of it
+            "lepton/common/signing.py",
+            "import lepton.protocol.topics",
+            "common is pure",
+        ),
         (
             "lepton/protocol/codec.py",
             "import lepton.agent.config",
@@ -103,7 +108,8 @@ def test_a_crossed_layer_breaks_its_contract(
     target.write_text(target.read_text() + f"\n\ndef _crossing() -> None:\n    {line}\n")
     out = lint(root)
     assert out.returncode != 0
-    broken = [ln for ln in out.stdout.splitlines() if ln.endswith("BROKEN")]
+    # "<name> BROKEN", or "<name> BROKEN (N ignored imports)" for a contract with exceptions.
+    broken = [ln for ln in out.stdout.splitlines() if " BROKEN" in ln]
     # One crossing can break more than its own contract (protocol -> agent also joins the
     # coordinator to the agent through the protocol); its own must be among them.
     assert any(ln.startswith(contract) for ln in broken), out.stdout

@@ -8,6 +8,7 @@ EXIT_OK: Final = 0
 EXIT_ERROR: Final = 1  # anything else that went wrong
 EXIT_USAGE: Final = 2  # bad arguments or configuration
 EXIT_NOT_FOUND: Final = 3  # the device, task, job or model does not exist
+EXIT_REFUSED: Final = 3  # `release verify|sign`: the bundle failed verification (release CLI)
 EXIT_UNREACHABLE: Final = 4  # the coordinator did not answer
 EXIT_TASK_FAILED: Final = 5  # a --wait'ed task ended failed, expired or cancelled
 EXIT_GATE_FAILED: Final = 6  # a quantized model missed its accuracy gate

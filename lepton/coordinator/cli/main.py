@@ -61,6 +61,10 @@ COMMAND_GROUPS: dict[str, tuple[str, str]] = {
     "tokens": ("lepton.coordinator.auth.cli", "operator API tokens: create, list, revoke"),
     "audit": ("lepton.coordinator.auth.cli_audit", "the audit log: who did what, when"),
     "fl": ("lepton.coordinator.fl.cli", "federated learning jobs"),
+    "release": (
+        "lepton.coordinator.releases.cli_keys",
+        "release keys and trust roots; build, sign and verify agent images",
+    ),
     "models": (
         "lepton.coordinator.model_registry.cli",
         "model registry: register, INT8 quantization through the gate, deploy",

@@ -1,0 +1,1 @@
+"""Releases: signed agent images and models, their keys, building, and the registry."""
