@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -37,17 +36,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     cmds.add_parser("commit", help="mark the running trial healthy")
 
 
-def _manifest_member(bundle: Path) -> bytes:
-    from lepton.common.releases import BUNDLE_MANIFEST
-
-    with tarfile.open(bundle) as tar:
-        first = tar.next()
-        fh = tar.extractfile(first) if first is not None else None
-        if first is None or first.name != BUNDLE_MANIFEST or fh is None:
-            raise LeptonError(f"{bundle}: the first member is not {BUNDLE_MANIFEST}")
-        return fh.read()
-
-
 def run(ns: argparse.Namespace) -> int:
     """Run ``lepton-agent update ...``; the exit status."""
     from lepton.agent.config import load_config
@@ -64,13 +52,14 @@ def run(ns: argparse.Namespace) -> int:
             print(json.dumps({"status": status, "boot": boot}, indent=1))
             return 0
         if ns.update_command == "install":
-            from lepton.common.releases import open_bundle
+            from lepton.common.releases import open_bundle_raw
 
             task_id = f"local-{new_id()}"
             staging = updater.staging_dir(task_id)
-            manifest = open_bundle(ns.bundle, staging, updater.trust_root(), now=time.time())
+            trust = updater.trust_root()
+            manifest, raw = open_bundle_raw(ns.bundle, staging, trust, now=time.time())
             updater.stage(
-                manifest_raw=_manifest_member(ns.bundle),
+                manifest_raw=raw,
                 manifest=manifest,
                 files_dir=staging,
                 task_id=task_id,

@@ -41,7 +41,7 @@ from lepton.agent.update import slots
 from lepton.common.errors import LeptonError
 
 if TYPE_CHECKING:
-    from lepton.protocol.releases import Manifest
+    from lepton.protocol.releases import Manifest, Root
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,9 @@ def install(
     committed = state.get("committed")
     if not committed:
         raise InstallError("not_provisioned", "boot.json has no committed slot")
-    raw, manifest = _verify(request, state, trust_root_file, device_class, now)
+    raw, manifest = _verify(
+        root, request, state, trust_root_file=trust_root_file, device_class=device_class, now=now
+    )
     target = slots.other(committed["slot"])
     # Clear `previous` before touching its slot: a revert never finds a half-written one.
     if state.get("previous") and state["previous"]["slot"] == target:
@@ -131,14 +133,32 @@ def install(
     return str(manifest.version)
 
 
+def device_trust(root_file: Path, image_root: Path, *, now: float) -> Root:
+    """The device's trust root: the pinned ``root_file``, then the newer roots the running
+    image carries (``<root>/current/bundle/trust/root.<N>.json``, verified into the slot at
+    its install), each by the rotation rules (:func:`lepton.common.releases.apply_root_chain`).
+    """
+    from lepton.common import releases
+
+    pinned: Root = releases.load_root(root_file.read_bytes(), trusted=None, now=now)
+    chain = image_root / slots.CURRENT / "bundle" / releases.ROOT_CHAIN_DIR
+    newest, _ = releases.apply_root_chain(pinned, chain, now=now)
+    return newest
+
+
 def _verify(
-    request: dict[str, Any], state: dict[str, Any], trust_root_file: Path, device_class: str,
+    root: Path,
+    request: dict[str, Any],
+    state: dict[str, Any],
+    *,
+    trust_root_file: Path,
+    device_class: str,
     now: float,
-) -> tuple[bytes, Manifest]:  # fmt: skip
+) -> tuple[bytes, Manifest]:
     from lepton.common import releases  # the image's own verifier (lepton.common)
 
     try:
-        trust = releases.load_root(trust_root_file.read_bytes(), trusted=None, now=now)
+        trust = device_trust(trust_root_file, root, now=now)
         raw = base64.b64decode(request["manifest_b64"], validate=True)
         manifest: Manifest = releases.verify_manifest(raw, trust, now=now)
         releases.check_policy(

@@ -127,11 +127,11 @@ class Updater:
         return str(slots.read_state(self.root).get("floor", "0.0.0"))
 
     def trust_root(self) -> Root:
-        """The pinned trust root (``update.root_file``), verified as self-signed."""
-        from lepton.common.releases import load_root
+        """The device's trust root: the pinned ``update.root_file``, then the newer roots the
+        running image carries (``bundle/trust/root.<N>.json``) by the rotation rules."""
+        from lepton.agent.update.installer import device_trust
 
-        root: Root = load_root(self.config.root_file.read_bytes(), trusted=None, now=time.time())
-        return root
+        return device_trust(self.config.root_file, self.root, now=time.time())
 
     def staging_dir(self, task_id: str) -> Path:
         """An empty-or-partial directory for ``task_id``'s files (agent-writable)."""
