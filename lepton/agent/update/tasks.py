@@ -35,13 +35,12 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import msgspec
 
 from lepton.agent.fetch import BlobFetcher, FetchError
 from lepton.agent.handlers import TaskContext, TaskError
-from lepton.common.releases import ReleaseRefused, check_policy, verify_files, verify_manifest
 from lepton.protocol.messages import Task
 from lepton.protocol.releases import Manifest
 from lepton.protocol.tasks import (
@@ -57,6 +56,8 @@ from lepton.protocol.tasks import (
 
 if TYPE_CHECKING:
     from lepton.agent.update.updater import Updater
+
+InstallOutcome = Literal["staged", "refused", "already_running"]
 
 #: Fetcher failures that mean the bytes served are not the manifest's: a refusal, not a retry.
 TAMPERED_FETCHES: Final = frozenset({"digest_mismatch", "too_large"})
@@ -124,12 +125,16 @@ def _file_url(blob_base: str, digest: str) -> str:
 
 
 def _check(m: Manifest, params: InstallParams, updater: Updater, running: str) -> None:
+    from lepton.common.releases import ReleaseRefused, check_policy
+
     if (m.name, m.version) != (params.release, params.version):
         raise ReleaseRefused(
             "malformed",
             f"the task names {params.release} {params.version}, the manifest {m.name} {m.version}",
         )
-    device_class = getattr(updater, "device_class", None) or ""
+    device_class = updater.device_class
+    if not device_class:
+        raise ReleaseRefused("wrong_class", "this device's class is not known ([device] class)")
     check_policy(m, kind="agent", device_class=device_class, running=running, floor=updater.floor())
 
 
@@ -152,6 +157,10 @@ async def install(task: Task, ctx: TaskContext) -> dict[str, Any]:
 async def _install(
     task: Task, ctx: TaskContext, params: InstallParams, updater: Updater, staging: Path
 ) -> dict[str, Any]:
+    # Imported here, as the handlers' heavy dependencies are: cryptography loads only when
+    # an update arrives.
+    from lepton.common.releases import ReleaseRefused, verify_files, verify_manifest
+
     fetcher = _fetcher(ctx, staging / "blobs")
     path, downloaded = await _get(
         fetcher,
@@ -189,25 +198,30 @@ async def _install(
         await asyncio.to_thread(verify_files, m, bundle)
     except ReleaseRefused as exc:
         raise refused(exc.reason, exc.detail) from exc
-    await asyncio.to_thread(
-        lambda: updater.stage(
-            manifest_raw=raw,
-            manifest=m,
-            files_dir=bundle,
-            task_id=task.task_id,
-            deadline_s=params.health_deadline_s,
+    try:
+        await asyncio.to_thread(
+            lambda: updater.stage(
+                manifest_raw=raw,
+                manifest=m,
+                files_dir=bundle,
+                task_id=task.task_id,
+                deadline_s=params.health_deadline_s,
+            )
         )
-    )
+    except ReleaseRefused as exc:
+        raise refused(exc.reason, exc.detail) from exc
     # The bundle holds links to (or copies of) every file: the download cache is spent.
     await asyncio.to_thread(shutil.rmtree, staging / "blobs", ignore_errors=True)
     return _output(params, "staged", downloaded, running)
 
 
-def _output(params: InstallParams, outcome: str, downloaded: int, running: str) -> dict[str, Any]:
+def _output(
+    params: InstallParams, outcome: InstallOutcome, downloaded: int, running: str
+) -> dict[str, Any]:
     out = InstallOutput(
         release=params.release,
         version=params.version,
-        outcome=outcome,  # type: ignore[arg-type]  # one of the literal's values
+        outcome=outcome,
         bytes_downloaded=downloaded,
         running_version=running,
     )
@@ -220,8 +234,11 @@ async def revert(task: Task, ctx: TaskContext) -> dict[str, Any]:
         params = params_as(RevertParams, task.params)
     except msgspec.ValidationError as exc:
         raise TaskError(f"bad_params: {exc}") from exc
+    from lepton.common.releases import ReleaseRefused
+
     updater = _updater(ctx)
     running = await asyncio.to_thread(updater.running_version)
+    outcome: InstallOutcome
     if running == params.to_version:
         outcome = "already_running"
     else:
@@ -237,7 +254,7 @@ async def revert(task: Task, ctx: TaskContext) -> dict[str, Any]:
             raise refused(exc.reason, exc.detail) from exc
         outcome = "staged"
     out = RevertOutput(
-        outcome=outcome,  # type: ignore[arg-type]
+        outcome=outcome,
         version=params.to_version,
         running_version=running,
     )

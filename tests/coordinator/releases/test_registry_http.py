@@ -10,11 +10,15 @@ from pathlib import Path
 
 import httpx
 
+from lepton.common.signing import load_private_key
 from lepton.coordinator.model_registry.feature import ModelRegistryFeature
+from lepton.coordinator.releases.builder import build_bundle, manifest_digest
 from lepton.coordinator.releases.feature import ReleasesFeature
+from lepton.coordinator.releases.keys import KeyStore
 from lepton.coordinator.service import Coordinator
 from lepton.protocol import routes
 from tests.coordinator.auth.enrolling import metric
+from tests.coordinator.releases.buildkit import make_kit
 from tests.coordinator.releases.conftest import MakeCoordinator
 from tests.support.api import api_client, endpoint
 from tests.support.release_bundles import Trust, bundle, manifest_of, signed, write_bundle
@@ -95,15 +99,26 @@ async def test_refused_bundles_answer_their_reason_and_store_nothing(
     cases["missing_file"] = write_bundle(
         tmp_path / "m.tar", signed(m, trust.release_key), {"notes.txt": FILES["notes.txt"]}
     )
+    # A signed manifest naming a path out of the bundle: refused as it is decoded, before
+    # any member is extracted (the signature is good: the release key signed it).
+    evil = {"../../outside.txt": b"out"}
+    cases["malformed"] = write_bundle(
+        tmp_path / "p.tar", signed(manifest_of(evil), trust.release_key), evil
+    )
     garbage = tmp_path / "g.tar"
     garbage.write_bytes(os.urandom(4096))
-    cases["malformed"] = garbage
-    for reason, path in cases.items():
+    cases["garbage"] = garbage
+    for case, path in cases.items():
+        reason = "malformed" if case == "garbage" else case
         r = await _publish(c, path)
-        assert r.status_code == 422, (reason, r.text)
-        assert r.json()["reason"] == reason, (reason, r.json())
-        assert metric(c, "lepton_release_publishes_total", {"outcome": reason}) == 1
-    assert not (tmp_path.parent / "escape.txt").exists()
+        assert r.status_code == 422, (case, r.text)
+        assert r.json()["reason"] == reason, (case, r.json())
+    assert metric(c, "lepton_release_publishes_total", {"outcome": "malformed"}) == 2
+    assert metric(c, "lepton_release_publishes_total", {"outcome": "tampered"}) == 1
+    data = Path(c.config.data_dir)
+    for name in ("escape.txt", "outside.txt"):
+        assert not list(tmp_path.parent.rglob(name))
+        assert not list(data.parent.rglob(name))
     assert c.feature(ReleasesFeature).releases.list() == []
     # Nothing published: no file of any of them in the blob store.
     assert not _stored(c, hashlib.sha256(FILES["notes.txt"]).hexdigest())
@@ -176,3 +191,29 @@ async def test_without_a_trust_root_publishing_is_off(
         path, _, _ = bundle(tmp_path / "b.tar", trust, FILES)
         r = await _publish(c, path)
         assert (r.status_code, r.json()["reason"]) == (409, "no_trust_root")
+
+
+async def test_a_bundle_from_the_release_builder_is_published(
+    make_coordinator: MakeCoordinator, tmp_path: Path
+) -> None:
+    """What `lepton release build` writes (real pip over a local wheelhouse, the key
+    directory's release key) publishes against that key directory's root.json."""
+    kit = make_kit(tmp_path / "kit")
+    built = build_bundle(
+        kit.definition,
+        version="1.2.0",
+        wheelhouse=kit.wheelhouse,
+        out_dir=kit.out,
+        keys=[load_private_key(kit.release_key)],
+        roots=KeyStore(kit.keys).chain(),
+    )
+    async with make_coordinator(releases__root_file=str(kit.root_json)) as c:
+        r = await _publish(c, built)
+        assert r.status_code == 201, r.text
+        (rec,) = r.json()["releases"]
+        assert (rec["name"], rec["version"]) == ("tinyagent", "1.2.0")
+        assert (rec["manifest_digest"], rec["manifest_size"]) == manifest_digest(built)
+        assert rec["device_classes"] == ["rpi4", "jetson-orin-*"]
+        files = c.feature(ReleasesFeature).releases.files(rec["id"])
+        assert len(files) == rec["file_count"] > 3
+        assert all(_stored(c, f.sha256) for f in files)
