@@ -261,6 +261,9 @@ class Coordinator:
             from lepton.coordinator.fl.feature import FLFeature
             from lepton.coordinator.model_registry.feature import ModelRegistryFeature
             from lepton.coordinator.releases.feature import ReleasesFeature
+            from lepton.coordinator.releases.install import install_params
+            from lepton.coordinator.rollouts.feature import RolloutsFeature
+            from lepton.coordinator.rollouts.targets import ReleasesLink
         except ImportError:  # pragma: no cover - the registry and FL are optional
             return features
         models = ModelRegistryFeature(
@@ -291,21 +294,14 @@ class Coordinator:
         releases = ReleasesFeature(
             cfg, self.store, models.registry, self.metrics.registry, base_url=self.base_url
         )
-        from lepton.coordinator.releases.install import install_params
-        from lepton.coordinator.rollouts.feature import RolloutsFeature
-        from lepton.coordinator.rollouts.targets import ReleasesLink
-
         rollouts = RolloutsFeature(
             cfg,
             self.store,
             registry=models.registry,
-            releases=ReleasesLink(
-                release_store=releases.releases,
-                update_repo=releases.updates,
-                make_params=install_params,
-            ),
+            releases=ReleasesLink(releases.releases, releases.updates, install_params),
             base_url=self.base_url,
             on_submit=self._submitted,
+            metrics=self.metrics.registry,
         )
         releases.add_update_listener(rollouts.on_updates)
         return [*features, models, fl, releases, rollouts]

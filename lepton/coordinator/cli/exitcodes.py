@@ -15,4 +15,6 @@ EXIT_GATE_FAILED: Final = 6  # a quantized model missed its accuracy gate
 EXIT_TASK_FINISHED: Final = 7  # `tasks cancel`: the task had already ended
 EXIT_SCHEMA: Final = 8  # the database is at another schema revision (`lepton db upgrade`)
 EXIT_UNAUTHORIZED: Final = 9  # no token, a bad one, or one without the scope the call needs
+EXIT_ROLLOUT_FAILED: Final = 10  # `rollout status --watch`: the rollout aborted or failed
+EXIT_ROLLOUT_WAITING: Final = 11  # `rollout status --watch`: a phase waits for approval
 EXIT_INTERRUPTED: Final = 130  # Ctrl-C (128 + SIGINT), as shells report it

@@ -71,6 +71,10 @@ COMMAND_GROUPS: dict[str, tuple[str, str]] = {
         "lepton.coordinator.model_registry.cli",
         "model registry: register, INT8 quantization through the gate, deploy",
     ),
+    "rollout": (
+        "lepton.coordinator.rollouts.cli",
+        "staged rollouts of agent releases and models: create, watch, pause, approve, abort",
+    ),
 }
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lepton.coordinator.config import Config
-from lepton.coordinator.errors import NotFoundError
+from lepton.coordinator.errors import ConflictError, NotFoundError
 from lepton.coordinator.rollouts.engine import order
 from lepton.coordinator.rollouts.plan import Plan, PlanError
 from lepton.coordinator.rollouts.store import RolloutRecord, RolloutStore
@@ -45,13 +45,21 @@ class RolloutControl:
     def create(self, plan: Plan, *, created_by: str, now: float | None = None) -> RolloutRecord:
         """A new running rollout of ``plan``; :class:`PlanError` (or the target's
         :class:`~.targets.TargetError`) when it cannot run, :class:`NotFoundError` for an
-        unknown model version or device id."""
+        unknown model version or device id, :class:`ConflictError` when a chosen device is
+        in another unended rollout of the same kind."""
         now = time.time() if now is None else now
         plan.check()
         self.targets.check(plan)
         chosen = self.choose(plan)
         if not chosen:
             raise PlanError(f"no device matches {plan.selector.selector().describe()}")
+        busy = self.store.busy(plan.kind, [d.id for d in chosen])
+        if busy:
+            named = ", ".join(f"{d} ({r})" for d, r in sorted(busy.items())[:5])
+            more = f" and {len(busy) - 5} more" if len(busy) > 5 else ""
+            raise ConflictError(
+                "rollout", plan.target(), f"devices in another {plan.kind} rollout: {named}{more}"
+            )
         rollout_id = new_rollout_id()
         ids = order(rollout_id, [(d.id, d.device_class) for d in chosen])
         rec = self.store.create(rollout_id, plan, ids, created_by=created_by, now=now)

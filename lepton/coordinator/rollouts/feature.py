@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 from fastapi import APIRouter
+from prometheus_client import CollectorRegistry
 from sqlalchemy import MetaData
 
 from lepton.coordinator.config import Config
@@ -27,6 +28,7 @@ from lepton.coordinator.feature import BaseFeature, LeaderLoop
 from lepton.coordinator.model_registry.registry import ModelRegistry
 from lepton.coordinator.rollouts import tables
 from lepton.coordinator.rollouts.control import RolloutControl
+from lepton.coordinator.rollouts.metrics import RolloutMetrics
 from lepton.coordinator.rollouts.routes import make_router
 from lepton.coordinator.rollouts.runner import Runner
 from lepton.coordinator.rollouts.store import RolloutStore
@@ -46,7 +48,8 @@ MAX_STEPS: Final = 20
 class RolloutsFeature(BaseFeature):
     """Rollouts over the coordinator's store. ``registry``: model rollouts (None: refused);
     ``releases``: agent-image rollouts (None: refused); ``base_url``: where devices fetch;
-    ``on_submit(n)``: tasks were submitted (any thread)."""
+    ``on_submit(n)``: tasks were submitted (any thread); ``metrics``: the registry its
+    counters join (None: none)."""
 
     name = "rollouts"
 
@@ -59,8 +62,10 @@ class RolloutsFeature(BaseFeature):
         releases: ReleaseSource | None,
         base_url: Callable[[], str],
         on_submit: Callable[[int], None],
+        metrics: CollectorRegistry | None = None,
         idle_s: float = IDLE_S,
     ) -> None:
+        self.metrics = RolloutMetrics(metrics)
         self.store = RolloutStore(store.engine)
         self.targets = Targets(registry, releases, base_url)
         self.runner = Runner(
@@ -68,8 +73,10 @@ class RolloutsFeature(BaseFeature):
             self.store,
             devices=store.devices,
             tasks=store.tasks,
+            cancels=store.cancels,
             targets=self.targets,
             on_submit=on_submit,
+            metrics=self.metrics,
         )
         self.control = RolloutControl(
             config, self.store, store.devices, self.targets, wake=self.wake_threadsafe
@@ -87,7 +94,7 @@ class RolloutsFeature(BaseFeature):
         self._event = asyncio.Event()
 
     def routers(self) -> Sequence[APIRouter]:
-        return [make_router(self.control)]
+        return [make_router(self.control, self.metrics)]
 
     def leader_loops(self) -> Mapping[str, LeaderLoop]:
         return {"rollouts": self._lead}

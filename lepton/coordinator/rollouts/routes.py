@@ -19,14 +19,17 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, HTTPException, Path, Query, Request
+from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict
 
 from lepton.coordinator.auth.guard import require
 from lepton.coordinator.auth.records import Principal
 from lepton.coordinator.auth.scopes import Scope
+from lepton.coordinator.errors import ConflictError, NotFoundError
 from lepton.coordinator.model_registry.deploy import DeployError
 from lepton.coordinator.rollouts.control import RolloutControl
 from lepton.coordinator.rollouts.engine import DEVICE_STATES, ROLLOUT_STATES
+from lepton.coordinator.rollouts.metrics import RolloutMetrics
 from lepton.coordinator.rollouts.plan import PlanError, plan_of
 from lepton.coordinator.rollouts.targets import TargetError
 from lepton.coordinator.tasks.submit import SubmissionError
@@ -61,9 +64,11 @@ def _unprocessable(exc: Exception) -> HTTPException:
     )
 
 
-def make_router(control: RolloutControl) -> APIRouter:
-    """The rollout routes over ``control`` (handlers run in the thread pool)."""
+def make_router(control: RolloutControl, metrics: RolloutMetrics | None = None) -> APIRouter:
+    """The rollout routes over ``control`` (handlers run in the thread pool); creations are
+    counted in ``metrics``."""
     router = APIRouter(tags=["rollouts"])
+    counted = metrics or RolloutMetrics(CollectorRegistry())
 
     @router.post(routes.ROLLOUTS, status_code=201, dependencies=[require(Scope.ROLLOUTS_WRITE)])
     def create_rollout(
@@ -73,8 +78,19 @@ def make_router(control: RolloutControl) -> APIRouter:
         try:
             plan = plan_of(body)
             rec = control.create(plan, created_by=_actor(request))
-        except (PlanError, TargetError, DeployError, SubmissionError) as exc:
+        except (PlanError, SubmissionError) as exc:
+            counted.requests.labels("invalid_plan").inc()
             raise _unprocessable(exc) from exc
+        except (TargetError, DeployError) as exc:
+            counted.requests.labels("no_target").inc()
+            raise _unprocessable(exc) from exc
+        except ConflictError:
+            counted.requests.labels("conflict").inc()
+            raise
+        except NotFoundError:
+            counted.requests.labels("not_found").inc()
+            raise
+        counted.requests.labels("created").inc()
         return control.status(rec.id, devices=False)
 
     @router.get(routes.ROLLOUTS, dependencies=[require(Scope.FLEET_READ)])

@@ -18,14 +18,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from prometheus_client import CollectorRegistry
+
 from lepton.common.errors import LeptonError
 from lepton.coordinator.config import Config
 from lepton.coordinator.rollouts import outcomes
-from lepton.coordinator.rollouts.engine import ENDED, decide, order
+from lepton.coordinator.rollouts.engine import ENDED, TERMINAL, decide, order
+from lepton.coordinator.rollouts.metrics import RolloutMetrics
 from lepton.coordinator.rollouts.outcomes import Measurement
 from lepton.coordinator.rollouts.store import RolloutDevice, RolloutRecord, RolloutStore
 from lepton.coordinator.rollouts.targets import Targets
 from lepton.coordinator.store import DeviceRecord, Lease
+from lepton.coordinator.store.cancels import CancelRepo
 from lepton.coordinator.store.devices import DeviceRepo
 from lepton.coordinator.store.tasks import TaskRepo
 from lepton.coordinator.tasks.request import TaskRequest
@@ -57,15 +61,19 @@ class Runner:
         *,
         devices: DeviceRepo,
         tasks: TaskRepo,
+        cancels: CancelRepo,
         targets: Targets,
         on_submit: Callable[[int], None],
+        metrics: RolloutMetrics | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.devices = devices
         self.tasks = tasks
+        self.cancels = cancels
         self.targets = targets
         self.on_submit = on_submit
+        self.metrics = metrics or RolloutMetrics(CollectorRegistry())
 
     def fleet(self) -> dict[str, DeviceRecord]:
         out: dict[str, DeviceRecord] = {}
@@ -110,6 +118,14 @@ class Runner:
             expect[device_id] = "succeeded"
         if changes:
             self.store.update_devices(rollout_id, changes, now, expect=expect, lease=lease)
+        stuck = [
+            by_id[device_id].task_id
+            for device_id, (state, _) in d.marks.items()
+            if state == "timed_out" and by_id[device_id].task_id
+        ]
+        if stuck:
+            # Its device is told to stop (if it ever answers); a late success is not taken.
+            self.cancels.cancel_tasks([t for t in stuck if t], "rollout: device timed out", now)
         values: dict[str, Any] = {}
         if (d.state, d.phase) != (rec.state, rec.phase):
             values |= {"state": d.state, "phase": d.phase}
@@ -119,10 +135,21 @@ class Runner:
             values["revert"] = True
         if values:
             log.info("rollout %s: %s", rollout_id, values)
-            self.store.set_rollout(rollout_id, now, expect=rec.state, lease=lease, **values)
+            written = self.store.set_rollout(
+                rollout_id, now, expect=rec.state, lease=lease, **values
+            )
+            if written and values.get("state") in ENDED:
+                self.metrics.ended.labels(rec.kind, values["state"]).inc()
+        self._count(rec.kind, changes)
         acted = acted or bool(changes) or bool(values)
         live = d.state not in ENDED or bool(d.revert) or any(r.state in WAITING for r in rows)
         return Tick(acted=acted, wake_at=d.wake_at, live=live)
+
+    def _count(self, kind: str, changes: Mapping[str, Mapping[str, Any]]) -> None:
+        for change in changes.values():
+            state = change.get("state")
+            if state in TERMINAL:
+                self.metrics.devices.labels(kind, state).inc()
 
     # ------------------------------------------------------------------ acting
 
@@ -205,6 +232,9 @@ class Runner:
             and selector.matches(d)
             and self.targets.matches(rec.plan, d.device_class)
         ]
+        if new:
+            busy = self.store.busy(rec.kind, [d for d, _ in new])
+            new = [(d, c) for d, c in new if busy.get(d, rec.id) == rec.id]
         if not new:
             return False
         return self.store.add_devices(rec.id, order(rec.id, new), now, lease=lease) > 0
@@ -256,6 +286,7 @@ class Runner:
         if not changes:
             return False
         expect = {r.device_id: r.state for r in waiting if r.device_id in changes}
+        self._count(rec.kind, changes)
         return self.store.update_devices(rec.id, changes, now, expect=expect, lease=lease) > 0
 
     def _after_task(  # noqa: PLR0917

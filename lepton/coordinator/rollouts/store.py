@@ -235,16 +235,40 @@ class RolloutStore(StoreBase):
     def live(self) -> list[RolloutRecord]:
         """Rollouts the leader still ticks: not ended, or ended with devices still under way
         (in flight, reverting, or succeeded under a revert)."""
-        busy = (
-            select(t.rollout_devices.c.rollout_id)
-            .where(t.rollout_devices.c.state.in_([*IN_FLIGHT, "reverting", "succeeded"]))
-            .distinct()
-        )
+
+        def having(*states: str) -> Any:
+            return (
+                select(t.rollout_devices.c.rollout_id)
+                .where(t.rollout_devices.c.state.in_(states))
+                .distinct()
+            )
+
         query = select(t.rollouts).where(
-            t.rollouts.c.state.not_in(list(ENDED)) | t.rollouts.c.id.in_(busy)
+            t.rollouts.c.state.not_in(list(ENDED))
+            | t.rollouts.c.id.in_(having(*IN_FLIGHT, "reverting"))
+            | (t.rollouts.c.revert.is_(True) & t.rollouts.c.id.in_(having("succeeded")))
         )
         with self._read() as s:
             return [RolloutRecord.of(r) for r in s.execute(query).mappings()]
+
+    def busy(self, kind: str, device_ids: Sequence[str] | None = None) -> dict[str, str]:
+        """Device id -> the unended rollout of ``kind`` holding it (among ``device_ids``;
+        None: all). A device takes part in one rollout of a kind at a time."""
+        query = (
+            select(t.rollout_devices.c.device_id, t.rollouts.c.id)
+            .join(t.rollouts, t.rollouts.c.id == t.rollout_devices.c.rollout_id)
+            .where(t.rollouts.c.kind == kind, t.rollouts.c.state.not_in(list(ENDED)))
+        )
+        out: dict[str, str] = {}
+        with self._read() as s:
+            if device_ids is None:
+                out.update((d, r) for d, r in s.execute(query).all())
+                return out
+            for i in range(0, len(device_ids), _CHUNK):
+                chunk = list(device_ids[i : i + _CHUNK])
+                rows = s.execute(query.where(t.rollout_devices.c.device_id.in_(chunk))).all()
+                out.update((d, r) for d, r in rows)
+        return out
 
     def devices(
         self,

@@ -22,6 +22,9 @@ from lepton.coordinator.store import Assignment, Store
 from lepton.protocol.messages import Result, TaskAck
 from tests.coordinator.factories import sample
 
+# A coordinator trusting a fresh release root, for the agent-image rollout tests.
+from tests.coordinator.releases.conftest import releasing, root_file, trust  # noqa: F401
+
 ARTIFACTS = Path(__file__).resolve().parents[3] / "lepton" / "models" / "artifacts"
 BASE = "http://coordinator.example:8080"
 _ids = itertools.count()
@@ -72,6 +75,7 @@ class Rig:
             self.rollouts,
             devices=store.devices,
             tasks=store.tasks,
+            cancels=store.cancels,
             targets=self.targets,
             on_submit=self._count,
         )

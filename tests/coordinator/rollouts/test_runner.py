@@ -61,6 +61,7 @@ def test_a_model_rollout_deploys_phase_by_phase_to_completion(rig: Rig, store: S
     assert done.state == "completed"
     assert done.ended_at is not None
     assert rig.rollouts.counts(rec.id)["succeeded"] == 6
+    assert rig.rollouts.live() == []  # nothing left for the leader to step
     assert rig.submitted == 6
 
 
@@ -78,6 +79,10 @@ def test_a_failing_canary_aborts_and_reverts_to_the_previous_version(
     rig.settle(rec.id)
     # 1 of 2 failed: not above 0.5, and 1 of 2 succeeded reaches the phase's 0.5.
     assert (rig.rollouts.get(rec.id).state, rig.rollouts.get(rec.id).phase) == ("running", 1)
+    # A device takes part in one rollout of a kind at a time.
+    with pytest.raises(ConflictError, match="devices in another model rollout"):
+        rig.control.create(model_plan(), created_by="t")
+    rig.control.move(rec.id, "abort", actor="op")
     # One more failure than allowed, in a rollout whose abort share is lower.
     rec2 = rig.control.create(
         model_plan(revert_on_abort=True, abort_failure_share=0.4), created_by="t"
@@ -158,6 +163,8 @@ def test_a_stuck_device_times_out_without_blocking(rig: Rig, store: Store) -> No
     rows = rig.rows(rec.id)
     assert rows[stuck].state == "timed_out"
     assert "60s" in rows[stuck].reason
+    # Its task is cancelled: a late answer is not taken for an update.
+    assert task_of(rig, rec.id, stuck).state == "cancelled"
     assert sum(r.state == "dispatched" for r in rows.values()) == 2  # the rollout went on
 
 

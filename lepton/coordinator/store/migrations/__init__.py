@@ -65,8 +65,8 @@ class SchemaStatus:
 @cache
 def target_metadata() -> MetaData:
     """Every table of the coordinator's database, as the models declare them (one
-    ``MetaData``): the store's, federated jobs', the model registry's, authentication's and
-    rollouts'."""
+    ``MetaData``): the store's, federated jobs', the model registry's, authentication's,
+    releases' and rollouts'."""
     from lepton.coordinator.auth import tables as auth_tables
     from lepton.coordinator.fl import tables as fl_tables
     from lepton.coordinator.model_registry import tables as registry_tables

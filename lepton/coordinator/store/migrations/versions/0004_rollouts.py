@@ -1,6 +1,6 @@
 """Staged rollouts: one row per rollout, one per device of a rollout.
 
-Revision ID: 0004
+Revision ID: 0004_rollouts
 Revises: 0003_releases
 """
 
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision = "0004"
+revision = "0004_rollouts"
 down_revision: str | None = "0003_releases"
 branch_labels: str | None = None
 depends_on: str | None = None
