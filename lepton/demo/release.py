@@ -8,10 +8,9 @@ so each device that takes it fails its health trial and rolls back by itself, an
 abort criteria stop it before it leaves the canary. Figures are read back from the
 coordinator (the rollout's per-device states, each device's reported version).
 
-Wiring (:class:`~lepton.demo.loop.Demo`): build a :class:`ReleaseKit` in the work directory
-before the stack starts and pass :func:`stack_options` into its :class:`StackSpec`; after the
-last stage, run :class:`ReleaseStages` with the stack and the reporter, and add
-:data:`STAGES` to the loop's stage list.
+:class:`~lepton.demo.loop.Demo` makes a :class:`ReleaseKit` in the work directory before the
+stack starts, passes :func:`stack_options` into its :class:`StackSpec`, and runs
+:class:`ReleaseStages` after the model stages (:data:`STAGES` are the last rows).
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from lepton.demo.release_kit import GOOD_PHASES, ReleaseKit, RolloutClient, fleet_versions
+from lepton.demo.release_kit import ReleaseKit, RolloutClient, fleet_versions
 from lepton.demo.stack import Stack
 
 #: (key, title), in the order they run.
@@ -44,6 +43,12 @@ class Reporter(Protocol):
     ) -> None: ...
     def end(self, stage: str, detail: str = "") -> None: ...
     def fail(self, stage: str, detail: str) -> None: ...
+
+
+def phases_for(devices: int) -> tuple[dict[str, Any], ...]:
+    """A canary of a quarter of the fleet (2 to 10 devices), then 10 %, 50 %, 100 %."""
+    canary = min(10, max(2, devices // 4))
+    return ({"count": canary}, {"percent": 10.0}, {"percent": 50.0}, {"percent": 100.0})
 
 
 def stack_options(kit: ReleaseKit, *, trial_s: float = 1.0) -> dict[str, Any]:
@@ -98,6 +103,8 @@ class ReleaseStages:
         self.timeout_s = timeout_s
         self.check = check or stack.check_alive
         self.figures: dict[str, Any] = {}
+        #: The stage under way (for the caller's failure report).
+        self.stage = STAGES[0][0]
 
     def run(self) -> dict[str, Any]:
         """Both stages; the figures (``release``: the good rollout, ``release_bad``)."""
@@ -113,14 +120,16 @@ class ReleaseStages:
             client = RolloutClient(api)
             out = self.stack.workdir / "bundles"
             n = self.stack.spec.devices
+            self.stage = "release"
             self.r.begin("release", n, f"building and signing {self.kit.name} {GOOD}")
             good = self._ship(client, api, "release", GOOD, out, crashes=False, n=n)
             self.figures["release"] = good.as_dict()
             self.r.end(
                 "release",
                 f"{good.by_state.get('succeeded', 0)}/{n} devices committed {GOOD} in "
-                f"{good.seconds:.1f}s (canary 10, 10 %, 50 %, 100 %)",
+                f"{good.seconds:.1f}s (canary {phases_for(n)[0]['count']}, 10 %, 50 %, 100 %)",
             )
+            self.stage = "release_bad"
             self.r.begin("release_bad", None, f"{BROKEN}: a build that crashes on start")
             bad = self._ship(client, api, "release_bad", BROKEN, out, crashes=True, n=n)
             self.figures["release_bad"] = bad.as_dict()
@@ -146,13 +155,14 @@ class ReleaseStages:
         bundle = self.kit.build(version, out=out, crashes=crashes)
         client.publish(bundle)
         t0 = time.time()
+        phases = phases_for(n)
         rid = client.create(
             self.kit.name,
             version,
-            phases=GOOD_PHASES,
+            phases=phases,
             max_in_flight=max(10, n),
             abort_failure_share=0.1,
-            abort_min_finished=min(5, n),
+            abort_min_finished=min(5, phases[0]["count"]),
             revert_on_abort=True,
         )
 
