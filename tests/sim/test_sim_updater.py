@@ -8,9 +8,9 @@ from pathlib import Path
 
 import msgspec
 import pytest
+
 from lepton.common.releases import ReleaseRefused, check_policy, verify_manifest
 from lepton.common.signing import generate_key, public_key, sign
-
 from lepton.protocol.releases import (
     MANIFEST_TYPE,
     ROOT_TYPE,
@@ -167,3 +167,15 @@ def test_update_fail_picks_the_same_share_of_devices_every_time() -> None:
     for bad in ("0.2", "1.5:1.0.0", "0.1:1.0"):
         with pytest.raises(ValueError, match=r"update_fail|version"):
             UpdateFail.parse(bad)
+
+
+def test_lepton_sim_refuses_a_malformed_update_fail(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lepton.sim.cli import main
+
+    argv = ["--devices", "1", "--state-root", str(tmp_path), "--host-gflops", "10"]
+    assert main([*argv, "--update-fail", "0.2"]) == 2
+    assert "SHARE:VERSION" in capsys.readouterr().err
+    assert main([*argv, "--update-fail", "2:1.0.0", "--release-root", "root.json"]) == 2
+    assert "share" in capsys.readouterr().err
