@@ -97,6 +97,8 @@ def install(
     committed = state.get("committed")
     if not committed:
         raise InstallError("not_provisioned", "boot.json has no committed slot")
+    if state.get("trial"):
+        raise InstallError("busy", f"{state['trial']['version']} is on trial")
     raw, manifest = _verify(
         root, request, state, trust_root_file=trust_root_file, device_class=device_class, now=now
     )

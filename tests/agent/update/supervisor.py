@@ -47,6 +47,7 @@ class Start:
     pre_rc: int
     rc: int | None = None
     current: str = ""
+    restarted: bool = False  # stopped by a restart request (``systemctl restart``)
 
 
 @dataclass
@@ -89,14 +90,33 @@ class Supervisor:
                             break
                         self._proc = subprocess.Popen(start, env=self.env(), stdout=out,
                                                       stderr=out)  # fmt: skip
-                    entry.rc = self._proc.wait()
-                    if entry.rc == 0:
+                    entry.rc = self._wait(self._proc)
+                    if entry.rc == 0 and not entry.restarted:
                         break  # Restart=on-failure: a clean exit stays down
+                    if entry.restarted:
+                        continue  # `systemctl restart`: at once
                 self._stop.wait(self.restart_s)
         finally:
             self.exited.set()
             if self.log:
                 out.close()  # type: ignore[union-attr]
+
+    @property
+    def restart_file(self) -> Path:
+        """Touching this file is this supervisor's ``systemctl restart lepton-agent``."""
+        return self.root.parent / "restart-agent"
+
+    def _wait(self, proc: subprocess.Popen[bytes]) -> int:
+        while True:
+            try:
+                return proc.wait(timeout=0.1)
+            except subprocess.TimeoutExpired:
+                pass
+            if self.restart_file.exists():
+                self.restart_file.unlink()
+                self.starts[-1].restarted = True
+                proc.send_signal(signal.SIGTERM)
+                return proc.wait(timeout=30)
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
@@ -109,3 +129,53 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 proc.kill()
         self._thread.join(timeout)
+
+
+def service_command(root: Path, state_dir: Path) -> list[str]:
+    """The shipped lepton-update.service's ExecStart, for ``root`` and ``state_dir``."""
+    unit = REPO / "deploy/systemd/lepton-update.service"
+    for line in unit.read_text().splitlines():
+        if line.startswith("ExecStart="):
+            value = line.partition("=")[2].replace("/opt/lepton", str(root))
+            return shlex.split(value.replace("/var/lib/lepton", str(state_dir)))
+    raise AssertionError("lepton-update.service has no ExecStart=")
+
+
+@dataclass
+class PathUnit:
+    """lepton-update.path + .service: run the service's ExecStart whenever request.json or
+    health.json exists (polled; systemd uses inotify), one run at a time (oneshot)."""
+
+    root: Path
+    state_dir: Path
+    env: dict[str, str]
+    restart_command: str
+    log: Path | None = None
+    runs: int = 0
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="path-unit", daemon=True)
+
+    def start(self) -> PathUnit:
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        cmd = [*service_command(self.root, self.state_dir)]
+        cmd += ["--restart-command", self.restart_command]
+        watched = [self.state_dir / "update" / n for n in ("request.json", "health.json")]
+        while not self._stop.wait(0.1):
+            if any(p.exists() for p in watched):
+                out = self.log.open("ab") if self.log else subprocess.DEVNULL
+                try:
+                    subprocess.run(cmd, env=self.env, stdout=out, stderr=out, timeout=600,
+                                   check=False)  # fmt: skip
+                finally:
+                    if self.log:
+                        out.close()  # type: ignore[union-attr]
+                self.runs += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(60)

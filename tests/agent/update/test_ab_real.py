@@ -27,7 +27,7 @@ from lepton.protocol import topics
 from lepton.protocol.codec import decode
 from lepton.protocol.messages import State
 from tests.agent.update import images
-from tests.agent.update.supervisor import Supervisor
+from tests.agent.update.supervisor import PathUnit, Supervisor
 from tests.support.broker import Broker
 
 pytestmark = pytest.mark.timeout(240)
@@ -119,7 +119,10 @@ def device(
     root_file = work / "etc" / "release-root.json"
     root_file.write_bytes(keys.root_json)
     state_dir = tmp_path / "state"
-    deadline_s = getattr(request, "param", 60.0)
+    param = getattr(request, "param", {})
+    deadline_s = param.get("deadline", 60.0)
+    mode = param.get("mode", "direct")
+    restart = "" if mode == "direct" else f"touch {root.parent / 'restart-agent'}"
     config = tmp_path / "agent.toml"
     config.write_text(
         f"""
@@ -140,22 +143,22 @@ drain_timeout_s = 2.0
 enabled = true
 root = "{root}"
 root_file = "{root_file}"
-mode = "direct"
-restart_command = ""
+mode = "{mode}"
+restart_command = "{restart}"
 health_deadline_s = {deadline_s}
 """
     )
     reports = Reports(broker, topics.device_topic("default", "dev1", topics.STATE))
     sup = Supervisor(root, config, log=tmp_path / "agent.log").start()
+    units = None
+    if mode == "service":
+        env = {**sup.env(), "LEPTON_CONFIG": str(config)}
+        units = PathUnit(root, state_dir, env, restart, log=tmp_path / "agent.log").start()
     try:
-        yield {
-            "root": root,
-            "config": config,
-            "reports": reports,
-            "sup": sup,
-            "log": tmp_path / "agent.log",
-        }
+        yield {"root": root, "config": config, "reports": reports, "sup": sup, "units": units}
     finally:
+        if units is not None:
+            units.stop()
         sup.stop()
         reports.close()
         log = tmp_path / "agent.log"
@@ -217,7 +220,7 @@ def test_crash_loop_rolls_back(device: dict[str, Any], bundles: dict[str, Path])
     assert len(crashed) == 3, device["sup"].starts
 
 
-@pytest.mark.parametrize("device", [10.0], indirect=True)
+@pytest.mark.parametrize("device", [{"deadline": 10.0}], indirect=True)
 def test_never_healthy_rolls_back_at_deadline(
     device: dict[str, Any], bundles: dict[str, Path]
 ) -> None:
@@ -234,3 +237,24 @@ def test_never_healthy_rolls_back_at_deadline(
     assert back["reason"] == "unhealthy: broker_unreachable", back
     assert back["target"] == "1.0.0"
     print(f"unhealthy B rolled back {time.monotonic() - t0:.1f} s after the request")
+
+
+@pytest.mark.parametrize("device", [{"mode": "service"}], indirect=True)
+def test_service_mode_update(device: dict[str, Any], bundles: dict[str, Path]) -> None:
+    """The agent only writes request.json and health.json; the shipped lepton-update.service
+    command (run as the path unit would) installs with the current slot's interpreter,
+    restarts the agent, and commits on the new agent's verdict."""
+    reports: Reports = device["reports"]
+    reports.wait(lambda u: u.get("version") == "0.9.0", 30, "from A")
+    since = reports.mark()
+    t0 = time.monotonic()
+    done = cli(device, "install", str(bundles["B"]))
+    assert done.returncode == 0, done.stderr + done.stdout
+    up = reports.wait(
+        lambda u: u.get("version") == "1.0.0" and u.get("outcome") == "committed", 90,
+        "B committed by the service", since,
+    )  # fmt: skip
+    print(f"service mode: B committed {time.monotonic() - t0:.1f} s after the request")
+    assert (up["slot"], up["floor"]) == ("b", "0.9.0")
+    assert device["units"].runs >= 2  # the request, then the verdict
+    assert any(s.restarted for s in device["sup"].starts)
