@@ -20,7 +20,8 @@ from lepton.coordinator.config import Config
 from lepton.coordinator.errors import ConflictError, NotFoundError
 from lepton.coordinator.rollouts.engine import order
 from lepton.coordinator.rollouts.plan import Plan, PlanError
-from lepton.coordinator.rollouts.store import RolloutRecord, RolloutStore
+from lepton.coordinator.rollouts.records import RolloutRecord
+from lepton.coordinator.rollouts.store import RolloutStore
 from lepton.coordinator.rollouts.targets import Targets
 from lepton.coordinator.store import DeviceRecord
 from lepton.coordinator.store.devices import DeviceRepo
@@ -84,11 +85,8 @@ class RolloutControl:
                 candidates += page
                 if len(page) < _PAGE:
                     break
-        return [
-            d
-            for d in candidates
-            if selector.matches(d) and self.targets.matches(plan, d.device_class)
-        ]
+        fits = self.targets.class_filter(plan)
+        return [d for d in candidates if selector.matches(d) and fits(d.device_class)]
 
     def move(
         self, rollout_id: str, action: str, *, actor: str, revert: bool = False

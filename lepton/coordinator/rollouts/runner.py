@@ -22,11 +22,11 @@ from prometheus_client import CollectorRegistry
 
 from lepton.common.errors import LeptonError
 from lepton.coordinator.config import Config
-from lepton.coordinator.rollouts import outcomes
 from lepton.coordinator.rollouts.engine import ENDED, TERMINAL, decide, order
 from lepton.coordinator.rollouts.metrics import RolloutMetrics
-from lepton.coordinator.rollouts.outcomes import Measurement
-from lepton.coordinator.rollouts.store import RolloutDevice, RolloutRecord, RolloutStore
+from lepton.coordinator.rollouts.reconcile import WAITING, Reconciler
+from lepton.coordinator.rollouts.records import RolloutDevice, RolloutRecord
+from lepton.coordinator.rollouts.store import RolloutStore
 from lepton.coordinator.rollouts.targets import Targets
 from lepton.coordinator.store import DeviceRecord, Lease
 from lepton.coordinator.store.cancels import CancelRepo
@@ -38,7 +38,6 @@ from lepton.coordinator.tasks.submit import build_task
 log = logging.getLogger(__name__)
 
 _PAGE: Final = 1000
-WAITING: Final = ("dispatched", "staged", "reverting")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -74,6 +73,7 @@ class Runner:
         self.targets = targets
         self.on_submit = on_submit
         self.metrics = metrics or RolloutMetrics(CollectorRegistry())
+        self.reconciler = Reconciler(store, tasks, targets, submit=self.submit, count=self._count)
 
     def fleet(self) -> dict[str, DeviceRecord]:
         out: dict[str, DeviceRecord] = {}
@@ -94,7 +94,7 @@ class Runner:
         rec = self.store.get(rollout_id)
         fleet = self.fleet()
         rows = self.store.devices(rollout_id)
-        acted = self._reconcile(rec, rows, now, lease)
+        acted = self.reconciler.reconcile(rec, rows, now, lease)
         if rec.state not in ENDED and not rec.plan.selector.device_ids:
             acted |= self._late_joiners(rec, rows, fleet, now, lease)
         if acted:
@@ -225,12 +225,11 @@ class Runner:
     ) -> bool:
         have = {r.device_id for r in rows}
         selector = rec.plan.selector.selector()
+        fits = self.targets.class_filter(rec.plan)
         new = [
             (d.id, d.device_class)
             for d in fleet.values()
-            if d.id not in have
-            and selector.matches(d)
-            and self.targets.matches(rec.plan, d.device_class)
+            if d.id not in have and selector.matches(d) and fits(d.device_class)
         ]
         if new:
             busy = self.store.busy(rec.kind, [d for d, _ in new])
@@ -238,129 +237,3 @@ class Runner:
         if not new:
             return False
         return self.store.add_devices(rec.id, order(rec.id, new), now, lease=lease) > 0
-
-    # ------------------------------------------------------------------ reconciling
-
-    def _reconcile(
-        self, rec: RolloutRecord, rows: list[RolloutDevice], now: float, lease: Lease | None
-    ) -> bool:
-        waiting = [r for r in rows if r.state in WAITING]
-        if not waiting:
-            return False
-        changes: dict[str, dict[str, Any]] = {}
-        if rec.kind == "agent" and self.targets.releases is not None:
-            updates = self.targets.releases.updates([r.device_id for r in waiting])
-            for r in waiting:
-                status = updates.get(r.device_id)
-                if status is None:
-                    continue
-                if r.step == "revert":
-                    verdict = outcomes.revert_verdict(
-                        version=status.version,
-                        outcome=status.outcome,
-                        reason=status.reason,
-                        wanted=r.from_version or "",
-                    )
-                else:
-                    verdict = outcomes.update_verdict(
-                        version=status.version,
-                        outcome=status.outcome,
-                        target=status.target,
-                        reason=status.reason,
-                        wanted=rec.version,
-                    )
-                if verdict is not None and verdict[0] != r.state:
-                    changes[r.device_id] = _settled(verdict, now)
-        baselines = [Measurement(**r.baseline) for r in rows if r.baseline]
-        for r in waiting:
-            if r.device_id in changes or r.task_id is None:
-                continue
-            task = self.tasks.get_task(r.task_id)
-            if not task.terminal:
-                continue
-            change = self._after_task(
-                rec, r, task.state, task.output or {}, task.last_error, baselines, now
-            )
-            if change is not None:
-                changes[r.device_id] = change
-        if not changes:
-            return False
-        expect = {r.device_id: r.state for r in waiting if r.device_id in changes}
-        self._count(rec.kind, changes)
-        return self.store.update_devices(rec.id, changes, now, expect=expect, lease=lease) > 0
-
-    def _after_task(  # noqa: PLR0917
-        self,
-        rec: RolloutRecord,
-        row: RolloutDevice,
-        state: str,
-        output: dict[str, Any],
-        error: str | None,
-        baselines: list[Measurement],
-        now: float,
-    ) -> dict[str, Any] | None:
-        """The change a device's ended task means (None: none)."""
-        if state != "succeeded":
-            why = f"{row.step} task {state}" + (f": {error}" if error else "")
-            if row.step != "baseline":
-                return _settled(("failed", why), now)
-        if row.step in ("baseline", "deploy", "probe"):
-            return self._model_step(
-                rec, row, output if state == "succeeded" else None, baselines, now
-            )
-        if row.step == "install":
-            verdict = outcomes.install_verdict(output, rec.version)
-        elif row.step == "revert" and rec.kind == "model":
-            verdict = ("reverted", "previous version deployed")
-        elif row.step == "revert":
-            verdict = outcomes.revert_task_verdict(output, row.from_version or "")
-        else:
-            return None
-        return None if verdict[0] == row.state else _settled(verdict, now)
-
-    def _model_step(
-        self,
-        rec: RolloutRecord,
-        row: RolloutDevice,
-        output: dict[str, Any] | None,
-        baselines: list[Measurement],
-        now: float,
-    ) -> dict[str, Any]:
-        """A model's next step after a succeeded task (``output`` None: the baseline failed)."""
-        plan = rec.plan
-        if row.step == "baseline":
-            # No baseline (nothing deployed yet, say): the rollout's median stands in.
-            baseline = Measurement.of(output).to_dict() if output is not None else None
-            try:
-                task_id = self.submit(self.targets.deploy(plan, plan.version, row.device_id), now)
-            except LeptonError as exc:
-                return _settled(("failed", f"deploy not started: {exc}"), now)
-            return {"step": "deploy", "reason": "deploy", "task_id": task_id, "baseline": baseline}
-        if row.step == "deploy":
-            if plan.probe is None:
-                return _settled(("succeeded", "deployed"), now)
-            try:
-                task_id = self.submit(self.targets.probe(plan, row.device_id), now)
-            except LeptonError as exc:
-                return _settled(("failed", f"probe not started: {exc}"), now)
-            return {"state": "staged", "step": "probe", "reason": "probe", "task_id": task_id}
-        assert plan.probe is not None
-        assert output is not None
-        own = Measurement(**row.baseline) if row.baseline else None
-        return _settled(
-            outcomes.judge_probe(
-                Measurement.of(output),
-                own or outcomes.fleet_baseline(baselines),
-                max_accuracy_drop=plan.probe.max_accuracy_drop,
-                max_latency_increase=plan.probe.max_latency_increase,
-            ),
-            now,
-        )
-
-
-def _settled(verdict: tuple[str, str], now: float) -> dict[str, Any]:
-    state, reason = verdict
-    out: dict[str, Any] = {"state": state, "reason": reason}
-    if state not in WAITING:
-        out["finished_at"] = now
-    return out

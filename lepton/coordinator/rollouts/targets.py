@@ -4,14 +4,15 @@ Agent releases: ``install`` of the release built for the device's class (the rel
 feature's :class:`ReleaseSource`), ``revert`` to the version the device ran before. Models:
 ``deploy`` of the target version (or, to take it back, of the previous one) and, with a
 probe, ``infer`` on the probe's data source before and after the deploy. Every task is
-pinned to its device and expires with the rollout's per-device timeout.
+pinned to its device, may start until the rollout's per-device timeout, and is tried up to
+:data:`MAX_ATTEMPTS` times.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from lepton.common.errors import LeptonError
 from lepton.coordinator.model_registry.deploy import DEMAND_GOPS, deploy_params
@@ -27,6 +28,11 @@ from lepton.protocol.tasks import (
     RevertParams,
     encode_params,
 )
+
+#: One more attempt for a task whose device dropped off while running it, or failed it for
+#: a passing reason; the per-device timeout bounds all attempts together. What the device
+#: answers in its output (an install refusal) is final.
+MAX_ATTEMPTS: Final = 2
 
 
 class TargetError(LeptonError, ValueError):
@@ -122,6 +128,17 @@ class Targets:
             is not None
         )
 
+    def class_filter(self, plan: Plan) -> Callable[[str | None], bool]:
+        """:meth:`matches` with one look-up per device class."""
+        seen: dict[str | None, bool] = {}
+
+        def fits(device_class: str | None) -> bool:
+            if device_class not in seen:
+                seen[device_class] = self.matches(plan, device_class)
+            return seen[device_class]
+
+        return fits
+
     def install(
         self, plan: Plan, rollout_id: str, device_id: str, device_class: str | None
     ) -> TaskRequest:
@@ -177,7 +194,7 @@ def _request(
         demand_gops=DEMAND_GOPS,
         input_bytes=input_bytes,
         device_id=device_id,
-        max_attempts=1,
+        max_attempts=MAX_ATTEMPTS,
         expires_in_s=plan.device_timeout_s,
     )
 

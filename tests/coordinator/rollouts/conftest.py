@@ -117,6 +117,8 @@ class Rig:
         )
         (out,) = self.store.results.apply_results(device, [result], now)
         assert out.outcome == "applied", out
+        if status != "succeeded" and not self.store.tasks.get_task(task_id).terminal:
+            self.answer(task_id, status, output)  # its retry fails the same way
 
 
 @pytest.fixture

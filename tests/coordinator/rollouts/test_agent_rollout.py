@@ -103,7 +103,6 @@ async def test_agent_images_succeed_on_commit_and_fail_on_rollback(
                 "kind": "agent",
                 "name": "lepton-agent",
                 "version": "1.1.0",
-                "phases": [{"count": 1}, {"percent": 100}],
                 "success_threshold": 0.5,
                 "abort_failure_share": 0.5,
                 "abort_min_finished": 3,

@@ -203,6 +203,19 @@ async def test_a_probed_model_rollout_with_an_approval_gate(
             feature = coord.feature(RolloutsFeature)
             counts = feature.store.counts(third)
             assert counts["failed"] == 1
+            (failed,) = feature.store.devices(third, state="failed")
+            # The model that failed its probe is not left serving: v1 is deployed back.
+            assert failed.reason.endswith("previous version deployed back"), failed.reason
+            assert failed.task_id is not None
+            undo = await eventually(
+                lambda: (t := coord.store.tasks.get_task(failed.task_id or "")).terminal and t,
+                timeout=30,
+            )
+            assert (undo.kind, undo.state, undo.output["precision"]) == (
+                "deploy",
+                "succeeded",
+                "fp32",
+            )
             assert counts["skipped"] == 2
             assert metric(coord, "lepton_rollout_requests_total", {"outcome": "created"}) == 3
             ended = "lepton_rollouts_ended_total"

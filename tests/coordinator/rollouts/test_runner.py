@@ -142,6 +142,11 @@ def test_a_probe_compares_the_new_version_with_the_device_baseline(rig: Rig, sto
     assert rows[good].state == "succeeded"
     assert rows[bad].state == "failed"
     assert "accuracy 0.9000 vs 0.9800" in rows[bad].reason
+    # The model that failed its probe does not stay: version 1 is deployed back.
+    assert rows[bad].reason.endswith("previous version deployed back")
+    undo = task_of(rig, rec.id, bad)
+    assert undo.kind == DEPLOY
+    assert params_as(DeployParams, undo.params).precision == "fp32"
     assert rig.rollouts.get(rec.id).state == "completed"
 
 
@@ -196,8 +201,14 @@ def test_operator_moves_and_the_approval_gate(rig: Rig, store: Store) -> None:
     held = rig.rollouts.get(rec.id)
     assert (held.state, held.phase) == ("waiting_approval", 1)
     assert rig.rollouts.counts(rec.id)["dispatched"] == 0
+    # Paused while waiting, then approved: the approval is for the phase that waited.
+    rig.control.move(rec.id, "pause", actor="op")
     approved = rig.control.move(rec.id, "approve", actor="op")
     assert approved.approved == (1,)
+    assert approved.state == "paused"
+    rig.settle(rec.id)
+    assert rig.rollouts.counts(rec.id)["dispatched"] == 0
+    rig.control.move(rec.id, "resume", actor="op")
     rig.settle(rec.id)
     assert rig.rollouts.counts(rec.id)["dispatched"] == 3
     aborted = rig.control.move(rec.id, "abort", actor="op", revert=False)
@@ -229,6 +240,7 @@ class Update:
     outcome: str
     target: str | None
     reason: str = ""
+    task_id: str | None = None
 
 
 @dataclass
@@ -274,10 +286,13 @@ def test_an_agent_rollout_succeeds_on_commit_and_fails_with_the_device_reason(
         success_threshold=0.0,
         revert_on_abort=False,
     )
+    # dev02 refused this version before, in another task: that is not this attempt's answer.
+    releases.statuses["dev02"] = Update("1.3.0", "refused", "1.4.0", "expired", task_id="t-old")
     rec = rig.control.create(plan, created_by="test")
     rig.settle(rec.id)
     rows = rig.rows(rec.id)
     assert set(rows) == {"dev00", "dev01", "dev02"}  # no build for the jetson
+    assert rows["dev02"].state == "dispatched"
     tasks = {d: task_of(rig, rec.id, d) for d in rows}
     assert {t.kind for t in tasks.values()} == {INSTALL}
     assert tasks["dev00"].params["rollout"] == rec.id
