@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from lepton.agent import __version__, enrol_cmd
 from lepton.agent.config import AgentConfig, cli_options, load_config
+from lepton.agent.update import cli as update_cli
 from lepton.common.errors import ConfigError
 
 
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--refresh", action="store_true", help="ignore the cached figures")
     probe.add_argument("--agent-state-dir", dest="agent.state_dir", default=None)
     enrol_cmd.add_parser(sub)
+    update_cli.add_parser(sub)
     sub.add_parser("version", help="print the agent version")
     return parser
 
@@ -108,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command == "version":
         print(__version__)
         return 0
-    if ns.command == "enroll":
-        return enrol_cmd.run(ns)
+    if ns.command in ("enroll", "update"):
+        return enrol_cmd.run(ns) if ns.command == "enroll" else update_cli.run(ns)
     try:
         if ns.command == "probe":
             overrides = {"agent.state_dir": getattr(ns, "agent.state_dir")}

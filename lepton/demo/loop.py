@@ -17,7 +17,7 @@ from typing import Any, Literal, Protocol
 
 from lepton.common.errors import LeptonError
 from lepton.coordinator.tasks.request import TaskRequest
-from lepton.demo import fl, model, posture
+from lepton.demo import fl, model, posture, release
 from lepton.demo.api import Api, DemoError
 from lepton.demo.broker import BrokerChoice
 from lepton.demo.figures import (
@@ -26,6 +26,7 @@ from lepton.demo.figures import (
     placement_figures,
     training_figures,
 )
+from lepton.demo.release_kit import ReleaseKit
 from lepton.demo.stack import Stack, StackSpec
 from lepton.protocol.tasks import DEPLOY, INFER, InferParams, encode_params
 
@@ -44,6 +45,7 @@ STAGES: tuple[tuple[str, str], ...] = (
     ("requantize", "Quantize improved model"),
     ("redeploy", "Redeploy improved model"),
     ("infer2", "Inference with improved model"),
+    *release.STAGES,
 )
 
 
@@ -77,6 +79,8 @@ class DemoConfig:
     stage_timeout_s: float = 120.0
     host_gflops: float | None = None
     coordinator_settings: dict[str, Any] = field(default_factory=dict)
+    # The release stages: a signed agent image rolled out in phases, a broken one aborted.
+    releases: bool = True
 
     @property
     def clients(self) -> int:
@@ -89,13 +93,20 @@ class Demo:
     def __init__(self, config: DemoConfig, reporter: Reporter) -> None:
         self.config = config
         self.r = reporter
+        # The fleet pins the kit's trust root from its start, as devices are provisioned.
+        self.kit = ReleaseKit.create(config.workdir / "release") if config.releases else None
+        options = release.stack_options(self.kit) if self.kit is not None else {}
         self.stack = Stack(
             StackSpec(
                 workdir=config.workdir,
                 devices=config.devices,
                 broker=config.broker,
                 seed=config.seed,
-                coordinator_settings=config.coordinator_settings,
+                coordinator_settings={
+                    **config.coordinator_settings,
+                    **options.get("coordinator_settings", {}),
+                },
+                sim_flags=options.get("sim_flags", ()),
             )
         )
         self.figures: dict[str, Any] = {}
@@ -141,6 +152,7 @@ class Demo:
                 v2 = self._requantize(improved, data)
                 self._deploy("redeploy", v2["int8"], wave=2)
                 self._infer("infer2", v2["int8"], wave=2)
+            self._releases()
         except (DemoError, LeptonError, RuntimeError) as exc:
             # LeptonError: the accuracy gate refused a model, say; RuntimeError: a process
             # of the stack did not start.
@@ -373,6 +385,25 @@ class Demo:
             if after is not None and before is not None
             else "improved"
         )
+
+    def _releases(self) -> None:
+        """A signed agent image rolled out in phases, then a broken one that aborts at its
+        canary (:mod:`lepton.demo.release`)."""
+        if self.kit is None:
+            for key, _ in release.STAGES:
+                self.r.skip(key, "not asked for")
+            return
+        self._stage = release.STAGES[0][0]
+        stages = release.ReleaseStages(
+            self.stack, self.kit, self.r, timeout_s=self.config.stage_timeout_s, check=self._check
+        )
+        try:
+            stages.run()
+        except TimeoutError as exc:
+            raise DemoError(str(exc)) from exc
+        finally:
+            self._stage = stages.stage
+            self.figures.update(stages.figures)
 
     def _requantize(self, fp32_path: Path, data: Any) -> dict[str, Any]:
         self._begin("requantize")

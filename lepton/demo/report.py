@@ -233,6 +233,28 @@ def _placement_table(place: dict[str, Any]) -> Table:
     return t
 
 
+def release_lines(figures: dict[str, Any]) -> list[str]:
+    """The release stages in a sentence each (nothing when they did not run)."""
+    out = []
+    good, bad = figures.get("release"), figures.get("release_bad")
+    if good:
+        total = sum(good["by_state"].values())
+        out.append(
+            f"Release {good['version']}: {good['state']}, "
+            f"{good['by_state'].get('succeeded', 0)}/{total} devices committed in "
+            f"{good['seconds']:.1f}s"
+        )
+    if bad:
+        took = sum(n for s, n in bad["by_state"].items() if s not in ("pending", "skipped"))
+        back = ", ".join(f"{n} on {v}" for v, n in sorted(bad["versions"].items()))
+        out.append(
+            f"Broken release {bad['version']}: {bad['state']} in phase {bad['phase']} after "
+            f"{took} devices ({bad['by_state'].get('rolled_back', 0)} rolled back by "
+            f"themselves, {bad['by_state'].get('reverted', 0)} reverted); fleet: {back}"
+        )
+    return out
+
+
 def print_summary(console: Console, figures: dict[str, Any], paths: Sequence[Path]) -> None:
     """The end-of-run summary: security, per class, per round, placement, and where the
     files are."""
@@ -261,6 +283,8 @@ def print_summary(console: Console, figures: dict[str, Any], paths: Sequence[Pat
     steps = " -> ".join(f"{name} {pct(v)}" for name, v in accuracy_steps(figures))
     if steps:
         console.print(f"Accuracy: {steps}", highlight=False)
+    for line in release_lines(figures):
+        console.print(line, highlight=False)
     demo = figures.get("demo", {})
     if "wall_s" in demo:
         console.print(f"Wall time: {demo['wall_s']:.1f}s", highlight=False)

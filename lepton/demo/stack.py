@@ -79,6 +79,8 @@ class StackSpec:
     # plain anonymous Mosquitto, as the embedded broker (for a benchmark's bare observer).
     broker_accounts: bool = True
     coordinator_settings: dict[str, Any] = field(default_factory=dict)
+    # More ``lepton-sim`` flags for every simulator process (``--release-root``...).
+    sim_flags: tuple[str, ...] = ()
 
 
 # Settings that make a small local fleet feel immediate (the defaults suit a real fleet).
@@ -351,7 +353,7 @@ class Stack:
                 flags["--data"] = s.data
             if host is not None:
                 flags["--host-gflops"] = round(host, 3)
-            argv = [sys.executable, "-m", "lepton.sim", *_flags(flags)]
+            argv = [sys.executable, "-m", "lepton.sim", *_flags(flags), *s.sim_flags]
             log_path = self.logs / _fleet_log(i)
             self.fleets.append(procs.spawn(argv, log_path=log_path, env=_child_env()))
             first += count

@@ -20,6 +20,7 @@ async def _sim(ns: argparse.Namespace) -> None:
     from lepton.sim.enrol import Enrolment
     from lepton.sim.fleet import FleetSpec, build_devices, enrol_devices, run_fleet
     from lepton.sim.profiles import parse_mix
+    from lepton.sim.updater import UpdateFail
 
     host = ns.host_gflops
     if host is None:
@@ -51,6 +52,10 @@ async def _sim(ns: argparse.Namespace) -> None:
             else None
         ),
         ca_file=ns.ca_file,
+        release_root=ns.release_root,
+        agent_version=ns.agent_version,
+        update_fail=UpdateFail.parse(ns.update_fail) if ns.update_fail else None,
+        trial_s=ns.trial_s,
     )
     await enrol_devices(spec)
     devices = build_devices(spec)
@@ -109,6 +114,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the fleet CA (PEM): enrolment verifies the coordinator with it, and each device"
         " its broker and the coordinator (default: the CA enrolment hands out)",
+    )
+    sim.add_argument(
+        "--release-root",
+        type=Path,
+        default=None,
+        help="the release trust root (root.json) every device pins; without it devices"
+        " refuse install tasks",
+    )
+    sim.add_argument(
+        "--agent-version", default=None, help="the version devices start on (default: this one)"
+    )
+    sim.add_argument(
+        "--update-fail",
+        metavar="SHARE:VERSION[,VERSION...]",
+        default=None,
+        help="this share of the devices (the same ones in every run) fail the health trial of"
+        " these releases and roll back (a bundle with a SIM_CRASHES file fails everywhere)",
+    )
+    sim.add_argument(
+        "--trial-s", type=float, default=1.0, help="how long a new version's health trial takes"
     )
     sim.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     sim.add_argument("--log-level", default="WARNING")

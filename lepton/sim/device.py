@@ -19,10 +19,12 @@ import random
 import socket
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
+
+import msgspec
 
 from lepton.agent.config import AgentConfig
 from lepton.agent.daemon import Agent
@@ -34,6 +36,7 @@ from lepton.agent.handlers import (
     default_registry,
 )
 from lepton.agent.telemetry.probe import ProbeResult
+from lepton.protocol.codec import encode
 from lepton.protocol.messages import (
     Battery,
     Bench,
@@ -42,6 +45,7 @@ from lepton.protocol.messages import (
     Disk,
     Memory,
     Slots,
+    State,
     Task,
     Thermal,
 )
@@ -60,6 +64,7 @@ from lepton.sim.profiles import Profile
 
 if TYPE_CHECKING:
     from lepton.agent.handlers import UpdateTransform
+    from lepton.sim.updater import SimulatedUpdater
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +72,11 @@ AMBIENT_C = 40.0
 THROTTLE_AT_C = 80.0
 # Work whose duration the task itself fixes is not stretched.
 UNSCALED_KINDS = frozenset({ECHO})
+# Updates are not compute: their time is the download and the (simulated) restart.
+UNPACED_KINDS = frozenset({"install", "revert"})
 MAX_STRETCH_S = 600.0
+# How long a device about to restart into a new image waits for its results to be acknowledged.
+SETTLE_TIMEOUT_S = 15.0
 # Libraries a handler imports on first use. Importing them is this host's one-time cost, not
 # the device's compute, so it happens before the clock starts (torch takes seconds, which
 # stretched 10x would make a Pi's first training round look a minute long).
@@ -186,11 +195,13 @@ def scaled_registry(
     train_threads: int | None = None,
     update_transform: UpdateTransform | None = None,
     claim_examples: int | None = None,
+    updater: SimulatedUpdater | None = None,
 ) -> HandlerRegistry:
     """The default handlers, with compute stretched to the profile's speed. Every task's
-    services get this registry's ``pace`` and, where given, ``train_threads`` and
-    ``update_transform`` (an adversarial device's attack); ``claim_examples``: train results
-    claim this many examples (a forged count)."""
+    services get this registry's ``pace`` and, where given, ``train_threads``,
+    ``update_transform`` (an adversarial device's attack) and ``updater`` (the device's
+    simulated A/B slots); ``claim_examples``: train results claim this many examples (a
+    forged count)."""
     base = default_registry()
     registry = HandlerRegistry()
     # Task id -> start of the part of its work not stretched yet. A handler's ``pace``
@@ -210,11 +221,13 @@ def scaled_registry(
         marks[task.id] = time.perf_counter()
 
     def services(base: TaskServices) -> TaskServices:
+        extra: dict[str, Any] = {} if updater is None else {"updater": updater}
         return dataclasses.replace(
             base,
             pace=stretch,
             train_threads=base.train_threads if train_threads is None else train_threads,
             update_transform=update_transform or base.update_transform,
+            **extra,
         )
 
     def wrap(kind: str, handler: Handler) -> Handler:
@@ -223,7 +236,8 @@ def scaled_registry(
             for module in FIRST_USE_IMPORTS.get(kind, ()):
                 if module not in sys.modules:
                     await asyncio.to_thread(importlib.import_module, module)
-            marks[task.id] = time.perf_counter()
+            if kind not in UNPACED_KINDS:
+                marks[task.id] = time.perf_counter()
             try:
                 output = await handler(task, ctx)
                 await ctx.cancel.interrupt(stretch(task))
@@ -253,6 +267,26 @@ def scaled_registry(
     return registry
 
 
+class SimAgent(Agent):
+    """An agent whose birth message reports its simulated updater's running version and
+    update status (a real agent's reports its installed image's)."""
+
+    def __init__(self, updater: SimulatedUpdater | None, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sim_updater = updater
+
+    def birth(self) -> State:
+        """The birth message this agent sends on (re)connecting."""
+        return self._birth()
+
+    def _birth(self) -> State:
+        state = super()._birth()
+        u = self.sim_updater
+        if u is None:
+            return state
+        return msgspec.structs.replace(state, agent_version=u.running_version(), update=u.status())
+
+
 class VirtualDevice:
     """Runs one profile-shaped agent, with optional link flaps and crashes."""
 
@@ -269,8 +303,13 @@ class VirtualDevice:
         train_threads: int | None = None,
         update_transform: UpdateTransform | None = None,
         claim_examples: int | None = None,
+        updater: SimulatedUpdater | None = None,
     ) -> None:
         self.config = config
+        self.updater = updater
+        self._restart: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.restarts = 0
         self.profile = profile
         self.train_threads = train_threads
         self.update_transform = update_transform
@@ -283,12 +322,14 @@ class VirtualDevice:
         self.flaky_per_min = flaky_per_min
         self.crash_per_min = crash_per_min
         self.rng = rng or random.Random()
-        self.agent: Agent | None = None
+        self.agent: SimAgent | None = None
+        self._pending: set[asyncio.Future[bool]] = set()
         self.crashes = 0
         self.flaps = 0
 
-    def _make_agent(self) -> Agent:
-        return Agent(
+    def _make_agent(self) -> SimAgent:
+        return SimAgent(
+            self.updater,
             self.config,
             registry=scaled_registry(
                 self.profile,
@@ -297,37 +338,120 @@ class VirtualDevice:
                 train_threads=self.train_threads,
                 update_transform=self.update_transform,
                 claim_examples=self.claim_examples,
+                updater=self.updater,
             ),
             sampler=ProfileSampler(self.profile, self.state, tags=self.config.device.tags),
             outbox_executor=self.executor,
         )
 
     async def run(self) -> None:
-        """Run until cancelled; crashes restart the agent on the same state directory."""
+        """Run until cancelled; crashes restart the agent on the same state directory, and so
+        do updates (into the new slot, or back to the old one)."""
+        self._loop = asyncio.get_running_loop()
+        self._restart = asyncio.Event()
+        if self.updater is not None:
+            self.updater.restart = self._request_restart
+            self.updater.add_listener(lambda _status: self._call_soon(self._republish))
         while True:
+            if self.updater is not None:
+                self.updater.boot()
             agent = self._make_agent()
             self.agent = agent
             async with agent:
                 runner = asyncio.create_task(agent.run(), name=f"agent-{self.config.device.id}")
-                crashed = await self._chaos(runner)
-                if not crashed:
+                trial = (
+                    asyncio.create_task(self._trial(agent), name="trial")
+                    if self.updater is not None and self.updater.in_trial
+                    else None
+                )
+                try:
+                    ended = await self._chaos(runner)
+                finally:
+                    if trial is not None:
+                        trial.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await trial
+                if ended == "stopped":
                     return
-            await asyncio.sleep(self.rng.uniform(1.0, 5.0))
+            if ended == "crashed":
+                await asyncio.sleep(self.rng.uniform(1.0, 5.0))
 
     def stop(self) -> None:
         if self.agent is not None:
             self.agent.stop()
 
-    async def _chaos(self, runner: asyncio.Task[None]) -> bool:
-        """Wait for the agent; inject link flaps and crashes. True if it crashed."""
+    def _call_soon(self, fn: Callable[[], None]) -> None:
+        # The updater may be called from a handler's worker thread.
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(fn)
+
+    def _request_restart(self) -> None:
+        restart = self._restart
+        if restart is not None:
+            self._call_soon(restart.set)
+
+    def _republish(self) -> None:
+        """Send the birth message again: the update status changed without a restart."""
+        agent = self.agent
+        if agent is None or not agent.link.connected.is_set():
+            return  # the next connection sends it
+        payload = encode(agent.birth())
+        coro = agent.link.publish(agent.link.state_topic, payload, qos=1, retain=True)
+        task = asyncio.ensure_future(coro)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _settle(self, agent: Agent) -> None:
+        """Before a restart for an update: the install's time, then until the coordinator
+        acknowledged the task's result (a real installer takes seconds, so the result is
+        long delivered when the agent restarts; a goodbye first would fail the task)."""
+        assert self.updater is not None
+        await asyncio.sleep(self.updater.install_s)
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        # The outbox signals no "empty"; a short poll bounded by the deadline will do.
+        while len(agent.outbox) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+
+    async def _trial(self, agent: Agent) -> None:
+        """The new version proves itself once connected (or fails, and the updater asks for
+        the restart back into the old slot)."""
+        assert self.updater is not None
+        await agent.link.connected.wait()
+        await self.updater.trial(None)
+
+    async def _chaos(self, runner: asyncio.Task[None]) -> Literal["stopped", "crashed", "restart"]:
+        """Wait for the agent; inject link flaps and crashes; restart it when the updater asks
+        (gracefully: the install task's result goes out first; a failed trial crashes)."""
+        assert self._restart is not None
         rate = self.flaky_per_min + self.crash_per_min
+        restart = asyncio.ensure_future(self._restart.wait())
         try:
             while True:
                 wait = self.rng.expovariate(rate / 60.0) if rate > 0 else None
-                done, _ = await asyncio.wait({runner}, timeout=wait)
-                if done:
+                done, _ = await asyncio.wait(
+                    {runner, restart}, timeout=wait, return_when=asyncio.FIRST_COMPLETED
+                )
+                if runner in done:
                     runner.result()
-                    return False
+                    return "stopped"
+                if restart in done:
+                    self._restart.clear()
+                    self.restarts += 1
+                    crash = self.updater is not None and self.updater.status().outcome == (
+                        "rolled_back"
+                    )
+                    if crash:  # a crash loop: no goodbye, the will says offline
+                        self._drop_link()
+                        runner.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await runner
+                    else:
+                        assert self.agent is not None
+                        await self._settle(self.agent)
+                        self.agent.stop()
+                        await runner
+                    log.info("sim: %s restarts (update)", self.config.device.id)
+                    return "restart"
                 if self.rng.random() < self.crash_per_min / rate:
                     self._drop_link()
                     runner.cancel()
@@ -335,7 +459,7 @@ class VirtualDevice:
                         await runner
                     self.crashes += 1
                     log.info("sim: %s crashed", self.config.device.id)
-                    return True
+                    return "crashed"
                 self._drop_link()
                 self.flaps += 1
         except asyncio.CancelledError:
@@ -343,6 +467,8 @@ class VirtualDevice:
             with contextlib.suppress(asyncio.CancelledError):
                 await runner
             raise
+        finally:
+            restart.cancel()
 
     def _drop_link(self) -> None:
         """Cut the TCP connection under the MQTT client, as a failing network would."""

@@ -21,11 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lepton.agent import __version__
 from lepton.agent.config import AgentConfig, load_config
 from lepton.agent.identity import identity_path
 from lepton.sim.device import VirtualDevice
 from lepton.sim.enrol import Device, Enrolment, enrol_fleet
 from lepton.sim.profiles import DEFAULT_MIX, Profile, assign_profiles
+from lepton.sim.updater import SimulatedUpdater, UpdateFail
 
 if TYPE_CHECKING:
     from lepton.agent.handlers import UpdateTransform
@@ -69,6 +71,14 @@ class FleetSpec:
     # The fleet CA each device verifies its broker (TLS) and the coordinator (HTTPS) with;
     # None: the one in its identity (enrolment hands it out), else the system's.
     ca_file: Path | None = None
+    # Agent images (lepton.sim.updater): the release trust root every device pins (None: the
+    # devices have no updater and refuse install tasks), the version they start on (None:
+    # this agent's), which devices fail which releases' health trial, and how long a trial
+    # takes.
+    release_root: Path | None = None
+    agent_version: str | None = None
+    update_fail: UpdateFail | None = None
+    trial_s: float = 1.0
 
 
 def _raise_fd_limit(needed: int) -> None:
@@ -147,6 +157,8 @@ def build_devices(spec: FleetSpec) -> list[VirtualDevice]:
             # Many agents share one disk here; a simulated device need not survive power loss.
             "outbox.sync": "normal",
             "fetch.origins": spec.fetch_origins,
+            # A virtual device's image updates are simulated (lepton.sim.updater), never real.
+            "update.enabled": False,
             **spec.extra,
         }
         if spec.enrolment is None:  # else the identity names the fleet and the broker
@@ -167,6 +179,19 @@ def build_devices(spec: FleetSpec) -> list[VirtualDevice]:
 
             transform = make(spec.attack, spec.attack_scale)
             claim = spec.forged_examples
+        updater = (
+            SimulatedUpdater(
+                device_id=device_id,
+                state_dir=config.agent.state_dir,
+                root_file=spec.release_root,
+                version=spec.agent_version or __version__,
+                device_class=profile.name,
+                fail=spec.update_fail,
+                trial_s=spec.trial_s,
+            )
+            if spec.release_root is not None
+            else None
+        )
         devices.append(
             VirtualDevice(
                 config,
@@ -180,6 +205,7 @@ def build_devices(spec: FleetSpec) -> list[VirtualDevice]:
                 train_threads=1,
                 update_transform=transform,
                 claim_examples=claim,
+                updater=updater,
             )
         )
     return devices
@@ -202,8 +228,9 @@ async def run_fleet(devices: list[VirtualDevice], stop: asyncio.Event) -> None:
         for t in pending:
             t.cancel()
     log.info(
-        "sim: %d devices stopped (%d crashes, %d link flaps injected)",
+        "sim: %d devices stopped (%d crashes, %d link flaps injected, %d update restarts)",
         len(devices),
         sum(d.crashes for d in devices),
         sum(d.flaps for d in devices),
+        sum(d.restarts for d in devices),
     )

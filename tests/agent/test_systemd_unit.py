@@ -1,9 +1,11 @@
-"""The shipped systemd unit and its drop-ins pass systemd's own checks.
+"""The shipped systemd units and the agent's drop-ins pass systemd's own checks.
 
 ``systemd-analyze verify`` fails a unit whose ExecStart binary does not exist, and the agent
-is not installed at /opt/lepton/venv on a test machine. Each test therefore copies the unit to
-a temporary directory and changes only the ExecStart line, to a stub script that exists; every
-other line is checked exactly as shipped.
+is not installed at /opt/lepton/current/venv on a test machine. Each test therefore copies the
+unit to a temporary directory and changes only the ExecStart line, to a stub script that
+exists; every other line (the ``lepton-slot boot`` ExecStartPre included: /usr/bin/python3
+exists) is checked exactly as shipped. The update units (lepton-update.path, .service,
+.timer) run /usr/bin/python3 and are verified unchanged.
 """
 
 from __future__ import annotations
@@ -18,7 +20,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "deploy/systemd/lepton-agent.service"
 DROP_INS = sorted((REPO / "deploy/systemd/drop-ins").glob("*.conf"))
-EXEC_START = "ExecStart=/opt/lepton/venv/bin/lepton-agent "
+EXEC_START = "ExecStart=/opt/lepton/current/venv/bin/lepton-agent "
+BOOT_STEP = "ExecStartPre=+/usr/bin/python3 /opt/lepton/bin/lepton-slot --root /opt/lepton boot"
+UPDATE_UNITS = [
+    REPO / f"deploy/systemd/lepton-update.{ext}" for ext in ("service", "path", "timer")
+]
+MAX_UPDATE_EXPOSURE = 2.0
 MAX_EXPOSURE = 2.5
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
@@ -84,6 +91,7 @@ def test_unit_essentials() -> None:
         "ConfigurationDirectory=lepton",
         "DynamicUser=yes",
         "MemoryDenyWriteExecute=yes",
+        BOOT_STEP,
     ):
         assert expected in lines, expected
     assert any(ln.endswith("run --config /etc/lepton/agent.toml") for ln in lines)
@@ -96,3 +104,25 @@ def test_drop_ins_verify(tmp_path: Path, drop_in: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert (done.stdout + done.stderr).strip() == "", done.stdout + done.stderr
     assert _exposure(unit) <= MAX_EXPOSURE
+
+
+def test_update_units_verify(tmp_path: Path) -> None:
+    for unit in UPDATE_UNITS:
+        shutil.copy(unit, tmp_path / unit.name)
+    done = _analyze("verify", *(u.name for u in UPDATE_UNITS), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (done.stdout + done.stderr).strip() == "", done.stdout + done.stderr
+    exposure = _exposure(tmp_path / "lepton-update.service")
+    assert exposure <= MAX_UPDATE_EXPOSURE, f"exposure {exposure} > {MAX_UPDATE_EXPOSURE}"
+
+
+def test_update_units_essentials() -> None:
+    service = (REPO / "deploy/systemd/lepton-update.service").read_text()
+    assert "Type=oneshot" in service
+    assert "lepton-slot --root /opt/lepton service --state-dir /var/lib/lepton" in service
+    assert "PrivateNetwork=yes" in service  # images install offline, from their own wheels
+    path = (REPO / "deploy/systemd/lepton-update.path").read_text()
+    for name in ("request.json", "health.json"):
+        assert f"PathChanged=/var/lib/lepton/update/{name}" in path
+    timer = (REPO / "deploy/systemd/lepton-update.timer").read_text()
+    assert "OnUnitActiveSec=30s" in timer

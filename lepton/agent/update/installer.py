@@ -41,7 +41,7 @@ from lepton.agent.update import slots
 from lepton.common.errors import LeptonError
 
 if TYPE_CHECKING:
-    from lepton.protocol.releases import Manifest
+    from lepton.protocol.releases import Manifest, Root
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +59,20 @@ class InstallError(LeptonError):
         self.detail = detail
 
 
+def _child_env() -> dict[str, str]:
+    # The new slot's tools run with the slot's own code only: nothing the caller's environment
+    # adds to sys.path (or user site-packages) reaches them.
+    drop = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "PIP_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    env["PYTHONNOUSERSITE"] = "1"
+    return env
+
+
 def _run(cmd: list[str], *, timeout: float, what: str) -> str:
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, check=False, env=_child_env()
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise InstallError(what, str(exc)[:150]) from exc
     if done.returncode != 0:
@@ -86,7 +97,11 @@ def install(
     committed = state.get("committed")
     if not committed:
         raise InstallError("not_provisioned", "boot.json has no committed slot")
-    raw, manifest = _verify(request, state, trust_root_file, device_class, now)
+    if state.get("trial"):
+        raise InstallError("busy", f"{state['trial']['version']} is on trial")
+    raw, manifest = _verify(
+        root, request, state, trust_root_file=trust_root_file, device_class=device_class, now=now
+    )
     target = slots.other(committed["slot"])
     # Clear `previous` before touching its slot: a revert never finds a half-written one.
     if state.get("previous") and state["previous"]["slot"] == target:
@@ -111,7 +126,8 @@ def install(
         root,
         slot=target,
         version=manifest.version,
-        deadline=now + float(request.get("deadline_s", 300.0)),
+        # From the switch, not from the request: a slow install does not eat the trial.
+        deadline=time.time() + float(request.get("deadline_s", 300.0)),
         task_id=task_id,
         kind="install",
     )
@@ -119,14 +135,32 @@ def install(
     return str(manifest.version)
 
 
+def device_trust(root_file: Path, image_root: Path, *, now: float) -> Root:
+    """The device's trust root: the pinned ``root_file``, then the newer roots the running
+    image carries (``<root>/current/bundle/trust/root.<N>.json``, verified into the slot at
+    its install), each by the rotation rules (:func:`lepton.common.releases.apply_root_chain`).
+    """
+    from lepton.common import releases
+
+    pinned: Root = releases.load_root(root_file.read_bytes(), trusted=None, now=now)
+    chain = image_root / slots.CURRENT / "bundle" / releases.ROOT_CHAIN_DIR
+    newest, _ = releases.apply_root_chain(pinned, chain, now=now)
+    return newest
+
+
 def _verify(
-    request: dict[str, Any], state: dict[str, Any], trust_root_file: Path, device_class: str,
+    root: Path,
+    request: dict[str, Any],
+    state: dict[str, Any],
+    *,
+    trust_root_file: Path,
+    device_class: str,
     now: float,
-) -> tuple[bytes, Manifest]:  # fmt: skip
+) -> tuple[bytes, Manifest]:
     from lepton.common import releases  # the image's own verifier (lepton.common)
 
     try:
-        trust = releases.load_root(trust_root_file.read_bytes(), trusted=None, now=now)
+        trust = device_trust(trust_root_file, root, now=now)
         raw = base64.b64decode(request["manifest_b64"], validate=True)
         manifest: Manifest = releases.verify_manifest(raw, trust, now=now)
         releases.check_policy(
@@ -294,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except (KeyError, TypeError, ValueError) as exc:
         fail(ns.root, request, "malformed", str(exc)[:150])
+        return 1
+    except Exception as exc:  # recorded, so the device reports why (never a silent failure)
+        log.exception("installer error")
+        fail(ns.root, request, "installer_error", f"{type(exc).__name__}: {exc}"[:150])
         return 1
     log.info("on trial: %s", version)
     return 0

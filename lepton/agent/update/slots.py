@@ -35,7 +35,7 @@ Order of writes: a trial is written to ``boot.json`` before ``current`` is switc
 a rollback writes ``boot.json`` first and switches after; a commit is one write. Each of
 these, cut at any point, is brought back to the invariants above by :func:`repair`.
 
-Fault injection for tests: ``LEPTON_UPDATE_CRASH_AT=<step>`` (or ``<step>#<n>`` for its
+Fault injection for tests: ``LEPTON_SLOT_CRASH_AT=<step>`` (or ``<step>#<n>`` for its
 n-th occurrence) makes the process SIGKILL itself at that step (see :data:`CRASH_POINTS`).
 """
 
@@ -56,7 +56,7 @@ SLOTS = ("a", "b")
 MAX_BOOTS = 3
 STATE_FILE = "boot.json"
 CURRENT = "current"
-CRASH_ENV = "LEPTON_UPDATE_CRASH_AT"
+CRASH_ENV = "LEPTON_SLOT_CRASH_AT"
 DEFAULT_ROOT = "/opt/lepton"
 DEFAULT_STATE_DIR = "/var/lib/lepton"
 DEFAULT_RESTART = "systemctl restart --no-block lepton-agent.service"
@@ -85,7 +85,7 @@ _seen: dict[str, int] = {}
 
 
 def crash_point(step: str) -> None:
-    """SIGKILL this process here if ``$LEPTON_UPDATE_CRASH_AT`` names ``step`` (tests)."""
+    """SIGKILL this process here if ``$LEPTON_SLOT_CRASH_AT`` names ``step`` (tests)."""
     wanted = os.environ.get(CRASH_ENV)
     if not wanted:
         return
@@ -312,9 +312,22 @@ def begin_trial(
     crash_point("trial.switched")
 
 
+def slot_floor(root: Path, slot: str) -> str:
+    """The ``security_floor`` of the manifest the installer verified into ``slot``."""
+    import base64
+
+    try:
+        env = json.loads((root / "slots" / slot / "manifest.dsse.json").read_text())
+        floor = json.loads(base64.b64decode(env["payload"]))["security_floor"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "0.0.0"
+    return str(floor) if version_tuple(str(floor)) else "0.0.0"
+
+
 def commit(root: Path, *, version: str, slot: str, floor: str = "0.0.0") -> bool:
     """A healthy verdict for the trial ``version`` in ``slot``: make it the committed image,
-    the old one ``previous``, raise the floor. False when no such trial is running."""
+    the old one ``previous``, raise the floor (to ``floor`` or the slot manifest's
+    ``security_floor``, whichever is higher; never lowered). False when no such trial runs."""
     state = read_state(root)
     trial = state.get("trial")
     if not trial or trial["slot"] != slot or trial["version"] != version:
@@ -326,6 +339,7 @@ def commit(root: Path, *, version: str, slot: str, floor: str = "0.0.0") -> bool
     state["previous"] = old if old and old["slot"] != slot else None
     state["committed"] = {"slot": slot, "version": version}
     state["trial"] = None
+    floor = max(floor, slot_floor(root, slot), key=version_tuple)
     if version_tuple(floor) > version_tuple(state.get("floor", "0.0.0")):
         state["floor"] = floor
     outcome = "reverted" if trial.get("kind") == "revert" else "committed"
@@ -349,27 +363,44 @@ def provision(root: Path, *, slot: str, version: str, floor: str = "0.0.0") -> N
 # ---------------------------------------------------------------- service (lepton-update)
 
 
-def service(root: Path, state_dir: Path, *, python: str | None = None) -> str:
-    """``lepton-update.service``: act on a health verdict, then on an install request."""
+def _verdict(root: Path, health: Path, restart: str | None) -> str:
+    """Commit a healthy trial; roll back an unhealthy one (then restart the agent). A
+    verdict that does not name the running trial is ignored (the agent writes it)."""
+    try:
+        verdict = json.loads(health.read_text())
+        version, slot = str(verdict["version"]), str(verdict["slot"])
+        healthy = verdict.get("healthy") is True
+        reason = str(verdict.get("reason", ""))[:150]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return "verdict_ignored"
+    if healthy:
+        # The floor comes from the slot's verified manifest, never from the verdict.
+        return "committed" if commit(root, version=version, slot=slot) else "verdict_ignored"
+    state = read_state(root)
+    trial = state.get("trial")
+    if not trial or trial["slot"] != slot or trial["version"] != version:
+        return "verdict_ignored"
+    rollback(root, state, f"unhealthy: {reason}")
+    if restart:
+        subprocess.run(restart.split(), check=False, timeout=60)
+    return "rolled_back"
+
+
+def service(
+    root: Path, state_dir: Path, *, python: str | None = None, restart: str | None = None
+) -> str:
+    """``lepton-update.service``: roll back a trial past its deadline, act on a health
+    verdict, then on an install or revert request. Returns what it did (for the log)."""
     update = state_dir / "update"
-    did = "nothing"
+    did = "rolled_back" if check(root, restart=restart) else "nothing"
     health = update / "health.json"
     if health.exists():
-        try:
-            verdict = json.loads(health.read_text())
-            ok = bool(verdict.get("healthy")) and commit(
-                root,
-                version=str(verdict["version"]),
-                slot=str(verdict["slot"]),
-                floor=str(verdict.get("floor", "0.0.0")),
-            )
-        except (ValueError, KeyError, TypeError, AttributeError):
-            ok = False
+        did = _verdict(root, health, restart)
         health.unlink(missing_ok=True)
-        did = "committed" if ok else "verdict_ignored"
     if (update / "request.json").exists():
         exe = python or str(root / CURRENT / "venv" / "bin" / "python")
-        cmd = [exe, "-m", "lepton.agent.update.installer", "--root", str(root)]
+        # -I: only the slot's own lepton, never a working directory's or $PYTHONPATH's.
+        cmd = [exe, "-I", "-m", "lepton.agent.update.installer", "--root", str(root)]
         subprocess.run([*cmd, "--state-dir", str(state_dir)], check=False, timeout=3600)
         did = "installer_ran"
     return did
@@ -385,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("boot", help="before the agent starts: count, roll back, repair")
     svc = sub.add_parser("service", help="act on health.json / request.json")
     svc.add_argument("--state-dir", type=Path, default=Path(DEFAULT_STATE_DIR))
+    svc.add_argument("--restart-command", default=DEFAULT_RESTART)
     chk = sub.add_parser("check", help="roll back a trial past its deadline")
     chk.add_argument("--restart-command", default=DEFAULT_RESTART)
     com = sub.add_parser("commit", help="commit the running trial")
@@ -400,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         state = boot(root)
         print(json.dumps({"current": current_slot(root), "last": state["last"]}))
     elif ns.command == "service":
-        print(service(root, ns.state_dir))
+        print(service(root, ns.state_dir, restart=ns.restart_command or None))
     elif ns.command == "check":
         print("rolled_back" if check(root, restart=ns.restart_command) else "ok")
     elif ns.command == "commit":

@@ -81,6 +81,14 @@ class Updater:
         self._listeners: list[Callable[[UpdateStatus], None]] = []
         self._last: UpdateStatus | None = None
         self._lock = threading.Lock()
+        # The image this process runs: a trial of the other slot means it must make way.
+        self._own_slot = slots.current_slot(self.root)
+        self._restarting = False
+        #: True: stage() and request_revert() run the installer (direct mode) before they
+        #: return (``lepton-agent update``); False: in a thread (the agent).
+        self.synchronous = False
+        #: The exit status of the last installer this process ran (direct mode).
+        self.installer_rc: int | None = None
 
     # ------------------------------------------------------------ reading
 
@@ -119,11 +127,11 @@ class Updater:
         return str(slots.read_state(self.root).get("floor", "0.0.0"))
 
     def trust_root(self) -> Root:
-        """The pinned trust root (``update.root_file``), verified as self-signed."""
-        from lepton.common.releases import load_root
+        """The device's trust root: the pinned ``update.root_file``, then the newer roots the
+        running image carries (``bundle/trust/root.<N>.json``) by the rotation rules."""
+        from lepton.agent.update.installer import device_trust
 
-        root: Root = load_root(self.config.root_file.read_bytes(), trusted=None, now=time.time())
-        return root
+        return device_trust(self.config.root_file, self.root, now=time.time())
 
     def staging_dir(self, task_id: str) -> Path:
         """An empty-or-partial directory for ``task_id``'s files (agent-writable)."""
@@ -185,12 +193,15 @@ class Updater:
         # The path unit fires on the rename: the service never reads half a request.
         os.replace(tmp, self.update_dir / "request.json")
         self.poll()
-        if self.config.mode == "direct":
+        if self.config.mode == "direct" and self.synchronous:
+            self._run_installer()
+        elif self.config.mode == "direct":
             threading.Thread(target=self._run_installer, name="installer", daemon=True).start()
 
     def _run_installer(self) -> None:
         cmd = [
-            sys.executable, "-m", "lepton.agent.update.installer",
+            # -I: the installer imports this image's lepton only (not the working directory).
+            sys.executable, "-I", "-m", "lepton.agent.update.installer",
             "--root", str(self.root), "--state-dir", str(self.state_dir),
             "--root-file", str(self.config.root_file),
             "--restart-command", self.config.restart_command,
@@ -199,13 +210,10 @@ class Updater:
             cmd += ["--device-class", self.device_class]
         with self._lock:
             done = subprocess.run(cmd, check=False, capture_output=True, text=True)
+        self.installer_rc = done.returncode
         if done.returncode != 0:
             log.warning("installer failed: %s", done.stderr.strip()[-300:])
         self.poll()
-        state = slots.read_state(self.root)
-        restart = None if self.config.restart_command else self.on_restart
-        if done.returncode == 0 and state.get("trial") and restart is not None:
-            restart()
 
     # ------------------------------------------------------------ the trial gate
 
@@ -228,12 +236,16 @@ class Updater:
         manifest = _slot_manifest(slot_dir)
         remaining = float(trial["deadline"]) - time.time()
         log.info("on trial: %s (%.0f s to prove healthy)", trial["version"], remaining)
-        await wait_healthy(
-            checks,
-            bundle=slot_dir / "bundle",
-            test=manifest.self_test if manifest else None,
-            timeout=remaining,
-        )
+        try:
+            await wait_healthy(
+                checks,
+                bundle=slot_dir / "bundle",
+                test=manifest.self_test if manifest else None,
+                timeout=remaining,
+            )
+        except UnhealthyError as exc:
+            await asyncio.to_thread(self._unhealthy, trial, exc.reason)
+            raise
         floor = manifest.security_floor if manifest else "0.0.0"
         if self.config.mode == "direct":
             if not slots.commit(
@@ -241,14 +253,29 @@ class Updater:
             ):
                 raise UnhealthyError("trial_ended")  # rolled back meanwhile (deadline check)
         else:
-            self.update_dir.mkdir(parents=True, exist_ok=True)
-            verdict = {"healthy": True, "version": trial["version"], "slot": trial["slot"],
-                       "floor": floor, "at": time.time()}  # fmt: skip
-            tmp = self.update_dir / "health.json.tmp"
-            tmp.write_text(json.dumps(verdict))
-            os.replace(tmp, self.update_dir / "health.json")
+            self._verdict({"healthy": True, "version": trial["version"], "slot": trial["slot"],
+                           "floor": floor, "at": time.time()})  # fmt: skip
         log.info("healthy: %s", trial["version"])
         self.poll()
+
+    def _unhealthy(self, trial: dict[str, Any], reason: str) -> None:
+        # Roll back now, with the reason, rather than by a crash loop that would hide it:
+        # direct mode itself; service mode through an unhealthy verdict for the service.
+        if self.config.mode == "direct":
+            state = slots.read_state(self.root)
+            now = state.get("trial")
+            if now and now.get("slot") == trial["slot"] and now.get("version") == trial["version"]:
+                slots.rollback(self.root, state, f"unhealthy: {reason}")
+        else:
+            self._verdict({"healthy": False, "reason": reason, "version": trial["version"],
+                           "slot": trial["slot"], "at": time.time()})  # fmt: skip
+        self.poll()
+
+    def _verdict(self, verdict: dict[str, Any]) -> None:
+        self.update_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.update_dir / "health.json.tmp"
+        tmp.write_text(json.dumps(verdict))
+        os.replace(tmp, self.update_dir / "health.json")  # the path unit fires on the rename
 
     # ------------------------------------------------------------ changes
 
@@ -257,7 +284,21 @@ class Updater:
         self._listeners.append(cb)
 
     def poll(self) -> UpdateStatus:
-        """Read the status; tell the listeners when it changed."""
+        """Read the status; tell the listeners when it changed. In direct mode with no
+        ``restart_command``, a trial of another slot than this process's (the installer or
+        ``lepton-agent update`` started it) calls ``on_restart`` once."""
+        trial = slots.read_state(self.root).get("trial")
+        if (
+            self.config.mode == "direct"
+            and not self.config.restart_command
+            and trial
+            and trial.get("slot") != self._own_slot
+            and slots.current_slot(self.root) == trial.get("slot")
+            and not self._restarting
+            and self.on_restart is not None
+        ):
+            self._restarting = True
+            self.on_restart()
         now = self.status()
         if now != self._last:
             self._last = now

@@ -176,6 +176,8 @@ def open_bundle(tar_path: Path, dest: Path, root: Root, *, now: float) -> Manife
         listed = {f.path for f in m.files}
         dest.mkdir(parents=True, exist_ok=True)
         for member in tar:
+            if member.offset == first.offset:
+                continue
             if member.name not in listed or not member.isfile():
                 raise ReleaseRefused("unlisted_file", member.name)
             src = tar.extractfile(member)
