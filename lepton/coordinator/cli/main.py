@@ -65,8 +65,6 @@ COMMAND_GROUPS: dict[str, tuple[str, str]] = {
         "lepton.coordinator.releases.cli_keys",
         "release keys and trust roots; build, sign and verify agent images",
     ),
-    # Until the "release" group mounts them (lepton.coordinator.releases.cli.add_publish_commands).
-    "releases": ("lepton.coordinator.releases.cli", "published releases: publish, ls, show"),
     "models": (
         "lepton.coordinator.model_registry.cli",
         "model registry: register, INT8 quantization through the gate, deploy",

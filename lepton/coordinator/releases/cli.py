@@ -6,7 +6,7 @@ through the coordinator's API.
 - ``lepton release ls [--name NAME]``: every published release;
 - ``lepton release show NAME VERSION``: its manifests and their files.
 
-:func:`add_publish_commands` mounts them on the ``release`` group's subparsers (the group
+:func:`add_release_commands` mounts them on the ``release`` group's subparsers (the group
 itself, with ``keys``, ``build``, ``sign`` and ``verify``, is
 :mod:`lepton.coordinator.releases.cli_keys`).
 """
@@ -30,7 +30,7 @@ from lepton.protocol import routes
 PUBLISH_TIMEOUT_S: Final = 600.0
 
 
-def add_publish_commands(subparsers: Any) -> None:
+def add_release_commands(subparsers: Any) -> None:
     """Add ``publish``, ``ls`` and ``show`` to a group's ``add_subparsers()`` object."""
     publish = subparsers.add_parser(
         "publish", help="publish a signed bundle on the coordinator (scope rollouts:write)"
@@ -47,13 +47,6 @@ def add_publish_commands(subparsers: Any) -> None:
     show.add_argument("version")
     client_options(show)
     show.set_defaults(handler=cmd_show)
-
-
-def add_commands(top: Any) -> None:
-    """A ``releases`` group holding only these commands (until the ``release`` group
-    mounts them)."""
-    group = top.add_parser("releases", help="published releases: publish, ls, show")
-    add_publish_commands(group.add_subparsers(dest="releases_command", required=True))
 
 
 def _print_json(data: Any) -> None:
