@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -88,9 +89,11 @@ def install(
     trust_root_file: Path,
     device_class: str,
     restart_command: str | None,
+    staging_root: Path,
     now: float | None = None,
 ) -> str:
-    """Install the staged image named by ``request``; returns the trial's version."""
+    """Install the staged image named by ``request`` (its files under ``staging_root``);
+    returns the trial's version."""
     now = time.time() if now is None else now
     task_id = request.get("task_id")
     state = slots.read_state(root)
@@ -99,6 +102,9 @@ def install(
         raise InstallError("not_provisioned", "boot.json has no committed slot")
     if state.get("trial"):
         raise InstallError("busy", f"{state['trial']['version']} is on trial")
+    files = Path(request["files"]).resolve()
+    if not files.is_relative_to(staging_root.resolve()):
+        raise InstallError("malformed", "the staged files are not in the staging directory")
     raw, manifest = _verify(
         root, request, state, trust_root_file=trust_root_file, device_class=device_class, now=now
     )
@@ -119,7 +125,7 @@ def install(
     slot_dir = root / "slots" / target
     shutil.rmtree(slot_dir, ignore_errors=True)
     slots.crash_point("install.slot_cleared")
-    _copy(manifest, raw, Path(request["files"]), slot_dir)
+    _copy(manifest, raw, files, slot_dir)
     slots.crash_point("install.files_copied")
     _build(manifest, slot_dir)
     slots.begin_trial(
@@ -183,18 +189,43 @@ def _copy(manifest: Manifest, raw: bytes, staging: Path, slot_dir: Path) -> None
     from lepton.common import releases
 
     bundle = slot_dir / "bundle"
+    base = staging.resolve()
     for entry in manifest.files:
         dest = bundle / entry.path
         dest.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            shutil.copyfile(staging / entry.path, dest)
-        except OSError as exc:
-            raise InstallError("missing_file", entry.path) from exc
+        _copy_one(base, entry.path, entry.length, dest)
     (slot_dir / MANIFEST_FILE).write_bytes(raw)
     try:
         releases.verify_files(manifest, bundle)  # the copy, not the agent-writable staging
     except releases.ReleaseRefused as exc:
         raise InstallError(exc.reason, exc.detail) from exc
+
+
+def _copy_one(base: Path, path: str, length: int, dest: Path) -> None:
+    """Copy one listed file out of the agent-writable staging: a regular file reached with
+    no link at any step (each component opened ``O_NOFOLLOW`` from its parent's descriptor,
+    so a link swapped in meanwhile is refused too: a root process must never copy what a
+    link points at into a world-readable slot), of exactly the listed length (the hash is
+    checked on the copy)."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    parts = path.split("/")
+    fds = []
+    try:
+        fds.append(os.open(base, flags | os.O_DIRECTORY))
+        for part in parts[:-1]:
+            fds.append(os.open(part, flags | os.O_DIRECTORY, dir_fd=fds[-1]))
+        fd = os.open(parts[-1], flags, dir_fd=fds[-1])
+    except OSError as exc:
+        raise InstallError("missing_file", f"{path}: {exc.strerror}") from exc
+    finally:
+        for d in fds:
+            os.close(d)
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_size != length:
+            raise InstallError("tampered", f"{path}: not a regular file of {length} bytes")
+        with dest.open("wb") as out:
+            shutil.copyfileobj(fh, out)
 
 
 def _build(manifest: Manifest, slot_dir: Path) -> None:
@@ -259,9 +290,12 @@ def _restart(command: str | None) -> None:
 
 
 def fail(root: Path, request: dict[str, Any], reason: str, detail: str) -> None:
-    """Record ``install_failed`` (the running version is untouched)."""
+    """Record ``install_failed`` (the running version is untouched) and empty the slot the
+    install was writing (nothing half-verified stays on disk)."""
     state = slots.read_state(root)
     inst = state.get("installing")
+    if inst and inst.get("slot") in slots.SLOTS and inst.get("slot") != slots.current_slot(root):
+        shutil.rmtree(root / "slots" / inst["slot"], ignore_errors=True)
     state["installing"] = None
     target = str(request.get("to_version") or request.get("version") or "")
     if inst:
@@ -316,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                 trust_root_file=root_file,
                 device_class=device_class,
                 restart_command=restart or None,
+                staging_root=ns.state_dir / "update" / "staging",
             )
         elif request.get("kind") == "revert":
             version = revert(ns.root, request, restart_command=restart or None)

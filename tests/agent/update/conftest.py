@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lepton.agent.update import slots
-from tests.agent.update import images, releases_standin
+from tests.agent.update import images
 from tests.agent.update.slotkit import make_root
 
 REPO = Path(__file__).resolve().parents[3]
@@ -18,7 +18,6 @@ REPO = Path(__file__).resolve().parents[3]
 
 @pytest.fixture(scope="module")
 def keys() -> images.Keys:
-    releases_standin.ensure_releases()
     return images.make_keys()
 
 
@@ -36,14 +35,8 @@ def device(tmp_path: Path, keys: images.Keys) -> dict[str, Path]:
 
 
 def run_installer(dev: dict[str, Path], *, crash_at: str | None = None) -> int:
-    """The installer as a process (as the service runs it), this tree's lepton, the
-    stand-in verifier where the real one is not in this tree yet."""
-    site = dev["state"].parent / "site"
-    site.mkdir(exist_ok=True)
-    (site / "sitecustomize.py").write_text(
-        "from tests.agent.update.releases_standin import ensure_releases\nensure_releases()\n"
-    )
-    env = {**os.environ, "PYTHONPATH": f"{site}:{REPO}"}
+    """The installer as a process (as the service runs it), with this tree's lepton."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop(slots.CRASH_ENV, None)
     if crash_at:
         env[slots.CRASH_ENV] = crash_at

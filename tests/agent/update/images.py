@@ -25,6 +25,7 @@ from typing import Any
 import msgspec
 
 from lepton.agent.update import installer, slots
+from lepton.common import releases, signing
 from lepton.protocol.releases import (
     MANIFEST_TYPE,
     ROOT_TYPE,
@@ -33,7 +34,6 @@ from lepton.protocol.releases import (
     Manifest,
     Root,
 )
-from tests.agent.update import releases_standin
 
 REPO = Path(__file__).resolve().parents[3]
 DEPS = [
@@ -67,18 +67,6 @@ def wheelhouse() -> Path:
     return path
 
 
-def _signing() -> tuple[Any, Any, Any]:
-    """(generate_key, public_key, sign): lepton.common.signing if present, else the stand-in."""
-    try:
-        from lepton.common import signing  # type: ignore[attr-defined]
-
-        return signing.generate_key, signing.public_key, signing.sign
-    except ImportError:
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-        return Ed25519PrivateKey.generate, releases_standin.public_key, releases_standin.sign
-
-
 @dataclass(frozen=True)
 class Keys:
     root_key: Any
@@ -87,15 +75,15 @@ class Keys:
 
 
 def make_keys() -> Keys:
-    generate, public, sign = _signing()
-    root_key, release_key = generate(), generate()
+    root_key, release_key = signing.generate_key(), signing.generate_key()
     root = Root(
         version=1,
         expires=int(time.time()) + 86400,
-        root_keys=[public(root_key)],
-        release_keys=[public(release_key)],
+        root_keys=[signing.public_key(root_key)],
+        release_keys=[signing.public_key(release_key)],
     )
-    return Keys(root_key, release_key, sign(msgspec.json.encode(root), ROOT_TYPE, [root_key]))
+    raw = signing.sign(msgspec.json.encode(root), ROOT_TYPE, [root_key])
+    return Keys(root_key, release_key, raw)
 
 
 def build_wheel(version: str, out: Path, *, variant: str = "good") -> Path:
@@ -111,8 +99,6 @@ def build_wheel(version: str, out: Path, *, variant: str = "good") -> Path:
     (src / "pyproject.toml").write_text(pyproject)
     init = src / "lepton/agent/__init__.py"
     init.write_text(re.sub(r'__version__ = ".*"', f'__version__ = "{version}"', init.read_text()))
-    if not (src / "lepton/common/releases.py").exists():  # until the real one is merged
-        (src / "lepton/common/releases.py").write_text(releases_standin.source_text())
     if variant == "crash":
         cli = src / "lepton/agent/cli.py"
         text = cli.read_text().replace(
@@ -158,11 +144,10 @@ def build_bundle(
         expires=now + 86400,
         install=AgentInstall(requirement="lepton-fleet[agent]"),
     )
-    _, _, sign = _signing()
-    raw = sign(msgspec.json.encode(manifest), MANIFEST_TYPE, [keys.release_key])
+    raw = signing.sign(msgspec.json.encode(manifest), MANIFEST_TYPE, [keys.release_key])
     bundle = out / f"agent-{version}-{variant}.tar"
     with tarfile.open(bundle, "w") as tar:
-        info = tarfile.TarInfo(releases_standin.BUNDLE_MANIFEST)
+        info = tarfile.TarInfo(releases.BUNDLE_MANIFEST)
         info.size = len(raw)
         tar.addfile(info, io.BytesIO(raw))
         for name, p in sorted(files.items()):
@@ -172,7 +157,6 @@ def build_bundle(
 
 def provision(root: Path, bundle: Path, keys: Keys, work: Path) -> str:
     """A factory install: ``bundle`` into slot a, committed; ``bin/lepton-slot`` in place."""
-    releases = releases_standin.ensure_releases()
     (root / "bin").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(slots.__file__, root / "bin" / "lepton-slot")
     trust = releases.load_root(keys.root_json, trusted=None, now=time.time())

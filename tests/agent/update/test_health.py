@@ -18,9 +18,9 @@ from lepton.agent.config import UpdateConfig, load_config
 from lepton.agent.update import slots
 from lepton.agent.update.health import HealthChecks, UnhealthyError, run_self_test
 from lepton.agent.update.updater import Updater
+from lepton.common.releases import ReleaseRefused
 from lepton.protocol.messages import UpdateStatus
 from lepton.protocol.releases import FileEntry, Manifest, SelfTest
-from tests.agent.update import releases_standin
 from tests.agent.update.slotkit import make_root, state
 
 NOW = 1_800_000_000
@@ -169,9 +169,6 @@ async def test_service_mode_unhealthy_verdict_rolls_back(tmp_path: Path) -> None
 
 
 def test_request_revert_refusals(tmp_path: Path) -> None:
-    releases_standin.ensure_releases()
-    from lepton.common.releases import ReleaseRefused
-
     root = make_root(tmp_path, b="0.8.0")
     up = _updater(root, tmp_path, mode="service")
     with pytest.raises(ReleaseRefused) as info:

@@ -33,6 +33,22 @@ def _tamper(staging: Path) -> None:
     wheel.write_bytes(wheel.read_bytes() + b"x")
 
 
+def _link(staging: Path) -> None:
+    # Same bytes, but through a link to a file outside the staging directory: refused (a
+    # root process never copies what an agent-made link points at).
+    wheel = next((staging / "wheels").glob("*.whl"))
+    outside = staging.parent.parent / wheel.name
+    outside.write_bytes(wheel.read_bytes())
+    wheel.unlink()
+    wheel.symlink_to(outside)
+
+
+def _link_dir(staging: Path) -> None:
+    moved = staging.parent.parent / "elsewhere"
+    (staging / "wheels").rename(moved)
+    (staging / "wheels").symlink_to(moved)
+
+
 def _extra(staging: Path) -> None:
     (staging / "wheels" / "evil-1.0-py3-none-any.whl").write_bytes(b"not listed")
 
@@ -41,6 +57,8 @@ def _extra(staging: Path) -> None:
     ("case", "kwargs", "after", "reason"),
     [
         ("tampered", {}, _tamper, "tampered"),
+        ("symlink", {}, _link, "missing_file"),
+        ("symlinked_dir", {}, _link_dir, "missing_file"),
         ("unlisted", {}, _extra, None),  # only listed files are copied: installs fine
         ("wrong_class", {"device_classes": ("rpi5",)}, None, "wrong_class"),
         ("rollback", {"version": "0.9.0"}, None, "rollback"),
@@ -70,6 +88,8 @@ def test_refusals_leave_the_running_image(
     assert s["trial"] is None
     assert s["installing"] is None
     assert running(device["root"]) == "0.9.0"
+    # Refused after the slot was marked (a file check): the half-written slot is emptied.
+    assert (device["root"] / "slots/b").exists() == (reason not in ("tampered", "missing_file"))
 
 
 def test_revert_rules(device: dict[str, Path]) -> None:
@@ -94,3 +114,13 @@ def test_revert_rules(device: dict[str, Path]) -> None:
     assert run_installer(device) == 0
     assert state(root)["trial"]["kind"] == "revert"
     assert running(root) == "0.8.0"
+
+
+def test_files_outside_staging_refused(device: dict[str, Path], keys: images.Keys) -> None:
+    stage_request(keys, device["state"], "1.0.0")
+    req = device["state"] / "update" / "request.json"
+    request = json.loads(req.read_text())
+    request["files"] = str(device["root"] / "slots" / "a")
+    req.write_text(json.dumps(request))
+    assert run_installer(device) == 1
+    assert state(device["root"])["last"]["reason"].startswith("malformed")

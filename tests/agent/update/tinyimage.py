@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 
+from lepton.common import signing
 from lepton.protocol.releases import MANIFEST_TYPE, AgentInstall, FileEntry, Manifest
 from tests.agent.update import images
 
@@ -75,8 +76,7 @@ def stage_request(
         expires=now + expires_in,
         install=AgentInstall(requirement="lepton-tiny"),
     )
-    _, _, sign = images._signing()
-    raw = sign(msgspec.json.encode(manifest), MANIFEST_TYPE, [signer or keys.release_key])
+    raw = signing.sign(msgspec.json.encode(manifest), MANIFEST_TYPE, [signer or keys.release_key])
     request = {
         "kind": "install",
         "task_id": f"t-{version}",
