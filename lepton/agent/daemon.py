@@ -170,6 +170,10 @@ class Agent:
             device_class=config.device.class_,
             tags=config.device.tags,
         )
+        if self.updater is not None and not self.updater.device_class:
+            # The class the device reports (board detection when the config sets none) is
+            # the one its releases must name.
+            self.updater.device_class = self.sampler.device_class
 
     async def __aenter__(self) -> Agent:
         self.config.agent.state_dir.mkdir(parents=True, exist_ok=True)
