@@ -141,6 +141,52 @@ def install(
     return str(manifest.version)
 
 
+def provision(
+    root: Path,
+    bundle: Path,
+    *,
+    trust_root_file: Path,
+    device_class: str,
+    work_dir: Path,
+    now: float | None = None,
+) -> str:
+    """A device's first image: verify ``bundle`` against the pinned root (signatures, class,
+    expiry; no running version yet), install it into slot ``a`` with its venv, put the boot
+    step in ``<root>/bin/lepton-slot`` and commit it outright. Refused on a device that
+    already has a committed image (it takes updates instead). Returns the version."""
+    from lepton.common import releases
+
+    now = time.time() if now is None else now
+    if slots.read_state(root).get("committed"):
+        raise InstallError("busy", f"{root} already holds a committed image")
+    try:
+        trust = releases.load_root(trust_root_file.read_bytes(), trusted=None, now=now)
+        staging = work_dir / "provision"
+        manifest, raw = releases.open_bundle_raw(bundle, staging, trust, now=now)
+        releases.check_policy(
+            manifest, kind="agent", device_class=device_class, running=None, floor=None
+        )
+    except releases.ReleaseRefused as exc:
+        raise InstallError(exc.reason, exc.detail) from exc
+    except OSError as exc:
+        raise InstallError("malformed", str(exc)[:150]) from exc
+    if manifest.install is None:
+        raise InstallError("no_install", "an agent image needs an install requirement")
+    slot_dir = root / "slots" / "a"
+    shutil.rmtree(slot_dir, ignore_errors=True)
+    _copy(manifest, raw, staging, slot_dir)
+    _build(manifest, slot_dir)
+    boot_step = root / "bin" / "lepton-slot"
+    boot_step.parent.mkdir(parents=True, exist_ok=True)
+    tmp = boot_step.with_name(".lepton-slot.tmp")
+    shutil.copyfile(slots.__file__, tmp)
+    tmp.chmod(0o755)
+    os.replace(tmp, boot_step)
+    slots.provision(root, slot="a", version=manifest.version, floor=manifest.security_floor)
+    shutil.rmtree(staging, ignore_errors=True)
+    return str(manifest.version)
+
+
 def device_trust(root_file: Path, image_root: Path, *, now: float) -> Root:
     """The device's trust root: the pinned ``root_file``, then the newer roots the running
     image carries (``<root>/current/bundle/trust/root.<N>.json``, verified into the slot at

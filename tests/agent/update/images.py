@@ -24,7 +24,6 @@ from typing import Any
 
 import msgspec
 
-from lepton.agent.update import installer, slots
 from lepton.common import releases, signing
 from lepton.protocol.releases import (
     MANIFEST_TYPE,
@@ -156,20 +155,23 @@ def build_bundle(
 
 
 def provision(root: Path, bundle: Path, keys: Keys, work: Path) -> str:
-    """A factory install: ``bundle`` into slot a, committed; ``bin/lepton-slot`` in place."""
-    (root / "bin").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(slots.__file__, root / "bin" / "lepton-slot")
-    trust = releases.load_root(keys.root_json, trusted=None, now=time.time())
-    staging = work / "factory"
-    manifest = releases.open_bundle(bundle, staging, trust, now=time.time())
-    with tarfile.open(bundle) as tar:
-        first = tar.next()
-        assert first is not None
-        fh = tar.extractfile(first)
-        assert fh is not None
-        raw = fh.read()
-    slot_dir = root / "slots" / "a"
-    installer._copy(manifest, raw, staging, slot_dir)
-    installer._build(manifest, slot_dir)
-    slots.provision(root, slot="a", version=manifest.version)
-    return str(manifest.version)
+    """A factory install, as an operator does it: ``lepton-agent update provision BUNDLE``
+    (verified against the pinned root, slot a built and committed, ``bin/lepton-slot`` in
+    place). Returns the version it printed."""
+    etc = work / "provision-etc"
+    etc.mkdir(parents=True, exist_ok=True)
+    root_file = etc / "release-root.json"
+    root_file.write_bytes(keys.root_json)
+    config = etc / "agent.toml"
+    config.write_text(
+        f'[device]\nclass = "{DEVICE_CLASS}"\n[agent]\nstate_dir = "{work / "provision-state"}"\n'
+        f'[update]\nroot = "{root}"\nroot_file = "{root_file}"\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "lepton.agent", "update", "--config", str(config),
+         "provision", str(bundle)],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (root / "bin" / "lepton-slot").is_file()
+    return done.stdout.split()[1]
