@@ -14,7 +14,7 @@ it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -28,7 +28,7 @@ from lepton.coordinator.rollouts.reconcile import WAITING, Reconciler
 from lepton.coordinator.rollouts.records import RolloutDevice, RolloutRecord
 from lepton.coordinator.rollouts.store import RolloutStore
 from lepton.coordinator.rollouts.targets import Targets
-from lepton.coordinator.store import DeviceRecord, Lease
+from lepton.coordinator.store import DeviceRecord, Lease, NewTask
 from lepton.coordinator.store.cancels import CancelRepo
 from lepton.coordinator.store.devices import DeviceRepo
 from lepton.coordinator.store.tasks import TaskRepo
@@ -110,12 +110,10 @@ class Runner:
             for device_id, (state, reason) in d.marks.items()
         }
         expect = {device_id: by_id[device_id].state for device_id in d.marks}
-        for device_id in d.start:
-            changes[device_id] = self._start(rec, by_id[device_id], fleet.get(device_id), now)
-            expect[device_id] = "pending"
-        for device_id in d.revert:
-            changes[device_id] = self._revert(rec, by_id[device_id], now)
-            expect[device_id] = "succeeded"
+        self._act(
+            rec, start=d.start, revert=d.revert, by_id=by_id, fleet=fleet, now=now,
+            changes=changes, expect=expect,
+        )  # fmt: skip
         if changes:
             self.store.update_devices(rollout_id, changes, now, expect=expect, lease=lease)
         stuck = [
@@ -153,9 +151,64 @@ class Runner:
 
     # ------------------------------------------------------------------ acting
 
+    def _act(
+        self,
+        rec: RolloutRecord,
+        *,
+        start: Sequence[str],
+        revert: Sequence[str],
+        by_id: Mapping[str, RolloutDevice],
+        fleet: Mapping[str, DeviceRecord],
+        now: float,
+        changes: dict[str, dict[str, Any]],
+        expect: dict[str, str],
+    ) -> None:
+        """Start and revert the devices the kernel chose; their tasks go in one batch."""
+        new_tasks: dict[str, NewTask] = {}
+        running = self._running_versions(rec, start, fleet)
+        for device_id in start:
+            change, task = self._start(
+                rec, by_id[device_id], fleet.get(device_id), running.get(device_id), now
+            )
+            changes[device_id] = change
+            expect[device_id] = "pending"
+            if task is not None:
+                new_tasks[device_id] = task
+        for device_id in revert:
+            change, task = self._revert(rec, by_id[device_id], now)
+            changes[device_id] = change
+            expect[device_id] = "succeeded"
+            if task is not None:
+                new_tasks[device_id] = task
+        self._submit_all(new_tasks, changes, now)
+
+    def _submit_all(
+        self, new: Mapping[str, NewTask], changes: dict[str, dict[str, Any]], now: float
+    ) -> None:
+        """Store a step's tasks in one transaction; if that fails, none started."""
+        if not new:
+            return
+        try:
+            self.tasks.submit_many(list(new.values()))
+        except LeptonError as exc:
+            for device_id in new:
+                changes[device_id] = {
+                    "state": "failed",
+                    "reason": f"not started: {exc}",
+                    "finished_at": now,
+                }
+            return
+        self.on_submit(len(new))
+
     def _start(
-        self, rec: RolloutRecord, row: RolloutDevice, device: DeviceRecord | None, now: float
-    ) -> dict[str, Any]:
+        self,
+        rec: RolloutRecord,
+        row: RolloutDevice,
+        device: DeviceRecord | None,
+        running: str | None,
+        now: float,
+    ) -> tuple[dict[str, Any], NewTask | None]:
+        """The device's change and its first task (stored by :meth:`_submit_all`)."""
         plan = rec.plan
         try:
             if plan.kind == "agent":
@@ -163,9 +216,8 @@ class Runner:
                     plan, rec.id, row.device_id, device.device_class if device else None
                 )
                 step = "install"
-                from_version = self._running_version(row.device_id, device)
-                if from_version == plan.version:
-                    from_version = None  # nothing this rollout changes, nothing to revert
+                # Nothing this rollout changes on a device already on the version: no revert.
+                from_version = None if running == plan.version else running
             elif plan.probe is not None:
                 request, step, from_version = (
                     self.targets.probe(plan, row.device_id),
@@ -178,42 +230,59 @@ class Runner:
                     "deploy",
                     None,
                 )
-            task_id = self.submit(request, now)
+            task = build_task(self.config, request, now=now)
         except LeptonError as exc:
-            return {"state": "failed", "reason": f"not started: {exc}", "finished_at": now}
+            return {"state": "failed", "reason": f"not started: {exc}", "finished_at": now}, None
         return {
             "state": "dispatched",
             "reason": step,
             "step": step,
-            "task_id": task_id,
+            "task_id": task.id,
             "from_version": from_version,
             "started_at": now,
-        }
+        }, task
 
-    def _running_version(self, device_id: str, device: DeviceRecord | None) -> str | None:
-        """What an agent runs: its update status, else the version its birth announced."""
-        if self.targets.releases is not None:
-            status = self.targets.releases.updates([device_id]).get(device_id)
+    def _running_versions(
+        self, rec: RolloutRecord, device_ids: Sequence[str], fleet: Mapping[str, DeviceRecord]
+    ) -> dict[str, str | None]:
+        """What each agent runs: its update status, else the version its birth announced
+        (one query for the whole step)."""
+        if rec.kind != "agent" or not device_ids:
+            return {}
+        statuses = (
+            self.targets.releases.updates(list(device_ids))
+            if self.targets.releases is not None
+            else {}
+        )
+        out: dict[str, str | None] = {}
+        for device_id in device_ids:
+            status = statuses.get(device_id)
+            device = fleet.get(device_id)
             if status is not None:
-                return status.version
-        return (device.agent_version or None) if device is not None else None
+                out[device_id] = status.version
+            else:
+                out[device_id] = (device.agent_version or None) if device is not None else None
+        return out
 
-    def _revert(self, rec: RolloutRecord, row: RolloutDevice, now: float) -> dict[str, Any]:
+    def _revert(
+        self, rec: RolloutRecord, row: RolloutDevice, now: float
+    ) -> tuple[dict[str, Any], NewTask | None]:
         if rec.kind == "agent" and row.from_version is None:
             reason = "not reverted: it ran this version before the rollout (or nothing known)"
-            return {"state": "skipped", "reason": reason, "finished_at": now}
+            return {"state": "skipped", "reason": reason, "finished_at": now}, None
         try:
             request = self.targets.revert(rec.plan, rec.id, row.device_id, row.from_version)
-            task_id = self.submit(request, now)
+            task = build_task(self.config, request, now=now)
         except LeptonError as exc:
-            return {"state": "failed", "reason": f"revert not started: {exc}", "finished_at": now}
+            failed = {"state": "failed", "reason": f"revert not started: {exc}", "finished_at": now}
+            return failed, None
         return {
             "state": "reverting",
             "reason": "revert",
             "step": "revert",
-            "task_id": task_id,
+            "task_id": task.id,
             "started_at": now,
-        }
+        }, task
 
     def _late_joiners(
         self,

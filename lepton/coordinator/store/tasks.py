@@ -86,6 +86,29 @@ class TaskRepo(StoreBase):
         except IntegrityError as exc:
             raise ConflictError("task", task.id, "id already exists") from exc
 
+    def submit_many(self, tasks: Sequence[NewTask]) -> list[TaskRecord]:
+        """Store new pending tasks in one transaction (all or none): a rollout step starting
+        hundreds of devices takes the database's write lock once, not once per task."""
+        rows = [
+            TaskRow(
+                **asdict(task),
+                state="pending",
+                attempt=0,
+                next_attempt_at=task.created_at,
+                updated_at=task.created_at,
+            )
+            for task in tasks
+        ]
+        if not rows:
+            return []
+        try:
+            with self._write() as session:
+                session.add_all(rows)
+                session.flush()
+                return [from_row(TaskRecord, row) for row in rows]
+        except IntegrityError as exc:
+            raise ConflictError("task", tasks[0].id, "an id already exists") from exc
+
     # ------------------------------------------------------------------ scheduling
 
     def due_pending(self, now: float, *, limit: int) -> list[TaskRecord]:

@@ -38,6 +38,22 @@ def test_submit_get_list_count(store: Store) -> None:
         store.tasks.get_task("nope")
 
 
+def test_submit_many_is_one_transaction(store: Store) -> None:
+    recs = store.tasks.submit_many([new_task(f"m{i}", now=T0) for i in range(3)])
+    assert [(r.id, r.state) for r in recs] == [
+        ("m0", "pending"),
+        ("m1", "pending"),
+        ("m2", "pending"),
+    ]
+    assert store.tasks.submit_many([]) == []
+    # One taken id: none of the batch is stored.
+    with pytest.raises(ConflictError):
+        store.tasks.submit_many([new_task("m3", now=T0), new_task("m1", now=T0)])
+    with pytest.raises(NotFoundError):
+        store.tasks.get_task("m3")
+    assert store.tasks.count_tasks()["pending"] == 3
+
+
 def test_due_pending_and_expiry(store: Store) -> None:
     store.tasks.submit(new_task("old", now=T0, expires_in=10))
     store.tasks.submit(new_task("new", now=T0 + 1))
