@@ -14,6 +14,7 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 from msgspec import Meta
 
+from lepton.common.errors import LeptonError
 from lepton.coordinator.model_registry.deploy import MAX_DEVICE_IDS, DeviceSelector
 from lepton.coordinator.rollouts.engine import Phase, Policy
 
@@ -31,7 +32,7 @@ Select = Annotated[str, Meta(pattern=SELECT_PATTERN)]
 Share = Annotated[float, Meta(ge=0.0, le=1.0)]
 
 
-class PlanError(ValueError):
+class PlanError(LeptonError, ValueError):
     """A plan that cannot run; the message says why."""
 
 
