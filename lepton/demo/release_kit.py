@@ -224,7 +224,15 @@ class RolloutClient:
         deadline = time.monotonic() + timeout
         while True:
             check()
-            status = self.status(rollout_id)
+            try:
+                status = self.status(rollout_id)
+            except ReleaseError as exc:
+                # 503: the API is at its concurrency limit (a whole fleet downloading at
+                # once); a poll waits its turn like the devices' own retries do.
+                if exc.status != 503 or time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
+                continue
             on_status(status)
             if status["state"] in until:
                 return status
