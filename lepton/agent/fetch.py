@@ -38,7 +38,7 @@ import shutil
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from lepton.agent.credentials import CoordinatorCredentials
 from lepton.agent.origins import Origins
@@ -118,12 +118,32 @@ class _Transfer:
     received: int = 0  # bytes taken off the network, over all attempts
 
 
-class _Retry(Exception):  # noqa: N818 - internal control flow, never escapes
-    """A download attempt failed in a way worth retrying (``status``: the HTTP answer's)."""
+#: Answers that say the server is busy, not broken (a whole fleet fetching one release at
+#: once): they have their own, longer budget and backoff, and honour ``Retry-After``.
+BUSY_STATUSES: Final = frozenset({429, 503})
+BUSY_RETRIES: Final = 12
+BUSY_BACKOFF_MAX_S: Final = 30.0
+MAX_RETRY_AFTER_S: Final = 120.0
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+
+class _Retry(Exception):  # noqa: N818 - internal control flow, never escapes
+    """A download attempt failed in a way worth retrying (``status``: the HTTP answer's;
+    ``retry_after``: the server's ``Retry-After`` in seconds, when it sent one)."""
+
+    def __init__(
+        self, message: str, status: int | None = None, retry_after: float | None = None
+    ) -> None:
         self.status = status
+        self.retry_after = retry_after
         super().__init__(message)
+
+
+def retry_after_s(value: str | None) -> float | None:
+    """``Retry-After`` as seconds (delta-seconds only; an HTTP date is ignored), bounded."""
+    try:
+        return min(MAX_RETRY_AFTER_S, max(0.0, float(value))) if value else None
+    except ValueError:
+        return None
 
 
 class BlobFetcher:
@@ -226,7 +246,7 @@ class BlobFetcher:
         tls = await self.tls_context()
         timeout = httpx.Timeout(self.timeout)
         transfer = _Transfer()
-        failures = 0
+        failures = busy = 0
         # No redirects: one would lead the agent off the allowed origins.
         async with httpx.AsyncClient(timeout=timeout, follow_redirects=False, verify=tls) as client:
             while True:
@@ -239,26 +259,33 @@ class BlobFetcher:
                 try:
                     await self._attempt(client, spec, part, have, transfer)
                 except (httpx.TransportError, _Retry) as exc:
-                    failures += 1
+                    busy_answer = isinstance(exc, _Retry) and exc.status in BUSY_STATUSES
+                    if busy_answer:
+                        busy += 1
+                    else:
+                        failures += 1
                     if tls_refused(exc):
                         raise FetchError(
                             "tls_verify_failed",
                             f"GET {spec.url}: the server's certificate did not verify",
                         ) from exc
-                    if failures > self.retries:
+                    if failures > self.retries or busy > BUSY_RETRIES:
                         kept = await asyncio.to_thread(usable_part, part, spec.size)
                         raise FetchError(
                             _give_up_reason(exc),
-                            f"GET {spec.url} gave up after {failures} attempts; "
+                            f"GET {spec.url} gave up after {failures + busy} attempts; "
                             f"{kept} of {spec.size} bytes kept to resume",
                         ) from exc
                     low, high = self.backoff
-                    delay = random.uniform(low, min(high, low * 2 ** (failures - 1)))
+                    n, cap = (busy, BUSY_BACKOFF_MAX_S) if busy_answer else (failures, high)
+                    delay = random.uniform(low, min(cap, low * 2 ** (n - 1)))
+                    if isinstance(exc, _Retry) and exc.retry_after is not None:
+                        delay = max(delay, exc.retry_after)
                     log.info(
                         "download of %s interrupted (%s); retry %d in %.2f s",
                         spec.name,
                         exc,
-                        failures,
+                        failures + busy,
                         delay,
                     )
                     await asyncio.sleep(delay)
@@ -285,7 +312,9 @@ class BlobFetcher:
                 await asyncio.to_thread(part.unlink, missing_ok=True)
                 raise _Retry("range not satisfiable; restarting")
             elif status in (408, 425, 429) or status >= 500:
-                raise _Retry(f"HTTP {status}", status)
+                raise _Retry(
+                    f"HTTP {status}", status, retry_after_s(resp.headers.get("retry-after"))
+                )
             elif refused := self.credentials.refusal(spec.url, status):
                 raise FetchError(*refused)
             else:  # 3xx included: redirects are not followed

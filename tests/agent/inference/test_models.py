@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lepton.agent.fetch import MAX_RETRY_AFTER_S, retry_after_s
 from lepton.agent.inference.manager import KEEP_UNREFERENCED, ModelManager
 from lepton.agent.inference.served import ModelError, deploy_spec
 from lepton.protocol.tasks import DeployParams
@@ -142,6 +143,33 @@ async def test_transient_http_errors_are_retried_permanent_ones_are_not(
         await manager.deploy(spec2)
     assert info.value.reason == "http_403"
     assert len([r for r in blobs.requests if r.path.endswith(spec2.digest)]) == 1
+
+
+async def test_a_busy_server_has_its_own_longer_budget(
+    tmp_path: Path, blobs: HttpServer, linear: Linear
+) -> None:
+    # 503 is "busy" (a fleet fetching one release at once): eight of them outlast a budget
+    # of two failures and the download still completes; three 500s do not.
+    manager = ModelManager(tmp_path / "models", threads=1, retries=2, backoff=(0.01, 0.02))
+    spec = spec_for(blobs, linear.onnx)
+    blobs.fault(spec.digest, Fault("status", status=503, times=8))
+    outcome = await manager.deploy(spec)
+    assert outcome.downloaded == spec.size
+    assert [r.status for r in blobs.requests] == [503] * 8 + [200]
+
+    other = make_linear(5)
+    spec2 = spec_for(blobs, other.onnx, name="other")
+    blobs.fault(spec2.digest, Fault("status", status=500, times=-1))
+    with pytest.raises(ModelError, match="gave up after 3 attempts"):
+        await manager.deploy(spec2)
+
+
+def test_retry_after_is_bounded_seconds() -> None:
+    assert retry_after_s("7") == 7.0
+    assert retry_after_s("100000") == MAX_RETRY_AFTER_S
+    assert retry_after_s("-3") == 0.0
+    assert retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT") is None
+    assert retry_after_s(None) is None
 
 
 @pytest.mark.parametrize("kind", ["oversize", "oversize_chunked"])
