@@ -32,7 +32,12 @@ from typing import Annotated, Any, Final, Literal, TypeVar, get_args
 import msgspec
 from msgspec import Meta
 
-from lepton.protocol.releases import VersionText
+from lepton.protocol.releases import (
+    InstallOutput,
+    InstallParams,
+    RevertOutput,
+    RevertParams,
+)
 
 TaskKind = Literal[
     "echo", "benchmark", "deploy", "undeploy", "infer", "train", "evaluate", "install", "revert"
@@ -295,56 +300,6 @@ class EvaluateOutput(_Output, frozen=True, kw_only=True):
     accuracy: float
     examples: int
     eval_s: float
-
-
-# ---------------------------------------------------------------- install, revert
-
-#: How long a new version has to prove itself healthy before its device goes back by itself.
-MAX_HEALTH_DEADLINE_S: Final = 3600.0
-
-
-class InstallParams(_Params, frozen=True, kw_only=True):
-    """``install``: fetch the signed manifest envelope at ``manifest_url`` (``manifest_size``
-    bytes, sha256 ``manifest_digest``), check it against the device's trust root, fetch each
-    file it names from ``blob_base`` + its sha256, verify, and hand the bundle to the device's
-    installer. The task's result says the bundle was staged (or refused, and why); what became
-    of it (committed, rolled back) arrives in the device's :class:`~lepton.protocol.messages.
-    UpdateStatus`."""
-
-    release: Annotated[str, Meta(pattern=r"\A[A-Za-z0-9._-]{1,64}\Z")]
-    version: VersionText
-    manifest_digest: Annotated[str, Meta(pattern=DIGEST_PATTERN)]
-    manifest_size: Annotated[int, Meta(gt=0, le=1 << 20)]
-    manifest_url: Url
-    blob_base: Url
-    health_deadline_s: Annotated[float, Meta(gt=0.0, le=MAX_HEALTH_DEADLINE_S)] = 300.0
-    rollout: Annotated[str, Meta(max_length=64)] | None = None
-
-
-class InstallOutput(_Output, frozen=True, kw_only=True):
-    release: str
-    version: str
-    outcome: Literal["staged", "refused", "already_running"]
-    reason: str = ""
-    bytes_downloaded: int = 0
-    running_version: str = ""
-
-
-class RevertParams(_Params, frozen=True, kw_only=True):
-    """``revert``: go back to the version in the other slot, ``to_version``, with the same
-    health check as an install; refused when that slot holds another version or one below
-    the device's security floor."""
-
-    to_version: VersionText
-    health_deadline_s: Annotated[float, Meta(gt=0.0, le=MAX_HEALTH_DEADLINE_S)] = 300.0
-    rollout: Annotated[str, Meta(max_length=64)] | None = None
-
-
-class RevertOutput(_Output, frozen=True, kw_only=True):
-    outcome: Literal["staged", "refused", "already_running"]
-    version: str
-    reason: str = ""
-    running_version: str = ""
 
 
 # ---------------------------------------------------------------- the registry

@@ -22,10 +22,11 @@ from lepton.protocol.releases import (
     ROOT_TYPE,
     AgentInstall,
     FileEntry,
+    InstallParams,
     Manifest,
+    RevertParams,
     Root,
 )
-from lepton.protocol.tasks import InstallParams, RevertParams
 from lepton.sim.fleet import FleetSpec, build_devices, run_fleet
 from lepton.sim.updater import CRASH_MARKER
 from tests.support.agents import Sink

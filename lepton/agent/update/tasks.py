@@ -42,17 +42,14 @@ import msgspec
 from lepton.agent.fetch import BlobFetcher, FetchError
 from lepton.agent.handlers import TaskContext, TaskError
 from lepton.protocol.messages import Task
-from lepton.protocol.releases import Manifest
-from lepton.protocol.tasks import (
-    INSTALL,
-    REVERT,
+from lepton.protocol.releases import (
     InstallOutput,
     InstallParams,
+    Manifest,
     RevertOutput,
     RevertParams,
-    encode_output,
-    params_as,
 )
+from lepton.protocol.tasks import INSTALL, REVERT, encode_output, params_as
 
 if TYPE_CHECKING:
     from lepton.agent.update.updater import Updater

@@ -26,8 +26,7 @@ from lepton.coordinator.releases.routes import make_router
 from lepton.coordinator.releases.store import DeviceUpdateRepo, ReleaseStore
 from lepton.coordinator.store import StateUpdate, Store
 from lepton.protocol.messages import UpdateStatus
-from lepton.protocol.releases import Root
-from lepton.protocol.tasks import InstallParams
+from lepton.protocol.releases import InstallParams, Root
 
 log = logging.getLogger(__name__)
 

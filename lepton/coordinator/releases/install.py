@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from lepton.coordinator.releases.records import ReleaseRecord
 from lepton.protocol import routes
-from lepton.protocol.tasks import InstallParams
+from lepton.protocol.releases import InstallParams
 
 
 def blob_base(base_url: str) -> str:

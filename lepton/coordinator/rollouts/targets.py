@@ -19,13 +19,13 @@ from lepton.coordinator.model_registry.deploy import DEMAND_GOPS, deploy_params
 from lepton.coordinator.model_registry.registry import ModelRecord, ModelRegistry
 from lepton.coordinator.rollouts.plan import Plan
 from lepton.coordinator.tasks.request import TaskRequest
+from lepton.protocol.releases import RevertParams
 from lepton.protocol.tasks import (
     DEPLOY,
     INFER,
     INSTALL,
     REVERT,
     InferParams,
-    RevertParams,
     encode_params,
 )
 

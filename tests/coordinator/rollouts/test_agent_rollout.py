@@ -16,7 +16,8 @@ from lepton.coordinator.rollouts.feature import RolloutsFeature
 from lepton.coordinator.service import Coordinator
 from lepton.protocol import codec, topics
 from lepton.protocol.messages import Result, State, Task, UpdateStatus
-from lepton.protocol.tasks import INSTALL, InstallParams, params_as
+from lepton.protocol.releases import InstallParams
+from lepton.protocol.tasks import INSTALL, params_as
 from tests.coordinator.conftest import eventually
 from tests.support.api import api_client
 from tests.support.device import FakeDevice
