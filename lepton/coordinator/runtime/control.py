@@ -35,6 +35,21 @@ DB_RETRIES: Final = (0.25, 1.0, 4.0)
 REJECTED_RESULTS: Final = frozenset({"replayed", "spoofed", "unknown_task", "unknown_device"})
 
 
+def per_device_order(batch: Sequence[Inbound]) -> list[list[Inbound]]:
+    """``batch`` cut into segments in which no device's state follows one of its own acks or
+    results, so applying each segment's states first keeps every device's own order."""
+    segments: list[list[Inbound]] = [[]]
+    worked: set[str] = set()
+    for m in batch:
+        if isinstance(m.message, State) and m.device_id in worked:
+            segments.append([])
+            worked = set()
+        segments[-1].append(m)
+        if isinstance(m.message, (TaskAck, Result)):
+            worked.add(m.device_id)
+    return [s for s in segments if s]
+
+
 class Control:
     """Applies control messages to the store (see module doc)."""
 
@@ -96,11 +111,17 @@ class Control:
 
     async def process(self, batch: Sequence[Inbound]) -> None:
         """Apply one batch: births and wills, then acks, then results, each kind in one
-        transaction and in arrival order."""
+        transaction and in arrival order. A device's state that arrived after its own ack or
+        result starts a new segment, applied after them: a device that sends its last
+        result and then says goodbye (restarting into a new image) has the result applied
+        before its going offline takes back what it still runs."""
         kept = [m for m in batch if m.device_id not in self.revoked]
         if len(kept) < len(batch):
             self.metrics.reject("revoked_device", len(batch) - len(kept))
-            batch = kept
+        for segment in per_device_order(kept):
+            await self._process_segment(segment)
+
+    async def _process_segment(self, batch: Sequence[Inbound]) -> None:
         states = [
             StateUpdate(m.device_id, self.fleet, m.message, m.received_at, m.retained)
             for m in batch
