@@ -11,7 +11,7 @@ simulates the install (:mod:`lepton.sim.updater`: two slots, a restart into the 
 health trial, a commit or a roll-back), reporting each step in its birth message as a real
 device does. Versions go 1.0.0 (what devices start on) -> 1.1.0 -> 1.2.0 -> 1.3.0.
 
-1. A phased rollout of a good release, 1.1.0: canary of 10 devices, then 10 %, 50 %, 100 %,
+1. A phased rollout of a good release, 1.1.0: canary of 25 devices, then 10 %, 50 %, 100 %,
    each phase starting once the one before it succeeded. Baseline, in the same run: a
    one-shot rollout (a single 100 % phase) of another good release, 1.2.0. Time from the
    rollout's creation until every device committed the new version.
@@ -45,7 +45,6 @@ import httpx
 
 from bench import _common
 from lepton.demo.release_kit import (
-    GOOD_PHASES,
     ReleaseKit,
     RolloutClient,
     fleet_versions,
@@ -56,7 +55,15 @@ from lepton.sim.updater import UpdateFail
 SECTION = "## Staged rollouts"
 START_VERSION = "1.0.0"
 PHASED, ONE_SHOT, BAD = "1.1.0", "1.2.0", "1.3.0"
-CANARY = 10
+# 25 of 1,000: with a fifth of the devices failing, a canary this size holds none of them with
+# probability 0.8**25 = 0.4 % (a canary of 10: 11 %, and the rollout then stops at 10 %).
+CANARY = 25
+PHASES: tuple[dict[str, Any], ...] = (
+    {"count": CANARY},
+    {"percent": 10.0},
+    {"percent": 50.0},
+    {"percent": 100.0},
+)
 
 
 def wait_until(check: Any, timeout: float, what: str, interval: float = 0.25) -> float:
@@ -136,7 +143,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
             # 1. phased, then one-shot (the baseline)
             for key, version, phases in (
-                ("phased", PHASED, GOOD_PHASES),
+                ("phased", PHASED, PHASES),
                 ("oneshot", ONE_SHOT, ({"percent": 100.0},)),
             ):
                 clock = PhaseClock()
@@ -159,7 +166,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rid = client.create(
                 kit.name,
                 BAD,
-                phases=GOOD_PHASES,
+                phases=PHASES,
                 max_in_flight=args.devices,
                 abort_failure_share=0.1,
                 abort_min_finished=5,

@@ -41,14 +41,6 @@ from lepton.protocol import routes
 from lepton.protocol.releases import ROOT_TYPE, Root
 from lepton.sim.updater import CRASH_MARKER
 
-#: Canary of 10 devices, then 10 %, 50 %, 100 % (cumulative), each once the one before it
-#: succeeded.
-GOOD_PHASES: tuple[dict[str, Any], ...] = (
-    {"count": 10},
-    {"percent": 10.0},
-    {"percent": 50.0},
-    {"percent": 100.0},
-)
 ENDED = frozenset({"completed", "aborted", "failed"})
 RELEASE_NAME = "lepton-agent"
 
