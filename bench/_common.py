@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
+import os
+import platform
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -50,3 +53,12 @@ def command_line(module: str, argv: list[str] | None) -> str:
     """How a benchmark was run, for its BENCHMARKS.md section (without ``--write-docs``)."""
     args = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--write-docs"]
     return " ".join(["python -m", module, *args])
+
+
+def run_line(command: str) -> str:
+    """The first line of a BENCHMARKS.md section: the command, the date and the machine
+    (cores, architecture, load at the end of the run: figures on a shared host drift)."""
+    return (
+        f"`{command}` — {datetime.date.today().isoformat()}, {os.cpu_count()} cores "
+        f"({platform.machine()}), load average {os.getloadavg()[0]:.1f} at the end of the run."
+    )

@@ -31,12 +31,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import math
 import multiprocessing as mp
-import os
-import platform
 import resource
 import sqlite3
 import tempfile
@@ -372,13 +369,10 @@ def rows(f: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 
 def markdown(f: dict[str, Any], command: str) -> str:
-    today = datetime.date.today().isoformat()
-    load = os.getloadavg()[0]
     lines = [
         SECTION,
         "",
-        f"`{command}` — {today}, {os.cpu_count()} cores ({platform.machine()}), load average "
-        f"{load:.1f} at the end of the run.",
+        _common.run_line(command),
         "",
         f"{f['devices']:,} virtual devices (each a real agent: its own MQTT connection, outbox "
         f"and capacity reports every {f['interval']:g} s) in {f['processes']} simulator "

@@ -30,11 +30,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import math
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -258,13 +255,10 @@ def rows(f: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 
 def markdown(f: dict[str, Any], command: str) -> str:
-    today = datetime.date.today().isoformat()
-    load = os.getloadavg()[0]
     lines = [
         SECTION,
         "",
-        f"`{command}` — {today}, {os.cpu_count()} cores ({platform.machine()}), load average "
-        f"{load:.1f} at the end of the run.",
+        _common.run_line(command),
         "",
         f"{f['devices']:,} virtual devices (each a real agent pinning the release trust root; "
         f"{f['processes']} simulator processes), one mosquitto, one coordinator on SQLite, all "
